@@ -1,0 +1,1280 @@
+//! The floor arbiter: one per room, events in, commands out, time passed in.
+//!
+//! The floor is held by at most one agent. A handoff takes it away from the source, covers the
+//! gap with filler, and gives it to the target once the target has the context and is ready; on
+//! any failure the floor goes back to the source (or to an alternate) before the filler limit.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use crate::command::{
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason,
+    SecurityEvent, SecurityReason,
+};
+use crate::dispatch::{Dispatcher, GaveUp, Purpose};
+use crate::event::{AgentMessage, Event, Participant, ParticipantKind};
+use crate::policy::{Policy, PolicyError, ReleasePolicy};
+use crate::timeline::{Outcome, Phase, Timeline};
+
+#[derive(Debug, Clone)]
+struct Peer {
+    info: Participant,
+    /// The adapter said something, so it is listening; messages sent before that could be lost.
+    reachable: bool,
+    speaking: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Holder {
+    identity: String,
+    /// Whether `activate` was sent; waits for the agent to be reachable.
+    activated: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    name: String,
+    identity: Option<String>,
+    dispatching: bool,
+    prepared: bool,
+    ready: bool,
+    ready_deadline: Option<Instant>,
+}
+
+impl Target {
+    fn new(name: String) -> Target {
+        Target {
+            name,
+            identity: None,
+            dispatching: false,
+            prepared: false,
+            ready: false,
+            ready_deadline: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Bundle {
+    /// The source said there is a bundle.
+    expected: bool,
+    transfer: Option<String>,
+    held: bool,
+    delivering: bool,
+    delivered: bool,
+    /// The source left before baton held the bundle.
+    lost: bool,
+    deadline: Option<Instant>,
+}
+
+impl Bundle {
+    /// Nothing more to wait for on the bundle before the target may take the floor.
+    fn settled(&self) -> bool {
+        !self.expected || self.delivered || self.lost
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Handoff {
+    id: String,
+    source: String,
+    source_name: String,
+    source_present: bool,
+    reason: String,
+    alternates: VecDeque<String>,
+    target: Target,
+    quiet: bool,
+    quiet_deadline: Option<Instant>,
+    grace_deadline: Option<Instant>,
+    filler_deadline: Option<Instant>,
+    bundle: Bundle,
+    timeline: Timeline,
+}
+
+#[derive(Debug, Clone)]
+struct Finishing {
+    timeline: Timeline,
+    target: String,
+    deadline: Instant,
+}
+
+/// A read-only view of the handoff under way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoffStatus {
+    /// The handoff id.
+    pub id: String,
+    /// The source's identity.
+    pub source: String,
+    /// The agent name currently being tried.
+    pub target_name: String,
+    /// The target's identity, once it is in the room.
+    pub target_identity: Option<String>,
+    /// Whether the source has gone quiet (filler is on from then).
+    pub source_quiet: bool,
+    /// Whether the target sent `ready`.
+    pub target_ready: bool,
+    /// Whether the target acknowledged the bundle.
+    pub bundle_delivered: bool,
+}
+
+enum Due {
+    Dispatch,
+    FillerLimit,
+    SourceQuiet,
+    SilenceGrace,
+    Bundle,
+    Ready,
+    Audible,
+    Release(String),
+}
+
+/// The floor arbiter for one room. See the crate docs for how a shell drives it.
+#[derive(Debug)]
+pub struct Arbiter {
+    policy: Policy,
+    peers: BTreeMap<String, Peer>,
+    holder: Option<Holder>,
+    handoff: Option<Handoff>,
+    finishing: Option<Finishing>,
+    dispatcher: Dispatcher,
+    /// Complete bundles baton holds that no handoff has claimed yet: transfer id -> sender.
+    held_bundles: BTreeMap<String, String>,
+    /// Released sources and when they are removed if still present.
+    releases: BTreeMap<String, Instant>,
+    callers_seen: bool,
+    ended: bool,
+    room_joined: bool,
+    next_handoff: u64,
+    filler_on: bool,
+    out: VecDeque<Command>,
+}
+
+impl Arbiter {
+    /// A new arbiter for one room. `now` is accepted for symmetry with the rest of the API; the
+    /// arbiter does nothing until [`Event::RoomJoined`].
+    pub fn new(policy: Policy, now: Instant) -> Result<Arbiter, PolicyError> {
+        let _ = now;
+        policy.validate()?;
+        Ok(Arbiter {
+            dispatcher: Dispatcher::new(policy.join_timeout),
+            policy,
+            peers: BTreeMap::new(),
+            holder: None,
+            handoff: None,
+            finishing: None,
+            held_bundles: BTreeMap::new(),
+            releases: BTreeMap::new(),
+            callers_seen: false,
+            ended: false,
+            room_joined: false,
+            next_handoff: 1,
+            filler_on: false,
+            out: VecDeque::new(),
+        })
+    }
+
+    /// The next command to execute, in order; call until `None` after every `handle*`.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.out.pop_front()
+    }
+
+    /// Drains every pending command.
+    pub fn drain_commands(&mut self) -> Vec<Command> {
+        self.out.drain(..).collect()
+    }
+
+    /// When [`Arbiter::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines().into_iter().map(|(at, _)| at).min()
+    }
+
+    /// The agent holding the floor (activated or waiting for its `hello`), if any.
+    pub fn floor_holder(&self) -> Option<&str> {
+        self.holder.as_ref().map(|h| h.identity.as_str())
+    }
+
+    /// The handoff under way, if any.
+    pub fn handoff(&self) -> Option<HandoffStatus> {
+        self.handoff.as_ref().map(|h| HandoffStatus {
+            id: h.id.clone(),
+            source: h.source.clone(),
+            target_name: h.target.name.clone(),
+            target_identity: h.target.identity.clone(),
+            source_quiet: h.quiet,
+            target_ready: h.target.ready,
+            bundle_delivered: h.bundle.delivered,
+        })
+    }
+
+    /// Whether baton's filler is playing (not counting a fade-out in progress).
+    pub fn filler_on(&self) -> bool {
+        self.filler_on
+    }
+
+    /// Whether the session is over; the arbiter ignores everything from then on.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Feeds one event.
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        if self.ended {
+            return;
+        }
+        match event {
+            Event::RoomJoined {
+                participants,
+                token_dispatched,
+            } => self.on_room_joined(participants, token_dispatched, now),
+            Event::ParticipantJoined(p) | Event::ParticipantUpdated(p) => {
+                self.on_participant(p, now)
+            }
+            Event::ParticipantLeft { identity } => self.on_left(&identity, now),
+            Event::SpeakingChanged { identity, speaking } => {
+                self.on_speaking(&identity, speaking, now)
+            }
+            Event::Control { from, id, message } => self.on_control(from, id, message, now),
+            Event::BundleReceived {
+                from,
+                transfer_id,
+                bytes,
+            } => self.on_bundle_received(from, transfer_id, bytes, now),
+            Event::BundleDelivered { to, transfer_id } => {
+                self.on_bundle_delivered(&to, &transfer_id, now)
+            }
+            Event::TransferFailed {
+                peer, transfer_id, ..
+            } => self.on_transfer_failed(&peer, &transfer_id, now),
+            Event::DispatchCreated {
+                ticket,
+                dispatch_id,
+            } => {
+                let hint = self.dispatcher.agent_of(ticket).map(str::to_owned);
+                self.dispatcher
+                    .created(ticket, dispatch_id, hint.as_deref(), &mut self.out)
+            }
+            Event::DispatchFailed { ticket, error } => {
+                if let Some(g) = self.dispatcher.failed(ticket, error, now, &mut self.out) {
+                    self.on_gave_up(g, now);
+                }
+            }
+        }
+        self.settle(now);
+    }
+
+    /// Fires every deadline at or before `now`, earliest first.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ended {
+            return;
+        }
+        while let Some((_, due)) = self
+            .deadlines()
+            .into_iter()
+            .filter(|(at, _)| *at <= now)
+            .min_by_key(|(at, _)| *at)
+        {
+            self.fire(due, now);
+            if self.ended {
+                return;
+            }
+        }
+        self.settle(now);
+    }
+
+    fn deadlines(&self) -> Vec<(Instant, Due)> {
+        let mut d = Vec::new();
+        if self.ended {
+            return d;
+        }
+        if let Some(at) = self.dispatcher.next_deadline() {
+            d.push((at, Due::Dispatch));
+        }
+        if let Some(h) = &self.handoff {
+            let timers = [
+                (h.filler_deadline, Due::FillerLimit),
+                (h.quiet_deadline, Due::SourceQuiet),
+                (h.grace_deadline, Due::SilenceGrace),
+                (h.bundle.deadline, Due::Bundle),
+                (h.target.ready_deadline, Due::Ready),
+            ];
+            for (at, due) in timers {
+                if let Some(at) = at {
+                    d.push((at, due));
+                }
+            }
+        }
+        if let Some(f) = &self.finishing {
+            d.push((f.deadline, Due::Audible));
+        }
+        for (who, at) in &self.releases {
+            d.push((*at, Due::Release(who.clone())));
+        }
+        d
+    }
+
+    fn fire(&mut self, due: Due, now: Instant) {
+        match due {
+            Due::Dispatch => {
+                for g in self.dispatcher.on_timeout(now, &mut self.out) {
+                    self.on_gave_up(g, now);
+                }
+            }
+            Due::FillerLimit => {
+                if let Some(h) = &mut self.handoff {
+                    h.filler_deadline = None;
+                }
+                self.fall_back(FailReason::FillerLimit, now);
+            }
+            Due::SourceQuiet => self.source_quiet("forced", now),
+            Due::SilenceGrace => self.source_quiet("silence", now),
+            Due::Bundle => self.on_bundle_timeout(now),
+            Due::Ready => {
+                if let Some(h) = &mut self.handoff {
+                    h.target.ready_deadline = None;
+                }
+                self.fail_target(FailReason::TargetNotReady, now);
+            }
+            Due::Audible => self.finish(false, now),
+            Due::Release(who) => {
+                self.releases.remove(&who);
+                if self.peers.contains_key(&who) {
+                    self.out
+                        .push_back(Command::RemoveParticipant { identity: who });
+                }
+            }
+        }
+    }
+
+    /// After every input: move the handoff on if it can, and enforce the one-voice rule.
+    fn settle(&mut self, now: Instant) {
+        if self.ended {
+            return;
+        }
+        self.activate_holder_if_reachable();
+        self.progress(now);
+        self.enforce_mutes();
+    }
+
+    // ---- participants ------------------------------------------------------------------------
+
+    fn on_room_joined(&mut self, participants: Vec<Participant>, token: Vec<String>, now: Instant) {
+        for p in participants {
+            self.on_participant(p, now);
+        }
+        if self.room_joined {
+            return;
+        }
+        self.room_joined = true;
+        let Some(start) = self.policy.starting_agent.clone() else {
+            return;
+        };
+        if self.holder.is_some() || self.find_agent(&start, None).is_some() {
+            return;
+        }
+        if token.contains(&start) {
+            self.dispatcher
+                .expect_token(&start, Purpose::Start, self.policy.start_dispatch, now);
+        } else {
+            let meta = serde_json::json!({"baton": {"purpose": "start"}}).to_string();
+            self.dispatcher.request(
+                &start,
+                Purpose::Start,
+                self.policy.start_dispatch,
+                meta,
+                now,
+                &mut self.out,
+            );
+        }
+    }
+
+    fn is_managed(&self, p: &Participant) -> bool {
+        p.kind == ParticipantKind::Agent
+            && p.agent_name
+                .as_ref()
+                .is_some_and(|n| self.policy.agents.contains(n))
+    }
+
+    /// A present configured agent with this name, other than `except`.
+    fn find_agent(&self, name: &str, except: Option<&str>) -> Option<String> {
+        let mut candidates = self.peers.values().filter(|p| {
+            self.is_managed(&p.info)
+                && p.info.agent_name.as_deref() == Some(name)
+                && Some(p.info.identity.as_str()) != except
+        });
+        // Prefer one whose adapter already said hello: it can be prepared right away.
+        let all: Vec<&Peer> = candidates.by_ref().collect();
+        all.iter()
+            .find(|p| p.reachable)
+            .or(all.first())
+            .map(|p| p.info.identity.clone())
+    }
+
+    fn on_participant(&mut self, p: Participant, now: Instant) {
+        let identity = p.identity.clone();
+        let is_new = !self.peers.contains_key(&identity);
+        if p.kind.is_caller() {
+            self.callers_seen = true;
+        }
+        match self.peers.get_mut(&identity) {
+            Some(peer) => peer.info = p.clone(),
+            None => {
+                self.peers.insert(
+                    identity.clone(),
+                    Peer {
+                        info: p.clone(),
+                        reachable: false,
+                        speaking: false,
+                    },
+                );
+            }
+        }
+        if !self.is_managed(&p) {
+            return;
+        }
+        // The source turning its own track off (or unpublishing it) is the clearest sign it has
+        // obeyed `deactivate`.
+        if let Some(h) = &self.handoff {
+            if h.source == identity && !h.quiet && !p.audio_live() {
+                let detail = if p.audio.is_some() { "muted" } else { "no_audio" };
+                self.source_quiet(detail, now);
+            }
+        }
+        if !is_new {
+            return;
+        }
+        let purpose = self.dispatcher.joined(&p);
+        let name = p.agent_name.clone().unwrap_or_default();
+        if let Some(h) = &self.handoff {
+            let for_this = match &purpose {
+                Some(Purpose::Handoff(id)) => id == &h.id,
+                Some(Purpose::Start) => false,
+                None => !h.target.dispatching,
+            };
+            if for_this
+                && h.target.identity.is_none()
+                && h.target.name == name
+                && h.source != identity
+            {
+                self.attach_target(identity, false, now);
+                return;
+            }
+        }
+        let wants_start = purpose == Some(Purpose::Start)
+            || self.policy.starting_agent.as_deref() == Some(name.as_str());
+        if wants_start && self.holder.is_none() && self.handoff.is_none() {
+            self.dispatcher.cancel(&Purpose::Start, &mut self.out);
+            self.holder = Some(Holder {
+                identity,
+                activated: false,
+            });
+        }
+    }
+
+    fn on_left(&mut self, identity: &str, now: Instant) {
+        let Some(peer) = self.peers.remove(identity) else {
+            return;
+        };
+        self.releases.remove(identity);
+        if peer.info.kind.is_caller() {
+            let callers_left = self.peers.values().any(|p| p.info.kind.is_caller());
+            if self.callers_seen && !callers_left {
+                self.end_session(now);
+            }
+            return;
+        }
+        if self
+            .finishing
+            .as_ref()
+            .is_some_and(|f| f.target == identity)
+        {
+            self.finish(false, now);
+        }
+        if self.holder.as_ref().is_some_and(|h| h.identity == identity) {
+            self.holder = None;
+            self.out.push_back(Command::Alert(Alert::FloorVacant {
+                identity: identity.to_owned(),
+            }));
+        }
+        let Some(h) = &mut self.handoff else {
+            return;
+        };
+        if h.source == identity {
+            h.source_present = false;
+            let ev = h.timeline.mark(Phase::SourceLeft, now, None);
+            self.out.push_back(Command::Timeline(ev));
+            if h.bundle.expected && !h.bundle.held {
+                self.bundle_lost(now);
+            }
+            self.source_quiet("left", now);
+        } else if h.target.identity.as_deref() == Some(identity) {
+            // Nothing to cancel at the target: it is gone.
+            h.target.identity = None;
+            if h.bundle.delivering && !h.bundle.delivered {
+                if let Some(t) = h.bundle.transfer.clone() {
+                    self.out.push_back(Command::CancelTransfer {
+                        transfer_id: t,
+                        to: identity.to_owned(),
+                    });
+                }
+            }
+            h.bundle.delivering = false;
+            h.bundle.delivered = false;
+            self.fail_target(FailReason::TargetLeft, now);
+        }
+    }
+
+    fn on_speaking(&mut self, identity: &str, speaking: bool, now: Instant) {
+        if let Some(p) = self.peers.get_mut(identity) {
+            p.speaking = speaking;
+        }
+        if let Some(h) = &mut self.handoff {
+            if h.source == identity && !h.quiet {
+                h.grace_deadline = if speaking {
+                    None
+                } else {
+                    Some(now + self.policy.silence_grace)
+                };
+            }
+        }
+        if speaking
+            && self
+                .finishing
+                .as_ref()
+                .is_some_and(|f| f.target == identity)
+        {
+            self.finish(true, now);
+        }
+    }
+
+    // ---- control messages --------------------------------------------------------------------
+
+    fn authorize(&self, from: &str) -> Result<(), SecurityReason> {
+        let Some(peer) = self.peers.get(from) else {
+            return Err(SecurityReason::UnknownParticipant);
+        };
+        if peer.info.kind != ParticipantKind::Agent {
+            return Err(SecurityReason::NotAnAgent);
+        }
+        let Some(name) = &peer.info.agent_name else {
+            return Err(SecurityReason::UnnamedAgent);
+        };
+        if !self.policy.agents.contains(name) {
+            return Err(SecurityReason::AgentNotConfigured {
+                agent_name: name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn security(&mut self, from: String, message_type: &'static str, reason: SecurityReason) {
+        let kind = self.peers.get(&from).map(|p| p.info.kind);
+        self.out.push_back(Command::Security(SecurityEvent {
+            from,
+            kind,
+            message_type,
+            reason,
+        }));
+    }
+
+    fn ignored(&mut self, from: &str, message_type: &'static str, why: &'static str) {
+        self.out.push_back(Command::Alert(Alert::IgnoredMessage {
+            from: from.to_owned(),
+            message_type,
+            why,
+        }));
+    }
+
+    fn send(&mut self, to: &str, re: Option<String>, message: BatonMessage) {
+        self.out.push_back(Command::Send {
+            to: to.to_owned(),
+            re,
+            message,
+        });
+    }
+
+    fn on_control(&mut self, from: String, id: String, message: AgentMessage, now: Instant) {
+        let ty = message.type_name();
+        if let Err(reason) = self.authorize(&from) {
+            self.security(from, ty, reason);
+            return;
+        }
+        if let AgentMessage::Hello { agent_name, .. } = &message {
+            let actual = self.peers[&from].info.agent_name.clone().unwrap_or_default();
+            if *agent_name != actual {
+                self.security(
+                    from,
+                    ty,
+                    SecurityReason::NameMismatch {
+                        claimed: agent_name.clone(),
+                        actual,
+                    },
+                );
+                return;
+            }
+        }
+        let was_reachable = self.peers[&from].reachable;
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.reachable = true;
+        }
+        match message {
+            AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
+            AgentMessage::Handoff {
+                target,
+                reason,
+                transfer,
+                bundle_follows,
+            } => self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, now),
+            AgentMessage::Ready { handoff } => {
+                let Some(h) = &mut self.handoff else {
+                    return self.ignored(&from, ty, "no handoff under way");
+                };
+                if h.target.identity.as_deref() != Some(from.as_str()) || h.id != handoff {
+                    return self.ignored(&from, ty, "not the target of this handoff");
+                }
+                if !h.target.ready {
+                    h.target.ready = true;
+                    h.target.ready_deadline = None;
+                    let ev = h.timeline.mark(Phase::TargetReady, now, None);
+                    self.out.push_back(Command::Timeline(ev));
+                }
+            }
+            AgentMessage::Quiet { .. } => {
+                if self
+                    .handoff
+                    .as_ref()
+                    .is_some_and(|h| h.source == from && !h.quiet)
+                {
+                    self.source_quiet("quiet", now);
+                } else {
+                    self.ignored(&from, ty, "not a source finishing its turn");
+                }
+            }
+        }
+    }
+
+    fn on_hello(&mut self, from: &str, was_reachable: bool) {
+        if let Some(h) = self.holder.as_mut().filter(|h| h.identity == from) {
+            // A repeated hello means the adapter restarted and lost its state: tell it again.
+            if h.activated && was_reachable {
+                h.activated = false;
+            }
+            return;
+        }
+        if let Some(h) = &self.handoff {
+            if h.source == from || h.target.identity.as_deref() == Some(from) {
+                return;
+            }
+        }
+        self.send(
+            from,
+            None,
+            BatonMessage::Deactivate {
+                handoff: None,
+                reason: DeactivateReason::Standby,
+            },
+        );
+    }
+
+    fn activate_holder_if_reachable(&mut self) {
+        let Some(h) = &self.holder else { return };
+        if h.activated || !self.peers.get(&h.identity).is_some_and(|p| p.reachable) {
+            return;
+        }
+        let identity = h.identity.clone();
+        self.send(
+            &identity,
+            None,
+            BatonMessage::Activate {
+                handoff: None,
+                cause: ActivateCause::Start,
+                reason: None,
+            },
+        );
+        self.unmute(&identity);
+        if let Some(h) = &mut self.holder {
+            h.activated = true;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_handoff_request(
+        &mut self,
+        from: String,
+        msg_id: String,
+        target: String,
+        reason: String,
+        transfer: Option<String>,
+        bundle_follows: bool,
+        now: Instant,
+    ) {
+        let source_name = self.peers[&from].info.agent_name.clone().unwrap_or_default();
+        let refusal = if self.handoff.is_some() {
+            Some(RefuseReason::HandoffInProgress)
+        } else if !self
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.identity == from && h.activated)
+        {
+            Some(RefuseReason::NotFloorHolder)
+        } else if !self.policy.agents.contains(&target) {
+            Some(RefuseReason::UnknownTarget)
+        } else if target == source_name {
+            Some(RefuseReason::SameAgent)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.send(&from, Some(msg_id), BatonMessage::HandoffRefused { reason });
+            return;
+        }
+        if self.finishing.is_some() {
+            self.finish(false, now);
+        }
+        let id = format!("h-{}", self.next_handoff);
+        self.next_handoff += 1;
+        let mut timeline = Timeline::new(&id, &source_name, &target, &reason, now);
+        let ev = timeline.mark(Phase::Requested, now, None);
+        self.out.push_back(Command::Timeline(ev));
+        self.send(
+            &from,
+            Some(msg_id),
+            BatonMessage::HandoffAccepted {
+                handoff: id.clone(),
+                target: target.clone(),
+            },
+        );
+        self.send(
+            &from,
+            None,
+            BatonMessage::Deactivate {
+                handoff: Some(id.clone()),
+                reason: DeactivateReason::Handoff,
+            },
+        );
+        self.holder = None;
+
+        let mut bundle = Bundle::default();
+        if transfer.is_some() || bundle_follows {
+            bundle.expected = true;
+            bundle.transfer = transfer.clone();
+            let already = transfer
+                .as_ref()
+                .is_some_and(|t| self.held_bundles.get(t) == Some(&from));
+            if already {
+                self.held_bundles.remove(transfer.as_deref().unwrap_or_default());
+                bundle.held = true;
+                let ev = timeline.mark(Phase::BundleReceived, now, None);
+                self.out.push_back(Command::Timeline(ev));
+            } else {
+                bundle.deadline = Some(now + self.policy.bundle_timeout);
+            }
+        }
+        let alternates = self
+            .policy
+            .alternates
+            .get(&target)
+            .map(|alts| {
+                let mut seen = vec![target.clone(), source_name.clone()];
+                alts.iter()
+                    .filter(|a| {
+                        let fresh = !seen.contains(a);
+                        seen.push((*a).clone());
+                        fresh
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let source_peer = &self.peers[&from];
+        let audible = source_peer.info.audio_live();
+        let speaking = source_peer.speaking;
+        self.handoff = Some(Handoff {
+            id,
+            source: from,
+            source_name,
+            source_present: true,
+            reason,
+            alternates,
+            target: Target::new(target),
+            quiet: false,
+            quiet_deadline: Some(now + self.policy.source_quiet_timeout),
+            grace_deadline: (!speaking).then(|| now + self.policy.silence_grace),
+            filler_deadline: None,
+            bundle,
+            timeline,
+        });
+        if !audible {
+            // Nothing of the source reaches the caller: the gap starts now, so must the filler.
+            self.source_quiet("no_audio", now);
+        }
+        self.acquire_target(now);
+    }
+
+    // ---- the handoff -------------------------------------------------------------------------
+
+    fn mark(&mut self, phase: Phase, now: Instant, detail: Option<String>) {
+        if let Some(h) = &mut self.handoff {
+            let ev = h.timeline.mark(phase, now, detail);
+            self.out.push_back(Command::Timeline(ev));
+        }
+    }
+
+    fn dispatch_metadata(h: &Handoff) -> String {
+        serde_json::json!({"baton": {
+            "purpose": "handoff",
+            "handoff": h.id,
+            "source": h.source_name,
+        }})
+        .to_string()
+    }
+
+    /// Finds the current target in the room (warm) or dispatches it (cold).
+    fn acquire_target(&mut self, now: Instant) {
+        let Some(h) = &self.handoff else { return };
+        let name = h.target.name.clone();
+        if let Some(identity) = self.find_agent(&name, Some(&h.source)) {
+            self.attach_target(identity, true, now);
+            return;
+        }
+        let purpose = Purpose::Handoff(h.id.clone());
+        let meta = Self::dispatch_metadata(h);
+        self.dispatcher.request(
+            &name,
+            purpose,
+            self.policy.handoff_dispatch,
+            meta,
+            now,
+            &mut self.out,
+        );
+        if let Some(h) = &mut self.handoff {
+            h.target.dispatching = true;
+        }
+        self.mark(Phase::TargetDispatched, now, Some(name));
+    }
+
+    fn attach_target(&mut self, identity: String, warm: bool, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        h.target.identity = Some(identity);
+        h.target.dispatching = false;
+        h.target.ready_deadline = Some(now + self.policy.ready_timeout);
+        if warm && h.timeline.phases.iter().all(|m| m.phase != Phase::AlternateTried) {
+            h.timeline.warm = true;
+        }
+        let detail = if warm { "warm" } else { "dispatched" };
+        self.mark(Phase::TargetJoined, now, Some(detail.to_owned()));
+    }
+
+    fn source_quiet(&mut self, detail: &str, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        if h.quiet {
+            return;
+        }
+        h.quiet = true;
+        h.quiet_deadline = None;
+        h.grace_deadline = None;
+        h.filler_deadline = Some(now + self.policy.max_filler);
+        let source = h.source.clone();
+        let present = h.source_present;
+        self.mark(Phase::SourceQuiet, now, Some(detail.to_owned()));
+        // Filler first: it is local and instant, while the mute is a server round trip.
+        self.out.push_back(Command::StartFiller);
+        self.filler_on = true;
+        self.mark(Phase::FillerOn, now, None);
+        if present {
+            // Enforce even when the agent says it is quiet: an adapter that forgot to turn its
+            // output off must not talk over the target later.
+            self.mute(&source);
+        }
+    }
+
+    fn mute(&mut self, identity: &str) {
+        let Some(p) = self.peers.get_mut(identity) else { return };
+        if let Some(a) = p.info.audio.as_mut().filter(|a| !a.muted) {
+            a.muted = true;
+            let sid = a.sid.clone();
+            self.out.push_back(Command::MuteTrack {
+                identity: identity.to_owned(),
+                track_sid: sid,
+            });
+        }
+    }
+
+    fn unmute(&mut self, identity: &str) {
+        let Some(p) = self.peers.get_mut(identity) else { return };
+        if let Some(a) = p.info.audio.as_mut().filter(|a| a.muted) {
+            a.muted = false;
+            let sid = a.sid.clone();
+            self.out.push_back(Command::UnmuteTrack {
+                identity: identity.to_owned(),
+                track_sid: sid,
+            });
+        }
+    }
+
+    fn stop_filler(&mut self, fade: std::time::Duration, now: Instant) {
+        if self.filler_on {
+            self.filler_on = false;
+            self.out.push_back(Command::StopFiller { fade });
+            self.mark(Phase::FillerOff, now, None);
+        }
+    }
+
+    fn on_bundle_received(&mut self, from: String, transfer_id: String, bytes: u64, now: Instant) {
+        if let Err(reason) = self.authorize(&from) {
+            self.security(from, "bundle", reason);
+            return;
+        }
+        if let Some(h) = &mut self.handoff {
+            let matches = h.source == from
+                && h.bundle.expected
+                && !h.bundle.held
+                && h.bundle.transfer.as_ref().is_none_or(|t| *t == transfer_id);
+            if matches {
+                h.bundle.transfer = Some(transfer_id);
+                h.bundle.held = true;
+                h.bundle.deadline = None;
+                h.timeline.bundle_bytes = Some(bytes);
+                self.mark(Phase::BundleReceived, now, None);
+                return;
+            }
+        }
+        self.held_bundles.insert(transfer_id, from);
+    }
+
+    fn on_bundle_delivered(&mut self, to: &str, transfer_id: &str, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        if h.target.identity.as_deref() == Some(to)
+            && h.bundle.delivering
+            && h.bundle.transfer.as_deref() == Some(transfer_id)
+        {
+            h.bundle.delivered = true;
+            h.bundle.delivering = false;
+            self.mark(Phase::BundleDelivered, now, None);
+        }
+    }
+
+    fn on_transfer_failed(&mut self, peer: &str, transfer_id: &str, now: Instant) {
+        let Some(h) = &self.handoff else { return };
+        if h.bundle.transfer.as_deref() != Some(transfer_id) && h.source != peer {
+            return;
+        }
+        if h.target.identity.as_deref() == Some(peer) && h.bundle.delivering {
+            if let Some(h) = &mut self.handoff {
+                h.bundle.delivering = false;
+            }
+            self.fail_target(FailReason::DeliveryFailed, now);
+        } else if h.source == peer && h.bundle.expected && !h.bundle.held {
+            if h.source_present {
+                self.abandon(FailReason::DeliveryFailed, now);
+            } else {
+                self.bundle_lost(now);
+            }
+        }
+    }
+
+    fn bundle_lost(&mut self, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        h.bundle.lost = true;
+        h.bundle.deadline = None;
+        let notify = h.target.prepared.then(|| h.target.identity.clone()).flatten();
+        let id = h.id.clone();
+        self.mark(Phase::BundleLost, now, None);
+        if let Some(t) = notify {
+            self.send(&t, None, BatonMessage::BundleUnavailable { handoff: id });
+        }
+    }
+
+    fn on_bundle_timeout(&mut self, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        h.bundle.deadline = None;
+        if h.source_present {
+            // The context is the point of the handoff; without it the source keeps the call.
+            self.abandon(FailReason::BundleTimeout, now);
+        } else {
+            self.bundle_lost(now);
+        }
+    }
+
+    /// Prepares the target, delivers the bundle, and switches when everything is in place.
+    fn progress(&mut self, now: Instant) {
+        let Some(h) = &self.handoff else { return };
+        let Some(target) = h.target.identity.clone() else {
+            return;
+        };
+        let reachable = self.peers.get(&target).is_some_and(|p| p.reachable);
+        if !h.target.prepared && reachable {
+            let msg = BatonMessage::Prepare {
+                handoff: h.id.clone(),
+                source: h.source_name.clone(),
+                reason: h.reason.clone(),
+                transfer: h.bundle.transfer.clone(),
+                bundle: h.bundle.expected && !h.bundle.lost,
+            };
+            self.send(&target, None, msg);
+            if let Some(h) = &mut self.handoff {
+                h.target.prepared = true;
+            }
+        }
+        let Some(h) = &mut self.handoff else { return };
+        if h.target.prepared && h.bundle.held && !h.bundle.delivering && !h.bundle.delivered {
+            h.bundle.delivering = true;
+            let transfer_id = h.bundle.transfer.clone().unwrap_or_default();
+            self.out.push_back(Command::DeliverBundle {
+                transfer_id,
+                to: target.clone(),
+            });
+        }
+        let Some(h) = &self.handoff else { return };
+        if h.quiet && h.target.ready && h.bundle.settled() {
+            self.switch(now);
+        }
+    }
+
+    /// The target takes the floor: activate, unmute, then fade the filler under its first words.
+    fn switch(&mut self, now: Instant) {
+        let Some(h) = &self.handoff else { return };
+        let Some(target) = h.target.identity.clone() else {
+            return;
+        };
+        let id = h.id.clone();
+        self.send(
+            &target,
+            None,
+            BatonMessage::Activate {
+                handoff: Some(id.clone()),
+                cause: ActivateCause::Handoff,
+                reason: None,
+            },
+        );
+        self.unmute(&target);
+        self.mark(Phase::TargetActivated, now, None);
+        self.stop_filler(self.policy.filler_fade, now);
+        let Some(mut h) = self.handoff.take() else {
+            return;
+        };
+        h.timeline.target = h.target.name.clone();
+        self.holder = Some(Holder {
+            identity: target.clone(),
+            activated: true,
+        });
+        if h.source_present {
+            self.send(
+                &h.source,
+                None,
+                BatonMessage::Release {
+                    handoff: id,
+                    mode: self.policy.release,
+                },
+            );
+            if self.policy.release == ReleasePolicy::Leave {
+                self.releases
+                    .insert(h.source.clone(), now + self.policy.release_grace);
+            }
+        }
+        let speaking = self.peers.get(&target).is_some_and(|p| p.speaking);
+        self.finishing = Some(Finishing {
+            timeline: h.timeline,
+            target,
+            deadline: now + self.policy.audible_timeout,
+        });
+        if speaking {
+            self.finish(true, now);
+        }
+    }
+
+    /// Closes a completed handoff's timeline.
+    fn finish(&mut self, audible: bool, now: Instant) {
+        let Some(mut f) = self.finishing.take() else { return };
+        if audible {
+            let ev = f.timeline.mark(Phase::TargetAudible, now, None);
+            self.out.push_back(Command::Timeline(ev));
+        }
+        let ev = f.timeline.mark(Phase::Completed, now, None);
+        self.out.push_back(Command::Timeline(ev));
+        f.timeline.outcome = Some(Outcome::Completed);
+        self.out
+            .push_back(Command::HandoffFinished(Box::new(f.timeline)));
+    }
+
+    fn on_gave_up(&mut self, g: GaveUp, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        if g.purpose == Purpose::Handoff(h.id.clone()) && h.target.name == g.agent {
+            h.target.dispatching = false;
+            let reason = if g.api_failed {
+                FailReason::DispatchFailed
+            } else {
+                FailReason::TargetNoShow
+            };
+            self.fail_target(reason, now);
+        }
+    }
+
+    /// Tells the current target it will not get the floor and stops everything in flight for it.
+    fn drop_target(&mut self, reason: FailReason) {
+        let Some(h) = &mut self.handoff else { return };
+        let id = h.id.clone();
+        if h.target.dispatching {
+            h.target.dispatching = false;
+            self.dispatcher
+                .cancel(&Purpose::Handoff(id.clone()), &mut self.out);
+        }
+        let Some(h) = &mut self.handoff else { return };
+        h.target.ready_deadline = None;
+        let Some(t) = h.target.identity.take() else {
+            return;
+        };
+        if h.bundle.delivering {
+            h.bundle.delivering = false;
+            if let Some(transfer_id) = h.bundle.transfer.clone() {
+                self.out.push_back(Command::CancelTransfer {
+                    transfer_id,
+                    to: t.clone(),
+                });
+            }
+        }
+        if let Some(h) = &mut self.handoff {
+            h.bundle.delivered = false;
+        }
+        if self.peers.contains_key(&t) {
+            self.send(
+                &t,
+                None,
+                BatonMessage::HandoffCancelled {
+                    handoff: id,
+                    reason,
+                },
+            );
+            self.mute(&t);
+        }
+    }
+
+    /// The current target cannot take the call: try the next alternate, else fall back.
+    fn fail_target(&mut self, reason: FailReason, now: Instant) {
+        if self.handoff.is_none() {
+            return;
+        }
+        self.drop_target(reason);
+        self.mark(Phase::TargetFailed, now, Some(reason.as_str().to_owned()));
+        let Some(h) = &mut self.handoff else { return };
+        let Some(next) = h.alternates.pop_front() else {
+            return self.conclude_failure(reason, now);
+        };
+        h.target = Target::new(next.clone());
+        h.timeline.target = next.clone();
+        self.mark(Phase::AlternateTried, now, Some(next));
+        self.acquire_target(now);
+    }
+
+    /// Gives up on the whole handoff (no alternate would help).
+    fn abandon(&mut self, reason: FailReason, now: Instant) {
+        if self.handoff.is_none() {
+            return;
+        }
+        self.drop_target(reason);
+        self.conclude_failure(reason, now);
+    }
+
+    /// The filler limit: decide now, whatever is pending.
+    fn fall_back(&mut self, reason: FailReason, now: Instant) {
+        self.abandon(reason, now);
+    }
+
+    /// Ends a failed handoff: the source gets the floor back if it is still here.
+    fn conclude_failure(&mut self, reason: FailReason, now: Instant) {
+        let Some(h) = &self.handoff else { return };
+        let id = h.id.clone();
+        let source = h.source.clone();
+        let target_name = h.target.name.clone();
+        if h.source_present {
+            self.send(
+                &source,
+                None,
+                BatonMessage::HandoffFailed {
+                    handoff: id.clone(),
+                    target: target_name,
+                    reason,
+                },
+            );
+            self.send(
+                &source,
+                None,
+                BatonMessage::Activate {
+                    handoff: Some(id),
+                    cause: ActivateCause::Handback,
+                    reason: Some(reason),
+                },
+            );
+            self.unmute(&source);
+            self.stop_filler(self.policy.filler_fade, now);
+            self.mark(Phase::HandedBack, now, Some(reason.as_str().to_owned()));
+            self.holder = Some(Holder {
+                identity: source,
+                activated: true,
+            });
+            self.close_failed(Outcome::HandedBack, reason, now);
+        } else {
+            self.stop_filler(self.policy.filler_fade, now);
+            self.out
+                .push_back(Command::Alert(Alert::FloorVacant { identity: source }));
+            self.close_failed(Outcome::Failed, reason, now);
+        }
+    }
+
+    fn close_failed(&mut self, outcome: Outcome, reason: FailReason, now: Instant) {
+        self.mark(Phase::Failed, now, Some(reason.as_str().to_owned()));
+        let Some(mut h) = self.handoff.take() else { return };
+        if let Some(t) = &h.bundle.transfer {
+            // A bundle baton still holds may be handed to a later handoff from the same source.
+            if h.bundle.held && h.source_present {
+                self.held_bundles.insert(t.clone(), h.source.clone());
+            }
+        }
+        h.timeline.outcome = Some(outcome);
+        h.timeline.failure = Some(reason);
+        self.out
+            .push_back(Command::HandoffFinished(Box::new(h.timeline)));
+    }
+
+    /// The caller is gone: cancel everything, cut the filler, and tell the shell to leave.
+    fn end_session(&mut self, now: Instant) {
+        if self.handoff.is_some() {
+            self.drop_target(FailReason::CallerLeft);
+            if self.filler_on {
+                self.filler_on = false;
+                self.out.push_back(Command::StopFiller {
+                    fade: std::time::Duration::ZERO,
+                });
+                self.mark(Phase::FillerOff, now, None);
+            }
+            self.close_failed(Outcome::Failed, FailReason::CallerLeft, now);
+        }
+        if self.finishing.is_some() {
+            self.finish(false, now);
+        }
+        self.dispatcher.cancel_all(&mut self.out);
+        self.releases.clear();
+        self.holder = None;
+        self.ended = true;
+        self.out.push_back(Command::SessionEnded);
+    }
+
+    /// One voice at a time: any configured agent whose track is live but who may not be heard
+    /// now is muted server-side, whatever it was told.
+    fn enforce_mutes(&mut self) {
+        let allowed: Option<String> = match (&self.holder, &self.handoff) {
+            (Some(h), _) => Some(h.identity.clone()),
+            (None, Some(h)) if !h.quiet => Some(h.source.clone()),
+            _ => None,
+        };
+        let offenders: Vec<String> = self
+            .peers
+            .values()
+            .filter(|p| self.is_managed(&p.info) && p.info.audio_live())
+            .filter(|p| Some(&p.info.identity) != allowed.as_ref())
+            .map(|p| p.info.identity.clone())
+            .collect();
+        for who in offenders {
+            self.mute(&who);
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Outputs of the arbiter: what the IO shell must do, in order.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::event::{DispatchTicket, ParticipantKind};
+use crate::policy::ReleasePolicy;
+use crate::timeline::{Timeline, TimelineEvent};
+
+/// Why baton refused a handoff request (`handoff_refused.reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseReason {
+    /// Another handoff is under way in this room.
+    HandoffInProgress,
+    /// Only the agent holding the floor may hand it on.
+    NotFloorHolder,
+    /// The target is not a configured agent.
+    UnknownTarget,
+    /// The target is the requesting agent itself.
+    SameAgent,
+    /// The session is over (the caller left).
+    SessionEnded,
+}
+
+impl RefuseReason {
+    /// The wire code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::HandoffInProgress => "handoff_in_progress",
+            RefuseReason::NotFloorHolder => "not_floor_holder",
+            RefuseReason::UnknownTarget => "unknown_target",
+            RefuseReason::SameAgent => "same_agent",
+            RefuseReason::SessionEnded => "session_ended",
+        }
+    }
+}
+
+/// Why a handoff (or one target of it) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// The target was dispatched but never joined within `join_timeout` (every attempt).
+    TargetNoShow,
+    /// CreateDispatch failed on every attempt.
+    DispatchFailed,
+    /// The target joined but did not send `ready` within `ready_timeout`.
+    TargetNotReady,
+    /// The target left the room before taking the floor.
+    TargetLeft,
+    /// The bundle could not be moved (to the target, or from the source).
+    DeliveryFailed,
+    /// The source announced a bundle that did not arrive within `bundle_timeout`.
+    BundleTimeout,
+    /// The caller heard filler for `max_filler` without a target taking over.
+    FillerLimit,
+    /// The caller left; everything was cancelled.
+    CallerLeft,
+}
+
+impl FailReason {
+    /// The wire code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::TargetNoShow => "target_no_show",
+            FailReason::DispatchFailed => "dispatch_failed",
+            FailReason::TargetNotReady => "target_not_ready",
+            FailReason::TargetLeft => "target_left",
+            FailReason::DeliveryFailed => "delivery_failed",
+            FailReason::BundleTimeout => "bundle_timeout",
+            FailReason::FillerLimit => "filler_limit",
+            FailReason::CallerLeft => "caller_left",
+        }
+    }
+}
+
+/// Why an agent is being activated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivateCause {
+    /// It is the first agent of the call.
+    Start,
+    /// It is the target of a handoff and has the context.
+    Handoff,
+    /// A handoff it asked for failed; it has the floor again.
+    Handback,
+}
+
+/// Why an agent is being deactivated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeactivateReason {
+    /// It asked for a handoff: finish the sentence, then go quiet.
+    Handoff,
+    /// It is in the room but not holding the floor: stay silent until activated.
+    Standby,
+}
+
+/// A control message from baton to one agent. Serialises to the body of the envelope
+/// (`type` plus fields); the shell adds `v`, `id` and `re`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BatonMessage {
+    /// Turn audio input and output on: you have the floor.
+    Activate {
+        /// The handoff this activation concludes, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        handoff: Option<String>,
+        /// Why.
+        cause: ActivateCause,
+        /// For a handback, why the handoff failed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<FailReason>,
+    },
+    /// Turn audio output and input off (after the current sentence when `reason` is `handoff`).
+    Deactivate {
+        /// The handoff this belongs to, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        handoff: Option<String>,
+        /// Why.
+        reason: DeactivateReason,
+    },
+    /// The handoff request was accepted under this handoff id.
+    HandoffAccepted {
+        /// The handoff id, used in every later message about it.
+        handoff: String,
+        /// The agent the call is going to.
+        target: String,
+    },
+    /// The handoff request was refused; the requester keeps the floor (if it had it).
+    HandoffRefused {
+        /// Why.
+        reason: RefuseReason,
+    },
+    /// To the target: you are taking over this call; load the bundle and send `ready`.
+    Prepare {
+        /// The handoff id.
+        handoff: String,
+        /// The source agent's name.
+        source: String,
+        /// The source's reason for the handoff.
+        reason: String,
+        /// The transfer id of the bundle, when baton knows it already.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transfer: Option<String>,
+        /// Whether a bundle will be delivered at all.
+        bundle: bool,
+    },
+    /// To the target: the bundle announced in `prepare` will not come (the source left first);
+    /// take over with what you have.
+    BundleUnavailable {
+        /// The handoff id.
+        handoff: String,
+    },
+    /// To a target that will not get the floor after all: drop the prepared context, stay silent.
+    HandoffCancelled {
+        /// The handoff id.
+        handoff: String,
+        /// Why.
+        reason: FailReason,
+    },
+    /// To the source: the handoff failed. Followed by `activate` (cause `handback`).
+    HandoffFailed {
+        /// The handoff id.
+        handoff: String,
+        /// The agent that could not take the call (the last one tried).
+        target: String,
+        /// Why.
+        reason: FailReason,
+    },
+    /// To the source after a completed handoff: leave the room, or stay as a muted standby.
+    Release {
+        /// The handoff id.
+        handoff: String,
+        /// Leave or stay.
+        mode: ReleasePolicy,
+    },
+}
+
+impl BatonMessage {
+    /// The envelope `type` of this message.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BatonMessage::Activate { .. } => "activate",
+            BatonMessage::Deactivate { .. } => "deactivate",
+            BatonMessage::HandoffAccepted { .. } => "handoff_accepted",
+            BatonMessage::HandoffRefused { .. } => "handoff_refused",
+            BatonMessage::Prepare { .. } => "prepare",
+            BatonMessage::BundleUnavailable { .. } => "bundle_unavailable",
+            BatonMessage::HandoffCancelled { .. } => "handoff_cancelled",
+            BatonMessage::HandoffFailed { .. } => "handoff_failed",
+            BatonMessage::Release { .. } => "release",
+        }
+    }
+}
+
+/// Why a control message was ignored as a security matter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SecurityReason {
+    /// The sender is not a participant baton knows.
+    UnknownParticipant,
+    /// The sender is not of kind AGENT (a caller's client, for instance).
+    NotAnAgent,
+    /// The sender is an agent without an `lk.agent.name` attribute.
+    UnnamedAgent,
+    /// The sender's agent name is not in the configured agent set.
+    AgentNotConfigured {
+        /// Its agent name.
+        agent_name: String,
+    },
+    /// `hello` claimed a name different from the server-stamped attribute.
+    NameMismatch {
+        /// The name in the message.
+        claimed: String,
+        /// The attribute.
+        actual: String,
+    },
+}
+
+/// A control message or bundle from someone not allowed to send it. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecurityEvent {
+    /// The server-stamped sender.
+    pub from: String,
+    /// The sender's kind, if known.
+    #[serde(skip)]
+    pub kind: Option<ParticipantKind>,
+    /// The message type (or `bundle`).
+    pub message_type: &'static str,
+    /// Why it was refused.
+    pub reason: SecurityReason,
+}
+
+/// Something an operator should see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Alert {
+    /// An agent never joined after every dispatch attempt. The message to log says which.
+    AgentNoShow {
+        /// The agent name.
+        agent_name: String,
+        /// How many dispatches were tried.
+        attempts: u32,
+        /// The last API error, if the dispatch itself failed.
+        last_error: Option<String>,
+    },
+    /// One CreateDispatch call failed (it may be retried).
+    DispatchFailed {
+        /// The agent name.
+        agent_name: String,
+        /// Which attempt.
+        attempt: u32,
+        /// The API error.
+        error: String,
+    },
+    /// The floor holder left outside a handoff, or a handoff failed with nobody to hand back
+    /// to: no agent is talking to the caller.
+    FloorVacant {
+        /// The agent that left, or the failed handoff's source.
+        identity: String,
+    },
+    /// An authorised agent sent a message that does not fit the current state.
+    IgnoredMessage {
+        /// The sender.
+        from: String,
+        /// The message type.
+        message_type: &'static str,
+        /// Why it was ignored.
+        why: &'static str,
+    },
+}
+
+/// One thing for the shell to do. Execute in the order polled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Send a control message, addressed to `to` only.
+    Send {
+        /// Destination identity.
+        to: String,
+        /// The envelope `id` this replies to.
+        re: Option<String>,
+        /// The message.
+        message: BatonMessage,
+    },
+    /// RoomService.MutePublishedTrack(muted = true).
+    MuteTrack {
+        /// Whose track.
+        identity: String,
+        /// Which track.
+        track_sid: String,
+    },
+    /// RoomService.MutePublishedTrack(muted = false); needs `enable_remote_unmute`.
+    UnmuteTrack {
+        /// Whose track.
+        identity: String,
+        /// Which track.
+        track_sid: String,
+    },
+    /// Start baton's filler (comfort noise or clip) on its audio track, now.
+    StartFiller,
+    /// Stop the filler, fading out over `fade` (zero: cut).
+    StopFiller {
+        /// Fade-out length.
+        fade: Duration,
+    },
+    /// AgentDispatchService.CreateDispatch; report the result with the same ticket.
+    CreateDispatch {
+        /// Echo in [`Event::DispatchCreated`](crate::Event::DispatchCreated) or
+        /// [`Event::DispatchFailed`](crate::Event::DispatchFailed).
+        ticket: DispatchTicket,
+        /// The agent name to dispatch.
+        agent_name: String,
+        /// Dispatch metadata (JSON naming the handoff), passed to the agent's job.
+        metadata: String,
+    },
+    /// AgentDispatchService.DeleteDispatch.
+    DeleteDispatch {
+        /// The dispatch id.
+        dispatch_id: String,
+        /// The agent name, for logs.
+        agent_name: String,
+    },
+    /// Send the held bundle `transfer_id` to `to` with the transfer engine.
+    DeliverBundle {
+        /// The transfer id.
+        transfer_id: String,
+        /// The receiver.
+        to: String,
+    },
+    /// Abort a transfer to `to`.
+    CancelTransfer {
+        /// The transfer id.
+        transfer_id: String,
+        /// The receiver.
+        to: String,
+    },
+    /// RoomService.RemoveParticipant (a released source that did not leave).
+    RemoveParticipant {
+        /// Who.
+        identity: String,
+    },
+    /// One timeline mark: log as a tracing event.
+    Timeline(TimelineEvent),
+    /// A handoff is over: write its timeline as one JSON line.
+    HandoffFinished(Box<Timeline>),
+    /// A security event: log it.
+    Security(SecurityEvent),
+    /// An operator alert: log it.
+    Alert(Alert),
+    /// The caller left and everything is cleaned up: baton should leave the room.
+    SessionEnded,
+}

@@ -1,0 +1,230 @@
+//! Inputs to the arbiter: what happened in the room, as the IO shell observed it.
+//!
+//! Identities here are the server-stamped ones (the data packet's `participant_identity`, the
+//! participant info from signalling); nothing in a payload is trusted to say who sent it.
+
+use serde::Deserialize;
+
+/// A participant's kind, as LiveKit reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParticipantKind {
+    /// A regular client (web or mobile caller, or an observer).
+    Standard,
+    /// An ingress stream.
+    Ingress,
+    /// An egress recorder.
+    Egress,
+    /// A phone caller bridged by LiveKit SIP.
+    Sip,
+    /// An agent (the only kind that may hold the floor or send control messages).
+    Agent,
+    /// Anything this crate does not know.
+    Other,
+}
+
+impl ParticipantKind {
+    /// Whether this participant counts as the caller: when the last caller leaves, the session ends.
+    pub fn is_caller(self) -> bool {
+        matches!(self, ParticipantKind::Standard | ParticipantKind::Sip)
+    }
+}
+
+/// A participant's published microphone track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioTrack {
+    /// The track sid, needed for MutePublishedTrack.
+    pub sid: String,
+    /// Whether the track is muted (by the publisher or by the server).
+    pub muted: bool,
+}
+
+/// What the shell knows about one participant (from join, update and room-state messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Participant {
+    /// The participant's identity.
+    pub identity: String,
+    /// The participant's kind.
+    pub kind: ParticipantKind,
+    /// The `lk.agent.name` attribute, set by the server when an agent is dispatched.
+    pub agent_name: Option<String>,
+    /// The dispatch that produced this agent, if the shell can tell; used to match a joining
+    /// agent to the dispatch baton created, so a late agent from a cancelled dispatch is not
+    /// mistaken for the new one.
+    pub dispatch_id: Option<String>,
+    /// The participant's audio track, if it publishes one.
+    pub audio: Option<AudioTrack>,
+}
+
+impl Participant {
+    /// Whether the participant's audio can currently reach the caller.
+    pub fn audio_live(&self) -> bool {
+        self.audio.as_ref().is_some_and(|a| !a.muted)
+    }
+}
+
+/// Identifies one CreateDispatch call, so its API result can be matched to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DispatchTicket(pub u64);
+
+/// A control message from an agent (`baton.control` topic), already parsed from the envelope.
+///
+/// Deserialises from the envelope object itself: `{"v":1,"type":"handoff","id":"a-1",...}`;
+/// `v` and `id` are read by the envelope parser and ignored here.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The adapter is connected and listening; sent once after joining and after any reconnect.
+    Hello {
+        /// The agent's own name; must equal its `lk.agent.name` attribute.
+        agent_name: String,
+        /// Free-form role (e.g. `triage`), for logs only.
+        #[serde(default)]
+        role: Option<String>,
+    },
+    /// The active agent asks baton to hand the call to `target`.
+    Handoff {
+        /// The configured agent name to hand to.
+        target: String,
+        /// Why, in words the target can use ("caller wants a refund").
+        #[serde(default)]
+        reason: String,
+        /// The transfer id of a context bundle already sent (or being sent) to baton.
+        #[serde(default)]
+        transfer: Option<String>,
+        /// The bundle will be sent after this request; its id is not known yet.
+        #[serde(default)]
+        bundle_follows: bool,
+    },
+    /// The target has loaded the bundle and its pipeline is running; it can speak.
+    Ready {
+        /// The handoff id from `prepare`.
+        handoff: String,
+    },
+    /// The source has finished its sentence and turned its audio off.
+    Quiet {
+        /// The handoff id from `handoff_accepted`, if the adapter has it.
+        #[serde(default)]
+        handoff: Option<String>,
+    },
+}
+
+impl AgentMessage {
+    /// The envelope `type` of this message, for logs and security events.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            AgentMessage::Hello { .. } => "hello",
+            AgentMessage::Handoff { .. } => "handoff",
+            AgentMessage::Ready { .. } => "ready",
+            AgentMessage::Quiet { .. } => "quiet",
+        }
+    }
+}
+
+/// Something the arbiter must react to. Timeouts are not events: the shell calls
+/// [`Arbiter::handle_timeout`](crate::Arbiter::handle_timeout) at
+/// [`Arbiter::poll_timeout`](crate::Arbiter::poll_timeout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// baton has joined the room: who was already there, and which agent names the room's token
+    /// configuration already dispatched (so baton does not dispatch them a second time).
+    RoomJoined {
+        /// Participants present at join (baton itself excluded).
+        participants: Vec<Participant>,
+        /// Agent names dispatched by the token's RoomConfiguration.
+        token_dispatched: Vec<String>,
+    },
+    /// A participant joined.
+    ParticipantJoined(Participant),
+    /// A participant's info changed (attributes, tracks, mute state).
+    ParticipantUpdated(Participant),
+    /// A participant left.
+    ParticipantLeft {
+        /// Who left.
+        identity: String,
+    },
+    /// A participant started or stopped speaking (active-speaker updates, or the agent's
+    /// `lk.agent.state` attribute).
+    SpeakingChanged {
+        /// Whose speech changed.
+        identity: String,
+        /// Whether it is speaking now.
+        speaking: bool,
+    },
+    /// A control message arrived.
+    Control {
+        /// The server-stamped sender identity.
+        from: String,
+        /// The envelope `id`, echoed as `re` in replies.
+        id: String,
+        /// The parsed message.
+        message: AgentMessage,
+    },
+    /// The transfer engine holds a complete bundle from `from`.
+    BundleReceived {
+        /// The sender.
+        from: String,
+        /// The transfer id.
+        transfer_id: String,
+        /// The bundle's size in bytes.
+        bytes: u64,
+    },
+    /// The transfer engine has delivered a bundle to `to` and the receiver acknowledged it.
+    BundleDelivered {
+        /// The receiver.
+        to: String,
+        /// The transfer id.
+        transfer_id: String,
+    },
+    /// A transfer to or from `peer` failed for good.
+    TransferFailed {
+        /// The other end of the transfer.
+        peer: String,
+        /// The transfer id.
+        transfer_id: String,
+        /// Why, for the timeline.
+        reason: String,
+    },
+    /// CreateDispatch succeeded.
+    DispatchCreated {
+        /// The ticket from [`Command::CreateDispatch`](crate::Command::CreateDispatch).
+        ticket: DispatchTicket,
+        /// The dispatch id the server returned.
+        dispatch_id: String,
+    },
+    /// CreateDispatch failed.
+    DispatchFailed {
+        /// The ticket from [`Command::CreateDispatch`](crate::Command::CreateDispatch).
+        ticket: DispatchTicket,
+        /// The API error, for the alert.
+        error: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_messages_parse_from_the_envelope() {
+        let m: AgentMessage = serde_json::from_str(
+            r#"{"v":1,"type":"handoff","id":"a-1","target":"billing","reason":"refund","transfer":"t-9"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            AgentMessage::Handoff {
+                target: "billing".into(),
+                reason: "refund".into(),
+                transfer: Some("t-9".into()),
+                bundle_follows: false
+            }
+        );
+        let m: AgentMessage =
+            serde_json::from_str(r#"{"v":1,"type":"ready","id":"b-2","handoff":"h-1"}"#).unwrap();
+        assert_eq!(m.type_name(), "ready");
+        let m: AgentMessage =
+            serde_json::from_str(r#"{"v":1,"type":"quiet","id":"a-3","extra":true}"#).unwrap();
+        assert_eq!(m, AgentMessage::Quiet { handoff: None });
+        assert!(serde_json::from_str::<AgentMessage>(r#"{"v":1,"type":"launch","id":"x"}"#).is_err());
+    }
+}

@@ -1,0 +1,44 @@
+//! # baton-floor: who may speak in a baton room
+//!
+//! A sans-IO state machine, one per room, that decides which AI agent holds the floor (is
+//! audible), runs handoffs from one agent to another, and covers every gap with baton's filler.
+//! It has no sockets, clocks, threads or randomness: the IO shell feeds it [`Event`]s with the
+//! current [`Instant`](std::time::Instant), executes the [`Command`]s it emits, and calls
+//! [`Arbiter::handle_timeout`] when [`Arbiter::poll_timeout`] says so.
+//!
+//! ```
+//! use std::time::Instant;
+//! use baton_floor::{Arbiter, Event, Policy};
+//!
+//! let now = Instant::now();
+//! let mut arbiter = Arbiter::new(Policy::with_agents(["triage", "billing"]), now).unwrap();
+//! arbiter.handle(Event::RoomJoined { participants: vec![], token_dispatched: vec![] }, now);
+//! while let Some(command) = arbiter.poll_command() {
+//!     // execute: send data packet, call RoomService / AgentDispatchService, start filler...
+//!     println!("{command:?}");
+//! }
+//! if let Some(deadline) = arbiter.poll_timeout() {
+//!     // sleep until `deadline` or the next event, whichever comes first, then:
+//!     arbiter.handle_timeout(deadline);
+//! }
+//! ```
+//!
+//! The invariant the arbiter keeps: at most one configured agent is activated or has a live
+//! (unmuted) track at any time, and while a handoff has nobody audible, the filler plays; the
+//! filler never plays longer than [`Policy::max_filler`] before baton falls back.
+
+mod arbiter;
+mod command;
+mod dispatch;
+mod event;
+mod policy;
+mod timeline;
+
+pub use arbiter::{Arbiter, HandoffStatus};
+pub use command::{
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason,
+    SecurityEvent, SecurityReason,
+};
+pub use event::{AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind};
+pub use policy::{Policy, PolicyError, ReleasePolicy, Retry};
+pub use timeline::{Mark, Outcome, Phase, Timeline, TimelineEvent};

@@ -1,0 +1,252 @@
+//! The knobs of the floor arbiter, with defaults that suit a phone call.
+//!
+//! The root crate fills a [`Policy`] from `configs/baton.toml`; this crate never reads files.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// What happens to the source agent once the target has the floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleasePolicy {
+    /// The source is told to leave; if it is still in the room after
+    /// [`Policy::release_grace`], baton removes it server-side.
+    #[default]
+    Leave,
+    /// The source stays in the room, deactivated and muted, ready for a warm handoff back.
+    Standby,
+}
+
+/// How often and how patiently an agent is dispatched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Total number of dispatches tried (1 = no retry).
+    pub attempts: u32,
+    /// Wait before the second attempt; doubled for every further attempt.
+    pub backoff_initial: Duration,
+    /// Upper bound for the doubled wait.
+    pub backoff_max: Duration,
+}
+
+impl Retry {
+    /// The wait before attempt number `next_attempt` (2 for the first retry).
+    ///
+    /// Deterministic on purpose: the arbiter has no randomness; a shell that wants jitter adds it
+    /// to the dispatch call, not to the arbiter's clock.
+    pub fn backoff(&self, next_attempt: u32) -> Duration {
+        let doublings = next_attempt.saturating_sub(2).min(16);
+        self.backoff_initial
+            .saturating_mul(1u32 << doublings)
+            .min(self.backoff_max)
+    }
+}
+
+/// The floor arbiter's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Agent names (the server-stamped `lk.agent.name` attribute) allowed to send control
+    /// messages and to hold the floor. Everyone else is ignored and reported as a security event.
+    pub agents: BTreeSet<String>,
+    /// The agent dispatched when the room starts, unless already present or dispatched by the token.
+    pub starting_agent: Option<String>,
+    /// Agents to try, in order, when the requested target cannot take the call.
+    pub alternates: BTreeMap<String, Vec<String>>,
+    /// How long the source may keep talking after `deactivate` (finishing its sentence) before
+    /// baton mutes its track server-side.
+    pub source_quiet_timeout: Duration,
+    /// How long the source must be silent (per speaking updates) to count as quiet when it does
+    /// not send `quiet` itself. Keeps dead air short for adapters that never say `quiet`.
+    pub silence_grace: Duration,
+    /// How long baton waits for a bundle announced as "will follow".
+    pub bundle_timeout: Duration,
+    /// How long a dispatched agent has to join the room, per attempt.
+    pub join_timeout: Duration,
+    /// How long a target that joined has to send `ready`.
+    pub ready_timeout: Duration,
+    /// The longest the caller may hear filler in one handoff before baton falls back.
+    pub max_filler: Duration,
+    /// Fade-out applied when filler stops because an agent took the floor.
+    pub filler_fade: Duration,
+    /// How long after `activate` baton waits to see the target speak before closing the
+    /// timeline without a `target_audible` mark.
+    pub audible_timeout: Duration,
+    /// Dispatch retries for the starting agent.
+    pub start_dispatch: Retry,
+    /// Dispatch retries for a handoff target. One attempt by default: the caller is on filler,
+    /// so an alternate or a handback is better than waiting again.
+    pub handoff_dispatch: Retry,
+    /// What happens to the source after a completed handoff.
+    pub release: ReleasePolicy,
+    /// How long a released source may linger before it is removed (policy `leave`).
+    pub release_grace: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            agents: BTreeSet::new(),
+            starting_agent: None,
+            alternates: BTreeMap::new(),
+            source_quiet_timeout: Duration::from_secs(4),
+            silence_grace: Duration::from_millis(400),
+            bundle_timeout: Duration::from_secs(5),
+            join_timeout: Duration::from_secs(8),
+            ready_timeout: Duration::from_secs(8),
+            max_filler: Duration::from_secs(20),
+            filler_fade: Duration::from_millis(250),
+            audible_timeout: Duration::from_secs(3),
+            start_dispatch: Retry {
+                attempts: 3,
+                backoff_initial: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(8),
+            },
+            handoff_dispatch: Retry {
+                attempts: 1,
+                backoff_initial: Duration::from_millis(500),
+                backoff_max: Duration::from_secs(2),
+            },
+            release: ReleasePolicy::Leave,
+            release_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Policy {
+    /// Defaults with the given agent set; the first agent is the starting agent.
+    pub fn with_agents<I, S>(agents: I) -> Policy
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let names: Vec<String> = agents.into_iter().map(Into::into).collect();
+        Policy {
+            starting_agent: names.first().cloned(),
+            agents: names.into_iter().collect(),
+            ..Policy::default()
+        }
+    }
+
+    /// Checks that the policy is usable; every error names the field to fix.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if let Some(start) = &self.starting_agent {
+            if !self.agents.contains(start) {
+                return Err(PolicyError::UnknownAgent {
+                    field: "starting_agent",
+                    name: start.clone(),
+                });
+            }
+        }
+        for (target, alts) in &self.alternates {
+            if !self.agents.contains(target) {
+                return Err(PolicyError::UnknownAgent {
+                    field: "alternates",
+                    name: target.clone(),
+                });
+            }
+            for alt in alts {
+                if !self.agents.contains(alt) {
+                    return Err(PolicyError::UnknownAgent {
+                        field: "alternates",
+                        name: alt.clone(),
+                    });
+                }
+            }
+        }
+        let positive = [
+            ("source_quiet_timeout", self.source_quiet_timeout),
+            ("bundle_timeout", self.bundle_timeout),
+            ("join_timeout", self.join_timeout),
+            ("ready_timeout", self.ready_timeout),
+            ("max_filler", self.max_filler),
+            ("audible_timeout", self.audible_timeout),
+            ("release_grace", self.release_grace),
+        ];
+        for (field, value) in positive {
+            if value.is_zero() {
+                return Err(PolicyError::ZeroDuration { field });
+            }
+        }
+        for (field, retry) in [
+            ("start_dispatch.attempts", self.start_dispatch),
+            ("handoff_dispatch.attempts", self.handoff_dispatch),
+        ] {
+            if retry.attempts == 0 {
+                return Err(PolicyError::ZeroAttempts { field });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`Policy`] was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PolicyError {
+    /// A name used in the policy is not in [`Policy::agents`].
+    #[error("{field} names agent `{name}`, which is not in the configured agent set; add it to `agents` or fix the name")]
+    UnknownAgent {
+        /// The policy field that holds the name.
+        field: &'static str,
+        /// The unknown agent name.
+        name: String,
+    },
+    /// A timeout of zero would fire before anything could happen.
+    #[error("{field} must be greater than zero")]
+    ZeroDuration {
+        /// The offending field.
+        field: &'static str,
+    },
+    /// A dispatch needs at least one attempt.
+    #[error("{field} must be at least 1")]
+    ZeroAttempts {
+        /// The offending field.
+        field: &'static str,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let r = Retry {
+            attempts: 5,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(3),
+        };
+        assert_eq!(r.backoff(2), Duration::from_secs(1));
+        assert_eq!(r.backoff(3), Duration::from_secs(2));
+        assert_eq!(r.backoff(4), Duration::from_secs(3));
+        assert_eq!(r.backoff(40), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let mut p = Policy::with_agents(["triage", "billing"]);
+        assert_eq!(p.validate(), Ok(()));
+        p.alternates.insert("billing".into(), vec!["ghost".into()]);
+        assert_eq!(
+            p.validate(),
+            Err(PolicyError::UnknownAgent {
+                field: "alternates",
+                name: "ghost".into()
+            })
+        );
+        let mut p = Policy::with_agents(["triage"]);
+        p.ready_timeout = Duration::ZERO;
+        assert_eq!(
+            p.validate(),
+            Err(PolicyError::ZeroDuration {
+                field: "ready_timeout"
+            })
+        );
+        let mut p = Policy::with_agents(["triage"]);
+        p.starting_agent = Some("nobody".into());
+        assert!(p.validate().is_err());
+        let mut p = Policy::with_agents(["triage"]);
+        p.handoff_dispatch.attempts = 0;
+        assert!(matches!(p.validate(), Err(PolicyError::ZeroAttempts { .. })));
+    }
+}
