@@ -1,0 +1,175 @@
+//! The `baton` command line.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use lk_baton::audio::encoded_loop::EncodedLoop;
+use lk_baton::coordinator::Coordinator;
+use lk_baton::room::{self, RoomEnd, RoomParams, TokenSource};
+use tokio::sync::watch;
+
+/// baton: a silent LiveKit participant that passes a live voice call between AI agents.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, env = "BATON_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join one room and stay until interrupted (Ctrl-C / SIGTERM leaves cleanly).
+    Join(JoinArgs),
+}
+
+#[derive(Args)]
+struct Server {
+    /// LiveKit server URL (ws://, wss://, http:// or https://).
+    #[arg(long, env = "LIVEKIT_URL")]
+    url: String,
+    /// API key used to sign baton's own access token.
+    #[arg(long, env = "LIVEKIT_API_KEY")]
+    api_key: String,
+    /// API secret used to sign baton's own access token.
+    #[arg(long, env = "LIVEKIT_API_SECRET", hide_env_values = true)]
+    api_secret: String,
+}
+
+#[derive(Args)]
+struct JoinArgs {
+    #[command(flatten)]
+    server: Server,
+    /// Room to join (created by the server if it does not exist).
+    #[arg(long, env = "BATON_ROOM")]
+    room: String,
+    /// baton's participant identity; adapters address control messages to it.
+    #[arg(long, env = "BATON_IDENTITY", default_value = "baton")]
+    identity: String,
+    /// Start with the filler track audible (it starts muted; handoffs will drive it).
+    #[arg(long)]
+    unmuted: bool,
+    /// Echo packets on topic `baton.echo` back to their sender: a data-path check for adapters.
+    #[arg(long, env = "BATON_ECHO")]
+    echo: bool,
+    /// Comfort-noise level in dBFS (RMS).
+    #[arg(long, env = "BATON_NOISE_DBFS", default_value_t = -45.0, allow_negative_numbers = true)]
+    noise_dbfs: f64,
+    /// Seconds to keep trying to get back into the room after losing the connection.
+    #[arg(long, env = "BATON_REJOIN_TIMEOUT", default_value_t = 60)]
+    rejoin_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("could not start the async runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Join(args) => join(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("baton: error: {msg}");
+    ExitCode::FAILURE
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,livekit_signaling=warn,str0m=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn join(args: JoinArgs) -> anyhow::Result<()> {
+    if args.room.is_empty() {
+        anyhow::bail!("--room must not be empty");
+    }
+    let filler = Arc::new(
+        EncodedLoop::comfort_noise(3.0, args.noise_dbfs)
+            .map_err(|e| anyhow::anyhow!("could not prepare comfort noise: {e}"))?,
+    );
+    let params = RoomParams {
+        url: args.server.url,
+        token: TokenSource::Mint {
+            api_key: args.server.api_key,
+            api_secret: args.server.api_secret,
+            room: args.room,
+            identity: args.identity,
+        },
+        start_unmuted: args.unmuted,
+        filler,
+        rejoin_deadline: Duration::from_secs(args.rejoin_timeout),
+        drop_signal: Arc::new(tokio::sync::Notify::new()),
+    };
+    watch_fault_signal(params.drop_signal.clone());
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_termination().await;
+        tracing::info!("termination signal received");
+        let _ = tx.send(true);
+    });
+    let handler = Box::new(Coordinator { echo: args.echo });
+    match room::run(params, handler, rx).await? {
+        RoomEnd::Left => Ok(()),
+        RoomEnd::Removed(why) => {
+            tracing::info!(reason = %why, "removed from the room");
+            Ok(())
+        }
+    }
+}
+
+/// SIGUSR1 drops the signal connection (baton then resumes): a way to rehearse a network blip.
+fn watch_fault_signal(drop_signal: Arc<tokio::sync::Notify>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut usr1) = signal(SignalKind::user_defined1()) {
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    tracing::warn!("SIGUSR1: dropping the signal connection to rehearse a resume");
+                    drop_signal.notify_one();
+                }
+            });
+        }
+    }
+}
+
+async fn wait_for_termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

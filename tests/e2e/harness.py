@@ -1,0 +1,210 @@
+"""Real processes for end-to-end tests: a LiveKit server on free ports, baton, tokens.
+
+Everything here starts real programs (the pinned livekit-server, the release baton binary) and
+stops them afterwards; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from livekit import api
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / ".tools" / "bin"
+BATON_BIN = Path(os.environ.get("BATON_BIN", ROOT / "target" / "release" / "baton"))
+API_KEY = "devkey"
+API_SECRET = "baton-dev-secret-0123456789abcdef0123456789"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveKitServer:
+    """`livekit-server` with configs/livekit.yaml, on ports nobody else uses."""
+
+    port: int = field(default_factory=free_port)
+    udp_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
+    tcp_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="livekit-", suffix=".log")[1]))
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        binary = TOOLS / "livekit-server"
+        if not binary.exists():
+            raise RuntimeError(f"{binary} missing: run ./scripts/setup")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "--config", str(ROOT / "configs" / "livekit.yaml"),
+                "--port", str(self.port),
+                "--udp-port", str(self.udp_port),
+                "--rtc.tcp_port", str(self.tcp_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"livekit-server exited: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.http_url, timeout=0.5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"livekit-server not ready in {timeout}s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Stops the server abruptly, as a crash or a lost node would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def token(
+    identity: str,
+    room: str,
+    *,
+    can_subscribe: bool = True,
+    admin: bool = False,
+    kind: str | None = None,
+    attributes: dict[str, str] | None = None,
+) -> str:
+    grants = api.VideoGrants(
+        room_join=True, room=room, can_publish=True, can_subscribe=can_subscribe, can_publish_data=True, room_admin=admin
+    )
+    t = api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_name(identity).with_grants(grants)
+    if kind:
+        t = t.with_kind(kind)  # type: ignore[arg-type]
+    if attributes:
+        t = t.with_attributes(attributes)
+    return t.to_jwt()
+
+
+class Baton:
+    """A running `baton` process whose log lines are collected as they arrive."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        if not BATON_BIN.exists():
+            raise RuntimeError(f"{BATON_BIN} missing: run ./scripts/setup")
+        full_env = {**os.environ, "BATON_LOG": "info,lk_baton=debug", "NO_COLOR": "1", **(env or {})}
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [str(BATON_BIN), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = re.sub(r"\x1b\[[0-9;]*m", "", raw.decode(errors="replace").rstrip())
+            with self._cond:
+                self.lines.append((time.monotonic(), line))
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 10.0, start: int = 0) -> tuple[float, str]:
+        """Waits for a log line matching `pattern` (searching from line index `start`)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for at, line in self.lines[start:]:
+                    if rx.search(line):
+                        return at, line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise TimeoutError(f"no log line matching {pattern!r}; log:\n{self.text()}")
+                self._cond.wait(min(left, 0.2))
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=2)
+        return self.proc.returncode
+
+
+def baton_join(server: LiveKitServer, room: str, *extra: str) -> Baton:
+    return Baton(
+        ["join", "--room", room, *extra],
+        env={"LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET},
+    )
+
+
+def run(coro: object, timeout: float = 60.0) -> object:
+    """Runs a coroutine to completion with an overall limit, so a hung test fails instead."""
+
+    async def limited() -> object:
+        return await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
+
+    return asyncio.run(limited())
+
+
+@contextlib.contextmanager
+def livekit_server() -> object:
+    srv = LiveKitServer()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

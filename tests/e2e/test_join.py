@@ -1,0 +1,301 @@
+"""`baton join` against a real LiveKit server, with real SDK participants as peers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+from livekit import api, rtc
+
+from harness import API_KEY, API_SECRET, BATON_BIN, LiveKitServer, baton_join, free_port, run
+from peers import Peer, record, window_levels
+
+
+def room_name() -> str:
+    return f"r-{uuid.uuid4().hex[:8]}"
+
+
+def test_ping_gets_pong_addressed_only_to_sender(server: LiveKitServer) -> None:
+    room = room_name()
+    baton = baton_join(server, room)
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> None:
+            alice = await Peer.join(server, room, "alice")
+            bob = await Peer.join(server, room, "bob")
+            await alice.wait_participant("baton")
+            pong, rtt = await alice.ping()
+            assert pong["type"] == "pong" and pong["v"] == 1
+            assert isinstance(pong["id"], str) and pong["id"]
+            assert rtt < 2.0
+            # bob was in the room all along and must not have seen alice's pong.
+            await asyncio.sleep(0.3)
+            assert all(m.topic != "baton.control" for m in list(bob.inbox._queue)), "pong leaked to bob"  # type: ignore[attr-defined]
+            await alice.close()
+            await bob.close()
+
+        run(scenario())
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
+def test_bad_control_input_is_ignored_and_unknown_version_answered(server: LiveKitServer) -> None:
+    room = room_name()
+    baton = baton_join(server, room)
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> None:
+            alice = await Peer.join(server, room, "alice")
+            await alice.wait_participant("baton")
+            for junk in [b"\x00\xff not json", b"[]", b'{"v":1}', b'{"v":1,"type":"dance","id":"d1"}', b"{" * 14000]:
+                await alice.send("baton.control", junk, ["baton"])
+            await alice.send("baton.control", json.dumps({"v": 9, "type": "ping", "id": "v9"}).encode(), ["baton"])
+            err = json.loads((await alice.next("baton.control")).data)
+            assert err["type"] == "error" and err["code"] == "unsupported_version" and err["re"] == "v9"
+            pong, _ = await alice.ping()  # still alive and answering
+            assert pong["type"] == "pong"
+            await alice.close()
+
+        run(scenario())
+        baton.wait_for("rejected control message: malformed")
+        baton.wait_for("unknown type `dance`")
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
+def test_15000_byte_packets_byte_exact_both_ways_and_misaddressed_unseen(server: LiveKitServer) -> None:
+    room = room_name()
+    baton = baton_join(server, room, "--echo")
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> None:
+            alice = await Peer.join(server, room, "alice")
+            bob = await Peer.join(server, room, "bob")
+            await alice.wait_participant("baton")
+            # Addressed to bob: the server must not hand it to baton, so no echo comes back.
+            stray = os.urandom(15000)
+            await alice.send("baton.echo", stray, ["bob"])
+            got = await bob.next("baton.echo")
+            assert got.data == stray and got.sender == "alice"
+            for _ in range(3):
+                payload = os.urandom(15000)
+                await alice.send("baton.echo", payload, ["baton"])
+                echo = await alice.next("baton.echo")
+                assert echo.sender == "baton"
+                assert echo.data == payload, "echo differs from what was sent"
+            assert alice.inbox.empty(), "baton answered a packet that was not addressed to it"
+            await alice.close()
+            await bob.close()
+
+        run(scenario())
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
+def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool, list[float]]:
+    async def scenario() -> tuple[bool, list[float]]:
+        caller = await Peer.join(server, room, "caller")
+        p = await caller.wait_participant("baton")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not p.track_publications and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        pub = next(iter(p.track_publications.values()))
+        while pub.track is None and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        assert pub.track is not None, "baton's track was never subscribed"
+        assert pub.kind == rtc.TrackKind.KIND_AUDIO
+        muted = pub.muted
+        pcm = await record(pub.track, seconds)
+        await caller.close()
+        return muted, window_levels(pcm)
+
+    return run(scenario())  # type: ignore[return-value]
+
+
+def test_unmuted_track_plays_comfort_noise_without_gaps(server: LiveKitServer) -> None:
+    room = room_name()
+    baton = baton_join(server, room, "--unmuted")
+    try:
+        baton.wait_for("filler track published")
+        muted, levels = _baton_audio(server, room, 3.0)
+        assert not muted
+        # Skip the receiver's first 300 ms of start-up; after that, every 20 ms window must carry
+        # the comfort noise (about -45 dBFS). A lost or late packet would show as a window that
+        # decays toward silence.
+        steady = levels[15:]
+        assert len(steady) > 100
+        quiet = [(i, round(lv, 1)) for i, lv in enumerate(steady) if lv < -60]
+        assert not quiet, f"silent windows in baton's audio: {quiet[:10]}"
+        assert max(steady) < -30, "comfort noise is louder than it should be"
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
+def test_track_starts_muted_and_follows_server_side_mute(server: LiveKitServer) -> None:
+    room = room_name()
+    baton = baton_join(server, room)
+    try:
+        baton.wait_for("filler track published")
+
+        async def scenario() -> None:
+            caller = await Peer.join(server, room, "caller")
+            p = await caller.wait_participant("baton")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not p.track_publications and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            pub = next(iter(p.track_publications.values()))
+            assert pub.muted, "baton's track should start muted"
+
+            # An admin unmutes it through RoomService (configs/livekit.yaml allows remote unmute),
+            # then mutes it again; baton follows and every subscriber sees it.
+            async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+                await lk.room.mute_published_track(
+                    api.MuteRoomTrackRequest(room=room, identity="baton", track_sid=pub.sid, muted=False)
+                )
+                while pub.muted and loop.time() < deadline:
+                    await asyncio.sleep(0.02)
+                assert not pub.muted
+                await lk.room.mute_published_track(
+                    api.MuteRoomTrackRequest(room=room, identity="baton", track_sid=pub.sid, muted=True)
+                )
+                while not pub.muted and loop.time() < deadline:
+                    await asyncio.sleep(0.02)
+                assert pub.muted
+            await caller.close()
+
+        run(scenario())
+        baton.wait_for("server changed the filler track's mute")
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
+def test_sigterm_leaves_cleanly(server: LiveKitServer) -> None:
+    room = room_name()
+    baton = baton_join(server, room)
+    baton.wait_for("joined: data channel open")
+
+    async def scenario() -> float:
+        caller = await Peer.join(server, room, "caller")
+        await caller.wait_participant("baton")
+        left = asyncio.Event()
+        caller.room.on("participant_disconnected", lambda p: left.set() if p.identity == "baton" else None)
+        t0 = time.monotonic()
+        baton.proc.terminate()
+        await asyncio.wait_for(left.wait(), 5)
+        took = time.monotonic() - t0
+        await caller.close()
+        return took
+
+    took = run(scenario())
+    assert baton.stop() == 0
+    assert took < 2.0, f"baton took {took:.2f}s to leave"  # type: ignore[operator]
+    baton.wait_for("leaving")
+
+
+def test_bad_credentials_fail_fast_with_one_line() -> None:
+    srv = LiveKitServer()
+    srv.start()
+    try:
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [str(BATON_BIN), "join", "--room", "x", "--url", srv.url, "--api-key", API_KEY,
+             "--api-secret", "wrong-secret-wrong-secret-wrong-secret"],
+            capture_output=True, text=True, timeout=10,
+        )
+        took = time.monotonic() - t0
+        assert out.returncode != 0
+        assert took < 5.0
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("baton: error:")]
+        assert len(errors) == 1, out.stderr
+        assert "credentials" in errors[0] or "401" in errors[0], errors[0]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("url", ["ws://127.0.0.1:{port}", "ws://no-such-host.invalid:7880"])
+def test_unreachable_server_fails_fast_with_one_line(url: str) -> None:
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [str(BATON_BIN), "join", "--room", "x", "--url", url.format(port=free_port()), "--api-key", API_KEY,
+         "--api-secret", API_SECRET],
+        capture_output=True, text=True, timeout=10,
+    )
+    took = time.monotonic() - t0
+    assert out.returncode != 0
+    assert took < 5.0, f"took {took:.1f}s"
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("baton: error:")]
+    assert len(errors) == 1, out.stderr
+    assert "could not reach" in errors[0], errors[0]
+
+
+def test_back_in_room_after_server_restart() -> None:
+    srv = LiveKitServer()
+    srv.start()
+    room = room_name()
+    baton = baton_join(srv, room)
+    try:
+        baton.wait_for("joined: data channel open")
+        mark = len(baton.lines)
+        srv.kill()
+        t0 = time.monotonic()
+        time.sleep(0.5)
+        srv.start()
+
+        async def scenario() -> float:
+            alice = await Peer.join(srv, room, "alice")
+            loop = asyncio.get_running_loop()
+            while True:
+                try:
+                    await alice.wait_participant("baton", timeout=1)
+                    pong, _ = await alice.ping(timeout=1)
+                    assert pong["type"] == "pong"
+                    break
+                except TimeoutError:
+                    if time.monotonic() - t0 > 10:
+                        raise
+            took = time.monotonic() - t0
+            await alice.close()
+            del loop
+            return took
+
+        took = run(scenario())
+        assert took < 10.0, f"baton answered ping {took:.1f}s after the restart"  # type: ignore[operator]
+        baton.wait_for("rejoined", start=mark)
+    finally:
+        assert baton.stop() == 0, baton.text()
+        srv.stop()
+
+
+def test_resume_after_signal_drop(server: LiveKitServer) -> None:
+    """SIGUSR1 makes baton drop its signal websocket as a network blip would; it must resume
+    the same session (no rejoin) and keep answering."""
+    room = room_name()
+    baton = baton_join(server, room)
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> None:
+            alice = await Peer.join(server, room, "alice")
+            await alice.wait_participant("baton")
+            await alice.ping()
+            mark = len(baton.lines)
+            baton.proc.send_signal(10)  # SIGUSR1
+            baton.wait_for("resumed", start=mark)
+            pong, _ = await alice.ping()
+            assert pong["type"] == "pong"
+            assert "rejoined" not in "\n".join(line for _, line in baton.lines[mark:])
+            await alice.close()
+
+        run(scenario())
+    finally:
+        assert baton.stop() == 0, baton.text()
