@@ -1,0 +1,425 @@
+//! Property: whatever happens, in whatever order, the caller never hears two agents at once,
+//! never hears silence while a handoff has nobody audible, and never hears filler longer than
+//! the configured limit; and the arbiter never panics.
+//!
+//! The model below replays the arbiter's commands the way the room would execute them (mute
+//! state per track, who was told to activate, whether filler plays) and checks the invariant
+//! after every event and every timeout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use baton_floor::{
+    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, Outcome,
+    Participant, ParticipantKind, Policy,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+
+/// (identity, kind, agent name)
+const PEOPLE: &[(&str, ParticipantKind, Option<&str>)] = &[
+    ("caller", ParticipantKind::Sip, None),
+    ("viewer", ParticipantKind::Standard, None),
+    ("agent-triage", ParticipantKind::Agent, Some("triage")),
+    ("agent-billing", ParticipantKind::Agent, Some("billing")),
+    ("agent-billing-2", ParticipantKind::Agent, Some("billing")),
+    ("agent-support", ParticipantKind::Agent, Some("support")),
+    ("agent-sales", ParticipantKind::Agent, Some("sales")),
+];
+const NAMES: &[&str] = &["triage", "billing", "support", "sales"];
+
+fn policy() -> Policy {
+    let mut p = Policy::with_agents(["triage", "billing", "support"]);
+    p.alternates.insert("billing".into(), vec!["support".into()]);
+    p.alternates.insert("support".into(), vec!["billing".into(), "triage".into()]);
+    p.max_filler = Duration::from_secs(12);
+    p
+}
+
+fn participant(who: usize, audio: Option<bool>, dispatch: Option<u8>) -> Participant {
+    let (identity, kind, name) = PEOPLE[who];
+    Participant {
+        identity: identity.into(),
+        kind,
+        agent_name: name.map(Into::into),
+        dispatch_id: dispatch.map(|d| format!("AD_{d}")),
+        audio: audio.map(|muted| AudioTrack {
+            sid: format!("TR_{identity}"),
+            muted,
+        }),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Event(Event),
+    Advance(u64),
+}
+
+fn person() -> impl Strategy<Value = usize> {
+    // Agents that matter are drawn more often than bystanders.
+    prop_oneof![
+        1 => Just(0usize),
+        1 => Just(1usize),
+        4 => Just(2usize),
+        4 => Just(3usize),
+        1 => Just(4usize),
+        2 => Just(5usize),
+        1 => Just(6usize),
+    ]
+}
+
+fn audio() -> impl Strategy<Value = Option<bool>> {
+    prop_oneof![1 => Just(None), 3 => Just(Some(false)), 2 => Just(Some(true))]
+}
+
+fn message() -> impl Strategy<Value = AgentMessage> {
+    let name = prop::sample::select(NAMES).prop_map(String::from);
+    let handoff_id = (1u8..4).prop_map(|n| format!("h-{n}"));
+    let transfer = prop::option::of((1u8..3).prop_map(|n| format!("t-{n}")));
+    prop_oneof![
+        3 => name.clone().prop_map(|agent_name| AgentMessage::Hello { agent_name, role: None }),
+        3 => (name, transfer, any::<bool>()).prop_map(|(target, transfer, bundle_follows)| {
+            AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows }
+        }),
+        3 => handoff_id.prop_map(|handoff| AgentMessage::Ready { handoff }),
+        2 => Just(AgentMessage::Quiet { handoff: None }),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let transfer = (1u8..3).prop_map(|n| format!("t-{n}"));
+    prop_oneof![
+        3 => (person(), audio(), prop::option::of(0u8..4))
+            .prop_map(|(w, a, d)| Step::Event(Event::ParticipantJoined(participant(w, a, d)))),
+        3 => (person(), audio()).prop_map(|(w, a)| Step::Event(Event::ParticipantUpdated(participant(w, a, None)))),
+        1 => person().prop_map(|w| Step::Event(Event::ParticipantLeft { identity: PEOPLE[w].0.into() })),
+        2 => (person(), any::<bool>()).prop_map(|(w, speaking)| {
+            Step::Event(Event::SpeakingChanged { identity: PEOPLE[w].0.into(), speaking })
+        }),
+        8 => (person(), message(), 0u32..1000).prop_map(|(w, message, id)| {
+            Step::Event(Event::Control { from: PEOPLE[w].0.into(), id: format!("m-{id}"), message })
+        }),
+        2 => (person(), transfer.clone(), 0u64..20_000).prop_map(|(w, transfer_id, bytes)| {
+            Step::Event(Event::BundleReceived { from: PEOPLE[w].0.into(), transfer_id, bytes })
+        }),
+        2 => (person(), transfer.clone()).prop_map(|(w, transfer_id)| {
+            Step::Event(Event::BundleDelivered { to: PEOPLE[w].0.into(), transfer_id })
+        }),
+        1 => (person(), transfer).prop_map(|(w, transfer_id)| {
+            Step::Event(Event::TransferFailed { peer: PEOPLE[w].0.into(), transfer_id, reason: "x".into() })
+        }),
+        2 => (0u64..8, 0u8..4).prop_map(|(t, d)| {
+            Step::Event(Event::DispatchCreated { ticket: DispatchTicket(t), dispatch_id: format!("AD_{d}") })
+        }),
+        1 => (0u64..8).prop_map(|t| {
+            Step::Event(Event::DispatchFailed { ticket: DispatchTicket(t), error: "503".into() })
+        }),
+        5 => prop_oneof![0u64..500, 0u64..5_000, 0u64..30_000].prop_map(Step::Advance),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = (Vec<Participant>, Vec<Step>)> {
+    let initial = prop::collection::vec((person(), audio()), 0..4)
+        .prop_map(|v| v.into_iter().map(|(w, a)| participant(w, a, None)).collect());
+    (initial, prop::collection::vec(step(), 1..80))
+}
+
+fn ctl(from: &str, message: AgentMessage) -> Step {
+    Step::Event(Event::Control {
+        from: from.into(),
+        id: "m-s".into(),
+        message,
+    })
+}
+
+/// The happy path of a cold handoff, which random events then disturb.
+fn skeleton() -> Vec<Step> {
+    let hello = |name: &str| AgentMessage::Hello { agent_name: name.into(), role: None };
+    vec![
+        Step::Event(Event::ParticipantJoined(participant(0, Some(false), None))),
+        Step::Event(Event::ParticipantJoined(participant(2, Some(false), None))),
+        ctl("agent-triage", hello("triage")),
+        ctl("agent-triage", AgentMessage::Handoff {
+            target: "billing".into(),
+            reason: "r".into(),
+            transfer: Some("t-1".into()),
+            bundle_follows: false,
+        }),
+        Step::Event(Event::BundleReceived { from: "agent-triage".into(), transfer_id: "t-1".into(), bytes: 9 }),
+        Step::Advance(200),
+        ctl("agent-triage", AgentMessage::Quiet { handoff: None }),
+        Step::Event(Event::ParticipantJoined(participant(3, Some(false), None))),
+        ctl("agent-billing", hello("billing")),
+        Step::Event(Event::BundleDelivered { to: "agent-billing".into(), transfer_id: "t-1".into() }),
+        ctl("agent-billing", AgentMessage::Ready { handoff: "h-1".into() }),
+        Step::Event(Event::SpeakingChanged { identity: "agent-billing".into(), speaking: true }),
+        Step::Advance(10_000),
+    ]
+}
+
+/// The skeleton with random steps inserted at random places.
+fn disturbed() -> impl Strategy<Value = (Vec<Participant>, Vec<Step>)> {
+    prop::collection::vec((0usize..14, step()), 0..12).prop_map(|noise| {
+        let mut steps = skeleton();
+        let mut noise = noise;
+        // Insert from the back so earlier positions stay meaningful.
+        noise.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+        for (at, s) in noise {
+            steps.insert(at.min(steps.len()), s);
+        }
+        (Vec::new(), steps)
+    })
+}
+
+/// What the room looks like after executing the arbiter's commands.
+struct Model {
+    policy: Policy,
+    present: BTreeMap<String, Participant>,
+    active: BTreeSet<String>,
+    filler_since: Option<Instant>,
+}
+
+#[derive(Default, Debug)]
+struct Coverage {
+    cases: usize,
+    completed: usize,
+    handed_back: usize,
+    failed: usize,
+    alternates: usize,
+    forced_mutes: usize,
+    filler_limit: usize,
+}
+
+impl Model {
+    fn configured(&self, p: &Participant) -> bool {
+        p.kind == ParticipantKind::Agent
+            && p.agent_name.as_ref().is_some_and(|n| self.policy.agents.contains(n))
+    }
+
+    fn observe(&mut self, e: &Event) {
+        match e {
+            Event::RoomJoined { participants, .. } => {
+                for p in participants {
+                    self.present.insert(p.identity.clone(), p.clone());
+                }
+            }
+            Event::ParticipantJoined(p) | Event::ParticipantUpdated(p) => {
+                self.present.insert(p.identity.clone(), p.clone());
+            }
+            Event::ParticipantLeft { identity } => {
+                self.present.remove(identity);
+                self.active.remove(identity);
+            }
+            _ => {}
+        }
+    }
+
+    fn execute(&mut self, cmds: &[Command], now: Instant, cov: &mut Coverage) -> Result<(), TestCaseError> {
+        for c in cmds {
+            match c {
+                Command::Send { to, message, .. } => {
+                    let p = self.present.get(to);
+                    prop_assert!(
+                        p.is_some_and(|p| p.kind == ParticipantKind::Agent),
+                        "control message to a non-agent or absent participant {to}: {message:?}"
+                    );
+                    match message {
+                        BatonMessage::Activate { .. } => {
+                            prop_assert!(self.configured(p.unwrap()), "activated an unconfigured agent");
+                            self.active.insert(to.clone());
+                        }
+                        BatonMessage::Deactivate { .. }
+                        | BatonMessage::HandoffCancelled { .. }
+                        | BatonMessage::Release { .. } => {
+                            self.active.remove(to);
+                        }
+                        _ => {}
+                    }
+                }
+                Command::MuteTrack { identity, track_sid } | Command::UnmuteTrack { identity, track_sid } => {
+                    let unmute = matches!(c, Command::UnmuteTrack { .. });
+                    let track = self
+                        .present
+                        .get_mut(identity)
+                        .and_then(|p| p.audio.as_mut())
+                        .filter(|a| &a.sid == track_sid);
+                    prop_assert!(track.is_some(), "mute/unmute of a track that is not there: {c:?}");
+                    track.unwrap().muted = !unmute;
+                }
+                Command::StartFiller => {
+                    prop_assert!(self.filler_since.is_none(), "filler started twice");
+                    self.filler_since = Some(now);
+                }
+                Command::StopFiller { .. } => {
+                    prop_assert!(self.filler_since.is_some(), "filler stopped while off");
+                    self.filler_since = None;
+                }
+                Command::HandoffFinished(t) => match t.outcome {
+                    Some(Outcome::Completed) => cov.completed += 1,
+                    Some(Outcome::HandedBack) => cov.handed_back += 1,
+                    Some(Outcome::Failed) => cov.failed += 1,
+                    None => prop_assert!(false, "finished timeline without outcome"),
+                },
+                Command::Timeline(ev) => {
+                    use baton_floor::Phase;
+                    match (ev.mark.phase, ev.mark.detail.as_deref()) {
+                        (Phase::AlternateTried, _) => cov.alternates += 1,
+                        (Phase::SourceQuiet, Some("forced")) => cov.forced_mutes += 1,
+                        (Phase::Failed | Phase::HandedBack, Some("filler_limit")) => cov.filler_limit += 1,
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, arb: &Arbiter, now: Instant) -> Result<(), TestCaseError> {
+        if arb.is_ended() {
+            // The caller is gone and baton leaves the room: nothing left to arbitrate.
+            prop_assert!(self.filler_since.is_none(), "filler left playing after the session ended");
+            prop_assert!(arb.poll_timeout().is_none());
+            return Ok(());
+        }
+        let audible: Vec<&String> = self
+            .present
+            .values()
+            .filter(|p| self.configured(p))
+            .filter(|p| p.audio_live() || self.active.contains(&p.identity))
+            .map(|p| &p.identity)
+            .collect();
+        prop_assert!(audible.len() <= 1, "two agents audible: {audible:?}");
+        prop_assert!(self.active.len() <= 1, "two agents active: {:?}", self.active);
+        prop_assert_eq!(self.filler_since.is_some(), arb.filler_on());
+        if arb.handoff().is_some() && audible.is_empty() {
+            prop_assert!(self.filler_since.is_some(), "handoff with nobody audible and no filler");
+        }
+        if let Some(since) = self.filler_since {
+            prop_assert!(arb.handoff().is_some(), "filler playing outside a handoff");
+            prop_assert!(
+                now.duration_since(since) <= self.policy.max_filler,
+                "filler ran {:?}",
+                now.duration_since(since)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Result<(), TestCaseError> {
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut arb = Arbiter::new(policy(), t0).unwrap();
+    let mut model = Model {
+        policy: policy(),
+        present: BTreeMap::new(),
+        active: BTreeSet::new(),
+        filler_since: None,
+    };
+    let first = Event::RoomJoined {
+        participants: initial,
+        token_dispatched: vec![],
+    };
+    let mut queue = vec![Step::Event(first)];
+    queue.extend(steps);
+    for step in queue {
+        match step {
+            Step::Event(e) => {
+                model.observe(&e);
+                arb.handle(e, now);
+                let cmds = arb.drain_commands();
+                model.execute(&cmds, now, cov)?;
+                model.check(&arb, now)?;
+            }
+            Step::Advance(ms) => {
+                let end = now + Duration::from_millis(ms);
+                while let Some(at) = arb.poll_timeout() {
+                    if at > end {
+                        break;
+                    }
+                    prop_assert!(at >= now, "deadline in the past: {:?} before now", now - at);
+                    now = at;
+                    arb.handle_timeout(now);
+                    let cmds = arb.drain_commands();
+                    model.execute(&cmds, now, cov)?;
+                    model.check(&arb, now)?;
+                    prop_assert!(arb.poll_timeout().is_none_or(|next| next > now), "timeout not consumed");
+                }
+                now = end;
+                model.check(&arb, now)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic by default so the coverage floor cannot flake; `BATON_PROPTEST_RANDOM=1`
+/// explores fresh seeds.
+fn runner(config: Config) -> TestRunner {
+    if std::env::var_os("BATON_PROPTEST_RANDOM").is_some() {
+        TestRunner::new(config)
+    } else {
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+    }
+}
+
+fn cases(default: u32) -> u32 {
+    std::env::var("BATON_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn disturbed_happy_paths_keep_one_voice_and_bounded_filler() {
+    let mut runner = runner(Config {
+        cases: cases(600),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let cov = std::cell::RefCell::new(Coverage::default());
+    let result = runner.run(&disturbed(), |(initial, steps)| {
+        let mut cov = cov.borrow_mut();
+        cov.cases += 1;
+        run(initial, steps, &mut cov)
+    });
+    let cov = cov.into_inner();
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    eprintln!("coverage: {cov:?}");
+    // Most disturbances leave the handoff intact; some must break it.
+    assert!(cov.completed > cov.cases / 4, "{cov:?}");
+    assert!(cov.handed_back + cov.failed > 0, "{cov:?}");
+}
+
+#[test]
+fn random_event_sequences_keep_one_voice_and_bounded_filler() {
+    let cases = cases(600);
+    let mut runner = runner(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let cov = std::cell::RefCell::new(Coverage::default());
+    let result = runner.run(&scenario(), |(initial, steps)| {
+        let mut cov = cov.borrow_mut();
+        cov.cases += 1;
+        run(initial, steps, &mut cov)
+    });
+    let cov = cov.into_inner();
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // A property that never reaches the interesting states proves nothing: require that the
+    // random runs did hand back, fail, try alternates, force mutes and hit the filler limit
+    // (completions are rare here; the disturbed happy paths cover them).
+    eprintln!("coverage: {cov:?}");
+    assert!(cov.handed_back > 0, "{cov:?}");
+    assert!(cov.failed > 0, "{cov:?}");
+    assert!(cov.alternates > 0, "{cov:?}");
+    assert!(cov.forced_mutes > 0, "{cov:?}");
+    assert!(cov.filler_limit > 0, "{cov:?}");
+}
