@@ -433,11 +433,17 @@ impl Arbiter {
         }
         // The source turning its own track off (or unpublishing it) is the clearest sign it has
         // obeyed `deactivate`.
-        if let Some(h) = &self.handoff {
-            if h.source == identity && !h.quiet && !p.audio_live() {
-                let detail = if p.audio.is_some() { "muted" } else { "no_audio" };
-                self.source_quiet(detail, now);
-            }
+        if let Some(h) = &self.handoff
+            && h.source == identity
+            && !h.quiet
+            && !p.audio_live()
+        {
+            let detail = if p.audio.is_some() {
+                "muted"
+            } else {
+                "no_audio"
+            };
+            self.source_quiet(detail, now);
         }
         if !is_new {
             return;
@@ -509,13 +515,14 @@ impl Arbiter {
         } else if h.target.identity.as_deref() == Some(identity) {
             // Nothing to cancel at the target: it is gone.
             h.target.identity = None;
-            if h.bundle.delivering && !h.bundle.delivered {
-                if let Some(t) = h.bundle.transfer.clone() {
-                    self.out.push_back(Command::CancelTransfer {
-                        transfer_id: t,
-                        to: identity.to_owned(),
-                    });
-                }
+            if h.bundle.delivering
+                && !h.bundle.delivered
+                && let Some(t) = h.bundle.transfer.clone()
+            {
+                self.out.push_back(Command::CancelTransfer {
+                    transfer_id: t,
+                    to: identity.to_owned(),
+                });
             }
             h.bundle.delivering = false;
             h.bundle.delivered = false;
@@ -527,14 +534,15 @@ impl Arbiter {
         if let Some(p) = self.peers.get_mut(identity) {
             p.speaking = speaking;
         }
-        if let Some(h) = &mut self.handoff {
-            if h.source == identity && !h.quiet {
-                h.grace_deadline = if speaking {
-                    None
-                } else {
-                    Some(now + self.policy.silence_grace)
-                };
-            }
+        if let Some(h) = &mut self.handoff
+            && h.source == identity
+            && !h.quiet
+        {
+            h.grace_deadline = if speaking {
+                None
+            } else {
+                Some(now + self.policy.silence_grace)
+            };
         }
         if speaking
             && self
@@ -599,7 +607,11 @@ impl Arbiter {
             return;
         }
         if let AgentMessage::Hello { agent_name, .. } = &message {
-            let actual = self.peers[&from].info.agent_name.clone().unwrap_or_default();
+            let actual = self.peers[&from]
+                .info
+                .agent_name
+                .clone()
+                .unwrap_or_default();
             if *agent_name != actual {
                 self.security(
                     from,
@@ -660,10 +672,10 @@ impl Arbiter {
             }
             return;
         }
-        if let Some(h) = &self.handoff {
-            if h.source == from || h.target.identity.as_deref() == Some(from) {
-                return;
-            }
+        if let Some(h) = &self.handoff
+            && (h.source == from || h.target.identity.as_deref() == Some(from))
+        {
+            return;
         }
         self.send(
             from,
@@ -707,7 +719,11 @@ impl Arbiter {
         bundle_follows: bool,
         now: Instant,
     ) {
-        let source_name = self.peers[&from].info.agent_name.clone().unwrap_or_default();
+        let source_name = self.peers[&from]
+            .info
+            .agent_name
+            .clone()
+            .unwrap_or_default();
         let refusal = if self.handoff.is_some() {
             Some(RefuseReason::HandoffInProgress)
         } else if !self
@@ -761,7 +777,8 @@ impl Arbiter {
                 .as_ref()
                 .is_some_and(|t| self.held_bundles.get(t) == Some(&from));
             if already {
-                self.held_bundles.remove(transfer.as_deref().unwrap_or_default());
+                self.held_bundles
+                    .remove(transfer.as_deref().unwrap_or_default());
                 bundle.held = true;
                 let ev = timeline.mark(Phase::BundleReceived, now, None);
                 self.out.push_back(Command::Timeline(ev));
@@ -857,7 +874,12 @@ impl Arbiter {
         h.target.identity = Some(identity);
         h.target.dispatching = false;
         h.target.ready_deadline = Some(now + self.policy.ready_timeout);
-        if warm && h.timeline.phases.iter().all(|m| m.phase != Phase::AlternateTried) {
+        if warm
+            && h.timeline
+                .phases
+                .iter()
+                .all(|m| m.phase != Phase::AlternateTried)
+        {
             h.timeline.warm = true;
         }
         let detail = if warm { "warm" } else { "dispatched" };
@@ -888,7 +910,9 @@ impl Arbiter {
     }
 
     fn mute(&mut self, identity: &str) {
-        let Some(p) = self.peers.get_mut(identity) else { return };
+        let Some(p) = self.peers.get_mut(identity) else {
+            return;
+        };
         if let Some(a) = p.info.audio.as_mut().filter(|a| !a.muted) {
             a.muted = true;
             let sid = a.sid.clone();
@@ -900,7 +924,9 @@ impl Arbiter {
     }
 
     fn unmute(&mut self, identity: &str) {
-        let Some(p) = self.peers.get_mut(identity) else { return };
+        let Some(p) = self.peers.get_mut(identity) else {
+            return;
+        };
         if let Some(a) = p.info.audio.as_mut().filter(|a| a.muted) {
             a.muted = false;
             let sid = a.sid.clone();
@@ -976,7 +1002,11 @@ impl Arbiter {
         let Some(h) = &mut self.handoff else { return };
         h.bundle.lost = true;
         h.bundle.deadline = None;
-        let notify = h.target.prepared.then(|| h.target.identity.clone()).flatten();
+        let notify = h
+            .target
+            .prepared
+            .then(|| h.target.identity.clone())
+            .flatten();
         let id = h.id.clone();
         self.mark(Phase::BundleLost, now, None);
         if let Some(t) = notify {
@@ -1084,7 +1114,9 @@ impl Arbiter {
 
     /// Closes a completed handoff's timeline.
     fn finish(&mut self, audible: bool, now: Instant) {
-        let Some(mut f) = self.finishing.take() else { return };
+        let Some(mut f) = self.finishing.take() else {
+            return;
+        };
         if audible {
             let ev = f.timeline.mark(Phase::TargetAudible, now, None);
             self.out.push_back(Command::Timeline(ev));
@@ -1222,7 +1254,9 @@ impl Arbiter {
 
     fn close_failed(&mut self, outcome: Outcome, reason: FailReason, now: Instant) {
         self.mark(Phase::Failed, now, Some(reason.as_str().to_owned()));
-        let Some(mut h) = self.handoff.take() else { return };
+        let Some(mut h) = self.handoff.take() else {
+            return;
+        };
         if let Some(t) = &h.bundle.transfer {
             // A bundle baton still holds may be handed to a later handoff from the same source.
             if h.bundle.held && h.source_present {

@@ -107,7 +107,13 @@ impl Dispatcher {
 
     /// Waits for an agent the room's token already dispatched; counts as the first attempt, so
     /// baton dispatches it itself only if it does not show up.
-    pub(crate) fn expect_token(&mut self, agent: &str, purpose: Purpose, retry: Retry, now: Instant) {
+    pub(crate) fn expect_token(
+        &mut self,
+        agent: &str,
+        purpose: Purpose,
+        retry: Retry,
+        now: Instant,
+    ) {
         if self.in_flight(agent, &purpose) {
             return;
         }
@@ -157,11 +163,11 @@ impl Dispatcher {
                 dispatch_id: id,
                 agent_name: entry.agent.clone(),
             });
-        } else if let Some(ticket) = entry.ticket {
-            if !api_failed {
-                // The API has not answered yet; delete the dispatch if it ever succeeds.
-                self.orphans.insert(ticket);
-            }
+        } else if let Some(ticket) = entry.ticket
+            && !api_failed
+        {
+            // The API has not answered yet; delete the dispatch if it ever succeeds.
+            self.orphans.insert(ticket);
         }
         entry.ticket = None;
         if entry.attempts < entry.retry.attempts {
@@ -334,9 +340,29 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        assert!(d.request("billing", Purpose::Start, retry(2), "{}".into(), t0, &mut out));
-        assert!(!d.request("billing", Purpose::Start, retry(2), "{}".into(), t0, &mut out));
-        assert!(matches!(out.pop_front(), Some(Command::CreateDispatch { ticket: DispatchTicket(0), .. })));
+        assert!(d.request(
+            "billing",
+            Purpose::Start,
+            retry(2),
+            "{}".into(),
+            t0,
+            &mut out
+        ));
+        assert!(!d.request(
+            "billing",
+            Purpose::Start,
+            retry(2),
+            "{}".into(),
+            t0,
+            &mut out
+        ));
+        assert!(matches!(
+            out.pop_front(),
+            Some(Command::CreateDispatch {
+                ticket: DispatchTicket(0),
+                ..
+            })
+        ));
         assert!(out.is_empty(), "same purpose must not dispatch twice");
         d.created(DispatchTicket(0), "AD_1".into(), None, &mut out);
         assert_eq!(d.next_deadline(), Some(t0 + Duration::from_secs(5)));
@@ -344,12 +370,21 @@ mod tests {
         assert!(d.on_timeout(t1, &mut out).is_empty());
         assert_eq!(
             out.pop_front(),
-            Some(Command::DeleteDispatch { dispatch_id: "AD_1".into(), agent_name: "billing".into() })
+            Some(Command::DeleteDispatch {
+                dispatch_id: "AD_1".into(),
+                agent_name: "billing".into()
+            })
         );
         assert_eq!(d.next_deadline(), Some(t1 + Duration::from_secs(1)));
         let t2 = t1 + Duration::from_secs(1);
         assert!(d.on_timeout(t2, &mut out).is_empty());
-        assert!(matches!(out.pop_front(), Some(Command::CreateDispatch { ticket: DispatchTicket(1), .. })));
+        assert!(matches!(
+            out.pop_front(),
+            Some(Command::CreateDispatch {
+                ticket: DispatchTicket(1),
+                ..
+            })
+        ));
         let g = d.on_timeout(t2 + Duration::from_secs(5), &mut out);
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].agent, "billing");
@@ -362,11 +397,21 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        d.request("billing", Purpose::Handoff("h-1".into()), retry(1), "{}".into(), t0, &mut out);
+        d.request(
+            "billing",
+            Purpose::Handoff("h-1".into()),
+            retry(1),
+            "{}".into(),
+            t0,
+            &mut out,
+        );
         d.created(DispatchTicket(0), "AD_new".into(), None, &mut out);
         assert_eq!(d.joined(&agent("billing", Some("AD_old"))), None);
         assert_eq!(d.joined(&agent("support", None)), None);
-        assert_eq!(d.joined(&agent("billing", Some("AD_new"))), Some(Purpose::Handoff("h-1".into())));
+        assert_eq!(
+            d.joined(&agent("billing", Some("AD_new"))),
+            Some(Purpose::Handoff("h-1".into()))
+        );
     }
 
     #[test]
@@ -374,14 +419,24 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        d.request("billing", Purpose::Start, retry(1), "{}".into(), t0, &mut out);
+        d.request(
+            "billing",
+            Purpose::Start,
+            retry(1),
+            "{}".into(),
+            t0,
+            &mut out,
+        );
         out.clear();
         d.cancel(&Purpose::Start, &mut out);
         assert!(out.is_empty());
         d.created(DispatchTicket(0), "AD_1".into(), Some("billing"), &mut out);
         assert_eq!(
             out.pop_front(),
-            Some(Command::DeleteDispatch { dispatch_id: "AD_1".into(), agent_name: "billing".into() })
+            Some(Command::DeleteDispatch {
+                dispatch_id: "AD_1".into(),
+                agent_name: "billing".into()
+            })
         );
     }
 
@@ -390,8 +445,17 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        d.request("billing", Purpose::Start, retry(1), "{}".into(), t0, &mut out);
-        let g = d.failed(DispatchTicket(0), "503".into(), t0, &mut out).unwrap();
+        d.request(
+            "billing",
+            Purpose::Start,
+            retry(1),
+            "{}".into(),
+            t0,
+            &mut out,
+        );
+        let g = d
+            .failed(DispatchTicket(0), "503".into(), t0, &mut out)
+            .unwrap();
         assert!(g.api_failed);
         assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::AgentNoShow { last_error: Some(e), .. }) if e == "503")));
     }

@@ -27,6 +27,8 @@
 //! (unmuted) track at any time, and while a handoff has nobody audible, the filler plays; the
 //! filler never plays longer than [`Policy::max_filler`] before baton falls back.
 
+#![warn(missing_docs)]
+
 mod arbiter;
 mod command;
 mod dispatch;

@@ -130,13 +130,13 @@ impl Policy {
 
     /// Checks that the policy is usable; every error names the field to fix.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        if let Some(start) = &self.starting_agent {
-            if !self.agents.contains(start) {
-                return Err(PolicyError::UnknownAgent {
-                    field: "starting_agent",
-                    name: start.clone(),
-                });
-            }
+        if let Some(start) = &self.starting_agent
+            && !self.agents.contains(start)
+        {
+            return Err(PolicyError::UnknownAgent {
+                field: "starting_agent",
+                name: start.clone(),
+            });
         }
         for (target, alts) in &self.alternates {
             if !self.agents.contains(target) {
@@ -184,7 +184,9 @@ impl Policy {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PolicyError {
     /// A name used in the policy is not in [`Policy::agents`].
-    #[error("{field} names agent `{name}`, which is not in the configured agent set; add it to `agents` or fix the name")]
+    #[error(
+        "{field} names agent `{name}`, which is not in the configured agent set; add it to `agents` or fix the name"
+    )]
     UnknownAgent {
         /// The policy field that holds the name.
         field: &'static str,
@@ -247,6 +249,9 @@ mod tests {
         assert!(p.validate().is_err());
         let mut p = Policy::with_agents(["triage"]);
         p.handoff_dispatch.attempts = 0;
-        assert!(matches!(p.validate(), Err(PolicyError::ZeroAttempts { .. })));
+        assert!(matches!(
+            p.validate(),
+            Err(PolicyError::ZeroAttempts { .. })
+        ));
     }
 }

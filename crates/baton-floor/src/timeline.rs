@@ -179,7 +179,11 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Timeline::new("h-1", "triage", "billing", "refund", t0);
         t.mark(Phase::Requested, t0, None);
-        t.mark(Phase::SourceQuiet, t0 + Duration::from_millis(420), Some("quiet".into()));
+        t.mark(
+            Phase::SourceQuiet,
+            t0 + Duration::from_millis(420),
+            Some("quiet".into()),
+        );
         t.mark(Phase::Completed, t0 + Duration::from_millis(1800), None);
         t.outcome = Some(Outcome::Completed);
         t.bundle_bytes = Some(12_000);

@@ -30,8 +30,10 @@ const NAMES: &[&str] = &["triage", "billing", "support", "sales"];
 
 fn policy() -> Policy {
     let mut p = Policy::with_agents(["triage", "billing", "support"]);
-    p.alternates.insert("billing".into(), vec!["support".into()]);
-    p.alternates.insert("support".into(), vec!["billing".into(), "triage".into()]);
+    p.alternates
+        .insert("billing".into(), vec!["support".into()]);
+    p.alternates
+        .insert("support".into(), vec!["billing".into(), "triage".into()]);
     p.max_filler = Duration::from_secs(12);
     p
 }
@@ -120,8 +122,11 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn scenario() -> impl Strategy<Value = (Vec<Participant>, Vec<Step>)> {
-    let initial = prop::collection::vec((person(), audio()), 0..4)
-        .prop_map(|v| v.into_iter().map(|(w, a)| participant(w, a, None)).collect());
+    let initial = prop::collection::vec((person(), audio()), 0..4).prop_map(|v| {
+        v.into_iter()
+            .map(|(w, a)| participant(w, a, None))
+            .collect()
+    });
     (initial, prop::collection::vec(step(), 1..80))
 }
 
@@ -135,25 +140,46 @@ fn ctl(from: &str, message: AgentMessage) -> Step {
 
 /// The happy path of a cold handoff, which random events then disturb.
 fn skeleton() -> Vec<Step> {
-    let hello = |name: &str| AgentMessage::Hello { agent_name: name.into(), role: None };
+    let hello = |name: &str| AgentMessage::Hello {
+        agent_name: name.into(),
+        role: None,
+    };
     vec![
         Step::Event(Event::ParticipantJoined(participant(0, Some(false), None))),
         Step::Event(Event::ParticipantJoined(participant(2, Some(false), None))),
         ctl("agent-triage", hello("triage")),
-        ctl("agent-triage", AgentMessage::Handoff {
-            target: "billing".into(),
-            reason: "r".into(),
-            transfer: Some("t-1".into()),
-            bundle_follows: false,
+        ctl(
+            "agent-triage",
+            AgentMessage::Handoff {
+                target: "billing".into(),
+                reason: "r".into(),
+                transfer: Some("t-1".into()),
+                bundle_follows: false,
+            },
+        ),
+        Step::Event(Event::BundleReceived {
+            from: "agent-triage".into(),
+            transfer_id: "t-1".into(),
+            bytes: 9,
         }),
-        Step::Event(Event::BundleReceived { from: "agent-triage".into(), transfer_id: "t-1".into(), bytes: 9 }),
         Step::Advance(200),
         ctl("agent-triage", AgentMessage::Quiet { handoff: None }),
         Step::Event(Event::ParticipantJoined(participant(3, Some(false), None))),
         ctl("agent-billing", hello("billing")),
-        Step::Event(Event::BundleDelivered { to: "agent-billing".into(), transfer_id: "t-1".into() }),
-        ctl("agent-billing", AgentMessage::Ready { handoff: "h-1".into() }),
-        Step::Event(Event::SpeakingChanged { identity: "agent-billing".into(), speaking: true }),
+        Step::Event(Event::BundleDelivered {
+            to: "agent-billing".into(),
+            transfer_id: "t-1".into(),
+        }),
+        ctl(
+            "agent-billing",
+            AgentMessage::Ready {
+                handoff: "h-1".into(),
+            },
+        ),
+        Step::Event(Event::SpeakingChanged {
+            identity: "agent-billing".into(),
+            speaking: true,
+        }),
         Step::Advance(10_000),
     ]
 }
@@ -194,7 +220,9 @@ struct Coverage {
 impl Model {
     fn configured(&self, p: &Participant) -> bool {
         p.kind == ParticipantKind::Agent
-            && p.agent_name.as_ref().is_some_and(|n| self.policy.agents.contains(n))
+            && p.agent_name
+                .as_ref()
+                .is_some_and(|n| self.policy.agents.contains(n))
     }
 
     fn observe(&mut self, e: &Event) {
@@ -215,7 +243,12 @@ impl Model {
         }
     }
 
-    fn execute(&mut self, cmds: &[Command], now: Instant, cov: &mut Coverage) -> Result<(), TestCaseError> {
+    fn execute(
+        &mut self,
+        cmds: &[Command],
+        now: Instant,
+        cov: &mut Coverage,
+    ) -> Result<(), TestCaseError> {
         for c in cmds {
             match c {
                 Command::Send { to, message, .. } => {
@@ -226,7 +259,10 @@ impl Model {
                     );
                     match message {
                         BatonMessage::Activate { .. } => {
-                            prop_assert!(self.configured(p.unwrap()), "activated an unconfigured agent");
+                            prop_assert!(
+                                self.configured(p.unwrap()),
+                                "activated an unconfigured agent"
+                            );
                             self.active.insert(to.clone());
                         }
                         BatonMessage::Deactivate { .. }
@@ -237,14 +273,24 @@ impl Model {
                         _ => {}
                     }
                 }
-                Command::MuteTrack { identity, track_sid } | Command::UnmuteTrack { identity, track_sid } => {
+                Command::MuteTrack {
+                    identity,
+                    track_sid,
+                }
+                | Command::UnmuteTrack {
+                    identity,
+                    track_sid,
+                } => {
                     let unmute = matches!(c, Command::UnmuteTrack { .. });
                     let track = self
                         .present
                         .get_mut(identity)
                         .and_then(|p| p.audio.as_mut())
                         .filter(|a| &a.sid == track_sid);
-                    prop_assert!(track.is_some(), "mute/unmute of a track that is not there: {c:?}");
+                    prop_assert!(
+                        track.is_some(),
+                        "mute/unmute of a track that is not there: {c:?}"
+                    );
                     track.unwrap().muted = !unmute;
                 }
                 Command::StartFiller => {
@@ -266,7 +312,9 @@ impl Model {
                     match (ev.mark.phase, ev.mark.detail.as_deref()) {
                         (Phase::AlternateTried, _) => cov.alternates += 1,
                         (Phase::SourceQuiet, Some("forced")) => cov.forced_mutes += 1,
-                        (Phase::Failed | Phase::HandedBack, Some("filler_limit")) => cov.filler_limit += 1,
+                        (Phase::Failed | Phase::HandedBack, Some("filler_limit")) => {
+                            cov.filler_limit += 1
+                        }
                         _ => {}
                     }
                 }
@@ -279,7 +327,10 @@ impl Model {
     fn check(&self, arb: &Arbiter, now: Instant) -> Result<(), TestCaseError> {
         if arb.is_ended() {
             // The caller is gone and baton leaves the room: nothing left to arbitrate.
-            prop_assert!(self.filler_since.is_none(), "filler left playing after the session ended");
+            prop_assert!(
+                self.filler_since.is_none(),
+                "filler left playing after the session ended"
+            );
             prop_assert!(arb.poll_timeout().is_none());
             return Ok(());
         }
@@ -291,10 +342,17 @@ impl Model {
             .map(|p| &p.identity)
             .collect();
         prop_assert!(audible.len() <= 1, "two agents audible: {audible:?}");
-        prop_assert!(self.active.len() <= 1, "two agents active: {:?}", self.active);
+        prop_assert!(
+            self.active.len() <= 1,
+            "two agents active: {:?}",
+            self.active
+        );
         prop_assert_eq!(self.filler_since.is_some(), arb.filler_on());
         if arb.handoff().is_some() && audible.is_empty() {
-            prop_assert!(self.filler_since.is_some(), "handoff with nobody audible and no filler");
+            prop_assert!(
+                self.filler_since.is_some(),
+                "handoff with nobody audible and no filler"
+            );
         }
         if let Some(since) = self.filler_since {
             prop_assert!(arb.handoff().is_some(), "filler playing outside a handoff");
@@ -308,7 +366,11 @@ impl Model {
     }
 }
 
-fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Result<(), TestCaseError> {
+fn run(
+    initial: Vec<Participant>,
+    steps: Vec<Step>,
+    cov: &mut Coverage,
+) -> Result<(), TestCaseError> {
     let t0 = Instant::now();
     let mut now = t0;
     let mut arb = Arbiter::new(policy(), t0).unwrap();
@@ -345,7 +407,10 @@ fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Resul
                     let cmds = arb.drain_commands();
                     model.execute(&cmds, now, cov)?;
                     model.check(&arb, now)?;
-                    prop_assert!(arb.poll_timeout().is_none_or(|next| next > now), "timeout not consumed");
+                    prop_assert!(
+                        arb.poll_timeout().is_none_or(|next| next > now),
+                        "timeout not consumed"
+                    );
                 }
                 now = end;
                 model.check(&arb, now)?;

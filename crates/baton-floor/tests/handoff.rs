@@ -52,17 +52,22 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
         accepted,
         Some((Some("m-2".into()), "h-1".into(), "billing".into()))
     );
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Deactivate {
-        handoff: Some("h-1".into()),
-        reason: DeactivateReason::Handoff
-    }));
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::Deactivate {
+            handoff: Some("h-1".into()),
+            reason: DeactivateReason::Handoff
+        })
+    );
     let meta = out.iter().find_map(|c| match c {
         Command::CreateDispatch { metadata, .. } => Some(metadata.clone()),
         _ => None,
     });
     let meta: serde_json::Value = serde_json::from_str(&meta.unwrap()).unwrap();
     assert_eq!(meta["baton"]["handoff"], "h-1");
-    assert!(!filler_started(&out), "source is still finishing its sentence");
+    assert!(
+        !filler_started(&out),
+        "source is still finishing its sentence"
+    );
     assert_eq!(r.arb.floor_holder(), None);
 
     r.ev(Event::BundleReceived {
@@ -72,20 +77,31 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
     });
     r.advance(ms(300));
     let out = r.quiet(TRIAGE);
-    assert!(filler_started(&out), "filler starts the moment the source is quiet");
-    assert!(muted(&out, TRIAGE), "the source is muted server-side as enforcement");
+    assert!(
+        filler_started(&out),
+        "filler starts the moment the source is quiet"
+    );
+    assert!(
+        muted(&out, TRIAGE),
+        "the source is muted server-side as enforcement"
+    );
     assert!(r.arb.filler_on());
 
     r.advance(ms(1200));
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(muted(&out, BILLING), "a target is muted until it is activated");
-    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::Prepare {
-        handoff: "h-1".into(),
-        source: "triage".into(),
-        reason: "caller wants a refund".into(),
-        transfer: Some("t-1".into()),
-        bundle: true,
-    }));
+    assert!(
+        muted(&out, BILLING),
+        "a target is muted until it is activated"
+    );
+    assert!(
+        messages_to(&out, BILLING).contains(&&BatonMessage::Prepare {
+            handoff: "h-1".into(),
+            source: "triage".into(),
+            reason: "caller wants a refund".into(),
+            transfer: Some("t-1".into()),
+            bundle: true,
+        })
+    );
     assert!(out.contains(&Command::DeliverBundle {
         transfer_id: "t-1".into(),
         to: BILLING.into()
@@ -96,18 +112,30 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
         to: BILLING.into(),
         transfer_id: "t-1".into(),
     });
-    assert!(r.arb.filler_on(), "filler stays on until the target is activated");
+    assert!(
+        r.arb.filler_on(),
+        "filler stays on until the target is activated"
+    );
     r.advance(ms(300));
     let out = r.ready(BILLING, "h-1");
     let activate = position(&out, |c| {
         matches!(c, Command::Send { to, message: BatonMessage::Activate { cause: ActivateCause::Handoff, .. }, .. } if to == BILLING)
     })
     .expect("target activated");
-    let unmute = position(&out, |c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == BILLING))
-        .expect("target unmuted");
-    let fade = position(&out, |c| matches!(c, Command::StopFiller { fade } if *fade == ms(250)))
-        .expect("filler faded out");
-    assert!(activate < fade && unmute < fade, "filler goes off only after activation: {out:#?}");
+    let unmute = position(
+        &out,
+        |c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == BILLING),
+    )
+    .expect("target unmuted");
+    let fade = position(
+        &out,
+        |c| matches!(c, Command::StopFiller { fade } if *fade == ms(250)),
+    )
+    .expect("filler faded out");
+    assert!(
+        activate < fade && unmute < fade,
+        "filler goes off only after activation: {out:#?}"
+    );
     assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Release {
         handoff: "h-1".into(),
         mode: ReleasePolicy::Leave
@@ -165,7 +193,10 @@ fn released_source_that_leaves_is_not_removed_and_standby_policy_keeps_it() {
     r.ready(BILLING, "h-1");
     r.leave(TRIAGE);
     let out = r.advance(Duration::from_secs(10));
-    assert!(!out.iter().any(|c| matches!(c, Command::RemoveParticipant { .. })));
+    assert!(
+        !out.iter()
+            .any(|c| matches!(c, Command::RemoveParticipant { .. }))
+    );
 
     let mut p = policy();
     p.release = ReleasePolicy::Standby;
@@ -179,7 +210,10 @@ fn released_source_that_leaves_is_not_removed_and_standby_policy_keeps_it() {
         mode: ReleasePolicy::Standby
     }));
     let out = r.advance(Duration::from_secs(10));
-    assert!(!out.iter().any(|c| matches!(c, Command::RemoveParticipant { .. })));
+    assert!(
+        !out.iter()
+            .any(|c| matches!(c, Command::RemoveParticipant { .. }))
+    );
     // No audible mark without speech: the timeline closes at audible_timeout.
     let t = finished(&out).expect("closed by audible_timeout");
     assert!(!t.has(Phase::TargetAudible));
@@ -192,14 +226,19 @@ fn warm_handoff_uses_the_standby_agent_without_dispatch() {
     // Billing waits in the room, muted; its hello gets a standby deactivate.
     r.join(agent(BILLING, "billing", true));
     let out = r.hello(BILLING, "billing");
-    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::Deactivate {
-        handoff: None,
-        reason: DeactivateReason::Standby
-    }));
+    assert!(
+        messages_to(&out, BILLING).contains(&&BatonMessage::Deactivate {
+            handoff: None,
+            reason: DeactivateReason::Standby
+        })
+    );
 
     let out = r.request(TRIAGE, "billing", None);
     assert!(!dispatched(&out, "billing"), "warm target: no dispatch");
-    assert!(sent(&out, BILLING, "prepare"), "prepared while the source finishes");
+    assert!(
+        sent(&out, BILLING, "prepare"),
+        "prepared while the source finishes"
+    );
     let h = r.arb.handoff().unwrap();
     assert_eq!(h.target_identity.as_deref(), Some(BILLING));
 
@@ -212,7 +251,10 @@ fn warm_handoff_uses_the_standby_agent_without_dispatch() {
     let out = r.quiet(TRIAGE);
     assert!(filler_started(&out));
     assert!(sent(&out, BILLING, "activate"));
-    assert!(unmuted(&out, BILLING), "standby track was muted: unmute on activation");
+    assert!(
+        unmuted(&out, BILLING),
+        "standby track was muted: unmute on activation"
+    );
     assert!(filler_stopped(&out));
     let out = r.advance(Duration::from_secs(3));
     let t = finished(&out).unwrap();
@@ -243,16 +285,20 @@ fn target_never_joins_hands_back_to_source_with_reason() {
         agent_name: "billing".into()
     }));
     assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::AgentNoShow { agent_name, .. }) if agent_name == "billing")));
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
-        handoff: "h-1".into(),
-        target: "billing".into(),
-        reason: FailReason::TargetNoShow
-    }));
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
-        handoff: Some("h-1".into()),
-        cause: ActivateCause::Handback,
-        reason: Some(FailReason::TargetNoShow)
-    }));
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
+            handoff: "h-1".into(),
+            target: "billing".into(),
+            reason: FailReason::TargetNoShow
+        })
+    );
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
+            handoff: Some("h-1".into()),
+            cause: ActivateCause::Handback,
+            reason: Some(FailReason::TargetNoShow)
+        })
+    );
     assert!(unmuted(&out, TRIAGE));
     assert!(filler_stopped(&out));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -275,10 +321,12 @@ fn target_never_ready_hands_back() {
     let out = r.advance(ms(7_999));
     assert!(out.is_empty());
     let out = r.advance(ms(1));
-    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::HandoffCancelled {
-        handoff: "h-1".into(),
-        reason: FailReason::TargetNotReady
-    }));
+    assert!(
+        messages_to(&out, BILLING).contains(&&BatonMessage::HandoffCancelled {
+            handoff: "h-1".into(),
+            reason: FailReason::TargetNotReady
+        })
+    );
     assert!(sent(&out, TRIAGE, "handoff_failed"));
     assert!(sent(&out, TRIAGE, "activate"));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -301,7 +349,10 @@ fn target_leaving_mid_handoff_cancels_transfer_and_hands_back() {
     });
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(out.iter().any(|c| matches!(c, Command::DeliverBundle { .. })));
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::DeliverBundle { .. }))
+    );
     let out = r.leave(BILLING);
     assert!(out.contains(&Command::CancelTransfer {
         transfer_id: "t-1".into(),
@@ -319,8 +370,14 @@ fn alternate_is_tried_when_target_does_not_show_and_completes() {
     r.request(TRIAGE, "billing", None);
     r.quiet(TRIAGE);
     let out = r.advance(Duration::from_secs(8));
-    assert!(dispatched(&out, "support"), "alternate dispatched: {out:#?}");
-    assert!(!sent(&out, TRIAGE, "handoff_failed"), "no handback while an alternate is tried");
+    assert!(
+        dispatched(&out, "support"),
+        "alternate dispatched: {out:#?}"
+    );
+    assert!(
+        !sent(&out, TRIAGE, "handoff_failed"),
+        "no handback while an alternate is tried"
+    );
     assert!(r.arb.filler_on(), "caller keeps hearing filler");
     let ticket = ticket_for(&out, "support");
     r.ev(Event::DispatchCreated {
@@ -352,12 +409,17 @@ fn dispatch_api_failure_moves_on_immediately() {
         ticket,
         error: "twirp 503".into(),
     });
-    assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::DispatchFailed { .. }))));
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
-        handoff: "h-1".into(),
-        target: "billing".into(),
-        reason: FailReason::DispatchFailed
-    }));
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::Alert(Alert::DispatchFailed { .. })))
+    );
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
+            handoff: "h-1".into(),
+            target: "billing".into(),
+            reason: FailReason::DispatchFailed
+        })
+    );
     // It failed before the source went quiet: no filler was ever needed.
     assert!(!r.log.iter().any(|c| matches!(c, Command::StartFiller)));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -372,8 +434,14 @@ fn source_leaving_mid_handoff_completes_from_the_held_bundle() {
         bytes: 10,
     });
     let out = r.leave(TRIAGE);
-    assert!(filler_started(&out), "a source that leaves is quiet: filler now");
-    assert!(!muted(&out, TRIAGE), "nothing to mute on a participant that left");
+    assert!(
+        filler_started(&out),
+        "a source that leaves is quiet: filler now"
+    );
+    assert!(
+        !muted(&out, TRIAGE),
+        "nothing to mute on a participant that left"
+    );
     let out = billing_arrives(&mut r, "AD_1");
     assert!(out.contains(&Command::DeliverBundle {
         transfer_id: "t-1".into(),
@@ -405,13 +473,25 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
         },
     );
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(messages_to(&out, BILLING).iter().any(|m| matches!(m, BatonMessage::Prepare { bundle: true, transfer: None, .. })));
+    assert!(messages_to(&out, BILLING).iter().any(|m| matches!(
+        m,
+        BatonMessage::Prepare {
+            bundle: true,
+            transfer: None,
+            ..
+        }
+    )));
     let out = r.leave(TRIAGE);
-    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::BundleUnavailable {
-        handoff: "h-1".into()
-    }));
+    assert!(
+        messages_to(&out, BILLING).contains(&&BatonMessage::BundleUnavailable {
+            handoff: "h-1".into()
+        })
+    );
     let out = r.ready(BILLING, "h-1");
-    assert!(sent(&out, BILLING, "activate"), "completes from what baton holds (nothing)");
+    assert!(
+        sent(&out, BILLING, "activate"),
+        "completes from what baton holds (nothing)"
+    );
 }
 
 #[test]
@@ -423,7 +503,10 @@ fn source_gone_and_target_failing_leaves_floor_vacant_with_filler_stopped() {
     r.leave(TRIAGE);
     let out = r.advance(Duration::from_secs(8));
     assert!(filler_stopped(&out));
-    assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::FloorVacant { .. }))));
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::Alert(Alert::FloorVacant { .. })))
+    );
     let t = finished(&out).unwrap();
     assert_eq!(t.outcome, Some(Outcome::Failed));
     assert_eq!(r.arb.floor_holder(), None);
@@ -499,19 +582,25 @@ fn second_request_is_refused_while_one_runs() {
 fn bad_requests_are_refused_with_reasons() {
     let mut r = Room::with_triage_active(policy());
     let out = r.request(TRIAGE, "sales", None);
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffRefused {
-        reason: RefuseReason::UnknownTarget
-    }));
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffRefused {
+            reason: RefuseReason::UnknownTarget
+        })
+    );
     let out = r.request(TRIAGE, "triage", None);
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffRefused {
-        reason: RefuseReason::SameAgent
-    }));
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffRefused {
+            reason: RefuseReason::SameAgent
+        })
+    );
     // A configured agent that does not hold the floor may not hand it on.
     r.join(agent(BILLING, "billing", true));
     let out = r.request(BILLING, "support", None);
-    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::HandoffRefused {
-        reason: RefuseReason::NotFloorHolder
-    }));
+    assert!(
+        messages_to(&out, BILLING).contains(&&BatonMessage::HandoffRefused {
+            reason: RefuseReason::NotFloorHolder
+        })
+    );
     assert!(r.arb.handoff().is_none());
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
 }
@@ -539,7 +628,12 @@ fn source_ignoring_deactivate_is_muted_at_source_quiet_timeout() {
     })
     .unwrap();
     assert_eq!(
-        t.phases.iter().find(|m| m.phase == Phase::SourceQuiet).unwrap().detail.as_deref(),
+        t.phases
+            .iter()
+            .find(|m| m.phase == Phase::SourceQuiet)
+            .unwrap()
+            .detail
+            .as_deref(),
         Some("forced")
     );
 }
@@ -560,7 +654,11 @@ fn silence_counts_as_quiet_after_the_grace_and_speech_resets_it() {
         speaking: true,
     });
     r.request(TRIAGE, "billing", None);
-    assert!(r.advance(ms(1000)).iter().all(|c| !matches!(c, Command::StartFiller)));
+    assert!(
+        r.advance(ms(1000))
+            .iter()
+            .all(|c| !matches!(c, Command::StartFiller))
+    );
     r.ev(Event::SpeakingChanged {
         identity: TRIAGE.into(),
         speaking: false,
@@ -570,7 +668,11 @@ fn silence_counts_as_quiet_after_the_grace_and_speech_resets_it() {
         identity: TRIAGE.into(),
         speaking: true,
     });
-    assert!(r.advance(ms(300)).iter().all(|c| !matches!(c, Command::StartFiller)));
+    assert!(
+        r.advance(ms(300))
+            .iter()
+            .all(|c| !matches!(c, Command::StartFiller))
+    );
     r.ev(Event::SpeakingChanged {
         identity: TRIAGE.into(),
         speaking: false,
@@ -596,7 +698,10 @@ fn source_muting_itself_or_having_no_audio_is_quiet() {
     });
     r.hello(TRIAGE, "triage");
     let out = r.request(TRIAGE, "billing", None);
-    assert!(filler_started(&out), "no audio from the source: filler immediately");
+    assert!(
+        filler_started(&out),
+        "no audio from the source: filler immediately"
+    );
 }
 
 #[test]
@@ -611,11 +716,13 @@ fn filler_limit_forces_a_handback() {
     billing_arrives(&mut r, "AD_1");
     // ready_timeout (8 s) would fire at 12 s; the filler limit (6 s) comes first.
     let out = r.advance(Duration::from_secs(2));
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
-        handoff: "h-1".into(),
-        target: "billing".into(),
-        reason: FailReason::FillerLimit
-    }));
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
+            handoff: "h-1".into(),
+            target: "billing".into(),
+            reason: FailReason::FillerLimit
+        })
+    );
     assert!(sent(&out, BILLING, "handoff_cancelled"));
     assert_eq!(r.ms(), 6000);
     assert!(!r.arb.filler_on());
@@ -629,7 +736,13 @@ fn bundle_that_never_arrives_hands_back() {
     let out = r.ready(BILLING, "h-1");
     assert!(!sent(&out, BILLING, "activate"), "ready but no context yet");
     let out = r.advance(Duration::from_secs(5));
-    assert!(messages_to(&out, TRIAGE).iter().any(|m| matches!(m, BatonMessage::HandoffFailed { reason: FailReason::BundleTimeout, .. })));
+    assert!(messages_to(&out, TRIAGE).iter().any(|m| matches!(
+        m,
+        BatonMessage::HandoffFailed {
+            reason: FailReason::BundleTimeout,
+            ..
+        }
+    )));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
 }
 
@@ -713,7 +826,10 @@ fn stale_agent_from_another_dispatch_is_not_taken_as_target() {
     let mut fresh = agent(BILLING, "billing", true);
     fresh.dispatch_id = Some("AD_new".into());
     r.join(fresh);
-    assert_eq!(r.arb.handoff().unwrap().target_identity.as_deref(), Some(BILLING));
+    assert_eq!(
+        r.arb.handoff().unwrap().target_identity.as_deref(),
+        Some(BILLING)
+    );
 }
 
 #[test]
@@ -722,7 +838,10 @@ fn ready_from_someone_else_or_for_another_handoff_is_ignored() {
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     let out = r.ready(BILLING, "h-7");
-    assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::IgnoredMessage { .. }))));
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::Alert(Alert::IgnoredMessage { .. })))
+    );
     assert!(!r.arb.handoff().unwrap().target_ready);
     r.join(agent(SUPPORT, "support", true));
     let out = r.ready(SUPPORT, "h-1");

@@ -25,14 +25,19 @@ fn starting_agent_is_dispatched_and_activated_on_hello() {
     let mut p = agent(TRIAGE, "triage", true);
     p.dispatch_id = Some("AD_1".into());
     let out = r.join(p);
-    assert!(!sent(&out, TRIAGE, "activate"), "not before its adapter is listening");
+    assert!(
+        !sent(&out, TRIAGE, "activate"),
+        "not before its adapter is listening"
+    );
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
     let out = r.hello(TRIAGE, "triage");
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
-        handoff: None,
-        cause: ActivateCause::Start,
-        reason: None
-    }));
+    assert!(
+        messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
+            handoff: None,
+            cause: ActivateCause::Start,
+            reason: None
+        })
+    );
     assert!(unmuted(&out, TRIAGE), "joined muted: unmuted on activation");
     // Joined in time: no retry later.
     assert!(r.advance(Duration::from_secs(60)).is_empty());
@@ -202,8 +207,17 @@ fn control_from_anyone_but_a_configured_agent_is_a_security_event_and_changes_no
 
     assert!(r.arb.handoff().is_none());
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
-    assert!(!r.log.iter().any(|c| matches!(c, Command::CreateDispatch { .. } | Command::StartFiller)));
-    assert!(!r.log.iter().any(|c| matches!(c, Command::Send { to, .. } if to == CALLER)), "never answer the caller");
+    assert!(
+        !r.log
+            .iter()
+            .any(|c| matches!(c, Command::CreateDispatch { .. } | Command::StartFiller))
+    );
+    assert!(
+        !r.log
+            .iter()
+            .any(|c| matches!(c, Command::Send { to, .. } if to == CALLER)),
+        "never answer the caller"
+    );
 }
 
 #[test]

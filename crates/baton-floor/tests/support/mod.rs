@@ -75,7 +75,8 @@ impl Room {
             token_dispatched: vec![],
         });
         assert!(
-            !out.iter().any(|c| matches!(c, Command::CreateDispatch { .. })),
+            !out.iter()
+                .any(|c| matches!(c, Command::CreateDispatch { .. })),
             "starting agent is present: no dispatch"
         );
         let out = r.hello(TRIAGE, "triage");
