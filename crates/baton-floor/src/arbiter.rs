@@ -248,11 +248,7 @@ impl Arbiter {
             Event::DispatchCreated {
                 ticket,
                 dispatch_id,
-            } => {
-                let hint = self.dispatcher.agent_of(ticket).map(str::to_owned);
-                self.dispatcher
-                    .created(ticket, dispatch_id, hint.as_deref(), &mut self.out)
-            }
+            } => self.dispatcher.created(ticket, dispatch_id, &mut self.out),
             Event::DispatchFailed { ticket, error } => {
                 if let Some(g) = self.dispatcher.failed(ticket, error, now, &mut self.out) {
                     self.on_gave_up(g, now);

@@ -5,7 +5,7 @@
 //! deadline, and a retry with backoff (deleting the old dispatch first, because creating the
 //! same dispatch twice would give two agents).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use crate::command::{Alert, Command};
@@ -57,7 +57,7 @@ pub(crate) struct Dispatcher {
     entries: Vec<Entry>,
     next_ticket: u64,
     /// Tickets whose purpose was cancelled before the API answered; delete on success.
-    orphans: BTreeSet<DispatchTicket>,
+    orphans: BTreeMap<DispatchTicket, String>,
     join_timeout: std::time::Duration,
 }
 
@@ -167,7 +167,7 @@ impl Dispatcher {
             && !api_failed
         {
             // The API has not answered yet; delete the dispatch if it ever succeeds.
-            self.orphans.insert(ticket);
+            self.orphans.insert(ticket, entry.agent.clone());
         }
         entry.ticket = None;
         if entry.attempts < entry.retry.attempts {
@@ -194,15 +194,14 @@ impl Dispatcher {
         &mut self,
         ticket: DispatchTicket,
         dispatch_id: String,
-        agent_hint: Option<&str>,
         out: &mut VecDeque<Command>,
     ) {
         if let Some(e) = self.entries.iter_mut().find(|e| e.ticket == Some(ticket)) {
             e.dispatch_id = Some(dispatch_id);
-        } else if self.orphans.remove(&ticket) {
+        } else if let Some(agent_name) = self.orphans.remove(&ticket) {
             out.push_back(Command::DeleteDispatch {
                 dispatch_id,
-                agent_name: agent_hint.unwrap_or_default().to_owned(),
+                agent_name,
             });
         }
     }
@@ -253,7 +252,7 @@ impl Dispatcher {
                         agent_name: e.agent,
                     });
                 } else if let Some(t) = e.ticket {
-                    self.orphans.insert(t);
+                    self.orphans.insert(t, e.agent);
                 }
             } else {
                 i += 1;
@@ -267,14 +266,6 @@ impl Dispatcher {
         for p in purposes {
             self.cancel(&p, out);
         }
-    }
-
-    /// The agent name a ticket was for (for deleting an orphaned dispatch by name in logs).
-    pub(crate) fn agent_of(&self, ticket: DispatchTicket) -> Option<&str> {
-        self.entries
-            .iter()
-            .find(|e| e.ticket == Some(ticket))
-            .map(|e| e.agent.as_str())
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
@@ -364,7 +355,7 @@ mod tests {
             })
         ));
         assert!(out.is_empty(), "same purpose must not dispatch twice");
-        d.created(DispatchTicket(0), "AD_1".into(), None, &mut out);
+        d.created(DispatchTicket(0), "AD_1".into(), &mut out);
         assert_eq!(d.next_deadline(), Some(t0 + Duration::from_secs(5)));
         let t1 = t0 + Duration::from_secs(5);
         assert!(d.on_timeout(t1, &mut out).is_empty());
@@ -405,7 +396,7 @@ mod tests {
             t0,
             &mut out,
         );
-        d.created(DispatchTicket(0), "AD_new".into(), None, &mut out);
+        d.created(DispatchTicket(0), "AD_new".into(), &mut out);
         assert_eq!(d.joined(&agent("billing", Some("AD_old"))), None);
         assert_eq!(d.joined(&agent("support", None)), None);
         assert_eq!(
@@ -430,7 +421,7 @@ mod tests {
         out.clear();
         d.cancel(&Purpose::Start, &mut out);
         assert!(out.is_empty());
-        d.created(DispatchTicket(0), "AD_1".into(), Some("billing"), &mut out);
+        d.created(DispatchTicket(0), "AD_1".into(), &mut out);
         assert_eq!(
             out.pop_front(),
             Some(Command::DeleteDispatch {

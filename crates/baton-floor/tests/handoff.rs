@@ -806,7 +806,7 @@ fn late_dispatch_result_after_handback_is_deleted() {
         out,
         vec![Command::DeleteDispatch {
             dispatch_id: "AD_late".into(),
-            agent_name: String::new()
+            agent_name: "billing".into()
         }]
     );
 }
