@@ -47,31 +47,49 @@ impl Default for ReceiversConfig {
 pub enum Event {
     /// A bundle arrived whole and verified. Produced exactly once per transfer.
     Delivered {
+        /// Server-stamped identity of the sender.
         from: Peer,
+        /// Transfer id.
         id: u128,
+        /// The verified payload.
         payload: Vec<u8>,
+        /// Metadata from the OPEN.
         meta: String,
     },
     /// An incoming transfer ended without a payload (cancelled by the sender, refused, timed
     /// out, corrupt).
     ReceiveFailed {
+        /// Server-stamped identity of the sender.
         from: Peer,
+        /// Transfer id.
         id: u128,
+        /// What went wrong.
         error: TransferError,
     },
     /// The receiver confirmed our bundle (COMPLETE with the right hash).
-    Sent { to: Peer, id: u128 },
+    Sent {
+        /// Identity of the receiver.
+        to: Peer,
+        /// Transfer id.
+        id: u128,
+    },
     /// An outgoing transfer ended without confirmation.
     SendFailed {
+        /// Identity of the receiver.
         to: Peer,
+        /// Transfer id.
         id: u128,
+        /// What went wrong.
         error: TransferError,
     },
     /// A packet was dropped without affecting any transfer: undecodable, or about a transfer
     /// this side does not know. For logs and metrics.
     Rejected {
+        /// Server-stamped identity of the packet's sender.
         peer: Peer,
+        /// Transfer id.
         id: Option<u128>,
+        /// What went wrong.
         error: TransferError,
     },
 }
@@ -81,7 +99,12 @@ pub enum Event {
 pub enum Output {
     /// Publish `payload` as one reliable data packet, topic `baton.xfer`, with
     /// `destination_identities = [to]`.
-    Transmit { to: Peer, payload: Vec<u8> },
+    Transmit {
+        /// Identity of the receiver.
+        to: Peer,
+        /// The verified payload.
+        payload: Vec<u8>,
+    },
     /// Tell the application.
     Event(Event),
 }
@@ -152,9 +175,9 @@ impl Receivers {
             Frame::Open { open, .. } => {
                 let reject = |code, reason: String| TransferError::local(code, reason);
                 let per_peer = self.active.keys().filter(|(p, _)| p == from).count();
-                let reserve = open
-                    .wire_size
-                    .saturating_add(if open.deflate { open.payload_size } else { 0 });
+                let reserve =
+                    open.wire_size
+                        .saturating_add(if open.deflate { open.payload_size } else { 0 });
                 let refused = if per_peer >= self.cfg.max_transfers_per_peer {
                     Some(reject(
                         ErrorCode::TooManyTransfers,
@@ -242,7 +265,10 @@ impl Receivers {
 
     /// Earliest timer among incoming transfers.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.active.values().filter_map(|(r, _)| r.poll_timeout()).min()
+        self.active
+            .values()
+            .filter_map(|(r, _)| r.poll_timeout())
+            .min()
     }
 
     /// Advances timers.
@@ -326,10 +352,10 @@ impl Receivers {
     }
 
     fn forget_oldest(&mut self) {
-        if let Some((t, k)) = self.finished_order.pop_front() {
-            if self.finished.get(&k).is_some_and(|(ft, _)| *ft == t) {
-                self.finished.remove(&k);
-            }
+        if let Some((t, k)) = self.finished_order.pop_front()
+            && self.finished.get(&k).is_some_and(|(ft, _)| *ft == t)
+        {
+            self.finished.remove(&k);
         }
     }
 

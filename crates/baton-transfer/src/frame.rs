@@ -47,6 +47,10 @@ pub const OPEN_FLAG_DEFLATE: u8 = 0x01;
 /// ACK flag: this ACK answers a reconnect; every chunk it does not cover is not held by the
 /// receiver and should be sent again now rather than after a timeout.
 pub const ACK_FLAG_RESUME: u8 = 0x01;
+/// ACK flag, only with [`ACK_FLAG_RESUME`]: this report answers the sender's RESUME (rather
+/// than announcing the receiver's own reconnect). Lets the sender ignore the second of two
+/// crossing reports when both sides noticed the same reconnect.
+pub const ACK_FLAG_SOLICITED: u8 = 0x02;
 
 /// Frame kind byte (offset 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,34 +135,69 @@ pub struct Ack {
     pub ranges: Vec<(u32, u32)>,
     /// Set when this ACK answers a reconnect (see [`ACK_FLAG_RESUME`]).
     pub resume: bool,
+    /// Set when the resume report answers a RESUME frame (see [`ACK_FLAG_SOLICITED`]).
+    pub solicited: bool,
 }
 
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// Announces a transfer.
-    Open { id: u128, open: Open },
+    Open {
+        /// Transfer id.
+        id: u128,
+        /// The announced parameters.
+        open: Open,
+    },
     /// One chunk of the wire stream.
-    Data { id: u128, index: u32, bytes: Vec<u8> },
+    Data {
+        /// Transfer id.
+        id: u128,
+        /// Chunk index, from 0.
+        index: u32,
+        /// Chunk bytes.
+        bytes: Vec<u8>,
+    },
     /// Receiver state.
-    Ack { id: u128, ack: Ack },
+    Ack {
+        /// Transfer id.
+        id: u128,
+        /// Acknowledgement state.
+        ack: Ack,
+    },
     /// The receiver verified this SHA-256 and delivered the payload.
-    Complete { id: u128, sha256: [u8; 32] },
+    Complete {
+        /// Transfer id.
+        id: u128,
+        /// SHA-256 of the payload.
+        sha256: [u8; 32],
+    },
     /// The sender abandons the transfer.
     Cancel {
+        /// Transfer id.
         id: u128,
+        /// Error code.
         code: ErrorCode,
+        /// Human-readable detail.
         reason: String,
     },
     /// The receiver refuses or failed the transfer.
     Error {
+        /// Transfer id.
         id: u128,
+        /// Error code.
         code: ErrorCode,
+        /// Human-readable detail.
         reason: String,
     },
     /// After a reconnect, the sender asks for the receiver's state. `sent` is how many chunks
     /// the sender had sent (informational).
-    Resume { id: u128, sent: u32 },
+    Resume {
+        /// Transfer id.
+        id: u128,
+        /// Chunks the sender had sent.
+        sent: u32,
+    },
 }
 
 /// Why bytes are not a valid frame.
@@ -166,7 +205,12 @@ pub enum Frame {
 pub enum DecodeError {
     /// Fewer bytes than the frame kind needs.
     #[error("frame truncated: {len} bytes, need at least {need}")]
-    Truncated { len: usize, need: usize },
+    Truncated {
+        /// Bytes available.
+        len: usize,
+        /// Bytes required.
+        need: usize,
+    },
     /// More than [`MAX_FRAME_SIZE`] bytes.
     #[error("frame too large: {0} bytes (max {MAX_FRAME_SIZE})")]
     TooLarge(usize),
@@ -174,21 +218,30 @@ pub enum DecodeError {
     #[error("not a baton transfer frame (magic 0x{0:02x}, expected 0xba)")]
     BadMagic(u8),
     /// Version byte is not [`VERSION`]: the peer speaks a format this build does not.
-    #[error("unsupported transfer frame version {0} (this build speaks {VERSION}); upgrade the older side")]
+    #[error(
+        "unsupported transfer frame version {0} (this build speaks {VERSION}); upgrade the older side"
+    )]
     UnsupportedVersion(u8),
     /// Kind byte unknown.
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
     /// Flags set that this version does not define.
     #[error("unknown flags 0x{flags:02x} on {kind:?} frame")]
-    BadFlags { kind: Kind, flags: u8 },
+    BadFlags {
+        /// Frame kind.
+        kind: Kind,
+        /// The flags byte.
+        flags: u8,
+    },
     /// Bytes left after the frame's last field.
     #[error("{0} trailing bytes after frame")]
     Trailing(usize),
     /// A field violates the protocol's bounds.
     #[error("invalid field {field}: {why}")]
     Invalid {
+        /// Field name.
         field: &'static str,
+        /// Which bound it breaks.
         why: &'static str,
     },
 }
@@ -280,6 +333,9 @@ fn check_open(o: &Open) -> Result<(), &'static str> {
 }
 
 fn check_ack(a: &Ack) -> Result<(), &'static str> {
+    if a.solicited && !a.resume {
+        return Err("solicited flag without resume flag");
+    }
     if a.ranges.len() > MAX_ACK_RANGES {
         return Err("more than 256 ack ranges");
     }
@@ -360,6 +416,9 @@ impl Frame {
                 if ack.resume {
                     flags |= ACK_FLAG_RESUME;
                 }
+                if ack.solicited {
+                    flags |= ACK_FLAG_SOLICITED;
+                }
                 body.extend_from_slice(&ack.cumulative.to_be_bytes());
                 body.extend_from_slice(&ack.window.to_be_bytes());
                 body.extend_from_slice(&(ack.ranges.len() as u16).to_be_bytes());
@@ -410,10 +469,11 @@ impl Frame {
         let id = u128::from_be_bytes(r.arr()?);
         let allowed = match kind {
             Kind::Open => OPEN_FLAG_DEFLATE,
-            Kind::Ack => ACK_FLAG_RESUME,
+            Kind::Ack => ACK_FLAG_RESUME | ACK_FLAG_SOLICITED,
             _ => 0,
         };
-        if flags & !allowed != 0 {
+        let solicited_alone = kind == Kind::Ack && flags & 0x03 == ACK_FLAG_SOLICITED;
+        if flags & !allowed != 0 || solicited_alone {
             return Err(DecodeError::BadFlags { kind, flags });
         }
         let need = match kind {
@@ -473,6 +533,7 @@ impl Frame {
                     window,
                     ranges,
                     resume: flags & ACK_FLAG_RESUME != 0,
+                    solicited: flags & ACK_FLAG_SOLICITED != 0,
                 };
                 check_ack(&ack).map_err(|why| invalid("ranges", why))?;
                 Frame::Ack { id, ack }
@@ -530,6 +591,7 @@ mod tests {
                     window: 32,
                     ranges: vec![(4, 6), (8, 9)],
                     resume: true,
+                    solicited: true,
                 },
             },
             Frame::Complete {
@@ -619,12 +681,23 @@ mod tests {
             deflate: false,
             meta: String::new(),
         };
-        let f = Frame::Open { id: 1, open: open.clone() };
+        let f = Frame::Open {
+            id: 1,
+            open: open.clone(),
+        };
         assert!(f.encode().is_err());
         open.chunk_size = 256;
-        let mut b = Frame::Open { id: 1, open: open.clone() }.encode().unwrap();
+        let mut b = Frame::Open {
+            id: 1,
+            open: open.clone(),
+        }
+        .encode()
+        .unwrap();
         b[36..40].copy_from_slice(&255u32.to_be_bytes());
-        assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid { .. })));
+        assert!(matches!(
+            Frame::decode(&b),
+            Err(DecodeError::Invalid { .. })
+        ));
         open.wire_size = 11;
         assert!(Frame::Open { id: 1, open }.encode().is_err());
         let bad_ack = Ack {
@@ -632,19 +705,39 @@ mod tests {
             window: 1,
             ranges: vec![(5, 7)],
             resume: false,
+            solicited: false,
         };
-        assert!(Frame::Ack { id: 1, ack: bad_ack }.encode().is_err());
+        assert!(
+            Frame::Ack {
+                id: 1,
+                ack: bad_ack
+            }
+            .encode()
+            .is_err()
+        );
         let adjacent = Ack {
             cumulative: 1,
             window: 1,
             ranges: vec![(3, 5), (5, 7)],
             resume: false,
+            solicited: false,
         };
-        assert!(Frame::Ack { id: 1, ack: adjacent }.encode().is_err());
         assert!(
-            Frame::Data { id: 1, index: 0, bytes: vec![] }
-                .encode()
-                .is_err()
+            Frame::Ack {
+                id: 1,
+                ack: adjacent
+            }
+            .encode()
+            .is_err()
+        );
+        assert!(
+            Frame::Data {
+                id: 1,
+                index: 0,
+                bytes: vec![]
+            }
+            .encode()
+            .is_err()
         );
     }
 }

@@ -42,7 +42,12 @@ impl Default for ReceiverConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiverEvent {
     /// The whole payload, hash verified.
-    Delivered { payload: Vec<u8>, meta: String },
+    Delivered {
+        /// The verified payload.
+        payload: Vec<u8>,
+        /// Metadata from the OPEN.
+        meta: String,
+    },
     /// The transfer is over without a payload.
     Failed(TransferError),
 }
@@ -63,6 +68,7 @@ pub struct Receiver {
     ack_at: Option<Instant>,
     ack_now: bool,
     resume_report: bool,
+    solicited: bool,
     last_heard: Instant,
     finished: bool,
     out: VecDeque<Frame>,
@@ -100,6 +106,7 @@ impl Receiver {
             ack_at: Some(now + cfg.ack_delay),
             ack_now: false,
             resume_report: false,
+            solicited: false,
             last_heard: now,
             finished: false,
             out: VecDeque::new(),
@@ -149,6 +156,7 @@ impl Receiver {
             Frame::Resume { .. } => {
                 self.ack_now = true;
                 self.resume_report = true;
+                self.solicited = true;
             }
             Frame::Cancel { code, reason, .. } => {
                 self.finished = true;
@@ -212,10 +220,9 @@ impl Receiver {
         self.ack_at = None;
         self.unacked = 0;
         let resume = std::mem::take(&mut self.resume_report);
-        Some(Frame::Ack {
-            id: self.id,
-            ack: self.ack_state(resume),
-        })
+        let mut ack = self.ack_state(resume);
+        ack.solicited = resume && std::mem::take(&mut self.solicited);
+        Some(Frame::Ack { id: self.id, ack })
     }
 
     /// The outcome, once.
@@ -243,6 +250,7 @@ impl Receiver {
             window: self.cfg.window,
             ranges,
             resume,
+            solicited: false,
         }
     }
 
@@ -439,7 +447,13 @@ mod tests {
         r.handle_timeout(t);
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.cumulative == 4));
         r.handle_frame(Frame::Resume { id: 9, sent: 6 }, t);
-        assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume));
+        assert!(
+            matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && ack.solicited)
+        );
+        r.peer_reconnected(t);
+        assert!(
+            matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && !ack.solicited)
+        );
     }
 
     #[test]
@@ -458,7 +472,9 @@ mod tests {
                 ..
             })
         ));
-        assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::HashMismatch));
+        assert!(
+            matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::HashMismatch)
+        );
     }
 
     #[test]
@@ -474,7 +490,9 @@ mod tests {
             },
             now,
         );
-        assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation));
+        assert!(
+            matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation)
+        );
         let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
         r.handle_frame(
             Frame::Data {
@@ -484,7 +502,9 @@ mod tests {
             },
             now,
         );
-        assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation));
+        assert!(
+            matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation)
+        );
     }
 
     #[test]
@@ -505,8 +525,14 @@ mod tests {
         enc.write_all(&vec![0u8; 1 << 20]).unwrap();
         let z = enc.finish().unwrap();
         assert_eq!(inflate_bounded(&z, 1000), Err(ErrorCode::TooLarge));
-        assert_eq!(inflate_bounded(&z, 2 << 20), Err(ErrorCode::DecompressionFailed));
-        assert_eq!(inflate_bounded(&[0xff, 0xff], 10), Err(ErrorCode::DecompressionFailed));
+        assert_eq!(
+            inflate_bounded(&z, 2 << 20),
+            Err(ErrorCode::DecompressionFailed)
+        );
+        assert_eq!(
+            inflate_bounded(&[0xff, 0xff], 10),
+            Err(ErrorCode::DecompressionFailed)
+        );
         assert_eq!(inflate_bounded(&z, 1 << 20).map(|v| v.len()), Ok(1 << 20));
     }
 
@@ -520,9 +546,14 @@ mod tests {
         while let Some(next) = r.poll_timeout() {
             t = next;
             r.handle_timeout(t);
-            while r.poll_frame().is_some_and(|f| !matches!(f, Frame::Error { .. })) {}
+            while r
+                .poll_frame()
+                .is_some_and(|f| !matches!(f, Frame::Error { .. }))
+            {}
         }
         assert_eq!(t, now + Duration::from_secs(30));
-        assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::TimedOut));
+        assert!(
+            matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::TimedOut)
+        );
     }
 }

@@ -76,6 +76,9 @@ pub struct Sender {
     open: Open,
     wire: Vec<u8>,
     chunks: Vec<Chunk>,
+    last_tx: Vec<u64>,
+    tx_count: u64,
+    resume_mark: Option<u64>,
     cum_acked: u32,
     next_new: u32,
     lost: BTreeSet<u32>,
@@ -119,13 +122,12 @@ impl Sender {
         let sha256: [u8; 32] = Sha256::digest(payload).into();
         let mut deflate = false;
         let mut wire = payload.to_vec();
-        if cfg.compress {
-            if let Some(z) = deflate_bytes(payload) {
-                if z.len() < payload.len() {
-                    wire = z;
-                    deflate = true;
-                }
-            }
+        if cfg.compress
+            && let Some(z) = deflate_bytes(payload)
+            && z.len() < payload.len()
+        {
+            wire = z;
+            deflate = true;
         }
         let open = Open {
             payload_size: payload.len() as u64,
@@ -137,7 +139,10 @@ impl Sender {
         };
         let count = wire.len().div_ceil(cfg.chunk_size as usize);
         if count > u32::MAX as usize {
-            return Err(TransferError::local(ErrorCode::TooLarge, "payload too large"));
+            return Err(TransferError::local(
+                ErrorCode::TooLarge,
+                "payload too large",
+            ));
         }
         let window = cfg.window.max(1);
         let mut ctrl = VecDeque::new();
@@ -154,6 +159,9 @@ impl Sender {
             open,
             wire,
             chunks: vec![Chunk::Unsent; count],
+            last_tx: vec![0; count],
+            tx_count: 0,
+            resume_mark: None,
             cum_acked: 0,
             next_new: 0,
             lost: BTreeSet::new(),
@@ -238,8 +246,9 @@ impl Sender {
             id: self.id,
             sent: self.next_new,
         });
-        // Nothing new goes out until the receiver's report arrives or the timer fires: the
-        // chunks counted in flight keep the window closed.
+        // The report answering this RESUME describes exactly what was sent before it (the
+        // link is ordered); chunks sent later are left alone.
+        self.resume_mark = Some(self.tx_count);
         self.rto = self.cfg.initial_rto;
         self.rto_at = Some(now + self.rto);
     }
@@ -301,6 +310,7 @@ impl Sender {
                 }
             }
             self.in_flight = 0;
+            self.resume_mark = None;
             if !any && self.lost.is_empty() && self.open_acked {
                 // Everything sent is acknowledged but COMPLETE has not come: ask again.
                 self.ctrl.push_back(Frame::Resume {
@@ -337,6 +347,8 @@ impl Sender {
             return None;
         };
         self.chunks[index as usize] = Chunk::InFlight;
+        self.tx_count += 1;
+        self.last_tx[index as usize] = self.tx_count;
         self.in_flight += 1;
         if self.rto_at.is_none() {
             self.rto_at = Some(self.now + self.rto);
@@ -397,16 +409,33 @@ impl Sender {
         }
         self.peer_window = ack.window.max(1);
         if ack.resume {
-            // The receiver's report after a reconnect is authoritative: what it does not hold
-            // is gone, resend it now.
-            for i in self.cum_acked..self.next_new {
-                if self.chunks[i as usize] == Chunk::InFlight {
-                    self.chunks[i as usize] = Chunk::Lost;
-                    self.lost.insert(i);
+            // A report after a reconnect is authoritative for what was sent before it was
+            // asked for: what the receiver does not hold is gone, resend it now. Which
+            // transmissions it covers depends on who asked.
+            let cutoff = match (ack.solicited, self.resume_mark) {
+                // The answer to our RESUME: covers what we sent before the RESUME.
+                (true, Some(mark)) => {
+                    self.resume_mark = None;
+                    Some(mark)
                 }
+                // A second answer, or the receiver's own report while ours is pending: the
+                // pending answer will be more precise.
+                (true, None) | (false, Some(_)) => None,
+                // The receiver reconnected without us noticing: everything in flight.
+                (false, None) => Some(u64::MAX),
+            };
+            if let Some(cutoff) = cutoff {
+                for i in self.cum_acked..self.next_new {
+                    if self.chunks[i as usize] == Chunk::InFlight
+                        && self.last_tx[i as usize] <= cutoff
+                    {
+                        self.chunks[i as usize] = Chunk::Lost;
+                        self.lost.insert(i);
+                        self.in_flight -= 1;
+                    }
+                }
+                progress = true;
             }
-            self.in_flight = 0;
-            progress = true;
         }
         if progress {
             self.rto = self.cfg.initial_rto;
@@ -419,6 +448,7 @@ impl Sender {
         self.cum_acked = 0;
         self.next_new = 0;
         self.in_flight = 0;
+        self.resume_mark = None;
         self.lost.clear();
         self.chunks.iter_mut().for_each(|c| *c = Chunk::Unsent);
         self.ctrl.clear();
@@ -489,6 +519,7 @@ mod tests {
                 window: 64,
                 ranges,
                 resume,
+                solicited: resume,
             },
         }
     }
@@ -519,7 +550,10 @@ mod tests {
         assert_eq!(drain(&mut s).len(), 7);
         s.peer_reconnected(now);
         let f = drain(&mut s);
-        assert!(matches!(f.as_slice(), [Frame::Open { .. }, Frame::Resume { sent: 6, .. }]));
+        assert!(matches!(
+            f.as_slice(),
+            [Frame::Open { .. }, Frame::Resume { sent: 6, .. }]
+        ));
         s.handle_frame(ack(1, vec![(3, 5)], true), now);
         let idx: Vec<u32> = drain(&mut s)
             .iter()
@@ -575,7 +609,9 @@ mod tests {
                 ..
             }]
         ));
-        assert!(matches!(s.poll_event(), Some(SenderEvent::Failed(e)) if e.code == ErrorCode::HashMismatch));
+        assert!(
+            matches!(s.poll_event(), Some(SenderEvent::Failed(e)) if e.code == ErrorCode::HashMismatch)
+        );
     }
 
     #[test]
@@ -584,7 +620,9 @@ mod tests {
         let mut s = Sender::new(1, &[0u8; 300], "", cfg(4), now).unwrap();
         drain(&mut s);
         s.handle_frame(ack(99, vec![], false), now);
-        assert!(matches!(s.poll_event(), Some(SenderEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation));
+        assert!(
+            matches!(s.poll_event(), Some(SenderEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation)
+        );
     }
 
     #[test]
