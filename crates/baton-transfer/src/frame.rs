@@ -247,6 +247,20 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Stable snake_case name of the failure (used in golden vectors and logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            DecodeError::Truncated { .. } => "truncated",
+            DecodeError::TooLarge(_) => "too_large",
+            DecodeError::BadMagic(_) => "bad_magic",
+            DecodeError::UnsupportedVersion(_) => "unsupported_version",
+            DecodeError::UnknownKind(_) => "unknown_kind",
+            DecodeError::BadFlags { .. } => "bad_flags",
+            DecodeError::Trailing(_) => "trailing",
+            DecodeError::Invalid { .. } => "invalid",
+        }
+    }
+
     /// The error code a peer or the local application sees for this failure.
     pub fn code(&self) -> ErrorCode {
         match self {
