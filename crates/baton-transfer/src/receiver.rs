@@ -543,15 +543,18 @@ mod tests {
         let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
         let _ = r.poll_frame();
         let mut t = now;
+        let mut errors = vec![];
         while let Some(next) = r.poll_timeout() {
             t = next;
             r.handle_timeout(t);
-            while r
-                .poll_frame()
-                .is_some_and(|f| !matches!(f, Frame::Error { .. }))
-            {}
+            while let Some(f) = r.poll_frame() {
+                if let Frame::Error { code, .. } = f {
+                    errors.push(code);
+                }
+            }
         }
         assert_eq!(t, now + Duration::from_secs(30));
+        assert_eq!(errors, vec![ErrorCode::TimedOut], "the sender is told");
         assert!(
             matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::TimedOut)
         );
