@@ -921,8 +921,14 @@ class RoomTransport:
         )
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        # A failed publish is a lost packet: the engine's timers recover it.
-        task.add_done_callback(lambda tk: (self._tasks.discard(tk), tk.exception()))
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # A failed publish is a lost packet: the engine's timers recover it. Retrieve the
+        # exception so asyncio does not log it as unhandled.
+        if not task.cancelled():
+            task.exception()
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
@@ -1014,6 +1020,9 @@ async def receive_bundle(
     room: Any, from_identity: str | None = None, timeout: float | None = None
 ) -> tuple[bytes, str]:
     """Wait for the next verified bundle (optionally from one identity); returns
-    ``(payload, meta)``. Raises ``TimeoutError`` after ``timeout`` seconds."""
+    ``(payload, meta)``. Raises ``TimeoutError`` after ``timeout`` seconds.
+
+    Bundles are only captured once the room's transport exists: call ``transport_for(room)``
+    right after connecting, so a bundle that arrives before this call is not missed."""
     d = await transport_for(room).receive(from_identity, timeout)
     return d.payload, d.meta

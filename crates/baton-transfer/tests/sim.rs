@@ -286,8 +286,8 @@ fn check_common(o: &Outcome, payload: &[u8], meta: &str, deadline: Duration) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
 
-    /// Loss, duplication, reordering and reconnects never lose or corrupt the payload, and
-    /// with loss below 30 % and outages shorter than the deadline the transfer completes.
+    /// Loss, duplication, reordering and reconnects never lose or corrupt the payload; below
+    /// 15 % loss the transfer completes, above it it completes or reports `timed_out`.
     #[test]
     fn lossy_link_with_reconnects_completes_byte_exact(
         payload in payload_strategy(),
@@ -300,7 +300,17 @@ proptest! {
         let o = run(&payload, meta, scfg, rcfg, &link, seed);
         check_common(&o, &payload, meta, deadline);
         let sent = o.sender.iter().any(|(_, e)| matches!(e, Event::Sent { .. }));
-        prop_assert!(sent, "did not complete: {:?} link {:?}", o.sender.last().map(|x| &x.1), link);
+        if link.loss < 0.15 {
+            // Each retransmission round fails with probability 1 - (1 - loss)^2 (chunk or its
+            // confirmation lost); below 15 % loss, ~9 rounds in 60 s make failure < 1e-5.
+            prop_assert!(sent, "did not complete: {:?} link {:?}", o.sender.last().map(|x| &x.1), link);
+        } else if !sent {
+            // At up to 30 % loss an unlucky run (about 0.2 %, measured) may exhaust the
+            // deadline; then it must say so.
+            let timed_out = o.sender.iter().any(|(_, e)| matches!(e,
+                Event::SendFailed { error, .. } if error.code == ErrorCode::TimedOut));
+            prop_assert!(timed_out, "failed without timed_out: {:?}", o.sender.last());
+        }
     }
 
     /// With corruption as well, a payload is never delivered wrong and the sender always gets
