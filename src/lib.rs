@@ -7,7 +7,10 @@
 //! live in their own crates (`crates/`), so the compiler keeps IO out of them.
 
 pub mod audio;
+pub mod config;
 pub mod coordinator;
 pub mod protocol;
 pub mod room;
+pub mod server_api;
 pub mod token;
+pub mod worker;

@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// Join one room and stay until interrupted (Ctrl-C / SIGTERM leaves cleanly).
     Join(JoinArgs),
+    /// Run as a LiveKit agent worker: register under an agent name and join every room that
+    /// dispatches it (RoomAgentDispatch in the room's token, or CreateDispatch), many rooms per
+    /// process. Reads configs/baton.toml (or --config); flags beat environment beat the file.
+    Worker(lk_baton::config::WorkerArgs),
 }
 
 #[derive(Args)]
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Join(args) => join(args).await,
+            Command::Worker(args) => worker(args).await,
         }
     });
     match result {
@@ -172,4 +177,20 @@ async fn wait_for_termination() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+async fn worker(args: lk_baton::config::WorkerArgs) -> anyhow::Result<()> {
+    let loaded = lk_baton::config::load(args.config.as_deref())?;
+    let opts = lk_baton::config::resolve(&args, &loaded)?;
+    if let Some(path) = &loaded.path {
+        tracing::info!(config = %path.display(), agents = opts.policy.agents.len(), "configuration loaded");
+    }
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_termination().await;
+        tracing::info!("termination signal received");
+        let _ = tx.send(true);
+    });
+    lk_baton::worker::run(opts, rx).await?;
+    Ok(())
 }

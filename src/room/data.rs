@@ -73,13 +73,11 @@ impl Reliable {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
         let packet = proto::DataPacket {
-            kind: proto::data_packet::Kind::Reliable as i32,
             destination_identities: destinations.to_vec(),
             sequence: seq,
             value: Some(proto::data_packet::Value::User(proto::UserPacket {
                 payload: payload.to_vec(),
                 topic: Some(topic.to_string()),
-                destination_identities: destinations.to_vec(),
                 ..Default::default()
             })),
             ..Default::default()

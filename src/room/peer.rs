@@ -183,6 +183,9 @@ impl Peer {
         let (offer, pending) = api.apply().ok_or(PeerError::NoPendingOffer)?;
         self.pending = Some(pending);
         self.have_answer = false;
+        // The path counts as down until ICE confirms the restarted one; that confirmation is
+        // what ends the resume.
+        self.connected = false;
         Ok(offer.to_sdp_string())
     }
 

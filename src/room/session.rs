@@ -73,6 +73,13 @@ struct Link {
     track_sid: Option<String>,
 }
 
+/// What the connection should do after a signal message.
+enum Flow {
+    Continue,
+    Removed(String),
+    Reconnect(String),
+}
+
 enum Phase {
     Connected,
     Resuming { deadline: Instant, last_message_seq: u32 },
@@ -164,7 +171,13 @@ impl RoomTask {
                     self.link.peer.handle_datagram(Instant::now(), from, &buf[..n])?;
                 }
                 ev = self.link.events.recv() => match ev {
-                    Some(SignalEvent::Message(m)) => self.on_signal(*m).await,
+                    Some(SignalEvent::Message(m)) => match self.on_signal(*m).await {
+                        Flow::Continue => {}
+                        Flow::Removed(why) => {
+                            return Err(ConnectError::Signal(format!("removed while joining: {why}")));
+                        }
+                        Flow::Reconnect(why) => return Err(ConnectError::Signal(why)),
+                    },
                     Some(SignalEvent::Close(why)) => return Err(ConnectError::Signal(why.into_owned())),
                     None => return Err(ConnectError::Signal("signal connection closed".into())),
                 },
@@ -209,11 +222,11 @@ impl RoomTask {
                     Err(e) => tracing::warn!(error = %e, "udp receive error"),
                 },
                 ev = self.link.events.recv() => match ev {
-                    Some(SignalEvent::Message(m)) => {
-                        if let Some(end) = self.on_signal(*m).await {
-                            return end;
-                        }
-                    }
+                    Some(SignalEvent::Message(m)) => match self.on_signal(*m).await {
+                        Flow::Continue => {}
+                        Flow::Removed(why) => return Ok(RoomEnd::Removed(why)),
+                        Flow::Reconnect(why) => lost = Some(why),
+                    },
                     Some(SignalEvent::Close(why)) => lost = Some(format!("signal closed: {why}")),
                     None => lost = Some("signal connection gone".into()),
                 },
@@ -350,14 +363,17 @@ impl RoomTask {
     }
 
     /// Tells the server (and so every subscriber) the track's mute state.
-    async fn announce_mute(&self) {
+    async fn announce_mute(&mut self) {
+        // `&mut self` rather than `&self`: a shared borrow held across the await would need the
+        // handler to be `Sync`, and the worker moves room tasks between threads.
         if let Some(sid) = self.link.track_sid.clone() {
-            self.link.signal.send(Req::Mute(proto::MuteTrackRequest { sid, muted: self.muted })).await;
+            let muted = self.muted;
+            self.link.signal.send(Req::Mute(proto::MuteTrackRequest { sid, muted })).await;
         }
     }
 
-    /// Handles one signal message. Returns `Some` when the room task must end.
-    async fn on_signal(&mut self, msg: Resp) -> Option<Result<RoomEnd, RoomError>> {
+    /// Handles one signal message and says how the connection should carry on.
+    async fn on_signal(&mut self, msg: Resp) -> Flow {
         match msg {
             Resp::Answer(sd) => {
                 if let Err(e) = self.link.peer.accept_answer(&sd.sdp) {
@@ -409,12 +425,10 @@ impl RoomTask {
                     Action::Disconnect => {
                         self.link.peer.close();
                         self.link.signal.close().await;
-                        return Some(Ok(RoomEnd::Removed(format!("{reason:?}"))));
+                        return Flow::Removed(format!("{reason:?}"));
                     }
                     Action::Resume | Action::Reconnect => {
-                        if let Err(e) = self.recover("server asked to reconnect").await {
-                            return Some(Err(e));
-                        }
+                        return Flow::Reconnect(format!("server asked to reconnect ({reason:?})"));
                     }
                 }
             }
@@ -425,7 +439,7 @@ impl RoomTask {
             }
             _ => {}
         }
-        None
+        Flow::Continue
     }
 
     /// Gets back into the room: resume the session if the server still has it, otherwise join
@@ -450,6 +464,20 @@ impl RoomTask {
             .restart(proto::ReconnectReason::RrSignalDisconnected)
             .await
             .map_err(|e| e.to_string())?;
+        // The old transport's task reports its end ("stream closed") into the same event queue
+        // once it is gone; restart() has awaited that task, so such a report is already queued
+        // and is stale now. Keep the messages, drop the stale closes.
+        let mut stale_messages = Vec::new();
+        while let Ok(ev) = self.link.events.try_recv() {
+            if let SignalEvent::Message(m) = ev {
+                stale_messages.push(*m);
+            }
+        }
+        for m in stale_messages {
+            if let Flow::Removed(why) | Flow::Reconnect(why) = self.on_signal(m).await {
+                return Err(why);
+            }
+        }
         // The ICE restart needs both sides fresh; the server restarts its own side on resume.
         let offer = self.link.peer.ice_restart().map_err(|e| e.to_string())?;
         self.link
@@ -584,7 +612,6 @@ async fn connect(
             source: proto::TrackSource::Microphone as i32,
             muted,
             disable_red: true,
-            disable_dtx: true,
             audio_features: vec![proto::AudioTrackFeature::TfNoDtx as i32],
             ..Default::default()
         }))
