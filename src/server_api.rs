@@ -1,0 +1,245 @@
+//! The LiveKit server APIs baton calls (Twirp over HTTP, through `livekit-api`): muting an
+//! agent's track and dispatching agents. Thin on purpose: the floor arbiter decides, this module
+//! only executes, and turns failures into errors that say what to do next.
+
+use livekit_api::services::agent_dispatch::AgentDispatchClient;
+use livekit_api::services::room::RoomClient;
+use livekit_api::services::{ServerError, ServiceError};
+use livekit_protocol as proto;
+
+/// Why a server API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid server URL `{url}`: {reason}; use ws://, wss://, http:// or https://")]
+    InvalidUrl { url: String, reason: String },
+    #[error(
+        "could not reach the LiveKit server API at {url} ({reason}); check the URL and that the server is up"
+    )]
+    Unreachable { url: String, reason: String },
+    #[error(
+        "the LiveKit server refused {op} ({detail}); check LIVEKIT_API_KEY and LIVEKIT_API_SECRET"
+    )]
+    Unauthorized { op: &'static str, detail: String },
+    #[error("{op}: not found ({detail}); the room or dispatch may already be gone")]
+    NotFound { op: &'static str, detail: String },
+    #[error("{op} was rejected: {detail}{hint}")]
+    Rejected {
+        op: &'static str,
+        detail: String,
+        hint: &'static str,
+    },
+    #[error("{op} failed: {detail}")]
+    Other { op: &'static str, detail: String },
+}
+
+impl ApiError {
+    /// Worth retrying later (the server was unreachable or had a transient problem).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApiError::Unreachable { .. } | ApiError::Other { .. })
+    }
+}
+
+/// The HTTP base URL for the server APIs, from a ws(s) or http(s) URL.
+pub fn http_url(url: &str) -> Result<String, ApiError> {
+    let bad = |reason: &str| ApiError::InvalidUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => "http",
+        "wss" | "https" => "https",
+        _ => return Err(bad("unsupported scheme")),
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok(format!("{scheme}://{rest}"))
+}
+
+/// Clients for one LiveKit server, signing each request with the API key and secret.
+#[derive(Debug)]
+pub struct ServerApi {
+    url: String,
+    rooms: RoomClient,
+    dispatch: AgentDispatchClient,
+}
+
+impl ServerApi {
+    pub fn new(url: &str, api_key: &str, api_secret: &str) -> Result<Self, ApiError> {
+        let url = http_url(url)?;
+        Ok(ServerApi {
+            rooms: RoomClient::with_api_key(&url, api_key, api_secret),
+            dispatch: AgentDispatchClient::with_api_key(&url, api_key, api_secret),
+            url,
+        })
+    }
+
+    /// The HTTP URL the calls go to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Mutes or unmutes a participant's published track server-side.
+    pub async fn mute_published_track(
+        &self,
+        room: &str,
+        identity: &str,
+        track_sid: &str,
+        muted: bool,
+    ) -> Result<proto::TrackInfo, ApiError> {
+        const OP: &str = "MutePublishedTrack";
+        self.rooms
+            .mute_published_track(room, identity, track_sid, muted)
+            .await
+            .map_err(|e| self.classify(OP, e))
+    }
+
+    /// Dispatches `agent_name` into `room`. The server creates the room if needed, and drops
+    /// the dispatch silently when no worker with that name is registered: the caller must watch
+    /// for the agent to join.
+    pub async fn create_dispatch(
+        &self,
+        room: &str,
+        agent_name: &str,
+        metadata: &str,
+    ) -> Result<proto::AgentDispatch, ApiError> {
+        const OP: &str = "CreateDispatch";
+        let req = proto::CreateAgentDispatchRequest {
+            agent_name: agent_name.to_string(),
+            room: room.to_string(),
+            metadata: metadata.to_string(),
+            ..Default::default()
+        };
+        self.dispatch
+            .create_dispatch(req)
+            .await
+            .map_err(|e| self.classify(OP, e))
+    }
+
+    /// Deletes a dispatch; the server terminates its jobs (the agent is asked to leave).
+    pub async fn delete_dispatch(
+        &self,
+        room: &str,
+        dispatch_id: &str,
+    ) -> Result<proto::AgentDispatch, ApiError> {
+        const OP: &str = "DeleteDispatch";
+        self.dispatch
+            .delete_dispatch(dispatch_id, room)
+            .await
+            .map_err(|e| self.classify(OP, e))
+    }
+
+    /// The dispatches of a room (including those from its token's RoomConfiguration).
+    pub async fn list_dispatch(&self, room: &str) -> Result<Vec<proto::AgentDispatch>, ApiError> {
+        const OP: &str = "ListDispatch";
+        self.dispatch
+            .list_dispatch(room)
+            .await
+            .map_err(|e| self.classify(OP, e))
+    }
+
+    /// The participants of a room.
+    pub async fn list_participants(
+        &self,
+        room: &str,
+    ) -> Result<Vec<proto::ParticipantInfo>, ApiError> {
+        const OP: &str = "ListParticipants";
+        self.rooms
+            .list_participants(room)
+            .await
+            .map_err(|e| self.classify(OP, e))
+    }
+
+    fn classify(&self, op: &'static str, e: ServiceError) -> ApiError {
+        match e {
+            ServiceError::Env(e) => ApiError::Other {
+                op,
+                detail: e.to_string(),
+            },
+            ServiceError::AccessToken(e) => ApiError::Unauthorized {
+                op,
+                detail: format!("could not sign: {e}"),
+            },
+            ServiceError::Twirp(ServerError::Request(e)) => {
+                if e.is_connect() || e.is_timeout() {
+                    ApiError::Unreachable {
+                        url: self.url.clone(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    ApiError::Other {
+                        op,
+                        detail: e.to_string(),
+                    }
+                }
+            }
+            ServiceError::Twirp(ServerError::Twirp(code)) => {
+                let detail = code.to_string();
+                match code.code.as_str() {
+                    "unauthenticated" | "permission_denied" => {
+                        ApiError::Unauthorized { op, detail }
+                    }
+                    "not_found" => ApiError::NotFound { op, detail },
+                    "invalid_argument"
+                    | "failed_precondition"
+                    | "malformed"
+                    | "out_of_range"
+                    | "resource_exhausted"
+                    | "already_exists" => {
+                        let hint = if op == "MutePublishedTrack" && code.msg.contains("unmute") {
+                            "; remote unmute needs `room.enable_remote_unmute: true` in the server config"
+                        } else {
+                            ""
+                        };
+                        ApiError::Rejected { op, detail, hint }
+                    }
+                    _ => ApiError::Other { op, detail },
+                }
+            }
+            ServiceError::Twirp(e) => ApiError::Other {
+                op,
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_url_converts_ws_schemes() {
+        assert_eq!(
+            http_url("ws://127.0.0.1:7880").ok().as_deref(),
+            Some("http://127.0.0.1:7880")
+        );
+        assert_eq!(
+            http_url("wss://lk.example.com/").ok().as_deref(),
+            Some("https://lk.example.com")
+        );
+        assert_eq!(http_url("https://x").ok().as_deref(), Some("https://x"));
+        assert!(http_url("x").is_err());
+        assert!(http_url("udp://x").is_err());
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_says_so() {
+        // Port 9 (discard) on loopback is closed on any sane test machine.
+        let api = ServerApi::new(
+            "ws://127.0.0.1:9",
+            "k",
+            "secret-secret-secret-secret-secret",
+        )
+        .expect("url");
+        let err = api
+            .list_dispatch("r")
+            .await
+            .expect_err("nothing listens there");
+        assert!(matches!(err, ApiError::Unreachable { .. }), "{err}");
+        assert!(err.is_transient());
+        assert!(err.to_string().contains("check the URL"));
+    }
+}

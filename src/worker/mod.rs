@@ -1,0 +1,542 @@
+//! `baton worker`: a LiveKit agent worker. It registers on the server's `/agent` websocket, is
+//! dispatched into rooms (RoomAgentDispatch in a token, or AgentDispatchService), and holds each
+//! room in its own task running [`crate::room::run`].
+//!
+//! The protocol lives in [`state`] (sans-IO); this module is the IO shell around it: the
+//! websocket, the timers, the room tasks, and reconnecting with backoff when the websocket
+//! drops. Rooms already running are not touched by a reconnect: they have their own
+//! connections, and the worker websocket only carries new work and status.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use livekit_api::access_token::{AccessToken, VideoGrants};
+use prost::Message as _;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::audio::encoded_loop::EncodedLoop;
+use crate::coordinator::Coordinator;
+use crate::room::{
+    self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TokenSource,
+};
+pub use state::{Action, Backoff, JobStart, StateConfig, WorkerState};
+
+/// The `/agent` websocket protocol version this worker speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Everything `baton worker` needs, resolved from flags, environment and `configs/baton.toml`
+/// (see [`crate::config`]).
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// LiveKit server URL (`ws(s)://` or `http(s)://`).
+    pub url: String,
+    pub api_key: String,
+    pub api_secret: String,
+    /// Registration, capacity and protocol timers.
+    pub protocol: StateConfig,
+    /// How long a room task keeps trying to get back into its room after losing it.
+    pub rejoin_timeout: Duration,
+    /// Comfort-noise level of the filler track, dBFS.
+    pub noise_dbfs: f64,
+    /// First wait before reconnecting the worker websocket.
+    pub reconnect_initial: Duration,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max: Duration,
+    /// How long a clean exit waits for the rooms to be left.
+    pub drain_timeout: Duration,
+    /// The floor arbiter's policy for every room (agents, starting agent, timeouts).
+    pub policy: baton_floor::Policy,
+}
+
+/// Why the worker could not run at all. Trouble after the first registration is never fatal:
+/// the worker reconnects.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid server URL `{0}`: {1}; use ws://, wss://, http:// or https://")]
+    Url(String, String),
+    #[error(
+        "the LiveKit server at {url} refused the worker's credentials (HTTP {status}); check \
+         LIVEKIT_API_KEY and LIVEKIT_API_SECRET (--api-key/--api-secret)"
+    )]
+    Unauthorized { url: String, status: u16 },
+    #[error("could not sign the worker token: {0}")]
+    Token(String),
+    #[error("could not prepare the comfort-noise filler: {0}")]
+    Filler(String),
+}
+
+/// The per-room logic the worker runs in every room it is dispatched to.
+///
+/// Kept in one place on purpose: this is where the floor arbiter will be built per room.
+pub fn room_handler(_job: &JobStart, _opts: &WorkerOptions) -> Box<dyn RoomHandler> {
+    Box::new(Coordinator { echo: false })
+}
+
+/// The `/agent` websocket URL for a server URL: http(s) becomes ws(s), and the protocol version
+/// is passed as the server expects it.
+pub fn agent_url(url: &str) -> Result<String, WorkerError> {
+    let bad = |why: &str| WorkerError::Url(url.to_string(), why.to_string());
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        _ => return Err(bad("unsupported scheme")),
+    };
+    if rest.contains(['?', '#']) {
+        return Err(bad("a query or fragment is not allowed"));
+    }
+    let base = rest.trim_end_matches('/');
+    if base.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok(format!(
+        "{scheme}://{base}/agent?protocol={PROTOCOL_VERSION}"
+    ))
+}
+
+/// The token for the `/agent` websocket: only the `agent` grant, which is what the server checks.
+pub fn worker_token(api_key: &str, api_secret: &str) -> Result<String, WorkerError> {
+    AccessToken::with_api_key(api_key, api_secret)
+        .with_ttl(Duration::from_secs(600))
+        .with_grants(VideoGrants {
+            agent: true,
+            ..Default::default()
+        })
+        .to_jwt()
+        .map_err(|e| WorkerError::Token(e.to_string()))
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+enum ConnectFailure {
+    Unauthorized(u16),
+    Other(String),
+}
+
+async fn connect(url: &str, jwt: &str) -> Result<Ws, ConnectFailure> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| ConnectFailure::Other(e.to_string()))?;
+    let auth = format!("Bearer {jwt}")
+        .parse()
+        .map_err(|_| ConnectFailure::Other("the token is not a valid header value".into()))?;
+    req.headers_mut().insert("Authorization", auth);
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    {
+        Err(_) => Err(ConnectFailure::Other(
+            "no websocket handshake within 10s".into(),
+        )),
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(tungstenite::Error::Http(resp))) if matches!(resp.status().as_u16(), 401 | 403) => {
+            Err(ConnectFailure::Unauthorized(resp.status().as_u16()))
+        }
+        Ok(Err(tungstenite::Error::Http(resp))) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            Err(ConnectFailure::Other(format!(
+                "HTTP {}: {}",
+                resp.status(),
+                body.trim()
+            )))
+        }
+        Ok(Err(e)) => Err(ConnectFailure::Other(e.to_string())),
+    }
+}
+
+/// What room tasks report to the worker.
+enum RoomEvent {
+    Joined {
+        job_id: String,
+    },
+    Ended {
+        job_id: String,
+        result: Result<RoomEnd, String>,
+    },
+}
+
+/// Wraps the room's logic to tell the worker when baton is first in the room, which is when
+/// the job counts as running.
+struct JoinReporter {
+    inner: Box<dyn RoomHandler>,
+    job_id: String,
+    events: Option<mpsc::UnboundedSender<RoomEvent>>,
+}
+
+impl RoomHandler for JoinReporter {
+    fn on_data(&mut self, msg: &Incoming, out: &mut Outbox) {
+        self.inner.on_data(msg, out);
+    }
+    fn on_change(&mut self, change: &Change, roster: &Roster, out: &mut Outbox) {
+        self.inner.on_change(change, roster, out);
+    }
+    fn on_connected(&mut self, out: &mut Outbox) {
+        if let Some(events) = self.events.take() {
+            let _ = events.send(RoomEvent::Joined {
+                job_id: self.job_id.clone(),
+            });
+        }
+        self.inner.on_connected(out);
+    }
+}
+
+struct Worker {
+    opts: WorkerOptions,
+    state: WorkerState,
+    filler: Arc<EncodedLoop>,
+    /// Shutdown switch of each running room task, by job id.
+    rooms: HashMap<String, watch::Sender<bool>>,
+    /// When each job was assigned, for the dispatch-to-joined latency.
+    assigned_at: HashMap<String, Instant>,
+    events_tx: mpsc::UnboundedSender<RoomEvent>,
+    events: mpsc::UnboundedReceiver<RoomEvent>,
+    shutdown: watch::Receiver<bool>,
+    draining: bool,
+}
+
+/// Why the connected loop ended.
+enum Disconnect {
+    Lost(String),
+    Done,
+}
+
+/// Runs the worker until `shutdown` turns true and every room has been left (or the drain
+/// timeout passed). Returns an error only for problems that retrying cannot fix: a bad URL or
+/// credentials the server rejects before the first registration.
+pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+    // A room task's future is not `Send` (it holds its handler across awaits), so the rooms run
+    // on a local task set; they are idle almost all the time, one thread carries many.
+    tokio::task::LocalSet::new()
+        .run_until(run_local(opts, shutdown))
+        .await
+}
+
+async fn run_local(
+    opts: WorkerOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    let agent_url = agent_url(&opts.url)?;
+    let filler = Arc::new(
+        EncodedLoop::comfort_noise(3.0, opts.noise_dbfs)
+            .map_err(|e| WorkerError::Filler(e.to_string()))?,
+    );
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let mut w = Worker {
+        state: WorkerState::new(opts.protocol.clone()),
+        opts,
+        filler,
+        rooms: HashMap::new(),
+        assigned_at: HashMap::new(),
+        events_tx,
+        events,
+        shutdown,
+        draining: false,
+    };
+    let mut backoff = Backoff::new(w.opts.reconnect_initial, w.opts.reconnect_max);
+    let mut ever_registered = false;
+    let mut drain_deadline: Option<Instant> = None;
+    tracing::info!(
+        url = %agent_url,
+        agent_name = %w.opts.protocol.agent_name,
+        max_rooms = w.opts.protocol.max_rooms,
+        "starting worker"
+    );
+    loop {
+        if w.draining {
+            drain_deadline.get_or_insert_with(|| Instant::now() + w.opts.drain_timeout);
+        }
+        if w.state.drained() || drain_deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let jwt = worker_token(&w.opts.api_key, &w.opts.api_secret)?;
+        let attempt = connect(&agent_url, &jwt);
+        tokio::pin!(attempt);
+        let connected = loop {
+            tokio::select! {
+                r = &mut attempt => break Some(r),
+                Some(ev) = w.events.recv() => w.on_room_event(ev, None).await,
+                _ = w.shutdown.changed(), if !w.draining => { w.start_drain(None).await; }
+            }
+            if w.state.drained() {
+                break None;
+            }
+        };
+        let Some(connected) = connected else { break };
+        let reason = match connected {
+            Ok(ws) => match w.connected(ws, &mut backoff, &mut ever_registered).await {
+                Disconnect::Done => break,
+                Disconnect::Lost(reason) => reason,
+            },
+            Err(ConnectFailure::Unauthorized(status)) if !ever_registered => {
+                return Err(WorkerError::Unauthorized {
+                    url: w.opts.url.clone(),
+                    status,
+                });
+            }
+            Err(ConnectFailure::Unauthorized(status)) => {
+                format!("credentials refused (HTTP {status})")
+            }
+            Err(ConnectFailure::Other(e)) => e,
+        };
+        w.state.on_disconnected();
+        if w.draining {
+            // No point in registering again only to say goodbye; wait for the rooms to leave.
+            w.pump_until(drain_deadline.unwrap_or_else(Instant::now))
+                .await;
+            break;
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        tracing::warn!(
+            %reason,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            rooms = w.state.job_count(),
+            "worker connection to the LiveKit server lost or refused; rooms keep running, registering again"
+        );
+        w.pump_until(Instant::now() + delay).await;
+    }
+    for (job_id, stop) in &w.rooms {
+        tracing::warn!(%job_id, "room still running at exit; abandoning it");
+        let _ = stop.send(true);
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+impl Worker {
+    /// Runs one websocket connection: register, then serve until it is lost or the worker is done.
+    async fn connected(
+        &mut self,
+        ws: Ws,
+        backoff: &mut Backoff,
+        ever_registered: &mut bool,
+    ) -> Disconnect {
+        let (mut sink, mut stream): (SplitSink<Ws, Message>, SplitStream<Ws>) = ws.split();
+        let actions = self.state.on_connected(Instant::now().into_std());
+        if let Err(reason) = self.apply(actions, Some(&mut sink)).await {
+            return Disconnect::Lost(reason);
+        }
+        loop {
+            let was_registered = self.state.worker_id().is_some();
+            let wake = self.state.poll_timeout().map(Instant::from_std);
+            let step: Result<(), String> = tokio::select! {
+                frame = stream.next() => match frame {
+                    Some(Ok(Message::Binary(bytes))) => match livekit_protocol::ServerMessage::decode(bytes) {
+                        Ok(m) => {
+                            let actions = self.state.on_server_message(m, Instant::now().into_std());
+                            self.apply(actions, Some(&mut sink)).await
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable message from the server; ignored");
+                            Ok(())
+                        }
+                    },
+                    Some(Ok(Message::Close(frame))) => Err(format!("server closed the websocket: {frame:?}")),
+                    Some(Ok(_)) => Ok(()),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("websocket ended".into()),
+                },
+                Some(ev) = self.events.recv() => { self.on_room_event(ev, Some(&mut sink)).await; Ok(()) }
+                _ = sleep_until_opt(wake) => {
+                    let actions = self.state.on_tick(Instant::now().into_std());
+                    self.apply(actions, Some(&mut sink)).await
+                }
+                _ = self.shutdown.changed(), if !self.draining => { self.start_drain(Some(&mut sink)).await; Ok(()) }
+            };
+            if let Err(reason) = step {
+                return Disconnect::Lost(reason);
+            }
+            if !was_registered && let Some(id) = self.state.worker_id() {
+                tracing::info!(
+                    worker_id = %id,
+                    agent_name = %self.opts.protocol.agent_name,
+                    rooms = self.state.job_count(),
+                    "worker registered"
+                );
+                *ever_registered = true;
+                backoff.reset();
+            }
+            if self.state.drained() {
+                let _ = sink.send(Message::Close(None)).await;
+                return Disconnect::Done;
+            }
+        }
+    }
+
+    /// Executes the state machine's actions. An error means the connection must be replaced.
+    async fn apply(
+        &mut self,
+        actions: Vec<Action>,
+        mut sink: Option<&mut SplitSink<Ws, Message>>,
+    ) -> Result<(), String> {
+        for action in actions {
+            match action {
+                Action::Send(m) => {
+                    if let Some(sink) = sink.as_deref_mut() {
+                        sink.send(Message::Binary(m.encode_to_vec().into()))
+                            .await
+                            .map_err(|e| format!("could not send to the server: {e}"))?;
+                    }
+                }
+                Action::SpawnRoom(job) => self.spawn_room(job),
+                Action::StopRoom { job_id } => {
+                    tracing::info!(%job_id, room = self.state.room_of(&job_id).unwrap_or(""), "leaving the room");
+                    if let Some(stop) = self.rooms.get(&job_id) {
+                        let _ = stop.send(true);
+                    }
+                }
+                Action::Reconnect { reason } => return Err(reason),
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_room(&mut self, job: JobStart) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let params = RoomParams {
+            url: job.url.clone().unwrap_or_else(|| self.opts.url.clone()),
+            token: TokenSource::Fixed(job.token.clone()),
+            start_unmuted: false,
+            filler: self.filler.clone(),
+            rejoin_deadline: self.opts.rejoin_timeout,
+            drop_signal: Arc::new(tokio::sync::Notify::new()),
+        };
+        let handler = Box::new(JoinReporter {
+            inner: room_handler(&job, &self.opts),
+            job_id: job.job_id.clone(),
+            events: Some(self.events_tx.clone()),
+        });
+        tracing::info!(job_id = %job.job_id, room = %job.room, dispatch_id = %job.dispatch_id, "job assigned; joining");
+        let events = self.events_tx.clone();
+        let job_id = job.job_id.clone();
+        tokio::task::spawn_local(async move {
+            let result = room::run(params, handler, stop_rx)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = events.send(RoomEvent::Ended { job_id, result });
+        });
+        self.assigned_at.insert(job.job_id.clone(), Instant::now());
+        self.rooms.insert(job.job_id, stop_tx);
+    }
+
+    async fn on_room_event(&mut self, ev: RoomEvent, sink: Option<&mut SplitSink<Ws, Message>>) {
+        let actions = match ev {
+            RoomEvent::Joined { job_id } => {
+                let ms = self
+                    .assigned_at
+                    .get(&job_id)
+                    .map(|t| t.elapsed().as_millis())
+                    .unwrap_or(0);
+                tracing::info!(%job_id, room = self.state.room_of(&job_id).unwrap_or(""), assigned_to_joined_ms = ms as u64, "joined the room");
+                self.state.on_room_joined(&job_id)
+            }
+            RoomEvent::Ended { job_id, result } => {
+                self.rooms.remove(&job_id);
+                self.assigned_at.remove(&job_id);
+                let room = self.state.room_of(&job_id).unwrap_or("").to_string();
+                let error = match &result {
+                    Ok(RoomEnd::Left) => {
+                        tracing::info!(%job_id, %room, "job ended: left the room");
+                        None
+                    }
+                    Ok(RoomEnd::Removed(why)) => {
+                        tracing::info!(%job_id, %room, reason = %why, "job ended: removed from the room");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(%job_id, %room, error = %e, "job failed");
+                        Some(e.as_str())
+                    }
+                };
+                let actions = self.state.on_room_ended(&job_id, error);
+                tracing::debug!(rooms = self.state.job_count(), "room freed");
+                actions
+            }
+        };
+        // A send failure here surfaces as a read error on the next loop turn.
+        let _ = self.apply(actions, sink).await;
+    }
+
+    async fn start_drain(&mut self, sink: Option<&mut SplitSink<Ws, Message>>) {
+        tracing::info!(
+            rooms = self.state.job_count(),
+            "shutting down: leaving every room"
+        );
+        self.draining = true;
+        let actions = self.state.drain();
+        let _ = self.apply(actions, sink).await;
+    }
+
+    /// Waits until `until` while still serving room events (and shutdown) with no connection.
+    async fn pump_until(&mut self, until: Instant) {
+        let sleep = tokio::time::sleep_until(until);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return,
+                Some(ev) = self.events.recv() => self.on_room_event(ev, None).await,
+                _ = self.shutdown.changed(), if !self.draining => self.start_drain(None).await,
+            }
+            if self.state.drained() {
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_url_converts_schemes_and_adds_protocol() {
+        assert_eq!(
+            agent_url("ws://127.0.0.1:7880").ok().as_deref(),
+            Some("ws://127.0.0.1:7880/agent?protocol=1")
+        );
+        assert_eq!(
+            agent_url("https://lk.example.com/").ok().as_deref(),
+            Some("wss://lk.example.com/agent?protocol=1")
+        );
+        assert_eq!(
+            agent_url("HTTP://h:1").ok().as_deref(),
+            Some("ws://h:1/agent?protocol=1")
+        );
+        assert!(agent_url("ftp://h").is_err());
+        assert!(agent_url("127.0.0.1:7880").is_err());
+        assert!(agent_url("ws://h/?x=1").is_err());
+    }
+
+    #[test]
+    fn worker_token_has_the_agent_grant() {
+        let secret = "secret-secret-secret-secret-secret";
+        let jwt = worker_token("key", secret).expect("sign");
+        let claims = livekit_api::access_token::TokenVerifier::with_api_key("key", secret)
+            .verify(&jwt)
+            .expect("verify");
+        assert!(claims.video.agent);
+        assert!(!claims.video.room_join);
+    }
+}
