@@ -395,7 +395,7 @@ impl Worker {
                 }
                 Action::SpawnRoom(job) => self.spawn_room(job),
                 Action::StopRoom { job_id } => {
-                    tracing::info!(%job_id, room = self.state.room_of(&job_id).unwrap_or(""), "leaving the room");
+                    tracing::info!(%job_id, room = %self.state.room_of(&job_id).unwrap_or(""), "leaving the room");
                     if let Some(stop) = self.rooms.get(&job_id) {
                         let _ = stop.send(true);
                     }
@@ -442,7 +442,7 @@ impl Worker {
                     .get(&job_id)
                     .map(|t| t.elapsed().as_millis())
                     .unwrap_or(0);
-                tracing::info!(%job_id, room = self.state.room_of(&job_id).unwrap_or(""), assigned_to_joined_ms = ms as u64, "joined the room");
+                tracing::info!(%job_id, room = %self.state.room_of(&job_id).unwrap_or(""), assigned_to_joined_ms = ms as u64, "joined the room");
                 self.state.on_room_joined(&job_id)
             }
             RoomEvent::Ended { job_id, result } => {

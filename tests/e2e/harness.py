@@ -208,3 +208,28 @@ def livekit_server() -> object:
         yield srv
     finally:
         srv.stop()
+
+
+def baton_worker(server: LiveKitServer, *extra: str, env: dict[str, str] | None = None) -> Baton:
+    """`baton worker` registered on `server` with the dev credentials (extra flags appended)."""
+    return Baton(
+        ["worker", *extra],
+        env={
+            "LIVEKIT_URL": server.url,
+            "LIVEKIT_API_KEY": API_KEY,
+            "LIVEKIT_API_SECRET": API_SECRET,
+            **(env or {}),
+        },
+    )
+
+
+def dispatch_token(identity: str, room: str, agents: list[str]) -> str:
+    """A caller token whose RoomConfiguration dispatches `agents` when this join creates the room."""
+    return (
+        api.AccessToken(API_KEY, API_SECRET)
+        .with_identity(identity)
+        .with_name(identity)
+        .with_grants(api.VideoGrants(room_join=True, room=room, can_publish=True, can_subscribe=True))
+        .with_room_config(api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=a) for a in agents]))
+        .to_jwt()
+    )
