@@ -28,6 +28,16 @@ pub enum ApiError {
         detail: String,
         hint: &'static str,
     },
+    #[error(
+        "{op}: the server had no answer from the room ({detail}); the participant may have left or \
+         the room may be closing: re-check the room before retrying"
+    )]
+    Unavailable { op: &'static str, detail: String },
+    #[error(
+        "{op}: the server's reply was not a LiveKit API answer ({detail}); a wrong API key or secret \
+         (HTTP 401) looks like this: check LIVEKIT_API_KEY and LIVEKIT_API_SECRET, or a proxy in between"
+    )]
+    Unreadable { op: &'static str, detail: String },
     #[error("{op} failed: {detail}")]
     Other { op: &'static str, detail: String },
 }
@@ -35,7 +45,10 @@ pub enum ApiError {
 impl ApiError {
     /// Worth retrying later (the server was unreachable or had a transient problem).
     pub fn is_transient(&self) -> bool {
-        matches!(self, ApiError::Unreachable { .. } | ApiError::Other { .. })
+        matches!(
+            self,
+            ApiError::Unreachable { .. } | ApiError::Unavailable { .. } | ApiError::Other { .. }
+        )
     }
 }
 
@@ -163,7 +176,14 @@ impl ServerApi {
                 detail: format!("could not sign: {e}"),
             },
             ServiceError::Twirp(ServerError::Request(e)) => {
-                if e.is_connect() || e.is_timeout() {
+                // The server answers a bad token with a plain-text 401 that the Twirp client
+                // cannot decode, so the status is lost by the time it reaches us.
+                if e.is_decode() {
+                    ApiError::Unreadable {
+                        op,
+                        detail: e.to_string(),
+                    }
+                } else if e.is_connect() || e.is_timeout() {
                     ApiError::Unreachable {
                         url: self.url.clone(),
                         reason: e.to_string(),
@@ -182,6 +202,7 @@ impl ServerApi {
                         ApiError::Unauthorized { op, detail }
                     }
                     "not_found" => ApiError::NotFound { op, detail },
+                    "unavailable" => ApiError::Unavailable { op, detail },
                     "invalid_argument"
                     | "failed_precondition"
                     | "malformed"

@@ -62,6 +62,9 @@ pub struct JobStart {
 }
 
 /// What the IO shell must do.
+// Actions live for one event's handling and come a few at a time; boxing the message would
+// only add an allocation per send.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Send this message on the websocket.
