@@ -233,3 +233,15 @@ def dispatch_token(identity: str, room: str, agents: list[str]) -> str:
         .with_room_config(api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=a) for a in agents]))
         .to_jwt()
     )
+
+
+class Process(Baton):
+    """Any already-started process whose stdout is collected like baton's (e.g. an agent worker)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.started = time.monotonic()
+        self.proc = proc
+        self.lines = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()

@@ -4,7 +4,9 @@ process, re-registration after the server dies, and the errors an operator sees 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +18,7 @@ from harness import (
     ROOT,
     Baton,
     LiveKitServer,
+    Process,
     baton_worker,
     dispatch_token,
     run,
@@ -261,3 +264,52 @@ def test_invalid_config_is_rejected_with_file_and_line(tmp_path: Path, server: L
     assert res.returncode == 1
     assert f"baton: error: {bad}:5:1:" in res.stderr, res.stderr
     assert "join_timout" in res.stderr
+
+
+def test_triage_stand_in_worker_joins_when_dispatched_and_answers_text(server: LiveKitServer) -> None:
+    """The livekit-agents `triage` worker the handoff tests will use: dispatched, joins, answers."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "e2e" / "agents" / "triage_worker.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET},
+        start_new_session=True,
+    )
+    triage = Process(proc)
+    room = room_name("tri")
+    try:
+        triage.wait_for(r"triage: registered", 60)
+
+        async def scenario() -> str:
+            caller = rtc.Room()
+            replies: asyncio.Queue[str] = asyncio.Queue()
+            readers: set[asyncio.Task[None]] = set()
+
+            def on_stream(reader: rtc.TextStreamReader, _who: str) -> None:
+                async def read() -> None:
+                    replies.put_nowait(await reader.read_all())
+
+                task = asyncio.ensure_future(read())
+                readers.add(task)
+                task.add_done_callback(readers.discard)
+
+            caller.register_text_stream_handler("lk.transcription", on_stream)
+            await caller.connect(server.url, dispatch_token("caller", room, ["triage"]))
+            try:
+                await asyncio.to_thread(triage.wait_for, rf"triage: joined room={room}", 30)
+                async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+                    res = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+                    agents = [p for p in res.participants if p.attributes.get("lk.agent_name") == "triage"]
+                    assert len(agents) == 1, res.participants
+                    await caller.local_participant.send_text("I have a billing question", topic="lk.chat")
+                    reply = await asyncio.wait_for(replies.get(), 15)
+                    await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+                return reply
+            finally:
+                await caller.disconnect()
+
+        reply = run(scenario(), timeout=90)
+        assert "this is triage" in reply
+        triage.wait_for(rf"triage: left room={room}", 15)
+    finally:
+        assert triage.stop() == 0, triage.text()
