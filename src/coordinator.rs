@@ -2,6 +2,8 @@
 //! No IO here; replies go into the [`Outbox`].
 
 use crate::protocol::{self, control};
+use std::time::Instant;
+
 use crate::room::{Incoming, Outbox, RoomHandler};
 
 /// The per-room coordinator.
@@ -12,7 +14,7 @@ pub struct Coordinator {
 }
 
 impl RoomHandler for Coordinator {
-    fn on_data(&mut self, msg: &Incoming, out: &mut Outbox) {
+    fn on_data(&mut self, msg: &Incoming, _now: Instant, out: &mut Outbox) {
         match msg.topic.as_str() {
             protocol::TOPIC_CONTROL => match control::react(&msg.payload) {
                 control::Reaction::Reply(reply) => out.send(protocol::TOPIC_CONTROL, reply, &msg.from),
@@ -40,7 +42,7 @@ mod tests {
     fn ping_is_answered_to_the_sender_only() {
         let mut c = Coordinator::default();
         let mut out = Outbox::default();
-        c.on_data(&incoming("baton.control", br#"{"v":1,"type":"ping","id":"x"}"#), &mut out);
+        c.on_data(&incoming("baton.control", br#"{"v":1,"type":"ping","id":"x"}"#), Instant::now(), &mut out);
         assert_eq!(out.data.len(), 1);
         let (topic, payload, to) = &out.data[0];
         assert_eq!(topic, "baton.control");
@@ -52,9 +54,9 @@ mod tests {
     #[test]
     fn echo_only_when_enabled() {
         let mut out = Outbox::default();
-        Coordinator { echo: false }.on_data(&incoming("baton.echo", b"abc"), &mut out);
+        Coordinator { echo: false }.on_data(&incoming("baton.echo", b"abc"), Instant::now(), &mut out);
         assert!(out.data.is_empty());
-        Coordinator { echo: true }.on_data(&incoming("baton.echo", b"abc"), &mut out);
+        Coordinator { echo: true }.on_data(&incoming("baton.echo", b"abc"), Instant::now(), &mut out);
         assert_eq!(out.data[0].1, b"abc");
     }
 
@@ -62,8 +64,8 @@ mod tests {
     fn garbage_and_other_topics_send_nothing() {
         let mut c = Coordinator { echo: true };
         let mut out = Outbox::default();
-        c.on_data(&incoming("baton.control", b"\x00garbage"), &mut out);
-        c.on_data(&incoming("lk.chat", b"hi"), &mut out);
+        c.on_data(&incoming("baton.control", b"\x00garbage"), Instant::now(), &mut out);
+        c.on_data(&incoming("lk.chat", b"hi"), Instant::now(), &mut out);
         assert!(out.data.is_empty());
     }
 }

@@ -11,7 +11,7 @@ pub mod roster;
 mod session;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -62,29 +62,62 @@ impl TokenSource {
     }
 }
 
+/// The result of a [`Task`], handed back to the handler that started it.
+pub type TaskOutput = Box<dyn std::any::Any + Send>;
+/// Slow work a handler wants done off the room loop (server API calls): the room task runs it
+/// and hands its output to [`RoomHandler::on_task_done`].
+pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = TaskOutput> + Send>>;
+
+/// What baton's filler track should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filler {
+    /// Play the filler, audible to every subscriber.
+    On,
+    /// Stop playing; the track is muted.
+    Off,
+}
+
 /// What baton's logic asks the room to do.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Outbox {
     /// Reliable user packets: (topic, payload, destination identities).
     pub data: Vec<(String, Vec<u8>, Vec<String>)>,
-    /// Mute or unmute baton's own track.
-    pub set_muted: Option<bool>,
+    /// Start or stop baton's filler track.
+    pub filler: Option<Filler>,
+    /// Work to run off the room loop.
+    pub tasks: Vec<Task>,
 }
 
 impl Outbox {
     pub fn send(&mut self, topic: &str, payload: Vec<u8>, to: &str) {
         self.data.push((topic.to_string(), payload, vec![to.to_string()]));
     }
+
+    pub fn spawn(&mut self, task: impl std::future::Future<Output = TaskOutput> + Send + 'static) {
+        self.tasks.push(Box::pin(task));
+    }
 }
 
-/// baton's logic for one room, called from the room task (no IO of its own).
+/// baton's logic for one room, called from the room task (no IO of its own). Every call gets
+/// the current time, so the logic underneath can stay sans-IO.
 pub trait RoomHandler: Send {
     /// A reliable or lossy user packet arrived for baton.
-    fn on_data(&mut self, msg: &Incoming, out: &mut Outbox);
+    fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox);
     /// Someone joined, changed or left.
-    fn on_change(&mut self, _change: &Change, _roster: &Roster, _out: &mut Outbox) {}
-    /// baton is (again) connected with a working data channel.
-    fn on_connected(&mut self, _out: &mut Outbox) {}
+    fn on_change(&mut self, _change: &Change, _roster: &Roster, _now: Instant, _out: &mut Outbox) {}
+    /// baton is connected (first join, resume or rejoin) with a working data channel.
+    fn on_connected(&mut self, _roster: &Roster, _now: Instant, _out: &mut Outbox) {}
+    /// The next time the handler wants [`RoomHandler::on_timeout`] called.
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+    fn on_timeout(&mut self, _now: Instant, _out: &mut Outbox) {}
+    /// A task from [`Outbox::spawn`] finished.
+    fn on_task_done(&mut self, _output: TaskOutput, _now: Instant, _out: &mut Outbox) {}
+    /// Whether the handler considers the session over (baton should leave the room).
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 /// Joins the room and stays until `shutdown` turns true, the room ends, or baton is removed.

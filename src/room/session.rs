@@ -8,6 +8,8 @@ use livekit_protocol as proto;
 use livekit_signaling::{SignalClient, SignalEvent, SignalEvents, SignalOptions};
 use proto::signal_request::Message as Req;
 use proto::signal_response::Message as Resp;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::sleep_until;
@@ -100,6 +102,7 @@ pub(super) struct RoomTask {
     muted: bool,
     audio_start: Instant,
     audio_tick: u64,
+    tasks: FuturesUnordered<super::Task>,
 }
 
 impl RoomTask {
@@ -139,13 +142,14 @@ impl RoomTask {
             muted,
             audio_start: Instant::now(),
             audio_tick: 0,
+            tasks: FuturesUnordered::new(),
         };
         // Report the people already present as joins, so the handler sees one consistent stream.
         let mut out = Outbox::default();
         let (roster, changes) = Roster::new(&own.sid, &join.other_participants);
         task.roster = roster;
         for c in &changes {
-            task.handler.on_change(c, &task.roster, &mut out);
+            task.handler.on_change(c, &task.roster, Instant::now(), &mut out);
         }
         task.wait_until_open(started).await?;
         tracing::info!(
@@ -153,7 +157,7 @@ impl RoomTask {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "joined: data channel open"
         );
-        task.handler.on_connected(&mut out);
+        task.handler.on_connected(&task.roster, Instant::now(), &mut out);
         task.execute(out).await;
         task.pump().await?;
         Ok(task)
@@ -202,8 +206,17 @@ impl RoomTask {
                 self.leave().await;
                 return Ok(RoomEnd::Left);
             }
+            if self.handler.finished() {
+                tracing::info!(room = %self.room_name, "session over; leaving");
+                self.leave().await;
+                return Ok(RoomEnd::Left);
+            }
             let next_audio = self.audio_start + FRAME_DURATION * (self.audio_tick as u32 + 1);
-            let wake = self.link.peer.next_timeout().min(next_audio);
+            let handler_due = self.handler.poll_timeout();
+            let mut wake = self.link.peer.next_timeout().min(next_audio);
+            if let Some(due) = handler_due {
+                wake = wake.min(due);
+            }
             let mut lost: Option<String> = None;
             let drop_signal = self.params.drop_signal.clone();
             tokio::select! {
@@ -230,9 +243,19 @@ impl RoomTask {
                     Some(SignalEvent::Close(why)) => lost = Some(format!("signal closed: {why}")),
                     None => lost = Some("signal connection gone".into()),
                 },
+                Some(output) = self.tasks.next(), if !self.tasks.is_empty() => {
+                    let mut out = Outbox::default();
+                    self.handler.on_task_done(output, Instant::now(), &mut out);
+                    self.execute(out).await;
+                }
                 _ = sleep_until(wake.into()) => {
                     let now = Instant::now();
                     self.play_audio(now);
+                    if handler_due.is_some_and(|due| due <= now) {
+                        let mut out = Outbox::default();
+                        self.handler.on_timeout(now, &mut out);
+                        self.execute(out).await;
+                    }
                     if let Err(e) = self.link.peer.handle_timeout(now) {
                         lost = Some(format!("peer connection failed: {e}"));
                     }
@@ -318,7 +341,7 @@ impl RoomTask {
         self.link.signal.set_reconnected().await;
         tracing::info!(room = %self.room_name, replayed, "resumed");
         let mut out = Outbox::default();
-        self.handler.on_connected(&mut out);
+        self.handler.on_connected(&self.roster, Instant::now(), &mut out);
         self.execute(out).await;
     }
 
@@ -326,7 +349,7 @@ impl RoomTask {
         match self.reliable.decode(bytes) {
             Ok(Received::User(msg)) => {
                 let mut out = Outbox::default();
-                self.handler.on_data(&msg, &mut out);
+                self.handler.on_data(&msg, Instant::now(), &mut out);
                 self.execute(out).await;
             }
             Ok(Received::Duplicate | Received::Other) => {}
@@ -353,7 +376,9 @@ impl RoomTask {
                 Err(e) => tracing::warn!(%topic, error = %e, "data packet not sent"),
             }
         }
-        if let Some(muted) = out.set_muted {
+        self.tasks.extend(out.tasks);
+        if let Some(filler) = out.filler {
+            let muted = filler == super::Filler::Off;
             if muted != self.muted {
                 self.muted = muted;
                 self.announce_mute().await;
@@ -397,7 +422,7 @@ impl RoomTask {
                 let mut out = Outbox::default();
                 for c in &changes {
                     log_change(c);
-                    self.handler.on_change(c, &self.roster, &mut out);
+                    self.handler.on_change(c, &self.roster, Instant::now(), &mut out);
                 }
                 self.execute(out).await;
             }
@@ -540,11 +565,11 @@ impl RoomTask {
         let mut out = Outbox::default();
         for m in before {
             if self.roster.get(&m.identity).is_none() {
-                self.handler.on_change(&super::Change::Left(m), &self.roster, &mut out);
+                self.handler.on_change(&super::Change::Left(m), &self.roster, Instant::now(), &mut out);
             }
         }
         for c in &joined {
-            self.handler.on_change(c, &self.roster, &mut out);
+            self.handler.on_change(c, &self.roster, Instant::now(), &mut out);
         }
         self.execute(out).await;
         self.wait_until_open(started).await

@@ -11,7 +11,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -26,7 +26,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::audio::encoded_loop::EncodedLoop;
 use crate::coordinator::Coordinator;
-use crate::room::{
+use crate::room::{TaskOutput, 
     self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TokenSource,
 };
 pub use state::{Action, Backoff, JobStart, StateConfig, WorkerState};
@@ -180,19 +180,31 @@ struct JoinReporter {
 }
 
 impl RoomHandler for JoinReporter {
-    fn on_data(&mut self, msg: &Incoming, out: &mut Outbox) {
-        self.inner.on_data(msg, out);
+    fn on_data(&mut self, msg: &Incoming, now: StdInstant, out: &mut Outbox) {
+        self.inner.on_data(msg, now, out);
     }
-    fn on_change(&mut self, change: &Change, roster: &Roster, out: &mut Outbox) {
-        self.inner.on_change(change, roster, out);
+    fn on_change(&mut self, change: &Change, roster: &Roster, now: StdInstant, out: &mut Outbox) {
+        self.inner.on_change(change, roster, now, out);
     }
-    fn on_connected(&mut self, out: &mut Outbox) {
+    fn on_connected(&mut self, roster: &Roster, now: StdInstant, out: &mut Outbox) {
         if let Some(events) = self.events.take() {
             let _ = events.send(RoomEvent::Joined {
                 job_id: self.job_id.clone(),
             });
         }
-        self.inner.on_connected(out);
+        self.inner.on_connected(roster, now, out);
+    }
+    fn poll_timeout(&self) -> Option<StdInstant> {
+        self.inner.poll_timeout()
+    }
+    fn on_timeout(&mut self, now: StdInstant, out: &mut Outbox) {
+        self.inner.on_timeout(now, out);
+    }
+    fn on_task_done(&mut self, output: TaskOutput, now: StdInstant, out: &mut Outbox) {
+        self.inner.on_task_done(output, now, out);
+    }
+    fn finished(&self) -> bool {
+        self.inner.finished()
     }
 }
 
