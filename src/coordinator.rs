@@ -1,71 +1,496 @@
-//! baton's logic in a room: what it does with the messages and changes the room task reports.
-//! No IO here; replies go into the [`Outbox`].
+//! baton's logic in one room: the glue between the room task and the sans-IO cores.
+//!
+//! The floor arbiter (`baton_floor`) decides; this module translates what the room reports into
+//! arbiter events, and the arbiter's commands into data packets, filler changes and server API
+//! calls (run off the room loop as tasks). It holds no sockets and never blocks.
 
-use crate::protocol::{self, control};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::room::{Incoming, Outbox, RoomHandler};
+use baton_floor::{
+    Alert, AgentMessage, Arbiter, AudioTrack, Command, DispatchTicket, Event, Participant, ParticipantKind,
+    Policy,
+};
+use livekit_protocol as proto;
+use serde_json::{Map, Value};
 
-/// The per-room coordinator.
-#[derive(Debug, Default)]
-pub struct Coordinator {
-    /// Echo `baton.echo` packets back to their sender (a diagnostic for adapters and tests).
+use crate::protocol::{self, control};
+use crate::room::{Change, Filler, Incoming, Member, Outbox, RoomHandler, Roster, TaskOutput};
+use crate::server_api::ServerApi;
+
+/// What a room's coordinator needs to know.
+pub struct CoordinatorConfig {
+    /// The LiveKit room name (server API calls need it).
+    pub room: String,
+    /// The handoff policy; with no agents configured, baton only answers `ping`.
+    pub policy: Policy,
+    /// Server API access for dispatch and mute; `None` disables both (tests, diagnostics).
+    pub api: Option<Arc<ServerApi>>,
+    /// Echo `baton.echo` packets back to their sender (a data-path check for adapters).
     pub echo: bool,
 }
 
-impl RoomHandler for Coordinator {
-    fn on_data(&mut self, msg: &Incoming, _now: Instant, out: &mut Outbox) {
-        match msg.topic.as_str() {
-            protocol::TOPIC_CONTROL => match control::react(&msg.payload) {
-                control::Reaction::Reply(reply) => out.send(protocol::TOPIC_CONTROL, reply, &msg.from),
-                control::Reaction::Ignore(why) => {
-                    tracing::warn!(from = %msg.from, bytes = msg.payload.len(), "{why}")
+/// Results of server API calls, handed back through the room task.
+enum ApiDone {
+    Dispatches(Result<Vec<String>, String>),
+    DispatchCreated { ticket: DispatchTicket, result: Result<String, String> },
+    Logged { what: String, result: Result<(), String> },
+}
+
+/// The per-room coordinator.
+pub struct Coordinator {
+    cfg: CoordinatorConfig,
+    arbiter: Option<Arbiter>,
+    /// The arbiter starts once baton knows which agents the room's token already dispatched.
+    started: bool,
+    finished: bool,
+    /// Who is in the room as the arbiter sees them, kept from the start so the arbiter can be
+    /// started with the room as it is when the dispatch list arrives.
+    members: BTreeMap<String, Participant>,
+}
+
+impl Coordinator {
+    pub fn new(cfg: CoordinatorConfig, now: Instant) -> Result<Self, baton_floor::PolicyError> {
+        let arbiter = if cfg.policy.agents.is_empty() { None } else { Some(Arbiter::new(cfg.policy.clone(), now)?) };
+        Ok(Self { cfg, arbiter, started: false, finished: false, members: BTreeMap::new() })
+    }
+
+    /// A coordinator that only answers `ping` (and echoes when asked): no agents, no server API.
+    pub fn minimal(room: &str, echo: bool) -> Self {
+        Self {
+            cfg: CoordinatorConfig { room: room.to_string(), policy: Policy::default(), api: None, echo },
+            arbiter: None,
+            started: false,
+            finished: false,
+            members: BTreeMap::new(),
+        }
+    }
+
+    fn feed(&mut self, event: Event, now: Instant, out: &mut Outbox) {
+        if let Some(arbiter) = self.arbiter.as_mut() {
+            if !self.started {
+                // Events before the start are reflected in the participant list RoomJoined
+                // carries; control messages that early are dropped by the arbiter anyway.
+                return;
+            }
+            arbiter.handle(event, now);
+            self.execute(now, out);
+        }
+    }
+
+    fn start(&mut self, token_dispatched: Vec<String>, now: Instant, out: &mut Outbox) {
+        if self.started || self.arbiter.is_none() {
+            return;
+        }
+        self.started = true;
+        let participants = self.members.values().cloned().collect();
+        tracing::info!(room = %self.cfg.room, ?token_dispatched, "floor arbiter started");
+        if let Some(arbiter) = self.arbiter.as_mut() {
+            arbiter.handle(Event::RoomJoined { participants, token_dispatched }, now);
+        }
+        self.execute(now, out);
+    }
+
+    /// Carries out every command the arbiter has queued.
+    fn execute(&mut self, _now: Instant, out: &mut Outbox) {
+        let Some(arbiter) = self.arbiter.as_mut() else { return };
+        for cmd in arbiter.drain_commands() {
+            match cmd {
+                Command::Send { to, re, message } => {
+                    let members = match serde_json::to_value(&message) {
+                        Ok(Value::Object(m)) => m,
+                        _ => Map::new(),
+                    };
+                    let kind = message.type_name();
+                    let mut body = members;
+                    body.remove("type");
+                    tracing::debug!(%to, kind, "control message to agent");
+                    out.send(protocol::TOPIC_CONTROL, control::message(kind, re.as_deref(), body), &to);
                 }
-            },
-            protocol::TOPIC_ECHO if self.echo => {
+                Command::MuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, true, out),
+                Command::UnmuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, false, out),
+                Command::StartFiller => out.filler = Some(Filler::On),
+                Command::StopFiller { .. } => out.filler = Some(Filler::Off),
+                Command::CreateDispatch { ticket, agent_name, metadata } => {
+                    tracing::info!(agent = %agent_name, "dispatching agent");
+                    if let Some(api) = self.cfg.api.clone() {
+                        let room = self.cfg.room.clone();
+                        out.spawn(async move {
+                            let result = api
+                                .create_dispatch(&room, &agent_name, &metadata)
+                                .await
+                                .map(|d| d.id)
+                                .map_err(|e| e.to_string());
+                            Box::new(ApiDone::DispatchCreated { ticket, result }) as TaskOutput
+                        });
+                    } else {
+                        tracing::warn!(agent = %agent_name, "no server API configured: cannot dispatch");
+                    }
+                }
+                Command::DeleteDispatch { dispatch_id, agent_name } => {
+                    if let Some(api) = self.cfg.api.clone() {
+                        let room = self.cfg.room.clone();
+                        out.spawn(async move {
+                            let result = api.delete_dispatch(&room, &dispatch_id).await.map(|_| ()).map_err(|e| e.to_string());
+                            Box::new(ApiDone::Logged { what: format!("delete dispatch of {agent_name}"), result })
+                                as TaskOutput
+                        });
+                    }
+                }
+                Command::DeliverBundle { transfer_id, to } => {
+                    tracing::warn!(%transfer_id, %to, "bundle delivery requested but the relay is not wired yet");
+                }
+                Command::CancelTransfer { transfer_id, to } => {
+                    tracing::debug!(%transfer_id, %to, "cancel transfer");
+                }
+                Command::RemoveParticipant { identity } => {
+                    if let Some(api) = self.cfg.api.clone() {
+                        let room = self.cfg.room.clone();
+                        out.spawn(async move {
+                            let result =
+                                api.remove_participant(&room, &identity).await.map_err(|e| e.to_string());
+                            Box::new(ApiDone::Logged { what: format!("remove {identity}"), result }) as TaskOutput
+                        });
+                    }
+                }
+                Command::Timeline(ev) => {
+                    tracing::info!(
+                        handoff = %ev.handoff,
+                        phase = ?ev.mark.phase,
+                        ms = ev.mark.ms,
+                        detail = ev.mark.detail.as_deref().unwrap_or(""),
+                        "handoff phase"
+                    );
+                }
+                Command::HandoffFinished(timeline) => {
+                    let line = timeline.to_json_line();
+                    tracing::info!(timeline = %line, "handoff finished");
+                    // The event stream on stdout: one JSON line per handoff, for benchmarks and
+                    // users' own tooling (logs go to stderr).
+                    println!("{line}");
+                }
+                Command::Security(ev) => {
+                    tracing::warn!(
+                        target: "baton::security",
+                        from = %ev.from,
+                        message = ev.message_type,
+                        reason = ?ev.reason,
+                        "security: control message ignored"
+                    );
+                }
+                Command::Alert(alert) => log_alert(&alert),
+                Command::SessionEnded => {
+                    tracing::info!(room = %self.cfg.room, "session ended");
+                    self.finished = true;
+                }
+            }
+        }
+    }
+
+    fn mute(&self, identity: &str, track_sid: &str, muted: bool, out: &mut Outbox) {
+        let Some(api) = self.cfg.api.clone() else {
+            tracing::warn!(%identity, muted, "no server API configured: cannot change a track's mute");
+            return;
+        };
+        let (room, identity, sid) = (self.cfg.room.clone(), identity.to_string(), track_sid.to_string());
+        out.spawn(async move {
+            let result = api.mute_published_track(&room, &identity, &sid, muted).await.map(|_| ()).map_err(|e| e.to_string());
+            let what = format!("{} {identity}'s track {sid}", if muted { "mute" } else { "unmute" });
+            Box::new(ApiDone::Logged { what, result }) as TaskOutput
+        });
+    }
+
+    fn on_control(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox) {
+        let env = match control::Envelope::parse(&msg.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(from = %msg.from, bytes = msg.payload.len(), "rejected control message: {e}");
+                return;
+            }
+        };
+        if env.version != control::PROTOCOL_VERSION || env.kind == "ping" {
+            // Version errors and pings are answered the same way whoever sends them.
+            if let control::Reaction::Reply(reply) = control::react(&msg.payload) {
+                out.send(protocol::TOPIC_CONTROL, reply, &msg.from);
+            }
+            return;
+        }
+        match serde_json::from_value::<AgentMessage>(Value::Object(env.body.clone())) {
+            Ok(message) => {
+                if self.arbiter.is_none() {
+                    tracing::warn!(from = %msg.from, kind = %env.kind, "no agents configured: control message ignored");
+                    return;
+                }
+                self.feed(Event::Control { from: msg.from.clone(), id: env.id, message }, now, out);
+            }
+            Err(e) => tracing::warn!(from = %msg.from, kind = %env.kind, "ignored control message: {e}"),
+        }
+    }
+}
+
+impl RoomHandler for Coordinator {
+    fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox) {
+        match msg.topic.as_str() {
+            protocol::TOPIC_CONTROL => self.on_control(msg, now, out),
+            protocol::TOPIC_ECHO if self.cfg.echo => {
                 out.send(protocol::TOPIC_ECHO, msg.payload.clone(), &msg.from);
             }
             topic => tracing::debug!(from = %msg.from, %topic, bytes = msg.payload.len(), "ignored data packet"),
         }
+    }
+
+    fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
+        let event = match change {
+            Change::Joined(m) => {
+                let p = participant(m);
+                self.members.insert(p.identity.clone(), p.clone());
+                Event::ParticipantJoined(p)
+            }
+            Change::Updated { after, .. } => {
+                let p = participant(after);
+                // Most updates (metadata, connection quality...) change nothing the floor cares
+                // about.
+                if self.members.get(&p.identity) == Some(&p) {
+                    return;
+                }
+                self.members.insert(p.identity.clone(), p.clone());
+                Event::ParticipantUpdated(p)
+            }
+            Change::Left(m) => {
+                self.members.remove(&m.identity);
+                Event::ParticipantLeft { identity: m.identity.clone() }
+            }
+        };
+        self.feed(event, now, out);
+    }
+
+    fn on_speaking(&mut self, identity: &str, speaking: bool, now: Instant, out: &mut Outbox) {
+        self.feed(Event::SpeakingChanged { identity: identity.to_string(), speaking }, now, out);
+    }
+
+    fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
+        if self.started || self.arbiter.is_none() {
+            return;
+        }
+        self.members = roster.members().map(|m| (m.identity.clone(), participant(m))).collect();
+        match self.cfg.api.clone() {
+            Some(api) => {
+                // The starting agent may already be dispatched by the room's token; dispatching
+                // it again would put two of them in the call.
+                let room = self.cfg.room.clone();
+                out.spawn(async move {
+                    let result = api
+                        .list_dispatch(&room)
+                        .await
+                        .map(|ds| ds.into_iter().map(|d| d.agent_name).filter(|n| !n.is_empty()).collect())
+                        .map_err(|e| e.to_string());
+                    Box::new(ApiDone::Dispatches(result)) as TaskOutput
+                });
+            }
+            None => self.start(Vec::new(), now, out),
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.arbiter.as_ref().filter(|_| self.started).and_then(Arbiter::poll_timeout)
+    }
+
+    fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
+        if let Some(arbiter) = self.arbiter.as_mut() {
+            arbiter.handle_timeout(now);
+            self.execute(now, out);
+        }
+    }
+
+    fn on_task_done(&mut self, output: TaskOutput, now: Instant, out: &mut Outbox) {
+        let Ok(done) = output.downcast::<ApiDone>() else { return };
+        match *done {
+            ApiDone::Dispatches(result) => {
+                let names = result.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "could not list the room's dispatches; assuming none");
+                    Vec::new()
+                });
+                self.start(names, now, out);
+            }
+            ApiDone::DispatchCreated { ticket, result } => {
+                let event = match result {
+                    Ok(dispatch_id) => {
+                        tracing::info!(%dispatch_id, "dispatch created");
+                        Event::DispatchCreated { ticket, dispatch_id }
+                    }
+                    Err(error) => Event::DispatchFailed { ticket, error },
+                };
+                self.feed(event, now, out);
+            }
+            ApiDone::Logged { what, result } => match result {
+                Ok(()) => tracing::debug!("{what}: done"),
+                Err(e) => tracing::warn!(error = %e, "{what}: failed"),
+            },
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.finished
+    }
+}
+
+fn log_alert(alert: &Alert) {
+    match alert {
+        Alert::AgentNoShow { agent_name, attempts, last_error } => tracing::error!(
+            agent = %agent_name,
+            attempts,
+            last_error = last_error.as_deref().unwrap_or("none"),
+            "agent `{agent_name}` never joined the room after {attempts} dispatch attempts; is a worker registered under that agent name?"
+        ),
+        Alert::DispatchFailed { agent_name, attempt, error } => {
+            tracing::warn!(agent = %agent_name, attempt, %error, "dispatch failed")
+        }
+        Alert::FloorVacant { identity } => {
+            tracing::warn!(%identity, "the agent holding the floor left; nobody holds it now")
+        }
+        Alert::IgnoredMessage { from, message_type, why } => {
+            tracing::info!(%from, message = message_type, why, "control message ignored")
+        }
+    }
+}
+
+/// How the arbiter sees a room member.
+fn participant(m: &Member) -> Participant {
+    use proto::participant_info::Kind;
+    let kind = match m.kind {
+        Kind::Standard => ParticipantKind::Standard,
+        Kind::Ingress => ParticipantKind::Ingress,
+        Kind::Egress => ParticipantKind::Egress,
+        Kind::Sip => ParticipantKind::Sip,
+        Kind::Agent => ParticipantKind::Agent,
+        _ => ParticipantKind::Other,
+    };
+    let audio = m
+        .tracks
+        .iter()
+        .find(|t| t.kind == proto::TrackType::Audio)
+        .map(|t| AudioTrack { sid: t.sid.clone(), muted: t.muted });
+    Participant {
+        identity: m.identity.clone(),
+        kind,
+        agent_name: m.agent_name().map(str::to_string),
+        dispatch_id: m.attributes.get("lk.agent.dispatch_id").cloned(),
+        audio,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
-    fn incoming(topic: &str, payload: &[u8]) -> Incoming {
-        Incoming { from: "alice".into(), from_sid: "PA_a".into(), topic: topic.into(), payload: payload.to_vec() }
+    fn incoming(from: &str, topic: &str, payload: &[u8]) -> Incoming {
+        Incoming { from: from.into(), from_sid: format!("PA_{from}"), topic: topic.into(), payload: payload.to_vec() }
+    }
+
+    fn info(identity: &str, kind: proto::participant_info::Kind, agent: Option<&str>) -> proto::ParticipantInfo {
+        let mut p = proto::ParticipantInfo {
+            sid: format!("PA_{identity}"),
+            identity: identity.into(),
+            state: proto::participant_info::State::Active as i32,
+            kind: kind as i32,
+            version: 1,
+            ..Default::default()
+        };
+        if let Some(a) = agent {
+            p.attributes.insert("lk.agent_name".into(), a.into());
+        }
+        p
+    }
+
+    fn sent(out: &Outbox) -> Vec<(String, Value)> {
+        out.data
+            .iter()
+            .filter(|(topic, _, _)| topic == protocol::TOPIC_CONTROL)
+            .map(|(_, payload, to)| (to.join(","), serde_json::from_slice(payload).expect("json")))
+            .collect()
+    }
+
+    fn coordinator_with_triage(now: Instant) -> Coordinator {
+        let policy = Policy {
+            agents: BTreeSet::from(["triage".to_string()]),
+            starting_agent: Some("triage".into()),
+            ..Policy::default()
+        };
+        Coordinator::new(CoordinatorConfig { room: "r".into(), policy, api: None, echo: false }, now).expect("policy")
     }
 
     #[test]
     fn ping_is_answered_to_the_sender_only() {
-        let mut c = Coordinator::default();
+        let mut c = Coordinator::minimal("r", false);
         let mut out = Outbox::default();
-        c.on_data(&incoming("baton.control", br#"{"v":1,"type":"ping","id":"x"}"#), Instant::now(), &mut out);
-        assert_eq!(out.data.len(), 1);
-        let (topic, payload, to) = &out.data[0];
-        assert_eq!(topic, "baton.control");
-        assert_eq!(to, &vec!["alice".to_string()]);
-        let v: serde_json::Value = serde_json::from_slice(payload).expect("json");
-        assert_eq!(v["re"], "x");
+        c.on_data(&incoming("alice", "baton.control", br#"{"v":1,"type":"ping","id":"x"}"#), Instant::now(), &mut out);
+        let msgs = sent(&out);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].0, "alice");
+        assert_eq!(msgs[0].1["type"], "pong");
+        assert_eq!(msgs[0].1["re"], "x");
     }
 
     #[test]
     fn echo_only_when_enabled() {
+        let now = Instant::now();
         let mut out = Outbox::default();
-        Coordinator { echo: false }.on_data(&incoming("baton.echo", b"abc"), Instant::now(), &mut out);
+        Coordinator::minimal("r", false).on_data(&incoming("a", "baton.echo", b"abc"), now, &mut out);
         assert!(out.data.is_empty());
-        Coordinator { echo: true }.on_data(&incoming("baton.echo", b"abc"), Instant::now(), &mut out);
+        Coordinator::minimal("r", true).on_data(&incoming("a", "baton.echo", b"abc"), now, &mut out);
         assert_eq!(out.data[0].1, b"abc");
     }
 
     #[test]
-    fn garbage_and_other_topics_send_nothing() {
-        let mut c = Coordinator { echo: true };
+    fn hello_from_the_starting_agent_gets_the_floor() {
+        use proto::participant_info::Kind;
+        let now = Instant::now();
+        let mut c = coordinator_with_triage(now);
+        let (roster, _) = Roster::new(
+            "PA_baton",
+            &[info("caller", Kind::Standard, None), info("agent-1", Kind::Agent, Some("triage"))],
+        );
         let mut out = Outbox::default();
-        c.on_data(&incoming("baton.control", b"\x00garbage"), Instant::now(), &mut out);
-        c.on_data(&incoming("lk.chat", b"hi"), Instant::now(), &mut out);
-        assert!(out.data.is_empty());
+        c.on_connected(&roster, now, &mut out);
+        let hello = br#"{"v":1,"type":"hello","id":"a-1","agent_name":"triage"}"#;
+        c.on_data(&incoming("agent-1", "baton.control", hello), now, &mut out);
+        let msgs = sent(&out);
+        let activate = msgs.iter().find(|(_, m)| m["type"] == "activate").expect("activate sent");
+        assert_eq!(activate.0, "agent-1");
+        assert_eq!(activate.1["v"], 1);
+        assert_eq!(activate.1["cause"], "start");
+        assert!(activate.1["id"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+
+    #[test]
+    fn forged_control_from_the_caller_changes_nothing() {
+        use proto::participant_info::Kind;
+        let now = Instant::now();
+        let mut c = coordinator_with_triage(now);
+        let (roster, _) = Roster::new("PA_baton", &[info("caller", Kind::Standard, None)]);
+        let mut out = Outbox::default();
+        c.on_connected(&roster, now, &mut out);
+        let before = out.data.len();
+        for forged in [
+            br#"{"v":1,"type":"hello","id":"f-1","agent_name":"triage"}"#.as_slice(),
+            br#"{"v":1,"type":"handoff","id":"f-2","target":"triage","reason":"x"}"#.as_slice(),
+        ] {
+            c.on_data(&incoming("caller", "baton.control", forged), now, &mut out);
+        }
+        assert_eq!(out.data.len(), before, "the caller's forged messages must not be answered");
+        assert!(out.filler.is_none());
+    }
+
+    #[test]
+    fn malformed_agent_message_is_ignored() {
+        let now = Instant::now();
+        let mut c = coordinator_with_triage(now);
+        let mut out = Outbox::default();
+        c.on_connected(&Roster::default(), now, &mut out);
+        let before = out.data.len();
+        c.on_data(&incoming("x", "baton.control", br#"{"v":1,"type":"handoff","id":"h","target":5}"#), now, &mut out);
+        assert_eq!(out.data.len(), before);
     }
 }

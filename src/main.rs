@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use lk_baton::audio::encoded_loop::EncodedLoop;
-use lk_baton::coordinator::Coordinator;
+use lk_baton::coordinator::{Coordinator, CoordinatorConfig};
 use lk_baton::room::{self, RoomEnd, RoomParams, TokenSource};
 use tokio::sync::watch;
 
@@ -66,6 +66,10 @@ struct JoinArgs {
     /// Seconds to keep trying to get back into the room after losing the connection.
     #[arg(long, env = "BATON_REJOIN_TIMEOUT", default_value_t = 60)]
     rejoin_timeout: u64,
+    /// baton.toml naming the agents to coordinate and the handoff policy. Without it baton
+    /// coordinates nobody: it only answers `ping` (and `baton.echo` with --echo).
+    #[arg(long, env = "BATON_CONFIG")]
+    config: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -107,6 +111,13 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     if args.room.is_empty() {
         anyhow::bail!("--room must not be empty");
     }
+    let policy = match &args.config {
+        Some(path) => lk_baton::config::load(Some(path))?.file.to_policy().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        None => baton_floor::Policy::default(),
+    };
+    let api = lk_baton::server_api::ServerApi::new(&args.server.url, &args.server.api_key, &args.server.api_secret)?;
+    let cfg = CoordinatorConfig { room: args.room.clone(), policy, api: Some(Arc::new(api)), echo: args.echo };
+    let handler = Box::new(Coordinator::new(cfg, std::time::Instant::now())?);
     let filler = Arc::new(
         EncodedLoop::comfort_noise(3.0, args.noise_dbfs)
             .map_err(|e| anyhow::anyhow!("could not prepare comfort noise: {e}"))?,
@@ -116,7 +127,7 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         token: TokenSource::Mint {
             api_key: args.server.api_key,
             api_secret: args.server.api_secret,
-            room: args.room,
+            room: args.room.clone(),
             identity: args.identity,
         },
         start_unmuted: args.unmuted,
@@ -131,7 +142,6 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         tracing::info!("termination signal received");
         let _ = tx.send(true);
     });
-    let handler = Box::new(Coordinator { echo: args.echo });
     match room::run(params, handler, rx).await? {
         RoomEnd::Left => Ok(()),
         RoomEnd::Removed(why) => {

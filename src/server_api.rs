@@ -153,6 +153,15 @@ impl ServerApi {
             .map_err(|e| self.classify(OP, e))
     }
 
+    /// Removes a participant from a room (an agent released after a handoff).
+    pub async fn remove_participant(&self, room: &str, identity: &str) -> Result<(), ApiError> {
+        const OP: &str = "RemoveParticipant";
+        self.rooms
+            .remove_participant(room, identity)
+            .await
+            .map_err(|e| self.classify(OP, e))
+    }
+
     /// The participants of a room.
     pub async fn list_participants(
         &self,

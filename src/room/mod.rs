@@ -105,6 +105,8 @@ pub trait RoomHandler: Send {
     fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox);
     /// Someone joined, changed or left.
     fn on_change(&mut self, _change: &Change, _roster: &Roster, _now: Instant, _out: &mut Outbox) {}
+    /// A participant started or stopped speaking, by the server's audio-level measurement.
+    fn on_speaking(&mut self, _identity: &str, _speaking: bool, _now: Instant, _out: &mut Outbox) {}
     /// baton is connected (first join, resume or rejoin) with a working data channel.
     fn on_connected(&mut self, _roster: &Roster, _now: Instant, _out: &mut Outbox) {}
     /// The next time the handler wants [`RoomHandler::on_timeout`] called.

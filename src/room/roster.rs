@@ -126,6 +126,10 @@ impl Roster {
         self.members.get(identity)
     }
 
+    pub fn by_sid(&self, sid: &str) -> Option<&Member> {
+        self.members.values().find(|m| m.sid == sid)
+    }
+
     pub fn members(&self) -> impl Iterator<Item = &Member> {
         self.members.values()
     }

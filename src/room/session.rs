@@ -457,6 +457,16 @@ impl RoomTask {
                     }
                 }
             }
+            Resp::SpeakersChanged(sc) => {
+                let mut out = Outbox::default();
+                for sp in &sc.speakers {
+                    if let Some(m) = self.roster.by_sid(&sp.sid) {
+                        let identity = m.identity.clone();
+                        self.handler.on_speaking(&identity, sp.active, Instant::now(), &mut out);
+                    }
+                }
+                self.execute(out).await;
+            }
             Resp::RoomUpdate(u) => {
                 if let Some(room) = u.room {
                     tracing::debug!(room = %room.name, participants = room.num_participants, "room update");

@@ -25,7 +25,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::audio::encoded_loop::EncodedLoop;
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::server_api::ServerApi;
 use crate::room::{TaskOutput, 
     self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TokenSource,
 };
@@ -78,8 +79,24 @@ pub enum WorkerError {
 /// The per-room logic the worker runs in every room it is dispatched to.
 ///
 /// Kept in one place on purpose: this is where the floor arbiter will be built per room.
-pub fn room_handler(_job: &JobStart, _opts: &WorkerOptions) -> Box<dyn RoomHandler> {
-    Box::new(Coordinator { echo: false })
+pub fn room_handler(job: &JobStart, opts: &WorkerOptions) -> Box<dyn RoomHandler> {
+    let api = match ServerApi::new(&opts.url, &opts.api_key, &opts.api_secret) {
+        Ok(api) => Some(Arc::new(api)),
+        Err(e) => {
+            tracing::error!(error = %e, "server API unavailable: baton cannot dispatch or mute");
+            None
+        }
+    };
+    let cfg = CoordinatorConfig { room: job.room.clone(), policy: opts.policy.clone(), api, echo: false };
+    match Coordinator::new(cfg, StdInstant::now()) {
+        Ok(c) => Box::new(c),
+        Err(e) => {
+            // The policy was validated at start-up, so this is not expected; answering pings
+            // beats failing the job.
+            tracing::error!(error = %e, "invalid handoff policy; this room only answers pings");
+            Box::new(Coordinator::minimal(&job.room, false))
+        }
+    }
 }
 
 /// The `/agent` websocket URL for a server URL: http(s) becomes ws(s), and the protocol version
@@ -193,6 +210,9 @@ impl RoomHandler for JoinReporter {
             });
         }
         self.inner.on_connected(roster, now, out);
+    }
+    fn on_speaking(&mut self, identity: &str, speaking: bool, now: StdInstant, out: &mut Outbox) {
+        self.inner.on_speaking(identity, speaking, now, out);
     }
     fn poll_timeout(&self) -> Option<StdInstant> {
         self.inner.poll_timeout()
