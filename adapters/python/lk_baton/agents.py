@@ -1,0 +1,1100 @@
+"""livekit-agents integration: one call at job start links an ``AgentSession`` to baton.
+
+Three layers, each usable on its own:
+
+* :class:`FloorClient`: the agent side of the floor and handoff protocol
+  (docs/protocol-handoff.md) as a plain state machine. It sends through any object with a
+  ``send(msg)`` method and acts through a :class:`FloorEffects` (turn input/output on and off,
+  "is the agent speaking?"); no room, no session, so it is tested with recording fakes.
+* Context helpers that need livekit-agents but no room: :func:`build_handoff_bundle` (bundle
+  from an agent's own chat context and the session's user state), :func:`read_bundle` (bundle
+  to a ready ``llm.ChatContext`` + user state) and :func:`seed_agent` (give a specialist the
+  source's history, keeping tool calls for tools it does not have).
+* :class:`BatonLink`: glue for a ``livekit.rtc.Room`` + ``AgentSession``: finds baton, says
+  ``hello``, obeys ``activate``/``deactivate``, sends ``quiet``, and offers
+  :meth:`BatonLink.handoff`, :meth:`BatonLink.receive_context` and :meth:`BatonLink.ready`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+from livekit.agents import llm
+
+from . import bundle as bd
+from .transfer import receive_bundle, send_bundle, transport_for
+
+if TYPE_CHECKING:
+    from livekit import rtc
+    from livekit.agents import Agent, AgentSession, JobContext, RunContext
+    from livekit.agents.voice.events import AgentStateChangedEvent
+    from livekit.agents.voice.room_io import RoomOptions, TextInputEvent
+
+log = logging.getLogger("lk_baton.agents")
+
+CONTROL_TOPIC = "baton.control"
+PROTOCOL_VERSION = 1
+COORDINATOR_ATTRIBUTE = "baton.role"
+COORDINATOR_ROLE = "coordinator"
+DEFAULT_BATON_IDENTITY = "baton"
+
+T = TypeVar("T")
+A = TypeVar("A", bound="Agent")
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class BatonError(Exception):
+    """Base class for errors of this module."""
+
+
+class HandoffRefused(BatonError):
+    """baton refused a handoff; ``reason`` is the protocol's refusal code
+    (``handoff_in_progress``, ``not_floor_holder``, ``unknown_target``, ``same_agent``,
+    ``session_ended``), or ``timeout`` when baton did not answer at all."""
+
+    def __init__(self, reason: str, target: str) -> None:
+        super().__init__(f"handoff to {target!r} refused: {reason}")
+        self.reason = reason
+        self.target = target
+
+
+class HandoffCancelled(BatonError):
+    """baton cancelled the handoff this agent was preparing for (``handoff_cancelled``)."""
+
+    def __init__(self, handoff: str, reason: str) -> None:
+        super().__init__(f"handoff {handoff} cancelled by baton: {reason}")
+        self.handoff = handoff
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# The floor state machine (no IO)
+
+
+class ControlSender(Protocol):
+    """Where :class:`FloorClient` puts outgoing control envelopes (already complete dicts)."""
+
+    def send(self, msg: dict[str, Any]) -> None: ...
+
+
+class FloorEffects(Protocol):
+    """What :class:`FloorClient` does to the agent."""
+
+    def set_input(self, enabled: bool) -> None:
+        """Turn the agent's hearing (audio input, text input) on or off."""
+
+    def set_output(self, enabled: bool) -> None:
+        """Turn the agent's voice (audio output, transcription) on or off."""
+
+    def speaking(self) -> bool:
+        """Whether the agent is speaking now (its sentence is not finished)."""
+
+
+FloorEventKind = Literal[
+    "activated",  # activate received (msg: the activate)
+    "deactivated",  # deactivate received
+    "quiet",  # we told baton we are quiet (msg: the quiet we sent)
+    "prepare",  # we are the target of a handoff (msg: the prepare)
+    "bundle_unavailable",
+    "handoff_cancelled",
+    "handoff_failed",  # our handoff failed; an activate(handback) follows
+    "release",
+    "error",
+]
+FloorListener = Callable[[FloorEventKind, dict[str, Any]], None]
+
+
+class FloorClient:
+    """The agent side of docs/protocol-handoff.md, as a state machine.
+
+    Feed it baton's control messages with :meth:`handle` and the agent's speaking state with
+    :meth:`speaking_changed`; it answers through ``sender`` and acts through ``effects``.
+    ``listener(kind, msg)`` hears every notable event (see :data:`FloorEventKind`).
+
+    Starts silent: input and output off until baton's ``activate``.
+    """
+
+    def __init__(
+        self,
+        agent_name: str,
+        sender: ControlSender,
+        effects: FloorEffects,
+        *,
+        role: str | None = None,
+        listener: FloorListener | None = None,
+        id_prefix: str | None = None,
+    ) -> None:
+        self.agent_name = agent_name
+        self.role = role
+        self._sender = sender
+        self._effects = effects
+        self._listener = listener
+        self._prefix = id_prefix or f"a{os.urandom(3).hex()}"
+        self._seq = 0
+        self.active = False
+        """True while this agent holds the floor (between ``activate`` and ``deactivate``)."""
+        self.quiet_pending: str | None = None
+        """The handoff id of a ``deactivate(handoff)`` we have not yet answered with ``quiet``."""
+        self.prepare: dict[str, Any] | None = None
+        """The ``prepare`` of the handoff this agent is the target of, until activated/cancelled."""
+        self.last_activate: dict[str, Any] | None = None
+        self.answered = False
+        """True once baton answered our ``hello`` (activate, deactivate or prepare)."""
+        self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        effects.set_input(False)
+        effects.set_output(False)
+
+    # -- outgoing --
+
+    def _next_id(self) -> str:
+        self._seq += 1
+        return f"{self._prefix}-{self._seq}"
+
+    def _send(self, type_: str, **fields: Any) -> dict[str, Any]:
+        msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": type_, "id": self._next_id()}
+        msg.update({k: v for k, v in fields.items() if v is not None})
+        self._sender.send(msg)
+        return msg
+
+    def hello(self) -> dict[str, Any]:
+        """Announce this agent (at start, and again after any reconnect of either side)."""
+        return self._send("hello", agent_name=self.agent_name, role=self.role)
+
+    def ping(self) -> dict[str, Any]:
+        return self._send("ping")
+
+    def request_handoff(
+        self,
+        target: str,
+        reason: str,
+        *,
+        bundle_follows: bool = False,
+        transfer: str | None = None,
+    ) -> tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]:
+        """Send ``handoff``; the future resolves with baton's ``handoff_accepted`` or
+        ``handoff_refused`` (whichever answers this request's id). Needs a running loop."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        msg = self._send(
+            "handoff",
+            target=target,
+            reason=reason,
+            transfer=transfer,
+            bundle_follows=True if bundle_follows else None,
+        )
+        self._requests[msg["id"]] = fut
+        return msg, fut
+
+    def ready(self, handoff: str) -> dict[str, Any]:
+        """Tell baton this target has loaded the context and started its pipeline."""
+        return self._send("ready", handoff=handoff)
+
+    def forget_request(self, msg_id: str) -> None:
+        fut = self._requests.pop(msg_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    # -- incoming --
+
+    def _notify(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
+        if self._listener is not None:
+            self._listener(kind, msg)
+
+    def handle(self, msg: Mapping[str, Any]) -> None:
+        """One control envelope from baton (already checked to come from baton's identity)."""
+        m = dict(msg)
+        if m.get("v") != PROTOCOL_VERSION or not isinstance(m.get("type"), str):
+            log.warning(
+                "ignored control message with version %r / type %r", m.get("v"), m.get("type")
+            )
+            return
+        t = m["type"]
+        if t in ("handoff_accepted", "handoff_refused"):
+            fut = self._requests.pop(str(m.get("re")), None)
+            if fut is not None and not fut.done():
+                fut.set_result(m)
+            return
+        if t == "activate":
+            self.answered = True
+            self.active = True
+            self.quiet_pending = None
+            self.prepare = None
+            self.last_activate = m
+            self._effects.set_input(True)
+            self._effects.set_output(True)
+            self._notify("activated", m)
+        elif t == "deactivate":
+            self.answered = True
+            self.active = False
+            self._effects.set_input(False)
+            if m.get("reason") == "handoff":
+                # finish the current sentence, then go quiet (speaking_changed finishes this)
+                self.quiet_pending = str(m.get("handoff") or "")
+                self._notify("deactivated", m)
+                if not self._effects.speaking():
+                    self._go_quiet()
+            else:
+                self.quiet_pending = None
+                self._effects.set_output(False)
+                self._notify("deactivated", m)
+        elif t == "prepare":
+            self.answered = True
+            self.prepare = m
+            self._notify("prepare", m)
+        elif t == "bundle_unavailable":
+            self._notify("bundle_unavailable", m)
+        elif t == "handoff_cancelled":
+            if self.prepare is not None and m.get("handoff") == self.prepare.get("handoff"):
+                self.prepare = None
+            self.active = False
+            self._effects.set_input(False)
+            self._effects.set_output(False)
+            self._notify("handoff_cancelled", m)
+        elif t == "handoff_failed":
+            self._notify("handoff_failed", m)
+        elif t == "release":
+            self.active = False
+            self.quiet_pending = None
+            self._effects.set_input(False)
+            self._effects.set_output(False)
+            self._notify("release", m)
+        elif t == "error":
+            log.warning("baton error %s: %s", m.get("code"), m.get("message"))
+            self._notify("error", m)
+        elif t == "pong":
+            pass
+        else:
+            log.debug("ignored control message of unknown type %r", t)
+
+    def speaking_changed(self, speaking: bool) -> None:
+        """The agent started or stopped speaking."""
+        if not speaking and self.quiet_pending is not None and not self.active:
+            self._go_quiet()
+
+    def _go_quiet(self) -> None:
+        handoff = self.quiet_pending
+        self.quiet_pending = None
+        self._effects.set_output(False)
+        msg = self._send("quiet", handoff=handoff or None)
+        self._notify("quiet", msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# User state
+
+
+def state_to_dict(
+    state: Any, serializer: Callable[[Any], Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The session's user state as a JSON object.
+
+    ``serializer`` wins when given. Otherwise: ``None`` gives ``{}``; a dataclass instance goes
+    through ``dataclasses.asdict``; a pydantic model through ``model_dump(mode="json")``; a
+    mapping is copied. The result must survive ``json.dumps``, else ``TypeError`` says to pass a
+    serializer.
+    """
+    if serializer is not None:
+        out: Any = serializer(state)
+    elif state is None:
+        out = {}
+    elif dataclasses.is_dataclass(state) and not isinstance(state, type):
+        out = dataclasses.asdict(state)
+    elif hasattr(state, "model_dump"):
+        out = state.model_dump(mode="json")
+    elif isinstance(state, Mapping):
+        out = dict(state)
+    else:
+        raise TypeError(
+            f"cannot serialise user state of type {type(state).__name__}: pass "
+            "user_state_serializer=... (a function returning a JSON object)"
+        )
+    if not isinstance(out, Mapping):
+        raise TypeError("user state must serialise to a JSON object (a dict)")
+    try:
+        return dict(json.loads(json.dumps(dict(out))))
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"user state is not JSON-serialisable ({e}); pass user_state_serializer=..."
+        ) from None
+
+
+def state_from_dict(data: Mapping[str, Any], cls: type[T]) -> T:
+    """Rebuild a dataclass or pydantic model from :func:`state_to_dict` output (nested
+    dataclasses are rebuilt by their annotated field types when those are dataclasses)."""
+    if hasattr(cls, "model_validate"):
+        return cls.model_validate(dict(data))  # type: ignore[attr-defined, no-any-return]
+    if dataclasses.is_dataclass(cls):
+        return _dataclass_from_dict(cls, data)  # type: ignore[no-any-return]
+    raise TypeError(
+        f"{cls.__name__} is neither a dataclass nor a pydantic model: pass a deserializer"
+    )
+
+
+def _dataclass_from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name not in data:
+            continue
+        v = data[f.name]
+        ft = hints.get(f.name)
+        if isinstance(ft, type) and dataclasses.is_dataclass(ft) and isinstance(v, Mapping):
+            v = _dataclass_from_dict(ft, v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and reading bundles
+
+
+def _attempts(tried: Iterable[str | Mapping[str, Any]] | None) -> list[bd.Attempt]:
+    out: list[bd.Attempt] = []
+    for t in tried or ():
+        if isinstance(t, str):
+            out.append({"action": t})
+        else:
+            a: bd.Attempt = {"action": str(t["action"])}
+            if "outcome" in t:
+                a["outcome"] = str(t["outcome"])
+            if "at" in t:
+                a["at"] = float(t["at"])
+            out.append(a)
+    return out
+
+
+def build_handoff_bundle(
+    chat_ctx: llm.ChatContext,
+    *,
+    from_agent: str,
+    to_agent: str,
+    reason: str,
+    user_state: Mapping[str, Any] | None = None,
+    tried: Iterable[str | Mapping[str, Any]] | None = None,
+    outcome: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    current_call: llm.FunctionCall | None = None,
+    tool_calls_in_flight: Sequence[bd.ToolCallInFlight] | None = None,
+    handoff_id: str | None = None,
+) -> bd.Bundle:
+    """A validated bundle from an agent's own chat context (``agent.chat_ctx``, not
+    ``session.history``), serialised with timestamps.
+
+    ``current_call`` is the ``transfer_to_...`` function call being executed (``RunContext.
+    function_call``): it is not in the chat context yet, so it is added together with an output
+    saying the call was handed to ``to_agent``, and the target sees a complete pair.
+
+    ``tool_calls_in_flight``: calls the app knows are still running. Function calls in the
+    context that have no output yet are added automatically (``rerun: never``, the call id as
+    idempotency key), since their side effects may have happened.
+    """
+    ctx = chat_ctx.copy()
+    if current_call is not None and not any(
+        i.type == "function_call" and i.call_id == current_call.call_id for i in ctx.items
+    ):
+        call = current_call.model_copy()
+        ctx.insert(call)
+        ctx.insert(
+            llm.FunctionCallOutput(
+                call_id=call.call_id,
+                name=call.name,
+                output=f"handed the call to {to_agent}: {reason}",
+                is_error=False,
+                created_at=max(time.time(), call.created_at),
+            )
+        )
+    chat = ctx.to_dict(exclude_timestamp=False)
+    answered = {i.call_id for i in ctx.items if i.type == "function_call_output"}
+    flight: list[bd.ToolCallInFlight] = list(tool_calls_in_flight or [])
+    known = {c["call_id"] for c in flight}
+    for i in ctx.items:
+        if i.type == "function_call" and i.call_id not in answered and i.call_id not in known:
+            flight.append(
+                {
+                    "call_id": i.call_id,
+                    "name": i.name,
+                    "arguments": i.arguments,
+                    "started_at": i.created_at,
+                    "idempotency_key": i.call_id,
+                    "rerun": "never",
+                    "note": "started before the handoff; its result is unknown",
+                }
+            )
+    agent_state: bd.AgentState = {}
+    attempts = _attempts(tried)
+    if attempts:
+        agent_state["attempts"] = attempts
+    if outcome is not None:
+        agent_state["outcome"] = outcome
+    if data:
+        agent_state["data"] = dict(data)
+    return bd.build_bundle(
+        from_agent=from_agent,
+        to_agent=to_agent,
+        reason=reason,
+        chat=chat,
+        tool_calls_in_flight=flight,
+        user_state=dict(user_state or {}),
+        agent_state=agent_state,
+        handoff_id=handoff_id,
+    )
+
+
+@dataclass
+class ReceivedContext:
+    """What a target gets from a handoff (see :meth:`BatonLink.receive_context`)."""
+
+    chat_ctx: llm.ChatContext
+    """The source's chat context, items in order with their original ids and ``created_at``."""
+    user_state: Any
+    """A dict, or what ``user_state_type`` / the deserializer made of it."""
+    reason: str
+    from_agent: str
+    handoff_id: str | None = None
+    tool_calls_in_flight: list[bd.ToolCallInFlight] = field(default_factory=list)
+    agent_state: bd.AgentState = field(default_factory=lambda: bd.AgentState())
+    bundle: bd.Bundle | None = None
+    """The whole validated bundle, or None when none came (``bundle_unavailable``, no bundle)."""
+
+
+def read_bundle(
+    bundle: bd.Bundle,
+    *,
+    user_state_type: type[Any] | None = None,
+    user_state_deserializer: Callable[[dict[str, Any]], Any] | None = None,
+) -> ReceivedContext:
+    """Turn a validated bundle into a :class:`ReceivedContext`."""
+    chat = llm.ChatContext.from_dict(bundle["chat"])
+    raw = dict(bundle["user_state"])
+    state: Any = raw
+    if user_state_deserializer is not None:
+        state = user_state_deserializer(raw)
+    elif user_state_type is not None:
+        state = state_from_dict(raw, user_state_type)
+    return ReceivedContext(
+        chat_ctx=chat,
+        user_state=state,
+        reason=bundle["reason"],
+        from_agent=bundle["from_agent"],
+        handoff_id=bundle.get("handoff_id"),
+        tool_calls_in_flight=list(bundle["tool_calls_in_flight"]),
+        agent_state=bundle["agent_state"],
+        bundle=bundle,
+    )
+
+
+async def seed_agent(
+    agent: A,
+    received: ReceivedContext,
+    *,
+    handoff_item: bool = True,
+    keep_foreign_tool_calls: bool = True,
+) -> A:
+    """Give ``agent`` the source's history, before (or after) the session starts it.
+
+    ``Agent(chat_ctx=...)`` drops every function call and output whose tool the new agent does
+    not have (``chat_ctx.copy(tools=...)`` in ``Agent.__init__``); the specialist would then not
+    know a lookup already ran, and could run it again. This goes through the supported
+    ``Agent.update_chat_ctx(..., exclude_invalid_function_calls=False)`` instead, so the source's
+    calls and results stay, with their ids, order and ``created_at``. Items the agent already
+    had (e.g. from its constructor) are merged by time. With ``handoff_item``, an
+    ``AgentHandoff(old_agent_id=<source agent name>, new_agent_id=agent.id)`` stamped now records
+    the switch.
+
+    Caveat (livekit-agents 1.8.9): ``agent.update_tools()`` on a running agent re-filters the
+    context by its tools and drops the foreign calls again.
+    """
+    ctx = received.chat_ctx.copy()
+    have = {i.id for i in ctx.items}
+    for item in agent.chat_ctx.items:
+        if item.id not in have:
+            ctx.insert(item)
+    if handoff_item:
+        last = max((i.created_at for i in ctx.items), default=0.0)
+        ctx.insert(
+            llm.AgentHandoff(
+                old_agent_id=received.from_agent,
+                new_agent_id=agent.id,
+                created_at=max(time.time(), last),
+            )
+        )
+    await agent.update_chat_ctx(ctx, exclude_invalid_function_calls=not keep_foreign_tool_calls)
+    return agent
+
+
+def chat_items_equal(
+    a: llm.ChatContext, b: llm.ChatContext, *, skip_types: Sequence[str] = ()
+) -> bool:
+    """``a.is_equivalent(b)`` plus equal ``created_at`` on every item (types in ``skip_types``
+    are ignored on both sides, e.g. ``("agent_handoff",)``)."""
+    ia = [i for i in a.items if i.type not in skip_types]
+    ib = [i for i in b.items if i.type not in skip_types]
+    return llm.ChatContext(ia).is_equivalent(llm.ChatContext(ib)) and all(
+        x.created_at == y.created_at for x, y in zip(ia, ib, strict=True)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# AgentSession effects
+
+
+class SessionEffects:
+    """:class:`FloorEffects` on an ``AgentSession``: audio input/output via
+    ``session.input/output.set_audio_enabled``, transcription output too (so a silenced agent
+    publishes no text either), and a gate for the room's text input (see
+    :meth:`BatonLink.room_options`). Works before and after ``session.start``."""
+
+    def __init__(self, session: AgentSession[Any], *, transcription: bool = True) -> None:
+        self.session = session
+        self.transcription = transcription
+        self.hearing = False
+
+    def set_input(self, enabled: bool) -> None:
+        self.hearing = enabled
+        if enabled and self.session.input.audio is None:
+            self.session.input._audio_enabled = True  # no stream yet: avoid the SDK's warning
+            return
+        self.session.input.set_audio_enabled(enabled)
+
+    def set_output(self, enabled: bool) -> None:
+        out = self.session.output
+        if enabled and out.audio is None:
+            out._audio_enabled = True  # no sink yet (text-only or not started): no warning
+        else:
+            out.set_audio_enabled(enabled)
+        if self.transcription:
+            if enabled and out.transcription is None:
+                out._transcription_enabled = True
+            else:
+                out.set_transcription_enabled(enabled)
+
+    def speaking(self) -> bool:
+        return self.session.agent_state == "speaking"
+
+
+# ---------------------------------------------------------------------------------------------
+# The room glue
+
+
+@dataclass
+class HandoffTicket:
+    """What :meth:`BatonLink.handoff` returns once baton accepted."""
+
+    handoff_id: str
+    target: str
+    bundle: bd.Bundle
+    bundle_bytes: int
+    upload: asyncio.Task[int] | None
+    """The bundle's upload to baton (resolves to the transfer id); already running."""
+
+
+ActivateHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
+EventHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
+
+
+async def default_on_activate(link: BatonLink, msg: dict[str, Any]) -> None:
+    """Speak first when given the floor: the agent's next reply from its (seeded) context.
+    On a handback, tell the caller the transfer did not happen."""
+    if msg.get("cause") == "handback":
+        target = link.last_failed_target or "the other department"
+        link.session.generate_reply(
+            instructions=(
+                f"The transfer to {target} did not work ({msg.get('reason', 'unknown')}). "
+                "Tell the caller briefly and keep helping them yourself."
+            )
+        )
+    else:
+        link.session.generate_reply()
+
+
+class BatonLink:
+    """Links an ``AgentSession`` in a LiveKit room to baton. Create with :meth:`attach`."""
+
+    def __init__(
+        self,
+        room: rtc.Room,
+        session: AgentSession[Any],
+        *,
+        agent_name: str,
+        role: str | None = None,
+        job_ctx: JobContext | None = None,
+        on_activate: ActivateHook | None = default_on_activate,
+        on_release: EventHook | None = None,
+        on_prepare: EventHook | None = None,
+        user_state_serializer: Callable[[Any], Mapping[str, Any]] | None = None,
+        transcription: bool = True,
+    ) -> None:
+        self.room = room
+        self.session = session
+        self.agent_name = agent_name
+        self.job_ctx = job_ctx
+        self.baton_identity: str | None = None
+        self.effects = SessionEffects(session, transcription=transcription)
+        self.floor = FloorClient(
+            agent_name, self, self.effects, role=role, listener=self._on_floor_event
+        )
+        self.on_activate = on_activate
+        self.on_release = on_release
+        self.on_prepare = on_prepare
+        self.user_state_serializer = user_state_serializer
+        self.last_failed_target: str | None = None
+        self.events: list[tuple[float, str, dict[str, Any]]] = []
+        """Every floor event with its ``time.time()``, for logs and reports."""
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._answered = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._bundle_unavailable: set[str] = set()
+        self._cancelled: dict[str, str] = {}
+        self._session_running = asyncio.Event()
+        if session.agent_state != "initializing":
+            self._session_running.set()
+
+    # -- construction --
+
+    @classmethod
+    async def attach(
+        cls,
+        ctx_or_room: JobContext | rtc.Room,
+        session: AgentSession[Any],
+        *,
+        agent_name: str | None = None,
+        baton_identity: str | None = None,
+        role: str | None = None,
+        find_timeout: float = 10.0,
+        answer_timeout: float = 5.0,
+        **options: Any,
+    ) -> BatonLink:
+        """Silence ``session``, find baton, say ``hello`` and wait (up to ``answer_timeout``)
+        for baton's answer: ``activate`` (we hold the floor), ``prepare`` (we are a handoff
+        target: call :meth:`receive_context`) or ``deactivate`` (standby).
+
+        Call once per job, after ``ctx.connect()`` and preferably before ``session.start``
+        (then nothing is heard before baton says so). ``agent_name`` defaults to the job's
+        dispatch name; it must equal the participant's ``lk.agent.name`` attribute.
+        ``baton_identity`` defaults to the participant whose attribute ``baton.role`` is
+        ``coordinator`` (then identity ``baton``). Further keyword ``options`` go to the
+        constructor (``on_activate``, ``on_release``, ``on_prepare``, ``user_state_serializer``,
+        ``transcription``).
+        """
+        room, job_ctx = _room_and_job(ctx_or_room)
+        if agent_name is None:
+            if job_ctx is None or not job_ctx.job.agent_name:
+                raise ValueError(
+                    "agent_name is required when not attaching with a named JobContext"
+                )
+            agent_name = job_ctx.job.agent_name
+        link = cls(room, session, agent_name=agent_name, role=role, job_ctx=job_ctx, **options)
+        # capture bundles from now on (a bundle may arrive right after prepare)
+        transport_for(room)
+        link._listen()
+        link.baton_identity = await link._find_baton(baton_identity, find_timeout)
+        link.floor.hello()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(link._answered.wait(), answer_timeout)
+        return link
+
+    def _listen(self) -> None:
+        self.room.on("data_received", self._on_data)
+        self.room.on("reconnected", self._on_reconnected)
+        self.room.on("participant_connected", self._on_participant_connected)
+        self.session.on("agent_state_changed", self._on_agent_state)
+        self._writer = asyncio.ensure_future(self._write_loop())
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for ev, cb in (
+            ("data_received", self._on_data),
+            ("reconnected", self._on_reconnected),
+            ("participant_connected", self._on_participant_connected),
+        ):
+            with contextlib.suppress(Exception):
+                self.room.off(ev, cb)
+        with contextlib.suppress(Exception):
+            self.session.off("agent_state_changed", self._on_agent_state)
+        for t in [self._writer, *self._tasks]:
+            if t is not None:
+                t.cancel()
+
+    async def _find_baton(self, identity: str | None, timeout: float) -> str:
+        def look() -> str | None:
+            for p in self.room.remote_participants.values():
+                if identity is not None:
+                    if p.identity == identity:
+                        return p.identity
+                elif p.attributes.get(COORDINATOR_ATTRIBUTE) == COORDINATOR_ROLE:
+                    return p.identity
+            if identity is None and DEFAULT_BATON_IDENTITY in self.room.remote_participants:
+                return DEFAULT_BATON_IDENTITY
+            return None
+
+        found = asyncio.Event()
+
+        def poke(*_: Any) -> None:
+            found.set()
+
+        self.room.on("participant_connected", poke)
+        self.room.on("participant_attributes_changed", poke)
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while (who := look()) is None:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise BatonError(
+                        f"baton is not in room {self.room.name!r} after {timeout}s: no participant "
+                        f"with attribute {COORDINATOR_ATTRIBUTE}={COORDINATOR_ROLE}"
+                        + (f" or identity {identity!r}" if identity else "")
+                        + "; check that the room dispatches baton"
+                    )
+                found.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(found.wait(), left)
+            return who
+        finally:
+            self.room.off("participant_connected", poke)
+            self.room.off("participant_attributes_changed", poke)
+
+    # -- sending (ControlSender) --
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self._outbox.put_nowait(msg)
+
+    async def _write_loop(self) -> None:
+        while True:
+            msg = await self._outbox.get()
+            dest = self.baton_identity
+            if dest is None:
+                log.warning("dropping %s: baton not found yet", msg.get("type"))
+                continue
+            payload = json.dumps(msg, separators=(",", ":")).encode()
+            try:
+                await self.room.local_participant.publish_data(
+                    payload, reliable=True, destination_identities=[dest], topic=CONTROL_TOPIC
+                )
+            except Exception:
+                log.warning("could not send %s to baton", msg.get("type"), exc_info=True)
+
+    # -- room and session callbacks --
+
+    def _on_data(self, packet: rtc.DataPacket) -> None:
+        if packet.topic != CONTROL_TOPIC:
+            return
+        sender = packet.participant.identity if packet.participant is not None else None
+        if sender is None or sender != self.baton_identity:
+            log.warning("ignored %s packet from %r (not baton)", CONTROL_TOPIC, sender)
+            return
+        if len(packet.data) > 15_000:
+            log.warning("rejected control message: too large")
+            return
+        try:
+            msg = json.loads(packet.data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            log.warning("rejected control message: malformed")
+            return
+        if not isinstance(msg, dict) or not isinstance(msg.get("id"), str):
+            log.warning("rejected control message: malformed")
+            return
+        self.floor.handle(msg)
+
+    def _on_reconnected(self, *_: Any) -> None:
+        self.floor.hello()
+
+    def _on_participant_connected(self, participant: rtc.RemoteParticipant) -> None:
+        if participant.identity == self.baton_identity:
+            self.floor.hello()  # baton came back: it needs our hello before it talks to us
+
+    def _on_agent_state(self, ev: AgentStateChangedEvent) -> None:
+        if ev.new_state != "initializing":
+            self._session_running.set()
+        self.floor.speaking_changed(ev.new_state == "speaking")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("baton hook failed")
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_floor_event(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
+        self.events.append((time.time(), kind, msg))
+        if kind in ("activated", "deactivated", "prepare"):
+            self._answered.set()
+        if kind == "bundle_unavailable":
+            self._bundle_unavailable.add(str(msg.get("handoff")))
+        elif kind == "handoff_cancelled":
+            self._cancelled[str(msg.get("handoff"))] = str(msg.get("reason", ""))
+        elif kind == "handoff_failed":
+            self.last_failed_target = str(msg.get("target") or "") or None
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+        hook: EventHook | None = {
+            "activated": self.on_activate,
+            "release": self.on_release if self.on_release is not None else _default_on_release,
+            "prepare": self.on_prepare,
+        }.get(kind)
+        if hook is not None:
+            self._spawn(self._run_hook(hook, msg, after_start=kind == "activated"))
+
+    async def _run_hook(self, hook: EventHook, msg: dict[str, Any], *, after_start: bool) -> None:
+        if after_start:
+            await self._session_running.wait()
+        r = hook(self, msg)
+        if r is not None:
+            await r
+
+    # -- text input gate --
+
+    def room_options(self, base: RoomOptions | None = None, **kwargs: Any) -> RoomOptions:
+        """``RoomOptions`` whose text input (topic ``lk.chat``) only reaches the agent while it
+        holds the floor: every agent in the room receives the caller's chat text, and only the
+        active one may answer. ``kwargs`` are passed to ``RoomOptions``; ``base`` is copied."""
+        from livekit.agents.voice.room_io import RoomOptions, TextInputOptions
+
+        opts = dataclasses.replace(base, **kwargs) if base is not None else RoomOptions(**kwargs)
+        given = opts.get_text_input_options()
+        if given is None:
+            return opts
+        inner = given.text_input_cb
+
+        async def gated(session: AgentSession[Any], ev: TextInputEvent) -> None:
+            if not self.floor.active:
+                log.info("ignored caller text while not holding the floor: %r", ev.text[:80])
+                return
+            r = inner(session, ev)
+            if r is not None:
+                await r
+
+        opts.text_input = TextInputOptions(text_input_cb=gated)
+        return opts
+
+    # -- handoff (source side) --
+
+    async def handoff(
+        self,
+        target: str,
+        *,
+        reason: str,
+        run_ctx: RunContext[Any] | None = None,
+        agent: Agent | None = None,
+        tried: Iterable[str | Mapping[str, Any]] | None = None,
+        outcome: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        user_state: Any = dataclasses.MISSING,
+        tool_calls_in_flight: Sequence[bd.ToolCallInFlight] | None = None,
+        timeout: float = 5.0,
+        compress: bool = False,
+    ) -> HandoffTicket:
+        """Hand the call to ``target``. Call from a ``function_tool`` (pass its ``RunContext``)
+        and return ``None`` from the tool so the LLM does not speak again.
+
+        Lets the current sentence finish (``run_ctx.wait_for_playout()``, which is safe inside
+        the tool, then waits while the agent is speaking), builds the bundle from the agent's
+        own chat context plus the call being executed, the session's ``userdata`` (or
+        ``user_state``) through the serializer, ``tried``/``outcome``/``data``, and the tool
+        calls in flight; sends ``handoff`` with ``bundle_follows``; on ``handoff_accepted``
+        starts the bundle upload to baton and returns. Raises :class:`HandoffRefused`.
+        """
+        if run_ctx is not None:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: no generation to wait for
+                await run_ctx.wait_for_playout()
+        await self._wait_not_speaking(timeout=10.0)
+        the_agent = agent if agent is not None else self.session.current_agent
+        if user_state is dataclasses.MISSING:
+            try:
+                user_state = self.session.userdata
+            except ValueError:
+                user_state = None
+        state = state_to_dict(user_state, self.user_state_serializer)
+        common: dict[str, Any] = {
+            "from_agent": self.agent_name,
+            "to_agent": target,
+            "reason": reason,
+            "user_state": state,
+            "tried": list(tried or []),
+            "outcome": outcome,
+            "data": data,
+            "current_call": run_ctx.function_call if run_ctx is not None else None,
+            "tool_calls_in_flight": tool_calls_in_flight,
+        }
+        draft = build_handoff_bundle(the_agent.chat_ctx, **common)  # fail before asking baton
+        msg, fut = self.floor.request_handoff(target, reason, bundle_follows=True)
+        try:
+            answer = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.floor.forget_request(msg["id"])
+            raise HandoffRefused("timeout", target) from None
+        if answer["type"] == "handoff_refused":
+            raise HandoffRefused(str(answer.get("reason", "unknown")), target)
+        hid = str(answer.get("handoff") or "")
+        bundle = (
+            build_handoff_bundle(the_agent.chat_ctx, handoff_id=hid, **common) if hid else draft
+        )
+        payload = bd.encode_bundle(bundle)
+        dest = self.baton_identity
+        assert dest is not None
+        upload = asyncio.ensure_future(
+            send_bundle(self.room, dest, payload, bd.META, compress=compress)
+        )
+        self._tasks.add(upload)
+        upload.add_done_callback(self._upload_done)
+        return HandoffTicket(hid, str(answer.get("target") or target), bundle, len(payload), upload)
+
+    def _upload_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("bundle upload to baton failed: %s", task.exception())
+
+    async def _wait_not_speaking(self, timeout: float) -> None:
+        if self.session.agent_state != "speaking":
+            return
+        done = asyncio.Event()
+
+        def changed(ev: AgentStateChangedEvent) -> None:
+            if ev.new_state != "speaking":
+                done.set()
+
+        self.session.on("agent_state_changed", changed)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout)
+        finally:
+            self.session.off("agent_state_changed", changed)
+
+    def _next_event(self) -> asyncio.Future[None]:
+        """A future resolved at the next floor event."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
+
+    # -- target side --
+
+    @property
+    def preparing(self) -> bool:
+        """True when baton told us (``prepare``) that we are the target of a handoff."""
+        return self.floor.prepare is not None
+
+    async def wait_prepare(self, timeout: float | None = None) -> dict[str, Any]:
+        async def wait() -> dict[str, Any]:
+            while self.floor.prepare is None:
+                await self._next_event()
+            return self.floor.prepare
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def receive_context(
+        self,
+        timeout: float | None = 10.0,
+        *,
+        user_state_type: type[Any] | None = None,
+        user_state_deserializer: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> ReceivedContext:
+        """Wait for ``prepare`` and the bundle baton forwards; return a :class:`ReceivedContext`
+        (the chat as a ready ``llm.ChatContext``, the user state as a dict or rebuilt with
+        ``user_state_type``/``user_state_deserializer``, the reason, the source).
+
+        Without a bundle (none announced, or ``bundle_unavailable``) the context is empty and
+        ``bundle`` is None, with the reason and source from ``prepare``. Raises
+        :class:`HandoffCancelled` if baton cancels, ``TimeoutError`` after ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        prep = await self.wait_prepare(left())
+        hid = str(prep.get("handoff"))
+        source = str(prep.get("source") or "")
+        reason = str(prep.get("reason") or "")
+
+        def empty() -> ReceivedContext:
+            return ReceivedContext(
+                chat_ctx=llm.ChatContext.empty(),
+                user_state={}
+                if user_state_type is None and user_state_deserializer is None
+                else None,
+                reason=reason,
+                from_agent=source,
+                handoff_id=hid,
+            )
+
+        if not prep.get("bundle"):
+            return empty()
+        assert self.baton_identity is not None
+        recv = asyncio.ensure_future(receive_bundle(self.room, self.baton_identity, timeout=left()))
+        try:
+            while not recv.done():
+                if hid in self._cancelled:
+                    raise HandoffCancelled(hid, self._cancelled[hid])
+                if hid in self._bundle_unavailable:
+                    return empty()
+                changed = self._next_event()
+                await asyncio.wait({recv, changed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+            payload, _meta = recv.result()
+        finally:
+            if not recv.done():
+                recv.cancel()
+        bundle = bd.decode_bundle(payload)
+        return read_bundle(
+            bundle,
+            user_state_type=user_state_type,
+            user_state_deserializer=user_state_deserializer,
+        )
+
+    async def ready(self, handoff_id: str | None = None) -> None:
+        """Tell baton we are ready to take the floor (send after ``session.start``)."""
+        hid = handoff_id
+        if hid is None:
+            if self.floor.prepare is None:
+                raise BatonError("ready() without a handoff: baton has not sent prepare")
+            hid = str(self.floor.prepare.get("handoff"))
+        self.floor.ready(hid)
+
+    async def wait_active(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until baton activates this agent; returns the ``activate``."""
+
+        async def wait() -> dict[str, Any]:
+            while not self.floor.active:
+                await self._next_event()
+            assert self.floor.last_activate is not None
+            return self.floor.last_activate
+
+        return await asyncio.wait_for(wait(), timeout)
+
+
+async def _default_on_release(link: BatonLink, msg: dict[str, Any]) -> None:
+    if msg.get("mode") != "leave":
+        return  # standby: stay, muted, for a warm handoff back
+    if link.job_ctx is not None:
+        link.job_ctx.shutdown(reason="baton release")
+    else:
+        await link.room.disconnect()
+
+
+def _room_and_job(ctx_or_room: Any) -> tuple[rtc.Room, JobContext | None]:
+    from livekit.agents import JobContext
+
+    if isinstance(ctx_or_room, JobContext):
+        return ctx_or_room.room, ctx_or_room
+    return ctx_or_room, None
