@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
@@ -822,16 +822,15 @@ class BatonLink:
             self._session_running.set()
         self.floor.speaking_changed(ev.new_state == "speaking")
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except Exception:
-                log.exception("baton hook failed")
-
-        task = asyncio.ensure_future(run())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._hook_done)
+
+    def _hook_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.error("baton hook failed", exc_info=e)
 
     def _on_floor_event(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
         self.events.append((time.time(), kind, msg))

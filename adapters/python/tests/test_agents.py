@@ -1,0 +1,832 @@
+"""lk_baton.agents without a server: real AgentSessions driven headless (no room) with a scripted
+LLM, the floor state machine with recording fakes, and BatonLink over in-memory rooms with a
+scripted stand-in for baton."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+import pytest
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    Agent,
+    AgentSession,
+    APIConnectOptions,
+    RunContext,
+    function_tool,
+    llm,
+)
+
+from lk_baton import bundle as bd
+from lk_baton.agents import (
+    CONTROL_TOPIC,
+    BatonLink,
+    FloorClient,
+    HandoffRefused,
+    ReceivedContext,
+    build_handoff_bundle,
+    chat_items_equal,
+    read_bundle,
+    seed_agent,
+    state_from_dict,
+    state_to_dict,
+)
+from lk_baton.transfer import receive_bundle, send_bundle, transport_for
+
+# ---------------------------------------------------------------------------------------------
+# A scripted LLM: a function of the chat context returns (text, [(tool, args), ...])
+
+Step = tuple[str, list[tuple[str, dict[str, Any]]]]
+
+
+class ScriptedLLM(llm.LLM):
+    def __init__(self, script: Callable[[llm.ChatContext], Step]) -> None:
+        super().__init__()
+        self.script = script
+        self.seen: list[llm.ChatContext] = []
+
+    def chat(
+        self,
+        *,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool] | None = None,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+        **_: Any,
+    ) -> llm.LLMStream:
+        self.seen.append(chat_ctx.copy())
+        return ScriptedStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
+
+
+class ScriptedStream(llm.LLMStream):
+    async def _run(self) -> None:
+        assert isinstance(self._llm, ScriptedLLM)
+        text, calls = self._llm.script(self._chat_ctx)
+        rid = uuid.uuid4().hex[:8]
+        if text:
+            delta = llm.ChoiceDelta(role="assistant", content=text)
+            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+        for name, args in calls:
+            call = llm.FunctionToolCall(
+                name=name, arguments=json.dumps(args), call_id=f"call_{uuid.uuid4().hex[:8]}"
+            )
+            delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
+            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+
+
+def last(ctx: llm.ChatContext) -> llm.ChatItem:
+    return ctx.items[-1]
+
+
+def triage_script(ctx: llm.ChatContext) -> Step:
+    it = last(ctx)
+    if it.type == "message" and it.role == "user":
+        return ("Let me look up your account.", [("lookup_account", {"account_id": "A-1001"})])
+    if it.type == "function_call_output" and it.name == "lookup_account":
+        return ("I'll pass you to billing.", [("transfer_to_billing", {})])
+    return ("", [])
+
+
+def billing_script(ctx: llm.ChatContext) -> Step:
+    # speaks only from facts in its context: the lookup's output and the caller's words
+    facts = [
+        i for i in ctx.items if i.type == "function_call_output" and i.name == "lookup_account"
+    ]
+    said = [i for i in ctx.items if i.type == "message" and i.role == "user"]
+    if facts and said:
+        account = json.loads(facts[-1].output)["account_id"]
+        return (f"Billing here. About account {account}: {said[0].text_content}", [])
+    return ("Billing here. How can I help?", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# User state types
+
+
+@dataclass
+class Address:
+    city: str = ""
+
+
+@dataclass
+class Caller:
+    name: str = ""
+    account_id: str | None = None
+    verified: bool = False
+    address: Address = field(default_factory=Address)
+    tags: list[str] = field(default_factory=list)
+
+
+class CallerModel(pydantic.BaseModel):
+    name: str
+    account_id: str | None = None
+    verified: bool = False
+    workflow: dict[str, int] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents
+
+
+class Triage(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You are triage.")
+        self.bundle: bd.Bundle | None = None
+
+    @function_tool
+    async def lookup_account(self, account_id: str) -> str:
+        """Look up the caller's account."""
+        return json.dumps({"account_id": account_id, "balance": -42.5, "plan": "pro"})
+
+    @function_tool
+    async def transfer_to_billing(self, ctx: RunContext[Caller]) -> None:
+        """Transfer the caller to billing."""
+        await ctx.wait_for_playout()
+        ctx.userdata.verified = True
+        self.bundle = build_handoff_bundle(
+            self.chat_ctx,
+            from_agent="triage",
+            to_agent="billing",
+            reason="caller disputes a charge",
+            user_state=state_to_dict(ctx.userdata),
+            tried=["looked up account", {"action": "explained charges", "outcome": "not accepted"}],
+            outcome="needs billing",
+            current_call=ctx.function_call,
+        )
+
+
+class Billing(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You are billing.")
+
+    @function_tool
+    async def refund(self, amount: float) -> str:
+        """Refund an amount."""
+        return "ok"
+
+
+async def run_triage() -> tuple[Triage, AgentSession[Caller]]:
+    session: AgentSession[Caller] = AgentSession(
+        llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada", address=Address("Paris"))
+    )
+    agent = Triage()
+    await session.start(agent)
+    await session.run(user_input="I was charged twice this month")
+    return agent, session
+
+
+def types_of(ctx: llm.ChatContext) -> list[str]:
+    out = []
+    for i in ctx.items:
+        if i.type == "message":
+            out.append(f"{i.role}")
+        elif i.type in ("function_call", "function_call_output"):
+            out.append(f"{i.type}:{i.name}")
+        else:
+            out.append(i.type)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundle from a real chat context
+
+
+def test_bundle_from_real_session_keeps_order_timestamps_and_tool_calls() -> None:
+    async def main() -> None:
+        agent, session = await run_triage()
+        b = agent.bundle
+        assert b is not None
+        bd.validate_bundle(b)  # summary included
+        items = b["chat"]["items"]
+        kinds = [(i["type"], i.get("name") or i.get("role")) for i in items]
+        assert kinds[0] == ("message", "system")
+        tail = [k for k in kinds if k[0] != "agent_config_update"][1:]
+        assert tail == [
+            ("message", "user"),
+            ("message", "assistant"),
+            ("function_call", "lookup_account"),
+            ("function_call_output", "lookup_account"),
+            ("message", "assistant"),
+            ("function_call", "transfer_to_billing"),
+            ("function_call_output", "transfer_to_billing"),
+        ]
+        stamps = [i["created_at"] for i in items]
+        assert all(isinstance(t, float) for t in stamps)
+        assert stamps == sorted(stamps), "items are in time order"
+        # the source's own items are carried unchanged (ids, created_at)
+        src = agent.chat_ctx.to_dict(exclude_timestamp=False)["items"]
+        by_id = {i["id"]: i for i in items}
+        for it in src:
+            if it["type"] == "function_call" and it["name"] == "transfer_to_billing":
+                continue  # after the bundle was built, the framework adds its own output
+            if it["type"] == "function_call_output" and it["name"] == "transfer_to_billing":
+                continue
+            assert by_id[it["id"]] == it
+        out = next(i for i in items if i.get("name") == "lookup_account" and "output" in i)
+        assert json.loads(out["output"])["account_id"] == "A-1001"
+        assert b["tool_calls_in_flight"] == []
+        assert b["user_state"] == {
+            "name": "Ada",
+            "account_id": None,
+            "verified": True,
+            "address": {"city": "Paris"},
+            "tags": [],
+        }
+        assert b["agent_state"]["attempts"][1] == {
+            "action": "explained charges",
+            "outcome": "not accepted",
+        }
+        assert (b["from_agent"], b["to_agent"]) == ("triage", "billing")
+        await session.aclose()
+
+    asyncio.run(main())
+
+
+def test_unanswered_function_call_is_reported_in_flight() -> None:
+    ctx = llm.ChatContext.empty()
+    ctx.add_message(role="user", content="book me", created_at=100.0)
+    ctx.insert(
+        llm.FunctionCall(call_id="c1", name="book", arguments='{"day":"mon"}', created_at=101.0)
+    )
+    b = build_handoff_bundle(ctx, from_agent="a", to_agent="b", reason="r")
+    assert b["tool_calls_in_flight"] == [
+        {
+            "call_id": "c1",
+            "name": "book",
+            "arguments": '{"day":"mon"}',
+            "started_at": 101.0,
+            "idempotency_key": "c1",
+            "rerun": "never",
+            "note": "started before the handoff; its result is unknown",
+        }
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiving side
+
+
+def test_receiving_side_rebuilds_an_equivalent_chat_context() -> None:
+    async def main() -> None:
+        agent, session = await run_triage()
+        assert agent.bundle is not None
+        wire = bd.encode_bundle(agent.bundle)
+        got = read_bundle(bd.decode_bundle(wire), user_state_type=Caller)
+        want = llm.ChatContext.from_dict(agent.bundle["chat"])
+        assert chat_items_equal(got.chat_ctx, want)
+        # and against the source agent's live context (its items up to the handoff)
+        src = llm.ChatContext(
+            [i for i in agent.chat_ctx.items if getattr(i, "name", None) != "transfer_to_billing"]
+        )
+        mine = llm.ChatContext(
+            [i for i in got.chat_ctx.items if getattr(i, "name", None) != "transfer_to_billing"]
+        )
+        assert chat_items_equal(mine, src)
+        assert got.reason == "caller disputes a charge"
+        assert got.from_agent == "triage"
+        assert got.user_state == Caller(
+            name="Ada", verified=True, address=Address("Paris"), account_id=None
+        )
+        await session.aclose()
+
+    asyncio.run(main())
+
+
+def test_specialist_keeps_tool_calls_it_has_no_tools_for() -> None:
+    async def main() -> None:
+        agent, session = await run_triage()
+        assert agent.bundle is not None
+        await session.aclose()
+        received = read_bundle(agent.bundle)
+
+        foreign = {"lookup_account", "transfer_to_billing"}
+
+        def calls(ctx: llm.ChatContext) -> list[str]:
+            return [
+                f"{i.type}:{i.name}"
+                for i in ctx.items
+                if i.type in ("function_call", "function_call_output")
+            ]
+
+        # the framework's default drops them: that is what seed_agent works around
+        plain = Agent(instructions="billing", chat_ctx=received.chat_ctx)
+        assert not any(i.type == "function_call" for i in plain.chat_ctx.items)
+
+        billing = await seed_agent(Billing(), received)
+        expected = [
+            "function_call:lookup_account",
+            "function_call_output:lookup_account",
+            "function_call:transfer_to_billing",
+            "function_call_output:transfer_to_billing",
+        ]
+        assert calls(billing.chat_ctx) == expected
+        ho = [i for i in billing.chat_ctx.items if i.type == "agent_handoff"]
+        assert len(ho) == 1
+        assert (ho[0].old_agent_id, ho[0].new_agent_id) == ("triage", "billing")
+        assert billing.chat_ctx.items[-1].type == "agent_handoff", "handoff item comes last"
+        assert chat_items_equal(billing.chat_ctx, received.chat_ctx, skip_types=("agent_handoff",))
+
+        # ... and after a session starts the agent and it takes a turn
+        model = ScriptedLLM(billing_script)
+        s2: AgentSession[None] = AgentSession(llm=model)
+        await s2.start(billing)
+        assert calls(billing.chat_ctx) == expected
+        result = await s2.run(user_input="so can you fix it?")
+        assert calls(billing.chat_ctx) == expected
+        # the model saw the foreign calls, so its reply uses facts only triage heard
+        assert calls(model.seen[-1]) == expected
+        reply = [e.item for e in result.events if e.type == "message"]
+        assert "A-1001" in reply[-1].text_content
+        assert "charged twice" in reply[-1].text_content
+        # timestamps and order survived the start
+        inst = "lk.agent_task.instructions"
+        kept = [
+            i for i in billing.chat_ctx.items if i.id in {x.id for x in received.chat_ctx.items}
+        ]
+        assert [i.id for i in kept if i.id != inst] == [
+            i.id for i in received.chat_ctx.items if i.id != inst and i.id in {k.id for k in kept}
+        ]
+        for i in kept:
+            if i.id != inst:
+                orig = next(x for x in received.chat_ctx.items if x.id == i.id)
+                assert i.created_at == orig.created_at
+        assert foreign.isdisjoint({t.id for t in billing.tools})
+        await s2.aclose()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# User state
+
+
+def test_user_state_round_trips_dataclass_and_pydantic() -> None:
+    c = Caller(name="Bo", account_id="A-7", verified=True, address=Address("Oslo"), tags=["vip"])
+    d = state_to_dict(c)
+    assert json.loads(json.dumps(d)) == d
+    assert state_from_dict(d, Caller) == c
+
+    m = CallerModel(name="Bo", account_id="A-7", workflow={"step": 3})
+    dm = state_to_dict(m)
+    assert dm == {"name": "Bo", "account_id": "A-7", "verified": False, "workflow": {"step": 3}}
+    assert state_from_dict(dm, CallerModel) == m
+
+    assert state_to_dict(None) == {}
+    assert state_to_dict({"a": 1}) == {"a": 1}
+
+    class Opaque:
+        def __init__(self) -> None:
+            self.x = 1
+
+    with pytest.raises(TypeError, match="user_state_serializer"):
+        state_to_dict(Opaque())
+    assert state_to_dict(Opaque(), lambda o: {"x": o.x}) == {"x": 1}
+
+    # through a whole bundle with an app deserializer
+    b = build_handoff_bundle(
+        llm.ChatContext.empty(), from_agent="a", to_agent="b", reason="r", user_state=dm
+    )
+    got = read_bundle(b, user_state_deserializer=lambda raw: CallerModel(**raw))
+    assert got.user_state == m
+
+
+# ---------------------------------------------------------------------------------------------
+# Floor state machine with recording fakes
+
+
+class FakeSender:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.sent]
+
+
+class FakeEffects:
+    def __init__(self) -> None:
+        self.input = True
+        self.output = True
+        self.is_speaking = False
+        self.log: list[tuple[str, bool]] = []
+
+    def set_input(self, enabled: bool) -> None:
+        self.input = enabled
+        self.log.append(("input", enabled))
+
+    def set_output(self, enabled: bool) -> None:
+        self.output = enabled
+        self.log.append(("output", enabled))
+
+    def speaking(self) -> bool:
+        return self.is_speaking
+
+
+def floor() -> tuple[FloorClient, FakeSender, FakeEffects, list[tuple[str, dict[str, Any]]]]:
+    s, e = FakeSender(), FakeEffects()
+    events: list[tuple[str, dict[str, Any]]] = []
+    f = FloorClient("triage", s, e, role="triage", listener=lambda k, m: events.append((k, m)))
+    return f, s, e, events
+
+
+def b(type_: str, **kw: Any) -> dict[str, Any]:
+    return {"v": 1, "type": type_, "id": f"b-{uuid.uuid4().hex[:6]}", **kw}
+
+
+def test_floor_starts_silent_and_says_hello() -> None:
+    f, s, e, _ = floor()
+    assert (e.input, e.output) == (False, False)
+    f.hello()
+    assert s.sent == [
+        {"v": 1, "type": "hello", "id": s.sent[0]["id"], "agent_name": "triage", "role": "triage"}
+    ]
+    assert 1 <= len(s.sent[0]["id"]) <= 64
+
+
+def test_activate_and_standby() -> None:
+    f, s, e, ev = floor()
+    f.handle(b("activate", cause="start"))
+    assert f.active and (e.input, e.output) == (True, True)
+    assert ev[-1][0] == "activated"
+    f.handle(b("deactivate", reason="standby"))
+    assert not f.active and (e.input, e.output) == (False, False)
+    assert "quiet" not in s.types()
+
+
+def test_deactivate_for_handoff_waits_for_the_sentence_then_quiet() -> None:
+    f, s, e, _ev = floor()
+    f.handle(b("activate", cause="start"))
+    e.is_speaking = True
+    f.handle(b("deactivate", reason="handoff", handoff="h-1"))
+    assert e.input is False, "stops listening at once"
+    assert e.output is True, "but finishes the sentence"
+    assert "quiet" not in s.types()
+    f.speaking_changed(True)
+    assert "quiet" not in s.types()
+    e.is_speaking = False
+    f.speaking_changed(False)
+    assert e.output is False
+    assert s.sent[-1]["type"] == "quiet" and s.sent[-1]["handoff"] == "h-1"
+    f.speaking_changed(False)
+    assert s.types().count("quiet") == 1, "quiet is sent once"
+
+
+def test_deactivate_for_handoff_when_silent_is_quiet_at_once() -> None:
+    f, s, e, _ = floor()
+    f.handle(b("activate", cause="start"))
+    f.handle(b("deactivate", reason="handoff", handoff="h-2"))
+    assert (e.input, e.output) == (False, False)
+    assert s.sent[-1]["type"] == "quiet" and s.sent[-1]["handoff"] == "h-2"
+
+
+def test_handoff_request_resolves_on_accept_and_refusal() -> None:
+    async def main() -> None:
+        f, _s, _, _ = floor()
+        f.handle(b("activate", cause="start"))
+        msg, fut = f.request_handoff("billing", "refund", bundle_follows=True)
+        assert msg["type"] == "handoff" and msg["bundle_follows"] is True
+        assert msg["target"] == "billing" and msg["reason"] == "refund"
+        f.handle(b("handoff_accepted", re="someone-else", handoff="h-0", target="billing"))
+        assert not fut.done()
+        f.handle(b("handoff_accepted", re=msg["id"], handoff="h-1", target="billing"))
+        assert (await fut)["handoff"] == "h-1"
+        msg2, fut2 = f.request_handoff("billing", "again")
+        assert "bundle_follows" not in msg2
+        f.handle(b("handoff_refused", re=msg2["id"], reason="handoff_in_progress"))
+        assert (await fut2)["reason"] == "handoff_in_progress"
+
+    asyncio.run(main())
+
+
+def test_target_prepare_ready_activate() -> None:
+    f, s, e, ev = floor()
+    f.hello()
+    prep = b("prepare", handoff="h-1", source="triage", reason="refund", bundle=True)
+    f.handle(prep)
+    assert f.prepare == prep and not f.active and (e.input, e.output) == (False, False)
+    f.ready("h-1")
+    assert s.sent[-1]["type"] == "ready" and s.sent[-1]["handoff"] == "h-1"
+    f.handle(b("activate", cause="handoff", handoff="h-1"))
+    assert f.active and f.prepare is None and (e.input, e.output) == (True, True)
+    assert [k for k, _ in ev] == ["prepare", "activated"]
+
+
+def test_cancel_failure_release_and_junk() -> None:
+    f, _s, e, ev = floor()
+    f.handle(b("prepare", handoff="h-1", source="triage", reason="r", bundle=False))
+    f.handle(b("handoff_cancelled", handoff="h-1", reason="target_not_ready"))
+    assert f.prepare is None and (e.input, e.output) == (False, False)
+    f.handle(b("activate", cause="start"))
+    f.handle(b("handoff_failed", handoff="h-2", target="billing", reason="target_no_show"))
+    f.handle(b("activate", cause="handback", handoff="h-2", reason="target_no_show"))
+    assert f.active
+    f.handle(b("release", handoff="h-3", mode="leave"))
+    assert not f.active and (e.input, e.output) == (False, False)
+    n = len(ev)
+    f.handle({"v": 2, "type": "activate", "id": "x"})
+    f.handle(b("no_such_type"))
+    assert not f.active and len(ev) == n
+    kinds = [k for k, _ in ev]
+    assert kinds == [
+        "prepare",
+        "handoff_cancelled",
+        "activated",
+        "handoff_failed",
+        "activated",
+        "release",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# BatonLink over in-memory rooms, with a scripted baton
+
+
+@dataclass
+class Participant:
+    identity: str
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Packet:
+    data: bytes
+    topic: str
+    participant: Participant
+
+
+class Net:
+    def __init__(self) -> None:
+        self.rooms: dict[str, FakeRoom] = {}
+        self.log: list[tuple[str, str, str]] = []
+
+
+class LocalParticipant:
+    def __init__(self, room: FakeRoom) -> None:
+        self.room = room
+
+    async def publish_data(
+        self,
+        payload: bytes,
+        *,
+        reliable: bool = True,
+        destination_identities: list[str] | None = None,
+        topic: str = "",
+    ) -> None:
+        dests = list(destination_identities or [])
+        assert reliable and len(dests) == 1, "reliable and addressed to exactly one participant"
+        self.room.net.log.append((self.room.identity, dests[0], topic))
+        target = self.room.net.rooms.get(dests[0])
+        if target is not None:
+            me = Participant(self.room.identity, self.room.attributes)
+            pkt = Packet(bytes(payload), topic, me)
+            asyncio.get_running_loop().call_later(0.001, target.emit, "data_received", pkt)
+
+
+class FakeRoom:
+    name = "room-1"
+
+    def __init__(self, net: Net, identity: str, attributes: dict[str, str] | None = None) -> None:
+        self.net = net
+        self.identity = identity
+        self.attributes = attributes or {}
+        self.local_participant = LocalParticipant(self)
+        self._handlers: dict[str, list[Any]] = defaultdict(list)
+        self.disconnected = False
+        net.rooms[identity] = self
+
+    @property
+    def remote_participants(self) -> dict[str, Participant]:
+        return {
+            i: Participant(i, r.attributes) for i, r in self.net.rooms.items() if i != self.identity
+        }
+
+    def on(self, event: str, callback: Any) -> Any:
+        self._handlers[event].append(callback)
+        return callback
+
+    def off(self, event: str, callback: Any) -> None:
+        self._handlers[event].remove(callback)
+
+    def emit(self, event: str, *args: Any) -> None:
+        for cb in list(self._handlers[event]):
+            cb(*args)
+
+    async def disconnect(self) -> None:
+        self.disconnected = True
+
+
+class FakeBaton:
+    """Answers like baton's arbiter for one handoff triage -> billing."""
+
+    def __init__(self, net: Net) -> None:
+        self.room = FakeRoom(net, "baton-1", {"baton.role": "coordinator"})
+        self.got: list[tuple[str, dict[str, Any]]] = []
+        self.n = 0
+        self.room.on("data_received", self._on)
+        transport_for(self.room)
+        self.refuse: str | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, to: str, type_: str, **kw: Any) -> None:
+        self.n += 1
+        msg = {"v": 1, "type": type_, "id": f"b-{self.n}", **kw}
+        task = asyncio.ensure_future(
+            self.room.local_participant.publish_data(
+                json.dumps(msg).encode(), destination_identities=[to], topic=CONTROL_TOPIC
+            )
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _on(self, pkt: Packet) -> None:
+        if pkt.topic != CONTROL_TOPIC:
+            return
+        msg = json.loads(pkt.data)
+        who = pkt.participant.identity
+        self.got.append((who, msg))
+        if msg["type"] == "hello" and msg["agent_name"] == "triage":
+            self.send(who, "activate", cause="start")
+        elif msg["type"] == "hello":
+            self.send(
+                who,
+                "prepare",
+                handoff="h-1",
+                source="triage",
+                reason="disputed charge",
+                bundle=True,
+            )
+        elif msg["type"] == "handoff" and self.refuse:
+            self.send(who, "handoff_refused", re=msg["id"], reason=self.refuse)
+        elif msg["type"] == "handoff":
+            self.send(who, "handoff_accepted", re=msg["id"], handoff="h-1", target=msg["target"])
+            self.send(who, "deactivate", handoff="h-1", reason="handoff")
+
+    def types_from(self, who: str) -> list[str]:
+        return [m["type"] for w, m in self.got if w == who]
+
+
+class LinkedTriage(Triage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.link: BatonLink | None = None
+        self.ticket: Any = None
+        self.refused: HandoffRefused | None = None
+
+    @function_tool
+    async def transfer_to_billing(self, ctx: RunContext[Caller]) -> None:
+        """Transfer the caller to billing."""
+        assert self.link is not None
+        try:
+            self.ticket = await self.link.handoff(
+                "billing", reason="disputed charge", run_ctx=ctx, tried=["looked up account"]
+            )
+        except HandoffRefused as e:
+            self.refused = e
+
+
+def test_link_source_and_target_through_a_scripted_baton() -> None:
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+
+        # --- source: triage
+        room_a = FakeRoom(net, "agent-triage")
+        s1: AgentSession[Caller] = AgentSession(
+            llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada")
+        )
+        link_a = await BatonLink.attach(room_a, s1, agent_name="triage", role="triage")  # type: ignore[arg-type]
+        assert link_a.baton_identity == "baton-1"
+        assert link_a.floor.active, "baton answered hello with activate"
+        triage = LinkedTriage()
+        triage.link = link_a
+        await s1.start(triage)
+        await s1.run(user_input="I was charged twice this month")
+        assert triage.ticket is not None and triage.ticket.handoff_id == "h-1"
+        assert triage.ticket.bundle["handoff_id"] == "h-1"
+        await asyncio.wait_for(triage.ticket.upload, 5)
+        await asyncio.sleep(0.02)
+        assert baton.types_from("agent-triage") == ["hello", "handoff", "quiet"]
+        assert not link_a.floor.active
+        assert (s1.output.audio_enabled, s1.input.audio_enabled) == (False, False)
+        payload, meta = await receive_bundle(baton.room, "agent-triage", timeout=1)
+        assert json.loads(meta) == bd.META
+
+        # --- target: billing (baton forwards the bundle after prepare)
+        room_b = FakeRoom(net, "agent-billing")
+        model = ScriptedLLM(billing_script)
+        s2: AgentSession[Caller] = AgentSession(llm=model)
+        link_b = await BatonLink.attach(room_b, s2, agent_name="billing")  # type: ignore[arg-type]
+        assert link_b.preparing and not link_b.floor.active
+        fwd = asyncio.ensure_future(send_bundle(baton.room, "agent-billing", payload, meta))
+        received = await link_b.receive_context(timeout=5, user_state_type=Caller)
+        await fwd
+        assert isinstance(received, ReceivedContext)
+        assert received.handoff_id == "h-1" and received.from_agent == "triage"
+        assert received.user_state.name == "Ada"
+        billing = await seed_agent(Billing(), received)
+        s2.userdata = received.user_state
+        await s2.start(billing)
+        await link_b.ready()
+        await asyncio.sleep(0.02)
+        assert baton.types_from("agent-billing") == ["hello", "ready"]
+        assert s2.output.audio_enabled is False, "silent until activated"
+
+        replies: list[str] = []
+        s2.on(
+            "conversation_item_added",
+            lambda ev: (
+                replies.append(ev.item.text_content)
+                if ev.item.type == "message" and ev.item.role == "assistant"
+                else None
+            ),
+        )
+        baton.send("agent-billing", "activate", cause="handoff", handoff="h-1")
+        await asyncio.wait_for(link_b.wait_active(), 2)
+        for _ in range(200):
+            if replies:
+                break
+            await asyncio.sleep(0.01)
+        assert s2.output.audio_enabled and s2.input.audio_enabled
+        assert replies and "A-1001" in replies[0] and "charged twice" in replies[0]
+
+        # release(leave) without a job context disconnects the room
+        baton.send("agent-triage", "release", handoff="h-1", mode="leave")
+        for _ in range(100):
+            if room_a.disconnected:
+                break
+            await asyncio.sleep(0.01)
+        assert room_a.disconnected
+        # nothing was ever sent to anyone but baton
+        assert {d for src, d, _ in net.log if src != "baton-1"} == {"baton-1"}
+        for x in (link_a, link_b):
+            await x.aclose()
+        await s1.aclose()
+        await s2.aclose()
+
+    asyncio.run(main())
+
+
+def test_link_refused_handoff_raises_and_keeps_the_floor() -> None:
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        baton.refuse = "unknown_target"
+        room = FakeRoom(net, "agent-triage")
+        s1: AgentSession[Caller] = AgentSession(
+            llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada")
+        )
+        link = await BatonLink.attach(room, s1, agent_name="triage")  # type: ignore[arg-type]
+        triage = LinkedTriage()
+        triage.link = link
+        await s1.start(triage)
+        await s1.run(user_input="I was charged twice")
+        assert triage.refused is not None and triage.refused.reason == "unknown_target"
+        assert link.floor.active and s1.output.audio_enabled
+        assert "quiet" not in baton.types_from("agent-triage")
+        await link.aclose()
+        await s1.aclose()
+
+    asyncio.run(main())
+
+
+def test_text_input_only_reaches_the_floor_holder() -> None:
+    async def main() -> None:
+        from livekit.agents.voice.room_io import RoomOptions, TextInputEvent, TextInputOptions
+
+        net = Net()
+        FakeBaton(net)
+        room = FakeRoom(net, "agent-billing")
+        s: AgentSession[None] = AgentSession(llm=ScriptedLLM(billing_script))
+        link = await BatonLink.attach(room, s, agent_name="billing", answer_timeout=0.5)  # type: ignore[arg-type]
+        heard: list[str] = []
+
+        async def cb(_: Any, ev: TextInputEvent) -> None:
+            heard.append(ev.text)
+
+        opts = link.room_options(RoomOptions(text_input=TextInputOptions(text_input_cb=cb)))
+        ti = opts.get_text_input_options()
+        assert ti is not None
+        await ti.text_input_cb(s, TextInputEvent(text="hello?"))  # type: ignore[misc]
+        assert heard == []
+        link.floor.handle({"v": 1, "type": "activate", "id": "b-9", "cause": "start"})
+        await ti.text_input_cb(s, TextInputEvent(text="now?"))  # type: ignore[misc]
+        assert heard == ["now?"]
+        assert link.room_options(text_input=False).text_input is False
+        await link.aclose()
+
+    asyncio.run(main())
+
+
+def test_dataclass_helpers_are_plain() -> None:
+    # ReceivedContext is a plain dataclass apps can build themselves (e.g. from dispatch metadata)
+    r = ReceivedContext(chat_ctx=llm.ChatContext.empty(), user_state={}, reason="x", from_agent="a")
+    assert dataclasses.asdict(r)["reason"] == "x"
