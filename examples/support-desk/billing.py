@@ -1,0 +1,121 @@
+"""The billing agent of the support desk: a livekit-agents worker named ``billing``.
+
+baton dispatches it when triage hands a call over. It receives triage's context bundle, builds
+its agent from it (keeping triage's ``lookup_account`` call and result although billing has no
+such tool), tells baton it is ready, and when activated speaks first with what triage learnt.
+Run: ``python billing.py`` with LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET set.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from desk import (
+    Caller,
+    Step,
+    make_llm,
+    make_tts,
+    run_worker,
+    say,
+    tool_output,
+    user_messages,
+)
+from lk_baton import BatonLink, seed_agent
+
+AGENT_NAME = "billing"
+
+BASE_INSTRUCTIONS = (
+    "You are the billing agent of a support desk. The caller was transferred to you. Speak "
+    "first: in one or two sentences, show that you know who they are and what their problem "
+    "is from the conversation so far (never ask them to repeat it), then solve it. You can "
+    "refund duplicate charges with refund_charge. Keep answers short."
+)
+
+
+def billing_instructions(reason: str | None) -> str:
+    if not reason:
+        return BASE_INSTRUCTIONS
+    return f"{BASE_INSTRUCTIONS}\nTriage transferred the call because: {reason}"
+
+
+def billing_script(ctx: llm.ChatContext) -> Step:
+    """The scripted stand-in: its first sentence uses only facts from triage's context."""
+    account = tool_output(ctx, "lookup_account")
+    said = user_messages(ctx)
+    spoke = any(i.type == "message" and i.role == "assistant" and i.created_at > _handoff_at(ctx) for i in ctx.items)
+    if not spoke:
+        if account is None or not said:
+            return ("Hello, this is billing. How can I help you?", [])
+        first = account["name"].split()[0]
+        return (
+            f"Hello {first}, this is billing. I have your account {account['account_id']} on the "
+            f"{account['plan']} plan, and I understand: {said[0].rstrip('.')}. "
+            "I can see the duplicate charge.",
+            [],
+        )
+    last = ctx.items[-1]
+    if last.type == "function_call_output" and last.name == "refund_charge":
+        return ("Done: the duplicate charge is refunded. Anything else?", [])
+    if said and any(w in said[-1].lower() for w in ("yes", "please", "refund", "ok")):
+        month = "March"
+        if account and account.get("last_invoice"):
+            month = str(account["last_invoice"])
+        amount = 0.0
+        if account and account.get("charges"):
+            amount = float(account["charges"][-1]["amount"])
+        return ("", [("refund_charge", {"month": month, "amount": amount})])
+    return ("Shall I refund the duplicate charge?", [])
+
+
+def _handoff_at(ctx: llm.ChatContext) -> float:
+    at = [i.created_at for i in ctx.items if i.type == "agent_handoff"]
+    return at[-1] if at else 0.0
+
+
+class BillingAgent(Agent):
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(instructions=billing_instructions(reason))
+
+    @function_tool
+    async def refund_charge(self, ctx: RunContext[Caller], month: str, amount: float) -> str:
+        """Refund a duplicate charge of `amount` for `month`."""
+        ctx.userdata.notes.append(f"refunded {amount} for {month}")
+        return json.dumps({"refunded": amount, "month": month, "account": ctx.userdata.account_id})
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    await ctx.connect()
+    session: AgentSession[Caller] = AgentSession(llm=make_llm(billing_script), tts=make_tts("en-gb"), userdata=Caller())
+    baton = await BatonLink.attach(ctx, session, role="billing")
+    agent = BillingAgent()
+    if baton.preparing:
+        received = await baton.receive_context(timeout=10, user_state_type=Caller)
+        say(
+            AGENT_NAME,
+            f"context from={received.from_agent} items={len(received.chat_ctx.items)} handoff={received.handoff_id}",
+        )
+        agent = await seed_agent(BillingAgent(received.reason), received)
+        if isinstance(received.user_state, Caller):
+            session.userdata = received.user_state
+    session.on(
+        "conversation_item_added",
+        lambda ev: (
+            say(AGENT_NAME, f"said: {ev.item.text_content}")
+            if ev.item.type == "message" and ev.item.role == "assistant"
+            else None
+        ),
+    )
+    await session.start(agent=agent, room=ctx.room, room_options=baton.room_options(audio_input=False))
+    if baton.preparing:
+        await baton.ready()
+    say(AGENT_NAME, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity}")
+
+
+if __name__ == "__main__":
+    run_worker(AGENT_NAME, entrypoint)

@@ -1,0 +1,133 @@
+"""The support desk's pieces without a server: the scripted models, espeak-ng TTS, and a
+triage -> billing handoff of the real agents, headless (no room), with a stand-in for the
+BatonLink that builds the bundle exactly as BatonLink.handoff does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession, RunContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import billing
+import desk
+import triage
+from lk_baton import bundle as bd
+from lk_baton.agents import (
+    HandoffTicket,
+    build_handoff_bundle,
+    read_bundle,
+    seed_agent,
+    state_to_dict,
+)
+
+
+class RecordingBaton:
+    """Stands in for BatonLink in TriageAgent: builds the bundle, records it, accepts."""
+
+    def __init__(self) -> None:
+        self.bundle: bd.Bundle | None = None
+
+    async def handoff(self, target: str, *, reason: str, run_ctx: RunContext[Any], **kw: Any) -> HandoffTicket:
+        await run_ctx.wait_for_playout()
+        self.bundle = build_handoff_bundle(
+            run_ctx.session.current_agent.chat_ctx,
+            from_agent="triage",
+            to_agent=target,
+            reason=reason,
+            user_state=state_to_dict(run_ctx.userdata),
+            tried=kw.get("tried"),
+            outcome=kw.get("outcome"),
+            current_call=run_ctx.function_call,
+            handoff_id="h-1",
+        )
+        return HandoffTicket("h-1", target, self.bundle, len(bd.encode_bundle(self.bundle)), None)
+
+
+def test_triage_then_billing_first_sentence_uses_what_triage_heard() -> None:
+    async def main() -> None:
+        rec = RecordingBaton()
+        s1: AgentSession[desk.Caller] = AgentSession(llm=desk.ScriptedLLM(triage.triage_script), userdata=desk.Caller())
+        await s1.start(triage.TriageAgent(rec))  # type: ignore[arg-type]
+        await s1.run(user_input="Hi, my account is A-1001 and I was charged twice for March.")
+        await s1.aclose()
+        assert rec.bundle is not None
+        assert rec.bundle["user_state"]["account_id"] == "A-1001"
+        assert "charged twice" in rec.bundle["reason"]
+
+        received = read_bundle(bd.decode_bundle(bd.encode_bundle(rec.bundle)), user_state_type=desk.Caller)
+        assert received.user_state.name == "Ada Lovelace"
+        agent = await seed_agent(billing.BillingAgent(received.reason), received)
+        s2: AgentSession[desk.Caller] = AgentSession(
+            llm=desk.ScriptedLLM(billing.billing_script), userdata=received.user_state
+        )
+        await s2.start(agent)
+        first = await s2.generate_reply()  # what BatonLink does on activate
+        said = [i.text_content for i in agent.chat_ctx.items if i.type == "message" and i.role == "assistant"]
+        assert first.done()
+        line = said[-1] or ""
+        assert "A-1001" in line and "charged twice for March" in line and "Ada" in line
+        # billing never ran lookup_account itself, and still has triage's call in its context
+        names = [i.name for i in agent.chat_ctx.items if i.type == "function_call"]
+        assert names == ["lookup_account", "transfer_to_billing"]
+        result = await s2.run(user_input="Yes please, refund it.")
+        assert any(e.type == "function_call" and e.item.name == "refund_charge" for e in result.events)
+        assert s2.userdata.notes == ["refunded 49.0 for March"]
+        await s2.aclose()
+
+    asyncio.run(main())
+
+
+def test_triage_script_asks_for_the_account_first() -> None:
+    from livekit.agents import llm
+
+    ctx = llm.ChatContext.empty()
+    assert "How can I help" in triage.triage_script(ctx)[0]
+    ctx.add_message(role="user", content="I was charged twice")
+    text, calls = triage.triage_script(ctx)
+    assert "account number" in text and calls == []
+
+
+def test_wav_parsing() -> None:
+    hdr = b"RIFF\xff\xff\xff\x7fWAVEfmt " + (16).to_bytes(4, "little") + bytes(16)
+    wav = hdr + b"data\xff\xff\xff\x7f" + b"\x01\x00\x02\x00\x03"
+    assert desk.wav_pcm(wav) == b"\x01\x00\x02\x00"
+    with pytest.raises(ValueError):
+        desk.wav_pcm(b"nope")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_espeak_tts_makes_real_speech() -> None:
+    async def main() -> None:
+        t = desk.EspeakTTS()
+        frames = []
+        async with t.synthesize("Hello, this is billing.") as stream:
+            async for ev in stream:
+                frames.append(ev.frame)
+        assert frames
+        assert all(f.sample_rate == 22050 and f.num_channels == 1 for f in frames)
+        samples = b"".join(bytes(f.data) for f in frames)
+        seconds = len(samples) / 2 / 22050
+        assert 0.5 < seconds < 5
+        import array
+
+        a = array.array("h", samples)
+        rms = (sum(x * x for x in a) / len(a)) ** 0.5
+        assert rms > 300, "audible speech, not silence"
+
+    asyncio.run(main())
+
+
+def test_models_are_scripted_without_openai_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert isinstance(desk.make_llm(triage.triage_script), desk.ScriptedLLM)
+    if shutil.which("espeak-ng"):
+        assert isinstance(desk.make_tts(), desk.EspeakTTS)
+    json.dumps(desk.Caller().__dict__)

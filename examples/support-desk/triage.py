@@ -1,0 +1,136 @@
+"""The triage agent of the support desk: a livekit-agents worker named ``triage``.
+
+It greets the caller, looks up their account (``lookup_account`` returns a fixed record), and
+hands billing problems to the ``billing`` agent, another worker process, through baton
+(``transfer_to_billing`` -> ``BatonLink.handoff``). Run: ``python triage.py`` with LIVEKIT_URL,
+LIVEKIT_API_KEY and LIVEKIT_API_SECRET set (see README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from desk import (
+    ACCOUNT_RE,
+    Caller,
+    Step,
+    make_llm,
+    make_tts,
+    run_worker,
+    say,
+    tool_output,
+    user_messages,
+)
+from lk_baton import BatonLink, HandoffRefused
+
+AGENT_NAME = "triage"
+
+INSTRUCTIONS = (
+    "You are the triage agent of a support desk. Greet the caller, ask for their account "
+    "number, look the account up with lookup_account, and when the problem is about a bill, a "
+    "charge or a refund, say one short sentence and call transfer_to_billing with a one-line "
+    "reason. Keep every answer short."
+)
+
+ACCOUNTS: dict[str, dict[str, Any]] = {
+    "A-1001": {
+        "account_id": "A-1001",
+        "name": "Ada Lovelace",
+        "plan": "Pro",
+        "last_invoice": "March",
+        "charges": [{"month": "March", "amount": 49.0}, {"month": "March", "amount": 49.0}],
+    }
+}
+
+BILLING_WORDS = ("bill", "charge", "refund", "invoice", "paid", "payment")
+
+
+def triage_script(ctx: llm.ChatContext) -> Step:
+    """What the scripted stand-in for the model says and calls, given the context."""
+    said = user_messages(ctx)
+    account = tool_output(ctx, "lookup_account")
+    last = ctx.items[-1] if ctx.items else None
+    if not said:
+        return ("Hello, this is the support desk. How can I help you today?", [])
+    if last is not None and last.type == "function_call_output" and last.name == "transfer_to_billing":
+        return ("", [])  # the transfer was refused: its output explains; nothing to add here
+    text = " ".join(said)
+    if account is None:
+        m = ACCOUNT_RE.search(text)
+        if m is None:
+            return ("Could you tell me your account number, please?", [])
+        return ("One moment, let me look up your account.", [("lookup_account", {"account_id": m.group(1)})])
+    if any(w in text.lower() for w in BILLING_WORDS):
+        reason = f"billing problem on account {account['account_id']}: {said[0]}"
+        return (
+            f"Thanks {account['name'].split()[0]}, that is one for our billing team. I am transferring you now.",
+            [("transfer_to_billing", {"reason": reason})],
+        )
+    return ("I see your account. What is the problem?", [])
+
+
+class TriageAgent(Agent):
+    def __init__(self, baton: BatonLink | None) -> None:
+        super().__init__(instructions=INSTRUCTIONS)
+        self.baton = baton
+
+    @function_tool
+    async def lookup_account(self, ctx: RunContext[Caller], account_id: str) -> str:
+        """Look up a customer account by its id (like A-1001)."""
+        record = ACCOUNTS.get(account_id.strip().upper())
+        if record is None:
+            return json.dumps({"error": f"no account {account_id}"})
+        ctx.userdata.account_id = record["account_id"]
+        ctx.userdata.name = record["name"]
+        ctx.userdata.plan = record["plan"]
+        return json.dumps(record)
+
+    @function_tool
+    async def transfer_to_billing(self, ctx: RunContext[Caller], reason: str) -> str | None:
+        """Transfer the caller to the billing team. `reason`: one line on the problem."""
+        if self.baton is None:
+            return "Transfers are not available right now."
+        ctx.userdata.problem = reason
+        try:
+            ticket = await self.baton.handoff(
+                "billing",
+                reason=reason,
+                run_ctx=ctx,
+                tried=[{"action": "looked up account", "outcome": str(ctx.userdata.account_id)}],
+                outcome="billing issue, needs the billing team",
+            )
+        except HandoffRefused as e:
+            return f"The transfer to billing failed ({e.reason}); tell the caller and keep helping."
+        say(AGENT_NAME, f"handoff accepted id={ticket.handoff_id} bundle_bytes={ticket.bundle_bytes}")
+        return None  # no reply: baton's filler covers the gap until billing speaks
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    await ctx.connect()
+    session: AgentSession[Caller] = AgentSession(llm=make_llm(triage_script), tts=make_tts("en-us"), userdata=Caller())
+    baton = await BatonLink.attach(ctx, session, role="triage")
+    session.on(
+        "conversation_item_added",
+        lambda ev: (
+            say(AGENT_NAME, f"said: {ev.item.text_content}")
+            if ev.item.type == "message" and ev.item.role == "assistant"
+            else None
+        ),
+    )
+    await session.start(
+        agent=TriageAgent(baton),
+        room=ctx.room,
+        room_options=baton.room_options(audio_input=False),  # the caller types (lk.chat)
+    )
+    say(AGENT_NAME, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity}")
+
+
+if __name__ == "__main__":
+    run_worker(AGENT_NAME, entrypoint)
