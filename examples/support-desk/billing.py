@@ -9,6 +9,7 @@ Run: ``python billing.py`` with LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SEC
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def billing_script(ctx: llm.ChatContext) -> Step:
         first = account["name"].split()[0]
         return (
             f"Hello {first}, this is billing. I have your account {account['account_id']} on the "
-            f"{account['plan']} plan, and I understand: {said[0].rstrip('.')}. "
+            f"{account['plan']} plan, and I understand {as_heard(said[0])}. "
             "I can see the duplicate charge.",
             [],
         )
@@ -71,6 +72,16 @@ def billing_script(ctx: llm.ChatContext) -> Step:
             amount = float(account["charges"][-1]["amount"])
         return ("", [("refund_charge", {"month": month, "amount": amount})])
     return ("Shall I refund the duplicate charge?", [])
+
+
+def as_heard(words: str) -> str:
+    """The caller's problem in the second person: "I was charged twice for March." ->
+    "you were charged twice for March"."""
+    m = re.search(r"\bI (was|am|have|need|got|can't|cannot)\b(.*)", words)
+    if m is None:
+        return f'you said: "{words.rstrip(".")}"'
+    verb = {"was": "were", "am": "are"}.get(m.group(1), m.group(1))
+    return f"you {verb}{m.group(2).rstrip('.!?')}"
 
 
 def _handoff_at(ctx: llm.ChatContext) -> float:

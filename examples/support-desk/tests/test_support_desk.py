@@ -73,7 +73,7 @@ def test_triage_then_billing_first_sentence_uses_what_triage_heard() -> None:
         said = [i.text_content for i in agent.chat_ctx.items if i.type == "message" and i.role == "assistant"]
         assert first.done()
         line = said[-1] or ""
-        assert "A-1001" in line and "charged twice for March" in line and "Ada" in line
+        assert "A-1001" in line and "you were charged twice for March" in line and "Ada" in line, line
         # billing never ran lookup_account itself, and still has triage's call in its context
         names = [i.name for i in agent.chat_ctx.items if i.type == "function_call"]
         assert names == ["lookup_account", "transfer_to_billing"]
