@@ -10,6 +10,7 @@ pub mod audio;
 pub mod config;
 pub mod coordinator;
 pub mod protocol;
+pub mod relay;
 pub mod room;
 pub mod server_api;
 pub mod token;
