@@ -21,7 +21,6 @@ import uuid
 from pathlib import Path
 
 from common import rss_kib, summary
-
 from harness import BATON_BIN, LiveKitServer, baton_join, token
 from peers import Peer
 
@@ -44,7 +43,9 @@ SDK_JOINER = textwrap.dedent(
         await room.connect(sys.argv[1], sys.argv[2])
         # "Joined with the data channel open": a reliable packet to ourselves via the room is
         # not possible, so wait until the publisher's data channel has carried one packet.
-        await room.local_participant.publish_data(b"x", reliable=True, destination_identities=[sys.argv[3]], topic="probe")
+        await room.local_participant.publish_data(
+            b"x", reliable=True, destination_identities=[sys.argv[3]], topic="probe"
+        )
         print(json.dumps({"joined_s": time.time() - t_start}), flush=True)
         await asyncio.Event().wait()
     asyncio.run(main())
@@ -151,7 +152,8 @@ def main() -> None:
         print(f"  {side:<11} p50 {s['p50']:6.2f} ms  p95 {s['p95']:6.2f} ms  p99 {s['p99']:6.2f} ms")
     print(f"  ratio baton/sdk (p50): {r['baton']['p50'] / r['python_sdk']['p50']:.2f}")  # type: ignore[index]
     print(f"idle RSS: baton {m['baton']:.1f} MiB, python sdk {m['python_sdk']:.1f} MiB")  # type: ignore[index]
-    print(f"binary: {results['binary_bytes'] / 1e6:.2f} MB ({'stripped' if results['binary_stripped'] else 'NOT stripped'})")
+    stripped_note = "stripped" if results["binary_stripped"] else "NOT stripped"
+    print(f"binary: {results['binary_bytes'] / 1e6:.2f} MB ({stripped_note})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -19,6 +19,9 @@ use crate::protocol::{self, control};
 use crate::room::{Change, Filler, Incoming, Member, Outbox, RoomHandler, Roster, TaskOutput};
 use crate::server_api::ServerApi;
 
+/// The control messages agents send to baton (`docs/protocol.md`, section 3).
+const AGENT_MESSAGE_TYPES: [&str; 4] = ["hello", "handoff", "ready", "quiet"];
+
 /// What a room's coordinator needs to know.
 pub struct CoordinatorConfig {
     /// The LiveKit room name (server API calls need it).
@@ -48,12 +51,35 @@ pub struct Coordinator {
     /// Who is in the room as the arbiter sees them, kept from the start so the arbiter can be
     /// started with the room as it is when the dispatch list arrives.
     members: BTreeMap<String, Participant>,
+    /// Control messages from identities the room has not announced yet. Data packets and the
+    /// signal's participant updates travel separately, so an agent's `hello` can overtake the
+    /// news that it joined; such messages wait here briefly instead of being judged unknown.
+    early: Vec<(Instant, Incoming)>,
+    // --- relay wiring (temporary, helper) ---
+    /// Context transfer (`baton.xfer`): receives, stores and delivers bundles.
+    pub relay: crate::relay::Hookup,
+    // --- end relay wiring ---
 }
+
+/// How long a message from a not-yet-announced participant waits for the announcement.
+const EARLY_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// At most this many such messages wait at once (a flood from unknown senders is dropped).
+const EARLY_MESSAGE_MAX: usize = 32;
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig, now: Instant) -> Result<Self, baton_floor::PolicyError> {
         let arbiter = if cfg.policy.agents.is_empty() { None } else { Some(Arbiter::new(cfg.policy.clone(), now)?) };
-        Ok(Self { cfg, arbiter, started: false, finished: false, members: BTreeMap::new() })
+        Ok(Self {
+            cfg,
+            arbiter,
+            started: false,
+            finished: false,
+            members: BTreeMap::new(),
+            early: Vec::new(),
+            // --- relay wiring (temporary, helper) ---
+            relay: Default::default(),
+            // --- end relay wiring ---
+        })
     }
 
     /// A coordinator that only answers `ping` (and echoes when asked): no agents, no server API.
@@ -64,6 +90,10 @@ impl Coordinator {
             started: false,
             finished: false,
             members: BTreeMap::new(),
+            early: Vec::new(),
+            // --- relay wiring (temporary, helper) ---
+            relay: Default::default(),
+            // --- end relay wiring ---
         }
     }
 
@@ -201,7 +231,25 @@ impl Coordinator {
         });
     }
 
-    fn on_control(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox) {
+    /// Hands held messages to the arbiter once their sender is announced, and gives up on the
+    /// ones that waited too long (the arbiter then judges them from an unknown sender).
+    fn release_early(&mut self, now: Instant, out: &mut Outbox) {
+        if self.early.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.early);
+        for (at, msg) in held {
+            if self.members.contains_key(&msg.from) || now.duration_since(at) >= EARLY_MESSAGE_WAIT {
+                self.on_control(&msg, now, out, false);
+            } else {
+                self.early.push((at, msg));
+            }
+        }
+    }
+
+    /// `may_hold`: a message from a sender the room has not announced yet is held back for the
+    /// announcement (false when it is being released from that hold).
+    fn on_control(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox, may_hold: bool) {
         let env = match control::Envelope::parse(&msg.payload) {
             Ok(env) => env,
             Err(e) => {
@@ -216,10 +264,23 @@ impl Coordinator {
             }
             return;
         }
+        if !AGENT_MESSAGE_TYPES.contains(&env.kind.as_str()) {
+            tracing::warn!(from = %msg.from, "ignored control message: unknown type `{}`", env.kind);
+            return;
+        }
         match serde_json::from_value::<AgentMessage>(Value::Object(env.body.clone())) {
             Ok(message) => {
                 if self.arbiter.is_none() {
                     tracing::warn!(from = %msg.from, kind = %env.kind, "no agents configured: control message ignored");
+                    return;
+                }
+                if may_hold && !self.members.contains_key(&msg.from) {
+                    if self.early.len() < EARLY_MESSAGE_MAX {
+                        tracing::debug!(from = %msg.from, kind = %env.kind, "control message before the sender's join; holding it");
+                        self.early.push((now, msg.clone()));
+                    } else {
+                        tracing::warn!(from = %msg.from, "too many messages from unannounced participants; dropped");
+                    }
                     return;
                 }
                 self.feed(Event::Control { from: msg.from.clone(), id: env.id, message }, now, out);
@@ -232,7 +293,10 @@ impl Coordinator {
 impl RoomHandler for Coordinator {
     fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox) {
         match msg.topic.as_str() {
-            protocol::TOPIC_CONTROL => self.on_control(msg, now, out),
+            protocol::TOPIC_CONTROL => self.on_control(msg, now, out, true),
+            // --- relay wiring (temporary, helper) ---
+            crate::relay::TOPIC => self.relay.on_data(msg, now, out),
+            // --- end relay wiring ---
             protocol::TOPIC_ECHO if self.cfg.echo => {
                 out.send(protocol::TOPIC_ECHO, msg.payload.clone(), &msg.from);
             }
@@ -241,6 +305,9 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
+        // --- relay wiring (temporary, helper) ---
+        self.relay.on_change(change, now, out);
+        // --- end relay wiring ---
         let event = match change {
             Change::Joined(m) => {
                 let p = participant(m);
@@ -263,6 +330,7 @@ impl RoomHandler for Coordinator {
             }
         };
         self.feed(event, now, out);
+        self.release_early(now, out);
     }
 
     fn on_speaking(&mut self, identity: &str, speaking: bool, now: Instant, out: &mut Outbox) {
@@ -270,6 +338,9 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
+        // --- relay wiring (temporary, helper) ---
+        self.relay.on_connected(roster, now, out);
+        // --- end relay wiring ---
         if self.started || self.arbiter.is_none() {
             return;
         }
@@ -293,13 +364,24 @@ impl RoomHandler for Coordinator {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.arbiter.as_ref().filter(|_| self.started).and_then(Arbiter::poll_timeout)
+        let arbiter = self.arbiter.as_ref().filter(|_| self.started).and_then(Arbiter::poll_timeout);
+        let early = self.early.iter().map(|(at, _)| *at + EARLY_MESSAGE_WAIT).min();
+        // --- relay wiring (temporary, helper) ---
+        let relay = self.relay.poll_timeout();
+        // --- end relay wiring ---
+        [arbiter, early, relay].into_iter().flatten().min()
     }
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
-        if let Some(arbiter) = self.arbiter.as_mut() {
-            arbiter.handle_timeout(now);
-            self.execute(now, out);
+        // --- relay wiring (temporary, helper) ---
+        self.relay.on_timeout(now, out);
+        // --- end relay wiring ---
+        self.release_early(now, out);
+        if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started) {
+            if arbiter.poll_timeout().is_some_and(|t| t <= now) {
+                arbiter.handle_timeout(now);
+                self.execute(now, out);
+            }
         }
     }
 

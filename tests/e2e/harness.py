@@ -116,7 +116,12 @@ def token(
     attributes: dict[str, str] | None = None,
 ) -> str:
     grants = api.VideoGrants(
-        room_join=True, room=room, can_publish=True, can_subscribe=can_subscribe, can_publish_data=True, room_admin=admin
+        room_join=True,
+        room=room,
+        can_publish=True,
+        can_subscribe=can_subscribe,
+        can_publish_data=True,
+        room_admin=admin,
     )
     t = api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_name(identity).with_grants(grants)
     if kind:

@@ -9,9 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
-from livekit import rtc
-
 from harness import LiveKitServer, token
+from livekit import rtc
 
 
 @dataclass
@@ -110,3 +109,61 @@ async def record(track: rtc.Track, seconds: float) -> np.ndarray:
 def window_levels(pcm: np.ndarray, ms: int = 20) -> list[float]:
     n = 48 * ms
     return [rms_dbfs(pcm[i : i + n]) for i in range(0, pcm.size - n + 1, n)]
+
+
+@dataclass
+class Recorder:
+    """Records every audio track the caller subscribes to, separately, with arrival times.
+
+    Frames are 10 ms at 48 kHz; their arrival time at the caller is when the receiver plays them,
+    so levels of different tracks can be lined up on one clock.
+    """
+
+    room: rtc.Room
+    levels: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.room.on("track_subscribed", self._on_track)
+
+    def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant) -> None:
+        if track.kind == rtc.TrackKind.KIND_AUDIO:
+            self._tasks.append(asyncio.ensure_future(self._record(p.identity, track)))
+
+    async def _record(self, who: str, track: rtc.Track) -> None:
+        out = self.levels.setdefault(who, [])
+        stream = rtc.AudioStream(track, sample_rate=48000, num_channels=1)
+        loop = asyncio.get_running_loop()
+        try:
+            async for ev in stream:
+                pcm = np.frombuffer(ev.frame.data, dtype=np.int16)
+                out.append((loop.time(), rms_dbfs(pcm)))
+        finally:
+            await stream.aclose()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def audible_grid(
+    levels: dict[str, list[tuple[float, float]]], start: float, end: float, threshold: float = -55.0, step: float = 0.01
+) -> list[set[str]]:
+    """For each `step` slot between start and end, the set of tracks audible (above threshold)."""
+    slots = int((end - start) / step)
+    grid: list[set[str]] = [set() for _ in range(slots)]
+    for who, series in levels.items():
+        for t, level in series:
+            i = int((t - start) / step)
+            if 0 <= i < slots and level > threshold:
+                grid[i].add(who)
+    return grid
+
+
+def longest_run(grid: list[set[str]], pred: object, step: float = 0.01) -> float:
+    best = cur = 0
+    for cell in grid:
+        cur = cur + 1 if pred(cell) else 0  # type: ignore[operator]
+        best = max(best, cur)
+    return best * step

@@ -10,9 +10,8 @@ import time
 import uuid
 
 import pytest
-from livekit import api, rtc
-
 from harness import API_KEY, API_SECRET, BATON_BIN, LiveKitServer, baton_join, free_port, run
+from livekit import api, rtc
 from peers import Peer, record, window_levels
 
 
