@@ -807,6 +807,119 @@ impl Relay {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Temporary room wiring
+
+/// Temporary glue between the room task and the [`Relay`] until the coordinator's own transfer
+/// wiring lands: the coordinator forwards its `RoomHandler` calls here.
+///
+/// Rules it implements:
+/// - a sender is authorized when its participant kind is AGENT (to be replaced by baton's agent
+///   configuration); packets from identities the roster does not know yet are dropped without
+///   an answer (data can overtake the join announcement; the sender's RTO resends the OPEN);
+/// - when a bundle whose meta is a JSON object with `"to": "<identity>"` is stored, it is
+///   delivered to that identity as soon as it is in the room as an AGENT (never to anyone
+///   else: a caller's client never receives a bundle);
+/// - a participant that joins again resumes its transfers; baton's own reconnect resumes all.
+#[derive(Debug, Default)]
+pub struct Hookup {
+    /// The relay it drives.
+    pub relay: Relay,
+    /// Identities in the room, with whether each is an agent.
+    present: HashMap<String, bool>,
+    /// Stored bundles waiting for their target: (transfer id, target identity).
+    pending: Vec<(u128, String)>,
+}
+
+impl Hookup {
+    /// A `baton.xfer` packet arrived.
+    pub fn on_data(&mut self, msg: &crate::room::Incoming, now: Instant, out: &mut Outbox) {
+        match self.present.get(&msg.from) {
+            None => {
+                tracing::debug!(from = %msg.from, "transfer frame from an identity the roster does not know yet; dropped")
+            }
+            Some(&agent) => self.relay.on_packet(&msg.from, &msg.payload, agent, now),
+        }
+        self.pump(now, out);
+    }
+
+    /// A participant joined, changed or left.
+    pub fn on_change(&mut self, change: &crate::room::Change, now: Instant, out: &mut Outbox) {
+        use crate::room::Change;
+        match change {
+            Change::Joined(m) => {
+                self.present.insert(m.identity.clone(), is_agent(m));
+                self.relay.peer_reconnected(&m.identity, now);
+            }
+            Change::Updated { after, .. } => {
+                self.present.insert(after.identity.clone(), is_agent(after));
+            }
+            Change::Left(m) => {
+                self.present.remove(&m.identity);
+            }
+        }
+        self.pump(now, out);
+    }
+
+    /// baton (re)connected: the roster is current, every transfer resumes.
+    pub fn on_connected(&mut self, roster: &crate::room::Roster, now: Instant, out: &mut Outbox) {
+        self.present = roster
+            .members()
+            .map(|m| (m.identity.clone(), is_agent(m)))
+            .collect();
+        self.relay.reconnected(now);
+        self.pump(now, out);
+    }
+
+    /// When [`on_timeout`](Self::on_timeout) is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.relay.poll_timeout()
+    }
+
+    /// Timers.
+    pub fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
+        if self.relay.poll_timeout().is_some_and(|t| t <= now) {
+            self.relay.on_timeout(now);
+        }
+        self.pump(now, out);
+    }
+
+    fn pump(&mut self, now: Instant, out: &mut Outbox) {
+        loop {
+            for ev in self.relay.drain(out) {
+                if let RelayEvent::BundleReceived {
+                    transfer_id, meta, ..
+                } = &ev
+                    && let Ok(serde_json::Value::Object(m)) = serde_json::from_str(meta)
+                    && let Some(serde_json::Value::String(to)) = m.get("to")
+                {
+                    self.pending.push((*transfer_id, to.clone()));
+                }
+            }
+            let mut started = false;
+            let mut keep = Vec::new();
+            for (id, to) in std::mem::take(&mut self.pending) {
+                if self.present.get(&to) != Some(&true) {
+                    keep.push((id, to));
+                    continue;
+                }
+                match self.relay.deliver(id, &to, now) {
+                    Ok(_) => started = true,
+                    Err(e) => tracing::warn!(%to, error = %e, "could not deliver bundle"),
+                }
+            }
+            self.pending = keep;
+            if !started {
+                return;
+            }
+        }
+    }
+}
+
+fn is_agent(m: &crate::room::Member) -> bool {
+    m.kind == livekit_protocol::participant_info::Kind::Agent
+}
+
 fn frame_id(p: &[u8]) -> u128 {
     let mut b = [0u8; 16];
     b.copy_from_slice(&p[4..20]);
