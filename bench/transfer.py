@@ -1,0 +1,270 @@
+"""`./scripts/bench transfer`: a context bundle through baton vs. a LiveKit byte stream.
+
+Measured in one run against one livekit-server, the same random bytes each way:
+  - baton: agent A `send_bundle` to baton (leg 1, acknowledged), baton delivers to agent B
+    (leg 2, acknowledged): time from A's call until B holds the verified bundle (B sends its
+    COMPLETE right then), and until A's own send returns (baton stored it);
+  - SDK byte stream: A `send_bytes(..., destination_identities=[B])` (chunked, no acks, no
+    integrity check): time until B's `register_byte_stream_handler` reader has every byte.
+Sizes 100 KiB, 1 MiB, 10 MiB, alternating the two paths, `--runs` times each.
+
+With `--loss PCT` (root only) the server runs in one network namespace and the agents and baton
+in another, joined by a veth pair (10.203.0.1 <-> 10.203.0.2, nothing else); `PCT` percent of
+the packets entering each namespace are dropped at random. The kernel's netem qdisc is the
+natural tool but this machine's kernel is built without it (CONFIG_NET_SCH_NETEM is not set),
+so the drop is an nftables rule (`numgen random mod 1000 < PCT*10 drop`) on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import summary
+from harness import TOOLS, Baton, LiveKitServer, baton_join, token
+from livekit import rtc
+from lk_baton.transfer import receive_bundle, send_bundle, transport_for
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"100KiB": 100 * 1024, "1MiB": 1024 * 1024, "10MiB": 10 * 1024 * 1024}
+NS_SRV, NS_CLI = "bxfer-srv", "bxfer-cli"
+IP_SRV, IP_CLI = "10.203.0.1", "10.203.0.2"
+
+
+@dataclass
+class Remote:
+    """A server started elsewhere (another namespace); only its URL matters here."""
+
+    url: str
+
+
+async def wait_join(room: rtc.Room, identity: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while identity not in room.remote_participants:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{identity} never joined")
+        await asyncio.sleep(0.02)
+
+
+async def measure(url: str, baton: Baton, room_name: str, runs: int, deadline: float) -> dict[str, Any]:
+    a, b = rtc.Room(), rtc.Room()
+    transport_for(a)
+    transport_for(b)
+    await a.connect(url, token("agent-a", room_name, kind="agent"))
+    await b.connect(url, token("agent-b", room_name, kind="agent"))
+    await wait_join(a, "baton")
+    await wait_join(a, "agent-b")
+    loop = asyncio.get_running_loop()
+    for who in ("agent-a", "agent-b"):
+        await loop.run_in_executor(None, lambda w=who: baton.wait_for(rf"participant joined.*{w}", 15))
+
+    streams: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def read(reader: rtc.ByteStreamReader) -> None:
+        parts = [chunk async for chunk in reader]
+        await streams.put((loop.time(), b"".join(parts)))
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_stream(reader: rtc.ByteStreamReader, _identity: str) -> None:
+        t = asyncio.ensure_future(read(reader))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+    b.register_byte_stream_handler("bench.bytes", on_stream)
+
+    results: dict[str, Any] = {}
+    for name, size in SIZES.items():
+        baton_ms: list[float] = []
+        stored_ms: list[float] = []
+        stream_ms: list[float] = []
+        failures: list[str] = []
+        for i in range(runs):
+            payload = os.urandom(size)
+            # baton: A -> baton -> B, acknowledged on both legs.
+            got = asyncio.ensure_future(receive_bundle(b, from_identity="baton", timeout=deadline))
+            t0 = loop.time()
+            try:
+                await send_bundle(a, "baton", payload, {"to": "agent-b", "run": i}, deadline=deadline)
+                t_stored = loop.time()
+                data, _ = await got
+                t_done = loop.time()
+                if data != payload:
+                    failures.append(f"baton run {i}: payload differs")
+                else:
+                    stored_ms.append((t_stored - t0) * 1000)
+                    baton_ms.append((t_done - t0) * 1000)
+            except Exception as e:  # a failed run is reported, not hidden
+                got.cancel()
+                failures.append(f"baton run {i}: {type(e).__name__}: {e}")
+            # SDK byte stream: A -> B, no acknowledgement.
+            t0 = loop.time()
+            try:
+                await a.local_participant.send_bytes(
+                    payload, topic="bench.bytes", destination_identities=["agent-b"], compress=False
+                )
+                t_done, data = await asyncio.wait_for(streams.get(), deadline)
+                if data != payload:
+                    failures.append(f"stream run {i}: payload differs ({len(data)} of {size} bytes)")
+                else:
+                    stream_ms.append((t_done - t0) * 1000)
+            except Exception as e:
+                failures.append(f"stream run {i}: {type(e).__name__}: {e}")
+        r: dict[str, Any] = {"bytes": size, "failures": failures}
+        if baton_ms:
+            r["baton_delivered_ms"] = summary(baton_ms)
+            r["baton_stored_ms"] = summary(stored_ms)
+            r["baton_MBps_p50"] = size / 1e6 / (r["baton_delivered_ms"]["p50"] / 1000)
+        if stream_ms:
+            r["bytestream_ms"] = summary(stream_ms)
+            r["bytestream_MBps_p50"] = size / 1e6 / (r["bytestream_ms"]["p50"] / 1000)
+        if baton_ms and stream_ms:
+            # > 1: baton is slower. Throughput ratio (baton / byte stream) is the inverse.
+            r["ratio_p50"] = r["baton_delivered_ms"]["p50"] / r["bytestream_ms"]["p50"]
+            r["throughput_ratio_p50"] = 1 / r["ratio_p50"]
+        results[name] = r
+        print(json.dumps({name: r}), flush=True)
+    await a.disconnect()
+    await b.disconnect()
+    return results
+
+
+def run_measurement(url: str, runs: int, deadline: float) -> dict[str, Any]:
+    room = f"bench-xfer-{uuid.uuid4().hex[:6]}"
+    baton = baton_join(Remote(url), room)  # type: ignore[arg-type]
+    try:
+        baton.wait_for("joined: data channel open", timeout=20)
+        return asyncio.run(measure(url, baton, room, runs, deadline))
+    finally:
+        baton.stop()
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True)
+
+
+def teardown_netns() -> None:
+    for ns in (NS_SRV, NS_CLI):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def setup_netns(loss_pct: float) -> None:
+    """Two namespaces joined by a veth pair; random drop of `loss_pct` % of packets entering each."""
+    if os.geteuid() != 0:
+        raise SystemExit("--loss needs root (network namespaces)")
+    if shutil.which("nft") is None:
+        raise SystemExit("--loss needs nftables (apt-get install nftables): netem is not in this kernel")
+    teardown_netns()
+    for ns in (NS_SRV, NS_CLI):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", "bxf0", "netns", NS_SRV, "type", "veth", "peer", "name", "bxf1", "netns", NS_CLI)
+    sh("ip", "-n", NS_SRV, "addr", "add", f"{IP_SRV}/24", "dev", "bxf0")
+    sh("ip", "-n", NS_CLI, "addr", "add", f"{IP_CLI}/24", "dev", "bxf1")
+    sh("ip", "-n", NS_SRV, "link", "set", "bxf0", "up")
+    sh("ip", "-n", NS_CLI, "link", "set", "bxf1", "up")
+    per_mille = round(loss_pct * 10)
+    for ns, dev in ((NS_SRV, "bxf0"), (NS_CLI, "bxf1")):
+        rules = (
+            "table inet bxloss {\n"
+            "  chain in { type filter hook input priority 0; policy accept;\n"
+            f'    iifname "{dev}" numgen random mod 1000 < {per_mille} counter drop\n'
+            "  }\n}\n"
+        )
+        p = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, capture_output=True)
+        if p.returncode != 0:
+            raise SystemExit(f"nft failed in {ns}: {p.stderr.strip()}")
+
+
+def drop_counters() -> dict[str, str]:
+    out = {}
+    for ns in (NS_SRV, NS_CLI):
+        p = sh("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "bxloss", check=False)
+        out[ns] = " ".join(line.strip() for line in p.stdout.splitlines() if "counter" in line)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=7, help="runs per size and path")
+    ap.add_argument("--loss", type=float, default=0.0, help="percent random packet loss (netns + nftables)")
+    ap.add_argument("--deadline", type=float, default=60.0, help="give up on one run after this many seconds")
+    ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument("--server-url", help=argparse.SUPPRESS)  # internal: inside the client namespace
+    args = ap.parse_args()
+
+    if args.server_url:  # the re-executed child, inside NS_CLI
+        print(json.dumps({"results": run_measurement(args.server_url, args.runs, args.deadline)}), flush=True)
+        return
+
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    meta: dict[str, Any] = {
+        "benchmark": "transfer",
+        "date": started,
+        "command": " ".join(["./scripts/bench", "transfer", *sys.argv[1:]]),
+        "runs": args.runs,
+        "loss_pct": args.loss,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}",
+        "livekit_sdk": getattr(rtc, "__version__", "?"),
+    }
+    if args.loss <= 0:
+        srv = LiveKitServer()
+        srv.start()
+        try:
+            results = run_measurement(srv.url, args.runs, args.deadline)
+        finally:
+            srv.stop()
+        meta["path"] = "loopback (127.0.0.1)"
+    else:
+        setup_netns(args.loss)
+        port, udp, tcp = 17880, 17882, 17881
+        log = open(os.devnull, "wb")
+        server = subprocess.Popen(
+            [
+                "ip", "netns", "exec", NS_SRV, str(TOOLS / "livekit-server"),
+                "--config", str(ROOT / "configs" / "livekit.yaml"),
+                "--bind", IP_SRV, "--node-ip", IP_SRV,
+                "--port", str(port), "--udp-port", str(udp), "--rtc.tcp_port", str(tcp),
+            ],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            time.sleep(2.0)
+            child = subprocess.run(
+                [
+                    "ip", "netns", "exec", NS_CLI, sys.executable, __file__,
+                    "--server-url", f"ws://{IP_SRV}:{port}", "--runs", str(args.runs),
+                    "--deadline", str(args.deadline),
+                ],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            lines = [ln for ln in child.stdout.splitlines() if ln.startswith('{"results"')]
+            if child.returncode != 0 or not lines:
+                raise SystemExit(f"measurement failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+            results = json.loads(lines[-1])["results"]
+            meta["dropped"] = drop_counters()
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+            teardown_netns()
+        meta["path"] = f"veth between two network namespaces, {args.loss}% random drop each way (nftables)"
+    out = {**meta, "results": results}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
