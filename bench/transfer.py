@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -231,11 +232,14 @@ def main() -> None:
         setup_netns(args.loss)
         port, udp, tcp = 17880, 17882, 17881
         log = open(os.devnull, "wb")
+        # configs/livekit.yaml pins loopback (node_ip, bind address), which wins over flags.
+        cfg = Path(tempfile.mkstemp(prefix="livekit-netns-", suffix=".yaml")[1])
+        text = (ROOT / "configs" / "livekit.yaml").read_text()
+        cfg.write_text(text.replace("node_ip: 127.0.0.1", f"node_ip: {IP_SRV}").replace("- 127.0.0.1", f"- {IP_SRV}"))
         server = subprocess.Popen(
             [
                 "ip", "netns", "exec", NS_SRV, str(TOOLS / "livekit-server"),
-                "--config", str(ROOT / "configs" / "livekit.yaml"),
-                "--bind", IP_SRV, "--node-ip", IP_SRV,
+                "--config", str(cfg),
                 "--port", str(port), "--udp-port", str(udp), "--rtc.tcp_port", str(tcp),
             ],
             stdout=log, stderr=subprocess.STDOUT,
@@ -259,6 +263,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=10)
             teardown_netns()
+            cfg.unlink(missing_ok=True)
         meta["path"] = f"veth between two network namespaces, {args.loss}% random drop each way (nftables)"
     out = {**meta, "results": results}
     print(json.dumps(out, indent=2))
