@@ -59,7 +59,14 @@ pub struct Coordinator {
     /// Context transfer (`baton.xfer`): receives, stores and delivers bundles.
     pub relay: crate::relay::Hookup,
     // --- end relay wiring ---
+    /// After the floor changes hands, the filler keeps playing until the caller can hear the new
+    /// holder (the server reports it speaking), at most until this instant: subscribing to a
+    /// newly joined agent or a remote unmute takes longer than any fixed fade.
+    filler_hold: Option<(Instant, std::time::Duration)>,
 }
+
+/// Longest the filler is held waiting for the new floor holder to be heard.
+const FILLER_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// How long a message from a not-yet-announced participant waits for the announcement.
 const EARLY_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -79,6 +86,7 @@ impl Coordinator {
             // --- relay wiring (temporary, helper) ---
             relay: Default::default(),
             // --- end relay wiring ---
+            filler_hold: None,
         })
     }
 
@@ -94,6 +102,7 @@ impl Coordinator {
             // --- relay wiring (temporary, helper) ---
             relay: Default::default(),
             // --- end relay wiring ---
+            filler_hold: None,
         }
     }
 
@@ -123,7 +132,7 @@ impl Coordinator {
     }
 
     /// Carries out every command the arbiter has queued.
-    fn execute(&mut self, _now: Instant, out: &mut Outbox) {
+    fn execute(&mut self, now: Instant, out: &mut Outbox) {
         let Some(arbiter) = self.arbiter.as_mut() else { return };
         for cmd in arbiter.drain_commands() {
             match cmd {
@@ -140,8 +149,11 @@ impl Coordinator {
                 }
                 Command::MuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, true, out),
                 Command::UnmuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, false, out),
-                Command::StartFiller => out.filler = Some(Filler::On),
-                Command::StopFiller { .. } => out.filler = Some(Filler::Off),
+                Command::StartFiller => {
+                    self.filler_hold = None;
+                    out.filler.push(Filler::On);
+                }
+                Command::StopFiller { fade } => self.filler_hold = Some((now + FILLER_HOLD_MAX, fade)),
                 Command::CreateDispatch { ticket, agent_name, metadata } => {
                     tracing::info!(agent = %agent_name, "dispatching agent");
                     if let Some(api) = self.cfg.api.clone() {
@@ -185,6 +197,11 @@ impl Coordinator {
                     }
                 }
                 Command::Timeline(ev) => {
+                    if ev.mark.phase == baton_floor::Phase::Requested {
+                        // Get subscribers' receivers playing baton's (silent) stream now, so the
+                        // filler can start within one frame once the source is quiet.
+                        out.filler.push(Filler::Armed);
+                    }
                     tracing::info!(
                         handoff = %ev.handoff,
                         phase = ?ev.mark.phase,
@@ -194,6 +211,9 @@ impl Coordinator {
                     );
                 }
                 Command::HandoffFinished(timeline) => {
+                    if self.filler_hold.is_none() {
+                        out.filler.push(Filler::Off);
+                    }
                     let line = timeline.to_json_line();
                     tracing::info!(timeline = %line, "handoff finished");
                     // The event stream on stdout: one JSON line per handoff, for benchmarks and
@@ -243,6 +263,16 @@ impl Coordinator {
                 self.on_control(&msg, now, out, false);
             } else {
                 self.early.push((at, msg));
+            }
+        }
+    }
+
+    /// Ends a filler hold: fade out, then mute unless another handoff needs the filler.
+    fn release_filler(&mut self, out: &mut Outbox) {
+        if let Some((_, fade)) = self.filler_hold.take() {
+            out.filler.push(Filler::FadeOut(fade));
+            if self.arbiter.as_ref().is_none_or(|a| a.handoff().is_none()) {
+                out.filler.push(Filler::Off);
             }
         }
     }
@@ -335,6 +365,10 @@ impl RoomHandler for Coordinator {
 
     fn on_speaking(&mut self, identity: &str, speaking: bool, now: Instant, out: &mut Outbox) {
         self.feed(Event::SpeakingChanged { identity: identity.to_string(), speaking }, now, out);
+        let holder = self.arbiter.as_ref().and_then(Arbiter::floor_holder);
+        if speaking && holder == Some(identity) {
+            self.release_filler(out);
+        }
     }
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
@@ -369,7 +403,8 @@ impl RoomHandler for Coordinator {
         // --- relay wiring (temporary, helper) ---
         let relay = self.relay.poll_timeout();
         // --- end relay wiring ---
-        [arbiter, early, relay].into_iter().flatten().min()
+        let hold = self.filler_hold.map(|(until, _)| until);
+        [arbiter, early, relay, hold].into_iter().flatten().min()
     }
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
@@ -562,7 +597,7 @@ mod tests {
             c.on_data(&incoming("caller", "baton.control", forged), now, &mut out);
         }
         assert_eq!(out.data.len(), before, "the caller's forged messages must not be answered");
-        assert!(out.filler.is_none());
+        assert!(out.filler.is_empty());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Frame {
 #[derive(Debug)]
 pub struct EncodedLoop {
     frames: Vec<Frame>,
+    /// One frame of encoded digital silence, sent while the track is live but quiet.
+    silence: Frame,
 }
 
 /// How many milliseconds of the clip's end are blended into its start so the wrap is seamless.
@@ -66,7 +68,14 @@ impl EncodedLoop {
                 }
             }
         }
-        Ok(Self { frames })
+        let n = enc.encode(&[0i16; FRAME_SAMPLES], &mut out)?;
+        let silence = Frame { opus: Arc::from(&out[..n]), level_dbov: -127 };
+        Ok(Self { frames, silence })
+    }
+
+    /// Encoded silence: keeps subscribers' receivers running without making a sound.
+    pub fn silence(&self) -> &Frame {
+        &self.silence
     }
 
     /// Comfort noise of the given length and level.

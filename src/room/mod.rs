@@ -71,9 +71,14 @@ pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = TaskOutput> +
 /// What baton's filler track should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filler {
-    /// Play the filler, audible to every subscriber.
+    /// Unmute the track and send encoded silence: subscribers' receivers are then already
+    /// playing baton's stream, so the filler can start within one audio frame when needed.
+    Armed,
+    /// Play the filler.
     On,
-    /// Stop playing; the track is muted.
+    /// Keep playing for this long (covering the next speaker's first packets), then silence.
+    FadeOut(Duration),
+    /// Mute the track and send nothing (after any fade under way has finished).
     Off,
 }
 
@@ -82,8 +87,8 @@ pub enum Filler {
 pub struct Outbox {
     /// Reliable user packets: (topic, payload, destination identities).
     pub data: Vec<(String, Vec<u8>, Vec<String>)>,
-    /// Start or stop baton's filler track.
-    pub filler: Option<Filler>,
+    /// Filler changes, applied in order.
+    pub filler: Vec<Filler>,
     /// Work to run off the room loop.
     pub tasks: Vec<Task>,
 }

@@ -100,6 +100,11 @@ pub(super) struct RoomTask {
     own_identity: String,
     room_name: String,
     muted: bool,
+    /// Playing the filler (rather than silence) while unmuted, until this instant if set.
+    noise: bool,
+    noise_until: Option<Instant>,
+    /// An `Off` arrived during a fade: mute once the fade is over.
+    mute_after_fade: bool,
     audio_start: Instant,
     audio_tick: u64,
     tasks: FuturesUnordered<super::Task>,
@@ -140,6 +145,9 @@ impl RoomTask {
             own_identity: own.identity.clone(),
             room_name,
             muted,
+            noise: !muted,
+            noise_until: None,
+            mute_after_fade: false,
             audio_start: Instant::now(),
             audio_tick: 0,
             tasks: FuturesUnordered::new(),
@@ -251,6 +259,10 @@ impl RoomTask {
                 _ = sleep_until(wake.into()) => {
                     let now = Instant::now();
                     self.play_audio(now);
+                    if self.mute_after_fade && self.noise_until.is_none() {
+                        self.mute_after_fade = false;
+                        self.set_muted(true).await;
+                    }
                     if handler_due.is_some_and(|due| due <= now) {
                         let mut out = Outbox::default();
                         self.handler.on_timeout(now, &mut out);
@@ -288,15 +300,57 @@ impl RoomTask {
             return;
         }
         let first = (self.audio_tick + 1).max(due.saturating_sub(MAX_AUDIO_CATCH_UP - 1));
+        if self.noise_until.is_some_and(|until| now >= until) {
+            self.noise = false;
+            self.noise_until = None;
+            tracing::debug!("filler faded out");
+        }
         for tick in first..=due {
-            if !self.muted {
-                let frame = self.params.filler.frame(tick).clone();
-                if let Err(e) = self.link.peer.write_audio(&frame, tick, now) {
-                    tracing::debug!(error = %e, "audio write failed");
-                }
+            if self.muted {
+                continue;
+            }
+            let frame = if self.noise { self.params.filler.frame(tick) } else { self.params.filler.silence() };
+            let frame = frame.clone();
+            if let Err(e) = self.link.peer.write_audio(&frame, tick, now) {
+                tracing::debug!(error = %e, "audio write failed");
             }
         }
         self.audio_tick = due;
+    }
+
+    /// Applies a filler change from the handler.
+    async fn set_filler(&mut self, filler: super::Filler, now: Instant) {
+        use super::Filler;
+        let fading = self.noise_until.is_some_and(|until| now < until);
+        match filler {
+            Filler::Armed => {
+                self.mute_after_fade = false;
+                self.set_muted(false).await;
+            }
+            Filler::On => {
+                self.mute_after_fade = false;
+                self.noise = true;
+                self.noise_until = None;
+                self.set_muted(false).await;
+            }
+            Filler::FadeOut(hold) if self.noise => self.noise_until = Some(now + hold),
+            Filler::FadeOut(_) => {}
+            Filler::Off if fading => self.mute_after_fade = true,
+            Filler::Off => {
+                self.noise = false;
+                self.noise_until = None;
+                self.set_muted(true).await;
+            }
+        }
+        tracing::debug!(?filler, "filler");
+    }
+
+    async fn set_muted(&mut self, muted: bool) {
+        if muted != self.muted {
+            self.muted = muted;
+            self.announce_mute().await;
+            tracing::info!(muted, "filler track mute changed");
+        }
     }
 
     /// Drains the peer connection: sends datagrams, handles events, and drains again until
@@ -377,13 +431,8 @@ impl RoomTask {
             }
         }
         self.tasks.extend(out.tasks);
-        if let Some(filler) = out.filler {
-            let muted = filler == super::Filler::Off;
-            if muted != self.muted {
-                self.muted = muted;
-                self.announce_mute().await;
-                tracing::info!(muted, "filler track mute changed");
-            }
+        for filler in out.filler {
+            self.set_filler(filler, now).await;
         }
     }
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import uuid
+from pathlib import Path
 
-from harness import LiveKitServer, baton_join, run
+from harness import API_KEY, API_SECRET, LiveKitServer, Process, baton_join, run
 from peers import Peer, Recorder, audible_grid, longest_run
 from tone_agent import ToneAgent
 
@@ -22,7 +26,7 @@ name = "billing"
 
 [handoff]
 source_quiet_timeout = 2
-join_timeout = 3
+join_timeout = 8
 ready_timeout = 2
 max_filler = 8
 filler_fade = "200ms"
@@ -108,5 +112,210 @@ def test_warm_handoff_source_then_target_without_gap_or_overlap(server: LiveKitS
     except BaseException:
         print(baton.text())
         raise
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
+def tone_worker(server: LiveKitServer, name: str, freq: float, *, never_ready: bool = False) -> Process:
+    env = {
+        **os.environ,
+        "LIVEKIT_URL": server.url,
+        "LIVEKIT_API_KEY": API_KEY,
+        "LIVEKIT_API_SECRET": API_SECRET,
+        "TONE_AGENT_NAME": name,
+        "TONE_FREQ": str(freq),
+        "TONE_NEVER_READY": "1" if never_ready else "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "agents" / "tone_worker.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    p = Process(proc)
+    p.wait_for("tone: registered", timeout=30)
+    return p
+
+
+def analyse(
+    levels: dict[str, list[tuple[float, float]]], start: float, end: float, b_id: str = "agent-billing"
+) -> dict[str, object]:
+    grid = audible_grid(levels, start, end)
+    a_id = "agent-triage"
+    return {
+        "grid": grid,
+        "first": {w: next((i for i, c in enumerate(grid) if w in c), None) for w in (a_id, "baton", b_id)},
+        "overlap": longest_run(grid, lambda c: a_id in c and b_id in c),
+        "silence": longest_run(grid, lambda c: not c),
+    }
+
+
+def test_cold_handoff_dispatches_target_and_covers_the_gap_with_filler(server: LiveKitServer) -> None:
+    room = f"h-{uuid.uuid4().hex[:8]}"
+    worker = tone_worker(server, "billing", 880)
+    baton = baton_join(server, room, "--config", config_file())
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float, str]:
+            caller = await Peer.join(server, room, "caller")
+            rec = Recorder(caller.room)
+            a = await agent(server, room, "triage", 440)
+            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
+            await asyncio.sleep(1.0)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await a.handoff("billing", reason="caller wants a refund")
+
+            def billing() -> str | None:
+                for p in caller.room.remote_participants.values():
+                    if p.attributes.get("lk.agent_name") == "billing":
+                        return p.identity
+                return None
+
+            await wait_until(lambda: billing() is not None, 10, "billing never joined")
+            await asyncio.sleep(3.0)
+            t_end = loop.time()
+            await rec.stop()
+            await a.close()
+            await caller.close()
+            return rec.levels, t0, t_end, billing() or ""
+
+        levels, t0, t_end, b_id = run(scenario())  # type: ignore[misc]
+        r = analyse(levels, t0 - 0.5, t_end - 0.2, b_id)
+        first = r["first"]
+        print(f"cold: first={first} silence={r['silence']} overlap={r['overlap']}")
+        assert first["agent-triage"] is not None
+        assert first["baton"] is not None, "no filler while the target was on its way"
+        assert first[b_id] is not None, "target never heard"
+        assert first["agent-triage"] < first["baton"] < first[b_id]  # type: ignore[operator]
+        assert r["overlap"] == 0
+        assert r["silence"] <= 0.06, f"caller heard {r['silence'] * 1000:.0f} ms of silence"
+        line = baton.wait_for(r'"outcome":"completed"', timeout=5)[1]
+        timeline = json.loads(line[line.index("{") :])
+        assert timeline["warm"] is False
+        phases = [p["phase"] for p in timeline["phases"]]
+        needed_phases = ("requested", "source_quiet", "filler_on", "target_dispatched", "target_joined")
+        for needed in (*needed_phases, "target_ready", "filler_off", "completed"):
+            assert needed in phases, (needed, phases)
+    except BaseException:
+        print(baton.text())
+        print(worker.text())
+        raise
+    finally:
+        assert baton.stop() == 0, baton.text()
+        worker.stop()
+
+
+def test_handback_when_target_never_gets_ready(server: LiveKitServer) -> None:
+    room = f"h-{uuid.uuid4().hex[:8]}"
+    worker = tone_worker(server, "billing", 880, never_ready=True)
+    baton = baton_join(server, room, "--config", config_file())
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> tuple[ToneAgent, dict[str, list[tuple[float, float]]], float, float]:
+            caller = await Peer.join(server, room, "caller")
+            rec = Recorder(caller.room)
+            a = await agent(server, room, "triage", 440)
+            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
+            await asyncio.sleep(0.5)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await a.handoff("billing", reason="caller wants a refund")
+            await wait_until(lambda: any(m.get("cause") == "handback" for m in a.got("activate")), 10, "no handback")
+            await asyncio.sleep(0.8)
+            t_end = loop.time()
+            await rec.stop()
+            await a.close()
+            await caller.close()
+            return a, rec.levels, t0, t_end
+
+        a, levels, t0, t_end = run(scenario())  # type: ignore[misc]
+        handback = next(m for m in a.got("activate") if m.get("cause") == "handback")
+        assert handback["reason"] == "target_not_ready"
+        r = analyse(levels, t0 - 0.3, t_end - 0.2)
+        grid = r["grid"]
+        assert r["first"]["baton"] is not None, "no filler while waiting for the target"
+        assert "agent-triage" in grid[-5] or "agent-triage" in grid[-10], "source not heard again after handback"
+        assert not any("agent-billing" in c for c in grid), "a target that was never ready was heard"
+        assert r["silence"] <= 0.06, f"caller heard {r['silence'] * 1000:.0f} ms of silence"
+        baton.wait_for(r'"outcome":"handed_back"', timeout=5)
+    except BaseException:
+        print(baton.text())
+        print(worker.text())
+        raise
+    finally:
+        assert baton.stop() == 0, baton.text()
+        worker.stop()
+
+
+def test_source_ignoring_deactivate_is_silenced_by_server_mute(server: LiveKitServer) -> None:
+    room = f"h-{uuid.uuid4().hex[:8]}"
+    baton = baton_join(server, room, "--config", config_file())
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float]:
+            caller = await Peer.join(server, room, "caller")
+            rec = Recorder(caller.room)
+            a = await agent(server, room, "triage", 440, ignore_deactivate=True)
+            b = await agent(server, room, "billing", 880)
+            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
+            await wait_until(lambda: b.got("deactivate"), 5, "billing not on standby")
+            await asyncio.sleep(0.5)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await a.handoff("billing", reason="test")
+            await wait_until(lambda: b.speaking, 8, "billing never got the floor")
+            await asyncio.sleep(1.0)
+            t_end = loop.time()
+            assert a.speaking, "the disobedient agent is still producing its tone"
+            await rec.stop()
+            for x in (a, b):
+                await x.close()
+            await caller.close()
+            return rec.levels, t0, t_end
+
+        levels, t0, t_end = run(scenario())  # type: ignore[misc]
+        r = analyse(levels, t0 - 0.3, t_end - 0.1)
+        grid = r["grid"]
+        # It kept generating its tone, but after the switch the caller no longer hears it.
+        assert all("agent-triage" not in c for c in grid[-50:]), "server-side mute did not silence the source"
+        assert r["overlap"] == 0
+        baton.wait_for("mute agent-triage's track")
+    except BaseException:
+        print(baton.text())
+        raise
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
+def test_forged_handoff_from_the_caller_changes_nothing(server: LiveKitServer) -> None:
+    room = f"h-{uuid.uuid4().hex[:8]}"
+    baton = baton_join(server, room, "--config", config_file())
+    try:
+        baton.wait_for("joined: data channel open")
+
+        async def scenario() -> ToneAgent:
+            caller = await Peer.join(server, room, "caller")
+            a = await agent(server, room, "triage", 440)
+            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
+            await caller.wait_participant("baton")
+            forged = {"v": 1, "type": "handoff", "id": "evil-1", "target": "billing", "reason": "forged"}
+            await caller.send("baton.control", json.dumps(forged).encode(), ["baton"])
+            hello = {"v": 1, "type": "hello", "id": "evil-2", "agent_name": "triage"}
+            await caller.send("baton.control", json.dumps(hello).encode(), ["baton"])
+            await asyncio.sleep(1.0)
+            assert a.speaking
+            await a.close()
+            await caller.close()
+            return a
+
+        a = run(scenario())
+        assert not a.got("deactivate") and not a.got("handoff_accepted")  # type: ignore[attr-defined]
+        baton.wait_for(r"security: control message ignored.*from=caller.*handoff")
+        assert "handoff phase" not in baton.text()
     finally:
         assert baton.stop() == 0, baton.text()

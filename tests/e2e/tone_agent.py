@@ -73,6 +73,8 @@ class ToneAgent:
     async def _finish_sentence(self, handoff: object) -> None:
         await asyncio.sleep(self.sentence_tail)
         self.speaking = False
+        # "Quiet" means played out: let what is already queued in the audio source drain.
+        await asyncio.sleep(0.06)
         body: dict[str, object] = {"type": "quiet"}
         if handoff:
             body["handoff"] = handoff
