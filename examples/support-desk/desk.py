@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -234,16 +235,32 @@ def say(agent: str, line: str) -> None:
     print(f"{agent}: {line}", flush=True)
 
 
+MAX_JOBS = int(os.environ.get("DESK_MAX_JOBS", "10"))
+
+
+def job_load(server: AgentServer) -> float:
+    """The worker's load as the share of ``DESK_MAX_JOBS`` it runs (default 10).
+
+    The framework's default reports the machine's CPU use, and the LiveKit server offers a job
+    only to workers whose load is under its target (0.7): on a busy machine (a laptop building
+    Rust, a shared CI runner) a desk worker would get no jobs at all, and baton would see the
+    handoff target never arrive (``target_no_show``)."""
+    return min(1.0, len(server.active_jobs) / max(MAX_JOBS, 1))
+
+
 def run_worker(agent_name: str, entrypoint: Callable[[JobContext], Awaitable[None]]) -> None:
     """Register a worker under ``agent_name`` (env ``<NAME>_AGENT_NAME`` overrides it) and
     serve jobs until SIGINT/SIGTERM. Needs LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET."""
     name = os.environ.get(f"{agent_name.upper()}_AGENT_NAME", agent_name)
+    if level := os.environ.get("DESK_LOG"):  # e.g. DESK_LOG=INFO: the framework's own logs
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
         server = AgentServer(
             job_executor_type=JobExecutorType.THREAD,
             num_idle_processes=0,
             port=0,
+            load_fnc=job_load,
         )
         server.rtc_session(entrypoint, agent_name=name)
         server.on("worker_registered", lambda *_: say(agent_name, "registered"))
