@@ -48,6 +48,13 @@ impl Default for StateConfig {
     }
 }
 
+/// livekit-server's default `agents.target_load`. The server only offers jobs to a worker whose
+/// reported load is below it (its job affinity is `target_load - load`), so a worker that
+/// reported `rooms / max_rooms` would stop getting rooms at 70% of `max_rooms`, with the extra
+/// dispatches dropped by the server ("no servers available"). baton's capacity is `max_rooms`, so
+/// the load it reports reaches the target exactly when it is full.
+pub const SERVER_TARGET_LOAD: f32 = 0.7;
+
 /// A room the worker was assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobStart {
@@ -420,10 +427,10 @@ impl WorkerState {
     fn status_now(&self) -> Vec<Action> {
         let count = self.jobs.len();
         let full = self.draining || count >= self.cfg.max_rooms;
-        let load = if self.cfg.max_rooms == 0 {
+        let load = if full || self.cfg.max_rooms == 0 {
             1.0
         } else {
-            (count as f32 / self.cfg.max_rooms as f32).min(1.0)
+            SERVER_TARGET_LOAD * count as f32 / self.cfg.max_rooms as f32
         };
         self.send_if_registered(msg(worker_message::Message::UpdateWorker(
             proto::UpdateWorkerStatus {
@@ -697,6 +704,29 @@ mod tests {
             Some(Some(proto::WorkerStatus::WsAvailable as i32))
         );
         assert!(ask(&mut s, "J4", now).available);
+    }
+
+    #[test]
+    fn load_stays_below_the_servers_target_until_full() {
+        let now = Instant::now();
+        let mut s = registered(200, now);
+        let mut last = None;
+        for i in 0..199 {
+            let id = format!("J{i}");
+            assert!(ask(&mut s, &id, now).available);
+            last = last_status(&assign(&mut s, &id, None, now)).or(last);
+        }
+        let st = last.expect("status");
+        assert_eq!(st.status, Some(proto::WorkerStatus::WsAvailable as i32));
+        assert!(
+            st.load < SERVER_TARGET_LOAD,
+            "load {} at 199 of 200 rooms",
+            st.load
+        );
+        assert!(ask(&mut s, "J199", now).available);
+        let st = last_status(&assign(&mut s, "J199", None, now)).expect("status");
+        assert_eq!(st.status, Some(proto::WorkerStatus::WsFull as i32));
+        assert!(st.load >= SERVER_TARGET_LOAD);
     }
 
     #[test]
