@@ -66,7 +66,12 @@ pub struct Coordinator {
 }
 
 /// Longest the filler is held waiting for the new floor holder to be heard.
-const FILLER_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(1500);
+const FILLER_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(3000);
+/// How long the filler goes on under the new holder's first words. The server reports a
+/// speaker when its audio reaches the SFU; a caller still subscribing to a just-joined agent's
+/// track hears it later (hundreds of ms on a busy host), and soft noise under speech is far
+/// better than a hole before it.
+const FILLER_TAIL: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// How long a message from a not-yet-announced participant waits for the announcement.
 const EARLY_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -75,6 +80,11 @@ const EARLY_MESSAGE_MAX: usize = 32;
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig, now: Instant) -> Result<Self, baton_floor::PolicyError> {
+        let mut relay = crate::relay::Hookup::default();
+        relay.allowed_agents = cfg.policy.agents.clone();
+        // Without configured agents there is no arbiter to decide deliveries; bundles then go
+        // where their metadata says (`"to"`), still only to agent participants.
+        relay.auto_deliver = cfg.policy.agents.is_empty();
         let arbiter = if cfg.policy.agents.is_empty() { None } else { Some(Arbiter::new(cfg.policy.clone(), now)?) };
         Ok(Self {
             cfg,
@@ -84,7 +94,7 @@ impl Coordinator {
             members: BTreeMap::new(),
             early: Vec::new(),
             // --- relay wiring (temporary, helper) ---
-            relay: Default::default(),
+            relay,
             // --- end relay wiring ---
             filler_hold: None,
         })
@@ -100,7 +110,11 @@ impl Coordinator {
             members: BTreeMap::new(),
             early: Vec::new(),
             // --- relay wiring (temporary, helper) ---
-            relay: Default::default(),
+            relay: {
+                let mut relay = crate::relay::Hookup::default();
+                relay.auto_deliver = true;
+                relay
+            },
             // --- end relay wiring ---
             filler_hold: None,
         }
@@ -134,6 +148,7 @@ impl Coordinator {
     /// Carries out every command the arbiter has queued.
     fn execute(&mut self, now: Instant, out: &mut Outbox) {
         let Some(arbiter) = self.arbiter.as_mut() else { return };
+        let mut relay_events = Vec::new();
         for cmd in arbiter.drain_commands() {
             match cmd {
                 Command::Send { to, re, message } => {
@@ -180,11 +195,19 @@ impl Coordinator {
                         });
                     }
                 }
-                Command::DeliverBundle { transfer_id, to } => {
-                    tracing::warn!(%transfer_id, %to, "bundle delivery requested but the relay is not wired yet");
-                }
+                Command::DeliverBundle { transfer_id, to } => match u128::from_str_radix(&transfer_id, 16) {
+                    Ok(id) => {
+                        let events = self.relay.deliver(id, &to, now, out);
+                        relay_events.extend(events);
+                    }
+                    Err(_) => tracing::warn!(%transfer_id, "bundle id is not 32 hex digits; cannot deliver"),
+                },
                 Command::CancelTransfer { transfer_id, to } => {
-                    tracing::debug!(%transfer_id, %to, "cancel transfer");
+                    // Deliveries have their own ids; the relay cancels every delivery of this
+                    // bundle to `to`.
+                    if let Ok(id) = u128::from_str_radix(&transfer_id, 16) {
+                        self.relay.cancel_bundle(id, &to, now);
+                    }
                 }
                 Command::RemoveParticipant { identity } => {
                     if let Some(api) = self.cfg.api.clone() {
@@ -236,6 +259,7 @@ impl Coordinator {
                 }
             }
         }
+        self.on_relay(relay_events, now, out);
     }
 
     fn mute(&self, identity: &str, track_sid: &str, muted: bool, out: &mut Outbox) {
@@ -267,10 +291,46 @@ impl Coordinator {
         }
     }
 
+    /// Tells the arbiter what happened to bundles.
+    fn on_relay(&mut self, events: Vec<crate::relay::RelayEvent>, now: Instant, out: &mut Outbox) {
+        use crate::relay::RelayEvent as R;
+        for ev in events {
+            let event = match ev {
+                R::BundleReceived { from, transfer_id, size, .. } => {
+                    tracing::info!(%from, transfer = %format_args!("{transfer_id:032x}"), bytes = size, "bundle received");
+                    Event::BundleReceived { from, transfer_id: format!("{transfer_id:032x}"), bytes: size }
+                }
+                R::Delivered { to, transfer_id, bytes_sent, .. } => {
+                    tracing::info!(%to, transfer = %format_args!("{transfer_id:032x}"), bytes_sent, "bundle delivered");
+                    Event::BundleDelivered { to, transfer_id: format!("{transfer_id:032x}") }
+                }
+                R::DeliveryFailed { to, transfer_id, error, .. } => Event::TransferFailed {
+                    peer: to,
+                    transfer_id: format!("{transfer_id:032x}"),
+                    reason: error.to_string(),
+                },
+                R::ReceiveFailed { from, transfer_id, error } => Event::TransferFailed {
+                    peer: from,
+                    transfer_id: format!("{transfer_id:032x}"),
+                    reason: error.to_string(),
+                },
+                R::Rejected { from, transfer_id, error } => {
+                    tracing::warn!(%from, ?transfer_id, %error, "transfer frame rejected");
+                    continue;
+                }
+                R::Expired { transfer_id } => {
+                    tracing::debug!(transfer = %format_args!("{transfer_id:032x}"), "stored bundle expired");
+                    continue;
+                }
+            };
+            self.feed(event, now, out);
+        }
+    }
+
     /// Ends a filler hold: fade out, then mute unless another handoff needs the filler.
     fn release_filler(&mut self, out: &mut Outbox) {
         if let Some((_, fade)) = self.filler_hold.take() {
-            out.filler.push(Filler::FadeOut(fade));
+            out.filler.push(Filler::FadeOut(fade.max(FILLER_TAIL)));
             if self.arbiter.as_ref().is_none_or(|a| a.handoff().is_none()) {
                 out.filler.push(Filler::Off);
             }
@@ -325,7 +385,10 @@ impl RoomHandler for Coordinator {
         match msg.topic.as_str() {
             protocol::TOPIC_CONTROL => self.on_control(msg, now, out, true),
             // --- relay wiring (temporary, helper) ---
-            crate::relay::TOPIC => self.relay.on_data(msg, now, out),
+            crate::relay::TOPIC => {
+                let events = self.relay.on_data(msg, now, out);
+                self.on_relay(events, now, out);
+            }
             // --- end relay wiring ---
             protocol::TOPIC_ECHO if self.cfg.echo => {
                 out.send(protocol::TOPIC_ECHO, msg.payload.clone(), &msg.from);
@@ -336,7 +399,8 @@ impl RoomHandler for Coordinator {
 
     fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
         // --- relay wiring (temporary, helper) ---
-        self.relay.on_change(change, now, out);
+        let events = self.relay.on_change(change, now, out);
+        self.on_relay(events, now, out);
         // --- end relay wiring ---
         let event = match change {
             Change::Joined(m) => {
@@ -373,7 +437,8 @@ impl RoomHandler for Coordinator {
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
         // --- relay wiring (temporary, helper) ---
-        self.relay.on_connected(roster, now, out);
+        let events = self.relay.on_connected(roster, now, out);
+        self.on_relay(events, now, out);
         // --- end relay wiring ---
         if self.started || self.arbiter.is_none() {
             return;
@@ -409,7 +474,8 @@ impl RoomHandler for Coordinator {
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
         // --- relay wiring (temporary, helper) ---
-        self.relay.on_timeout(now, out);
+        let events = self.relay.on_timeout(now, out);
+        self.on_relay(events, now, out);
         // --- end relay wiring ---
         self.release_early(now, out);
         if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started) {

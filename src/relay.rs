@@ -825,26 +825,59 @@ impl Relay {
 pub struct Hookup {
     /// The relay it drives.
     pub relay: Relay,
-    /// Identities in the room, with whether each is an agent.
-    present: HashMap<String, bool>,
+    /// Identities in the room: `Some(agent name)` for agents (empty when unnamed), `None` for
+    /// everyone else.
+    present: HashMap<String, Option<String>>,
     /// Stored bundles waiting for their target: (transfer id, target identity).
     pending: Vec<(u128, String)>,
+    /// Agent names allowed to send bundles; empty means any agent-kind participant.
+    pub allowed_agents: std::collections::BTreeSet<String>,
+    /// Deliver bundles whose meta names a target (`"to"`) by themselves. Off when the floor
+    /// arbiter decides deliveries.
+    pub auto_deliver: bool,
 }
 
 impl Hookup {
     /// A `baton.xfer` packet arrived.
-    pub fn on_data(&mut self, msg: &crate::room::Incoming, now: Instant, out: &mut Outbox) {
+    pub fn on_data(&mut self, msg: &crate::room::Incoming, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
         match self.present.get(&msg.from) {
             None => {
                 tracing::debug!(from = %msg.from, "transfer frame from an identity the roster does not know yet; dropped")
             }
-            Some(&agent) => self.relay.on_packet(&msg.from, &msg.payload, agent, now),
+            Some(agent) => {
+                let authorized = agent.as_ref().is_some_and(|name| {
+                    self.allowed_agents.is_empty() || self.allowed_agents.contains(name)
+                });
+                self.relay.on_packet(&msg.from, &msg.payload, authorized, now)
+            }
         }
-        self.pump(now, out);
+        self.pump(now, out)
+    }
+
+    /// Cancels every delivery of a stored bundle to `to`.
+    pub fn cancel_bundle(&mut self, transfer_id: u128, to: &str, now: Instant) {
+        let ids: Vec<u128> = self
+            .relay
+            .deliveries
+            .iter()
+            .filter(|((t, _), d)| t == to && d.transfer_id == transfer_id)
+            .map(|((_, id), _)| *id)
+            .collect();
+        for id in ids {
+            self.relay.cancel(to, id, "handoff cancelled", now);
+        }
+    }
+
+    /// Starts delivering a stored bundle (on the floor arbiter's word).
+    pub fn deliver(&mut self, transfer_id: u128, to: &str, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+        if let Err(e) = self.relay.deliver(transfer_id, to, now) {
+            tracing::warn!(%to, error = %e, "could not deliver bundle");
+        }
+        self.pump(now, out)
     }
 
     /// A participant joined, changed or left.
-    pub fn on_change(&mut self, change: &crate::room::Change, now: Instant, out: &mut Outbox) {
+    pub fn on_change(&mut self, change: &crate::room::Change, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
         use crate::room::Change;
         match change {
             Change::Joined(m) => {
@@ -858,17 +891,17 @@ impl Hookup {
                 self.present.remove(&m.identity);
             }
         }
-        self.pump(now, out);
+        self.pump(now, out)
     }
 
     /// baton (re)connected: the roster is current, every transfer resumes.
-    pub fn on_connected(&mut self, roster: &crate::room::Roster, now: Instant, out: &mut Outbox) {
+    pub fn on_connected(&mut self, roster: &crate::room::Roster, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
         self.present = roster
             .members()
             .map(|m| (m.identity.clone(), is_agent(m)))
             .collect();
         self.relay.reconnected(now);
-        self.pump(now, out);
+        self.pump(now, out)
     }
 
     /// When [`on_timeout`](Self::on_timeout) is due.
@@ -877,29 +910,31 @@ impl Hookup {
     }
 
     /// Timers.
-    pub fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
+    pub fn on_timeout(&mut self, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
         if self.relay.poll_timeout().is_some_and(|t| t <= now) {
             self.relay.on_timeout(now);
         }
-        self.pump(now, out);
+        self.pump(now, out)
     }
 
-    fn pump(&mut self, now: Instant, out: &mut Outbox) {
+    /// Drains the relay into the outbox; returns its events for the coordinator.
+    fn pump(&mut self, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+        let mut events = Vec::new();
         loop {
             for ev in self.relay.drain(out) {
-                if let RelayEvent::BundleReceived {
-                    transfer_id, meta, ..
-                } = &ev
+                if self.auto_deliver
+                    && let RelayEvent::BundleReceived { transfer_id, meta, .. } = &ev
                     && let Ok(serde_json::Value::Object(m)) = serde_json::from_str(meta)
                     && let Some(serde_json::Value::String(to)) = m.get("to")
                 {
                     self.pending.push((*transfer_id, to.clone()));
                 }
+                events.push(ev);
             }
             let mut started = false;
             let mut keep = Vec::new();
             for (id, to) in std::mem::take(&mut self.pending) {
-                if self.present.get(&to) != Some(&true) {
+                if !self.present.get(&to).is_some_and(Option::is_some) {
                     keep.push((id, to));
                     continue;
                 }
@@ -910,14 +945,16 @@ impl Hookup {
             }
             self.pending = keep;
             if !started {
-                return;
+                return events;
             }
         }
     }
 }
 
-fn is_agent(m: &crate::room::Member) -> bool {
-    m.kind == livekit_protocol::participant_info::Kind::Agent
+/// `Some(agent name)` for an agent participant (empty when it has none), else `None`.
+fn is_agent(m: &crate::room::Member) -> Option<String> {
+    (m.kind == livekit_protocol::participant_info::Kind::Agent)
+        .then(|| m.agent_name().unwrap_or_default().to_string())
 }
 
 fn frame_id(p: &[u8]) -> u128 {

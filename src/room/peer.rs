@@ -20,6 +20,12 @@ pub const RELIABLE_LABEL: &str = "_reliable";
 pub const LOSSY_LABEL: &str = "_lossy";
 /// Bound on data waiting for SCTP buffer space, so a stalled connection cannot eat memory.
 const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// Bulk data (context transfer frames) is handed to SCTP only while less than this is buffered
+/// there. Everything in SCTP's buffer goes out in order on the one ordered channel, so this
+/// bounds how long an urgent control message (`activate`, `deactivate`) can wait behind a
+/// bundle: 64 KiB is a few milliseconds on a LAN, and the transfer's own window keeps the pipe
+/// full anyway.
+const BULK_HIGH_WATER: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -58,7 +64,10 @@ pub struct Peer {
     reliable: ChannelId,
     lossy: ChannelId,
     reliable_open: bool,
-    queue: VecDeque<Vec<u8>>,
+    /// Control traffic: written to SCTP as soon as it has room.
+    urgent: VecDeque<Vec<u8>>,
+    /// Bulk traffic: written only below [`BULK_HIGH_WATER`], after every urgent message.
+    bulk: VecDeque<Vec<u8>>,
     queued_bytes: usize,
     audio: Mid,
     pending: Option<SdpPendingOffer>,
@@ -107,7 +116,8 @@ impl Peer {
             reliable,
             lossy,
             reliable_open: false,
-            queue: VecDeque::new(),
+            urgent: VecDeque::new(),
+            bulk: VecDeque::new(),
             queued_bytes: 0,
             audio,
             pending: Some(pending),
@@ -190,12 +200,13 @@ impl Peer {
     }
 
     /// Queues one reliable data-channel message; it goes out as SCTP buffer space allows.
-    pub fn send_reliable(&mut self, bytes: Vec<u8>) -> Result<(), PeerError> {
+    /// Bulk messages yield to every urgent one queued before or after them.
+    pub fn send_reliable(&mut self, bytes: Vec<u8>, bulk: bool) -> Result<(), PeerError> {
         if self.queued_bytes + bytes.len() > MAX_QUEUED_BYTES {
             return Err(PeerError::QueueFull);
         }
         self.queued_bytes += bytes.len();
-        self.queue.push_back(bytes);
+        if bulk { self.bulk.push_back(bytes) } else { self.urgent.push_back(bytes) }
         Ok(())
     }
 
@@ -250,12 +261,20 @@ impl Peer {
         if !self.reliable_open {
             return Ok(());
         }
-        while let Some(front) = self.queue.front() {
-            let Some(mut ch) = self.rtc.channel(self.reliable) else { return Ok(()) };
+        let Some(mut ch) = self.rtc.channel(self.reliable) else { return Ok(()) };
+        while let Some(front) = self.urgent.front() {
             if !ch.write(true, front)? {
                 return Ok(());
             }
-            if let Some(sent) = self.queue.pop_front() {
+            if let Some(sent) = self.urgent.pop_front() {
+                self.queued_bytes -= sent.len();
+            }
+        }
+        while let Some(front) = self.bulk.front() {
+            if ch.buffered_amount() >= BULK_HIGH_WATER || !ch.write(true, front)? {
+                return Ok(());
+            }
+            if let Some(sent) = self.bulk.pop_front() {
                 self.queued_bytes -= sent.len();
             }
         }
@@ -290,7 +309,7 @@ impl Peer {
                 if id == self.reliable {
                     self.reliable_open = true;
                     if let Some(mut ch) = self.rtc.channel(id) {
-                        ch.set_buffered_amount_low_threshold(256 * 1024);
+                        ch.set_buffered_amount_low_threshold(BULK_HIGH_WATER / 2);
                     }
                     out.events.push(PeerEvent::ReliableOpen);
                 }

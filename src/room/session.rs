@@ -387,7 +387,7 @@ impl RoomTask {
         let replay = self.reliable.replay_after(last_message_seq);
         let replayed = replay.len();
         for bytes in replay {
-            if let Err(e) = self.link.peer.send_reliable(bytes) {
+            if let Err(e) = self.link.peer.send_reliable(bytes, false) {
                 tracing::warn!(error = %e, "could not replay data packet");
             }
         }
@@ -421,9 +421,12 @@ impl RoomTask {
                 tracing::error!(%topic, "refusing to send a data packet without destinations");
                 continue;
             }
+            // Context transfer frames are bulk; everything else is control and must not wait
+            // behind a bundle.
+            let bulk = topic == crate::relay::TOPIC;
             match self.reliable.encode(&topic, &payload, &to, now) {
                 Ok(bytes) => {
-                    if let Err(e) = self.link.peer.send_reliable(bytes) {
+                    if let Err(e) = self.link.peer.send_reliable(bytes, bulk) {
                         tracing::warn!(%topic, error = %e, "data packet not sent");
                     }
                 }

@@ -167,3 +167,18 @@ def longest_run(grid: list[set[str]], pred: object, step: float = 0.01) -> float
         cur = cur + 1 if pred(cell) else 0  # type: ignore[operator]
         best = max(best, cur)
     return best * step
+
+
+def runs(grid: list[set[str]], pred: object, min_len: int = 4) -> list[tuple[int, int]]:
+    """(start slot, length) of every run of at least `min_len` slots satisfying `pred`."""
+    out: list[tuple[int, int]] = []
+    start = None
+    for i, cell in enumerate([*grid, None]):
+        ok = cell is not None and pred(cell)  # type: ignore[operator]
+        if ok and start is None:
+            start = i
+        elif not ok and start is not None:
+            if i - start >= min_len:
+                out.append((start, i - start))
+            start = None
+    return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from livekit import rtc
+from lk_baton.transfer import receive_bundle, send_bundle, transport_for
 
 SAMPLE_RATE = 48000
 FRAME_MS = 10
@@ -31,10 +32,12 @@ class ToneAgent:
     never_ready: bool = False
     speaking: bool = False
     received: list[dict[str, object]] = field(default_factory=list)
+    bundle: bytes | None = None
     _phase: float = 0.0
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
+        transport_for(self.room)  # capture bundles from the moment we are in the room
         self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=40)
         track = rtc.LocalAudioTrack.create_audio_track(f"{self.agent_name}-voice", self.source)
         opts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
@@ -54,8 +57,15 @@ class ToneAgent:
             json.dumps(msg).encode(), reliable=True, destination_identities=[self.baton], topic="baton.control"
         )
 
-    async def handoff(self, target: str, reason: str) -> None:
-        await self.send({"type": "handoff", "target": target, "reason": reason})
+    async def handoff(self, target: str, reason: str, bundle: bytes | None = None) -> None:
+        body: dict[str, object] = {"type": "handoff", "target": target, "reason": reason}
+        if bundle is not None:
+            body["bundle_follows"] = True
+        await self.send(body)
+        if bundle is not None:
+            # A small window keeps our own `quiet` from queueing behind the whole bundle.
+            meta = {"from": self.agent_name, "to_agent": target}
+            await send_bundle(self.room, self.baton, bundle, meta, window=4)
 
     def _on_data(self, pkt: rtc.DataPacket) -> None:
         if pkt.topic != "baton.control" or pkt.participant is None or pkt.participant.identity != self.baton:
@@ -68,7 +78,12 @@ class ToneAgent:
         elif kind == "deactivate" and not self.ignore_deactivate:
             self._spawn(self._finish_sentence(msg.get("handoff")))
         elif kind == "prepare" and not self.never_ready:
-            self._spawn(self.send({"type": "ready", "handoff": msg["handoff"]}))
+            self._spawn(self._prepare(msg))
+
+    async def _prepare(self, msg: dict[str, object]) -> None:
+        if msg.get("bundle"):
+            self.bundle, _meta = await receive_bundle(self.room, self.baton, timeout=30)
+        await self.send({"type": "ready", "handoff": msg["handoff"]})
 
     async def _finish_sentence(self, handoff: object) -> None:
         await asyncio.sleep(self.sentence_tail)

@@ -1005,14 +1005,19 @@ async def send_bundle(
     compress: bool = False,
     deadline: float = 60.0,
     transfer_id: int | None = None,
+    window: int = 32,
 ) -> int:
     """Send ``payload`` to one participant; returns the transfer id once the receiver has
-    verified the SHA-256 and confirmed (COMPLETE). Raises :class:`TransferError` otherwise."""
+    verified the SHA-256 and confirmed (COMPLETE). Raises :class:`TransferError` otherwise.
+
+    ``window`` is the number of chunks in flight. A data channel delivers in order, so
+    everything this participant publishes afterwards (a ``quiet`` during a handoff) waits
+    behind up to ``window`` chunks: use a small window when control messages must stay prompt."""
     import json
 
     meta_s = meta if isinstance(meta, str) else json.dumps(meta, separators=(",", ":"))
     t = transport_for(room)
-    cfg = SenderConfig(compress=compress, deadline=deadline)
+    cfg = SenderConfig(compress=compress, deadline=deadline, window=window)
     return await t.send(to_identity, payload, meta_s, transfer_id=transfer_id, cfg=cfg)
 
 

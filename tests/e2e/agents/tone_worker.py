@@ -37,6 +37,11 @@ async def entrypoint(ctx: JobContext) -> None:
     say(f"joined room={ctx.room.name}")
     done = asyncio.Event()
     ctx.room.on("disconnected", lambda *_: done.set())
+    while not done.is_set() and agent.bundle is None:
+        await asyncio.sleep(0.05)
+    if agent.bundle is not None:
+        ok = agent.bundle == bytes(range(256)) * (len(agent.bundle) // 256)
+        say(f"bundle bytes={len(agent.bundle)} pattern={'ok' if ok else 'corrupt'}")
     await done.wait()
 
 
