@@ -258,6 +258,10 @@ class Report:
     billing_first: str
     facts_in_billing_first: dict[str, bool]
     silence_handoff_ms: float
+    """Longest stretch with nothing audible between triage's last and billing's first sound,
+    on the caller's playout clock (:func:`played_at`)."""
+    silence_handoff_arrival_ms: float
+    """The same on the caller process's arrival clock (inflated when that process stalls)."""
     silence_call_ms: float
     overlap_ms: float
     filler_heard_ms: float
@@ -265,6 +269,8 @@ class Report:
     request_to_billing_audio_ms: float | None
     plot: str | None
     identities: dict[str, str]
+    heard_ms: dict[str, float | None]
+    """At the caller, ms from the request: triage's last sound, first filler, billing's first sound."""
 
 
 def handoff_timeline(baton: Baton, timeout: float) -> tuple[dict[str, Any], float]:
@@ -282,13 +288,15 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         phases.setdefault(str(p["phase"]), int(p["ms"]))
     triage, billing = res.identities["triage"], res.identities["billing"]
     step = 0.01
-    grid = audible_grid(res.levels, res.t_start, res.t_end, step=step)
+    levels = {who: played_at(series) for who, series in res.levels.items()}
+    grid = audible_grid(levels, res.t_start, res.t_end, step=step)
 
     def slot_time(i: int) -> float:
         return res.t_start + i * step
 
     req_slot = int((t_request - res.t_start) / step)
     billing_first_slot = next((i for i, c in enumerate(grid) if billing in c), None)
+    last_triage = req_slot
     # The handoff as heard: from triage's last sound before billing's first sound to billing's
     # first sound. Only filler (or nothing) can be heard there.
     if billing_first_slot is not None:
@@ -297,6 +305,16 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
     else:
         window = grid[req_slot:]
     silence_handoff = longest_run(window, lambda c: not c)
+    raw = audible_grid(res.levels, res.t_start, res.t_end, step=step)
+    raw_window = raw[last_triage + 1 : billing_first_slot] if billing_first_slot is not None else raw[req_slot:]
+    silence_handoff_raw = longest_run(raw_window, lambda c: not c)
+    heard: dict[str, float | None] = {"triage_last": None, "filler_first": None, "billing_first": None}
+    if billing_first_slot is not None:
+        heard["triage_last"] = (slot_time(last_triage) - t_request) * 1000
+        heard["billing_first"] = (slot_time(billing_first_slot) - t_request) * 1000
+        f = next((i for i, c in enumerate(window) if "baton" in c), None)
+        if f is not None:
+            heard["filler_first"] = (slot_time(last_triage + 1 + f) - t_request) * 1000
     filler = sum(1 for c in window if "baton" in c) * step
     overlap = longest_run(grid, lambda c: triage in c and billing in c)
     # The whole call, from triage's first sound: includes pauses inside and between sentences and
@@ -319,6 +337,7 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         billing_first=first,
         facts_in_billing_first={f: f.lower() in first.lower() for f in FACTS},
         silence_handoff_ms=round(silence_handoff * 1000, 1),
+        silence_handoff_arrival_ms=round(silence_handoff_raw * 1000, 1),
         silence_call_ms=round(silence_call * 1000, 1),
         overlap_ms=round(overlap * 1000, 1),
         filler_heard_ms=round(filler * 1000, 1),
@@ -326,7 +345,24 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         request_to_billing_audio_ms=None if to_audio is None else round(to_audio),
         plot=plot,
         identities=res.identities,
+        heard_ms={k: None if v is None else round(v) for k, v in heard.items()},
     )
+
+
+def played_at(series: list[tuple[float, float]], frame: float = 0.01) -> list[tuple[float, float]]:
+    """Frame times on the caller's playout clock instead of its Python process's arrival clock.
+
+    The receiver renders one 10 ms frame every 10 ms (concealment or silence when packets are
+    missing), but the caller's event loop gets them late and in bursts whenever its process
+    is not scheduled (2 cores shared with the server, baton and two agents). A burst of frames
+    arriving at once was played 10 ms apart before its last frame's arrival, so, going backwards,
+    each frame was played no later than it arrived and at least one frame before the next one.
+    A real gap (no frames rendered) is not a burst and stays a gap."""
+    out = list(series)
+    for i in range(len(out) - 2, -1, -1):
+        t, level = out[i]
+        out[i] = (min(t, out[i + 1][0] - frame), level)
+    return out
 
 
 def _who(identity: str, ids: dict[str, str]) -> str:
@@ -348,7 +384,8 @@ def plot_levels(res: CallResult, timeline: dict[str, Any], t_request: float, pat
     fig, (ax, zoom) = plt.subplots(2, 1, figsize=(12, 7), height_ratios=[1, 1])
     names = {v: k for k, v in res.identities.items() if v}
     colours = {"triage": "tab:blue", "billing": "tab:green", "baton": "tab:gray"}
-    for who, series in sorted(res.levels.items()):
+    for who, raw in sorted(res.levels.items()):
+        series = played_at(raw)
         label = names.get(who, who)
         xs = [t - res.t_start for t, _ in series]
         ys = [max(level, -90.0) if math.isfinite(level) else -90.0 for _, level in series]
@@ -377,7 +414,7 @@ def plot_levels(res: CallResult, timeline: dict[str, Any], t_request: float, pat
         a.axhline(-55, color="k", lw=0.5, ls=":")
         a.set_ylim(-92, 0)
         a.set_ylabel("level, dBFS per 10 ms")
-    ax.set_title("What the caller received, per track (dotted: audible threshold -55 dBFS)")
+    ax.set_title("What the caller heard, per track, 10 ms frames (dotted: audible threshold -55 dBFS)")
     zoom.set_title(f"The handoff {timeline.get('handoff')} (dashed: baton's phases)")
     zoom.set_xlabel("seconds since the caller joined")
     ax.legend(loc="upper right")
@@ -407,6 +444,15 @@ def print_report(r: Report) -> None:
         print(f"  {x['ms']:>6}  {x['who']:>8}: {x['text']}")
     print()
     print(f"longest silence during the handoff (triage's last sound -> billing's first): {r.silence_handoff_ms:.0f} ms")
+    print(
+        f"  (on the caller process's arrival clock, which stalls on this busy machine: "
+        f"{r.silence_handoff_arrival_ms:.0f} ms)"
+    )
+    h = r.heard_ms
+    print(
+        f"at the caller (ms from the request): triage's last sound {h['triage_last']}, filler from "
+        f"{h['filler_first']}, billing's first sound {h['billing_first']}"
+    )
     print(f"filler heard during the handoff: {r.filler_heard_ms:.0f} ms; triage/billing overlap: {r.overlap_ms:.0f} ms")
     if r.request_to_billing_audio_ms is not None:
         print(f"request -> billing's first audio at the caller: {r.request_to_billing_audio_ms:.0f} ms")
@@ -475,6 +521,15 @@ def run_demo(quick: bool, out: Path, keep_logs: bool) -> Report:
         plot = plot_levels(res, timeline, t_request, out / "handoff.png")
         report = build_report(room, res, timeline, t_request, plot)
         (out / "report.json").write_text(json.dumps(asdict(report), indent=2))
+        levels = {
+            "t_start": res.t_start,
+            "t_request": t_request,
+            "levels": {
+                w: [[round(t - res.t_start, 4), round(v, 1) if math.isfinite(v) else None] for t, v in s]
+                for w, s in res.levels.items()
+            },
+        }
+        (out / "levels.json").write_text(json.dumps(levels))
         ok = True
         return report
     finally:

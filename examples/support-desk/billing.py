@@ -8,6 +8,7 @@ Run: ``python billing.py`` with LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SEC
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -89,6 +90,17 @@ def _handoff_at(ctx: llm.ChatContext) -> float:
     return at[-1] if at else 0.0
 
 
+def dispatched_for_handoff(metadata: str | None) -> bool:
+    """Whether the job's dispatch metadata says baton sent us as a handoff target
+    (``{"baton": {"purpose": "handoff", ...}}``)."""
+    try:
+        meta = json.loads(metadata or "")
+    except ValueError:
+        return False
+    baton = meta.get("baton") if isinstance(meta, dict) else None
+    return isinstance(baton, dict) and baton.get("purpose") == "handoff"
+
+
 class BillingAgent(Agent):
     def __init__(self, reason: str | None = None) -> None:
         super().__init__(instructions=billing_instructions(reason))
@@ -105,6 +117,10 @@ async def entrypoint(ctx: JobContext) -> None:
     session: AgentSession[Caller] = AgentSession(llm=make_llm(billing_script), tts=make_tts("en-gb"), userdata=Caller())
     baton = await BatonLink.attach(ctx, session, role="billing")
     agent = BillingAgent()
+    if not baton.preparing and dispatched_for_handoff(ctx.job.metadata):
+        # baton dispatched us for a handoff but its prepare is not here yet: wait for it
+        with contextlib.suppress(TimeoutError):
+            await baton.wait_prepare(timeout=8)
     if baton.preparing:
         received = await baton.receive_context(timeout=10, user_state_type=Caller)
         say(

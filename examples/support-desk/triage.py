@@ -67,6 +67,13 @@ def triage_script(ctx: llm.ChatContext) -> Step:
         if m is None:
             return ("Could you tell me your account number, please?", [])
         return ("One moment, let me look up your account.", [("lookup_account", {"account_id": m.group(1)})])
+    if any(i.type == "function_call" and i.name == "transfer_to_billing" for i in ctx.items):
+        # baton handed the call back (billing never came): do not loop on transfers
+        return (
+            "I am sorry, our billing team is not available right now. "
+            "I have noted your problem and they will call you back today.",
+            [],
+        )
     if any(w in text.lower() for w in BILLING_WORDS):
         reason = f"billing problem on account {account['account_id']}: {said[0]}"
         return (

@@ -46,6 +46,8 @@ PROTOCOL_VERSION = 1
 COORDINATOR_ATTRIBUTE = "baton.role"
 COORDINATOR_ROLE = "coordinator"
 DEFAULT_BATON_IDENTITY = "baton"
+HELLO_RETRY = 1.0
+"""Seconds between repeated ``hello`` messages while baton has not answered."""
 
 T = TypeVar("T")
 A = TypeVar("A", bound="Agent")
@@ -679,9 +681,10 @@ class BatonLink:
         answer_timeout: float = 5.0,
         **options: Any,
     ) -> BatonLink:
-        """Silence ``session``, find baton, say ``hello`` and wait (up to ``answer_timeout``)
-        for baton's answer: ``activate`` (we hold the floor), ``prepare`` (we are a handoff
-        target: call :meth:`receive_context`) or ``deactivate`` (standby).
+        """Silence ``session``, find baton, say ``hello`` (again every second until answered)
+        and wait (up to ``answer_timeout``) for baton's answer: ``activate`` (we hold the
+        floor), ``prepare`` (we are a handoff target: call :meth:`receive_context`) or
+        ``deactivate`` (standby).
 
         Call once per job, after ``ctx.connect()`` and preferably before ``session.start``
         (then nothing is heard before baton says so). ``agent_name`` defaults to the job's
@@ -703,10 +706,24 @@ class BatonLink:
         transport_for(room)
         link._listen()
         link.baton_identity = await link._find_baton(baton_identity, find_timeout)
-        link.floor.hello()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(link._answered.wait(), answer_timeout)
+        await link._greet(answer_timeout)
         return link
+
+    async def _greet(self, answer_timeout: float, every: float = HELLO_RETRY) -> None:
+        """Say ``hello`` until baton answers, resending every ``every`` seconds up to
+        ``answer_timeout``. baton only hears a ``hello`` from a participant it knows, and the
+        server's news that we joined can reach baton later than our first data packet (seen:
+        2.5 s on a loaded host); baton then drops that ``hello`` and would never answer. A
+        repeated ``hello`` is harmless: baton answers it with our current state."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + answer_timeout
+        while not self._answered.is_set():
+            self.floor.hello()
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), min(every, left))
 
     def _listen(self) -> None:
         self.room.on("data_received", self._on_data)
