@@ -219,9 +219,12 @@ impl RoomTask {
                 self.leave().await;
                 return Ok(RoomEnd::Left);
             }
-            let next_audio = self.audio_start + FRAME_DURATION * (self.audio_tick as u32 + 1);
             let handler_due = self.handler.poll_timeout();
-            let mut wake = self.link.peer.next_timeout().min(next_audio);
+            let mut wake = self.link.peer.next_timeout();
+            // A muted track sends nothing, so an idle room does not wake 50 times a second.
+            if !self.muted {
+                wake = wake.min(self.audio_start + FRAME_DURATION * (self.audio_tick as u32 + 1));
+            }
             if let Some(due) = handler_due {
                 wake = wake.min(due);
             }
@@ -293,9 +296,12 @@ impl RoomTask {
 
     /// Writes the audio frames that are due. The tick counter follows the wall clock even while
     /// muted, so RTP timestamps stay continuous across mute, unmute and reconnects.
+    fn current_tick(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.audio_start).as_micros() / FRAME_DURATION.as_micros()) as u64
+    }
+
     fn play_audio(&mut self, now: Instant) {
-        let due = (now.saturating_duration_since(self.audio_start).as_micros()
-            / FRAME_DURATION.as_micros()) as u64;
+        let due = self.current_tick(now);
         if due <= self.audio_tick {
             return;
         }
@@ -348,6 +354,11 @@ impl RoomTask {
     async fn set_muted(&mut self, muted: bool) {
         if muted != self.muted {
             self.muted = muted;
+            if !muted {
+                // Resume on the clock's current frame rather than bursting the frames that
+                // passed while muted; timestamps still follow the clock, so RTP stays continuous.
+                self.audio_tick = self.current_tick(Instant::now());
+            }
             self.announce_mute().await;
             tracing::info!(muted, "filler track mute changed");
         }
@@ -489,8 +500,7 @@ impl RoomTask {
                 // An admin (RoomService) changed our track's mute; follow it and confirm.
                 if Some(&m.sid) == self.link.track_sid.as_ref() && m.muted != self.muted {
                     tracing::info!(muted = m.muted, "server changed the filler track's mute");
-                    self.muted = m.muted;
-                    self.announce_mute().await;
+                    self.set_muted(m.muted).await;
                 }
             }
             Resp::Leave(l) => {
