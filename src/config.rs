@@ -60,12 +60,7 @@ pub enum ConfigError {
     #[error("could not read config file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("{path}:{line}:{column}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        reason: String,
-    },
+    Invalid { path: PathBuf, line: usize, column: usize, reason: String },
     #[error("{path}: {reason}")]
     Policy { path: String, reason: String },
     #[error("{0} is required: pass {1}")]
@@ -88,37 +83,31 @@ impl<'de> Deserialize<'de> for Secs {
             Text(String),
         }
         let seconds = |s: f64| {
-            Duration::try_from_secs_f64(s).map(Secs).map_err(|_| {
-                serde::de::Error::custom(format!("{s} is not a usable number of seconds"))
-            })
+            Duration::try_from_secs_f64(s)
+                .map(Secs)
+                .map_err(|_| serde::de::Error::custom(format!("{s} is not a usable number of seconds")))
         };
         match Raw::deserialize(d)? {
             Raw::Int(i) => seconds(i as f64),
             Raw::Float(f) => seconds(f),
-            Raw::Text(t) => parse_duration(&t)
-                .map(Secs)
-                .map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_duration(&t).map(Secs).map_err(serde::de::Error::custom),
         }
     }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        format!("`{text}` is not a duration (write 8, 0.5, \"400ms\", \"8s\" or \"2m\")")
-    })?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (write 8, 0.5, \"400ms\", \"8s\" or \"2m\")"))?;
     let scale = match unit.trim() {
         "ms" => 0.001,
         "s" | "" => 1.0,
         "m" | "min" => 60.0,
         other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{text}` (use ms, s or m)"
-            ));
+            return Err(format!("unknown unit `{other}` in `{text}` (use ms, s or m)"));
         }
     };
     Duration::try_from_secs_f64(n * scale).map_err(|_| format!("`{text}` is out of range"))
@@ -238,12 +227,7 @@ pub struct LoadedConfig {
 pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let file: FileConfig = toml::from_str(text).map_err(|e| {
         let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            column,
-            reason: e.message().to_string(),
-        }
+        ConfigError::Invalid { path: path.to_path_buf(), line, column, reason: e.message().to_string() }
     })?;
     check_agents(path, text, &file)?;
     Ok(file)
@@ -261,16 +245,10 @@ pub fn load(explicit: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
             p
         }
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigError::Read { path: path.clone(), reason: e.to_string() })?;
     let file = parse(&path, &text)?;
-    Ok(LoadedConfig {
-        path: Some(path),
-        text,
-        file,
-    })
+    Ok(LoadedConfig { path: Some(path), text, file })
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -286,12 +264,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 fn check_agents(path: &Path, text: &str, file: &FileConfig) -> Result<(), ConfigError> {
     let at = |span: std::ops::Range<usize>, reason: String| {
         let (line, column) = line_col(text, span.start);
-        ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            column,
-            reason,
-        }
+        ConfigError::Invalid { path: path.to_path_buf(), line, column, reason }
     };
     let mut seen = BTreeSet::new();
     let mut starter: Option<&str> = None;
@@ -307,21 +280,14 @@ fn check_agents(path: &Path, text: &str, file: &FileConfig) -> Result<(), Config
             if let Some(first) = starter {
                 return Err(at(
                     a.name.span(),
-                    format!(
-                        "both `{first}` and `{name}` have start = true; only one agent starts the call"
-                    ),
+                    format!("both `{first}` and `{name}` have start = true; only one agent starts the call"),
                 ));
             }
             starter = Some(name);
         }
     }
     for a in &file.agents {
-        for alt in a
-            .alternate
-            .as_ref()
-            .map(OneOrMany::to_vec)
-            .unwrap_or_default()
-        {
+        for alt in a.alternate.as_ref().map(OneOrMany::to_vec).unwrap_or_default() {
             if !seen.contains(alt.as_str()) {
                 return Err(at(
                     a.name.span(),
@@ -351,24 +317,12 @@ impl FileConfig {
             },
         };
         let policy = Policy {
-            agents: self
-                .agents
-                .iter()
-                .map(|a| a.name.get_ref().clone())
-                .collect(),
-            starting_agent: self
-                .agents
-                .iter()
-                .find(|a| a.start)
-                .map(|a| a.name.get_ref().clone()),
+            agents: self.agents.iter().map(|a| a.name.get_ref().clone()).collect(),
+            starting_agent: self.agents.iter().find(|a| a.start).map(|a| a.name.get_ref().clone()),
             alternates: self
                 .agents
                 .iter()
-                .filter_map(|a| {
-                    a.alternate
-                        .as_ref()
-                        .map(|alt| (a.name.get_ref().clone(), alt.to_vec()))
-                })
+                .filter_map(|a| a.alternate.as_ref().map(|alt| (a.name.get_ref().clone(), alt.to_vec())))
                 .collect::<BTreeMap<_, _>>(),
             source_quiet_timeout: dur(h.source_quiet_timeout, d.source_quiet_timeout),
             silence_grace: dur(h.silence_grace, d.silence_grace),
@@ -397,18 +351,12 @@ pub fn resolve(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<WorkerOptions
     let f = &loaded.file;
     let w = &f.worker;
     let pick = |flag: &Option<String>, file: &Option<String>| {
-        flag.clone()
-            .or_else(|| file.clone())
-            .filter(|s| !s.is_empty())
+        flag.clone().or_else(|| file.clone()).filter(|s| !s.is_empty())
     };
-    let url = pick(&args.url, &f.server.url).ok_or(ConfigError::Missing(
-        "the server URL",
-        "--url, LIVEKIT_URL or server.url",
-    ))?;
-    let api_key = pick(&args.api_key, &f.server.api_key).ok_or(ConfigError::Missing(
-        "the API key",
-        "--api-key, LIVEKIT_API_KEY or server.api_key",
-    ))?;
+    let url = pick(&args.url, &f.server.url)
+        .ok_or(ConfigError::Missing("the server URL", "--url, LIVEKIT_URL or server.url"))?;
+    let api_key = pick(&args.api_key, &f.server.api_key)
+        .ok_or(ConfigError::Missing("the API key", "--api-key, LIVEKIT_API_KEY or server.api_key"))?;
     let api_secret = pick(&args.api_secret, &f.server.api_secret).ok_or(ConfigError::Missing(
         "the API secret",
         "--api-secret, LIVEKIT_API_SECRET or server.api_secret",
@@ -417,9 +365,7 @@ pub fn resolve(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<WorkerOptions
     let secs = |v: Option<Secs>, default: Duration| v.map_or(default, |s| s.0);
     let rejoin_timeout = match args.rejoin_timeout {
         Some(s) => Duration::try_from_secs_f64(s).map_err(|_| {
-            ConfigError::Value(format!(
-                "--rejoin-timeout {s} is not a usable number of seconds"
-            ))
+            ConfigError::Value(format!("--rejoin-timeout {s} is not a usable number of seconds"))
         })?,
         None => secs(w.rejoin_timeout, Duration::from_secs(60)),
     };
@@ -442,14 +388,12 @@ pub fn resolve(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<WorkerOptions
         || protocol.ping_timeout <= protocol.ping_interval
     {
         return Err(ConfigError::Value(
-            "worker timers: ping_interval and status_interval must be > 0 and ping_timeout > ping_interval".into(),
+            "worker timers: ping_interval and status_interval must be > 0 and ping_timeout > ping_interval"
+                .into(),
         ));
     }
     let policy = f.to_policy().map_err(|e| ConfigError::Policy {
-        path: loaded
-            .path
-            .as_ref()
-            .map_or_else(|| "configuration".into(), |p| p.display().to_string()),
+        path: loaded.path.as_ref().map_or_else(|| "configuration".into(), |p| p.display().to_string()),
         reason: e.to_string(),
     })?;
     Ok(WorkerOptions {
@@ -476,12 +420,7 @@ mod tests {
 
     fn invalid(text: &str) -> (usize, usize, String) {
         match parse(p(), text) {
-            Err(ConfigError::Invalid {
-                line,
-                column,
-                reason,
-                path,
-            }) => {
+            Err(ConfigError::Invalid { line, column, reason, path }) => {
                 assert_eq!(path, p());
                 (line, column, reason)
             }
@@ -512,20 +451,17 @@ mod tests {
         let (line, _, reason) = invalid("[handoff]\njoin_timeout = \"8 parsecs\"\n");
         assert_eq!(line, 2);
         assert!(reason.contains("parsecs"), "{reason}");
-        let (line, _, reason) =
-            invalid("[handoff]\nsilence_grace = \"400ms\"\nrelease = \"vanish\"\n");
+        let (line, _, reason) = invalid("[handoff]\nsilence_grace = \"400ms\"\nrelease = \"vanish\"\n");
         assert_eq!(line, 3);
-        assert!(
-            reason.contains("vanish") || reason.contains("variant"),
-            "{reason}"
-        );
+        assert!(reason.contains("vanish") || reason.contains("variant"), "{reason}");
         let (line, _, _) = invalid("[worker\n");
         assert_eq!(line, 1);
     }
 
     #[test]
     fn agent_rules_point_at_the_agent() {
-        let text = "[[agents]]\nname = \"triage\"\nstart = true\n\n[[agents]]\nname = \"billing\"\nstart = true\n";
+        let text =
+            "[[agents]]\nname = \"triage\"\nstart = true\n\n[[agents]]\nname = \"billing\"\nstart = true\n";
         let (line, _, reason) = invalid(text);
         assert_eq!(line, 6);
         assert!(reason.contains("only one agent starts"), "{reason}");
@@ -573,34 +509,19 @@ release = "standby"
 [handoff.start_dispatch]
 attempts = 5
 "#;
-        let policy = parse(p(), text)
-            .expect("parse")
-            .to_policy()
-            .expect("policy");
+        let policy = parse(p(), text).expect("parse").to_policy().expect("policy");
         assert_eq!(policy.join_timeout, Duration::from_secs(3));
         assert_eq!(policy.silence_grace, Duration::from_millis(250));
         assert_eq!(policy.release, ReleasePolicy::Standby);
         assert_eq!(policy.start_dispatch.attempts, 5);
-        assert_eq!(
-            policy.start_dispatch.backoff_max,
-            Policy::default().start_dispatch.backoff_max
-        );
-        assert_eq!(
-            policy.alternates.get("billing"),
-            Some(&vec!["billing-backup".to_string()])
-        );
-        let zero = parse(p(), "[handoff]\nready_timeout = 0\n")
-            .expect("parse")
-            .to_policy();
+        assert_eq!(policy.start_dispatch.backoff_max, Policy::default().start_dispatch.backoff_max);
+        assert_eq!(policy.alternates.get("billing"), Some(&vec!["billing-backup".to_string()]));
+        let zero = parse(p(), "[handoff]\nready_timeout = 0\n").expect("parse").to_policy();
         assert!(zero.is_err());
     }
 
     fn loaded(text: &str) -> LoadedConfig {
-        LoadedConfig {
-            path: Some(p().into()),
-            text: text.into(),
-            file: parse(p(), text).expect("parse"),
-        }
+        LoadedConfig { path: Some(p().into()), text: text.into(), file: parse(p(), text).expect("parse") }
     }
 
     #[test]
@@ -608,10 +529,7 @@ attempts = 5
         let file = loaded(
             "[server]\nurl = \"ws://file:7880\"\napi_key = \"k\"\napi_secret = \"s\"\n[worker]\nagent_name = \"from-file\"\nmax_rooms = 7\nrejoin_timeout = \"30s\"\n",
         );
-        let args = WorkerArgs {
-            agent_name: Some("from-flag".into()),
-            ..Default::default()
-        };
+        let args = WorkerArgs { agent_name: Some("from-flag".into()), ..Default::default() };
         let o = resolve(&args, &file).expect("resolve");
         assert_eq!(o.protocol.agent_name, "from-flag");
         assert_eq!(o.protocol.max_rooms, 7);

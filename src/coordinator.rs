@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use baton_floor::{
-    Alert, AgentMessage, Arbiter, AudioTrack, Command, DispatchTicket, Event, Participant, ParticipantKind,
+    AgentMessage, Alert, Arbiter, AudioTrack, Command, DispatchTicket, Event, Participant, ParticipantKind,
     Policy,
 };
 use livekit_protocol as proto;
@@ -85,7 +85,8 @@ impl Coordinator {
         // Without configured agents there is no arbiter to decide deliveries; bundles then go
         // where their metadata says (`"to"`), still only to agent participants.
         relay.auto_deliver = cfg.policy.agents.is_empty();
-        let arbiter = if cfg.policy.agents.is_empty() { None } else { Some(Arbiter::new(cfg.policy.clone(), now)?) };
+        let arbiter =
+            if cfg.policy.agents.is_empty() { None } else { Some(Arbiter::new(cfg.policy.clone(), now)?) };
         Ok(Self {
             cfg,
             arbiter,
@@ -189,9 +190,15 @@ impl Coordinator {
                     if let Some(api) = self.cfg.api.clone() {
                         let room = self.cfg.room.clone();
                         out.spawn(async move {
-                            let result = api.delete_dispatch(&room, &dispatch_id).await.map(|_| ()).map_err(|e| e.to_string());
-                            Box::new(ApiDone::Logged { what: format!("delete dispatch of {agent_name}"), result })
-                                as TaskOutput
+                            let result = api
+                                .delete_dispatch(&room, &dispatch_id)
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string());
+                            Box::new(ApiDone::Logged {
+                                what: format!("delete dispatch of {agent_name}"),
+                                result,
+                            }) as TaskOutput
                         });
                     }
                 }
@@ -215,7 +222,8 @@ impl Coordinator {
                         out.spawn(async move {
                             let result =
                                 api.remove_participant(&room, &identity).await.map_err(|e| e.to_string());
-                            Box::new(ApiDone::Logged { what: format!("remove {identity}"), result }) as TaskOutput
+                            Box::new(ApiDone::Logged { what: format!("remove {identity}"), result })
+                                as TaskOutput
                         });
                     }
                 }
@@ -269,7 +277,11 @@ impl Coordinator {
         };
         let (room, identity, sid) = (self.cfg.room.clone(), identity.to_string(), track_sid.to_string());
         out.spawn(async move {
-            let result = api.mute_published_track(&room, &identity, &sid, muted).await.map(|_| ()).map_err(|e| e.to_string());
+            let result = api
+                .mute_published_track(&room, &identity, &sid, muted)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
             let what = format!("{} {identity}'s track {sid}", if muted { "mute" } else { "unmute" });
             Box::new(ApiDone::Logged { what, result }) as TaskOutput
         });
@@ -393,7 +405,9 @@ impl RoomHandler for Coordinator {
             protocol::TOPIC_ECHO if self.cfg.echo => {
                 out.send(protocol::TOPIC_ECHO, msg.payload.clone(), &msg.from);
             }
-            topic => tracing::debug!(from = %msg.from, %topic, bytes = msg.payload.len(), "ignored data packet"),
+            topic => {
+                tracing::debug!(from = %msg.from, %topic, bytes = msg.payload.len(), "ignored data packet")
+            }
         }
     }
 
@@ -478,11 +492,11 @@ impl RoomHandler for Coordinator {
         self.on_relay(events, now, out);
         // --- end relay wiring ---
         self.release_early(now, out);
-        if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started) {
-            if arbiter.poll_timeout().is_some_and(|t| t <= now) {
-                arbiter.handle_timeout(now);
-                self.execute(now, out);
-            }
+        if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started)
+            && arbiter.poll_timeout().is_some_and(|t| t <= now)
+        {
+            arbiter.handle_timeout(now);
+            self.execute(now, out);
         }
     }
 
@@ -569,10 +583,19 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn incoming(from: &str, topic: &str, payload: &[u8]) -> Incoming {
-        Incoming { from: from.into(), from_sid: format!("PA_{from}"), topic: topic.into(), payload: payload.to_vec() }
+        Incoming {
+            from: from.into(),
+            from_sid: format!("PA_{from}"),
+            topic: topic.into(),
+            payload: payload.to_vec(),
+        }
     }
 
-    fn info(identity: &str, kind: proto::participant_info::Kind, agent: Option<&str>) -> proto::ParticipantInfo {
+    fn info(
+        identity: &str,
+        kind: proto::participant_info::Kind,
+        agent: Option<&str>,
+    ) -> proto::ParticipantInfo {
         let mut p = proto::ParticipantInfo {
             sid: format!("PA_{identity}"),
             identity: identity.into(),
@@ -601,14 +624,19 @@ mod tests {
             starting_agent: Some("triage".into()),
             ..Policy::default()
         };
-        Coordinator::new(CoordinatorConfig { room: "r".into(), policy, api: None, echo: false }, now).expect("policy")
+        Coordinator::new(CoordinatorConfig { room: "r".into(), policy, api: None, echo: false }, now)
+            .expect("policy")
     }
 
     #[test]
     fn ping_is_answered_to_the_sender_only() {
         let mut c = Coordinator::minimal("r", false);
         let mut out = Outbox::default();
-        c.on_data(&incoming("alice", "baton.control", br#"{"v":1,"type":"ping","id":"x"}"#), Instant::now(), &mut out);
+        c.on_data(
+            &incoming("alice", "baton.control", br#"{"v":1,"type":"ping","id":"x"}"#),
+            Instant::now(),
+            &mut out,
+        );
         let msgs = sent(&out);
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].0, "alice");
@@ -673,7 +701,11 @@ mod tests {
         let mut out = Outbox::default();
         c.on_connected(&Roster::default(), now, &mut out);
         let before = out.data.len();
-        c.on_data(&incoming("x", "baton.control", br#"{"v":1,"type":"handoff","id":"h","target":5}"#), now, &mut out);
+        c.on_data(
+            &incoming("x", "baton.control", br#"{"v":1,"type":"handoff","id":"h","target":5}"#),
+            now,
+            &mut out,
+        );
         assert_eq!(out.data.len(), before);
     }
 }

@@ -112,11 +112,19 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         anyhow::bail!("--room must not be empty");
     }
     let policy = match &args.config {
-        Some(path) => lk_baton::config::load(Some(path))?.file.to_policy().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        Some(path) => lk_baton::config::load(Some(path))?
+            .file
+            .to_policy()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
         None => baton_floor::Policy::default(),
     };
-    let api = lk_baton::server_api::ServerApi::new(&args.server.url, &args.server.api_key, &args.server.api_secret)?;
-    let cfg = CoordinatorConfig { room: args.room.clone(), policy, api: Some(Arc::new(api)), echo: args.echo };
+    let api = lk_baton::server_api::ServerApi::new(
+        &args.server.url,
+        &args.server.api_key,
+        &args.server.api_secret,
+    )?;
+    let cfg =
+        CoordinatorConfig { room: args.room.clone(), policy, api: Some(Arc::new(api)), echo: args.echo };
     let handler = Box::new(Coordinator::new(cfg, std::time::Instant::now())?);
     let filler = Arc::new(
         EncodedLoop::comfort_noise(3.0, args.noise_dbfs)

@@ -135,11 +135,7 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// An empty store that holds at most `capacity` payload bytes.
     pub fn new(capacity: u64) -> Self {
-        MemoryStore {
-            capacity,
-            used: 0,
-            bundles: HashMap::new(),
-        }
+        MemoryStore { capacity, used: 0, bundles: HashMap::new() }
     }
 }
 
@@ -150,11 +146,7 @@ impl BundleStore for MemoryStore {
         }
         let need = bundle.payload.len() as u64;
         if self.used.saturating_add(need) > self.capacity {
-            return Err(StoreError::Full {
-                used: self.used,
-                capacity: self.capacity,
-                need,
-            });
+            return Err(StoreError::Full { used: self.used, capacity: self.capacity, need });
         }
         self.used += need;
         self.bundles.insert(transfer_id, bundle);
@@ -421,10 +413,7 @@ impl Relay {
                     }
                     self.admitted.insert(
                         key.clone(),
-                        Admitted {
-                            payload_size: open.payload_size,
-                            sha256: open.sha256,
-                        },
+                        Admitted { payload_size: open.payload_size, sha256: open.sha256 },
                     );
                     let before = self.endpoint.receivers().active();
                     self.endpoint.handle_packet(from, payload, now);
@@ -445,25 +434,10 @@ impl Relay {
 
     /// Starts delivering a stored bundle to `to`; returns the new delivery's id. The outcome
     /// arrives as [`RelayEvent::Delivered`] or [`RelayEvent::DeliveryFailed`].
-    pub fn deliver(
-        &mut self,
-        transfer_id: u128,
-        to: &str,
-        now: Instant,
-    ) -> Result<u128, RelayError> {
-        let bundle = self
-            .store
-            .get(transfer_id)
-            .ok_or(RelayError::UnknownBundle(transfer_id))?;
-        if self
-            .deliveries
-            .iter()
-            .any(|((t, _), d)| t == to && d.transfer_id == transfer_id)
-        {
-            return Err(RelayError::AlreadyDelivering {
-                transfer_id,
-                to: to.to_owned(),
-            });
+    pub fn deliver(&mut self, transfer_id: u128, to: &str, now: Instant) -> Result<u128, RelayError> {
+        let bundle = self.store.get(transfer_id).ok_or(RelayError::UnknownBundle(transfer_id))?;
+        if self.deliveries.iter().any(|((t, _), d)| t == to && d.transfer_id == transfer_id) {
+            return Err(RelayError::AlreadyDelivering { transfer_id, to: to.to_owned() });
         }
         let delivery_id = loop {
             let id: u128 = rand::random();
@@ -471,17 +445,8 @@ impl Relay {
                 break id;
             }
         };
-        self.deliveries.insert(
-            (to.to_owned(), delivery_id),
-            Delivery {
-                transfer_id,
-                bytes_sent: 0,
-            },
-        );
-        if let Err(e) = self
-            .endpoint
-            .send(to, delivery_id, &bundle.payload, &bundle.info.meta, now)
-        {
+        self.deliveries.insert((to.to_owned(), delivery_id), Delivery { transfer_id, bytes_sent: 0 });
+        if let Err(e) = self.endpoint.send(to, delivery_id, &bundle.payload, &bundle.info.meta, now) {
             self.deliveries.remove(&(to.to_owned(), delivery_id));
             return Err(RelayError::Transfer(e));
         }
@@ -565,20 +530,13 @@ impl Relay {
             // The bundle is already stored (its COMPLETE was lost and the engine has forgotten
             // the transfer), or another agent reuses the id.
             if info.from == from && info.sha256 == open.sha256 && info.size == open.payload_size {
-                self.transmit(
-                    from,
-                    &Frame::Complete {
-                        id,
-                        sha256: info.sha256,
-                    },
-                );
+                self.transmit(from, &Frame::Complete { id, sha256: info.sha256 });
             } else {
                 self.refuse(
                     from,
                     id,
                     ErrorCode::ConflictingOpen,
-                    "a different bundle with this transfer id is stored; use a fresh random id"
-                        .into(),
+                    "a different bundle with this transfer id is stored; use a fresh random id".into(),
                 );
             }
             return false;
@@ -589,11 +547,7 @@ impl Relay {
         let reserved: u64 = self.admitted.values().map(|a| a.payload_size).sum();
         let used = self.store.used_bytes();
         let cap = self.store.capacity();
-        if used
-            .saturating_add(reserved)
-            .saturating_add(open.payload_size)
-            > cap
-        {
+        if used.saturating_add(reserved).saturating_add(open.payload_size) > cap {
             self.refuse(
                 from,
                 id,
@@ -609,22 +563,11 @@ impl Relay {
 
     fn refuse(&mut self, from: &str, id: u128, code: ErrorCode, reason: String) {
         tracing::warn!(%from, transfer_id = %format_args!("{id:032x}"), %code, %reason, "refused bundle");
-        self.transmit(
-            from,
-            &Frame::Error {
-                id,
-                code,
-                reason: truncate(&reason),
-            },
-        );
+        self.transmit(from, &Frame::Error { id, code, reason: truncate(&reason) });
         self.events.push(RelayEvent::Rejected {
             from: from.to_owned(),
             transfer_id: Some(id),
-            error: TransferError {
-                code,
-                reason,
-                remote: false,
-            },
+            error: TransferError { code, reason, remote: false },
         });
     }
 
@@ -654,23 +597,12 @@ impl Relay {
         }
         let id = frame.as_ref().map(Frame::id);
         if let Some(Frame::Open { id, .. } | Frame::Resume { id, .. }) = &frame {
-            self.transmit(
-                from,
-                &Frame::Error {
-                    id: *id,
-                    code: NOT_AUTHORIZED,
-                    reason: truncate(&reason),
-                },
-            );
+            self.transmit(from, &Frame::Error { id: *id, code: NOT_AUTHORIZED, reason: truncate(&reason) });
         }
         self.events.push(RelayEvent::Rejected {
             from: from.to_owned(),
             transfer_id: id,
-            error: TransferError {
-                code: NOT_AUTHORIZED,
-                reason,
-                remote: false,
-            },
+            error: TransferError { code: NOT_AUTHORIZED, reason, remote: false },
         });
     }
 
@@ -700,43 +632,22 @@ impl Relay {
 
     fn on_event(&mut self, ev: Event, now: Instant) {
         match ev {
-            Event::Delivered {
-                from,
-                id,
-                payload,
-                meta,
-            } => {
+            Event::Delivered { from, id, payload, meta } => {
                 let admitted = self.admitted.remove(&(from.clone(), id));
                 let size = payload.len() as u64;
                 let sha256 = match admitted {
                     Some(a) => a.sha256,
                     None => sha256(&payload),
                 };
-                let info = BundleInfo {
-                    from: from.clone(),
-                    meta: meta.clone(),
-                    size,
-                    sha256,
-                    received_at: now,
-                };
-                match self.store.put(
-                    id,
-                    StoredBundle {
-                        info,
-                        payload: payload.into(),
-                    },
-                ) {
+                let info =
+                    BundleInfo { from: from.clone(), meta: meta.clone(), size, sha256, received_at: now };
+                match self.store.put(id, StoredBundle { info, payload: payload.into() }) {
                     Ok(()) => {
                         if let Some(r) = self.retention {
                             self.expiry.insert((now + r, id), ());
                         }
                         tracing::info!(%from, transfer_id = %format_args!("{id:032x}"), size, "bundle received and stored");
-                        self.events.push(RelayEvent::BundleReceived {
-                            from,
-                            transfer_id: id,
-                            size,
-                            meta,
-                        });
+                        self.events.push(RelayEvent::BundleReceived { from, transfer_id: id, size, meta });
                     }
                     Err(e) => {
                         tracing::error!(%from, transfer_id = %format_args!("{id:032x}"), error = %e, "received bundle could not be stored");
@@ -755,11 +666,7 @@ impl Relay {
             Event::ReceiveFailed { from, id, error } => {
                 self.admitted.remove(&(from.clone(), id));
                 tracing::warn!(%from, transfer_id = %format_args!("{id:032x}"), %error, "incoming bundle failed");
-                self.events.push(RelayEvent::ReceiveFailed {
-                    from,
-                    transfer_id: id,
-                    error,
-                });
+                self.events.push(RelayEvent::ReceiveFailed { from, transfer_id: id, error });
             }
             Event::Sent { to, id } => {
                 if let Some(d) = self.deliveries.remove(&(to.clone(), id)) {
@@ -797,11 +704,7 @@ impl Relay {
             }
             Event::Rejected { peer, id, error } => {
                 tracing::debug!(from = %peer, transfer_id = ?id.map(|i| format!("{i:032x}")), %error, "transfer packet rejected");
-                self.events.push(RelayEvent::Rejected {
-                    from: peer,
-                    transfer_id: id,
-                    error,
-                });
+                self.events.push(RelayEvent::Rejected { from: peer, transfer_id: id, error });
             }
         }
     }
@@ -839,15 +742,20 @@ pub struct Hookup {
 
 impl Hookup {
     /// A `baton.xfer` packet arrived.
-    pub fn on_data(&mut self, msg: &crate::room::Incoming, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+    pub fn on_data(
+        &mut self,
+        msg: &crate::room::Incoming,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Vec<RelayEvent> {
         match self.present.get(&msg.from) {
             None => {
                 tracing::debug!(from = %msg.from, "transfer frame from an identity the roster does not know yet; dropped")
             }
             Some(agent) => {
-                let authorized = agent.as_ref().is_some_and(|name| {
-                    self.allowed_agents.is_empty() || self.allowed_agents.contains(name)
-                });
+                let authorized = agent
+                    .as_ref()
+                    .is_some_and(|name| self.allowed_agents.is_empty() || self.allowed_agents.contains(name));
                 self.relay.on_packet(&msg.from, &msg.payload, authorized, now)
             }
         }
@@ -869,7 +777,13 @@ impl Hookup {
     }
 
     /// Starts delivering a stored bundle (on the floor arbiter's word).
-    pub fn deliver(&mut self, transfer_id: u128, to: &str, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+    pub fn deliver(
+        &mut self,
+        transfer_id: u128,
+        to: &str,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Vec<RelayEvent> {
         if let Err(e) = self.relay.deliver(transfer_id, to, now) {
             tracing::warn!(%to, error = %e, "could not deliver bundle");
         }
@@ -877,7 +791,12 @@ impl Hookup {
     }
 
     /// A participant joined, changed or left.
-    pub fn on_change(&mut self, change: &crate::room::Change, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+    pub fn on_change(
+        &mut self,
+        change: &crate::room::Change,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Vec<RelayEvent> {
         use crate::room::Change;
         match change {
             Change::Joined(m) => {
@@ -895,11 +814,13 @@ impl Hookup {
     }
 
     /// baton (re)connected: the roster is current, every transfer resumes.
-    pub fn on_connected(&mut self, roster: &crate::room::Roster, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
-        self.present = roster
-            .members()
-            .map(|m| (m.identity.clone(), is_agent(m)))
-            .collect();
+    pub fn on_connected(
+        &mut self,
+        roster: &crate::room::Roster,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Vec<RelayEvent> {
+        self.present = roster.members().map(|m| (m.identity.clone(), is_agent(m))).collect();
         self.relay.reconnected(now);
         self.pump(now, out)
     }
@@ -1026,9 +947,7 @@ mod tests {
             for (name, ep) in self.peers.iter_mut() {
                 while let Some(o) = ep.poll_output() {
                     match o {
-                        Output::Transmit { to, payload } => {
-                            self.wire.push_back((name.clone(), to, payload))
-                        }
+                        Output::Transmit { to, payload } => self.wire.push_back((name.clone(), to, payload)),
                         Output::Event(e) => self.events.push((name.clone(), e)),
                     }
                 }
@@ -1038,8 +957,7 @@ mod tests {
             for (topic, payload, to) in out.data {
                 assert_eq!(topic, TOPIC);
                 assert_eq!(to.len(), 1, "relay packets go to exactly one identity");
-                self.wire
-                    .push_back(("baton".into(), to[0].clone(), payload));
+                self.wire.push_back(("baton".into(), to[0].clone(), payload));
             }
         }
 
@@ -1088,9 +1006,7 @@ mod tests {
 
         fn send(&mut self, from: &str, id: u128, payload: &[u8], meta: &str) {
             let now = self.now;
-            self.peer(from)
-                .send("baton", id, payload, meta, now)
-                .expect("send");
+            self.peer(from).send("baton", id, payload, meta, now).expect("send");
         }
 
         fn delivered_to(&self, who: &str) -> Vec<(u128, Vec<u8>, String)> {
@@ -1098,23 +1014,18 @@ mod tests {
                 .iter()
                 .filter(|(n, _)| n == who)
                 .filter_map(|(_, e)| match e {
-                    Event::Delivered {
-                        id, payload, meta, ..
-                    } => Some((*id, payload.clone(), meta.clone())),
+                    Event::Delivered { id, payload, meta, .. } => Some((*id, payload.clone(), meta.clone())),
                     _ => None,
                 })
                 .collect()
         }
 
         fn send_outcome(&self, who: &str, tid: u128) -> Option<Result<(), TransferError>> {
-            self.events
-                .iter()
-                .filter(|(n, _)| n == who)
-                .find_map(|(_, e)| match e {
-                    Event::Sent { id, .. } if *id == tid => Some(Ok(())),
-                    Event::SendFailed { id, error, .. } if *id == tid => Some(Err(error.clone())),
-                    _ => None,
-                })
+            self.events.iter().filter(|(n, _)| n == who).find_map(|(_, e)| match e {
+                Event::Sent { id, .. } if *id == tid => Some(Ok(())),
+                Event::SendFailed { id, error, .. } if *id == tid => Some(Err(error.clone())),
+                _ => None,
+            })
         }
     }
 
@@ -1134,12 +1045,9 @@ mod tests {
         events
             .iter()
             .filter_map(|e| match e {
-                RelayEvent::BundleReceived {
-                    from,
-                    transfer_id,
-                    size,
-                    meta,
-                } => Some((from.clone(), *transfer_id, *size, meta.clone())),
+                RelayEvent::BundleReceived { from, transfer_id, size, meta } => {
+                    Some((from.clone(), *transfer_id, *size, meta.clone()))
+                }
                 _ => None,
             })
             .collect()
@@ -1154,10 +1062,7 @@ mod tests {
         net.run(Duration::from_secs(5));
         // Leg 1 is acknowledged once the bundle is stored, before any delivery exists.
         assert_eq!(net.send_outcome("a", 7), Some(Ok(())));
-        assert_eq!(
-            received(&net.relay_events),
-            vec![("a".into(), 7, payload.len() as u64, meta.into())]
-        );
+        assert_eq!(received(&net.relay_events), vec![("a".into(), 7, payload.len() as u64, meta.into())]);
         let info = net.relay.stored(7).expect("stored");
         assert_eq!(info.from, "a");
         assert_eq!(info.sha256, sha256(&payload));
@@ -1168,10 +1073,7 @@ mod tests {
         assert_ne!(did, 7, "each delivery gets a fresh id");
         assert_eq!(
             net.relay.deliver(7, "b", net.now),
-            Err(RelayError::AlreadyDelivering {
-                transfer_id: 7,
-                to: "b".into()
-            })
+            Err(RelayError::AlreadyDelivering { transfer_id: 7, to: "b".into() })
         );
         net.run(Duration::from_secs(5));
         let got = net.delivered_to("b");
@@ -1183,12 +1085,9 @@ mod tests {
             .relay_events
             .iter()
             .filter_map(|e| match e {
-                RelayEvent::Delivered {
-                    to,
-                    transfer_id,
-                    delivery_id,
-                    bytes_sent,
-                } => Some((to.clone(), *transfer_id, *delivery_id, *bytes_sent)),
+                RelayEvent::Delivered { to, transfer_id, delivery_id, bytes_sent } => {
+                    Some((to.clone(), *transfer_id, *delivery_id, *bytes_sent))
+                }
                 _ => None,
             })
             .collect();
@@ -1196,15 +1095,9 @@ mod tests {
         assert_eq!(net.relay.delivering(), 0);
         // The bundle stays stored (for a fallback) until removed.
         assert!(net.relay.stored(7).is_some());
-        assert_eq!(
-            net.relay.remove(7).map(|i| i.size),
-            Some(payload.len() as u64)
-        );
+        assert_eq!(net.relay.remove(7).map(|i| i.size), Some(payload.len() as u64));
         assert_eq!(net.relay.store().used_bytes(), 0);
-        assert_eq!(
-            net.relay.deliver(7, "b", net.now),
-            Err(RelayError::UnknownBundle(7))
-        );
+        assert_eq!(net.relay.deliver(7, "b", net.now), Err(RelayError::UnknownBundle(7)));
     }
 
     #[test]
@@ -1213,10 +1106,7 @@ mod tests {
         let payload = bundle(200_000, 2);
         net.send("caller", 9, &payload, r#"{"to":"a"}"#);
         net.run(Duration::from_secs(90));
-        let err = net
-            .send_outcome("caller", 9)
-            .expect("outcome")
-            .expect_err("refused");
+        let err = net.send_outcome("caller", 9).expect("outcome").expect_err("refused");
         assert_eq!(err.code, NOT_AUTHORIZED);
         assert!(err.remote);
         assert!(err.reason.contains("not an agent"), "{}", err.reason);
@@ -1231,43 +1121,25 @@ mod tests {
             .count();
         assert!(rejected >= 1);
         // DATA frames from the unauthorized sender get no answer and are not buffered either.
-        let data = Frame::Data {
-            id: 9,
-            index: 0,
-            bytes: vec![1; 300],
-        }
-        .encode()
-        .unwrap();
+        let data = Frame::Data { id: 9, index: 0, bytes: vec![1; 300] }.encode().unwrap();
         net.relay.on_packet("caller", &data, false, net.now);
         let mut out = Outbox::default();
         let ev = net.relay.drain(&mut out);
         assert!(out.data.is_empty());
-        assert!(matches!(
-            &ev[..],
-            [RelayEvent::Rejected {
-                transfer_id: Some(9),
-                ..
-            }]
-        ));
+        assert!(matches!(&ev[..], [RelayEvent::Rejected { transfer_id: Some(9), .. }]));
         assert_eq!(net.relay.receiving(), 0);
     }
 
     #[test]
     fn store_cap_refuses_before_buffering_and_frees_on_remove() {
-        let cfg = RelayConfig {
-            store_bytes: 100_000,
-            ..RelayConfig::default()
-        };
+        let cfg = RelayConfig { store_bytes: 100_000, ..RelayConfig::default() };
         let mut net = Net::new(cfg, &["a", "b"], &["a", "b"]);
         net.send("a", 1, &bundle(70_000, 3), "");
         net.run(Duration::from_secs(5));
         assert_eq!(net.send_outcome("a", 1), Some(Ok(())));
         net.send("a", 2, &bundle(40_000, 4), "");
         net.run(Duration::from_secs(5));
-        let err = net
-            .send_outcome("a", 2)
-            .expect("outcome")
-            .expect_err("full");
+        let err = net.send_outcome("a", 2).expect("outcome").expect_err("full");
         assert_eq!(err.code, ErrorCode::BufferFull);
         assert!(err.reason.contains("bundle store"), "{}", err.reason);
         assert_eq!(net.relay.store().len(), 1);
@@ -1278,13 +1150,7 @@ mod tests {
         net.send("a", 4, &bundle(60_000, 6), "");
         net.run(Duration::from_secs(5));
         assert_eq!(net.send_outcome("a", 3), Some(Ok(())));
-        assert_eq!(
-            net.send_outcome("a", 4)
-                .expect("outcome")
-                .expect_err("full")
-                .code,
-            ErrorCode::BufferFull
-        );
+        assert_eq!(net.send_outcome("a", 4).expect("outcome").expect_err("full").code, ErrorCode::BufferFull);
         assert_eq!(net.relay.store().used_bytes(), 60_000);
         // The store itself enforces its cap too.
         let mut s = MemoryStore::new(10);
@@ -1300,29 +1166,16 @@ mod tests {
         };
         assert!(s.put(1, b(8)).is_ok());
         assert_eq!(s.put(1, b(1)), Err(StoreError::Exists(1)));
-        assert!(matches!(
-            s.put(2, b(3)),
-            Err(StoreError::Full {
-                used: 8,
-                capacity: 10,
-                need: 3
-            })
-        ));
+        assert!(matches!(s.put(2, b(3)), Err(StoreError::Full { used: 8, capacity: 10, need: 3 })));
     }
 
     #[test]
     fn oversized_bundle_refused_with_too_large() {
-        let cfg = RelayConfig {
-            max_bundle_size: 50_000,
-            ..RelayConfig::default()
-        };
+        let cfg = RelayConfig { max_bundle_size: 50_000, ..RelayConfig::default() };
         let mut net = Net::new(cfg, &["a"], &["a"]);
         net.send("a", 5, &bundle(50_001, 7), "");
         net.run(Duration::from_secs(5));
-        let err = net
-            .send_outcome("a", 5)
-            .expect("outcome")
-            .expect_err("too large");
+        let err = net.send_outcome("a", 5).expect("outcome").expect_err("too large");
         assert_eq!(err.code, ErrorCode::TooLarge);
         assert!(net.relay.store().is_empty());
         // Only the OPEN (and perhaps the first window) reached baton; nothing was buffered.
@@ -1373,15 +1226,8 @@ mod tests {
         // A restart would resend everything held before the cut (~2 MB); a resume resends
         // what was in flight at the cut, plus the RTO's resends lost during the outage.
         eprintln!("bytes sent for {} after the outage: {sent}", payload.len());
-        assert!(
-            sent > payload.len() as u64,
-            "the outage cost nothing: nothing was cut"
-        );
-        assert!(
-            sent < payload.len() as u64 + 2 * window,
-            "{sent} bytes sent for {}",
-            payload.len()
-        );
+        assert!(sent > payload.len() as u64, "the outage cost nothing: nothing was cut");
+        assert!(sent < payload.len() as u64 + 2 * window, "{sent} bytes sent for {}", payload.len());
     }
 
     #[test]
@@ -1399,8 +1245,7 @@ mod tests {
                 solicited: false,
             },
         };
-        net.relay
-            .on_packet("b", &ack.encode().unwrap(), true, net.now);
+        net.relay.on_packet("b", &ack.encode().unwrap(), true, net.now);
         let mut out = Outbox::default();
         let ev = net.relay.drain(&mut out);
         assert_eq!(out.data.len(), 1);
@@ -1409,13 +1254,7 @@ mod tests {
             Frame::Cancel { id: 99, code, .. } => assert_eq!(code, ErrorCode::UnknownTransfer),
             f => panic!("expected CANCEL, got {f:?}"),
         }
-        assert!(matches!(
-            &ev[..],
-            [RelayEvent::Rejected {
-                transfer_id: Some(99),
-                ..
-            }]
-        ));
+        assert!(matches!(&ev[..], [RelayEvent::Rejected { transfer_id: Some(99), .. }]));
         // Garbage and corrupt frames in the middle of a transfer change nothing.
         for junk in [&b"\xba\x01\x02"[..], b"hello", &[0xba, 9, 1, 0][..]] {
             net.relay.on_packet("a", junk, true, net.now);
@@ -1429,10 +1268,7 @@ mod tests {
     fn repeated_open_for_a_stored_bundle_is_confirmed_not_refetched() {
         let cfg = RelayConfig {
             endpoint: EndpointConfig {
-                receivers: ReceiversConfig {
-                    finished_linger: Duration::from_secs(1),
-                    ..Default::default()
-                },
+                receivers: ReceiversConfig { finished_linger: Duration::from_secs(1), ..Default::default() },
                 ..Default::default()
             },
             ..RelayConfig::default()
@@ -1445,37 +1281,25 @@ mod tests {
         net.send("a", 31, &payload, "");
         net.run(Duration::from_secs(5));
         assert_eq!(received(&net.relay_events).len(), 1, "stored once");
-        let oks = net
-            .events
-            .iter()
-            .filter(|(n, e)| n == "a" && matches!(e, Event::Sent { id: 31, .. }))
-            .count();
+        let oks =
+            net.events.iter().filter(|(n, e)| n == "a" && matches!(e, Event::Sent { id: 31, .. })).count();
         assert_eq!(oks, 2);
         // Another agent reusing the id is refused.
         net.send("b", 31, &bundle(50_000, 11), "");
         net.run(Duration::from_secs(5));
-        assert_eq!(
-            net.send_outcome("b", 31).unwrap().unwrap_err().code,
-            ErrorCode::ConflictingOpen
-        );
+        assert_eq!(net.send_outcome("b", 31).unwrap().unwrap_err().code, ErrorCode::ConflictingOpen);
     }
 
     #[test]
     fn stored_bundles_expire_after_retention() {
-        let cfg = RelayConfig {
-            retention: Some(Duration::from_secs(60)),
-            ..RelayConfig::default()
-        };
+        let cfg = RelayConfig { retention: Some(Duration::from_secs(60)), ..RelayConfig::default() };
         let mut net = Net::new(cfg, &["a"], &["a"]);
         net.send("a", 41, &bundle(1000, 12), "");
         net.run(Duration::from_secs(5));
         assert!(net.relay.stored(41).is_some());
         net.run(Duration::from_secs(120));
         assert!(net.relay.stored(41).is_none());
-        assert!(
-            net.relay_events
-                .contains(&RelayEvent::Expired { transfer_id: 41 })
-        );
+        assert!(net.relay_events.contains(&RelayEvent::Expired { transfer_id: 41 }));
         assert_eq!(net.relay.poll_timeout(), None);
     }
 }

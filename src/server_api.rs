@@ -16,18 +16,12 @@ pub enum ApiError {
         "could not reach the LiveKit server API at {url} ({reason}); check the URL and that the server is up"
     )]
     Unreachable { url: String, reason: String },
-    #[error(
-        "the LiveKit server refused {op} ({detail}); check LIVEKIT_API_KEY and LIVEKIT_API_SECRET"
-    )]
+    #[error("the LiveKit server refused {op} ({detail}); check LIVEKIT_API_KEY and LIVEKIT_API_SECRET")]
     Unauthorized { op: &'static str, detail: String },
     #[error("{op}: not found ({detail}); the room or dispatch may already be gone")]
     NotFound { op: &'static str, detail: String },
     #[error("{op} was rejected: {detail}{hint}")]
-    Rejected {
-        op: &'static str,
-        detail: String,
-        hint: &'static str,
-    },
+    Rejected { op: &'static str, detail: String, hint: &'static str },
     #[error(
         "{op}: the server had no answer from the room ({detail}); the participant may have left or \
          the room may be closing: re-check the room before retrying"
@@ -45,19 +39,13 @@ pub enum ApiError {
 impl ApiError {
     /// Worth retrying later (the server was unreachable or had a transient problem).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            ApiError::Unreachable { .. } | ApiError::Unavailable { .. } | ApiError::Other { .. }
-        )
+        matches!(self, ApiError::Unreachable { .. } | ApiError::Unavailable { .. } | ApiError::Other { .. })
     }
 }
 
 /// The HTTP base URL for the server APIs, from a ws(s) or http(s) URL.
 pub fn http_url(url: &str) -> Result<String, ApiError> {
-    let bad = |reason: &str| ApiError::InvalidUrl {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    };
+    let bad = |reason: &str| ApiError::InvalidUrl { url: url.to_string(), reason: reason.to_string() };
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
     let scheme = match scheme.to_ascii_lowercase().as_str() {
         "ws" | "http" => "http",
@@ -125,10 +113,7 @@ impl ServerApi {
             metadata: metadata.to_string(),
             ..Default::default()
         };
-        self.dispatch
-            .create_dispatch(req)
-            .await
-            .map_err(|e| self.classify(OP, e))
+        self.dispatch.create_dispatch(req).await.map_err(|e| self.classify(OP, e))
     }
 
     /// Deletes a dispatch; the server terminates its jobs (the agent is asked to leave).
@@ -138,78 +123,48 @@ impl ServerApi {
         dispatch_id: &str,
     ) -> Result<proto::AgentDispatch, ApiError> {
         const OP: &str = "DeleteDispatch";
-        self.dispatch
-            .delete_dispatch(dispatch_id, room)
-            .await
-            .map_err(|e| self.classify(OP, e))
+        self.dispatch.delete_dispatch(dispatch_id, room).await.map_err(|e| self.classify(OP, e))
     }
 
     /// The dispatches of a room (including those from its token's RoomConfiguration).
     pub async fn list_dispatch(&self, room: &str) -> Result<Vec<proto::AgentDispatch>, ApiError> {
         const OP: &str = "ListDispatch";
-        self.dispatch
-            .list_dispatch(room)
-            .await
-            .map_err(|e| self.classify(OP, e))
+        self.dispatch.list_dispatch(room).await.map_err(|e| self.classify(OP, e))
     }
 
     /// Removes a participant from a room (an agent released after a handoff).
     pub async fn remove_participant(&self, room: &str, identity: &str) -> Result<(), ApiError> {
         const OP: &str = "RemoveParticipant";
-        self.rooms
-            .remove_participant(room, identity)
-            .await
-            .map_err(|e| self.classify(OP, e))
+        self.rooms.remove_participant(room, identity).await.map_err(|e| self.classify(OP, e))
     }
 
     /// The participants of a room.
-    pub async fn list_participants(
-        &self,
-        room: &str,
-    ) -> Result<Vec<proto::ParticipantInfo>, ApiError> {
+    pub async fn list_participants(&self, room: &str) -> Result<Vec<proto::ParticipantInfo>, ApiError> {
         const OP: &str = "ListParticipants";
-        self.rooms
-            .list_participants(room)
-            .await
-            .map_err(|e| self.classify(OP, e))
+        self.rooms.list_participants(room).await.map_err(|e| self.classify(OP, e))
     }
 
     fn classify(&self, op: &'static str, e: ServiceError) -> ApiError {
         match e {
-            ServiceError::Env(e) => ApiError::Other {
-                op,
-                detail: e.to_string(),
-            },
-            ServiceError::AccessToken(e) => ApiError::Unauthorized {
-                op,
-                detail: format!("could not sign: {e}"),
-            },
+            ServiceError::Env(e) => ApiError::Other { op, detail: e.to_string() },
+            ServiceError::AccessToken(e) => {
+                ApiError::Unauthorized { op, detail: format!("could not sign: {e}") }
+            }
             ServiceError::Twirp(ServerError::Request(e)) => {
                 // The server answers a bad token with a plain-text 401 that the Twirp client
                 // cannot decode, so the status is lost by the time it reaches us.
                 if e.is_decode() {
-                    ApiError::Unreadable {
-                        op,
-                        detail: e.to_string(),
-                    }
+                    ApiError::Unreadable { op, detail: e.to_string() }
                 } else if e.is_connect() || e.is_timeout() {
-                    ApiError::Unreachable {
-                        url: self.url.clone(),
-                        reason: e.to_string(),
-                    }
+                    ApiError::Unreachable { url: self.url.clone(), reason: e.to_string() }
                 } else {
-                    ApiError::Other {
-                        op,
-                        detail: e.to_string(),
-                    }
+                    ApiError::Other { op, detail: e.to_string() }
                 }
             }
             ServiceError::Twirp(ServerError::Twirp(code)) => {
                 let detail = code.to_string();
                 match code.code.as_str() {
-                    "unauthenticated" | "permission_denied" => {
-                        ApiError::Unauthorized { op, detail }
-                    }
+                    "unauthenticated" | "permission_denied" => ApiError::Unauthorized { op, detail },
                     "not_found" => ApiError::NotFound { op, detail },
                     "unavailable" => ApiError::Unavailable { op, detail },
                     "invalid_argument"
@@ -228,10 +183,7 @@ impl ServerApi {
                     _ => ApiError::Other { op, detail },
                 }
             }
-            ServiceError::Twirp(e) => ApiError::Other {
-                op,
-                detail: e.to_string(),
-            },
+            ServiceError::Twirp(e) => ApiError::Other { op, detail: e.to_string() },
         }
     }
 }
@@ -242,14 +194,8 @@ mod tests {
 
     #[test]
     fn http_url_converts_ws_schemes() {
-        assert_eq!(
-            http_url("ws://127.0.0.1:7880").ok().as_deref(),
-            Some("http://127.0.0.1:7880")
-        );
-        assert_eq!(
-            http_url("wss://lk.example.com/").ok().as_deref(),
-            Some("https://lk.example.com")
-        );
+        assert_eq!(http_url("ws://127.0.0.1:7880").ok().as_deref(), Some("http://127.0.0.1:7880"));
+        assert_eq!(http_url("wss://lk.example.com/").ok().as_deref(), Some("https://lk.example.com"));
         assert_eq!(http_url("https://x").ok().as_deref(), Some("https://x"));
         assert!(http_url("x").is_err());
         assert!(http_url("udp://x").is_err());
@@ -258,16 +204,8 @@ mod tests {
     #[tokio::test]
     async fn unreachable_server_says_so() {
         // Port 9 (discard) on loopback is closed on any sane test machine.
-        let api = ServerApi::new(
-            "ws://127.0.0.1:9",
-            "k",
-            "secret-secret-secret-secret-secret",
-        )
-        .expect("url");
-        let err = api
-            .list_dispatch("r")
-            .await
-            .expect_err("nothing listens there");
+        let api = ServerApi::new("ws://127.0.0.1:9", "k", "secret-secret-secret-secret-secret").expect("url");
+        let err = api.list_dispatch("r").await.expect_err("nothing listens there");
         assert!(matches!(err, ApiError::Unreachable { .. }), "{err}");
         assert!(err.is_transient());
         assert!(err.to_string().contains("check the URL"));

@@ -48,8 +48,14 @@ mod tests {
 
     #[test]
     fn token_carries_single_pc_grants() {
-        let jwt = participant_token("key", "secret-secret-secret-secret-secret", "r1", "baton", Duration::from_secs(60))
-            .expect("sign");
+        let jwt = participant_token(
+            "key",
+            "secret-secret-secret-secret-secret",
+            "r1",
+            "baton",
+            Duration::from_secs(60),
+        )
+        .expect("sign");
         let claims = TokenVerifier::with_api_key("key", "secret-secret-secret-secret-secret")
             .verify(&jwt)
             .expect("verify");

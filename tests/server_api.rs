@@ -30,52 +30,31 @@ impl Drop for Server {
 }
 
 fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free tcp port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
 }
 
 fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
 }
 
 fn start_server() -> Server {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin = root.join(".tools/bin/livekit-server");
-    assert!(
-        bin.exists(),
-        "{} missing: run ./scripts/setup",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} missing: run ./scripts/setup", bin.display());
     let port = free_tcp();
     let child = Command::new(bin)
         .arg("--config")
         .arg(root.join("configs/livekit.yaml"))
-        .args([
-            "--port",
-            &port.to_string(),
-            "--udp-port",
-            &free_udp().to_string(),
-        ])
+        .args(["--port", &port.to_string(), "--udp-port", &free_udp().to_string()])
         .args(["--rtc.tcp_port", &free_tcp().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start livekit-server");
-    let server = Server {
-        child,
-        url: format!("ws://127.0.0.1:{port}"),
-    };
+    let server = Server { child, url: format!("ws://127.0.0.1:{port}") };
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "livekit-server did not listen within 20s"
-        );
+        assert!(Instant::now() < deadline, "livekit-server did not listen within 20s");
         std::thread::sleep(Duration::from_millis(50));
     }
     server
@@ -87,21 +66,13 @@ async fn dispatch_create_list_delete() {
     let api = ServerApi::new(&server.url, KEY, SECRET).expect("api");
     assert!(api.url().starts_with("http://"));
     let room = "dispatch-room";
-    let d = api
-        .create_dispatch(room, "triage", r#"{"baton":"s1"}"#)
-        .await
-        .expect("create");
+    let d = api.create_dispatch(room, "triage", r#"{"baton":"s1"}"#).await.expect("create");
     assert_eq!(d.agent_name, "triage");
     assert_eq!(d.room, room);
     assert_eq!(d.metadata, r#"{"baton":"s1"}"#);
     assert!(!d.id.is_empty());
     let listed = api.list_dispatch(room).await.expect("list");
-    assert!(
-        listed
-            .iter()
-            .any(|x| x.id == d.id && x.agent_name == "triage"),
-        "{listed:?}"
-    );
+    assert!(listed.iter().any(|x| x.id == d.id && x.agent_name == "triage"), "{listed:?}");
     let deleted = api.delete_dispatch(room, &d.id).await.expect("delete");
     assert_eq!(deleted.id, d.id);
     let after = api.list_dispatch(room).await.expect("list");
@@ -111,17 +82,10 @@ async fn dispatch_create_list_delete() {
 #[tokio::test]
 async fn wrong_secret_is_unauthorized() {
     let server = start_server();
-    let api =
-        ServerApi::new(&server.url, KEY, "wrong-secret-wrong-secret-wrong-secret").expect("api");
+    let api = ServerApi::new(&server.url, KEY, "wrong-secret-wrong-secret-wrong-secret").expect("api");
     let err = api.list_dispatch("r").await.expect_err("bad secret");
     // The 401 body is plain text, so this surfaces as an unreadable reply that names the fix.
-    assert!(
-        matches!(
-            err,
-            ApiError::Unauthorized { .. } | ApiError::Unreadable { .. }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, ApiError::Unauthorized { .. } | ApiError::Unreadable { .. }), "{err}");
     assert!(err.to_string().contains("LIVEKIT_API_SECRET"), "{err}");
     assert!(!err.is_transient());
 }
@@ -151,55 +115,33 @@ async fn mute_and_unmute_baton_track_server_side() {
         .run_until(async move {
             let task = tokio::task::spawn_local(room::run(
                 params,
-                Box::new(Coordinator::default()),
+                Box::new(Coordinator::minimal("server-api", false)),
                 stop_rx,
             ));
             // Wait for baton's published audio track.
             let deadline = Instant::now() + Duration::from_secs(15);
             let track_sid = loop {
                 let ps = api.list_participants(room_name).await.unwrap_or_default();
-                if let Some(t) = ps
-                    .iter()
-                    .find(|p| p.identity == "baton")
-                    .and_then(|p| p.tracks.first())
-                {
+                if let Some(t) = ps.iter().find(|p| p.identity == "baton").and_then(|p| p.tracks.first()) {
                     break t.sid.clone();
                 }
                 assert!(Instant::now() < deadline, "baton never published its track");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            let t = api
-                .mute_published_track(room_name, "baton", &track_sid, true)
-                .await
-                .expect("mute");
+            let t = api.mute_published_track(room_name, "baton", &track_sid, true).await.expect("mute");
             assert!(t.muted);
-            let t = api
-                .mute_published_track(room_name, "baton", &track_sid, false)
-                .await
-                .expect("unmute");
+            let t = api.mute_published_track(room_name, "baton", &track_sid, false).await.expect("unmute");
             assert!(!t.muted, "configs/livekit.yaml enables remote unmute");
             let t0 = Instant::now();
             let err = api
                 .mute_published_track(room_name, "nobody", &track_sid, true)
                 .await
                 .expect_err("no such participant");
-            eprintln!(
-                "muting an absent participant failed after {:?}: {err}",
-                t0.elapsed()
-            );
-            assert!(
-                matches!(
-                    err,
-                    ApiError::NotFound { .. } | ApiError::Unavailable { .. }
-                ),
-                "{err}"
-            );
+            eprintln!("muting an absent participant failed after {:?}: {err}", t0.elapsed());
+            assert!(matches!(err, ApiError::NotFound { .. } | ApiError::Unavailable { .. }), "{err}");
             let _ = stop.send(true);
             let end = tokio::time::timeout(Duration::from_secs(10), task).await;
-            assert!(
-                matches!(end, Ok(Ok(Ok(_)))),
-                "baton did not leave cleanly: {end:?}"
-            );
+            assert!(matches!(end, Ok(Ok(Ok(_)))), "baton did not leave cleanly: {end:?}");
         })
         .await;
 }

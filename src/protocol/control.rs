@@ -39,8 +39,8 @@ impl Envelope {
         if payload.len() > MAX_PACKET_PAYLOAD {
             return Err(ControlError::TooLarge(payload.len()));
         }
-        let value: Value = serde_json::from_slice(payload)
-            .map_err(|e| ControlError::Malformed(format!("not JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| ControlError::Malformed(format!("not JSON: {e}")))?;
         let Value::Object(body) = value else {
             return Err(ControlError::Malformed("not a JSON object".into()));
         };
@@ -48,13 +48,12 @@ impl Envelope {
             .get("v")
             .and_then(Value::as_u64)
             .ok_or_else(|| ControlError::Malformed("`v` missing or not an unsigned integer".into()))?;
-        let kind = string_member(&body, "type")?
-            .ok_or_else(|| ControlError::Malformed("`type` missing".into()))?;
+        let kind =
+            string_member(&body, "type")?.ok_or_else(|| ControlError::Malformed("`type` missing".into()))?;
         if kind.is_empty() || kind.len() > MAX_ID_LEN {
             return Err(ControlError::Malformed("`type` must be 1 to 64 characters".into()));
         }
-        let id = string_member(&body, "id")?
-            .ok_or_else(|| ControlError::Malformed("`id` missing".into()))?;
+        let id = string_member(&body, "id")?.ok_or_else(|| ControlError::Malformed("`id` missing".into()))?;
         if id.is_empty() || id.len() > MAX_ID_LEN {
             return Err(ControlError::Malformed("`id` must be 1 to 64 characters".into()));
         }

@@ -86,8 +86,7 @@ impl Peer {
     /// track with the `AddTrackRequest` by it). Returns the first offer.
     pub fn new(now: Instant, local: SocketAddr, track_cid: &str) -> Result<(Self, String), PeerError> {
         let mut rtc = Rtc::builder().clear_codecs().enable_opus(true, false).build(now);
-        let candidate =
-            Candidate::host(local, "udp").map_err(|e| PeerError::Candidate(e.to_string()))?;
+        let candidate = Candidate::host(local, "udp").map_err(|e| PeerError::Candidate(e.to_string()))?;
         rtc.add_local_candidate(candidate);
         let mut api = rtc.sdp_api();
         let reliable = api.add_channel_with_config(ChannelConfig {
@@ -206,7 +205,11 @@ impl Peer {
             return Err(PeerError::QueueFull);
         }
         self.queued_bytes += bytes.len();
-        if bulk { self.bulk.push_back(bytes) } else { self.urgent.push_back(bytes) }
+        if bulk {
+            self.bulk.push_back(bytes)
+        } else {
+            self.urgent.push_back(bytes)
+        }
         Ok(())
     }
 
@@ -222,15 +225,18 @@ impl Peer {
         Ok(())
     }
 
-    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) -> Result<(), PeerError> {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), PeerError> {
         let Ok(contents) = data.try_into() else {
             // Not STUN, DTLS or (S)RTP: nothing a peer connection would accept.
             return Ok(());
         };
-        let input = Input::Receive(
-            now,
-            Receive { proto: Protocol::Udp, source, destination: self.local, contents },
-        );
+        let input =
+            Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: self.local, contents });
         if self.rtc.accepts(&input) {
             self.rtc.handle_input(input)?;
         }

@@ -4,12 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use livekit_protocol as proto;
 use livekit_signaling::{SignalClient, SignalEvent, SignalEvents, SignalOptions};
 use proto::signal_request::Message as Req;
 use proto::signal_response::Message as Resp;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::sleep_until;
@@ -283,10 +283,10 @@ impl RoomTask {
                     Err(e) => lost = Some(format!("peer connection failed: {e}")),
                 }
             }
-            if let Phase::Resuming { deadline, .. } = self.phase {
-                if Instant::now() >= deadline {
-                    lost = Some("resume timed out".into());
-                }
+            if let Phase::Resuming { deadline, .. } = self.phase
+                && Instant::now() >= deadline
+            {
+                lost = Some("resume timed out".into());
             }
             if let Some(reason) = lost {
                 self.recover(&reason).await?;
@@ -315,7 +315,8 @@ impl RoomTask {
             if self.muted {
                 continue;
             }
-            let frame = if self.noise { self.params.filler.frame(tick) } else { self.params.filler.silence() };
+            let frame =
+                if self.noise { self.params.filler.frame(tick) } else { self.params.filler.silence() };
             let frame = frame.clone();
             if let Err(e) = self.link.peer.write_audio(&frame, tick, now) {
                 tracing::debug!(error = %e, "audio write failed");
@@ -473,11 +474,9 @@ impl RoomTask {
                 let valid = Peer::check_offer(&sd.sdp).is_ok();
                 tracing::debug!(valid, "ignoring subscriber offer");
             }
-            Resp::Trickle(t) => {
-                if t.target == proto::SignalTarget::Publisher as i32 {
-                    if let Err(e) = self.link.peer.add_remote_candidate(&t.candidate_init) {
-                        tracing::warn!(error = %e, "ignored server candidate");
-                    }
+            Resp::Trickle(t) if t.target == proto::SignalTarget::Publisher as i32 => {
+                if let Err(e) = self.link.peer.add_remote_candidate(&t.candidate_init) {
+                    tracing::warn!(error = %e, "ignored server candidate");
                 }
             }
             Resp::Update(u) => {
@@ -489,19 +488,15 @@ impl RoomTask {
                 }
                 self.execute(out).await;
             }
-            Resp::TrackPublished(tp) => {
-                if tp.cid == self.link.cid {
-                    let sid = tp.track.map(|t| t.sid).unwrap_or_default();
-                    tracing::info!(track_sid = %sid, muted = self.muted, "filler track published");
-                    self.link.track_sid = Some(sid);
-                }
+            Resp::TrackPublished(tp) if tp.cid == self.link.cid => {
+                let sid = tp.track.map(|t| t.sid).unwrap_or_default();
+                tracing::info!(track_sid = %sid, muted = self.muted, "filler track published");
+                self.link.track_sid = Some(sid);
             }
-            Resp::Mute(m) => {
-                // An admin (RoomService) changed our track's mute; follow it and confirm.
-                if Some(&m.sid) == self.link.track_sid.as_ref() && m.muted != self.muted {
-                    tracing::info!(muted = m.muted, "server changed the filler track's mute");
-                    self.set_muted(m.muted).await;
-                }
+            // An admin (RoomService) changed our track's mute; follow it and confirm.
+            Resp::Mute(m) if Some(&m.sid) == self.link.track_sid.as_ref() && m.muted != self.muted => {
+                tracing::info!(muted = m.muted, "server changed the filler track's mute");
+                self.set_muted(m.muted).await;
             }
             Resp::Leave(l) => {
                 use proto::leave_request::Action;
@@ -579,7 +574,11 @@ impl RoomTask {
         let offer = self.link.peer.ice_restart().map_err(|e| e.to_string())?;
         self.link
             .signal
-            .send(Req::Offer(proto::SessionDescription { r#type: "offer".into(), sdp: offer, ..Default::default() }))
+            .send(Req::Offer(proto::SessionDescription {
+                r#type: "offer".into(),
+                sdp: offer,
+                ..Default::default()
+            }))
             .await;
         self.phase = Phase::Resuming {
             deadline: Instant::now() + RESUME_TIMEOUT,
@@ -714,7 +713,11 @@ async fn connect(
         }))
         .await;
     signal
-        .send(Req::Offer(proto::SessionDescription { r#type: "offer".into(), sdp: offer, ..Default::default() }))
+        .send(Req::Offer(proto::SessionDescription {
+            r#type: "offer".into(),
+            sdp: offer,
+            ..Default::default()
+        }))
         .await;
     if let Some(line) = peer.local_candidate_sdp() {
         let init = serde_json::json!({"candidate": line, "sdpMid": "0", "sdpMLineIndex": 0});
@@ -733,7 +736,11 @@ fn classify(url: &str, e: livekit_signaling::SignalError) -> ConnectError {
     use livekit_signaling::SignalError as E;
     match e {
         E::Client(status, msg) if status.as_u16() == 401 || status.as_u16() == 403 => {
-            ConnectError::Unauthorized(if msg.is_empty() { status.to_string() } else { msg.trim().to_string() })
+            ConnectError::Unauthorized(if msg.is_empty() {
+                status.to_string()
+            } else {
+                msg.trim().to_string()
+            })
         }
         E::UrlParse(m) => ConnectError::Url(url.into(), m),
         E::Connection(m) | E::Timeout(m) => ConnectError::Unreachable { url: url.into(), reason: m },

@@ -26,10 +26,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::audio::encoded_loop::EncodedLoop;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
-use crate::server_api::ServerApi;
-use crate::room::{TaskOutput, 
-    self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TokenSource,
+use crate::room::{
+    self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TaskOutput, TokenSource,
 };
+use crate::server_api::ServerApi;
 pub use state::{Action, Backoff, JobStart, StateConfig, WorkerState};
 
 /// The `/agent` websocket protocol version this worker speaks.
@@ -116,19 +116,14 @@ pub fn agent_url(url: &str) -> Result<String, WorkerError> {
     if base.is_empty() {
         return Err(bad("no host"));
     }
-    Ok(format!(
-        "{scheme}://{base}/agent?protocol={PROTOCOL_VERSION}"
-    ))
+    Ok(format!("{scheme}://{base}/agent?protocol={PROTOCOL_VERSION}"))
 }
 
 /// The token for the `/agent` websocket: only the `agent` grant, which is what the server checks.
 pub fn worker_token(api_key: &str, api_secret: &str) -> Result<String, WorkerError> {
     AccessToken::with_api_key(api_key, api_secret)
         .with_ttl(Duration::from_secs(600))
-        .with_grants(VideoGrants {
-            agent: true,
-            ..Default::default()
-        })
+        .with_grants(VideoGrants { agent: true, ..Default::default() })
         .to_jwt()
         .map_err(|e| WorkerError::Token(e.to_string()))
 }
@@ -141,37 +136,20 @@ enum ConnectFailure {
 }
 
 async fn connect(url: &str, jwt: &str) -> Result<Ws, ConnectFailure> {
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| ConnectFailure::Other(e.to_string()))?;
+    let mut req = url.into_client_request().map_err(|e| ConnectFailure::Other(e.to_string()))?;
     let auth = format!("Bearer {jwt}")
         .parse()
         .map_err(|_| ConnectFailure::Other("the token is not a valid header value".into()))?;
     req.headers_mut().insert("Authorization", auth);
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    {
-        Err(_) => Err(ConnectFailure::Other(
-            "no websocket handshake within 10s".into(),
-        )),
+    match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await {
+        Err(_) => Err(ConnectFailure::Other("no websocket handshake within 10s".into())),
         Ok(Ok((ws, _))) => Ok(ws),
         Ok(Err(tungstenite::Error::Http(resp))) if matches!(resp.status().as_u16(), 401 | 403) => {
             Err(ConnectFailure::Unauthorized(resp.status().as_u16()))
         }
         Ok(Err(tungstenite::Error::Http(resp))) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            Err(ConnectFailure::Other(format!(
-                "HTTP {}: {}",
-                resp.status(),
-                body.trim()
-            )))
+            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            Err(ConnectFailure::Other(format!("HTTP {}: {}", resp.status(), body.trim())))
         }
         Ok(Err(e)) => Err(ConnectFailure::Other(e.to_string())),
     }
@@ -179,13 +157,8 @@ async fn connect(url: &str, jwt: &str) -> Result<Ws, ConnectFailure> {
 
 /// What room tasks report to the worker.
 enum RoomEvent {
-    Joined {
-        job_id: String,
-    },
-    Ended {
-        job_id: String,
-        result: Result<RoomEnd, String>,
-    },
+    Joined { job_id: String },
+    Ended { job_id: String, result: Result<RoomEnd, String> },
 }
 
 /// Wraps the room's logic to tell the worker when baton is first in the room, which is when
@@ -205,9 +178,7 @@ impl RoomHandler for JoinReporter {
     }
     fn on_connected(&mut self, roster: &Roster, now: StdInstant, out: &mut Outbox) {
         if let Some(events) = self.events.take() {
-            let _ = events.send(RoomEvent::Joined {
-                job_id: self.job_id.clone(),
-            });
+            let _ = events.send(RoomEvent::Joined { job_id: self.job_id.clone() });
         }
         self.inner.on_connected(roster, now, out);
     }
@@ -254,19 +225,13 @@ enum Disconnect {
 pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
     // A room task's future is not `Send` (it holds its handler across awaits), so the rooms run
     // on a local task set; they are idle almost all the time, one thread carries many.
-    tokio::task::LocalSet::new()
-        .run_until(run_local(opts, shutdown))
-        .await
+    tokio::task::LocalSet::new().run_until(run_local(opts, shutdown)).await
 }
 
-async fn run_local(
-    opts: WorkerOptions,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), WorkerError> {
+async fn run_local(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
     let agent_url = agent_url(&opts.url)?;
     let filler = Arc::new(
-        EncodedLoop::comfort_noise(3.0, opts.noise_dbfs)
-            .map_err(|e| WorkerError::Filler(e.to_string()))?,
+        EncodedLoop::comfort_noise(3.0, opts.noise_dbfs).map_err(|e| WorkerError::Filler(e.to_string()))?,
     );
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut w = Worker {
@@ -316,10 +281,7 @@ async fn run_local(
                 Disconnect::Lost(reason) => reason,
             },
             Err(ConnectFailure::Unauthorized(status)) if !ever_registered => {
-                return Err(WorkerError::Unauthorized {
-                    url: w.opts.url.clone(),
-                    status,
-                });
+                return Err(WorkerError::Unauthorized { url: w.opts.url.clone(), status });
             }
             Err(ConnectFailure::Unauthorized(status)) => {
                 format!("credentials refused (HTTP {status})")
@@ -329,8 +291,7 @@ async fn run_local(
         w.state.on_disconnected();
         if w.draining {
             // No point in registering again only to say goodbye; wait for the rooms to leave.
-            w.pump_until(drain_deadline.unwrap_or_else(Instant::now))
-                .await;
+            w.pump_until(drain_deadline.unwrap_or_else(Instant::now)).await;
             break;
         }
         let delay = backoff.next_delay(rand::random::<f64>());
@@ -352,12 +313,7 @@ async fn run_local(
 
 impl Worker {
     /// Runs one websocket connection: register, then serve until it is lost or the worker is done.
-    async fn connected(
-        &mut self,
-        ws: Ws,
-        backoff: &mut Backoff,
-        ever_registered: &mut bool,
-    ) -> Disconnect {
+    async fn connected(&mut self, ws: Ws, backoff: &mut Backoff, ever_registered: &mut bool) -> Disconnect {
         let (mut sink, mut stream): (SplitSink<Ws, Message>, SplitStream<Ws>) = ws.split();
         let actions = self.state.on_connected(Instant::now().into_std());
         if let Err(reason) = self.apply(actions, Some(&mut sink)).await {
@@ -457,9 +413,7 @@ impl Worker {
         let events = self.events_tx.clone();
         let job_id = job.job_id.clone();
         tokio::task::spawn_local(async move {
-            let result = room::run(params, handler, stop_rx)
-                .await
-                .map_err(|e| e.to_string());
+            let result = room::run(params, handler, stop_rx).await.map_err(|e| e.to_string());
             let _ = events.send(RoomEvent::Ended { job_id, result });
         });
         self.assigned_at.insert(job.job_id.clone(), Instant::now());
@@ -469,11 +423,7 @@ impl Worker {
     async fn on_room_event(&mut self, ev: RoomEvent, sink: Option<&mut SplitSink<Ws, Message>>) {
         let actions = match ev {
             RoomEvent::Joined { job_id } => {
-                let ms = self
-                    .assigned_at
-                    .get(&job_id)
-                    .map(|t| t.elapsed().as_millis())
-                    .unwrap_or(0);
+                let ms = self.assigned_at.get(&job_id).map(|t| t.elapsed().as_millis()).unwrap_or(0);
                 tracing::info!(%job_id, room = %self.state.room_of(&job_id).unwrap_or(""), assigned_to_joined_ms = ms as u64, "joined the room");
                 self.state.on_room_joined(&job_id)
             }
@@ -505,10 +455,7 @@ impl Worker {
     }
 
     async fn start_drain(&mut self, sink: Option<&mut SplitSink<Ws, Message>>) {
-        tracing::info!(
-            rooms = self.state.job_count(),
-            "shutting down: leaving every room"
-        );
+        tracing::info!(rooms = self.state.job_count(), "shutting down: leaving every room");
         self.draining = true;
         let actions = self.state.drain();
         let _ = self.apply(actions, sink).await;
@@ -552,10 +499,7 @@ mod tests {
             agent_url("https://lk.example.com/").ok().as_deref(),
             Some("wss://lk.example.com/agent?protocol=1")
         );
-        assert_eq!(
-            agent_url("HTTP://h:1").ok().as_deref(),
-            Some("ws://h:1/agent?protocol=1")
-        );
+        assert_eq!(agent_url("HTTP://h:1").ok().as_deref(), Some("ws://h:1/agent?protocol=1"));
         assert!(agent_url("ftp://h").is_err());
         assert!(agent_url("127.0.0.1:7880").is_err());
         assert!(agent_url("ws://h/?x=1").is_err());

@@ -160,24 +160,22 @@ impl WorkerState {
         self.last_heard = Some(now);
         self.next_ping = None;
         self.next_status = None;
-        vec![Action::Send(msg(worker_message::Message::Register(
-            proto::RegisterWorkerRequest {
-                r#type: proto::JobType::JtRoom as i32,
-                agent_name: self.cfg.agent_name.clone(),
-                version: self.cfg.version.clone(),
-                ping_interval: u32::try_from(self.cfg.ping_interval.as_secs()).unwrap_or(u32::MAX),
-                // Subscribing would make the server give baton a second peer connection; baton
-                // never listens to anyone, so it registers publish-only and stays single-PC.
-                allowed_permissions: Some(proto::ParticipantPermission {
-                    can_subscribe: false,
-                    can_publish: true,
-                    can_publish_data: true,
-                    can_update_metadata: true,
-                    ..Default::default()
-                }),
+        vec![Action::Send(msg(worker_message::Message::Register(proto::RegisterWorkerRequest {
+            r#type: proto::JobType::JtRoom as i32,
+            agent_name: self.cfg.agent_name.clone(),
+            version: self.cfg.version.clone(),
+            ping_interval: u32::try_from(self.cfg.ping_interval.as_secs()).unwrap_or(u32::MAX),
+            // Subscribing would make the server give baton a second peer connection; baton
+            // never listens to anyone, so it registers publish-only and stays single-PC.
+            allowed_permissions: Some(proto::ParticipantPermission {
+                can_subscribe: false,
+                can_publish: true,
+                can_publish_data: true,
+                can_update_metadata: true,
                 ..Default::default()
-            },
-        )))]
+            }),
+            ..Default::default()
+        })))]
     }
 
     /// The websocket is gone. Rooms keep running; promises made on the old connection are void
@@ -202,9 +200,9 @@ impl WorkerState {
             server_message::Message::Assignment(a) => self.on_assignment(a, now),
             server_message::Message::Termination(t) => self.on_termination(t),
             server_message::Message::Pong(_) => Vec::new(),
-            server_message::Message::GoAway(_) => vec![Action::Reconnect {
-                reason: "the server is draining this connection".into(),
-            }],
+            server_message::Message::GoAway(_) => {
+                vec![Action::Reconnect { reason: "the server is draining this connection".into() }]
+            }
         }
     }
 
@@ -278,10 +276,7 @@ impl WorkerState {
             Conn::Registering { since } => {
                 if now >= since + self.cfg.register_timeout {
                     vec![Action::Reconnect {
-                        reason: format!(
-                            "no registration answer within {:?}",
-                            self.cfg.register_timeout
-                        ),
+                        reason: format!("no registration answer within {:?}", self.cfg.register_timeout),
                     }]
                 } else {
                     Vec::new()
@@ -298,11 +293,9 @@ impl WorkerState {
                 let mut out = Vec::new();
                 if self.next_ping.is_some_and(|t| now >= t) {
                     self.next_ping = Some(now + self.cfg.ping_interval);
-                    out.push(Action::Send(msg(worker_message::Message::Ping(
-                        proto::WorkerPing {
-                            timestamp: unix_millis(),
-                        },
-                    ))));
+                    out.push(Action::Send(msg(worker_message::Message::Ping(proto::WorkerPing {
+                        timestamp: unix_millis(),
+                    }))));
                 }
                 if self.next_status.is_some_and(|t| now >= t) {
                     out.extend(self.status_now());
@@ -314,9 +307,7 @@ impl WorkerState {
     }
 
     fn on_registered(&mut self, r: proto::RegisterWorkerResponse, now: Instant) -> Vec<Action> {
-        self.conn = Conn::Registered {
-            worker_id: r.worker_id,
-        };
+        self.conn = Conn::Registered { worker_id: r.worker_id };
         self.next_ping = Some(now + self.cfg.ping_interval);
         self.next_status = Some(now + self.cfg.status_interval);
         // After a re-registration the server knows nothing of the rooms still held; tell it
@@ -343,16 +334,8 @@ impl WorkerState {
         let resp = proto::AvailabilityResponse {
             job_id: job.id,
             available,
-            participant_identity: if available {
-                self.cfg.identity.clone()
-            } else {
-                String::new()
-            },
-            participant_name: if available {
-                self.cfg.identity.clone()
-            } else {
-                String::new()
-            },
+            participant_identity: if available { self.cfg.identity.clone() } else { String::new() },
+            participant_name: if available { self.cfg.identity.clone() } else { String::new() },
             participant_attributes: if available {
                 HashMap::from([(
                     crate::token::ROLE_ATTRIBUTE.to_string(),
@@ -363,9 +346,7 @@ impl WorkerState {
             },
             ..Default::default()
         };
-        vec![Action::Send(msg(worker_message::Message::Availability(
-            resp,
-        )))]
+        vec![Action::Send(msg(worker_message::Message::Availability(resp)))]
     }
 
     fn on_assignment(&mut self, a: proto::JobAssignment, _now: Instant) -> Vec<Action> {
@@ -385,18 +366,8 @@ impl WorkerState {
                 "worker is full or draining",
             ));
         }
-        let room = job
-            .room
-            .as_ref()
-            .map(|r| r.name.clone())
-            .unwrap_or_default();
-        self.jobs.insert(
-            job.id.clone(),
-            Job {
-                room: room.clone(),
-                phase: JobPhase::Starting,
-            },
-        );
+        let room = job.room.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        self.jobs.insert(job.id.clone(), Job { room: room.clone(), phase: JobPhase::Starting });
         let mut out = vec![Action::SpawnRoom(JobStart {
             job_id: job.id,
             dispatch_id: job.dispatch_id,
@@ -432,28 +403,20 @@ impl WorkerState {
         } else {
             SERVER_TARGET_LOAD * count as f32 / self.cfg.max_rooms as f32
         };
-        self.send_if_registered(msg(worker_message::Message::UpdateWorker(
-            proto::UpdateWorkerStatus {
-                status: Some(if full {
-                    proto::WorkerStatus::WsFull
-                } else {
-                    proto::WorkerStatus::WsAvailable
-                } as i32),
-                load,
-                job_count: u32::try_from(count).unwrap_or(u32::MAX),
-                ..Default::default()
-            },
-        )))
+        self.send_if_registered(msg(worker_message::Message::UpdateWorker(proto::UpdateWorkerStatus {
+            status: Some(
+                if full { proto::WorkerStatus::WsFull } else { proto::WorkerStatus::WsAvailable } as i32
+            ),
+            load,
+            job_count: u32::try_from(count).unwrap_or(u32::MAX),
+            ..Default::default()
+        })))
     }
 
     fn send_if_registered(&self, m: proto::WorkerMessage) -> Vec<Action> {
         // Status for a server we are not registered with would be rejected or misread; the next
         // registration reports the full state instead.
-        if matches!(self.conn, Conn::Registered { .. }) {
-            vec![Action::Send(m)]
-        } else {
-            Vec::new()
-        }
+        if matches!(self.conn, Conn::Registered { .. }) { vec![Action::Send(m)] } else { Vec::new() }
     }
 }
 
@@ -488,19 +451,12 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            attempt: 0,
-        }
+        Backoff { initial, max, attempt: 0 }
     }
 
     /// The wait before the next attempt; `unit` is a random number in `[0, 1)`.
     pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let step = self
-            .initial
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.max);
+        let step = self.initial.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let half = step / 2;
         half + half.mul_f64(unit.clamp(0.0, 1.0))
@@ -517,10 +473,7 @@ mod tests {
     use super::*;
 
     fn cfg(max_rooms: usize) -> StateConfig {
-        StateConfig {
-            max_rooms,
-            ..StateConfig::default()
-        }
+        StateConfig { max_rooms, ..StateConfig::default() }
     }
 
     fn server(m: server_message::Message) -> proto::ServerMessage {
@@ -531,12 +484,10 @@ mod tests {
         let mut s = WorkerState::new(cfg(max_rooms));
         s.on_connected(now);
         s.on_server_message(
-            server(server_message::Message::Register(
-                proto::RegisterWorkerResponse {
-                    worker_id: "AW_1".into(),
-                    ..Default::default()
-                },
-            )),
+            server(server_message::Message::Register(proto::RegisterWorkerResponse {
+                worker_id: "AW_1".into(),
+                ..Default::default()
+            })),
             now,
         );
         s
@@ -547,10 +498,7 @@ mod tests {
             id: id.into(),
             dispatch_id: format!("AD_{id}"),
             r#type: proto::JobType::JtRoom as i32,
-            room: Some(proto::Room {
-                name: room.into(),
-                ..Default::default()
-            }),
+            room: Some(proto::Room { name: room.into(), ..Default::default() }),
             agent_name: "baton".into(),
             ..Default::default()
         }
@@ -558,12 +506,10 @@ mod tests {
 
     fn ask(s: &mut WorkerState, id: &str, now: Instant) -> proto::AvailabilityResponse {
         let out = s.on_server_message(
-            server(server_message::Message::Availability(
-                proto::AvailabilityRequest {
-                    job: Some(job(id, &format!("room-{id}"))),
-                    resuming: false,
-                },
-            )),
+            server(server_message::Message::Availability(proto::AvailabilityRequest {
+                job: Some(job(id, &format!("room-{id}"))),
+                resuming: false,
+            })),
             now,
         );
         match out.as_slice() {
@@ -605,16 +551,10 @@ mod tests {
 
     #[test]
     fn registers_as_a_publish_only_room_worker() {
-        let mut s = WorkerState::new(StateConfig {
-            agent_name: "coord".into(),
-            ..cfg(3)
-        });
+        let mut s = WorkerState::new(StateConfig { agent_name: "coord".into(), ..cfg(3) });
         let out = s.on_connected(Instant::now());
-        let [
-            Action::Send(proto::WorkerMessage {
-                message: Some(worker_message::Message::Register(r)),
-            }),
-        ] = out.as_slice()
+        let [Action::Send(proto::WorkerMessage { message: Some(worker_message::Message::Register(r)) })] =
+            out.as_slice()
         else {
             panic!("expected a register message, got {out:?}");
         };
@@ -631,12 +571,10 @@ mod tests {
         let mut s = WorkerState::new(cfg(4));
         s.on_connected(now);
         let out = s.on_server_message(
-            server(server_message::Message::Register(
-                proto::RegisterWorkerResponse {
-                    worker_id: "AW_x".into(),
-                    ..Default::default()
-                },
-            )),
+            server(server_message::Message::Register(proto::RegisterWorkerResponse {
+                worker_id: "AW_x".into(),
+                ..Default::default()
+            })),
             now,
         );
         assert_eq!(s.worker_id(), Some("AW_x"));
@@ -653,12 +591,7 @@ mod tests {
         assert!(r.available);
         assert_eq!(r.job_id, "J1");
         assert_eq!(r.participant_identity, "baton");
-        assert_eq!(
-            r.participant_attributes
-                .get("baton.role")
-                .map(String::as_str),
-            Some("coordinator")
-        );
+        assert_eq!(r.participant_attributes.get("baton.role").map(String::as_str), Some("coordinator"));
         let out = assign(&mut s, "J1", Some(""), now);
         assert_eq!(
             out[0],
@@ -674,9 +607,7 @@ mod tests {
         assert_eq!(last_status(&out).map(|u| u.job_count), Some(1));
         assert_eq!(s.room_of("J1"), Some("room-J1"));
         let out = assign(&mut s, "J2", Some("wss://elsewhere"), now);
-        let Action::SpawnRoom(start) = &out[0] else {
-            panic!("{out:?}")
-        };
+        let Action::SpawnRoom(start) = &out[0] else { panic!("{out:?}") };
         assert_eq!(start.url.as_deref(), Some("wss://elsewhere"));
     }
 
@@ -699,10 +630,7 @@ mod tests {
         let out = s.on_room_ended("J1", None);
         assert!(sent(&out).iter().any(|m| matches!(m,
             worker_message::Message::UpdateJob(u) if u.job_id == "J1" && u.status == proto::JobStatus::JsSuccess as i32)));
-        assert_eq!(
-            last_status(&out).map(|u| u.status),
-            Some(Some(proto::WorkerStatus::WsAvailable as i32))
-        );
+        assert_eq!(last_status(&out).map(|u| u.status), Some(Some(proto::WorkerStatus::WsAvailable as i32)));
         assert!(ask(&mut s, "J4", now).available);
     }
 
@@ -718,11 +646,7 @@ mod tests {
         }
         let st = last.expect("status");
         assert_eq!(st.status, Some(proto::WorkerStatus::WsAvailable as i32));
-        assert!(
-            st.load < SERVER_TARGET_LOAD,
-            "load {} at 199 of 200 rooms",
-            st.load
-        );
+        assert!(st.load < SERVER_TARGET_LOAD, "load {} at 199 of 200 rooms", st.load);
         assert!(ask(&mut s, "J199", now).available);
         let st = last_status(&assign(&mut s, "J199", None, now)).expect("status");
         assert_eq!(st.status, Some(proto::WorkerStatus::WsFull as i32));
@@ -773,26 +697,13 @@ mod tests {
         let now = Instant::now();
         let mut s = registered(5, now);
         assign(&mut s, "J1", None, now);
-        let term = || {
-            server(server_message::Message::Termination(
-                proto::JobTermination {
-                    job_id: "J1".into(),
-                },
-            ))
-        };
-        assert_eq!(
-            s.on_server_message(term(), now),
-            vec![Action::StopRoom {
-                job_id: "J1".into()
-            }]
-        );
+        let term =
+            || server(server_message::Message::Termination(proto::JobTermination { job_id: "J1".into() }));
+        assert_eq!(s.on_server_message(term(), now), vec![Action::StopRoom { job_id: "J1".into() }]);
         assert!(s.on_server_message(term(), now).is_empty());
         // Unknown jobs are ignored.
-        let other = server(server_message::Message::Termination(
-            proto::JobTermination {
-                job_id: "nope".into(),
-            },
-        ));
+        let other =
+            server(server_message::Message::Termination(proto::JobTermination { job_id: "nope".into() }));
         assert!(s.on_server_message(other, now).is_empty());
         // The slot is held until the task really ends.
         assert_eq!(s.job_count(), 1);
@@ -807,26 +718,15 @@ mod tests {
         // Periodic status arrives with its interval (5 s), before the first ping (10 s).
         let out = s.on_tick(t0 + s.cfg.status_interval);
         assert!(last_status(&out).is_some());
-        assert!(
-            !sent(&out)
-                .iter()
-                .any(|m| matches!(m, worker_message::Message::Ping(_)))
-        );
+        assert!(!sent(&out).iter().any(|m| matches!(m, worker_message::Message::Ping(_))));
         let ping_at = t0 + s.cfg.ping_interval;
         assert!(s.poll_timeout().is_some_and(|t| t <= ping_at));
         let out = s.on_tick(ping_at);
-        assert!(
-            sent(&out)
-                .iter()
-                .any(|m| matches!(m, worker_message::Message::Ping(_)))
-        );
+        assert!(sent(&out).iter().any(|m| matches!(m, worker_message::Message::Ping(_))));
         // A pong keeps the connection alive...
         let pong_at = ping_at + Duration::from_millis(5);
         s.on_server_message(
-            server(server_message::Message::Pong(proto::WorkerPong {
-                last_timestamp: 1,
-                timestamp: 2,
-            })),
+            server(server_message::Message::Pong(proto::WorkerPong { last_timestamp: 1, timestamp: 2 })),
             pong_at,
         );
         let quiet_until = pong_at + s.cfg.ping_timeout;
@@ -836,11 +736,7 @@ mod tests {
                 .any(|a| matches!(a, Action::Reconnect { .. }))
         );
         // ...and silence past the timeout asks for a new connection.
-        assert!(
-            s.on_tick(quiet_until)
-                .iter()
-                .any(|a| matches!(a, Action::Reconnect { .. }))
-        );
+        assert!(s.on_tick(quiet_until).iter().any(|a| matches!(a, Action::Reconnect { .. })));
     }
 
     #[test]
@@ -850,10 +746,7 @@ mod tests {
         s.on_connected(t0);
         assert_eq!(s.poll_timeout(), Some(t0 + s.cfg.register_timeout));
         assert!(s.on_tick(t0 + Duration::from_secs(1)).is_empty());
-        assert!(matches!(
-            s.on_tick(t0 + s.cfg.register_timeout).as_slice(),
-            [Action::Reconnect { .. }]
-        ));
+        assert!(matches!(s.on_tick(t0 + s.cfg.register_timeout).as_slice(), [Action::Reconnect { .. }]));
     }
 
     #[test]
@@ -870,12 +763,10 @@ mod tests {
         let t1 = t0 + Duration::from_secs(3);
         s.on_connected(t1);
         let out = s.on_server_message(
-            server(server_message::Message::Register(
-                proto::RegisterWorkerResponse {
-                    worker_id: "AW_2".into(),
-                    ..Default::default()
-                },
-            )),
+            server(server_message::Message::Register(proto::RegisterWorkerResponse {
+                worker_id: "AW_2".into(),
+                ..Default::default()
+            })),
             t1,
         );
         assert_eq!(last_status(&out).map(|u| u.job_count), Some(1));
@@ -892,14 +783,8 @@ mod tests {
         assign(&mut s, "J1", None, now);
         assign(&mut s, "J2", None, now);
         let out = s.drain();
-        assert_eq!(
-            last_status(&out).map(|u| u.status),
-            Some(Some(proto::WorkerStatus::WsFull as i32))
-        );
-        let stops: Vec<_> = out
-            .iter()
-            .filter(|a| matches!(a, Action::StopRoom { .. }))
-            .collect();
+        assert_eq!(last_status(&out).map(|u| u.status), Some(Some(proto::WorkerStatus::WsFull as i32)));
+        let stops: Vec<_> = out.iter().filter(|a| matches!(a, Action::StopRoom { .. })).collect();
         assert_eq!(stops.len(), 2);
         assert!(!ask(&mut s, "J3", now).available);
         assert!(!s.drained());
@@ -915,17 +800,13 @@ mod tests {
         let mut j = job("J1", "r");
         j.r#type = proto::JobType::JtPublisher as i32;
         let out = s.on_server_message(
-            server(server_message::Message::Availability(
-                proto::AvailabilityRequest {
-                    job: Some(j),
-                    resuming: false,
-                },
-            )),
+            server(server_message::Message::Availability(proto::AvailabilityRequest {
+                job: Some(j),
+                resuming: false,
+            })),
             now,
         );
-        assert!(
-            matches!(sent(&out).as_slice(), [worker_message::Message::Availability(r)] if !r.available)
-        );
+        assert!(matches!(sent(&out).as_slice(), [worker_message::Message::Availability(r)] if !r.available));
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use crate::command::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason,
-    SecurityEvent, SecurityReason,
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason, SecurityEvent,
+    SecurityReason,
 };
 use crate::dispatch::{Dispatcher, GaveUp, Purpose};
 use crate::event::{AgentMessage, Event, Participant, ParticipantKind};
@@ -222,33 +222,23 @@ impl Arbiter {
             return;
         }
         match event {
-            Event::RoomJoined {
-                participants,
-                token_dispatched,
-            } => self.on_room_joined(participants, token_dispatched, now),
-            Event::ParticipantJoined(p) | Event::ParticipantUpdated(p) => {
-                self.on_participant(p, now)
+            Event::RoomJoined { participants, token_dispatched } => {
+                self.on_room_joined(participants, token_dispatched, now)
             }
+            Event::ParticipantJoined(p) | Event::ParticipantUpdated(p) => self.on_participant(p, now),
             Event::ParticipantLeft { identity } => self.on_left(&identity, now),
-            Event::SpeakingChanged { identity, speaking } => {
-                self.on_speaking(&identity, speaking, now)
-            }
+            Event::SpeakingChanged { identity, speaking } => self.on_speaking(&identity, speaking, now),
             Event::Control { from, id, message } => self.on_control(from, id, message, now),
-            Event::BundleReceived {
-                from,
-                transfer_id,
-                bytes,
-            } => self.on_bundle_received(from, transfer_id, bytes, now),
-            Event::BundleDelivered { to, transfer_id } => {
-                self.on_bundle_delivered(&to, &transfer_id, now)
+            Event::BundleReceived { from, transfer_id, bytes } => {
+                self.on_bundle_received(from, transfer_id, bytes, now)
             }
-            Event::TransferFailed {
-                peer, transfer_id, ..
-            } => self.on_transfer_failed(&peer, &transfer_id, now),
-            Event::DispatchCreated {
-                ticket,
-                dispatch_id,
-            } => self.dispatcher.created(ticket, dispatch_id, &mut self.out),
+            Event::BundleDelivered { to, transfer_id } => self.on_bundle_delivered(&to, &transfer_id, now),
+            Event::TransferFailed { peer, transfer_id, .. } => {
+                self.on_transfer_failed(&peer, &transfer_id, now)
+            }
+            Event::DispatchCreated { ticket, dispatch_id } => {
+                self.dispatcher.created(ticket, dispatch_id, &mut self.out)
+            }
             Event::DispatchFailed { ticket, error } => {
                 if let Some(g) = self.dispatcher.failed(ticket, error, now, &mut self.out) {
                     self.on_gave_up(g, now);
@@ -263,11 +253,8 @@ impl Arbiter {
         if self.ended {
             return;
         }
-        while let Some((_, due)) = self
-            .deadlines()
-            .into_iter()
-            .filter(|(at, _)| *at <= now)
-            .min_by_key(|(at, _)| *at)
+        while let Some((_, due)) =
+            self.deadlines().into_iter().filter(|(at, _)| *at <= now).min_by_key(|(at, _)| *at)
         {
             self.fire(due, now);
             if self.ended {
@@ -334,8 +321,7 @@ impl Arbiter {
             Due::Release(who) => {
                 self.releases.remove(&who);
                 if self.peers.contains_key(&who) {
-                    self.out
-                        .push_back(Command::RemoveParticipant { identity: who });
+                    self.out.push_back(Command::RemoveParticipant { identity: who });
                 }
             }
         }
@@ -368,8 +354,7 @@ impl Arbiter {
             return;
         }
         if token.contains(&start) {
-            self.dispatcher
-                .expect_token(&start, Purpose::Start, self.policy.start_dispatch, now);
+            self.dispatcher.expect_token(&start, Purpose::Start, self.policy.start_dispatch, now);
         } else {
             let meta = serde_json::json!({"baton": {"purpose": "start"}}).to_string();
             self.dispatcher.request(
@@ -385,9 +370,7 @@ impl Arbiter {
 
     fn is_managed(&self, p: &Participant) -> bool {
         p.kind == ParticipantKind::Agent
-            && p.agent_name
-                .as_ref()
-                .is_some_and(|n| self.policy.agents.contains(n))
+            && p.agent_name.as_ref().is_some_and(|n| self.policy.agents.contains(n))
     }
 
     /// A present configured agent with this name, other than `except`.
@@ -399,10 +382,7 @@ impl Arbiter {
         });
         // Prefer one whose adapter already said hello: it can be prepared right away.
         let all: Vec<&Peer> = candidates.by_ref().collect();
-        all.iter()
-            .find(|p| p.reachable)
-            .or(all.first())
-            .map(|p| p.info.identity.clone())
+        all.iter().find(|p| p.reachable).or(all.first()).map(|p| p.info.identity.clone())
     }
 
     fn on_participant(&mut self, p: Participant, now: Instant) {
@@ -414,14 +394,8 @@ impl Arbiter {
         match self.peers.get_mut(&identity) {
             Some(peer) => peer.info = p.clone(),
             None => {
-                self.peers.insert(
-                    identity.clone(),
-                    Peer {
-                        info: p.clone(),
-                        reachable: false,
-                        speaking: false,
-                    },
-                );
+                self.peers
+                    .insert(identity.clone(), Peer { info: p.clone(), reachable: false, speaking: false });
             }
         }
         if !self.is_managed(&p) {
@@ -434,11 +408,7 @@ impl Arbiter {
             && !h.quiet
             && !p.audio_live()
         {
-            let detail = if p.audio.is_some() {
-                "muted"
-            } else {
-                "no_audio"
-            };
+            let detail = if p.audio.is_some() { "muted" } else { "no_audio" };
             self.source_quiet(detail, now);
         }
         if !is_new {
@@ -452,23 +422,16 @@ impl Arbiter {
                 Some(Purpose::Start) => false,
                 None => !h.target.dispatching,
             };
-            if for_this
-                && h.target.identity.is_none()
-                && h.target.name == name
-                && h.source != identity
-            {
+            if for_this && h.target.identity.is_none() && h.target.name == name && h.source != identity {
                 self.attach_target(identity, false, now);
                 return;
             }
         }
-        let wants_start = purpose == Some(Purpose::Start)
-            || self.policy.starting_agent.as_deref() == Some(name.as_str());
+        let wants_start =
+            purpose == Some(Purpose::Start) || self.policy.starting_agent.as_deref() == Some(name.as_str());
         if wants_start && self.holder.is_none() && self.handoff.is_none() {
             self.dispatcher.cancel(&Purpose::Start, &mut self.out);
-            self.holder = Some(Holder {
-                identity,
-                activated: false,
-            });
+            self.holder = Some(Holder { identity, activated: false });
         }
     }
 
@@ -484,18 +447,12 @@ impl Arbiter {
             }
             return;
         }
-        if self
-            .finishing
-            .as_ref()
-            .is_some_and(|f| f.target == identity)
-        {
+        if self.finishing.as_ref().is_some_and(|f| f.target == identity) {
             self.finish(false, now);
         }
         if self.holder.as_ref().is_some_and(|h| h.identity == identity) {
             self.holder = None;
-            self.out.push_back(Command::Alert(Alert::FloorVacant {
-                identity: identity.to_owned(),
-            }));
+            self.out.push_back(Command::Alert(Alert::FloorVacant { identity: identity.to_owned() }));
         }
         let Some(h) = &mut self.handoff else {
             return;
@@ -515,10 +472,7 @@ impl Arbiter {
                 && !h.bundle.delivered
                 && let Some(t) = h.bundle.transfer.clone()
             {
-                self.out.push_back(Command::CancelTransfer {
-                    transfer_id: t,
-                    to: identity.to_owned(),
-                });
+                self.out.push_back(Command::CancelTransfer { transfer_id: t, to: identity.to_owned() });
             }
             h.bundle.delivering = false;
             h.bundle.delivered = false;
@@ -534,18 +488,9 @@ impl Arbiter {
             && h.source == identity
             && !h.quiet
         {
-            h.grace_deadline = if speaking {
-                None
-            } else {
-                Some(now + self.policy.silence_grace)
-            };
+            h.grace_deadline = if speaking { None } else { Some(now + self.policy.silence_grace) };
         }
-        if speaking
-            && self
-                .finishing
-                .as_ref()
-                .is_some_and(|f| f.target == identity)
-        {
+        if speaking && self.finishing.as_ref().is_some_and(|f| f.target == identity) {
             self.finish(true, now);
         }
     }
@@ -563,21 +508,14 @@ impl Arbiter {
             return Err(SecurityReason::UnnamedAgent);
         };
         if !self.policy.agents.contains(name) {
-            return Err(SecurityReason::AgentNotConfigured {
-                agent_name: name.clone(),
-            });
+            return Err(SecurityReason::AgentNotConfigured { agent_name: name.clone() });
         }
         Ok(())
     }
 
     fn security(&mut self, from: String, message_type: &'static str, reason: SecurityReason) {
         let kind = self.peers.get(&from).map(|p| p.info.kind);
-        self.out.push_back(Command::Security(SecurityEvent {
-            from,
-            kind,
-            message_type,
-            reason,
-        }));
+        self.out.push_back(Command::Security(SecurityEvent { from, kind, message_type, reason }));
     }
 
     fn ignored(&mut self, from: &str, message_type: &'static str, why: &'static str) {
@@ -589,11 +527,7 @@ impl Arbiter {
     }
 
     fn send(&mut self, to: &str, re: Option<String>, message: BatonMessage) {
-        self.out.push_back(Command::Send {
-            to: to.to_owned(),
-            re,
-            message,
-        });
+        self.out.push_back(Command::Send { to: to.to_owned(), re, message });
     }
 
     fn on_control(&mut self, from: String, id: String, message: AgentMessage, now: Instant) {
@@ -603,20 +537,9 @@ impl Arbiter {
             return;
         }
         if let AgentMessage::Hello { agent_name, .. } = &message {
-            let actual = self.peers[&from]
-                .info
-                .agent_name
-                .clone()
-                .unwrap_or_default();
+            let actual = self.peers[&from].info.agent_name.clone().unwrap_or_default();
             if *agent_name != actual {
-                self.security(
-                    from,
-                    ty,
-                    SecurityReason::NameMismatch {
-                        claimed: agent_name.clone(),
-                        actual,
-                    },
-                );
+                self.security(from, ty, SecurityReason::NameMismatch { claimed: agent_name.clone(), actual });
                 return;
             }
         }
@@ -626,12 +549,9 @@ impl Arbiter {
         }
         match message {
             AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
-            AgentMessage::Handoff {
-                target,
-                reason,
-                transfer,
-                bundle_follows,
-            } => self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, now),
+            AgentMessage::Handoff { target, reason, transfer, bundle_follows } => {
+                self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, now)
+            }
             AgentMessage::Ready { handoff } => {
                 let Some(h) = &mut self.handoff else {
                     return self.ignored(&from, ty, "no handoff under way");
@@ -647,11 +567,7 @@ impl Arbiter {
                 }
             }
             AgentMessage::Quiet { .. } => {
-                if self
-                    .handoff
-                    .as_ref()
-                    .is_some_and(|h| h.source == from && !h.quiet)
-                {
+                if self.handoff.as_ref().is_some_and(|h| h.source == from && !h.quiet) {
                     self.source_quiet("quiet", now);
                 } else {
                     self.ignored(&from, ty, "not a source finishing its turn");
@@ -673,14 +589,7 @@ impl Arbiter {
         {
             return;
         }
-        self.send(
-            from,
-            None,
-            BatonMessage::Deactivate {
-                handoff: None,
-                reason: DeactivateReason::Standby,
-            },
-        );
+        self.send(from, None, BatonMessage::Deactivate { handoff: None, reason: DeactivateReason::Standby });
     }
 
     fn activate_holder_if_reachable(&mut self) {
@@ -692,11 +601,7 @@ impl Arbiter {
         self.send(
             &identity,
             None,
-            BatonMessage::Activate {
-                handoff: None,
-                cause: ActivateCause::Start,
-                reason: None,
-            },
+            BatonMessage::Activate { handoff: None, cause: ActivateCause::Start, reason: None },
         );
         self.unmute(&identity);
         if let Some(h) = &mut self.holder {
@@ -715,18 +620,10 @@ impl Arbiter {
         bundle_follows: bool,
         now: Instant,
     ) {
-        let source_name = self.peers[&from]
-            .info
-            .agent_name
-            .clone()
-            .unwrap_or_default();
+        let source_name = self.peers[&from].info.agent_name.clone().unwrap_or_default();
         let refusal = if self.handoff.is_some() {
             Some(RefuseReason::HandoffInProgress)
-        } else if !self
-            .holder
-            .as_ref()
-            .is_some_and(|h| h.identity == from && h.activated)
-        {
+        } else if !self.holder.as_ref().is_some_and(|h| h.identity == from && h.activated) {
             Some(RefuseReason::NotFloorHolder)
         } else if !self.policy.agents.contains(&target) {
             Some(RefuseReason::UnknownTarget)
@@ -750,18 +647,12 @@ impl Arbiter {
         self.send(
             &from,
             Some(msg_id),
-            BatonMessage::HandoffAccepted {
-                handoff: id.clone(),
-                target: target.clone(),
-            },
+            BatonMessage::HandoffAccepted { handoff: id.clone(), target: target.clone() },
         );
         self.send(
             &from,
             None,
-            BatonMessage::Deactivate {
-                handoff: Some(id.clone()),
-                reason: DeactivateReason::Handoff,
-            },
+            BatonMessage::Deactivate { handoff: Some(id.clone()), reason: DeactivateReason::Handoff },
         );
         self.holder = None;
 
@@ -769,12 +660,9 @@ impl Arbiter {
         if transfer.is_some() || bundle_follows {
             bundle.expected = true;
             bundle.transfer = transfer.clone();
-            let already = transfer
-                .as_ref()
-                .is_some_and(|t| self.held_bundles.get(t) == Some(&from));
+            let already = transfer.as_ref().is_some_and(|t| self.held_bundles.get(t) == Some(&from));
             if already {
-                self.held_bundles
-                    .remove(transfer.as_deref().unwrap_or_default());
+                self.held_bundles.remove(transfer.as_deref().unwrap_or_default());
                 bundle.held = true;
                 let ev = timeline.mark(Phase::BundleReceived, now, None);
                 self.out.push_back(Command::Timeline(ev));
@@ -851,14 +739,7 @@ impl Arbiter {
         }
         let purpose = Purpose::Handoff(h.id.clone());
         let meta = Self::dispatch_metadata(h);
-        self.dispatcher.request(
-            &name,
-            purpose,
-            self.policy.handoff_dispatch,
-            meta,
-            now,
-            &mut self.out,
-        );
+        self.dispatcher.request(&name, purpose, self.policy.handoff_dispatch, meta, now, &mut self.out);
         if let Some(h) = &mut self.handoff {
             h.target.dispatching = true;
         }
@@ -870,12 +751,7 @@ impl Arbiter {
         h.target.identity = Some(identity);
         h.target.dispatching = false;
         h.target.ready_deadline = Some(now + self.policy.ready_timeout);
-        if warm
-            && h.timeline
-                .phases
-                .iter()
-                .all(|m| m.phase != Phase::AlternateTried)
-        {
+        if warm && h.timeline.phases.iter().all(|m| m.phase != Phase::AlternateTried) {
             h.timeline.warm = true;
         }
         let detail = if warm { "warm" } else { "dispatched" };
@@ -912,10 +788,7 @@ impl Arbiter {
         if let Some(a) = p.info.audio.as_mut().filter(|a| !a.muted) {
             a.muted = true;
             let sid = a.sid.clone();
-            self.out.push_back(Command::MuteTrack {
-                identity: identity.to_owned(),
-                track_sid: sid,
-            });
+            self.out.push_back(Command::MuteTrack { identity: identity.to_owned(), track_sid: sid });
         }
     }
 
@@ -926,10 +799,7 @@ impl Arbiter {
         if let Some(a) = p.info.audio.as_mut().filter(|a| a.muted) {
             a.muted = false;
             let sid = a.sid.clone();
-            self.out.push_back(Command::UnmuteTrack {
-                identity: identity.to_owned(),
-                track_sid: sid,
-            });
+            self.out.push_back(Command::UnmuteTrack { identity: identity.to_owned(), track_sid: sid });
         }
     }
 
@@ -998,11 +868,7 @@ impl Arbiter {
         let Some(h) = &mut self.handoff else { return };
         h.bundle.lost = true;
         h.bundle.deadline = None;
-        let notify = h
-            .target
-            .prepared
-            .then(|| h.target.identity.clone())
-            .flatten();
+        let notify = h.target.prepared.then(|| h.target.identity.clone()).flatten();
         let id = h.id.clone();
         self.mark(Phase::BundleLost, now, None);
         if let Some(t) = notify {
@@ -1045,10 +911,7 @@ impl Arbiter {
         if h.target.prepared && h.bundle.held && !h.bundle.delivering && !h.bundle.delivered {
             h.bundle.delivering = true;
             let transfer_id = h.bundle.transfer.clone().unwrap_or_default();
-            self.out.push_back(Command::DeliverBundle {
-                transfer_id,
-                to: target.clone(),
-            });
+            self.out.push_back(Command::DeliverBundle { transfer_id, to: target.clone() });
         }
         let Some(h) = &self.handoff else { return };
         if h.quiet && h.target.ready && h.bundle.settled() {
@@ -1066,11 +929,7 @@ impl Arbiter {
         self.send(
             &target,
             None,
-            BatonMessage::Activate {
-                handoff: Some(id.clone()),
-                cause: ActivateCause::Handoff,
-                reason: None,
-            },
+            BatonMessage::Activate { handoff: Some(id.clone()), cause: ActivateCause::Handoff, reason: None },
         );
         self.unmute(&target);
         self.mark(Phase::TargetActivated, now, None);
@@ -1079,30 +938,16 @@ impl Arbiter {
             return;
         };
         h.timeline.target = h.target.name.clone();
-        self.holder = Some(Holder {
-            identity: target.clone(),
-            activated: true,
-        });
+        self.holder = Some(Holder { identity: target.clone(), activated: true });
         if h.source_present {
-            self.send(
-                &h.source,
-                None,
-                BatonMessage::Release {
-                    handoff: id,
-                    mode: self.policy.release,
-                },
-            );
+            self.send(&h.source, None, BatonMessage::Release { handoff: id, mode: self.policy.release });
             if self.policy.release == ReleasePolicy::Leave {
-                self.releases
-                    .insert(h.source.clone(), now + self.policy.release_grace);
+                self.releases.insert(h.source.clone(), now + self.policy.release_grace);
             }
         }
         let speaking = self.peers.get(&target).is_some_and(|p| p.speaking);
-        self.finishing = Some(Finishing {
-            timeline: h.timeline,
-            target,
-            deadline: now + self.policy.audible_timeout,
-        });
+        self.finishing =
+            Some(Finishing { timeline: h.timeline, target, deadline: now + self.policy.audible_timeout });
         if speaking {
             self.finish(true, now);
         }
@@ -1120,19 +965,14 @@ impl Arbiter {
         let ev = f.timeline.mark(Phase::Completed, now, None);
         self.out.push_back(Command::Timeline(ev));
         f.timeline.outcome = Some(Outcome::Completed);
-        self.out
-            .push_back(Command::HandoffFinished(Box::new(f.timeline)));
+        self.out.push_back(Command::HandoffFinished(Box::new(f.timeline)));
     }
 
     fn on_gave_up(&mut self, g: GaveUp, now: Instant) {
         let Some(h) = &mut self.handoff else { return };
         if g.purpose == Purpose::Handoff(h.id.clone()) && h.target.name == g.agent {
             h.target.dispatching = false;
-            let reason = if g.api_failed {
-                FailReason::DispatchFailed
-            } else {
-                FailReason::TargetNoShow
-            };
+            let reason = if g.api_failed { FailReason::DispatchFailed } else { FailReason::TargetNoShow };
             self.fail_target(reason, now);
         }
     }
@@ -1143,8 +983,7 @@ impl Arbiter {
         let id = h.id.clone();
         if h.target.dispatching {
             h.target.dispatching = false;
-            self.dispatcher
-                .cancel(&Purpose::Handoff(id.clone()), &mut self.out);
+            self.dispatcher.cancel(&Purpose::Handoff(id.clone()), &mut self.out);
         }
         let Some(h) = &mut self.handoff else { return };
         h.target.ready_deadline = None;
@@ -1154,24 +993,14 @@ impl Arbiter {
         if h.bundle.delivering {
             h.bundle.delivering = false;
             if let Some(transfer_id) = h.bundle.transfer.clone() {
-                self.out.push_back(Command::CancelTransfer {
-                    transfer_id,
-                    to: t.clone(),
-                });
+                self.out.push_back(Command::CancelTransfer { transfer_id, to: t.clone() });
             }
         }
         if let Some(h) = &mut self.handoff {
             h.bundle.delivered = false;
         }
         if self.peers.contains_key(&t) {
-            self.send(
-                &t,
-                None,
-                BatonMessage::HandoffCancelled {
-                    handoff: id,
-                    reason,
-                },
-            );
+            self.send(&t, None, BatonMessage::HandoffCancelled { handoff: id, reason });
             self.mute(&t);
         }
     }
@@ -1217,11 +1046,7 @@ impl Arbiter {
             self.send(
                 &source,
                 None,
-                BatonMessage::HandoffFailed {
-                    handoff: id.clone(),
-                    target: target_name,
-                    reason,
-                },
+                BatonMessage::HandoffFailed { handoff: id.clone(), target: target_name, reason },
             );
             self.send(
                 &source,
@@ -1235,15 +1060,11 @@ impl Arbiter {
             self.unmute(&source);
             self.stop_filler(self.policy.filler_fade, now);
             self.mark(Phase::HandedBack, now, Some(reason.as_str().to_owned()));
-            self.holder = Some(Holder {
-                identity: source,
-                activated: true,
-            });
+            self.holder = Some(Holder { identity: source, activated: true });
             self.close_failed(Outcome::HandedBack, reason, now);
         } else {
             self.stop_filler(self.policy.filler_fade, now);
-            self.out
-                .push_back(Command::Alert(Alert::FloorVacant { identity: source }));
+            self.out.push_back(Command::Alert(Alert::FloorVacant { identity: source }));
             self.close_failed(Outcome::Failed, reason, now);
         }
     }
@@ -1261,8 +1082,7 @@ impl Arbiter {
         }
         h.timeline.outcome = Some(outcome);
         h.timeline.failure = Some(reason);
-        self.out
-            .push_back(Command::HandoffFinished(Box::new(h.timeline)));
+        self.out.push_back(Command::HandoffFinished(Box::new(h.timeline)));
     }
 
     /// The caller is gone: cancel everything, cut the filler, and tell the shell to leave.
@@ -1271,9 +1091,7 @@ impl Arbiter {
             self.drop_target(FailReason::CallerLeft);
             if self.filler_on {
                 self.filler_on = false;
-                self.out.push_back(Command::StopFiller {
-                    fade: std::time::Duration::ZERO,
-                });
+                self.out.push_back(Command::StopFiller { fade: std::time::Duration::ZERO });
                 self.mark(Phase::FillerOff, now, None);
             }
             self.close_failed(Outcome::Failed, FailReason::CallerLeft, now);

@@ -63,17 +63,12 @@ pub(crate) struct Dispatcher {
 
 impl Dispatcher {
     pub(crate) fn new(join_timeout: std::time::Duration) -> Dispatcher {
-        Dispatcher {
-            join_timeout,
-            ..Dispatcher::default()
-        }
+        Dispatcher { join_timeout, ..Dispatcher::default() }
     }
 
     /// Whether a dispatch for `agent` and `purpose` is in flight.
     pub(crate) fn in_flight(&self, agent: &str, purpose: &Purpose) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.agent == agent && &e.purpose == purpose)
+        self.entries.iter().any(|e| e.agent == agent && &e.purpose == purpose)
     }
 
     /// Dispatches `agent` unless it is already in flight for this purpose.
@@ -107,13 +102,7 @@ impl Dispatcher {
 
     /// Waits for an agent the room's token already dispatched; counts as the first attempt, so
     /// baton dispatches it itself only if it does not show up.
-    pub(crate) fn expect_token(
-        &mut self,
-        agent: &str,
-        purpose: Purpose,
-        retry: Retry,
-        now: Instant,
-    ) {
+    pub(crate) fn expect_token(&mut self, agent: &str, purpose: Purpose, retry: Retry, now: Instant) {
         if self.in_flight(agent, &purpose) {
             return;
         }
@@ -126,9 +115,7 @@ impl Dispatcher {
             ticket: None,
             dispatch_id: None,
             last_error: None,
-            state: State::Waiting {
-                deadline: now + self.join_timeout,
-            },
+            state: State::Waiting { deadline: now + self.join_timeout },
         });
     }
 
@@ -138,9 +125,7 @@ impl Dispatcher {
         entry.attempts += 1;
         entry.ticket = Some(ticket);
         entry.dispatch_id = None;
-        entry.state = State::Waiting {
-            deadline: now + self.join_timeout,
-        };
+        entry.state = State::Waiting { deadline: now + self.join_timeout };
         out.push_back(Command::CreateDispatch {
             ticket,
             agent_name: entry.agent.clone(),
@@ -159,10 +144,7 @@ impl Dispatcher {
     ) -> Option<GaveUp> {
         let entry = &mut self.entries[idx];
         if let Some(id) = entry.dispatch_id.take() {
-            out.push_back(Command::DeleteDispatch {
-                dispatch_id: id,
-                agent_name: entry.agent.clone(),
-            });
+            out.push_back(Command::DeleteDispatch { dispatch_id: id, agent_name: entry.agent.clone() });
         } else if let Some(ticket) = entry.ticket
             && !api_failed
         {
@@ -171,9 +153,7 @@ impl Dispatcher {
         }
         entry.ticket = None;
         if entry.attempts < entry.retry.attempts {
-            entry.state = State::Backoff {
-                until: now + entry.retry.backoff(entry.attempts + 1),
-            };
+            entry.state = State::Backoff { until: now + entry.retry.backoff(entry.attempts + 1) };
             return None;
         }
         let entry = self.entries.remove(idx);
@@ -182,11 +162,7 @@ impl Dispatcher {
             attempts: entry.attempts,
             last_error: entry.last_error,
         }));
-        Some(GaveUp {
-            agent: entry.agent,
-            purpose: entry.purpose,
-            api_failed,
-        })
+        Some(GaveUp { agent: entry.agent, purpose: entry.purpose, api_failed })
     }
 
     /// The API created the dispatch.
@@ -199,10 +175,7 @@ impl Dispatcher {
         if let Some(e) = self.entries.iter_mut().find(|e| e.ticket == Some(ticket)) {
             e.dispatch_id = Some(dispatch_id);
         } else if let Some(agent_name) = self.orphans.remove(&ticket) {
-            out.push_back(Command::DeleteDispatch {
-                dispatch_id,
-                agent_name,
-            });
+            out.push_back(Command::DeleteDispatch { dispatch_id, agent_name });
         }
     }
 
@@ -247,10 +220,7 @@ impl Dispatcher {
             if &self.entries[i].purpose == purpose {
                 let e = self.entries.remove(i);
                 if let Some(id) = e.dispatch_id {
-                    out.push_back(Command::DeleteDispatch {
-                        dispatch_id: id,
-                        agent_name: e.agent,
-                    });
+                    out.push_back(Command::DeleteDispatch { dispatch_id: id, agent_name: e.agent });
                 } else if let Some(t) = e.ticket {
                     self.orphans.insert(t, e.agent);
                 }
@@ -309,11 +279,7 @@ mod tests {
     use std::time::Duration;
 
     fn retry(attempts: u32) -> Retry {
-        Retry {
-            attempts,
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(4),
-        }
+        Retry { attempts, backoff_initial: Duration::from_secs(1), backoff_max: Duration::from_secs(4) }
     }
 
     fn agent(name: &str, dispatch: Option<&str>) -> Participant {
@@ -331,29 +297,9 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        assert!(d.request(
-            "billing",
-            Purpose::Start,
-            retry(2),
-            "{}".into(),
-            t0,
-            &mut out
-        ));
-        assert!(!d.request(
-            "billing",
-            Purpose::Start,
-            retry(2),
-            "{}".into(),
-            t0,
-            &mut out
-        ));
-        assert!(matches!(
-            out.pop_front(),
-            Some(Command::CreateDispatch {
-                ticket: DispatchTicket(0),
-                ..
-            })
-        ));
+        assert!(d.request("billing", Purpose::Start, retry(2), "{}".into(), t0, &mut out));
+        assert!(!d.request("billing", Purpose::Start, retry(2), "{}".into(), t0, &mut out));
+        assert!(matches!(out.pop_front(), Some(Command::CreateDispatch { ticket: DispatchTicket(0), .. })));
         assert!(out.is_empty(), "same purpose must not dispatch twice");
         d.created(DispatchTicket(0), "AD_1".into(), &mut out);
         assert_eq!(d.next_deadline(), Some(t0 + Duration::from_secs(5)));
@@ -361,21 +307,12 @@ mod tests {
         assert!(d.on_timeout(t1, &mut out).is_empty());
         assert_eq!(
             out.pop_front(),
-            Some(Command::DeleteDispatch {
-                dispatch_id: "AD_1".into(),
-                agent_name: "billing".into()
-            })
+            Some(Command::DeleteDispatch { dispatch_id: "AD_1".into(), agent_name: "billing".into() })
         );
         assert_eq!(d.next_deadline(), Some(t1 + Duration::from_secs(1)));
         let t2 = t1 + Duration::from_secs(1);
         assert!(d.on_timeout(t2, &mut out).is_empty());
-        assert!(matches!(
-            out.pop_front(),
-            Some(Command::CreateDispatch {
-                ticket: DispatchTicket(1),
-                ..
-            })
-        ));
+        assert!(matches!(out.pop_front(), Some(Command::CreateDispatch { ticket: DispatchTicket(1), .. })));
         let g = d.on_timeout(t2 + Duration::from_secs(5), &mut out);
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].agent, "billing");
@@ -388,21 +325,11 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        d.request(
-            "billing",
-            Purpose::Handoff("h-1".into()),
-            retry(1),
-            "{}".into(),
-            t0,
-            &mut out,
-        );
+        d.request("billing", Purpose::Handoff("h-1".into()), retry(1), "{}".into(), t0, &mut out);
         d.created(DispatchTicket(0), "AD_new".into(), &mut out);
         assert_eq!(d.joined(&agent("billing", Some("AD_old"))), None);
         assert_eq!(d.joined(&agent("support", None)), None);
-        assert_eq!(
-            d.joined(&agent("billing", Some("AD_new"))),
-            Some(Purpose::Handoff("h-1".into()))
-        );
+        assert_eq!(d.joined(&agent("billing", Some("AD_new"))), Some(Purpose::Handoff("h-1".into())));
     }
 
     #[test]
@@ -410,24 +337,14 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        d.request(
-            "billing",
-            Purpose::Start,
-            retry(1),
-            "{}".into(),
-            t0,
-            &mut out,
-        );
+        d.request("billing", Purpose::Start, retry(1), "{}".into(), t0, &mut out);
         out.clear();
         d.cancel(&Purpose::Start, &mut out);
         assert!(out.is_empty());
         d.created(DispatchTicket(0), "AD_1".into(), &mut out);
         assert_eq!(
             out.pop_front(),
-            Some(Command::DeleteDispatch {
-                dispatch_id: "AD_1".into(),
-                agent_name: "billing".into()
-            })
+            Some(Command::DeleteDispatch { dispatch_id: "AD_1".into(), agent_name: "billing".into() })
         );
     }
 
@@ -436,18 +353,11 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Dispatcher::new(Duration::from_secs(5));
         let mut out = VecDeque::new();
-        d.request(
-            "billing",
-            Purpose::Start,
-            retry(1),
-            "{}".into(),
-            t0,
-            &mut out,
-        );
-        let g = d
-            .failed(DispatchTicket(0), "503".into(), t0, &mut out)
-            .unwrap();
+        d.request("billing", Purpose::Start, retry(1), "{}".into(), t0, &mut out);
+        let g = d.failed(DispatchTicket(0), "503".into(), t0, &mut out).unwrap();
         assert!(g.api_failed);
-        assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::AgentNoShow { last_error: Some(e), .. }) if e == "503")));
+        assert!(out.iter().any(
+            |c| matches!(c, Command::Alert(Alert::AgentNoShow { last_error: Some(e), .. }) if e == "503")
+        ));
     }
 }

@@ -225,8 +225,6 @@ mod tests {
         let m: AgentMessage =
             serde_json::from_str(r#"{"v":1,"type":"quiet","id":"a-3","extra":true}"#).unwrap();
         assert_eq!(m, AgentMessage::Quiet { handoff: None });
-        assert!(
-            serde_json::from_str::<AgentMessage>(r#"{"v":1,"type":"launch","id":"x"}"#).is_err()
-        );
+        assert!(serde_json::from_str::<AgentMessage>(r#"{"v":1,"type":"launch","id":"x"}"#).is_err());
     }
 }

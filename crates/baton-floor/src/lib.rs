@@ -38,8 +38,8 @@ mod timeline;
 
 pub use arbiter::{Arbiter, HandoffStatus};
 pub use command::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason,
-    SecurityEvent, SecurityReason,
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason, SecurityEvent,
+    SecurityReason,
 };
 pub use event::{AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind};
 pub use policy::{Policy, PolicyError, ReleasePolicy, Retry};

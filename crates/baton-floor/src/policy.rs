@@ -37,9 +37,7 @@ impl Retry {
     /// to the dispatch call, not to the arbiter's clock.
     pub fn backoff(&self, next_attempt: u32) -> Duration {
         let doublings = next_attempt.saturating_sub(2).min(16);
-        self.backoff_initial
-            .saturating_mul(1u32 << doublings)
-            .min(self.backoff_max)
+        self.backoff_initial.saturating_mul(1u32 << doublings).min(self.backoff_max)
     }
 }
 
@@ -133,24 +131,15 @@ impl Policy {
         if let Some(start) = &self.starting_agent
             && !self.agents.contains(start)
         {
-            return Err(PolicyError::UnknownAgent {
-                field: "starting_agent",
-                name: start.clone(),
-            });
+            return Err(PolicyError::UnknownAgent { field: "starting_agent", name: start.clone() });
         }
         for (target, alts) in &self.alternates {
             if !self.agents.contains(target) {
-                return Err(PolicyError::UnknownAgent {
-                    field: "alternates",
-                    name: target.clone(),
-                });
+                return Err(PolicyError::UnknownAgent { field: "alternates", name: target.clone() });
             }
             for alt in alts {
                 if !self.agents.contains(alt) {
-                    return Err(PolicyError::UnknownAgent {
-                        field: "alternates",
-                        name: alt.clone(),
-                    });
+                    return Err(PolicyError::UnknownAgent { field: "alternates", name: alt.clone() });
                 }
             }
         }
@@ -231,27 +220,16 @@ mod tests {
         p.alternates.insert("billing".into(), vec!["ghost".into()]);
         assert_eq!(
             p.validate(),
-            Err(PolicyError::UnknownAgent {
-                field: "alternates",
-                name: "ghost".into()
-            })
+            Err(PolicyError::UnknownAgent { field: "alternates", name: "ghost".into() })
         );
         let mut p = Policy::with_agents(["triage"]);
         p.ready_timeout = Duration::ZERO;
-        assert_eq!(
-            p.validate(),
-            Err(PolicyError::ZeroDuration {
-                field: "ready_timeout"
-            })
-        );
+        assert_eq!(p.validate(), Err(PolicyError::ZeroDuration { field: "ready_timeout" }));
         let mut p = Policy::with_agents(["triage"]);
         p.starting_agent = Some("nobody".into());
         assert!(p.validate().is_err());
         let mut p = Policy::with_agents(["triage"]);
         p.handoff_dispatch.attempts = 0;
-        assert!(matches!(
-            p.validate(),
-            Err(PolicyError::ZeroAttempts { .. })
-        ));
+        assert!(matches!(p.validate(), Err(PolicyError::ZeroAttempts { .. })));
     }
 }

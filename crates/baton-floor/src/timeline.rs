@@ -135,16 +135,10 @@ impl Timeline {
 
     /// Records a phase at `now` and returns the event to log.
     pub fn mark(&mut self, phase: Phase, now: Instant, detail: Option<String>) -> TimelineEvent {
-        let ms = self
-            .started
-            .map(|s| now.saturating_duration_since(s).as_millis() as u64)
-            .unwrap_or(0);
+        let ms = self.started.map(|s| now.saturating_duration_since(s).as_millis() as u64).unwrap_or(0);
         let mark = Mark { phase, ms, detail };
         self.phases.push(mark.clone());
-        TimelineEvent {
-            handoff: self.handoff.clone(),
-            mark,
-        }
+        TimelineEvent { handoff: self.handoff.clone(), mark }
     }
 
     /// When `phase` first happened, in ms since the request.
@@ -179,11 +173,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Timeline::new("h-1", "triage", "billing", "refund", t0);
         t.mark(Phase::Requested, t0, None);
-        t.mark(
-            Phase::SourceQuiet,
-            t0 + Duration::from_millis(420),
-            Some("quiet".into()),
-        );
+        t.mark(Phase::SourceQuiet, t0 + Duration::from_millis(420), Some("quiet".into()));
         t.mark(Phase::Completed, t0 + Duration::from_millis(1800), None);
         t.outcome = Some(Outcome::Completed);
         t.bundle_bytes = Some(12_000);

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use baton_floor::{
-    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, Outcome,
-    Participant, ParticipantKind, Policy,
+    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, Outcome, Participant,
+    ParticipantKind, Policy,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -30,10 +30,8 @@ const NAMES: &[&str] = &["triage", "billing", "support", "sales"];
 
 fn policy() -> Policy {
     let mut p = Policy::with_agents(["triage", "billing", "support"]);
-    p.alternates
-        .insert("billing".into(), vec!["support".into()]);
-    p.alternates
-        .insert("support".into(), vec!["billing".into(), "triage".into()]);
+    p.alternates.insert("billing".into(), vec!["support".into()]);
+    p.alternates.insert("support".into(), vec!["billing".into(), "triage".into()]);
     p.max_filler = Duration::from_secs(12);
     p
 }
@@ -45,10 +43,7 @@ fn participant(who: usize, audio: Option<bool>, dispatch: Option<u8>) -> Partici
         kind,
         agent_name: name.map(Into::into),
         dispatch_id: dispatch.map(|d| format!("AD_{d}")),
-        audio: audio.map(|muted| AudioTrack {
-            sid: format!("TR_{identity}"),
-            muted,
-        }),
+        audio: audio.map(|muted| AudioTrack { sid: format!("TR_{identity}"), muted }),
     }
 }
 
@@ -122,28 +117,18 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn scenario() -> impl Strategy<Value = (Vec<Participant>, Vec<Step>)> {
-    let initial = prop::collection::vec((person(), audio()), 0..4).prop_map(|v| {
-        v.into_iter()
-            .map(|(w, a)| participant(w, a, None))
-            .collect()
-    });
+    let initial = prop::collection::vec((person(), audio()), 0..4)
+        .prop_map(|v| v.into_iter().map(|(w, a)| participant(w, a, None)).collect());
     (initial, prop::collection::vec(step(), 1..80))
 }
 
 fn ctl(from: &str, message: AgentMessage) -> Step {
-    Step::Event(Event::Control {
-        from: from.into(),
-        id: "m-s".into(),
-        message,
-    })
+    Step::Event(Event::Control { from: from.into(), id: "m-s".into(), message })
 }
 
 /// The happy path of a cold handoff, which random events then disturb.
 fn skeleton() -> Vec<Step> {
-    let hello = |name: &str| AgentMessage::Hello {
-        agent_name: name.into(),
-        role: None,
-    };
+    let hello = |name: &str| AgentMessage::Hello { agent_name: name.into(), role: None };
     vec![
         Step::Event(Event::ParticipantJoined(participant(0, Some(false), None))),
         Step::Event(Event::ParticipantJoined(participant(2, Some(false), None))),
@@ -166,20 +151,9 @@ fn skeleton() -> Vec<Step> {
         ctl("agent-triage", AgentMessage::Quiet { handoff: None }),
         Step::Event(Event::ParticipantJoined(participant(3, Some(false), None))),
         ctl("agent-billing", hello("billing")),
-        Step::Event(Event::BundleDelivered {
-            to: "agent-billing".into(),
-            transfer_id: "t-1".into(),
-        }),
-        ctl(
-            "agent-billing",
-            AgentMessage::Ready {
-                handoff: "h-1".into(),
-            },
-        ),
-        Step::Event(Event::SpeakingChanged {
-            identity: "agent-billing".into(),
-            speaking: true,
-        }),
+        Step::Event(Event::BundleDelivered { to: "agent-billing".into(), transfer_id: "t-1".into() }),
+        ctl("agent-billing", AgentMessage::Ready { handoff: "h-1".into() }),
+        Step::Event(Event::SpeakingChanged { identity: "agent-billing".into(), speaking: true }),
         Step::Advance(10_000),
     ]
 }
@@ -220,9 +194,7 @@ struct Coverage {
 impl Model {
     fn configured(&self, p: &Participant) -> bool {
         p.kind == ParticipantKind::Agent
-            && p.agent_name
-                .as_ref()
-                .is_some_and(|n| self.policy.agents.contains(n))
+            && p.agent_name.as_ref().is_some_and(|n| self.policy.agents.contains(n))
     }
 
     fn observe(&mut self, e: &Event) {
@@ -243,12 +215,7 @@ impl Model {
         }
     }
 
-    fn execute(
-        &mut self,
-        cmds: &[Command],
-        now: Instant,
-        cov: &mut Coverage,
-    ) -> Result<(), TestCaseError> {
+    fn execute(&mut self, cmds: &[Command], now: Instant, cov: &mut Coverage) -> Result<(), TestCaseError> {
         for c in cmds {
             match c {
                 Command::Send { to, message, .. } => {
@@ -259,10 +226,7 @@ impl Model {
                     );
                     match message {
                         BatonMessage::Activate { .. } => {
-                            prop_assert!(
-                                self.configured(p.unwrap()),
-                                "activated an unconfigured agent"
-                            );
+                            prop_assert!(self.configured(p.unwrap()), "activated an unconfigured agent");
                             self.active.insert(to.clone());
                         }
                         BatonMessage::Deactivate { .. }
@@ -273,24 +237,14 @@ impl Model {
                         _ => {}
                     }
                 }
-                Command::MuteTrack {
-                    identity,
-                    track_sid,
-                }
-                | Command::UnmuteTrack {
-                    identity,
-                    track_sid,
-                } => {
+                Command::MuteTrack { identity, track_sid } | Command::UnmuteTrack { identity, track_sid } => {
                     let unmute = matches!(c, Command::UnmuteTrack { .. });
                     let track = self
                         .present
                         .get_mut(identity)
                         .and_then(|p| p.audio.as_mut())
                         .filter(|a| &a.sid == track_sid);
-                    prop_assert!(
-                        track.is_some(),
-                        "mute/unmute of a track that is not there: {c:?}"
-                    );
+                    prop_assert!(track.is_some(), "mute/unmute of a track that is not there: {c:?}");
                     track.unwrap().muted = !unmute;
                 }
                 Command::StartFiller => {
@@ -312,9 +266,7 @@ impl Model {
                     match (ev.mark.phase, ev.mark.detail.as_deref()) {
                         (Phase::AlternateTried, _) => cov.alternates += 1,
                         (Phase::SourceQuiet, Some("forced")) => cov.forced_mutes += 1,
-                        (Phase::Failed | Phase::HandedBack, Some("filler_limit")) => {
-                            cov.filler_limit += 1
-                        }
+                        (Phase::Failed | Phase::HandedBack, Some("filler_limit")) => cov.filler_limit += 1,
                         _ => {}
                     }
                 }
@@ -327,10 +279,7 @@ impl Model {
     fn check(&self, arb: &Arbiter, now: Instant) -> Result<(), TestCaseError> {
         if arb.is_ended() {
             // The caller is gone and baton leaves the room: nothing left to arbitrate.
-            prop_assert!(
-                self.filler_since.is_none(),
-                "filler left playing after the session ended"
-            );
+            prop_assert!(self.filler_since.is_none(), "filler left playing after the session ended");
             prop_assert!(arb.poll_timeout().is_none());
             return Ok(());
         }
@@ -342,17 +291,10 @@ impl Model {
             .map(|p| &p.identity)
             .collect();
         prop_assert!(audible.len() <= 1, "two agents audible: {audible:?}");
-        prop_assert!(
-            self.active.len() <= 1,
-            "two agents active: {:?}",
-            self.active
-        );
+        prop_assert!(self.active.len() <= 1, "two agents active: {:?}", self.active);
         prop_assert_eq!(self.filler_since.is_some(), arb.filler_on());
         if arb.handoff().is_some() && audible.is_empty() {
-            prop_assert!(
-                self.filler_since.is_some(),
-                "handoff with nobody audible and no filler"
-            );
+            prop_assert!(self.filler_since.is_some(), "handoff with nobody audible and no filler");
         }
         if let Some(since) = self.filler_since {
             prop_assert!(arb.handoff().is_some(), "filler playing outside a handoff");
@@ -366,24 +308,13 @@ impl Model {
     }
 }
 
-fn run(
-    initial: Vec<Participant>,
-    steps: Vec<Step>,
-    cov: &mut Coverage,
-) -> Result<(), TestCaseError> {
+fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Result<(), TestCaseError> {
     let t0 = Instant::now();
     let mut now = t0;
     let mut arb = Arbiter::new(policy(), t0).unwrap();
-    let mut model = Model {
-        policy: policy(),
-        present: BTreeMap::new(),
-        active: BTreeSet::new(),
-        filler_since: None,
-    };
-    let first = Event::RoomJoined {
-        participants: initial,
-        token_dispatched: vec![],
-    };
+    let mut model =
+        Model { policy: policy(), present: BTreeMap::new(), active: BTreeSet::new(), filler_since: None };
+    let first = Event::RoomJoined { participants: initial, token_dispatched: vec![] };
     let mut queue = vec![Step::Event(first)];
     queue.extend(steps);
     for step in queue {
@@ -407,10 +338,7 @@ fn run(
                     let cmds = arb.drain_commands();
                     model.execute(&cmds, now, cov)?;
                     model.check(&arb, now)?;
-                    prop_assert!(
-                        arb.poll_timeout().is_none_or(|next| next > now),
-                        "timeout not consumed"
-                    );
+                    prop_assert!(arb.poll_timeout().is_none_or(|next| next > now), "timeout not consumed");
                 }
                 now = end;
                 model.check(&arb, now)?;
@@ -431,19 +359,12 @@ fn runner(config: Config) -> TestRunner {
 }
 
 fn cases(default: u32) -> u32 {
-    std::env::var("BATON_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var("BATON_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[test]
 fn disturbed_happy_paths_keep_one_voice_and_bounded_filler() {
-    let mut runner = runner(Config {
-        cases: cases(600),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(Config { cases: cases(600), failure_persistence: None, ..Config::default() });
     let cov = std::cell::RefCell::new(Coverage::default());
     let result = runner.run(&disturbed(), |(initial, steps)| {
         let mut cov = cov.borrow_mut();
@@ -463,11 +384,7 @@ fn disturbed_happy_paths_keep_one_voice_and_bounded_filler() {
 #[test]
 fn random_event_sequences_keep_one_voice_and_bounded_filler() {
     let cases = cases(600);
-    let mut runner = runner(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(Config { cases, failure_persistence: None, ..Config::default() });
     let cov = std::cell::RefCell::new(Coverage::default());
     let result = runner.run(&scenario(), |(initial, steps)| {
         let mut cov = cov.borrow_mut();

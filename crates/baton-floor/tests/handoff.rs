@@ -5,8 +5,8 @@ mod support;
 use std::time::Duration;
 
 use baton_floor::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, Event, FailReason, Outcome,
-    Phase, RefuseReason, ReleasePolicy,
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, Event, FailReason, Outcome, Phase,
+    RefuseReason, ReleasePolicy,
 };
 use support::*;
 
@@ -24,10 +24,7 @@ fn cold_request(transfer: Option<&str>) -> (Room, Vec<Command>) {
 /// Brings a dispatched billing into the room and lets it say hello.
 fn billing_arrives(r: &mut Room, dispatch_id: &str) -> Vec<Command> {
     let ticket = ticket_for(&r.log, "billing");
-    r.ev(Event::DispatchCreated {
-        ticket,
-        dispatch_id: dispatch_id.into(),
-    });
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: dispatch_id.into() });
     let mut p = agent(BILLING, "billing", false);
     p.dispatch_id = Some(dispatch_id.into());
     let mut out = r.join(p);
@@ -41,114 +38,71 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
     // Accepted (as a reply), source told to finish its sentence, target dispatched with the
     // handoff named in the metadata.
     let accepted = out.iter().find_map(|c| match c {
-        Command::Send {
-            to,
-            re,
-            message: BatonMessage::HandoffAccepted { handoff, target },
-        } if to == TRIAGE => Some((re.clone(), handoff.clone(), target.clone())),
+        Command::Send { to, re, message: BatonMessage::HandoffAccepted { handoff, target } }
+            if to == TRIAGE =>
+        {
+            Some((re.clone(), handoff.clone(), target.clone()))
+        }
         _ => None,
     });
-    assert_eq!(
-        accepted,
-        Some((Some("m-2".into()), "h-1".into(), "billing".into()))
-    );
-    assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::Deactivate {
-            handoff: Some("h-1".into()),
-            reason: DeactivateReason::Handoff
-        })
-    );
+    assert_eq!(accepted, Some((Some("m-2".into()), "h-1".into(), "billing".into())));
+    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Deactivate {
+        handoff: Some("h-1".into()),
+        reason: DeactivateReason::Handoff
+    }));
     let meta = out.iter().find_map(|c| match c {
         Command::CreateDispatch { metadata, .. } => Some(metadata.clone()),
         _ => None,
     });
     let meta: serde_json::Value = serde_json::from_str(&meta.unwrap()).unwrap();
     assert_eq!(meta["baton"]["handoff"], "h-1");
-    assert!(
-        !filler_started(&out),
-        "source is still finishing its sentence"
-    );
+    assert!(!filler_started(&out), "source is still finishing its sentence");
     assert_eq!(r.arb.floor_holder(), None);
 
-    r.ev(Event::BundleReceived {
-        from: TRIAGE.into(),
-        transfer_id: "t-1".into(),
-        bytes: 12_000,
-    });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 12_000 });
     r.advance(ms(300));
     let out = r.quiet(TRIAGE);
-    assert!(
-        filler_started(&out),
-        "filler starts the moment the source is quiet"
-    );
-    assert!(
-        muted(&out, TRIAGE),
-        "the source is muted server-side as enforcement"
-    );
+    assert!(filler_started(&out), "filler starts the moment the source is quiet");
+    assert!(muted(&out, TRIAGE), "the source is muted server-side as enforcement");
     assert!(r.arb.filler_on());
 
     r.advance(ms(1200));
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(
-        muted(&out, BILLING),
-        "a target is muted until it is activated"
-    );
-    assert!(
-        messages_to(&out, BILLING).contains(&&BatonMessage::Prepare {
-            handoff: "h-1".into(),
-            source: "triage".into(),
-            reason: "caller wants a refund".into(),
-            transfer: Some("t-1".into()),
-            bundle: true,
-        })
-    );
-    assert!(out.contains(&Command::DeliverBundle {
-        transfer_id: "t-1".into(),
-        to: BILLING.into()
+    assert!(muted(&out, BILLING), "a target is muted until it is activated");
+    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::Prepare {
+        handoff: "h-1".into(),
+        source: "triage".into(),
+        reason: "caller wants a refund".into(),
+        transfer: Some("t-1".into()),
+        bundle: true,
     }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: BILLING.into() }));
 
     r.advance(ms(200));
-    r.ev(Event::BundleDelivered {
-        to: BILLING.into(),
-        transfer_id: "t-1".into(),
-    });
-    assert!(
-        r.arb.filler_on(),
-        "filler stays on until the target is activated"
-    );
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    assert!(r.arb.filler_on(), "filler stays on until the target is activated");
     r.advance(ms(300));
     let out = r.ready(BILLING, "h-1");
     let activate = position(&out, |c| {
         matches!(c, Command::Send { to, message: BatonMessage::Activate { cause: ActivateCause::Handoff, .. }, .. } if to == BILLING)
     })
     .expect("target activated");
-    let unmute = position(
-        &out,
-        |c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == BILLING),
-    )
-    .expect("target unmuted");
-    let fade = position(
-        &out,
-        |c| matches!(c, Command::StopFiller { fade } if *fade == ms(250)),
-    )
-    .expect("filler faded out");
+    let unmute =
+        position(&out, |c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == BILLING))
+            .expect("target unmuted");
+    let fade = position(&out, |c| matches!(c, Command::StopFiller { fade } if *fade == ms(250)))
+        .expect("filler faded out");
+    assert!(activate < fade && unmute < fade, "filler goes off only after activation: {out:#?}");
     assert!(
-        activate < fade && unmute < fade,
-        "filler goes off only after activation: {out:#?}"
+        messages_to(&out, TRIAGE)
+            .contains(&&BatonMessage::Release { handoff: "h-1".into(), mode: ReleasePolicy::Leave })
     );
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Release {
-        handoff: "h-1".into(),
-        mode: ReleasePolicy::Leave
-    }));
     assert_eq!(r.arb.floor_holder(), Some(BILLING));
     assert!(!r.arb.filler_on());
     assert!(r.arb.handoff().is_none());
 
     r.advance(ms(150));
-    let out = r.ev(Event::SpeakingChanged {
-        identity: BILLING.into(),
-        speaking: true,
-    });
+    let out = r.ev(Event::SpeakingChanged { identity: BILLING.into(), speaking: true });
     let t = finished(&out).expect("timeline closes when the target is heard");
     assert_eq!(t.outcome, Some(Outcome::Completed));
     assert_eq!(
@@ -180,9 +134,7 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
 
     // The released source did not leave: it is removed after the grace period.
     let out = r.advance(Duration::from_secs(5));
-    assert!(out.contains(&Command::RemoveParticipant {
-        identity: TRIAGE.into()
-    }));
+    assert!(out.contains(&Command::RemoveParticipant { identity: TRIAGE.into() }));
 }
 
 #[test]
@@ -193,10 +145,7 @@ fn released_source_that_leaves_is_not_removed_and_standby_policy_keeps_it() {
     r.ready(BILLING, "h-1");
     r.leave(TRIAGE);
     let out = r.advance(Duration::from_secs(10));
-    assert!(
-        !out.iter()
-            .any(|c| matches!(c, Command::RemoveParticipant { .. }))
-    );
+    assert!(!out.iter().any(|c| matches!(c, Command::RemoveParticipant { .. })));
 
     let mut p = policy();
     p.release = ReleasePolicy::Standby;
@@ -205,15 +154,12 @@ fn released_source_that_leaves_is_not_removed_and_standby_policy_keeps_it() {
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     let out = r.ready(BILLING, "h-1");
-    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Release {
-        handoff: "h-1".into(),
-        mode: ReleasePolicy::Standby
-    }));
-    let out = r.advance(Duration::from_secs(10));
     assert!(
-        !out.iter()
-            .any(|c| matches!(c, Command::RemoveParticipant { .. }))
+        messages_to(&out, TRIAGE)
+            .contains(&&BatonMessage::Release { handoff: "h-1".into(), mode: ReleasePolicy::Standby })
     );
+    let out = r.advance(Duration::from_secs(10));
+    assert!(!out.iter().any(|c| matches!(c, Command::RemoveParticipant { .. })));
     // No audible mark without speech: the timeline closes at audible_timeout.
     let t = finished(&out).expect("closed by audible_timeout");
     assert!(!t.has(Phase::TargetAudible));
@@ -227,18 +173,13 @@ fn warm_handoff_uses_the_standby_agent_without_dispatch() {
     r.join(agent(BILLING, "billing", true));
     let out = r.hello(BILLING, "billing");
     assert!(
-        messages_to(&out, BILLING).contains(&&BatonMessage::Deactivate {
-            handoff: None,
-            reason: DeactivateReason::Standby
-        })
+        messages_to(&out, BILLING)
+            .contains(&&BatonMessage::Deactivate { handoff: None, reason: DeactivateReason::Standby })
     );
 
     let out = r.request(TRIAGE, "billing", None);
     assert!(!dispatched(&out, "billing"), "warm target: no dispatch");
-    assert!(
-        sent(&out, BILLING, "prepare"),
-        "prepared while the source finishes"
-    );
+    assert!(sent(&out, BILLING, "prepare"), "prepared while the source finishes");
     let h = r.arb.handoff().unwrap();
     assert_eq!(h.target_identity.as_deref(), Some(BILLING));
 
@@ -251,10 +192,7 @@ fn warm_handoff_uses_the_standby_agent_without_dispatch() {
     let out = r.quiet(TRIAGE);
     assert!(filler_started(&out));
     assert!(sent(&out, BILLING, "activate"));
-    assert!(
-        unmuted(&out, BILLING),
-        "standby track was muted: unmute on activation"
-    );
+    assert!(unmuted(&out, BILLING), "standby track was muted: unmute on activation");
     assert!(filler_stopped(&out));
     let out = r.advance(Duration::from_secs(3));
     let t = finished(&out).unwrap();
@@ -269,10 +207,7 @@ fn target_never_joins_hands_back_to_source_with_reason() {
     let mut r = Room::with_triage_active(p);
     r.request(TRIAGE, "billing", None);
     let ticket = ticket_for(&r.log, "billing");
-    r.ev(Event::DispatchCreated {
-        ticket,
-        dispatch_id: "AD_1".into(),
-    });
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_1".into() });
     r.advance(ms(500));
     r.quiet(TRIAGE);
     // Filler covers the wait; at join_timeout (8 s after the request) baton gives up.
@@ -280,25 +215,22 @@ fn target_never_joins_hands_back_to_source_with_reason() {
     assert!(out.is_empty(), "{out:#?}");
     assert!(r.arb.filler_on());
     let out = r.advance(ms(1));
-    assert!(out.contains(&Command::DeleteDispatch {
-        dispatch_id: "AD_1".into(),
-        agent_name: "billing".into()
+    assert!(
+        out.contains(&Command::DeleteDispatch { dispatch_id: "AD_1".into(), agent_name: "billing".into() })
+    );
+    assert!(out.iter().any(
+        |c| matches!(c, Command::Alert(Alert::AgentNoShow { agent_name, .. }) if agent_name == "billing")
+    ));
+    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
+        handoff: "h-1".into(),
+        target: "billing".into(),
+        reason: FailReason::TargetNoShow
     }));
-    assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::AgentNoShow { agent_name, .. }) if agent_name == "billing")));
-    assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
-            handoff: "h-1".into(),
-            target: "billing".into(),
-            reason: FailReason::TargetNoShow
-        })
-    );
-    assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
-            handoff: Some("h-1".into()),
-            cause: ActivateCause::Handback,
-            reason: Some(FailReason::TargetNoShow)
-        })
-    );
+    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
+        handoff: Some("h-1".into()),
+        cause: ActivateCause::Handback,
+        reason: Some(FailReason::TargetNoShow)
+    }));
     assert!(unmuted(&out, TRIAGE));
     assert!(filler_stopped(&out));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -321,12 +253,10 @@ fn target_never_ready_hands_back() {
     let out = r.advance(ms(7_999));
     assert!(out.is_empty());
     let out = r.advance(ms(1));
-    assert!(
-        messages_to(&out, BILLING).contains(&&BatonMessage::HandoffCancelled {
-            handoff: "h-1".into(),
-            reason: FailReason::TargetNotReady
-        })
-    );
+    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::HandoffCancelled {
+        handoff: "h-1".into(),
+        reason: FailReason::TargetNotReady
+    }));
     assert!(sent(&out, TRIAGE, "handoff_failed"));
     assert!(sent(&out, TRIAGE, "activate"));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -342,22 +272,12 @@ fn target_leaving_mid_handoff_cancels_transfer_and_hands_back() {
     p.alternates.clear();
     let mut r = Room::with_triage_active(p);
     r.request(TRIAGE, "billing", Some("t-1"));
-    r.ev(Event::BundleReceived {
-        from: TRIAGE.into(),
-        transfer_id: "t-1".into(),
-        bytes: 100,
-    });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 100 });
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(
-        out.iter()
-            .any(|c| matches!(c, Command::DeliverBundle { .. }))
-    );
+    assert!(out.iter().any(|c| matches!(c, Command::DeliverBundle { .. })));
     let out = r.leave(BILLING);
-    assert!(out.contains(&Command::CancelTransfer {
-        transfer_id: "t-1".into(),
-        to: BILLING.into()
-    }));
+    assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
     let t = finished(&out).unwrap();
     assert_eq!(t.failure, Some(FailReason::TargetLeft));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -370,20 +290,11 @@ fn alternate_is_tried_when_target_does_not_show_and_completes() {
     r.request(TRIAGE, "billing", None);
     r.quiet(TRIAGE);
     let out = r.advance(Duration::from_secs(8));
-    assert!(
-        dispatched(&out, "support"),
-        "alternate dispatched: {out:#?}"
-    );
-    assert!(
-        !sent(&out, TRIAGE, "handoff_failed"),
-        "no handback while an alternate is tried"
-    );
+    assert!(dispatched(&out, "support"), "alternate dispatched: {out:#?}");
+    assert!(!sent(&out, TRIAGE, "handoff_failed"), "no handback while an alternate is tried");
     assert!(r.arb.filler_on(), "caller keeps hearing filler");
     let ticket = ticket_for(&out, "support");
-    r.ev(Event::DispatchCreated {
-        ticket,
-        dispatch_id: "AD_2".into(),
-    });
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_2".into() });
     r.join(agent(SUPPORT, "support", false));
     let out = r.hello(SUPPORT, "support");
     assert!(sent(&out, SUPPORT, "prepare"));
@@ -405,21 +316,13 @@ fn dispatch_api_failure_moves_on_immediately() {
     let mut r = Room::with_triage_active(p);
     r.request(TRIAGE, "billing", None);
     let ticket = ticket_for(&r.log, "billing");
-    let out = r.ev(Event::DispatchFailed {
-        ticket,
-        error: "twirp 503".into(),
-    });
-    assert!(
-        out.iter()
-            .any(|c| matches!(c, Command::Alert(Alert::DispatchFailed { .. })))
-    );
-    assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
-            handoff: "h-1".into(),
-            target: "billing".into(),
-            reason: FailReason::DispatchFailed
-        })
-    );
+    let out = r.ev(Event::DispatchFailed { ticket, error: "twirp 503".into() });
+    assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::DispatchFailed { .. }))));
+    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
+        handoff: "h-1".into(),
+        target: "billing".into(),
+        reason: FailReason::DispatchFailed
+    }));
     // It failed before the source went quiet: no filler was ever needed.
     assert!(!r.log.iter().any(|c| matches!(c, Command::StartFiller)));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -428,29 +331,13 @@ fn dispatch_api_failure_moves_on_immediately() {
 #[test]
 fn source_leaving_mid_handoff_completes_from_the_held_bundle() {
     let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived {
-        from: TRIAGE.into(),
-        transfer_id: "t-1".into(),
-        bytes: 10,
-    });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
     let out = r.leave(TRIAGE);
-    assert!(
-        filler_started(&out),
-        "a source that leaves is quiet: filler now"
-    );
-    assert!(
-        !muted(&out, TRIAGE),
-        "nothing to mute on a participant that left"
-    );
+    assert!(filler_started(&out), "a source that leaves is quiet: filler now");
+    assert!(!muted(&out, TRIAGE), "nothing to mute on a participant that left");
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(out.contains(&Command::DeliverBundle {
-        transfer_id: "t-1".into(),
-        to: BILLING.into()
-    }));
-    r.ev(Event::BundleDelivered {
-        to: BILLING.into(),
-        transfer_id: "t-1".into(),
-    });
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: BILLING.into() }));
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
     let out = r.ready(BILLING, "h-1");
     assert!(sent(&out, BILLING, "activate"));
     assert!(!sent(&out, TRIAGE, "release"), "the source is gone");
@@ -473,25 +360,15 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
         },
     );
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(messages_to(&out, BILLING).iter().any(|m| matches!(
-        m,
-        BatonMessage::Prepare {
-            bundle: true,
-            transfer: None,
-            ..
-        }
-    )));
+    assert!(
+        messages_to(&out, BILLING)
+            .iter()
+            .any(|m| matches!(m, BatonMessage::Prepare { bundle: true, transfer: None, .. }))
+    );
     let out = r.leave(TRIAGE);
-    assert!(
-        messages_to(&out, BILLING).contains(&&BatonMessage::BundleUnavailable {
-            handoff: "h-1".into()
-        })
-    );
+    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::BundleUnavailable { handoff: "h-1".into() }));
     let out = r.ready(BILLING, "h-1");
-    assert!(
-        sent(&out, BILLING, "activate"),
-        "completes from what baton holds (nothing)"
-    );
+    assert!(sent(&out, BILLING, "activate"), "completes from what baton holds (nothing)");
 }
 
 #[test]
@@ -503,10 +380,7 @@ fn source_gone_and_target_failing_leaves_floor_vacant_with_filler_stopped() {
     r.leave(TRIAGE);
     let out = r.advance(Duration::from_secs(8));
     assert!(filler_stopped(&out));
-    assert!(
-        out.iter()
-            .any(|c| matches!(c, Command::Alert(Alert::FloorVacant { .. })))
-    );
+    assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::FloorVacant { .. }))));
     let t = finished(&out).unwrap();
     assert_eq!(t.outcome, Some(Outcome::Failed));
     assert_eq!(r.arb.floor_holder(), None);
@@ -517,24 +391,14 @@ fn source_gone_and_target_failing_leaves_floor_vacant_with_filler_stopped() {
 fn caller_leaving_cancels_everything() {
     let (mut r, _) = cold_request(Some("t-1"));
     let ticket = ticket_for(&r.log, "billing");
-    r.ev(Event::BundleReceived {
-        from: TRIAGE.into(),
-        transfer_id: "t-1".into(),
-        bytes: 10,
-    });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
     r.quiet(TRIAGE);
-    r.ev(Event::DispatchCreated {
-        ticket,
-        dispatch_id: "AD_1".into(),
-    });
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_1".into() });
     let out = r.leave(CALLER);
-    assert!(out.contains(&Command::DeleteDispatch {
-        dispatch_id: "AD_1".into(),
-        agent_name: "billing".into()
-    }));
-    assert!(out.contains(&Command::StopFiller {
-        fade: Duration::ZERO
-    }));
+    assert!(
+        out.contains(&Command::DeleteDispatch { dispatch_id: "AD_1".into(), agent_name: "billing".into() })
+    );
+    assert!(out.contains(&Command::StopFiller { fade: Duration::ZERO }));
     assert_eq!(out.last(), Some(&Command::SessionEnded));
     let t = finished(&out).unwrap();
     assert_eq!(t.failure, Some(FailReason::CallerLeft));
@@ -550,17 +414,10 @@ fn caller_leaving_cancels_everything() {
 #[test]
 fn caller_leaving_during_delivery_cancels_the_transfer() {
     let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived {
-        from: TRIAGE.into(),
-        transfer_id: "t-1".into(),
-        bytes: 10,
-    });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
     billing_arrives(&mut r, "AD_1");
     let out = r.leave(CALLER);
-    assert!(out.contains(&Command::CancelTransfer {
-        transfer_id: "t-1".into(),
-        to: BILLING.into()
-    }));
+    assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
     assert!(sent(&out, BILLING, "handoff_cancelled"));
 }
 
@@ -570,9 +427,7 @@ fn second_request_is_refused_while_one_runs() {
     let out = r.request(TRIAGE, "support", None);
     assert_eq!(
         messages_to(&out, TRIAGE),
-        vec![&BatonMessage::HandoffRefused {
-            reason: RefuseReason::HandoffInProgress
-        }]
+        vec![&BatonMessage::HandoffRefused { reason: RefuseReason::HandoffInProgress }]
     );
     assert!(!dispatched(&out, "support"));
     assert_eq!(r.arb.handoff().unwrap().target_name, "billing");
@@ -583,23 +438,20 @@ fn bad_requests_are_refused_with_reasons() {
     let mut r = Room::with_triage_active(policy());
     let out = r.request(TRIAGE, "sales", None);
     assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffRefused {
-            reason: RefuseReason::UnknownTarget
-        })
+        messages_to(&out, TRIAGE)
+            .contains(&&BatonMessage::HandoffRefused { reason: RefuseReason::UnknownTarget })
     );
     let out = r.request(TRIAGE, "triage", None);
     assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffRefused {
-            reason: RefuseReason::SameAgent
-        })
+        messages_to(&out, TRIAGE)
+            .contains(&&BatonMessage::HandoffRefused { reason: RefuseReason::SameAgent })
     );
     // A configured agent that does not hold the floor may not hand it on.
     r.join(agent(BILLING, "billing", true));
     let out = r.request(BILLING, "support", None);
     assert!(
-        messages_to(&out, BILLING).contains(&&BatonMessage::HandoffRefused {
-            reason: RefuseReason::NotFloorHolder
-        })
+        messages_to(&out, BILLING)
+            .contains(&&BatonMessage::HandoffRefused { reason: RefuseReason::NotFloorHolder })
     );
     assert!(r.arb.handoff().is_none());
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
@@ -608,10 +460,7 @@ fn bad_requests_are_refused_with_reasons() {
 #[test]
 fn source_ignoring_deactivate_is_muted_at_source_quiet_timeout() {
     let (mut r, _) = cold_request(None);
-    r.ev(Event::SpeakingChanged {
-        identity: TRIAGE.into(),
-        speaking: true,
-    });
+    r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: true });
     let out = r.advance(ms(3_999));
     assert!(!muted(&out, TRIAGE));
     assert!(!filler_started(&out));
@@ -628,12 +477,7 @@ fn source_ignoring_deactivate_is_muted_at_source_quiet_timeout() {
     })
     .unwrap();
     assert_eq!(
-        t.phases
-            .iter()
-            .find(|m| m.phase == Phase::SourceQuiet)
-            .unwrap()
-            .detail
-            .as_deref(),
+        t.phases.iter().find(|m| m.phase == Phase::SourceQuiet).unwrap().detail.as_deref(),
         Some("forced")
     );
 }
@@ -649,34 +493,14 @@ fn silence_counts_as_quiet_after_the_grace_and_speech_resets_it() {
 
     // Speaking when it asks: the grace starts when speech stops.
     let mut r = Room::with_triage_active(policy());
-    r.ev(Event::SpeakingChanged {
-        identity: TRIAGE.into(),
-        speaking: true,
-    });
+    r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: true });
     r.request(TRIAGE, "billing", None);
-    assert!(
-        r.advance(ms(1000))
-            .iter()
-            .all(|c| !matches!(c, Command::StartFiller))
-    );
-    r.ev(Event::SpeakingChanged {
-        identity: TRIAGE.into(),
-        speaking: false,
-    });
+    assert!(r.advance(ms(1000)).iter().all(|c| !matches!(c, Command::StartFiller)));
+    r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: false });
     r.advance(ms(200));
-    r.ev(Event::SpeakingChanged {
-        identity: TRIAGE.into(),
-        speaking: true,
-    });
-    assert!(
-        r.advance(ms(300))
-            .iter()
-            .all(|c| !matches!(c, Command::StartFiller))
-    );
-    r.ev(Event::SpeakingChanged {
-        identity: TRIAGE.into(),
-        speaking: false,
-    });
+    r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: true });
+    assert!(r.advance(ms(300)).iter().all(|c| !matches!(c, Command::StartFiller)));
+    r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: false });
     let out = r.advance(ms(400));
     assert!(filler_started(&out));
     assert_eq!(r.ms(), 1900);
@@ -692,16 +516,10 @@ fn source_muting_itself_or_having_no_audio_is_quiet() {
     let mut r = Room::new(policy());
     let mut p = agent(TRIAGE, "triage", false);
     p.audio = None;
-    r.ev(Event::RoomJoined {
-        participants: vec![caller(), p],
-        token_dispatched: vec![],
-    });
+    r.ev(Event::RoomJoined { participants: vec![caller(), p], token_dispatched: vec![] });
     r.hello(TRIAGE, "triage");
     let out = r.request(TRIAGE, "billing", None);
-    assert!(
-        filler_started(&out),
-        "no audio from the source: filler immediately"
-    );
+    assert!(filler_started(&out), "no audio from the source: filler immediately");
 }
 
 #[test]
@@ -716,13 +534,11 @@ fn filler_limit_forces_a_handback() {
     billing_arrives(&mut r, "AD_1");
     // ready_timeout (8 s) would fire at 12 s; the filler limit (6 s) comes first.
     let out = r.advance(Duration::from_secs(2));
-    assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
-            handoff: "h-1".into(),
-            target: "billing".into(),
-            reason: FailReason::FillerLimit
-        })
-    );
+    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::HandoffFailed {
+        handoff: "h-1".into(),
+        target: "billing".into(),
+        reason: FailReason::FillerLimit
+    }));
     assert!(sent(&out, BILLING, "handoff_cancelled"));
     assert_eq!(r.ms(), 6000);
     assert!(!r.arb.filler_on());
@@ -736,41 +552,28 @@ fn bundle_that_never_arrives_hands_back() {
     let out = r.ready(BILLING, "h-1");
     assert!(!sent(&out, BILLING, "activate"), "ready but no context yet");
     let out = r.advance(Duration::from_secs(5));
-    assert!(messages_to(&out, TRIAGE).iter().any(|m| matches!(
-        m,
-        BatonMessage::HandoffFailed {
-            reason: FailReason::BundleTimeout,
-            ..
-        }
-    )));
+    assert!(
+        messages_to(&out, TRIAGE)
+            .iter()
+            .any(|m| matches!(m, BatonMessage::HandoffFailed { reason: FailReason::BundleTimeout, .. }))
+    );
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
 }
 
 #[test]
 fn bundle_sent_before_the_request_is_used() {
     let mut r = Room::with_triage_active(policy());
-    r.ev(Event::BundleReceived {
-        from: TRIAGE.into(),
-        transfer_id: "t-0".into(),
-        bytes: 7,
-    });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-0".into(), bytes: 7 });
     r.request(TRIAGE, "billing", Some("t-0"));
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(out.contains(&Command::DeliverBundle {
-        transfer_id: "t-0".into(),
-        to: BILLING.into()
-    }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-0".into(), to: BILLING.into() }));
 }
 
 #[test]
 fn delivery_failure_moves_to_the_alternate() {
     let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived {
-        from: TRIAGE.into(),
-        transfer_id: "t-1".into(),
-        bytes: 10,
-    });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     let out = r.ev(Event::TransferFailed {
@@ -782,10 +585,7 @@ fn delivery_failure_moves_to_the_alternate() {
     assert!(dispatched(&out, "support"));
     r.join(agent(SUPPORT, "support", true));
     let out = r.hello(SUPPORT, "support");
-    assert!(out.contains(&Command::DeliverBundle {
-        transfer_id: "t-1".into(),
-        to: SUPPORT.into()
-    }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: SUPPORT.into() }));
 }
 
 #[test]
@@ -798,16 +598,10 @@ fn late_dispatch_result_after_handback_is_deleted() {
     let ticket = ticket_for(&r.log, "billing");
     r.advance(Duration::from_secs(8));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
-    let out = r.ev(Event::DispatchCreated {
-        ticket,
-        dispatch_id: "AD_late".into(),
-    });
+    let out = r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_late".into() });
     assert_eq!(
         out,
-        vec![Command::DeleteDispatch {
-            dispatch_id: "AD_late".into(),
-            agent_name: "billing".into()
-        }]
+        vec![Command::DeleteDispatch { dispatch_id: "AD_late".into(), agent_name: "billing".into() }]
     );
 }
 
@@ -815,10 +609,7 @@ fn late_dispatch_result_after_handback_is_deleted() {
 fn stale_agent_from_another_dispatch_is_not_taken_as_target() {
     let (mut r, _) = cold_request(None);
     let ticket = ticket_for(&r.log, "billing");
-    r.ev(Event::DispatchCreated {
-        ticket,
-        dispatch_id: "AD_new".into(),
-    });
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_new".into() });
     let mut stale = agent("agent-billing-old", "billing", true);
     stale.dispatch_id = Some("AD_old".into());
     r.join(stale);
@@ -826,10 +617,7 @@ fn stale_agent_from_another_dispatch_is_not_taken_as_target() {
     let mut fresh = agent(BILLING, "billing", true);
     fresh.dispatch_id = Some("AD_new".into());
     r.join(fresh);
-    assert_eq!(
-        r.arb.handoff().unwrap().target_identity.as_deref(),
-        Some(BILLING)
-    );
+    assert_eq!(r.arb.handoff().unwrap().target_identity.as_deref(), Some(BILLING));
 }
 
 #[test]
@@ -838,10 +626,7 @@ fn ready_from_someone_else_or_for_another_handoff_is_ignored() {
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     let out = r.ready(BILLING, "h-7");
-    assert!(
-        out.iter()
-            .any(|c| matches!(c, Command::Alert(Alert::IgnoredMessage { .. })))
-    );
+    assert!(out.iter().any(|c| matches!(c, Command::Alert(Alert::IgnoredMessage { .. }))));
     assert!(!r.arb.handoff().unwrap().target_ready);
     r.join(agent(SUPPORT, "support", true));
     let out = r.ready(SUPPORT, "h-1");

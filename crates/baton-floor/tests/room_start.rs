@@ -13,31 +13,20 @@ use support::*;
 #[test]
 fn starting_agent_is_dispatched_and_activated_on_hello() {
     let mut r = Room::new(policy());
-    let out = r.ev(Event::RoomJoined {
-        participants: vec![caller()],
-        token_dispatched: vec![],
-    });
+    let out = r.ev(Event::RoomJoined { participants: vec![caller()], token_dispatched: vec![] });
     let ticket = ticket_for(&out, "triage");
-    r.ev(Event::DispatchCreated {
-        ticket,
-        dispatch_id: "AD_1".into(),
-    });
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_1".into() });
     let mut p = agent(TRIAGE, "triage", true);
     p.dispatch_id = Some("AD_1".into());
     let out = r.join(p);
-    assert!(
-        !sent(&out, TRIAGE, "activate"),
-        "not before its adapter is listening"
-    );
+    assert!(!sent(&out, TRIAGE, "activate"), "not before its adapter is listening");
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
     let out = r.hello(TRIAGE, "triage");
-    assert!(
-        messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
-            handoff: None,
-            cause: ActivateCause::Start,
-            reason: None
-        })
-    );
+    assert!(messages_to(&out, TRIAGE).contains(&&BatonMessage::Activate {
+        handoff: None,
+        cause: ActivateCause::Start,
+        reason: None
+    }));
     assert!(unmuted(&out, TRIAGE), "joined muted: unmuted on activation");
     // Joined in time: no retry later.
     assert!(r.advance(Duration::from_secs(60)).is_empty());
@@ -46,30 +35,20 @@ fn starting_agent_is_dispatched_and_activated_on_hello() {
 #[test]
 fn starting_agent_already_dispatched_by_token_is_awaited_then_dispatched_once() {
     let mut r = Room::new(policy());
-    let out = r.ev(Event::RoomJoined {
-        participants: vec![caller()],
-        token_dispatched: vec!["triage".into()],
-    });
+    let out =
+        r.ev(Event::RoomJoined { participants: vec![caller()], token_dispatched: vec!["triage".into()] });
     assert!(!dispatched(&out, "triage"));
     let out = r.advance(Duration::from_millis(7_999));
     assert!(out.is_empty());
     // The token's dispatch never produced an agent: baton dispatches it itself, after backoff.
     let out = r.advance(Duration::from_secs(1) + Duration::from_millis(1));
-    assert_eq!(
-        out.iter()
-            .filter(|c| matches!(c, Command::CreateDispatch { .. }))
-            .count(),
-        1
-    );
+    assert_eq!(out.iter().filter(|c| matches!(c, Command::CreateDispatch { .. })).count(), 1);
 }
 
 #[test]
 fn starting_agent_no_show_is_retried_with_backoff_then_named_in_an_alert() {
     let mut r = Room::new(policy());
-    r.ev(Event::RoomJoined {
-        participants: vec![caller()],
-        token_dispatched: vec![],
-    });
+    r.ev(Event::RoomJoined { participants: vec![caller()], token_dispatched: vec![] });
     // attempts 3, join 8 s, backoff 1 s then 2 s: dispatches at 0, 9, 19; gives up at 27.
     let mut times = vec![0];
     let mut gave_up_at = None;
@@ -94,9 +73,7 @@ fn starting_agent_no_show_is_retried_with_backoff_then_named_in_an_alert() {
 fn holder_leaving_outside_a_handoff_raises_floor_vacant() {
     let mut r = Room::with_triage_active(policy());
     let out = r.leave(TRIAGE);
-    assert!(out.contains(&Command::Alert(Alert::FloorVacant {
-        identity: TRIAGE.into()
-    })));
+    assert!(out.contains(&Command::Alert(Alert::FloorVacant { identity: TRIAGE.into() })));
     assert_eq!(r.arb.floor_holder(), None);
 }
 
@@ -157,9 +134,7 @@ fn control_from_anyone_but_a_configured_agent_is_a_security_event_and_changes_no
     let out = forged(&mut r, "agent-x");
     assert_eq!(
         security_reason(&out),
-        Some(SecurityReason::AgentNotConfigured {
-            agent_name: "sales".into()
-        })
+        Some(SecurityReason::AgentNotConfigured { agent_name: "sales".into() })
     );
     // An agent without the server-stamped name attribute.
     r.join(Participant {
@@ -169,53 +144,28 @@ fn control_from_anyone_but_a_configured_agent_is_a_security_event_and_changes_no
         dispatch_id: None,
         audio: None,
     });
-    assert_eq!(
-        security_reason(&forged(&mut r, "agent-anon")),
-        Some(SecurityReason::UnnamedAgent)
-    );
+    assert_eq!(security_reason(&forged(&mut r, "agent-anon")), Some(SecurityReason::UnnamedAgent));
     // Someone not in the room at all.
-    assert_eq!(
-        security_reason(&forged(&mut r, "ghost")),
-        Some(SecurityReason::UnknownParticipant)
-    );
+    assert_eq!(security_reason(&forged(&mut r, "ghost")), Some(SecurityReason::UnknownParticipant));
     // A caller pretending, in the payload, to be triage.
-    let out = r.ctl(
-        CALLER,
-        AgentMessage::Hello {
-            agent_name: "triage".into(),
-            role: None,
-        },
-    );
+    let out = r.ctl(CALLER, AgentMessage::Hello { agent_name: "triage".into(), role: None });
     assert_eq!(security_reason(&out), Some(SecurityReason::NotAnAgent));
     // A configured agent claiming another's name.
     r.join(agent(BILLING, "billing", true));
     let out = r.hello(BILLING, "triage");
     assert_eq!(
         security_reason(&out),
-        Some(SecurityReason::NameMismatch {
-            claimed: "triage".into(),
-            actual: "billing".into()
-        })
+        Some(SecurityReason::NameMismatch { claimed: "triage".into(), actual: "billing".into() })
     );
     // A bundle from the caller is not accepted either.
-    let out = r.ev(Event::BundleReceived {
-        from: CALLER.into(),
-        transfer_id: "t-x".into(),
-        bytes: 1,
-    });
+    let out = r.ev(Event::BundleReceived { from: CALLER.into(), transfer_id: "t-x".into(), bytes: 1 });
     assert_eq!(security_reason(&out), Some(SecurityReason::NotAnAgent));
 
     assert!(r.arb.handoff().is_none());
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
+    assert!(!r.log.iter().any(|c| matches!(c, Command::CreateDispatch { .. } | Command::StartFiller)));
     assert!(
-        !r.log
-            .iter()
-            .any(|c| matches!(c, Command::CreateDispatch { .. } | Command::StartFiller))
-    );
-    assert!(
-        !r.log
-            .iter()
-            .any(|c| matches!(c, Command::Send { to, .. } if to == CALLER)),
+        !r.log.iter().any(|c| matches!(c, Command::Send { to, .. } if to == CALLER)),
         "never answer the caller"
     );
 }
@@ -225,12 +175,7 @@ fn forged_ready_cannot_complete_a_handoff() {
     let mut r = Room::with_triage_active(policy());
     r.request(TRIAGE, "billing", None);
     r.quiet(TRIAGE);
-    let out = r.ctl(
-        CALLER,
-        AgentMessage::Ready {
-            handoff: "h-1".into(),
-        },
-    );
+    let out = r.ctl(CALLER, AgentMessage::Ready { handoff: "h-1".into() });
     assert!(security_reason(&out).is_some());
     assert!(r.arb.filler_on());
     assert!(r.arb.handoff().is_some());

@@ -130,10 +130,7 @@ pub struct Receivers {
 impl Receivers {
     /// Empty manager.
     pub fn new(cfg: ReceiversConfig) -> Self {
-        Receivers {
-            cfg,
-            ..Default::default()
-        }
+        Receivers { cfg, ..Default::default() }
     }
 
     /// Bytes currently reserved by incoming transfers.
@@ -161,11 +158,9 @@ impl Receivers {
             if !matches!(frame, Frame::Cancel { .. }) {
                 let reply = match outcome {
                     Outcome::Completed(sha256) => Frame::Complete { id, sha256 },
-                    Outcome::Failed(code) => Frame::Error {
-                        id,
-                        code,
-                        reason: "transfer already failed".into(),
-                    },
+                    Outcome::Failed(code) => {
+                        Frame::Error { id, code, reason: "transfer already failed".into() }
+                    }
                 };
                 self.transmit(from, &reply);
             }
@@ -175,9 +170,7 @@ impl Receivers {
             Frame::Open { open, .. } => {
                 let reject = |code, reason: String| TransferError::local(code, reason);
                 let per_peer = self.active.keys().filter(|(p, _)| p == from).count();
-                let reserve =
-                    open.wire_size
-                        .saturating_add(if open.deflate { open.payload_size } else { 0 });
+                let reserve = open.wire_size.saturating_add(if open.deflate { open.payload_size } else { 0 });
                 let refused = if per_peer >= self.cfg.max_transfers_per_peer {
                     Some(reject(
                         ErrorCode::TooManyTransfers,
@@ -220,11 +213,7 @@ impl Receivers {
                                 reason: crate::sender::truncate(&error.reason),
                             },
                         );
-                        self.event(Event::Rejected {
-                            peer: from.to_owned(),
-                            id: Some(id),
-                            error,
-                        });
+                        self.event(Event::Rejected { peer: from.to_owned(), id: Some(id), error });
                     }
                 }
             }
@@ -249,12 +238,7 @@ impl Receivers {
     /// A reconnect happened: every incoming transfer from `peer` (or from everyone when
     /// `None`, i.e. we reconnected) reports what it holds.
     pub fn reconnected(&mut self, peer: Option<&str>, now: Instant) {
-        let keys: Vec<_> = self
-            .active
-            .keys()
-            .filter(|(p, _)| peer.is_none_or(|x| x == p))
-            .cloned()
-            .collect();
+        let keys: Vec<_> = self.active.keys().filter(|(p, _)| peer.is_none_or(|x| x == p)).cloned().collect();
         for key in keys {
             if let Some((r, _)) = self.active.get_mut(&key) {
                 r.peer_reconnected(now);
@@ -265,10 +249,7 @@ impl Receivers {
 
     /// Earliest timer among incoming transfers.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.active
-            .values()
-            .filter_map(|(r, _)| r.poll_timeout())
-            .min()
+        self.active.values().filter_map(|(r, _)| r.poll_timeout()).min()
     }
 
     /// Advances timers.
@@ -327,17 +308,12 @@ impl Receivers {
         }
         for ev in events {
             self.event(match ev {
-                ReceiverEvent::Delivered { payload, meta } => Event::Delivered {
-                    from: key.0.clone(),
-                    id: key.1,
-                    payload,
-                    meta,
-                },
-                ReceiverEvent::Failed(error) => Event::ReceiveFailed {
-                    from: key.0.clone(),
-                    id: key.1,
-                    error,
-                },
+                ReceiverEvent::Delivered { payload, meta } => {
+                    Event::Delivered { from: key.0.clone(), id: key.1, payload, meta }
+                }
+                ReceiverEvent::Failed(error) => {
+                    Event::ReceiveFailed { from: key.0.clone(), id: key.1, error }
+                }
             });
         }
         if let Some(outcome) = outcome {
@@ -371,10 +347,7 @@ impl Receivers {
 
     fn transmit(&mut self, to: &str, frame: &Frame) {
         if let Ok(payload) = frame.encode() {
-            self.out.push_back(Output::Transmit {
-                to: to.to_owned(),
-                payload,
-            });
+            self.out.push_back(Output::Transmit { to: to.to_owned(), payload });
         }
     }
 
@@ -506,10 +479,7 @@ impl Endpoint {
                         })
                         .encode()
                         {
-                            self.out.push_back(Output::Transmit {
-                                to: from.to_owned(),
-                                payload,
-                            });
+                            self.out.push_back(Output::Transmit { to: from.to_owned(), payload });
                         }
                     }
                     self.out.push_back(Output::Event(Event::Rejected {
@@ -537,12 +507,8 @@ impl Endpoint {
     }
 
     fn resume(&mut self, peer: Option<&str>, now: Instant) {
-        let keys: Vec<_> = self
-            .senders
-            .keys()
-            .filter(|(p, _)| peer.is_none_or(|x| x == p))
-            .cloned()
-            .collect();
+        let keys: Vec<_> =
+            self.senders.keys().filter(|(p, _)| peer.is_none_or(|x| x == p)).cloned().collect();
         for key in keys {
             if let Some(s) = self.senders.get_mut(&key) {
                 s.peer_reconnected(now);
@@ -605,25 +571,15 @@ impl Endpoint {
         };
         while let Some(f) = s.poll_frame() {
             if let Ok(payload) = f.encode() {
-                self.out.push_back(Output::Transmit {
-                    to: key.0.clone(),
-                    payload,
-                });
+                self.out.push_back(Output::Transmit { to: key.0.clone(), payload });
             }
         }
         let mut done = false;
         while let Some(ev) = s.poll_event() {
             done = true;
             self.out.push_back(Output::Event(match ev {
-                SenderEvent::Completed => Event::Sent {
-                    to: key.0.clone(),
-                    id: key.1,
-                },
-                SenderEvent::Failed(error) => Event::SendFailed {
-                    to: key.0.clone(),
-                    id: key.1,
-                    error,
-                },
+                SenderEvent::Completed => Event::Sent { to: key.0.clone(), id: key.1 },
+                SenderEvent::Failed(error) => Event::SendFailed { to: key.0.clone(), id: key.1, error },
             }));
         }
         if done {

@@ -74,10 +74,7 @@ impl ErrorCode {
 
     /// From the wire value; unknown numbers become [`ErrorCode::Other`].
     pub fn from_u16(n: u16) -> ErrorCode {
-        ErrorCode::ALL
-            .into_iter()
-            .find(|c| c.to_u16() == n)
-            .unwrap_or(ErrorCode::Other(n))
+        ErrorCode::ALL.into_iter().find(|c| c.to_u16() == n).unwrap_or(ErrorCode::Other(n))
     }
 
     /// Stable snake_case name.
@@ -123,18 +120,10 @@ pub struct TransferError {
 
 impl TransferError {
     pub(crate) fn local(code: ErrorCode, reason: impl Into<String>) -> Self {
-        TransferError {
-            code,
-            reason: reason.into(),
-            remote: false,
-        }
+        TransferError { code, reason: reason.into(), remote: false }
     }
     pub(crate) fn remote(code: ErrorCode, reason: impl Into<String>) -> Self {
-        TransferError {
-            code,
-            reason: reason.into(),
-            remote: true,
-        }
+        TransferError { code, reason: reason.into(), remote: true }
     }
 }
 

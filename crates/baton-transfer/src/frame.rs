@@ -218,9 +218,7 @@ pub enum DecodeError {
     #[error("not a baton transfer frame (magic 0x{0:02x}, expected 0xba)")]
     BadMagic(u8),
     /// Version byte is not [`VERSION`]: the peer speaks a format this build does not.
-    #[error(
-        "unsupported transfer frame version {0} (this build speaks {VERSION}); upgrade the older side"
-    )]
+    #[error("unsupported transfer frame version {0} (this build speaks {VERSION}); upgrade the older side")]
     UnsupportedVersion(u8),
     /// Kind byte unknown.
     #[error("unknown frame kind {0}")]
@@ -282,14 +280,12 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated {
-            len: self.buf.len(),
-            need: usize::MAX,
-        })?;
-        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Truncated {
-            len: self.buf.len(),
-            need: end,
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(DecodeError::Truncated { len: self.buf.len(), need: usize::MAX })?;
+        let s =
+            self.buf.get(self.pos..end).ok_or(DecodeError::Truncated { len: self.buf.len(), need: end })?;
         self.pos = end;
         Ok(s)
     }
@@ -499,10 +495,7 @@ impl Frame {
             Kind::Resume => RESUME_LEN,
         };
         if buf.len() < need {
-            return Err(DecodeError::Truncated {
-                len: buf.len(),
-                need,
-            });
+            return Err(DecodeError::Truncated { len: buf.len(), need });
         }
         let frame = match kind {
             Kind::Open => {
@@ -552,10 +545,7 @@ impl Frame {
                 check_ack(&ack).map_err(|why| invalid("ranges", why))?;
                 Frame::Ack { id, ack }
             }
-            Kind::Complete => Frame::Complete {
-                id,
-                sha256: r.arr()?,
-            },
+            Kind::Complete => Frame::Complete { id, sha256: r.arr()? },
             Kind::Cancel | Kind::Error => {
                 let code = ErrorCode::from_u16(r.u16()?);
                 let len = usize::from(r.u16()?);
@@ -593,11 +583,7 @@ mod tests {
                     meta: "{\"a\":1}".into(),
                 },
             },
-            Frame::Data {
-                id: u128::MAX,
-                index: 3,
-                bytes: vec![9; MAX_CHUNK_SIZE as usize],
-            },
+            Frame::Data { id: u128::MAX, index: 3, bytes: vec![9; MAX_CHUNK_SIZE as usize] },
             Frame::Ack {
                 id: 1,
                 ack: Ack {
@@ -608,20 +594,9 @@ mod tests {
                     solicited: true,
                 },
             },
-            Frame::Complete {
-                id: 2,
-                sha256: [0xab; 32],
-            },
-            Frame::Cancel {
-                id: 3,
-                code: ErrorCode::Cancelled,
-                reason: "user hung up".into(),
-            },
-            Frame::Error {
-                id: 4,
-                code: ErrorCode::Other(999),
-                reason: String::new(),
-            },
+            Frame::Complete { id: 2, sha256: [0xab; 32] },
+            Frame::Cancel { id: 3, code: ErrorCode::Cancelled, reason: "user hung up".into() },
+            Frame::Error { id: 4, code: ErrorCode::Other(999), reason: String::new() },
             Frame::Resume { id: 5, sent: 17 },
         ]
     }
@@ -634,17 +609,9 @@ mod tests {
             assert_eq!(Frame::decode(&b), Ok(f.clone()));
             // Every strict prefix must be rejected, never accepted as a different frame.
             // A DATA prefix that keeps at least one byte is a valid, shorter DATA frame.
-            let last = if f.kind() == Kind::Data {
-                DATA_HEADER_LEN + 1
-            } else {
-                b.len()
-            };
+            let last = if f.kind() == Kind::Data { DATA_HEADER_LEN + 1 } else { b.len() };
             for cut in 0..last {
-                assert!(
-                    Frame::decode(&b[..cut]).is_err(),
-                    "{:?} cut at {cut}",
-                    f.kind()
-                );
+                assert!(Frame::decode(&b[..cut]).is_err(), "{:?} cut at {cut}", f.kind());
             }
             let mut longer = b.clone();
             longer.push(0);
@@ -666,19 +633,13 @@ mod tests {
         assert_eq!(e, DecodeError::UnsupportedVersion(2));
         assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
         // A future version is reported as such even when its header is shorter than ours.
-        assert_eq!(
-            Frame::decode(&[MAGIC, 9]),
-            Err(DecodeError::UnsupportedVersion(9))
-        );
+        assert_eq!(Frame::decode(&[MAGIC, 9]), Err(DecodeError::UnsupportedVersion(9)));
         let mut b = good.clone();
         b[2] = 42;
         assert_eq!(Frame::decode(&b), Err(DecodeError::UnknownKind(42)));
         let mut b = good;
         b[3] = 1;
-        assert!(matches!(
-            Frame::decode(&b),
-            Err(DecodeError::BadFlags { .. })
-        ));
+        assert!(matches!(Frame::decode(&b), Err(DecodeError::BadFlags { .. })));
         assert_eq!(
             Frame::decode(&vec![MAGIC; MAX_FRAME_SIZE + 1]),
             Err(DecodeError::TooLarge(MAX_FRAME_SIZE + 1))
@@ -695,63 +656,19 @@ mod tests {
             deflate: false,
             meta: String::new(),
         };
-        let f = Frame::Open {
-            id: 1,
-            open: open.clone(),
-        };
+        let f = Frame::Open { id: 1, open: open.clone() };
         assert!(f.encode().is_err());
         open.chunk_size = 256;
-        let mut b = Frame::Open {
-            id: 1,
-            open: open.clone(),
-        }
-        .encode()
-        .unwrap();
+        let mut b = Frame::Open { id: 1, open: open.clone() }.encode().unwrap();
         b[36..40].copy_from_slice(&255u32.to_be_bytes());
-        assert!(matches!(
-            Frame::decode(&b),
-            Err(DecodeError::Invalid { .. })
-        ));
+        assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid { .. })));
         open.wire_size = 11;
         assert!(Frame::Open { id: 1, open }.encode().is_err());
-        let bad_ack = Ack {
-            cumulative: 5,
-            window: 1,
-            ranges: vec![(5, 7)],
-            resume: false,
-            solicited: false,
-        };
-        assert!(
-            Frame::Ack {
-                id: 1,
-                ack: bad_ack
-            }
-            .encode()
-            .is_err()
-        );
-        let adjacent = Ack {
-            cumulative: 1,
-            window: 1,
-            ranges: vec![(3, 5), (5, 7)],
-            resume: false,
-            solicited: false,
-        };
-        assert!(
-            Frame::Ack {
-                id: 1,
-                ack: adjacent
-            }
-            .encode()
-            .is_err()
-        );
-        assert!(
-            Frame::Data {
-                id: 1,
-                index: 0,
-                bytes: vec![]
-            }
-            .encode()
-            .is_err()
-        );
+        let bad_ack = Ack { cumulative: 5, window: 1, ranges: vec![(5, 7)], resume: false, solicited: false };
+        assert!(Frame::Ack { id: 1, ack: bad_ack }.encode().is_err());
+        let adjacent =
+            Ack { cumulative: 1, window: 1, ranges: vec![(3, 5), (5, 7)], resume: false, solicited: false };
+        assert!(Frame::Ack { id: 1, ack: adjacent }.encode().is_err());
+        assert!(Frame::Data { id: 1, index: 0, bytes: vec![] }.encode().is_err());
     }
 }

@@ -78,12 +78,7 @@ pub struct Receiver {
 impl Receiver {
     /// Accepts an OPEN. Fails with `too_large` if the announced size exceeds the limit; the
     /// caller then sends the returned error as an ERROR frame.
-    pub fn new(
-        id: u128,
-        open: Open,
-        cfg: ReceiverConfig,
-        now: Instant,
-    ) -> Result<Receiver, TransferError> {
+    pub fn new(id: u128, open: Open, cfg: ReceiverConfig, now: Instant) -> Result<Receiver, TransferError> {
         if open.payload_size > cfg.max_bundle_size || open.wire_size > cfg.max_bundle_size {
             return Err(TransferError::local(
                 ErrorCode::TooLarge,
@@ -160,8 +155,7 @@ impl Receiver {
             }
             Frame::Cancel { code, reason, .. } => {
                 self.finished = true;
-                self.events
-                    .push_back(ReceiverEvent::Failed(TransferError::remote(code, reason)));
+                self.events.push_back(ReceiverEvent::Failed(TransferError::remote(code, reason)));
             }
             _ => {}
         }
@@ -245,13 +239,7 @@ impl Receiver {
                 i += 1;
             }
         }
-        Ack {
-            cumulative: self.cumulative,
-            window: self.cfg.window,
-            ranges,
-            resume,
-            solicited: false,
-        }
+        Ack { cumulative: self.cumulative, window: self.cfg.window, ranges, resume, solicited: false }
     }
 
     fn schedule_ack(&mut self, now: Instant) {
@@ -262,10 +250,7 @@ impl Receiver {
     fn on_data(&mut self, index: u32, bytes: &[u8], now: Instant) {
         let count = self.have.len() as u32;
         if index >= count {
-            self.fail(
-                ErrorCode::ProtocolViolation,
-                format!("chunk {index} beyond the last ({count})"),
-            );
+            self.fail(ErrorCode::ProtocolViolation, format!("chunk {index} beyond the last ({count})"));
             return;
         }
         let cs = self.open.chunk_size as usize;
@@ -274,11 +259,7 @@ impl Receiver {
         if bytes.len() != end - start {
             self.fail(
                 ErrorCode::ProtocolViolation,
-                format!(
-                    "chunk {index} has {} bytes, expected {}",
-                    bytes.len(),
-                    end - start
-                ),
+                format!("chunk {index} has {} bytes, expected {}", bytes.len(), end - start),
             );
             return;
         }
@@ -312,8 +293,7 @@ impl Receiver {
                 Err(code) => {
                     self.fail(
                         code,
-                        "the deflate stream is corrupt or does not inflate to the announced size"
-                            .into(),
+                        "the deflate stream is corrupt or does not inflate to the announced size".into(),
                     );
                     return;
                 }
@@ -331,26 +311,15 @@ impl Receiver {
         }
         self.buf = Vec::new();
         self.finished = true;
-        self.out.push_back(Frame::Complete {
-            id: self.id,
-            sha256: sha,
-        });
-        self.events.push_back(ReceiverEvent::Delivered {
-            payload,
-            meta: self.open.meta.clone(),
-        });
+        self.out.push_back(Frame::Complete { id: self.id, sha256: sha });
+        self.events.push_back(ReceiverEvent::Delivered { payload, meta: self.open.meta.clone() });
     }
 
     fn fail(&mut self, code: ErrorCode, reason: String) {
         self.finished = true;
         self.buf = Vec::new();
-        self.out.push_back(Frame::Error {
-            id: self.id,
-            code,
-            reason: crate::sender::truncate(&reason),
-        });
-        self.events
-            .push_back(ReceiverEvent::Failed(TransferError::local(code, reason)));
+        self.out.push_back(Frame::Error { id: self.id, code, reason: crate::sender::truncate(&reason) });
+        self.events.push_back(ReceiverEvent::Failed(TransferError::local(code, reason)));
     }
 }
 
@@ -360,9 +329,7 @@ impl Receiver {
 fn inflate_bounded(data: &[u8], expected: u64) -> Result<Vec<u8>, ErrorCode> {
     let dec = flate2::read::DeflateDecoder::new(data);
     let mut out = Vec::with_capacity(expected.min(1 << 20) as usize);
-    dec.take(expected.saturating_add(1))
-        .read_to_end(&mut out)
-        .map_err(|_| ErrorCode::DecompressionFailed)?;
+    dec.take(expected.saturating_add(1)).read_to_end(&mut out).map_err(|_| ErrorCode::DecompressionFailed)?;
     if out.len() as u64 > expected {
         return Err(ErrorCode::TooLarge);
     }
@@ -390,11 +357,7 @@ mod tests {
 
     fn data(index: u32, payload: &[u8]) -> Frame {
         let s = index as usize * 256;
-        Frame::Data {
-            id: 9,
-            index,
-            bytes: payload[s..(s + 256).min(payload.len())].to_vec(),
-        }
+        Frame::Data { id: 9, index, bytes: payload[s..(s + 256).min(payload.len())].to_vec() }
     }
 
     #[test]
@@ -422,10 +385,7 @@ mod tests {
     fn acks_coalesce_then_flush_on_count_or_delay() {
         let now = Instant::now();
         let p = vec![5u8; 256 * 20];
-        let cfg = ReceiverConfig {
-            ack_every: 4,
-            ..Default::default()
-        };
+        let cfg = ReceiverConfig { ack_every: 4, ..Default::default() };
         let mut r = Receiver::new(9, open_for(&p, 256), cfg, now).unwrap();
         for i in 0..3 {
             r.handle_frame(data(i, &p), now);
@@ -447,13 +407,9 @@ mod tests {
         r.handle_timeout(t);
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.cumulative == 4));
         r.handle_frame(Frame::Resume { id: 9, sent: 6 }, t);
-        assert!(
-            matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && ack.solicited)
-        );
+        assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && ack.solicited));
         r.peer_reconnected(t);
-        assert!(
-            matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && !ack.solicited)
-        );
+        assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && !ack.solicited));
     }
 
     #[test]
@@ -465,13 +421,7 @@ mod tests {
         bad[0] ^= 1;
         r.handle_frame(data(0, &bad), now);
         r.handle_frame(data(1, &p), now);
-        assert!(matches!(
-            r.poll_frame(),
-            Some(Frame::Error {
-                code: ErrorCode::HashMismatch,
-                ..
-            })
-        ));
+        assert!(matches!(r.poll_frame(), Some(Frame::Error { code: ErrorCode::HashMismatch, .. })));
         assert!(
             matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::HashMismatch)
         );
@@ -482,26 +432,12 @@ mod tests {
         let now = Instant::now();
         let p = vec![1u8; 600];
         let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
-        r.handle_frame(
-            Frame::Data {
-                id: 9,
-                index: 0,
-                bytes: vec![0; 10],
-            },
-            now,
-        );
+        r.handle_frame(Frame::Data { id: 9, index: 0, bytes: vec![0; 10] }, now);
         assert!(
             matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation)
         );
         let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
-        r.handle_frame(
-            Frame::Data {
-                id: 9,
-                index: 3,
-                bytes: vec![0; 10],
-            },
-            now,
-        );
+        r.handle_frame(Frame::Data { id: 9, index: 3, bytes: vec![0; 10] }, now);
         assert!(
             matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation)
         );
@@ -509,10 +445,7 @@ mod tests {
 
     #[test]
     fn too_large_refused_from_open() {
-        let cfg = ReceiverConfig {
-            max_bundle_size: 100,
-            ..Default::default()
-        };
+        let cfg = ReceiverConfig { max_bundle_size: 100, ..Default::default() };
         let e = Receiver::new(1, open_for(&[0; 101], 256), cfg, Instant::now()).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
     }
@@ -520,19 +453,12 @@ mod tests {
     #[test]
     fn zip_bomb_is_capped_while_inflating() {
         // 1 MiB of zeros compresses to about 1 KB; announcing 1000 bytes must not inflate it.
-        let mut enc =
-            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&vec![0u8; 1 << 20]).unwrap();
         let z = enc.finish().unwrap();
         assert_eq!(inflate_bounded(&z, 1000), Err(ErrorCode::TooLarge));
-        assert_eq!(
-            inflate_bounded(&z, 2 << 20),
-            Err(ErrorCode::DecompressionFailed)
-        );
-        assert_eq!(
-            inflate_bounded(&[0xff, 0xff], 10),
-            Err(ErrorCode::DecompressionFailed)
-        );
+        assert_eq!(inflate_bounded(&z, 2 << 20), Err(ErrorCode::DecompressionFailed));
+        assert_eq!(inflate_bounded(&[0xff, 0xff], 10), Err(ErrorCode::DecompressionFailed));
         assert_eq!(inflate_bounded(&z, 1 << 20).map(|v| v.len()), Ok(1 << 20));
     }
 
@@ -555,8 +481,6 @@ mod tests {
         }
         assert_eq!(t, now + Duration::from_secs(30));
         assert_eq!(errors, vec![ErrorCode::TimedOut], "the sender is told");
-        assert!(
-            matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::TimedOut)
-        );
+        assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::TimedOut));
     }
 }

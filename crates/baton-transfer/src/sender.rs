@@ -139,17 +139,11 @@ impl Sender {
         };
         let count = wire.len().div_ceil(cfg.chunk_size as usize);
         if count > u32::MAX as usize {
-            return Err(TransferError::local(
-                ErrorCode::TooLarge,
-                "payload too large",
-            ));
+            return Err(TransferError::local(ErrorCode::TooLarge, "payload too large"));
         }
         let window = cfg.window.max(1);
         let mut ctrl = VecDeque::new();
-        ctrl.push_back(Frame::Open {
-            id,
-            open: open.clone(),
-        });
+        ctrl.push_back(Frame::Open { id, open: open.clone() });
         Ok(Sender {
             id,
             rto: cfg.initial_rto,
@@ -237,15 +231,9 @@ impl Sender {
         }
         self.ctrl.clear();
         if !self.open_acked {
-            self.ctrl.push_back(Frame::Open {
-                id: self.id,
-                open: self.open.clone(),
-            });
+            self.ctrl.push_back(Frame::Open { id: self.id, open: self.open.clone() });
         }
-        self.ctrl.push_back(Frame::Resume {
-            id: self.id,
-            sent: self.next_new,
-        });
+        self.ctrl.push_back(Frame::Resume { id: self.id, sent: self.next_new });
         // The report answering this RESUME describes exactly what was sent before it (the
         // link is ordered); chunks sent later are left alone.
         self.resume_mark = Some(self.tx_count);
@@ -296,10 +284,7 @@ impl Sender {
             // window is resent per timeout and the timeout doubles, so a dead link costs
             // a geometrically shrinking trickle, not a flood.
             if !self.open_acked {
-                self.ctrl.push_back(Frame::Open {
-                    id: self.id,
-                    open: self.open.clone(),
-                });
+                self.ctrl.push_back(Frame::Open { id: self.id, open: self.open.clone() });
             }
             let mut any = false;
             for i in self.cum_acked..self.next_new {
@@ -313,10 +298,7 @@ impl Sender {
             self.resume_mark = None;
             if !any && self.lost.is_empty() && self.open_acked {
                 // Everything sent is acknowledged but COMPLETE has not come: ask again.
-                self.ctrl.push_back(Frame::Resume {
-                    id: self.id,
-                    sent: self.next_new,
-                });
+                self.ctrl.push_back(Frame::Resume { id: self.id, sent: self.next_new });
             }
             self.rto = (self.rto * 2).min(self.cfg.max_rto);
             self.rto_at = Some(now + self.rto);
@@ -356,11 +338,7 @@ impl Sender {
         let cs = self.cfg.chunk_size as usize;
         let start = index as usize * cs;
         let end = (start + cs).min(self.wire.len());
-        Some(Frame::Data {
-            id: self.id,
-            index,
-            bytes: self.wire[start..end].to_vec(),
-        })
+        Some(Frame::Data { id: self.id, index, bytes: self.wire[start..end].to_vec() })
     }
 
     /// The final outcome, once.
@@ -426,9 +404,7 @@ impl Sender {
             };
             if let Some(cutoff) = cutoff {
                 for i in self.cum_acked..self.next_new {
-                    if self.chunks[i as usize] == Chunk::InFlight
-                        && self.last_tx[i as usize] <= cutoff
-                    {
+                    if self.chunks[i as usize] == Chunk::InFlight && self.last_tx[i as usize] <= cutoff {
                         self.chunks[i as usize] = Chunk::Lost;
                         self.lost.insert(i);
                         self.in_flight -= 1;
@@ -452,21 +428,14 @@ impl Sender {
         self.lost.clear();
         self.chunks.iter_mut().for_each(|c| *c = Chunk::Unsent);
         self.ctrl.clear();
-        self.ctrl.push_back(Frame::Open {
-            id: self.id,
-            open: self.open.clone(),
-        });
+        self.ctrl.push_back(Frame::Open { id: self.id, open: self.open.clone() });
         self.rto = self.cfg.initial_rto;
         self.rto_at = Some(now + self.rto);
     }
 
     fn fail_and_cancel(&mut self, code: ErrorCode, reason: String) {
         self.ctrl.clear();
-        self.ctrl.push_back(Frame::Cancel {
-            id: self.id,
-            code,
-            reason: reason.clone(),
-        });
+        self.ctrl.push_back(Frame::Cancel { id: self.id, code, reason: reason.clone() });
         self.finish(SenderEvent::Failed(TransferError::local(code, reason)));
     }
 
@@ -504,24 +473,11 @@ mod tests {
     }
 
     fn cfg(window: u32) -> SenderConfig {
-        SenderConfig {
-            chunk_size: 256,
-            window,
-            ..Default::default()
-        }
+        SenderConfig { chunk_size: 256, window, ..Default::default() }
     }
 
     fn ack(cumulative: u32, ranges: Vec<(u32, u32)>, resume: bool) -> Frame {
-        Frame::Ack {
-            id: 1,
-            ack: Ack {
-                cumulative,
-                window: 64,
-                ranges,
-                resume,
-                solicited: resume,
-            },
-        }
+        Frame::Ack { id: 1, ack: Ack { cumulative, window: 64, ranges, resume, solicited: resume } }
     }
 
     #[test]
@@ -550,10 +506,7 @@ mod tests {
         assert_eq!(drain(&mut s).len(), 7);
         s.peer_reconnected(now);
         let f = drain(&mut s);
-        assert!(matches!(
-            f.as_slice(),
-            [Frame::Open { .. }, Frame::Resume { sent: 6, .. }]
-        ));
+        assert!(matches!(f.as_slice(), [Frame::Open { .. }, Frame::Resume { sent: 6, .. }]));
         s.handle_frame(ack(1, vec![(3, 5)], true), now);
         let idx: Vec<u32> = drain(&mut s)
             .iter()
@@ -568,10 +521,7 @@ mod tests {
     #[test]
     fn rto_backs_off_and_deadline_fails_with_cancel() {
         let now = t0();
-        let c = SenderConfig {
-            deadline: Duration::from_secs(10),
-            ..cfg(4)
-        };
+        let c = SenderConfig { deadline: Duration::from_secs(10), ..cfg(4) };
         let mut s = Sender::new(1, &[1u8; 1000], "", c, now).unwrap();
         drain(&mut s);
         let mut fires = vec![];
@@ -594,24 +544,10 @@ mod tests {
         let now = t0();
         let mut s = Sender::new(1, b"abc", "", cfg(4), now).unwrap();
         drain(&mut s);
-        s.handle_frame(
-            Frame::Complete {
-                id: 1,
-                sha256: [0; 32],
-            },
-            now,
-        );
+        s.handle_frame(Frame::Complete { id: 1, sha256: [0; 32] }, now);
         let f = drain(&mut s);
-        assert!(matches!(
-            f.as_slice(),
-            [Frame::Cancel {
-                code: ErrorCode::HashMismatch,
-                ..
-            }]
-        ));
-        assert!(
-            matches!(s.poll_event(), Some(SenderEvent::Failed(e)) if e.code == ErrorCode::HashMismatch)
-        );
+        assert!(matches!(f.as_slice(), [Frame::Cancel { code: ErrorCode::HashMismatch, .. }]));
+        assert!(matches!(s.poll_event(), Some(SenderEvent::Failed(e)) if e.code == ErrorCode::HashMismatch));
     }
 
     #[test]
@@ -628,10 +564,7 @@ mod tests {
     #[test]
     fn compression_only_when_smaller() {
         let now = t0();
-        let c = SenderConfig {
-            compress: true,
-            ..cfg(4)
-        };
+        let c = SenderConfig { compress: true, ..cfg(4) };
         let s = Sender::new(1, &[b'a'; 5000], "", c.clone(), now).unwrap();
         assert!(s.open().deflate && s.open().wire_size < 5000);
         let s = Sender::new(1, b"x", "", c, now).unwrap();

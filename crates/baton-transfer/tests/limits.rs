@@ -4,8 +4,7 @@
 use std::time::Instant;
 
 use baton_transfer::{
-    Endpoint, EndpointConfig, ErrorCode, Event, Frame, Open, Output, ReceiverConfig,
-    ReceiversConfig,
+    Endpoint, EndpointConfig, ErrorCode, Event, Frame, Open, Output, ReceiverConfig, ReceiversConfig,
 };
 
 fn open(id: u128, size: u64) -> Vec<u8> {
@@ -45,10 +44,7 @@ fn error_code(frames: &[(String, Frame)]) -> Option<ErrorCode> {
 fn endpoint() -> Endpoint {
     Endpoint::new(EndpointConfig {
         receivers: ReceiversConfig {
-            transfer: ReceiverConfig {
-                max_bundle_size: 10_000,
-                ..Default::default()
-            },
+            transfer: ReceiverConfig { max_bundle_size: 10_000, ..Default::default() },
             max_transfers_per_peer: 2,
             max_buffered_bytes: 15_000,
             ..Default::default()
@@ -77,10 +73,7 @@ fn per_peer_cap_and_total_buffer_cap() {
     ep.handle_packet("a", &open(2, 5_000), now);
     assert_eq!(error_code(&drain(&mut ep).0), None);
     ep.handle_packet("a", &open(3, 100), now);
-    assert_eq!(
-        error_code(&drain(&mut ep).0),
-        Some(ErrorCode::TooManyTransfers)
-    );
+    assert_eq!(error_code(&drain(&mut ep).0), Some(ErrorCode::TooManyTransfers));
     // Another peer is not limited by a's count, but by the room's buffer: 10 000 used of 15 000.
     ep.handle_packet("b", &open(1, 6_000), now);
     assert_eq!(error_code(&drain(&mut ep).0), Some(ErrorCode::BufferFull));
@@ -101,28 +94,10 @@ fn unknown_and_corrupt_frames_reject_without_harming_others() {
     // Garbage, a DATA and a RESUME for unknown transfers, and an ACK for a transfer this side
     // never sent, interleaved with the real transfer.
     ep.handle_packet("tx", b"\x00garbage", now);
-    ep.handle_packet(
-        "tx",
-        &Frame::Resume { id: 5, sent: 0 }.encode().unwrap(),
-        now,
-    );
-    ep.handle_packet(
-        "tx",
-        &Frame::Data {
-            id: 6,
-            index: 0,
-            bytes: vec![1],
-        }
-        .encode()
-        .unwrap(),
-        now,
-    );
+    ep.handle_packet("tx", &Frame::Resume { id: 5, sent: 0 }.encode().unwrap(), now);
+    ep.handle_packet("tx", &Frame::Data { id: 6, index: 0, bytes: vec![1] }.encode().unwrap(), now);
     let (f, e) = drain(&mut ep);
-    assert_eq!(
-        error_code(&f),
-        Some(ErrorCode::UnknownTransfer),
-        "RESUME for unknown answered"
-    );
+    assert_eq!(error_code(&f), Some(ErrorCode::UnknownTransfer), "RESUME for unknown answered");
     assert_eq!(f.len(), 1, "DATA for unknown is dropped silently");
     let codes: Vec<_> = e
         .iter()
@@ -131,50 +106,23 @@ fn unknown_and_corrupt_frames_reject_without_harming_others() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(
-        codes,
-        [
-            ErrorCode::BadFrame,
-            ErrorCode::UnknownTransfer,
-            ErrorCode::UnknownTransfer
-        ]
-    );
+    assert_eq!(codes, [ErrorCode::BadFrame, ErrorCode::UnknownTransfer, ErrorCode::UnknownTransfer]);
     for (_, fr) in &frames {
         ep.handle_packet("tx", &fr.encode().unwrap(), now);
     }
     let (f, e) = drain(&mut ep);
-    assert!(
-        f.iter()
-            .any(|(_, fr)| matches!(fr, Frame::Complete { id: 77, .. }))
-    );
-    assert!(
-        e.iter()
-            .any(|ev| matches!(ev, Event::Delivered { id: 77, payload: p, .. } if *p == payload))
-    );
+    assert!(f.iter().any(|(_, fr)| matches!(fr, Frame::Complete { id: 77, .. })));
+    assert!(e.iter().any(|ev| matches!(ev, Event::Delivered { id: 77, payload: p, .. } if *p == payload)));
     // A repeated frame after completion is answered with COMPLETE again, not delivered again.
     ep.handle_packet("tx", &frames[1].1.encode().unwrap(), now);
     let (f, e) = drain(&mut ep);
     assert!(matches!(&f[..], [(_, Frame::Complete { id: 77, .. })]));
     assert!(e.is_empty());
     // Sender side: an ACK for an unknown transfer is rejected and answered with CANCEL.
-    let ack = Frame::Ack {
-        id: 999,
-        ack: Default::default(),
-    }
-    .encode()
-    .unwrap();
+    let ack = Frame::Ack { id: 999, ack: Default::default() }.encode().unwrap();
     sender.handle_packet("rx", &ack, now);
     let (f, e) = drain(&mut sender);
-    assert!(matches!(
-        &f[..],
-        [(
-            _,
-            Frame::Cancel {
-                code: ErrorCode::UnknownTransfer,
-                ..
-            }
-        )]
-    ));
+    assert!(matches!(&f[..], [(_, Frame::Cancel { code: ErrorCode::UnknownTransfer, .. })]));
     assert!(matches!(&e[..], [Event::Rejected { id: Some(999), .. }]));
 }
 
@@ -186,7 +134,5 @@ fn unsupported_version_is_a_typed_reject() {
     ep.handle_packet("a", &bytes, Instant::now());
     let (f, e) = drain(&mut ep);
     assert!(f.is_empty());
-    assert!(
-        matches!(&e[..], [Event::Rejected { error, .. }] if error.code == ErrorCode::UnsupportedVersion)
-    );
+    assert!(matches!(&e[..], [Event::Rejected { error, .. }] if error.code == ErrorCode::UnsupportedVersion));
 }

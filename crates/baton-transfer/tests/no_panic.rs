@@ -8,18 +8,13 @@ use std::time::{Duration, Instant};
 use baton_transfer::{Endpoint, EndpointConfig, Frame};
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{dir:?}: {e}"))
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    files
-        .into_iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect()
+    files.into_iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 /// xorshift64*: deterministic, no dependency.
@@ -32,11 +27,7 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
+        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
     }
 }
 
@@ -86,10 +77,7 @@ fn decoder_total_and_canonical_on_corpus_and_mutations() {
     assert!(seeds.len() >= 20, "seed corpus present");
     let mut rng = Rng(0x5eed_ba70_0000_0001);
     let (mut ok, mut err) = (0, 0);
-    let inputs = seeds
-        .iter()
-        .cloned()
-        .chain((0..6000).map(|i| mutate(&mut rng, &seeds[i % seeds.len()])));
+    let inputs = seeds.iter().cloned().chain((0..6000).map(|i| mutate(&mut rng, &seeds[i % seeds.len()])));
     for input in inputs {
         match Frame::decode(&input) {
             Ok(f) => {
@@ -112,14 +100,7 @@ fn endpoint_survives_hostile_packets() {
     let mut rng = Rng(42);
     let t0 = Instant::now();
     let mut ep = Endpoint::new(EndpointConfig::default());
-    ep.send(
-        "peer-a",
-        0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
-        &[7u8; 40_000],
-        "{}",
-        t0,
-    )
-    .unwrap();
+    ep.send("peer-a", 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, &[7u8; 40_000], "{}", t0).unwrap();
     let mut now = t0;
     let mut outputs = 0usize;
     for i in 0..4000 {

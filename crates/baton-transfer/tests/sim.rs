@@ -8,8 +8,7 @@
 use std::time::{Duration, Instant};
 
 use baton_transfer::{
-    Endpoint, EndpointConfig, ErrorCode, Event, Output, ReceiverConfig, ReceiversConfig,
-    SenderConfig,
+    Endpoint, EndpointConfig, ErrorCode, Event, Output, ReceiverConfig, ReceiversConfig, SenderConfig,
 };
 use dice::Rng;
 use proptest::prelude::*;
@@ -71,16 +70,10 @@ fn run(
 ) -> Outcome {
     let t0 = Instant::now();
     let mut rng = TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed);
-    let mut a = Endpoint::new(EndpointConfig {
-        sender: scfg,
-        receivers: ReceiversConfig::default(),
-    });
+    let mut a = Endpoint::new(EndpointConfig { sender: scfg, receivers: ReceiversConfig::default() });
     let mut b = Endpoint::new(EndpointConfig {
         sender: SenderConfig::default(),
-        receivers: ReceiversConfig {
-            transfer: rcfg,
-            ..Default::default()
-        },
+        receivers: ReceiversConfig { transfer: rcfg, ..Default::default() },
     });
     let mut flight: Vec<Packet> = Vec::new();
     let mut seq = 0u64;
@@ -94,11 +87,7 @@ fn run(
         })
         .collect();
     outages.sort();
-    let mut out = Outcome {
-        sender: vec![],
-        receiver: vec![],
-        steps: 0,
-    };
+    let mut out = Outcome { sender: vec![], receiver: vec![], steps: 0 };
     a.send(B, 0xfeed, payload, meta, t0).expect("send accepted");
     let mut now = t0;
     loop {
@@ -123,12 +112,7 @@ fn run(
                             }
                             let delay = link.base_delay_ms + rng.below(link.jitter_ms + 1);
                             seq += 1;
-                            flight.push(Packet {
-                                at: now + Duration::from_millis(delay),
-                                seq,
-                                to_b,
-                                bytes,
-                            });
+                            flight.push(Packet { at: now + Duration::from_millis(delay), seq, to_b, bytes });
                         }
                     }
                     Output::Event(e) => {
@@ -141,10 +125,8 @@ fn run(
                 }
             }
         }
-        let sender_done = out
-            .sender
-            .iter()
-            .any(|(_, e)| matches!(e, Event::Sent { .. } | Event::SendFailed { .. }));
+        let sender_done =
+            out.sender.iter().any(|(_, e)| matches!(e, Event::Sent { .. } | Event::SendFailed { .. }));
         if sender_done && a.poll_timeout().is_none() && b.poll_timeout().is_none() {
             break;
         }
@@ -204,22 +186,16 @@ fn link_strategy(corrupt: bool) -> impl Strategy<Value = LinkParams> {
         1u64..40,
         0u64..80,
         proptest::collection::vec((0u64..1_500, 0u64..3_000), 0..3),
-        if corrupt {
-            0.0..0.05f64
-        } else {
-            0.0..f64::MIN_POSITIVE
-        },
+        if corrupt { 0.0..0.05f64 } else { 0.0..f64::MIN_POSITIVE },
     )
-        .prop_map(
-            |(loss, dup, base_delay_ms, jitter_ms, outages, corrupt)| LinkParams {
-                loss,
-                dup,
-                corrupt,
-                base_delay_ms,
-                jitter_ms,
-                outages,
-            },
-        )
+        .prop_map(|(loss, dup, base_delay_ms, jitter_ms, outages, corrupt)| LinkParams {
+            loss,
+            dup,
+            corrupt,
+            base_delay_ms,
+            jitter_ms,
+            outages,
+        })
 }
 
 fn payload_strategy() -> impl Strategy<Value = Vec<u8>> {
@@ -234,17 +210,8 @@ fn payload_strategy() -> impl Strategy<Value = Vec<u8>> {
 fn configs() -> impl Strategy<Value = (SenderConfig, ReceiverConfig)> {
     (256u32..4096, 1u32..48, any::<bool>(), 1u32..16).prop_map(|(cs, w, z, every)| {
         (
-            SenderConfig {
-                chunk_size: cs,
-                window: w,
-                compress: z,
-                ..Default::default()
-            },
-            ReceiverConfig {
-                window: w + 8,
-                ack_every: every,
-                ..Default::default()
-            },
+            SenderConfig { chunk_size: cs, window: w, compress: z, ..Default::default() },
+            ReceiverConfig { window: w + 8, ack_every: every, ..Default::default() },
         )
     })
 }
@@ -254,12 +221,7 @@ fn check_common(o: &Outcome, payload: &[u8], meta: &str, deadline: Duration) {
         .receiver
         .iter()
         .filter_map(|(_, e)| match e {
-            Event::Delivered {
-                payload: p,
-                meta: m,
-                from,
-                id,
-            } => Some((p, m, from, id)),
+            Event::Delivered { payload: p, meta: m, from, id } => Some((p, m, from, id)),
             _ => None,
         })
         .collect();
@@ -270,11 +232,8 @@ fn check_common(o: &Outcome, payload: &[u8], meta: &str, deadline: Duration) {
         assert_eq!(from.as_str(), A);
         assert_eq!(**id, 0xfeed);
     }
-    let finals: Vec<_> = o
-        .sender
-        .iter()
-        .filter(|(_, e)| matches!(e, Event::Sent { .. } | Event::SendFailed { .. }))
-        .collect();
+    let finals: Vec<_> =
+        o.sender.iter().filter(|(_, e)| matches!(e, Event::Sent { .. } | Event::SendFailed { .. })).collect();
     assert_eq!(finals.len(), 1, "sender reports exactly one outcome");
     let (t, e) = finals[0];
     assert!(*t <= deadline, "outcome after the deadline: {t:?}");
@@ -340,26 +299,10 @@ proptest! {
 /// A receiver that vanishes makes the sender fail with `timed_out` exactly at its deadline.
 #[test]
 fn dead_receiver_times_out_at_deadline() {
-    let link = LinkParams {
-        loss: 1.0,
-        dup: 0.0,
-        corrupt: 0.0,
-        base_delay_ms: 1,
-        jitter_ms: 0,
-        outages: vec![],
-    };
-    let scfg = SenderConfig {
-        deadline: Duration::from_secs(20),
-        ..Default::default()
-    };
-    let o = run(
-        &[1u8; 50_000],
-        "",
-        scfg,
-        ReceiverConfig::default(),
-        &link,
-        [7; 32],
-    );
+    let link =
+        LinkParams { loss: 1.0, dup: 0.0, corrupt: 0.0, base_delay_ms: 1, jitter_ms: 0, outages: vec![] };
+    let scfg = SenderConfig { deadline: Duration::from_secs(20), ..Default::default() };
+    let o = run(&[1u8; 50_000], "", scfg, ReceiverConfig::default(), &link, [7; 32]);
     let (t, e) = o.sender.last().expect("an outcome");
     match e {
         Event::SendFailed { error, .. } => assert_eq!(error.code, ErrorCode::TimedOut),
@@ -376,11 +319,7 @@ fn resume_continues_from_acknowledged() {
     let payload: Vec<u8> = (0..200 * 1024u32).map(|i| (i * 7) as u8).collect();
     let t0 = Instant::now();
     let cfg = EndpointConfig {
-        sender: SenderConfig {
-            chunk_size: 1024,
-            window: 16,
-            ..Default::default()
-        },
+        sender: SenderConfig { chunk_size: 1024, window: 16, ..Default::default() },
         ..Default::default()
     };
     let mut a = Endpoint::new(cfg.clone());

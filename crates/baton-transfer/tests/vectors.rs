@@ -65,13 +65,7 @@ fn frames_vectors() -> Value {
         meta: r#"{"content_type":"application/vnd.baton.bundle+json","purpose":"handoff"}"#.into(),
     };
     let frames = vec![
-        entry(
-            "open_plain",
-            &Frame::Open {
-                id: ID,
-                open: open.clone(),
-            },
-        ),
+        entry("open_plain", &Frame::Open { id: ID, open: open.clone() }),
         entry(
             "open_deflate_no_meta",
             &Frame::Open {
@@ -86,32 +80,11 @@ fn frames_vectors() -> Value {
                 },
             },
         ),
-        entry(
-            "data_first",
-            &Frame::Data {
-                id: ID,
-                index: 0,
-                bytes: vec![0x42; 256],
-            },
-        ),
-        entry(
-            "data_last_short",
-            &Frame::Data {
-                id: ID,
-                index: 3,
-                bytes: vec![0x42; 232],
-            },
-        ),
+        entry("data_first", &Frame::Data { id: ID, index: 0, bytes: vec![0x42; 256] }),
+        entry("data_last_short", &Frame::Data { id: ID, index: 3, bytes: vec![0x42; 232] }),
         entry(
             "ack_cumulative_only",
-            &Frame::Ack {
-                id: ID,
-                ack: Ack {
-                    cumulative: 2,
-                    window: 32,
-                    ..Default::default()
-                },
-            },
+            &Frame::Ack { id: ID, ack: Ack { cumulative: 2, window: 32, ..Default::default() } },
         ),
         entry(
             "ack_selective",
@@ -130,41 +103,20 @@ fn frames_vectors() -> Value {
             "ack_resume_solicited",
             &Frame::Ack {
                 id: ID,
-                ack: Ack {
-                    cumulative: 0,
-                    window: 64,
-                    ranges: vec![(1, 2)],
-                    resume: true,
-                    solicited: true,
-                },
+                ack: Ack { cumulative: 0, window: 64, ranges: vec![(1, 2)], resume: true, solicited: true },
             },
         ),
         entry(
             "ack_resume_unsolicited",
             &Frame::Ack {
                 id: ID,
-                ack: Ack {
-                    cumulative: 4,
-                    window: 32,
-                    resume: true,
-                    ..Default::default()
-                },
+                ack: Ack { cumulative: 4, window: 32, resume: true, ..Default::default() },
             },
         ),
-        entry(
-            "complete",
-            &Frame::Complete {
-                id: ID,
-                sha256: sha(&[0x42; 1000]),
-            },
-        ),
+        entry("complete", &Frame::Complete { id: ID, sha256: sha(&[0x42; 1000]) }),
         entry(
             "cancel_user",
-            &Frame::Cancel {
-                id: ID,
-                code: ErrorCode::Cancelled,
-                reason: "caller hung up".into(),
-            },
+            &Frame::Cancel { id: ID, code: ErrorCode::Cancelled, reason: "caller hung up".into() },
         ),
         entry(
             "error_too_large_utf8",
@@ -176,18 +128,12 @@ fn frames_vectors() -> Value {
         ),
         entry(
             "error_unknown_code",
-            &Frame::Error {
-                id: u128::MAX,
-                code: ErrorCode::Other(999),
-                reason: String::new(),
-            },
+            &Frame::Error { id: u128::MAX, code: ErrorCode::Other(999), reason: String::new() },
         ),
         entry("resume", &Frame::Resume { id: ID, sent: 4 }),
     ];
-    let codes: Vec<Value> = ErrorCode::ALL
-        .iter()
-        .map(|c| json!({"code": c.to_u16(), "name": c.as_str()}))
-        .collect();
+    let codes: Vec<Value> =
+        ErrorCode::ALL.iter().map(|c| json!({"code": c.to_u16(), "name": c.as_str()})).collect();
     json!({
         "description": "One valid frame of each kind; hex is the exact encoding, frame the decoded fields (ids and hashes as lowercase hex, ranges half-open).",
         "frames": frames,
@@ -251,11 +197,7 @@ fn invalid_vectors() -> Value {
         ("future_version_short", "ba09".into(), "unsupported_version"),
         ("unknown_kind", with(2, 0x42), "unknown_kind"),
         ("flags_on_resume", with(3, 1), "bad_flags"),
-        (
-            "solicited_without_resume",
-            hex::encode(solicited_alone),
-            "bad_flags",
-        ),
+        ("solicited_without_resume", hex::encode(solicited_alone), "bad_flags"),
         ("header_truncated", hex::encode(&good[..19]), "truncated"),
         ("resume_truncated", hex::encode(&good[..23]), "truncated"),
         ("trailing_byte", hex::encode(longer), "trailing"),
@@ -275,11 +217,7 @@ fn invalid_vectors() -> Value {
             },
             "truncated",
         ),
-        (
-            "too_large",
-            hex::encode(vec![0xba; MAX_FRAME_SIZE + 1]),
-            "too_large",
-        ),
+        ("too_large", hex::encode(vec![0xba; MAX_FRAME_SIZE + 1]), "too_large"),
     ];
     json!({
         "description": "Inputs every decoder must reject, with the stable name of the failure.",
@@ -292,23 +230,14 @@ fn invalid_vectors() -> Value {
 fn transfer_vectors() -> Value {
     let payload: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
     let t0 = Instant::now();
-    let cfg = SenderConfig {
-        chunk_size: 256,
-        window: 3,
-        ..Default::default()
-    };
+    let cfg = SenderConfig { chunk_size: 256, window: 3, ..Default::default() };
     let mut s = Sender::new(ID, &payload, r#"{"purpose":"test"}"#, cfg, t0).unwrap();
     let mut first = vec![];
     while let Some(f) = s.poll_frame() {
         first.push(entry("", &f));
     }
     let compressible = vec![b'a'; 3000];
-    let zcfg = SenderConfig {
-        chunk_size: 256,
-        window: 64,
-        compress: true,
-        ..Default::default()
-    };
+    let zcfg = SenderConfig { chunk_size: 256, window: 64, compress: true, ..Default::default() };
     let mut z = Sender::new(7, &compressible, "", zcfg, t0 + Duration::ZERO).unwrap();
     let mut zframes = vec![];
     while let Some(f) = z.poll_frame() {
@@ -337,14 +266,10 @@ fn check(name: &str, expected: Value) {
         std::fs::create_dir_all(dir()).unwrap();
         std::fs::write(&path, &text).unwrap();
     }
-    let on_disk: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}")),
-    )
-    .unwrap();
-    assert_eq!(
-        on_disk, expected,
-        "{name} differs from what this build encodes"
-    );
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}")))
+            .unwrap();
+    assert_eq!(on_disk, expected, "{name} differs from what this build encodes");
 }
 
 #[test]
@@ -399,8 +324,6 @@ fn transfer_matches_golden_vectors() {
     );
     let mut out = vec![];
     use std::io::Read;
-    flate2::read::DeflateDecoder::new(&wire[..])
-        .read_to_end(&mut out)
-        .unwrap();
+    flate2::read::DeflateDecoder::new(&wire[..]).read_to_end(&mut out).unwrap();
     assert_eq!(hex::encode(out), v["deflate"]["payload"]);
 }

@@ -15,8 +15,7 @@ pub const CALLER: &str = "caller";
 
 pub fn policy() -> Policy {
     let mut p = Policy::with_agents(["triage", "billing", "support"]);
-    p.alternates
-        .insert("billing".into(), vec!["support".into()]);
+    p.alternates.insert("billing".into(), vec!["support".into()]);
     p
 }
 
@@ -26,10 +25,7 @@ pub fn agent(identity: &str, name: &str, muted: bool) -> Participant {
         kind: ParticipantKind::Agent,
         agent_name: Some(name.into()),
         dispatch_id: None,
-        audio: Some(AudioTrack {
-            sid: format!("TR_{name}"),
-            muted,
-        }),
+        audio: Some(AudioTrack { sid: format!("TR_{name}"), muted }),
     }
 }
 
@@ -39,10 +35,7 @@ pub fn caller() -> Participant {
         kind: ParticipantKind::Sip,
         agent_name: None,
         dispatch_id: None,
-        audio: Some(AudioTrack {
-            sid: "TR_caller".into(),
-            muted: false,
-        }),
+        audio: Some(AudioTrack { sid: "TR_caller".into(), muted: false }),
     }
 }
 
@@ -75,8 +68,7 @@ impl Room {
             token_dispatched: vec![],
         });
         assert!(
-            !out.iter()
-                .any(|c| matches!(c, Command::CreateDispatch { .. })),
+            !out.iter().any(|c| matches!(c, Command::CreateDispatch { .. })),
             "starting agent is present: no dispatch"
         );
         let out = r.hello(TRIAGE, "triage");
@@ -102,21 +94,11 @@ impl Room {
     pub fn ctl(&mut self, from: &str, message: AgentMessage) -> Vec<Command> {
         self.next_msg += 1;
         let id = format!("m-{}", self.next_msg);
-        self.ev(Event::Control {
-            from: from.into(),
-            id,
-            message,
-        })
+        self.ev(Event::Control { from: from.into(), id, message })
     }
 
     pub fn hello(&mut self, from: &str, name: &str) -> Vec<Command> {
-        self.ctl(
-            from,
-            AgentMessage::Hello {
-                agent_name: name.into(),
-                role: None,
-            },
-        )
+        self.ctl(from, AgentMessage::Hello { agent_name: name.into(), role: None })
     }
 
     pub fn request(&mut self, from: &str, target: &str, transfer: Option<&str>) -> Vec<Command> {
@@ -132,12 +114,7 @@ impl Room {
     }
 
     pub fn ready(&mut self, from: &str, handoff: &str) -> Vec<Command> {
-        self.ctl(
-            from,
-            AgentMessage::Ready {
-                handoff: handoff.into(),
-            },
-        )
+        self.ctl(from, AgentMessage::Ready { handoff: handoff.into() })
     }
 
     pub fn quiet(&mut self, from: &str) -> Vec<Command> {
@@ -149,9 +126,7 @@ impl Room {
     }
 
     pub fn leave(&mut self, identity: &str) -> Vec<Command> {
-        self.ev(Event::ParticipantLeft {
-            identity: identity.into(),
-        })
+        self.ev(Event::ParticipantLeft { identity: identity.into() })
     }
 
     /// Moves virtual time forward by `d`, firing every deadline on the way at its own instant.
@@ -179,9 +154,7 @@ impl Room {
 pub fn ticket_for(cmds: &[Command], agent: &str) -> DispatchTicket {
     cmds.iter()
         .find_map(|c| match c {
-            Command::CreateDispatch {
-                ticket, agent_name, ..
-            } if agent_name == agent => Some(*ticket),
+            Command::CreateDispatch { ticket, agent_name, .. } if agent_name == agent => Some(*ticket),
             _ => None,
         })
         .unwrap_or_else(|| panic!("no CreateDispatch for {agent} in {cmds:#?}"))
@@ -190,9 +163,7 @@ pub fn ticket_for(cmds: &[Command], agent: &str) -> DispatchTicket {
 pub fn messages_to<'a>(cmds: &'a [Command], to: &str) -> Vec<&'a BatonMessage> {
     cmds.iter()
         .filter_map(|c| match c {
-            Command::Send {
-                to: dest, message, ..
-            } if dest == to => Some(message),
+            Command::Send { to: dest, message, .. } if dest == to => Some(message),
             _ => None,
         })
         .collect()
@@ -207,13 +178,11 @@ pub fn position(cmds: &[Command], pred: impl Fn(&Command) -> bool) -> Option<usi
 }
 
 pub fn muted(cmds: &[Command], who: &str) -> bool {
-    cmds.iter()
-        .any(|c| matches!(c, Command::MuteTrack { identity, .. } if identity == who))
+    cmds.iter().any(|c| matches!(c, Command::MuteTrack { identity, .. } if identity == who))
 }
 
 pub fn unmuted(cmds: &[Command], who: &str) -> bool {
-    cmds.iter()
-        .any(|c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == who))
+    cmds.iter().any(|c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == who))
 }
 
 pub fn filler_started(cmds: &[Command]) -> bool {
@@ -232,6 +201,5 @@ pub fn finished(cmds: &[Command]) -> Option<Timeline> {
 }
 
 pub fn dispatched(cmds: &[Command], agent: &str) -> bool {
-    cmds.iter()
-        .any(|c| matches!(c, Command::CreateDispatch { agent_name, .. } if agent_name == agent))
+    cmds.iter().any(|c| matches!(c, Command::CreateDispatch { agent_name, .. } if agent_name == agent))
 }
