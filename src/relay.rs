@@ -5,7 +5,7 @@
 //! expiries come in with the current time, packets to publish go out through [`Relay::drain`]
 //! into the room's [`Outbox`], and what happened comes back as [`RelayEvent`]s for the
 //! coordinator. The relay semantics (two legs, ids, when the source is acknowledged, retention)
-//! are specified in `docs/protocol-transfer.md`, section 10.
+//! are specified in `docs/protocol.md`, section 4.10.
 //!
 //! ```text
 //!  source agent ──leg 1 (id T, chosen by the source)──▶ baton ──leg 2 (id D, chosen by baton)──▶ target agent

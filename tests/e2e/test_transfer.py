@@ -1,4 +1,4 @@
-"""Context transfer through baton against a real LiveKit server (docs/protocol-transfer.md).
+"""Context transfer through baton against a real LiveKit server (docs/protocol.md (section 4)).
 
 Agents are real `livekit` SDK participants with token kind "agent" using the `lk_baton`
 adapter (`send_bundle` / `receive_bundle`). A bundle whose meta names `"to": <identity>` is
@@ -24,7 +24,7 @@ from lk_baton.transfer import TransferError, receive_bundle, send_bundle, transp
 from peers import Peer
 
 MIB = 1024 * 1024
-NOT_AUTHORIZED = 13  # docs/protocol-transfer.md, section 6
+NOT_AUTHORIZED = 13  # docs/protocol.md, section 4.6
 
 
 def room_name() -> str:
@@ -185,7 +185,7 @@ def test_oversized_bundle_refused_with_too_large(server: LiveKitServer) -> None:
 def test_abuse_is_rejected_with_documented_errors_while_a_transfer_continues(server: LiveKitServer) -> None:
     """Corrupted frames, a non-agent sender, an ACK for an unknown transfer and a broken DATA
     frame, all while a 3 MiB bundle flows from A through baton to B: each is answered as
-    docs/protocol-transfer.md says, nothing crashes, the bundle arrives intact."""
+    docs/protocol.md (section 4) says, nothing crashes, the bundle arrives intact."""
     payload = os.urandom(3 * MIB)
 
     async def body(baton: Baton, room: str) -> None:

@@ -1,4 +1,4 @@
-"""Binary frame codec for the ``baton.xfer`` topic (docs/protocol-transfer.md).
+"""Binary frame codec for the ``baton.xfer`` topic (docs/protocol.md (section 4)).
 
 Byte-identical to the Rust crate ``baton-transfer`` (``frame.rs``); both are pinned by the golden
 vectors in ``tests/vectors/transfer/``. All integers are big-endian. Decoding never raises

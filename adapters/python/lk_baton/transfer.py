@@ -1,4 +1,4 @@
-"""Chunked, acknowledged, resumable transfer of context bundles (docs/protocol-transfer.md).
+"""Chunked, acknowledged, resumable transfer of context bundles (docs/protocol.md (section 4)).
 
 Two layers:
 
@@ -66,7 +66,7 @@ def _truncate(reason: str) -> str:
 
 @dataclass
 class SenderConfig:
-    """Defaults match the Rust crate (see docs/protocol-transfer.md, "Timers and defaults")."""
+    """Defaults match the Rust crate (see docs/protocol.md (section 4), "Timers and defaults")."""
 
     chunk_size: int = fr.MAX_CHUNK_SIZE
     window: int = 32

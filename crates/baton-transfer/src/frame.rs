@@ -2,7 +2,7 @@
 //!
 //! Every frame fits in one LiveKit reliable data packet (at most [`MAX_FRAME_SIZE`] bytes).
 //! All integers are big-endian. The layout is specified byte by byte in
-//! `docs/protocol-transfer.md`; this module is the reference implementation and the golden
+//! `docs/protocol.md (section 4)`; this module is the reference implementation and the golden
 //! vectors in `tests/vectors/transfer/` pin it.
 //!
 //! Decoding is total: any byte string yields either a [`Frame`] or a [`DecodeError`], never a

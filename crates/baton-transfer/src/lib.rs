@@ -4,7 +4,7 @@
 //! 15 000-byte packet on topic `baton.xfer`, sent under a sliding window, acknowledged
 //! cumulatively and selectively, verified end to end with SHA-256, and resumed after a
 //! reconnect from what the receiver holds. The wire format is specified in
-//! `docs/protocol-transfer.md`.
+//! `docs/protocol.md (section 4)`.
 //!
 //! # Why sans-IO
 //!
