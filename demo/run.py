@@ -271,6 +271,9 @@ class Report:
     identities: dict[str, str]
     heard_ms: dict[str, float | None]
     """At the caller, ms from the request: triage's last sound, first filler, billing's first sound."""
+    filler_under_billing_ms: int | None
+    """How long after billing's first sound the caller still heard baton's filler."""
+    recorded_after_billing_ms: int | None
 
 
 def handoff_timeline(baton: Baton, timeout: float) -> tuple[dict[str, Any], float]:
@@ -317,6 +320,10 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
             heard["filler_first"] = (slot_time(last_triage + 1 + f) - t_request) * 1000
     filler = sum(1 for c in window if "baton" in c) * step
     overlap = longest_run(grid, lambda c: triage in c and billing in c)
+    filler_under_billing = None
+    if billing_first_slot is not None:
+        last_filler = max((i for i, c in enumerate(grid) if "baton" in c), default=billing_first_slot)
+        filler_under_billing = max(0, last_filler - billing_first_slot) * step * 1000
     # The whole call, from triage's first sound: includes pauses inside and between sentences and
     # the time the caller spends "typing"; informative, not a handoff number.
     first_any = next((i for i, c in enumerate(grid) if c), 0)
@@ -346,6 +353,10 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         plot=plot,
         identities=res.identities,
         heard_ms={k: None if v is None else round(v) for k, v in heard.items()},
+        filler_under_billing_ms=None if filler_under_billing is None else round(filler_under_billing),
+        recorded_after_billing_ms=None
+        if billing_first_slot is None
+        else round((len(grid) - billing_first_slot) * step * 1000),
     )
 
 
@@ -456,6 +467,11 @@ def print_report(r: Report) -> None:
     print(f"filler heard during the handoff: {r.filler_heard_ms:.0f} ms; triage/billing overlap: {r.overlap_ms:.0f} ms")
     if r.request_to_billing_audio_ms is not None:
         print(f"request -> billing's first audio at the caller: {r.request_to_billing_audio_ms:.0f} ms")
+    if r.filler_under_billing_ms is not None:
+        print(
+            f"filler still heard {r.filler_under_billing_ms} ms after billing's first sound "
+            f"(recording went on {r.recorded_after_billing_ms} ms after it)"
+        )
     print(
         f"longest silence over the whole call: {r.silence_call_ms:.0f} ms (includes turn-taking and pauses in speech)"
     )

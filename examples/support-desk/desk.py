@@ -167,7 +167,7 @@ class EspeakTTS(tts.TTS):
         out, err = await proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"espeak-ng failed ({proc.returncode}): {err.decode(errors='replace')}")
-        return wav_pcm(out)
+        return trim_silence(wav_pcm(out), self.SAMPLE_RATE)
 
 
 def wav_pcm(wav: bytes) -> bytes:
@@ -184,6 +184,26 @@ def wav_pcm(wav: bytes) -> bytes:
             return data[: len(data) - len(data) % 2]
         pos += 8 + size + (size & 1)
     raise ValueError("WAV file without a data chunk")
+
+
+def trim_silence(pcm: bytes, sample_rate: int, *, keep_ms: int = 30, threshold: int = 60) -> bytes:
+    """``pcm`` (16-bit mono) without its leading and trailing silence beyond ``keep_ms``.
+
+    espeak-ng pads every utterance with about 350 ms of silence at the end. An agent's turn
+    (and a handoff, which waits for the current sentence to be played out) would carry that
+    dead air; speech itself is untouched. ``threshold`` is the sample magnitude that counts as
+    sound (60 of 32768 is about -55 dBFS)."""
+    n = len(pcm) // 2
+    if n == 0:
+        return pcm
+    samples = struct.unpack(f"<{n}h", pcm[: 2 * n])
+    loud = [i for i, v in enumerate(samples) if abs(v) > threshold]
+    if not loud:
+        return pcm
+    keep = sample_rate * keep_ms // 1000
+    start = max(0, loud[0] - keep)
+    end = min(n, loud[-1] + 1 + keep)
+    return pcm[2 * start : 2 * end]
 
 
 class _EspeakStream(tts.ChunkedStream):

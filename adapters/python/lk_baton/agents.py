@@ -3,7 +3,7 @@
 Three layers, each usable on its own:
 
 * :class:`FloorClient`: the agent side of the floor and handoff protocol
-  (docs/protocol-handoff.md) as a plain state machine. It sends through any object with a
+  (docs/protocol.md (section 3)) as a plain state machine. It sends through any object with a
   ``send(msg)`` method and acts through a :class:`FloorEffects` (turn input/output on and off,
   "is the agent speaking?"); no room, no session, so it is tested with recording fakes.
 * Context helpers that need livekit-agents but no room: :func:`build_handoff_bundle` (bundle
@@ -118,7 +118,7 @@ FloorListener = Callable[[FloorEventKind, dict[str, Any]], None]
 
 
 class FloorClient:
-    """The agent side of docs/protocol-handoff.md, as a state machine.
+    """The agent side of docs/protocol.md (section 3), as a state machine.
 
     Feed it baton's control messages with :meth:`handle` and the agent's speaking state with
     :meth:`speaking_changed`; it answers through ``sender`` and acts through ``effects``.

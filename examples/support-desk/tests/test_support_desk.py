@@ -131,3 +131,19 @@ def test_models_are_scripted_without_openai_key(monkeypatch: pytest.MonkeyPatch)
     if shutil.which("espeak-ng"):
         assert isinstance(desk.make_tts(), desk.EspeakTTS)
     json.dumps(desk.Caller().__dict__)
+
+
+def test_trim_silence_keeps_speech_and_drops_padding() -> None:
+    import struct
+
+    rate = 1000
+    quiet, loud = [0] * 500, [1000, -1000] * 100
+    pcm = struct.pack(f"<{1200}h", *(quiet + loud + quiet))
+    out = struct.unpack(f"<{len(pcm) // 2 - 0}h", pcm)
+    trimmed = desk.trim_silence(pcm, rate, keep_ms=30)
+    samples = struct.unpack(f"<{len(trimmed) // 2}h", trimmed)
+    assert len(samples) == 200 + 2 * 30
+    assert samples[30:230] == out[500:700]
+    assert desk.trim_silence(b"", rate) == b""
+    silent = struct.pack("<4h", 0, 1, -1, 0)
+    assert desk.trim_silence(silent, rate) == silent
