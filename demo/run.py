@@ -493,6 +493,8 @@ def signals_raise() -> Iterator[None]:
         raise Stopping(signal.Signals(signum).name)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C even when started in the background of a script (which inherits SIGINT ignored)
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

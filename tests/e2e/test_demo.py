@@ -33,12 +33,12 @@ REQUIRED_PHASES = (
 # problem from what the caller typed to triage.
 FACTS = ("Ada", "A-1001", "Pro", "charged twice for March")
 
-SILENCE_LIMIT_MS = 250
+SILENCE_LIMIT_MS = 150
 BUNDLE_LIMIT = 64 * 1024
 REQUEST_TO_AUDIO_LIMIT_MS = 12_000
 
 
-def run_demo(out: Path, timeout: float = 240) -> tuple[dict[str, Any], str]:
+def run_demo(out: Path, timeout: float = 150) -> tuple[dict[str, Any], str]:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "demo" / "run.py"), "--quick", "--out", str(out)],
         stdout=subprocess.PIPE,
@@ -62,16 +62,19 @@ def test_demo_hands_the_call_to_billing_with_context_and_no_dead_air(tmp_path: P
     """The whole desk, checked against limits.
 
     Handoff completed with every phase; billing's first sentence carries what only triage heard;
-    never two agents at once; the bundle is small; billing is heard within 12 s of the request.
+    never two agents at once; filler covered the cold handoff; the bundle is small; billing is
+    heard within 12 s of the request.
 
-    Silence: the handoff tests with tone agents hold 60 ms. Here the limit is 250 ms, measured
-    from triage's last sound to billing's first sound on the caller's playout clock. The runs on
-    the 2-core development machine (server, baton, two livekit-agents workers with espeak-ng and
-    the caller all on it, load 3-4) measured 130-290 ms on the caller's arrival clock and up to
-    200 ms on the playout clock: the gaps are not where baton switches (filler starts within
-    10-20 ms of triage's last sound) but while the cold billing worker starts its job (a new
-    WebRTC connection, session start), when the filler the caller receives drops out for up to
-    ~200 ms. The report prints the measured value every run; 60 ms is the target.
+    Silence, measured from triage's last sound to billing's first sound on the caller's playout
+    clock (demo/run.py ``played_at``): the tone-agent handoff tests hold 60 ms; this test holds
+    150 ms. Measured on the 2-core development machine (server, baton, two livekit-agents
+    workers with espeak-ng and the caller on it, load 3-4), with espeak's end padding trimmed:
+    10, 20, 30, 40 and 110 ms in five runs. The switch itself is tight (the filler is heard
+    10-40 ms after triage's last sound); the 110 ms was baton's filler, as the caller received
+    it, fading to silence for ~100 ms at the target's activation and coming back before
+    billing's first word (a fade or late packets; not the adapter's doing). Before the trim, runs also showed ~200 ms filler dropouts while the cold
+    billing worker started. 60 ms would fail about one run in five here; the report prints the
+    measured value every run.
     """
     report, output = run_demo(tmp_path)
     print(output)
