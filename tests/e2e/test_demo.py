@@ -72,9 +72,9 @@ def test_demo_hands_the_call_to_billing_with_context_and_no_dead_air(tmp_path: P
     10, 20, 30, 40 and 110 ms in five runs. The switch itself is tight (the filler is heard
     10-40 ms after triage's last sound); the 110 ms was baton's filler, as the caller received
     it, fading to silence for ~100 ms at the target's activation and coming back before
-    billing's first word (a fade or late packets; not the adapter's doing). Before the trim, runs also showed ~200 ms filler dropouts while the cold
-    billing worker started. 60 ms would fail about one run in five here; the report prints the
-    measured value every run.
+    billing's first word (a fade or late packets; not the adapter's doing). Before the trim,
+    runs also showed ~200 ms filler dropouts while the cold billing worker started. 60 ms would
+    fail about one run in five here; the report prints the measured value every run.
     """
     report, output = run_demo(tmp_path)
     print(output)
