@@ -228,6 +228,16 @@ class FloorClient:
             return
         if t == "activate":
             self.answered = True
+            prev = self.last_activate
+            if (
+                self.active
+                and prev is not None
+                and (prev.get("cause"), prev.get("handoff")) == (m.get("cause"), m.get("handoff"))
+            ):
+                # baton's answer to a repeated hello: we hold the floor already; acting again
+                # would run the activate hook twice (the agent would greet the caller twice)
+                log.debug("repeated activate (%s) ignored: floor already held", m.get("cause"))
+                return
             self.active = True
             self.quiet_pending = None
             self.prepare = None
@@ -930,10 +940,20 @@ class BatonLink:
         calls in flight; sends ``handoff`` with ``bundle_follows``; on ``handoff_accepted``
         starts the bundle upload to baton and returns. Raises :class:`HandoffRefused`.
         """
+        t0 = time.monotonic()
         if run_ctx is not None:
-            with contextlib.suppress(RuntimeError):  # RuntimeError: no generation to wait for
+            try:
                 await run_ctx.wait_for_playout()
+            except RuntimeError as e:  # no generation to wait for
+                log.info("handoff to %s: nothing to wait for (%s)", target, e)
+        t1 = time.monotonic()
         await self._wait_not_speaking(timeout=10.0)
+        log.info(
+            "handoff to %s: sentence played out after %.0f ms, then %.0f ms until not speaking",
+            target,
+            (t1 - t0) * 1000,
+            (time.monotonic() - t1) * 1000,
+        )
         the_agent = agent if agent is not None else self.session.current_agent
         if user_state is dataclasses.MISSING:
             try:
