@@ -308,12 +308,11 @@ impl Coordinator {
         use crate::relay::RelayEvent as R;
         for ev in events {
             let event = match ev {
+                // The relay has logged these already.
                 R::BundleReceived { from, transfer_id, size, .. } => {
-                    tracing::info!(%from, transfer = %format_args!("{transfer_id:032x}"), bytes = size, "bundle received");
                     Event::BundleReceived { from, transfer_id: format!("{transfer_id:032x}"), bytes: size }
                 }
-                R::Delivered { to, transfer_id, bytes_sent, .. } => {
-                    tracing::info!(%to, transfer = %format_args!("{transfer_id:032x}"), bytes_sent, "bundle delivered");
+                R::Delivered { to, transfer_id, .. } => {
                     Event::BundleDelivered { to, transfer_id: format!("{transfer_id:032x}") }
                 }
                 R::DeliveryFailed { to, transfer_id, error, .. } => Event::TransferFailed {
