@@ -66,7 +66,7 @@ pub struct Coordinator {
 }
 
 /// Longest the filler is held waiting for the new floor holder to be heard.
-const FILLER_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(3000);
+const FILLER_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(1200);
 /// How long the filler goes on under the new holder's first words. The server reports a
 /// speaker when its audio reaches the SFU; a caller still subscribing to a just-joined agent's
 /// track hears it later (hundreds of ms on a busy host), and soft noise under speech is far
@@ -338,10 +338,11 @@ impl Coordinator {
         }
     }
 
-    /// Ends a filler hold: fade out, then mute unless another handoff needs the filler.
-    fn release_filler(&mut self, out: &mut Outbox) {
+    /// Ends a filler hold: fade out (under the new holder's first words when it was just heard
+    /// speaking), then mute unless another handoff needs the filler.
+    fn release_filler(&mut self, heard: bool, out: &mut Outbox) {
         if let Some((_, fade)) = self.filler_hold.take() {
-            out.filler.push(Filler::FadeOut(fade.max(FILLER_TAIL)));
+            out.filler.push(Filler::FadeOut(if heard { fade.max(FILLER_TAIL) } else { fade }));
             if self.arbiter.as_ref().is_none_or(|a| a.handoff().is_none()) {
                 out.filler.push(Filler::Off);
             }
@@ -444,7 +445,7 @@ impl RoomHandler for Coordinator {
         self.feed(Event::SpeakingChanged { identity: identity.to_string(), speaking }, now, out);
         let holder = self.arbiter.as_ref().and_then(Arbiter::floor_holder);
         if speaking && holder == Some(identity) {
-            self.release_filler(out);
+            self.release_filler(true, out);
         }
     }
 
@@ -491,6 +492,10 @@ impl RoomHandler for Coordinator {
         self.on_relay(events, now, out);
         // --- end relay wiring ---
         self.release_early(now, out);
+        if self.filler_hold.is_some_and(|(until, _)| now >= until) {
+            tracing::debug!("new floor holder not reported speaking in time; filler released");
+            self.release_filler(false, out);
+        }
         if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started)
             && arbiter.poll_timeout().is_some_and(|t| t <= now)
         {

@@ -33,6 +33,9 @@ pub enum Received {
     User(Incoming),
     /// A replay of a reliable packet we already handled (after a resume).
     Duplicate,
+    /// The server's active-speaker update (sent on the data channel): participant sid and
+    /// whether it is speaking now.
+    Speakers(Vec<(String, bool)>),
     /// Not a user packet (RPC, streams, transcriptions...): not ours to handle.
     Other,
 }
@@ -117,8 +120,16 @@ impl Reliable {
     /// Decodes one message from a data channel.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Received, DataError> {
         let packet = proto::DataPacket::decode(bytes).map_err(|e| DataError::Decode(e.to_string()))?;
-        let Some(proto::data_packet::Value::User(user)) = packet.value else {
-            return Ok(Received::Other);
+        let user = match packet.value {
+            Some(proto::data_packet::Value::User(user)) => user,
+            // Deprecated in the protocol, but servers have sent speaker updates this way.
+            #[allow(deprecated)]
+            Some(proto::data_packet::Value::Speaker(update)) => {
+                return Ok(Received::Speakers(
+                    update.speakers.into_iter().map(|s| (s.sid, s.active)).collect(),
+                ));
+            }
+            _ => return Ok(Received::Other),
         };
         if packet.sequence != 0 && !packet.participant_sid.is_empty() {
             let last = self.last_seen.entry(packet.participant_sid.clone()).or_insert(0);
@@ -208,6 +219,19 @@ mod tests {
         assert!(matches!(rx.decode(&b), Ok(Received::User(_))));
         assert_eq!(rx.decode(&a), Ok(Received::Duplicate));
         assert_eq!(rx.receive_states()[0].last_seq, 2);
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn speaker_updates_are_reported() {
+        let packet = proto::DataPacket {
+            value: Some(proto::data_packet::Value::Speaker(proto::ActiveSpeakerUpdate {
+                speakers: vec![proto::SpeakerInfo { sid: "PA_x".into(), level: 0.5, active: true }],
+            })),
+            ..Default::default()
+        };
+        let mut rx = Reliable::new();
+        assert_eq!(rx.decode(&packet.encode_to_vec()), Ok(Received::Speakers(vec![("PA_x".into(), true)])));
     }
 
     #[test]

@@ -418,9 +418,22 @@ impl RoomTask {
                 self.handler.on_data(&msg, Instant::now(), &mut out);
                 self.execute(out).await;
             }
+            Ok(Received::Speakers(speakers)) => self.on_speakers(&speakers).await,
             Ok(Received::Duplicate | Received::Other) => {}
             Err(e) => tracing::warn!(error = %e, "rejected data packet"),
         }
+    }
+
+    /// Speaker changes arrive by signal or, from newer servers, on the data channel.
+    async fn on_speakers(&mut self, speakers: &[(String, bool)]) {
+        let mut out = Outbox::default();
+        for (sid, active) in speakers {
+            if let Some(m) = self.roster.by_sid(sid) {
+                let identity = m.identity.clone();
+                self.handler.on_speaking(&identity, *active, Instant::now(), &mut out);
+            }
+        }
+        self.execute(out).await;
     }
 
     /// Carries out what the handler asked for. Data is queued on the peer connection; the
@@ -515,14 +528,9 @@ impl RoomTask {
                 }
             }
             Resp::SpeakersChanged(sc) => {
-                let mut out = Outbox::default();
-                for sp in &sc.speakers {
-                    if let Some(m) = self.roster.by_sid(&sp.sid) {
-                        let identity = m.identity.clone();
-                        self.handler.on_speaking(&identity, sp.active, Instant::now(), &mut out);
-                    }
-                }
-                self.execute(out).await;
+                let speakers: Vec<(String, bool)> =
+                    sc.speakers.into_iter().map(|s| (s.sid, s.active)).collect();
+                self.on_speakers(&speakers).await;
             }
             Resp::RoomUpdate(u) => {
                 if let Some(room) = u.room {
