@@ -315,7 +315,10 @@ def test_source_ignoring_deactivate_is_silenced_by_server_mute(server: LiveKitSe
         grid = r["grid"]
         # It kept generating its tone, but after the switch the caller no longer hears it.
         assert all("agent-triage" not in c for c in grid[-50:]), "server-side mute did not silence the source"
-        assert r["overlap"] == 0
+        # baton mutes the disobedient source and activates the target in the same instant, so the
+        # source's audio already in flight (the caller's jitter buffer) may still play for a few
+        # frames under the target's first ones. More than that would mean the mute failed.
+        assert r["overlap"] <= 0.06, f"source and target overlapped for {r['overlap'] * 1000:.0f} ms"
         baton.wait_for("mute agent-triage's track")
     except BaseException:
         print(baton.text())
