@@ -85,6 +85,10 @@ struct Handoff {
     target: Target,
     quiet: bool,
     quiet_deadline: Option<Instant>,
+    /// The target may not be switched in before this: set when the source was silenced by the
+    /// server mute rather than by its own word, because its audio already in flight keeps playing
+    /// at the caller for a few frames after the mute.
+    settle_until: Option<Instant>,
     grace_deadline: Option<Instant>,
     filler_deadline: Option<Instant>,
     bundle: Bundle,
@@ -117,8 +121,13 @@ pub struct HandoffStatus {
     pub bundle_delivered: bool,
 }
 
+/// How long the filler alone covers the gap after a source is force-muted, before the target is
+/// switched in: about what a caller's jitter buffer still holds of the muted source.
+const MUTE_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
 enum Due {
     Dispatch,
+    Settle,
     FillerLimit,
     SourceQuiet,
     SilenceGrace,
@@ -276,6 +285,7 @@ impl Arbiter {
             let timers = [
                 (h.filler_deadline, Due::FillerLimit),
                 (h.quiet_deadline, Due::SourceQuiet),
+                (h.settle_until, Due::Settle),
                 (h.grace_deadline, Due::SilenceGrace),
                 (h.bundle.deadline, Due::Bundle),
                 (h.target.ready_deadline, Due::Ready),
@@ -309,6 +319,11 @@ impl Arbiter {
                 self.fall_back(FailReason::FillerLimit, now);
             }
             Due::SourceQuiet => self.source_quiet("forced", now),
+            Due::Settle => {
+                if let Some(h) = &mut self.handoff {
+                    h.settle_until = None;
+                }
+            }
             Due::SilenceGrace => self.source_quiet("silence", now),
             Due::Bundle => self.on_bundle_timeout(now),
             Due::Ready => {
@@ -699,6 +714,7 @@ impl Arbiter {
             target: Target::new(target),
             quiet: false,
             quiet_deadline: Some(now + self.policy.source_quiet_timeout),
+            settle_until: None,
             grace_deadline: (!speaking).then(|| now + self.policy.silence_grace),
             filler_deadline: None,
             bundle,
@@ -766,6 +782,9 @@ impl Arbiter {
         h.quiet = true;
         h.quiet_deadline = None;
         h.grace_deadline = None;
+        if detail == "forced" {
+            h.settle_until = Some(now + MUTE_SETTLE);
+        }
         h.filler_deadline = Some(now + self.policy.max_filler);
         let source = h.source.clone();
         let present = h.source_present;
@@ -914,7 +933,7 @@ impl Arbiter {
             self.out.push_back(Command::DeliverBundle { transfer_id, to: target.clone() });
         }
         let Some(h) = &self.handoff else { return };
-        if h.quiet && h.target.ready && h.bundle.settled() {
+        if h.quiet && h.settle_until.is_none_or(|t| now >= t) && h.target.ready && h.bundle.settled() {
             self.switch(now);
         }
     }
