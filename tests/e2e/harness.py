@@ -196,6 +196,17 @@ def baton_join(server: LiveKitServer, room: str, *extra: str) -> Baton:
     )
 
 
+@contextlib.contextmanager
+def joined_baton(server: LiveKitServer, room: str, *extra: str, ready: str = "joined: data channel open") -> object:
+    """`baton join` that has logged `ready`; on the way out it must leave cleanly (exit 0)."""
+    baton = baton_join(server, room, *extra)
+    try:
+        baton.wait_for(ready)
+        yield baton
+    finally:
+        assert baton.stop() == 0, baton.text()
+
+
 def run(coro: object, timeout: float = 60.0) -> object:
     """Runs a coroutine to completion with an overall limit, so a hung test fails instead."""
 

@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from harness import API_KEY, API_SECRET, BATON_BIN, LiveKitServer, baton_join, free_port, run
+from harness import API_KEY, API_SECRET, BATON_BIN, LiveKitServer, baton_join, free_port, joined_baton, run
 from livekit import api, rtc
 from peers import Peer, record, window_levels
 
@@ -21,9 +21,7 @@ def room_name() -> str:
 
 def test_ping_gets_pong_addressed_only_to_sender(server: LiveKitServer) -> None:
     room = room_name()
-    baton = baton_join(server, room)
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(server, room):
 
         async def scenario() -> None:
             alice = await Peer.join(server, room, "alice")
@@ -40,15 +38,11 @@ def test_ping_gets_pong_addressed_only_to_sender(server: LiveKitServer) -> None:
             await bob.close()
 
         run(scenario())
-    finally:
-        assert baton.stop() == 0, baton.text()
 
 
 def test_bad_control_input_is_ignored_and_unknown_version_answered(server: LiveKitServer) -> None:
     room = room_name()
-    baton = baton_join(server, room)
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(server, room) as baton:
 
         async def scenario() -> None:
             alice = await Peer.join(server, room, "alice")
@@ -65,15 +59,11 @@ def test_bad_control_input_is_ignored_and_unknown_version_answered(server: LiveK
         run(scenario())
         baton.wait_for("rejected control message: malformed")
         baton.wait_for("unknown type `dance`")
-    finally:
-        assert baton.stop() == 0, baton.text()
 
 
 def test_15000_byte_packets_byte_exact_both_ways_and_misaddressed_unseen(server: LiveKitServer) -> None:
     room = room_name()
-    baton = baton_join(server, room, "--echo")
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(server, room, "--echo"):
 
         async def scenario() -> None:
             alice = await Peer.join(server, room, "alice")
@@ -95,8 +85,6 @@ def test_15000_byte_packets_byte_exact_both_ways_and_misaddressed_unseen(server:
             await bob.close()
 
         run(scenario())
-    finally:
-        assert baton.stop() == 0, baton.text()
 
 
 def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool, list[float]]:
@@ -122,9 +110,7 @@ def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool
 
 def test_unmuted_track_plays_comfort_noise_without_gaps(server: LiveKitServer) -> None:
     room = room_name()
-    baton = baton_join(server, room, "--unmuted")
-    try:
-        baton.wait_for("filler track published")
+    with joined_baton(server, room, "--unmuted", ready="filler track published"):
         muted, levels = _baton_audio(server, room, 3.0)
         assert not muted
         # Skip the receiver's first 300 ms of start-up; after that, every 20 ms window must carry
@@ -135,15 +121,11 @@ def test_unmuted_track_plays_comfort_noise_without_gaps(server: LiveKitServer) -
         quiet = [(i, round(lv, 1)) for i, lv in enumerate(steady) if lv < -60]
         assert not quiet, f"silent windows in baton's audio: {quiet[:10]}"
         assert max(steady) < -30, "comfort noise is louder than it should be"
-    finally:
-        assert baton.stop() == 0, baton.text()
 
 
 def test_track_starts_muted_and_follows_server_side_mute(server: LiveKitServer) -> None:
     room = room_name()
-    baton = baton_join(server, room)
-    try:
-        baton.wait_for("filler track published")
+    with joined_baton(server, room, ready="filler track published") as baton:
 
         async def scenario() -> None:
             caller = await Peer.join(server, room, "caller")
@@ -174,8 +156,6 @@ def test_track_starts_muted_and_follows_server_side_mute(server: LiveKitServer) 
 
         run(scenario())
         baton.wait_for("server changed the filler track's mute")
-    finally:
-        assert baton.stop() == 0, baton.text()
 
 
 def test_sigterm_leaves_cleanly(server: LiveKitServer) -> None:
@@ -241,9 +221,7 @@ def test_back_in_room_after_server_restart() -> None:
     srv = LiveKitServer()
     srv.start()
     room = room_name()
-    baton = baton_join(srv, room)
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(srv, room) as baton:
         mark = len(baton.lines)
         srv.kill()
         t0 = time.monotonic()
@@ -270,8 +248,6 @@ def test_back_in_room_after_server_restart() -> None:
         took = run(scenario())
         assert took < 10.0, f"baton answered ping {took:.1f}s after the restart"  # type: ignore[operator]
         baton.wait_for("rejoined", start=mark)
-    finally:
-        assert baton.stop() == 0, baton.text()
         srv.stop()
 
 
@@ -279,9 +255,7 @@ def test_resume_after_signal_drop(server: LiveKitServer) -> None:
     """SIGUSR1 makes baton drop its signal websocket as a network blip would; it must resume
     the same session (no rejoin) and keep answering."""
     room = room_name()
-    baton = baton_join(server, room)
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(server, room) as baton:
 
         async def scenario() -> None:
             alice = await Peer.join(server, room, "alice")
@@ -296,5 +270,3 @@ def test_resume_after_signal_drop(server: LiveKitServer) -> None:
             await alice.close()
 
         run(scenario())
-    finally:
-        assert baton.stop() == 0, baton.text()
