@@ -203,6 +203,9 @@ def joined_baton(server: LiveKitServer, room: str, *extra: str, ready: str = "jo
     try:
         baton.wait_for(ready)
         yield baton
+    except BaseException:
+        print(baton.text())  # baton's log explains most failures
+        raise
     finally:
         assert baton.stop() == 0, baton.text()
 

@@ -10,16 +10,18 @@ handoff that really leaves a gap or an overlap fails every run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import API_KEY, API_SECRET, LiveKitServer, Process, baton_join, run
+from harness import API_KEY, API_SECRET, LiveKitServer, Process, joined_baton, run
 from peers import Peer, Recorder, audible_grid, longest_run, runs
 from tone_agent import ToneAgent
 
@@ -70,9 +72,7 @@ async def wait_until(pred: object, timeout: float, what: str) -> None:
 @pytest.mark.flaky(reruns=2)
 def test_warm_handoff_source_then_target_without_gap_or_overlap(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    baton = baton_join(server, room, "--config", config_file())
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(server, room, "--config", config_file()) as baton:
 
         async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float]:
             caller = await Peer.join(server, room, "caller")
@@ -120,11 +120,6 @@ def test_warm_handoff_source_then_target_without_gap_or_overlap(server: LiveKitS
         out = baton.wait_for(r'"outcome":"completed"', timeout=5)[1]
         timeline = json.loads(out[out.index("{") :])
         assert timeline["target"] in ("billing", b_id)
-    except BaseException:
-        print(baton.text())
-        raise
-    finally:
-        assert baton.stop() == 0, baton.text()
 
 
 def handover_start(grid: list[set[str]], source: str) -> int:
@@ -136,7 +131,11 @@ def handover_start(grid: list[set[str]], source: str) -> int:
     return max((i for i, c in enumerate(grid[:first_filler]) if source in c), default=0)
 
 
-def tone_worker(server: LiveKitServer, name: str, freq: float, *, never_ready: bool = False) -> Process:
+@contextlib.contextmanager
+def tone_worker(
+    server: LiveKitServer, name: str, freq: float, *, never_ready: bool = False
+) -> Iterator[Process]:
+    """A registered tone-agent worker; stopped on the way out, its output shown on failure."""
     env = {
         **os.environ,
         "LIVEKIT_URL": server.url,
@@ -154,8 +153,14 @@ def tone_worker(server: LiveKitServer, name: str, freq: float, *, never_ready: b
         start_new_session=True,
     )
     p = Process(proc)
-    p.wait_for("tone: registered", timeout=30)
-    return p
+    try:
+        p.wait_for("tone: registered", timeout=30)
+        yield p
+    except BaseException:
+        print(p.text())
+        raise
+    finally:
+        p.stop()
 
 
 def analyse(
@@ -174,10 +179,10 @@ def analyse(
 @pytest.mark.flaky(reruns=2)
 def test_cold_handoff_dispatches_target_and_covers_the_gap_with_filler(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    worker = tone_worker(server, "billing", 880)
-    baton = baton_join(server, room, "--config", config_file())
-    try:
-        baton.wait_for("joined: data channel open")
+    with (
+        tone_worker(server, "billing", 880) as worker,
+        joined_baton(server, room, "--config", config_file()) as baton,
+    ):
 
         async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float, str]:
             caller = await Peer.join(server, room, "caller")
@@ -224,22 +229,15 @@ def test_cold_handoff_dispatches_target_and_covers_the_gap_with_filler(server: L
         needed_phases = ("requested", "source_quiet", "filler_on", "target_dispatched", "target_joined")
         for needed in (*needed_phases, "target_ready", "filler_off", "completed"):
             assert needed in phases, (needed, phases)
-    except BaseException:
-        print(baton.text())
-        print(worker.text())
-        raise
-    finally:
-        assert baton.stop() == 0, baton.text()
-        worker.stop()
 
 
 @pytest.mark.flaky(reruns=2)
 def test_handback_when_target_never_gets_ready(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    worker = tone_worker(server, "billing", 880, never_ready=True)
-    baton = baton_join(server, room, "--config", config_file())
-    try:
-        baton.wait_for("joined: data channel open")
+    with (
+        tone_worker(server, "billing", 880, never_ready=True),
+        joined_baton(server, room, "--config", config_file()) as baton,
+    ):
 
         async def scenario() -> tuple[ToneAgent, dict[str, list[tuple[float, float]]], float, float]:
             caller = await Peer.join(server, room, "caller")
@@ -273,21 +271,12 @@ def test_handback_when_target_never_gets_ready(server: LiveKitServer) -> None:
         silence = longest_run(grid[handover_start(grid, "agent-triage"):], lambda c: not c)
         assert silence <= 0.06, f"caller heard {silence * 1000:.0f} ms of silence in the switch"
         baton.wait_for(r'"outcome":"handed_back"', timeout=5)
-    except BaseException:
-        print(baton.text())
-        print(worker.text())
-        raise
-    finally:
-        assert baton.stop() == 0, baton.text()
-        worker.stop()
 
 
 @pytest.mark.flaky(reruns=2)
 def test_source_ignoring_deactivate_is_silenced_by_server_mute(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    baton = baton_join(server, room, "--config", config_file())
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(server, room, "--config", config_file()) as baton:
 
         async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float]:
             caller = await Peer.join(server, room, "caller")
@@ -321,18 +310,11 @@ def test_source_ignoring_deactivate_is_silenced_by_server_mute(server: LiveKitSe
         # frames reaching the caller late; more than 60 ms would mean the mute failed.
         assert r["overlap"] <= 0.06, f"source and target overlapped for {r['overlap'] * 1000:.0f} ms"
         baton.wait_for("mute agent-triage's track")
-    except BaseException:
-        print(baton.text())
-        raise
-    finally:
-        assert baton.stop() == 0, baton.text()
 
 
 def test_forged_handoff_from_the_caller_changes_nothing(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    baton = baton_join(server, room, "--config", config_file())
-    try:
-        baton.wait_for("joined: data channel open")
+    with joined_baton(server, room, "--config", config_file()) as baton:
 
         async def scenario() -> ToneAgent:
             caller = await Peer.join(server, room, "caller")
@@ -353,5 +335,3 @@ def test_forged_handoff_from_the_caller_changes_nothing(server: LiveKitServer) -
         assert not a.got("deactivate") and not a.got("handoff_accepted")  # type: ignore[attr-defined]
         baton.wait_for(r"security: control message ignored.*from=caller.*handoff")
         assert "handoff phase" not in baton.text()
-    finally:
-        assert baton.stop() == 0, baton.text()
