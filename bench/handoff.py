@@ -9,7 +9,7 @@ Three kinds of handoff, interleaved so drift in the machine's load hits all of t
 
   - warm:  `baton join --config` per room; billing is already in the room on standby.
   - cold:  same, but billing is dispatched by baton to a tone worker (livekit-agents, as
-           tests/e2e/agents/tone_worker.py, see WORKER) registered once for the whole run.
+           tests/e2e/agents/tone_worker.py) registered once for the whole run.
   - naive: the reference, no baton. The same triage agent simply stops its tone at the request,
            and this script dispatches the target at the same moment (AgentDispatchService
            CreateDispatch) to a second worker with the same tone agent, which starts its tone as
@@ -84,55 +84,6 @@ CALLER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-# The targets' workers: tests/e2e/agents/tone_worker.py's job (the same ToneAgent in a
-# livekit-agents worker, thread executor, no pre-warmed process), with two changes. The load it
-# reports is 0: livekit-agents reports the whole machine's CPU, and livekit-server stops
-# dispatching to a worker at its target load, which this shared 2-core machine reaches (dispatches
-# were dropped: "no servers available"); see bench/worker.py. And with argv[3] == "naive" the
-# agent starts its tone as soon as it has published, without waiting for baton's `activate`.
-WORKER = textwrap.dedent(
-    """
-    import asyncio, os, signal, sys
-    sys.path.insert(0, sys.argv[1])
-    from livekit.agents import AgentServer, JobContext, JobExecutorType, worker
-    from tone_agent import ToneAgent
-
-    worker._DefaultLoadCalc.get_load = classmethod(lambda cls, w: 0.0)
-    NAME, NAIVE = sys.argv[2], sys.argv[3] == "naive"
-
-    async def entrypoint(ctx: JobContext) -> None:
-        await ctx.connect()
-        agent = ToneAgent(ctx.room, NAME, 880.0)
-        agent.speaking = NAIVE
-        await agent.start()
-        print(f"tone: joined room={ctx.room.name}", flush=True)
-        done = asyncio.Event()
-        ctx.room.on("disconnected", lambda *_: done.set())
-        while not done.is_set() and agent.bundle is None:
-            await asyncio.sleep(0.05)
-        if agent.bundle is not None:
-            ok = agent.bundle == bytes(range(256)) * (len(agent.bundle) // 256)
-            print(f"tone: bundle bytes={len(agent.bundle)} pattern={'ok' if ok else 'corrupt'}", flush=True)
-        await done.wait()
-
-    async def main() -> None:
-        server = AgentServer(job_executor_type=JobExecutorType.THREAD, num_idle_processes=0, port=0)
-        server.rtc_session(entrypoint, agent_name=NAME)
-        server.on("worker_registered", lambda *_: print("tone: registered", flush=True))
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        run = asyncio.create_task(server.run(devmode=True))
-        await stop.wait()
-        await server.aclose()
-        run.cancel()
-
-    asyncio.run(main())
-    """
-)
-
 
 class Caller:
     def __init__(self) -> None:
@@ -269,9 +220,20 @@ async def naive_handoff(srv: LiveKitServer, caller: Caller, lk: api.LiveKitAPI) 
 
 
 def start_worker(srv: LiveKitServer, name: str, mode: str) -> Process:
-    env = {**os.environ, "LIVEKIT_URL": srv.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
+    """tests/e2e/agents/tone_worker.py reporting a load of 0 (this busy machine would otherwise make
+    the server drop dispatches), and for `naive` playing its tone as soon as it has published."""
+    env = {
+        **os.environ,
+        "LIVEKIT_URL": srv.url,
+        "LIVEKIT_API_KEY": API_KEY,
+        "LIVEKIT_API_SECRET": API_SECRET,
+        "TONE_AGENT_NAME": name,
+        "TONE_FREQ": "880",
+        "TONE_ZERO_LOAD": "1",
+        "TONE_SPEAK_AT_JOIN": "1" if mode == "naive" else "0",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(E2E), name, mode],
+        [sys.executable, str(E2E / "agents" / "tone_worker.py")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,

@@ -1,7 +1,11 @@
 """A real livekit-agents worker whose job is a protocol-speaking tone agent (tests/e2e/tone_agent.py).
 
 Environment: LIVEKIT_URL/API_KEY/API_SECRET, TONE_AGENT_NAME (the agent name it registers as),
-TONE_FREQ (Hz), TONE_NEVER_READY=1 (never answers `prepare`: a target that never gets ready).
+TONE_FREQ (Hz), TONE_NEVER_READY=1 (never answers `prepare`: a target that never gets ready),
+TONE_SPEAK_AT_JOIN=1 (plays its tone from the moment it has published, without waiting for
+baton's `activate`: the naive handoff of bench/handoff.py), TONE_ZERO_LOAD=1 (reports a load of
+0: livekit-agents reports the whole machine's CPU, and livekit-server stops dispatching to a
+worker at its target load, which a busy shared 2-core machine reaches; see bench/worker.py).
 Prints `tone: registered` once registered and `tone: joined room=<room>` per job.
 """
 
@@ -13,12 +17,14 @@ import signal
 import sys
 from pathlib import Path
 
-from livekit.agents import AgentServer, JobContext, JobExecutorType
+from livekit.agents import AgentServer, JobContext, JobExecutorType, worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tone_agent import ToneAgent
 
 NAME = os.environ.get("TONE_AGENT_NAME", "billing")
+if os.environ.get("TONE_ZERO_LOAD") == "1":
+    worker._DefaultLoadCalc.get_load = classmethod(lambda cls, w: 0.0)  # type: ignore[method-assign]
 
 
 def say(line: str) -> None:
@@ -33,6 +39,7 @@ async def entrypoint(ctx: JobContext) -> None:
         float(os.environ.get("TONE_FREQ", "880")),
         never_ready=os.environ.get("TONE_NEVER_READY") == "1",
     )
+    agent.speaking = os.environ.get("TONE_SPEAK_AT_JOIN") == "1"
     await agent.start()
     say(f"joined room={ctx.room.name}")
     done = asyncio.Event()
