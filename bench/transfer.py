@@ -59,23 +59,58 @@ async def wait_join(room: rtc.Room, identity: str, timeout: float = 15.0) -> Non
         await asyncio.sleep(0.02)
 
 
-async def measure(url: str, baton: Baton, room_name: str, runs: int, deadline: float) -> dict[str, Any]:
-    a, b = rtc.Room(), rtc.Room()
-    transport_for(a)
-    transport_for(b)
-    await a.connect(url, token("agent-a", room_name, kind="agent"))
-    await b.connect(url, token("agent-b", room_name, kind="agent"))
-    await wait_join(a, "baton")
-    await wait_join(a, "agent-b")
-    loop = asyncio.get_running_loop()
-    for who in ("agent-a", "agent-b"):
-        await loop.run_in_executor(None, lambda w=who: baton.wait_for(rf"participant joined.*{w}", 15))
+class Pair:
+    """Fresh agents A and B for one run: a path that broke in one run cannot poison the next."""
 
-    streams: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+    def __init__(self, url: str, baton: Baton, room_name: str, tag: str) -> None:
+        self.url, self.baton, self.room_name = url, baton, room_name
+        self.ida, self.idb = f"agent-a-{tag}", f"agent-b-{tag}"
+        self.a, self.b = rtc.Room(), rtc.Room()
+
+    async def __aenter__(self) -> Pair:
+        transport_for(self.a)
+        transport_for(self.b)
+        await self.a.connect(self.url, token(self.ida, self.room_name, kind="agent"))
+        await self.b.connect(self.url, token(self.idb, self.room_name, kind="agent"))
+        await wait_join(self.a, "baton")
+        await wait_join(self.a, self.idb)
+        loop = asyncio.get_running_loop()
+        for who in (self.ida, self.idb):
+            await loop.run_in_executor(None, lambda w=who: self.baton.wait_for(rf"participant joined.*{w}\b", 15))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.a.disconnect()
+        await self.b.disconnect()
+
+
+async def run_baton(p: Pair, payload: bytes, deadline: float) -> tuple[float, float]:
+    """A -> baton -> B, acknowledged on both legs: (stored, delivered) in ms."""
+    loop = asyncio.get_running_loop()
+    got = asyncio.ensure_future(receive_bundle(p.b, from_identity="baton", timeout=deadline))
+    t0 = loop.time()
+    try:
+        await send_bundle(p.a, "baton", payload, {"to": p.idb}, deadline=deadline)
+        t_stored = loop.time()
+        data, _ = await got
+    except BaseException:
+        got.cancel()
+        raise
+    t_done = loop.time()
+    if data != payload:
+        raise RuntimeError("payload differs")
+    return (t_stored - t0) * 1000, (t_done - t0) * 1000
+
+
+async def run_stream(p: Pair, payload: bytes, deadline: float) -> float:
+    """SDK byte stream A -> B, no acknowledgement: ms until B's reader has every byte."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[float, bytes]] = loop.create_future()
 
     async def read(reader: rtc.ByteStreamReader) -> None:
         parts = [chunk async for chunk in reader]
-        await streams.put((loop.time(), b"".join(parts)))
+        if not done.done():
+            done.set_result((loop.time(), b"".join(parts)))
 
     tasks: set[asyncio.Task[None]] = set()
 
@@ -84,43 +119,37 @@ async def measure(url: str, baton: Baton, room_name: str, runs: int, deadline: f
         tasks.add(t)
         t.add_done_callback(tasks.discard)
 
-    b.register_byte_stream_handler("bench.bytes", on_stream)
+    p.b.register_byte_stream_handler("bench.bytes", on_stream)
+    t0 = loop.time()
+    await p.a.local_participant.send_bytes(payload, topic="bench.bytes", destination_identities=[p.idb], compress=False)
+    t_done, data = await asyncio.wait_for(done, deadline)
+    if data != payload:
+        raise RuntimeError(f"payload differs ({len(data)} of {len(payload)} bytes)")
+    return (t_done - t0) * 1000
 
+
+async def measure(
+    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for name, size in SIZES.items():
+    for name in sizes:
+        size = SIZES[name]
         baton_ms: list[float] = []
         stored_ms: list[float] = []
         stream_ms: list[float] = []
         failures: list[str] = []
         for i in range(runs):
-            payload = os.urandom(size)
-            # baton: A -> baton -> B, acknowledged on both legs.
-            got = asyncio.ensure_future(receive_bundle(b, from_identity="baton", timeout=deadline))
-            t0 = loop.time()
+            payload = os.urandom(size)  # fresh bytes every run; the two paths alternate
             try:
-                await send_bundle(a, "baton", payload, {"to": "agent-b", "run": i}, deadline=deadline)
-                t_stored = loop.time()
-                data, _ = await got
-                t_done = loop.time()
-                if data != payload:
-                    failures.append(f"baton run {i}: payload differs")
-                else:
-                    stored_ms.append((t_stored - t0) * 1000)
-                    baton_ms.append((t_done - t0) * 1000)
+                async with Pair(url, baton, room_name, f"{name}-{i}-x") as p:
+                    stored, delivered = await run_baton(p, payload, deadline)
+                stored_ms.append(stored)
+                baton_ms.append(delivered)
             except Exception as e:  # a failed run is reported, not hidden
-                got.cancel()
                 failures.append(f"baton run {i}: {type(e).__name__}: {e}")
-            # SDK byte stream: A -> B, no acknowledgement.
-            t0 = loop.time()
             try:
-                await a.local_participant.send_bytes(
-                    payload, topic="bench.bytes", destination_identities=["agent-b"], compress=False
-                )
-                t_done, data = await asyncio.wait_for(streams.get(), deadline)
-                if data != payload:
-                    failures.append(f"stream run {i}: payload differs ({len(data)} of {size} bytes)")
-                else:
-                    stream_ms.append((t_done - t0) * 1000)
+                async with Pair(url, baton, room_name, f"{name}-{i}-s") as p:
+                    stream_ms.append(await run_stream(p, payload, deadline))
             except Exception as e:
                 failures.append(f"stream run {i}: {type(e).__name__}: {e}")
         r: dict[str, Any] = {"bytes": size, "failures": failures}
@@ -137,17 +166,15 @@ async def measure(url: str, baton: Baton, room_name: str, runs: int, deadline: f
             r["throughput_ratio_p50"] = 1 / r["ratio_p50"]
         results[name] = r
         print(json.dumps({name: r}), flush=True)
-    await a.disconnect()
-    await b.disconnect()
     return results
 
 
-def run_measurement(url: str, runs: int, deadline: float) -> dict[str, Any]:
+def run_measurement(url: str, sizes: list[str], runs: int, deadline: float) -> dict[str, Any]:
     room = f"bench-xfer-{uuid.uuid4().hex[:6]}"
     baton = baton_join(Remote(url), room)  # type: ignore[arg-type]
     try:
         baton.wait_for("joined: data channel open", timeout=20)
-        return asyncio.run(measure(url, baton, room, runs, deadline))
+        return asyncio.run(measure(url, baton, room, sizes, runs, deadline))
     finally:
         baton.stop()
 
@@ -200,14 +227,18 @@ def drop_counters() -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7, help="runs per size and path")
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {', '.join(SIZES)}")
     ap.add_argument("--loss", type=float, default=0.0, help="percent random packet loss (netns + nftables)")
     ap.add_argument("--deadline", type=float, default=60.0, help="give up on one run after this many seconds")
     ap.add_argument("--json", type=Path, help="write results here")
     ap.add_argument("--server-url", help=argparse.SUPPRESS)  # internal: inside the client namespace
     args = ap.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if unknown := [s for s in sizes if s not in SIZES]:
+        ap.error(f"unknown size {', '.join(unknown)}; choose from {', '.join(SIZES)}")
 
     if args.server_url:  # the re-executed child, inside NS_CLI
-        print(json.dumps({"results": run_measurement(args.server_url, args.runs, args.deadline)}), flush=True)
+        print(json.dumps({"results": run_measurement(args.server_url, sizes, args.runs, args.deadline)}), flush=True)
         return
 
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -216,6 +247,7 @@ def main() -> None:
         "date": started,
         "command": " ".join(["./scripts/bench", "transfer", *sys.argv[1:]]),
         "runs": args.runs,
+        "sizes": sizes,
         "loss_pct": args.loss,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}",
         "livekit_sdk": getattr(rtc, "__version__", "?"),
@@ -224,7 +256,7 @@ def main() -> None:
         srv = LiveKitServer()
         srv.start()
         try:
-            results = run_measurement(srv.url, args.runs, args.deadline)
+            results = run_measurement(srv.url, sizes, args.runs, args.deadline)
         finally:
             srv.stop()
         meta["path"] = "loopback (127.0.0.1)"
@@ -249,7 +281,7 @@ def main() -> None:
             child = subprocess.run(
                 [
                     "ip", "netns", "exec", NS_CLI, sys.executable, __file__,
-                    "--server-url", f"ws://{IP_SRV}:{port}", "--runs", str(args.runs),
+                    "--server-url", f"ws://{IP_SRV}:{port}", "--runs", str(args.runs), "--sizes", ",".join(sizes),
                     "--deadline", str(args.deadline),
                 ],
                 capture_output=True, text=True,

@@ -42,10 +42,7 @@ pub const TOPIC: &str = baton_transfer::TOPIC;
 
 /// Error code 13, `not_authorized`: the sender is not an agent in baton's configuration.
 /// Answered (ERROR frame) to an OPEN or RESUME from such a participant.
-pub const NOT_AUTHORIZED: ErrorCode = ErrorCode::Other(13);
-
-/// Stable name of [`NOT_AUTHORIZED`] (the transfer crate does not know code 13 yet).
-pub const NOT_AUTHORIZED_NAME: &str = "not_authorized";
+pub const NOT_AUTHORIZED: ErrorCode = ErrorCode::NotAuthorized;
 
 // ---------------------------------------------------------------------------------------------
 // Store

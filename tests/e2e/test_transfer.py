@@ -24,7 +24,7 @@ from lk_baton.transfer import TransferError, receive_bundle, send_bundle, transp
 from peers import Peer
 
 MIB = 1024 * 1024
-NOT_AUTHORIZED = 13  # docs/protocol.md, section 4.6
+NOT_AUTHORIZED = fr.ErrorCode.NOT_AUTHORIZED  # 13, docs/protocol.md section 4.6
 
 
 def room_name() -> str:

@@ -61,6 +61,7 @@ class ErrorCode(IntEnum):
     CANCELLED = 10
     CONFLICTING_OPEN = 11
     PROTOCOL_VIOLATION = 12
+    NOT_AUTHORIZED = 13
 
 
 def code_name(code: int) -> str:

@@ -32,13 +32,16 @@ pub enum ErrorCode {
     /// 12: a well-formed frame that breaks the transfer's rules (chunk index out of range,
     /// wrong chunk length, COMPLETE with a different hash).
     ProtocolViolation,
+    /// 13: the sender is not allowed to send bundles here (baton accepts them only from the
+    /// agents in its configuration).
+    NotAuthorized,
     /// Any other number: a code from a newer peer; kept so it can be logged and forwarded.
     Other(u16),
 }
 
 impl ErrorCode {
     /// All codes this version defines, in wire order.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::UnknownTransfer,
@@ -51,6 +54,7 @@ impl ErrorCode {
         ErrorCode::Cancelled,
         ErrorCode::ConflictingOpen,
         ErrorCode::ProtocolViolation,
+        ErrorCode::NotAuthorized,
     ];
 
     /// Wire value.
@@ -68,6 +72,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => 10,
             ErrorCode::ConflictingOpen => 11,
             ErrorCode::ProtocolViolation => 12,
+            ErrorCode::NotAuthorized => 13,
             ErrorCode::Other(n) => n,
         }
     }
@@ -92,6 +97,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::ConflictingOpen => "conflicting_open",
             ErrorCode::ProtocolViolation => "protocol_violation",
+            ErrorCode::NotAuthorized => "not_authorized",
             ErrorCode::Other(_) => "unknown_code",
         }
     }
