@@ -229,13 +229,17 @@ class FloorClient:
         if t == "activate":
             self.answered = True
             prev = self.last_activate
+            key = (m.get("cause"), m.get("handoff"))
             if (
                 self.active
                 and prev is not None
-                and (prev.get("cause"), prev.get("handoff")) == (m.get("cause"), m.get("handoff"))
+                and (key[0] == "start" or key == (prev.get("cause"), prev.get("handoff")))
             ):
-                # baton's answer to a repeated hello: we hold the floor already; acting again
-                # would run the activate hook twice (the agent would greet the caller twice)
+                # baton's answer to a repeated hello (a resend before its first answer arrived,
+                # or a hello after a reconnect): we hold the floor already. baton answers such a
+                # hello with cause "start" whatever gave us the floor (a handoff, a handback).
+                # Acting again would run the activate hook twice (the agent would greet the
+                # caller twice, or say its first sentence again after a handoff).
                 log.debug("repeated activate (%s) ignored: floor already held", m.get("cause"))
                 return
             self.active = True
