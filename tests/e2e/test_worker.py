@@ -1,14 +1,18 @@
 """`baton worker` against a real LiveKit server: dispatch by RoomConfiguration, many rooms in one
-process, re-registration after the server dies, and the errors an operator sees at start."""
+process, re-registration after the server dies, the errors an operator sees at start, and the
+starting agent's dispatch retries (a no-show, and a worker that comes up during the retries)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 from harness import (
@@ -313,3 +317,264 @@ def test_triage_stand_in_worker_joins_when_dispatched_and_answers_text(server: L
         triage.wait_for(rf"triage: left room={room}", 15)
     finally:
         assert triage.stop() == 0, triage.text()
+
+
+# --- The starting agent's dispatch: retries, the no-show report, and a worker that comes up late ---
+
+# The triage worker with one change, as bench/worker.py runs it: livekit-agents reports the whole
+# machine's CPU as the worker's load, and livekit-server gives a job only to a worker below its
+# target load (JobRequestAffinity: target_load - load), so on this shared 2-core machine a plain
+# triage worker can be registered and still be offered nothing ("no servers available"). That
+# would look like a no-show that baton cannot help; reporting 0 keeps the test about baton.
+TRIAGE_ZERO_LOAD = """
+import runpy, sys
+from livekit.agents import worker
+worker._DefaultLoadCalc.get_load = classmethod(lambda cls, w: 0.0)
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+DISPATCH_LINE = "dispatching agent agent=triage"
+NO_SHOW = re.compile(r"ERROR .*agent `triage` never joined the room after (\d+) dispatch attempts.* agent=triage ")
+
+
+def dispatch_config(tmp_path: Path, *, join_timeout: float, attempts: int, backoff: float, backoff_max: float) -> str:
+    path = tmp_path / "baton.toml"
+    path.write_text(
+        f"""[worker]
+agent_name = "baton"
+
+[[agents]]
+name = "triage"
+start = true
+
+[handoff]
+join_timeout = {join_timeout}
+
+[handoff.start_dispatch]
+attempts = {attempts}
+backoff_initial = {backoff}
+backoff_max = {backoff_max}
+"""
+    )
+    return str(path)
+
+
+def log_time(line: str) -> float:
+    """The timestamp baton's log line carries (UTC, seconds since the epoch)."""
+    return datetime.fromisoformat(line.split(" ", 1)[0]).timestamp()
+
+
+def baton_lines(worker: Baton, needle: str) -> list[str]:
+    return [line for line in worker.text().splitlines() if needle in line]
+
+
+def created_ids(worker: Baton) -> list[str]:
+    """The dispatch ids baton reports creating, in order (triage's only: baton is dispatched by token)."""
+    return [m.group(1) for m in re.finditer(r"dispatch created dispatch_id=(\S+)", worker.text())]
+
+
+def server_lines(server: LiveKitServer, room: str, *needles: str) -> list[str]:
+    """livekit-server's log lines about `room` that contain every one of `needles`."""
+    lines = server.log_path.read_text(errors="replace").splitlines()
+    return [line for line in lines if f'"room": "{room}"' in line and all(n in line for n in needles)]
+
+
+def server_time(line: str) -> float:
+    """The timestamp of a livekit-server log line (UTC, seconds since the epoch)."""
+    return datetime.fromisoformat(line.split("\t", 1)[0]).timestamp()
+
+
+def server_dispatch_calls(server: LiveKitServer, method: str, room: str) -> list[str]:
+    """livekit-server's own record of AgentDispatchService calls for `room` (its API log lines)."""
+    return server_lines(server, room, f"API AgentDispatchService.{method}\t")
+
+
+def creates_of_triage(server: LiveKitServer, room: str) -> int:
+    return sum('"agentName": "triage"' in line for line in server_dispatch_calls(server, "CreateDispatch", room))
+
+
+def start_triage_worker(server: LiveKitServer) -> Process:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRIAGE_ZERO_LOAD, str(ROOT / "tests" / "e2e" / "agents" / "triage_worker.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET},
+        start_new_session=True,
+    )
+    return Process(proc)
+
+
+async def room_agents(lk: api.LiveKitAPI, room: str, name: str) -> list[api.ParticipantInfo]:
+    res = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+    return [p for p in res.participants if p.attributes.get("lk.agent_name") == name]
+
+
+def test_start_agent_no_show_is_reported_after_the_configured_attempts(tmp_path: Path, server: LiveKitServer) -> None:
+    """No `triage` worker anywhere: baton dispatches it `attempts` times, each with its own join
+    timeout and backoff, deletes every dispatch that went unanswered, names the agent in one error,
+    and then stops dispatching (the call stays up, baton in it)."""
+    join_timeout, attempts, backoff, backoff_max = 2.0, 3, 0.5, 1.0
+    config = dispatch_config(
+        tmp_path, join_timeout=join_timeout, attempts=attempts, backoff=backoff, backoff_max=backoff_max
+    )
+    worker = baton_worker(server, "--config", config)
+    room = room_name("noshow")
+    try:
+        registered(worker)
+
+        async def scenario() -> None:
+            caller = rtc.Room()
+            await caller.connect(server.url, dispatch_token("caller", room, ["baton"]))
+            try:
+                async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+                    await joined(worker, room)
+                    _, error = await asyncio.to_thread(worker.wait_for, NO_SHOW.pattern, 30)
+                    no_show = NO_SHOW.search(error)
+                    assert no_show and int(no_show.group(1)) == attempts, error
+                    assert f"attempts={attempts}" in error, error
+
+                    # Every attempt waited its join timeout, with the backoff between attempts
+                    # (0.5 s, then 1 s): the error cannot come sooner than that after the first.
+                    dispatched = baton_lines(worker, DISPATCH_LINE)
+                    assert len(dispatched) == attempts, dispatched
+                    waited = log_time(error) - log_time(dispatched[0])
+                    least = attempts * join_timeout + backoff + min(2 * backoff, backoff_max)
+                    assert least - 0.1 <= waited < least + 3, f"no-show reported {waited:.2f}s after the first dispatch"
+                    for earlier, later in itertools.pairwise(dispatched):
+                        assert log_time(later) - log_time(earlier) >= join_timeout + backoff - 0.1, dispatched
+
+                    # Nothing more once it gave up: wait longer than another attempt would take.
+                    await asyncio.sleep(join_timeout + backoff_max + 1.5)
+                    assert len(baton_lines(worker, DISPATCH_LINE)) == attempts, worker.text()
+                    assert len(NO_SHOW.findall(worker.text())) == 1, worker.text()
+
+                    # The server saw exactly those attempts, each a different dispatch, each deleted.
+                    assert creates_of_triage(server, room) == attempts, server.log_tail()
+                    ids = created_ids(worker)
+                    assert len(ids) == attempts and len(set(ids)) == attempts, ids
+                    deleted = server_dispatch_calls(server, "DeleteDispatch", room)
+                    assert sorted(i for i in ids if any(f'"dispatchID": "{i}"' in d for d in deleted)) == sorted(ids)
+                    left = await lk.agent_dispatch.list_dispatch(room)
+                    assert [d.agent_name for d in left] == ["baton"], left
+                    assert await room_agents(lk, room, "triage") == []
+                    # The no-show is reported, not fatal: baton is still in the call.
+                    await baton_in(lk, room, timeout=2)
+                    await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+            finally:
+                await caller.disconnect()
+
+        run(scenario(), timeout=60)
+        worker.wait_for(rf"job ended.*room={room}", 10)
+        assert worker.proc.poll() is None
+    except BaseException:
+        print(worker.text())
+        raise
+    finally:
+        assert worker.stop() == 0, worker.text()
+
+
+def test_start_agent_whose_worker_comes_up_during_the_retries_joins_once(tmp_path: Path, server: LiveKitServer) -> None:
+    """The `triage` worker starts only after baton's first dispatch went unanswered: a later
+    attempt reaches it, triage joins once for that dispatch, baton stops retrying and reports no
+    no-show, and the caller is answered by triage."""
+    join_timeout, attempts, backoff, backoff_max = 5.0, 6, 1.0, 2.0
+    config = dispatch_config(
+        tmp_path, join_timeout=join_timeout, attempts=attempts, backoff=backoff, backoff_max=backoff_max
+    )
+    worker = baton_worker(server, "--config", config)
+    triage: Process | None = None
+    room = room_name("late")
+    try:
+        registered(worker)
+
+        async def scenario() -> str:
+            nonlocal triage
+            caller = rtc.Room()
+            replies: asyncio.Queue[str] = asyncio.Queue()
+            readers: set[asyncio.Task[None]] = set()
+
+            def on_stream(reader: rtc.TextStreamReader, _who: str) -> None:
+                async def read() -> None:
+                    replies.put_nowait(await reader.read_all())
+
+                task = asyncio.ensure_future(read())
+                readers.add(task)
+                task.add_done_callback(readers.discard)
+
+            caller.register_text_stream_handler("lk.transcription", on_stream)
+            await caller.connect(server.url, dispatch_token("caller", room, ["baton"]))
+            try:
+                async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+                    await joined(worker, room)
+                    # The first attempt timed out unanswered (there was no worker): baton retries.
+                    await asyncio.to_thread(worker.wait_for, DISPATCH_LINE, 15)
+                    mark = len(worker.lines)
+                    await asyncio.to_thread(worker.wait_for, DISPATCH_LINE, join_timeout + backoff + 5, mark)
+                    assert await room_agents(lk, room, "triage") == []
+                    first = created_ids(worker)[0]
+
+                    triage = start_triage_worker(server)
+                    await asyncio.to_thread(triage.wait_for, r"triage: registered", 60)
+                    await asyncio.to_thread(triage.wait_for, rf"triage: joined room={room} ", 60)
+                    agents = await room_agents(lk, room, "triage")
+                    assert len(agents) == 1, agents
+                    assert agents[0].kind == api.ParticipantInfo.Kind.AGENT
+
+                    # Matched to baton's current dispatch. The server holds one triage dispatch,
+                    # the last baton created (not the first, which nobody served); every earlier
+                    # one was deleted before it was created; and the server assigned triage's job
+                    # (the participant `agent-<job id>`) once, after that last dispatch.
+                    dispatches = [d for d in await lk.agent_dispatch.list_dispatch(room) if d.agent_name == "triage"]
+                    assert len(dispatches) == 1, dispatches
+                    ids = created_ids(worker)
+                    assert dispatches[0].id == ids[-1] != first, (dispatches, ids)
+                    creates = [
+                        c for c in server_dispatch_calls(server, "CreateDispatch", room) if '"agentName": "triage"' in c
+                    ]
+                    deletes = server_dispatch_calls(server, "DeleteDispatch", room)
+                    for old in ids[:-1]:
+                        gone = [d for d in deletes if f'"dispatchID": "{old}"' in d]
+                        assert len(gone) == 1 and server_time(gone[0]) <= server_time(creates[-1]), (old, deletes)
+                    assigned = server_lines(server, room, "assigned job to worker", '"agentName": "triage"')
+                    assert len(assigned) == 1, assigned
+                    assert server_time(assigned[0]) >= server_time(creates[-1]), (assigned, creates)
+                    assert f'"jobID": "{agents[0].identity.removeprefix("agent-")}"' in assigned[0], assigned
+
+                    # baton stops retrying: after longer than another attempt would take there is
+                    # still one dispatch, one triage, and no no-show.
+                    tries = len(baton_lines(worker, DISPATCH_LINE))
+                    assert 2 <= tries < attempts, worker.text()
+                    await asyncio.sleep(join_timeout + backoff_max + 1.5)
+                    assert len(baton_lines(worker, DISPATCH_LINE)) == tries, worker.text()
+                    assert creates_of_triage(server, room) == tries, server.log_tail()
+                    assert [a.identity for a in await room_agents(lk, room, "triage")] == [agents[0].identity]
+                    assert not NO_SHOW.search(worker.text()), worker.text()
+                    # Its dispatch is kept (deleting it would make the server end triage's job).
+                    kept = server_dispatch_calls(server, "DeleteDispatch", room)
+                    assert not [d for d in kept if f'"dispatchID": "{ids[-1]}"' in d], kept
+                    assert len(baton_lines(worker, "delete dispatch of triage")) == tries - 1, worker.text()
+
+                    # The call proceeds: triage answers the caller.
+                    await caller.local_participant.send_text("I have a billing question", topic="lk.chat")
+                    reply = await asyncio.wait_for(replies.get(), 15)
+                    await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+                return reply
+            finally:
+                await caller.disconnect()
+
+        reply = run(scenario(), timeout=150)
+        assert "this is triage" in reply
+        worker.wait_for(rf"job ended.*room={room}", 10)
+        assert triage is not None
+        triage.wait_for(rf"triage: left room={room}", 15)
+        assert triage.text().count("triage: joined") == 1, triage.text()
+    except BaseException:
+        print(worker.text())
+        if triage is not None:
+            print(triage.text())
+        raise
+    finally:
+        code = worker.stop()
+        if triage is not None:
+            assert triage.stop() == 0, triage.text()
+    assert code == 0, worker.text()
