@@ -33,7 +33,9 @@ REQUIRED_PHASES = (
 # problem from what the caller typed to triage.
 FACTS = ("Ada", "A-1001", "Pro", "charged twice for March")
 
-SILENCE_LIMIT_MS = 200
+# The handoff benchmark's limit (docs/BENCHMARKS.md section 4: "longest silence heard <= 60 ms in
+# every handoff"), over the same window: from the source's last sound to the target's first.
+SILENCE_LIMIT_MS = 60
 BUNDLE_LIMIT = 64 * 1024
 REQUEST_TO_AUDIO_LIMIT_MS = 12_000
 
@@ -65,18 +67,26 @@ def test_demo_hands_the_call_to_billing_with_context_and_no_dead_air(tmp_path: P
     never two agents at once; filler covered the cold handoff; the bundle is small; billing is
     heard within 12 s of the request.
 
-    Silence, measured from triage's last sound to billing's first sound on the caller's playout
-    clock (demo/run.py ``played_at``): the tone-agent handoff tests hold 60 ms; this test holds
-    200 ms. Measured on the 2-core development machine (server, baton, two livekit-agents
-    workers with espeak-ng and the caller on it; load 3-4, the last two runs at 10), with
-    espeak's end padding trimmed: 10, 20, 30, 40, 80, 110 and 130 ms in seven runs. The switch
-    itself is tight (the filler is heard 10-40 ms after triage's last sound). The longer holes
-    are in baton's filler as the caller receives it: at the target's activation its level
-    decays the way packet-loss concealment does (-47 to -114 dBFS in 120 ms, then 20 ms of
-    zeros) and comes back before billing's first word, and in some runs it drops out for
-    70-200 ms while the cold billing worker starts. Neither is the adapter's doing (reported
-    to the baton side). 60 ms would fail about three runs in seven here; the report prints the
-    measured value every run.
+    Silence: the longest stretch with nothing audible (-55 dBFS per 10 ms frame) between triage's
+    last sound and billing's first, on the caller's playout clock (demo/run.py ``played_at``),
+    against the handoff benchmark's limit, 60 ms. Only baton's filler can be heard in that
+    window, so pauses inside either agent's own speech (espeak-ng's pauses between sentences,
+    the caller's turn) are not in it; they are in the report's ``silence_call_ms``, which is not
+    checked. The window starts at triage's last sound, a few ms before the adapter sends
+    ``handoff`` (it waits for the sentence to be played out), so the time until baton's filler
+    is heard counts too, as in the benchmark (``handover_start``).
+
+    Measured on the shared 2-core development machine (server, baton, two livekit-agents workers
+    with espeak-ng and the caller on it), 2026-11-21, six runs: 20, 20, 20 ms at load 1.2-3.5
+    and 40, 40, 0 ms at load 4-4.7. Most of it is the 10-50 ms from triage's last sound to the
+    first filler frame. In one run the filler itself dropped below the threshold for 40 ms
+    (-53 to -73 dBFS, decaying the way packet-loss concealment does, its frames still arriving
+    every 10 ms) about 1 s into the handoff, while the billing job was starting (joined at
+    1773 ms): the caller's receiver had no packets to play. Whether baton sent them late, the
+    server forwarded them late or the caller's own receive path was starved was not determined.
+    The previous version of this docstring reports 80-130 ms at load 7-10 from such dropouts
+    (not rerun): on a machine that loaded this test can fail, and the limit stays 60 ms. The
+    report prints the measured value every run.
     """
     report, output = run_demo(tmp_path)
     print(output)
