@@ -48,6 +48,14 @@ pub struct WorkerArgs {
     /// Comfort-noise level of the filler track, in dBFS (RMS). [file: worker.noise_dbfs; default: -45]
     #[arg(long, env = "BATON_NOISE_DBFS", allow_negative_numbers = true)]
     pub noise_dbfs: Option<f64>,
+    /// A WAV clip to loop as the filler instead of comfort noise (hold music, "one moment
+    /// please"): any rate and channel count, at most 60 s, encoded once at start.
+    /// [file: worker.filler_clip, relative to the file; default: none]
+    #[arg(long, env = "BATON_FILLER_CLIP", value_name = "WAV")]
+    pub filler_clip: Option<PathBuf>,
+    /// Gain applied to the filler clip, in dB. [file: worker.filler_gain_db; default: 0]
+    #[arg(long, env = "BATON_FILLER_GAIN_DB", allow_negative_numbers = true)]
+    pub filler_gain_db: Option<f64>,
     /// Seconds a room keeps trying to get back in after losing its connection.
     /// [file: worker.rejoin_timeout; default: 60]
     #[arg(long, env = "BATON_REJOIN_TIMEOUT", value_name = "SECONDS")]
@@ -142,6 +150,8 @@ pub struct WorkerSection {
     pub max_rooms: Option<usize>,
     pub identity: Option<String>,
     pub noise_dbfs: Option<f64>,
+    pub filler_clip: Option<PathBuf>,
+    pub filler_gain_db: Option<f64>,
     pub rejoin_timeout: Option<Secs>,
     pub status_interval: Option<Secs>,
     pub ping_interval: Option<Secs>,
@@ -403,6 +413,13 @@ pub fn resolve(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<WorkerOptions
         protocol,
         rejoin_timeout,
         noise_dbfs: args.noise_dbfs.or(w.noise_dbfs).unwrap_or(-45.0),
+        // A relative clip path in the file is relative to the file, not to where baton runs.
+        filler_clip: args.filler_clip.clone().or_else(|| {
+            let clip = w.filler_clip.clone()?;
+            let base = loaded.path.as_ref().and_then(|p| p.parent()).filter(|_| clip.is_relative());
+            Some(base.map_or_else(|| clip.clone(), |b| b.join(&clip)))
+        }),
+        filler_gain_db: args.filler_gain_db.or(w.filler_gain_db).unwrap_or(0.0),
         reconnect_initial: secs(w.reconnect_initial, Duration::from_millis(500)),
         reconnect_max: secs(w.reconnect_max, Duration::from_secs(15)),
         drain_timeout: secs(w.drain_timeout, Duration::from_secs(10)),
@@ -539,6 +556,19 @@ attempts = 5
         assert!((o.noise_dbfs + 45.0).abs() < f64::EPSILON);
         let none = resolve(&WorkerArgs::default(), &LoadedConfig::default());
         assert!(matches!(none, Err(ConfigError::Missing(..))));
+    }
+
+    #[test]
+    fn filler_clip_in_the_file_is_relative_to_the_file_and_a_flag_wins() {
+        let mut file = loaded(
+            "[server]\nurl = \"ws://h:7880\"\napi_key = \"k\"\napi_secret = \"s\"\n[worker]\nfiller_clip = \"hold.wav\"\nfiller_gain_db = -6.0\n",
+        );
+        file.path = Some(PathBuf::from("/etc/baton/baton.toml"));
+        let o = resolve(&WorkerArgs::default(), &file).expect("resolve");
+        assert_eq!(o.filler_clip, Some(PathBuf::from("/etc/baton/hold.wav")));
+        assert!((o.filler_gain_db + 6.0).abs() < f64::EPSILON);
+        let args = WorkerArgs { filler_clip: Some("mine.wav".into()), ..Default::default() };
+        assert_eq!(resolve(&args, &file).expect("resolve").filler_clip, Some(PathBuf::from("mine.wav")));
     }
 
     /// clap is what puts flags over environment; check it does with these args.

@@ -22,6 +22,10 @@ use crate::server_api::ServerApi;
 /// The control messages agents send to baton (`docs/protocol.md`, section 3).
 const AGENT_MESSAGE_TYPES: [&str; 4] = ["hello", "handoff", "ready", "quiet"];
 
+/// The participant attribute in which livekit-agents publishes its state; `speaking` while it
+/// plays speech.
+const AGENT_STATE: &str = "lk.agent.state";
+
 /// What a room's coordinator needs to know.
 pub struct CoordinatorConfig {
     /// The LiveKit room name (server API calls need it).
@@ -416,6 +420,17 @@ impl RoomHandler for Coordinator {
         let events = self.relay.on_change(change, now, out);
         self.on_relay(events, now, out);
         // --- end relay wiring ---
+        // livekit-agents publishes its state (listening, thinking, speaking) as the
+        // `lk.agent.state` attribute. baton subscribes to no audio, so the server sends it no
+        // speaker updates; this attribute is how it learns that an agent is talking.
+        let speaking = |m: &crate::room::Member| m.attributes.get(AGENT_STATE).map(|s| s == "speaking");
+        let state_change = match change {
+            Change::Joined(m) => speaking(m).filter(|s| *s).map(|s| (m.identity.clone(), s)),
+            Change::Updated { before, after } if speaking(before) != speaking(after) => {
+                speaking(after).map(|s| (after.identity.clone(), s))
+            }
+            _ => None,
+        };
         let event = match change {
             Change::Joined(m) => {
                 let p = participant(m);
@@ -427,6 +442,9 @@ impl RoomHandler for Coordinator {
                 // Most updates (metadata, connection quality...) change nothing the floor cares
                 // about.
                 if self.members.get(&p.identity) == Some(&p) {
+                    if let Some((identity, speaking)) = state_change {
+                        self.on_speaking(&identity, speaking, now, out);
+                    }
                     return;
                 }
                 self.members.insert(p.identity.clone(), p.clone());
@@ -439,6 +457,9 @@ impl RoomHandler for Coordinator {
         };
         self.feed(event, now, out);
         self.release_early(now, out);
+        if let Some((identity, speaking)) = state_change {
+            self.on_speaking(&identity, speaking, now, out);
+        }
     }
 
     fn on_speaking(&mut self, identity: &str, speaking: bool, now: Instant, out: &mut Outbox) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use lk_baton::audio::encoded_loop::EncodedLoop;
+use lk_baton::audio::filler::FillerSound;
 use lk_baton::coordinator::{Coordinator, CoordinatorConfig};
 use lk_baton::room::{self, RoomEnd, RoomParams, TokenSource};
 use tokio::sync::watch;
@@ -63,6 +63,13 @@ struct JoinArgs {
     /// Comfort-noise level in dBFS (RMS).
     #[arg(long, env = "BATON_NOISE_DBFS", default_value_t = -45.0, allow_negative_numbers = true)]
     noise_dbfs: f64,
+    /// A WAV clip to loop as the filler instead of comfort noise (hold music, "one moment
+    /// please"); any rate and channel count, at most 60 s.
+    #[arg(long, env = "BATON_FILLER_CLIP", value_name = "WAV")]
+    filler_clip: Option<std::path::PathBuf>,
+    /// Gain applied to the filler clip, in dB.
+    #[arg(long, env = "BATON_FILLER_GAIN_DB", default_value_t = 0.0, allow_negative_numbers = true)]
+    filler_gain_db: f64,
     /// Seconds to keep trying to get back into the room after losing the connection.
     #[arg(long, env = "BATON_REJOIN_TIMEOUT", default_value_t = 60)]
     rejoin_timeout: u64,
@@ -126,10 +133,8 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     let cfg =
         CoordinatorConfig { room: args.room.clone(), policy, api: Some(Arc::new(api)), echo: args.echo };
     let handler = Box::new(Coordinator::new(cfg, std::time::Instant::now())?);
-    let filler = Arc::new(
-        EncodedLoop::comfort_noise(3.0, args.noise_dbfs)
-            .map_err(|e| anyhow::anyhow!("could not prepare comfort noise: {e}"))?,
-    );
+    let filler = FillerSound::configured(args.filler_clip.as_deref(), args.filler_gain_db, args.noise_dbfs)?;
+    tracing::info!(filler = %filler.description, "filler ready");
     let params = RoomParams {
         url: args.server.url,
         token: TokenSource::Mint {

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lk_baton::audio::encoded_loop::EncodedLoop;
+use lk_baton::audio::filler::FillerSound;
 use lk_baton::coordinator::Coordinator;
 use lk_baton::room::{self, RoomParams, TokenSource};
 use lk_baton::server_api::{ApiError, ServerApi};
@@ -94,7 +94,7 @@ async fn wrong_secret_is_unauthorized() {
 async fn mute_and_unmute_baton_track_server_side() {
     let server = start_server();
     let room_name = "mute-room";
-    let filler = Arc::new(EncodedLoop::comfort_noise(1.0, -45.0).expect("filler"));
+    let filler = FillerSound::comfort_noise(-45.0).expect("filler");
     let params = RoomParams {
         url: server.url.clone(),
         token: TokenSource::Mint {

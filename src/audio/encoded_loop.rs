@@ -35,12 +35,17 @@ pub struct EncodedLoop {
 /// How many milliseconds of the clip's end are blended into its start so the wrap is seamless.
 const CROSSFADE_MS: usize = 40;
 
+/// Frames of the clip's end encoded (and thrown away) before the kept pass. The decoder's memory
+/// is a few frames, but the encoder's level and bit allocation take longer to settle: with a
+/// quarter second of priming a steady tone still dipped 5 dB at every wrap; one second does not.
+const PREROLL_FRAMES: usize = 50;
+
 impl EncodedLoop {
     /// Encodes 48 kHz mono PCM for looping.
     ///
-    /// The clip is crossfaded at the wrap and then encoded twice in a row, keeping only the
-    /// second pass: the encoder's prediction state at the first kept frame then comes from the
-    /// clip's own end, which is exactly what the decoder has heard when the loop wraps around.
+    /// The clip is crossfaded at the wrap, and the encoder is primed with the clip's last
+    /// frames before the kept pass: its prediction state at the first kept frame then comes from
+    /// the clip's own end, which is what the decoder has heard when the loop wraps around.
     pub fn encode(pcm: &[i16], bitrate: i32) -> Result<Self, LoopError> {
         let fade = SAMPLE_RATE as usize * CROSSFADE_MS / 1000;
         let min = FRAME_SAMPLES * 4 + fade;
@@ -59,14 +64,14 @@ impl EncodedLoop {
         enc.set_dtx(false)?;
         let mut out = [0u8; 1500];
         let mut frames = Vec::with_capacity(whole / FRAME_SAMPLES);
-        for pass in 0..2 {
-            for chunk in clip.chunks_exact(FRAME_SAMPLES) {
-                let n = enc.encode(chunk, &mut out)?;
-                if pass == 1 {
-                    let level = (-rms_dbfs(chunk)).round().clamp(0.0, 127.0) as i8;
-                    frames.push(Frame { opus: Arc::from(&out[..n]), level_dbov: -level });
-                }
-            }
+        let preroll = whole - (PREROLL_FRAMES * FRAME_SAMPLES).min(whole);
+        for chunk in clip[preroll..].chunks_exact(FRAME_SAMPLES) {
+            enc.encode(chunk, &mut out)?;
+        }
+        for chunk in clip.chunks_exact(FRAME_SAMPLES) {
+            let n = enc.encode(chunk, &mut out)?;
+            let level = (-rms_dbfs(chunk)).round().clamp(0.0, 127.0) as i8;
+            frames.push(Frame { opus: Arc::from(&out[..n]), level_dbov: -level });
         }
         let n = enc.encode(&[0i16; FRAME_SAMPLES], &mut out)?;
         let silence = Frame { opus: Arc::from(&out[..n]), level_dbov: -127 };
@@ -76,12 +81,6 @@ impl EncodedLoop {
     /// Encoded silence: keeps subscribers' receivers running without making a sound.
     pub fn silence(&self) -> &Frame {
         &self.silence
-    }
-
-    /// Comfort noise of the given length and level.
-    pub fn comfort_noise(seconds: f64, level_dbfs: f64) -> Result<Self, LoopError> {
-        let len = (seconds * f64::from(SAMPLE_RATE)) as usize;
-        Self::encode(&super::noise::pink_noise(len, level_dbfs, 0x5eed), 24_000)
     }
 
     pub fn len(&self) -> usize {
@@ -125,7 +124,8 @@ mod tests {
 
     #[test]
     fn comfort_noise_encodes_and_decodes_to_noise() {
-        let lp = EncodedLoop::comfort_noise(1.0, -40.0).expect("encode");
+        let noise = crate::audio::noise::pink_noise(SAMPLE_RATE as usize, -40.0, 7);
+        let lp = EncodedLoop::encode(&noise, 24_000).expect("encode");
         assert_eq!(lp.len(), 48); // 1 s minus the 40 ms crossfade, in 20 ms frames
         let mut dec = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono).expect("decoder");
         let mut pcm = vec![0i16; FRAME_SAMPLES];
@@ -141,6 +141,27 @@ mod tests {
         for (i, l) in levels.iter().enumerate().skip(2) {
             assert!(*l > -55.0 && *l < -30.0, "frame {i} at {l} dBFS");
         }
+    }
+
+    #[test]
+    fn steady_tone_keeps_its_level_across_the_wrap() {
+        // 0.9 s of 1 kHz at -20 dBFS RMS: 43 frames after the crossfade, phase-aligned at the
+        // seam, so any level change at the wrap comes from the encoding, not the clip.
+        let pcm: Vec<i16> = (0..43_200)
+            .map(|i| ((f64::from(i) * std::f64::consts::TAU / 48.0).sin() * 4634.0) as i16)
+            .collect();
+        let lp = EncodedLoop::encode(&pcm, 32_000).expect("encode");
+        let mut dec = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono).expect("decoder");
+        let mut out = vec![0i16; FRAME_SAMPLES];
+        let mut off = Vec::new();
+        for tick in 0..(lp.len() as u64 * 3) {
+            dec.decode(&lp.frame(tick).opus, &mut out, false).expect("decode");
+            let level = rms_dbfs(&out);
+            if tick >= 5 && (level + 20.0).abs() > 1.0 {
+                off.push((tick, level));
+            }
+        }
+        assert!(off.is_empty(), "level off at the wrap (frames {} long): {off:?}", lp.len());
     }
 
     #[test]

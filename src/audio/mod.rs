@@ -1,7 +1,9 @@
-//! Baton's own audio: comfort noise (and later filler clips), encoded to Opus once and looped.
+//! Baton's own audio: comfort noise or a filler clip, encoded to Opus once and looped.
 
 pub mod encoded_loop;
+pub mod filler;
 pub mod noise;
+pub mod wav;
 
 /// Opus at the WebRTC clock: 48 kHz mono, 20 ms frames.
 pub const SAMPLE_RATE: u32 = 48_000;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::audio::encoded_loop::EncodedLoop;
+use crate::audio::filler::FillerSound;
 pub use data::Incoming;
 pub use roster::{Change, Member, Roster};
 pub use session::{ConnectError, RoomEnd, RoomError};
@@ -29,8 +29,8 @@ pub struct RoomParams {
     pub token: TokenSource,
     /// Start with the filler track audible.
     pub start_unmuted: bool,
-    /// The looped audio the track plays.
-    pub filler: Arc<EncodedLoop>,
+    /// The looped filler the track plays, at every fade step.
+    pub filler: Arc<FillerSound>,
     /// How long to keep trying to get back into the room after losing it.
     pub rejoin_deadline: Duration,
     /// Fault injection: when notified, baton drops its signal connection as a network blip
@@ -76,7 +76,7 @@ pub enum Filler {
     Armed,
     /// Play the filler.
     On,
-    /// Keep playing for this long (covering the next speaker's first packets), then silence.
+    /// Fade to silence over this long (under the next speaker's first words).
     FadeOut(Duration),
     /// Mute the track and send nothing (after any fade under way has finished).
     Off,

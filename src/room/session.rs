@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+
+use crate::audio::filler::Envelope;
 use futures_util::stream::FuturesUnordered;
 use livekit_protocol as proto;
 use livekit_signaling::{SignalClient, SignalEvent, SignalEvents, SignalOptions};
@@ -100,9 +102,8 @@ pub(super) struct RoomTask {
     own_identity: String,
     room_name: String,
     muted: bool,
-    /// Playing the filler (rather than silence) while unmuted, until this instant if set.
-    noise: bool,
-    noise_until: Option<Instant>,
+    /// Filler level over time; silence frames are sent while it is silent and unmuted.
+    envelope: Envelope,
     /// An `Off` arrived during a fade: mute once the fade is over.
     mute_after_fade: bool,
     audio_start: Instant,
@@ -145,8 +146,7 @@ impl RoomTask {
             own_identity: own.identity.clone(),
             room_name,
             muted,
-            noise: !muted,
-            noise_until: None,
+            envelope: if muted { Envelope::Silent } else { Envelope::Full },
             mute_after_fade: false,
             audio_start: Instant::now(),
             audio_tick: 0,
@@ -262,7 +262,7 @@ impl RoomTask {
                 _ = sleep_until(wake.into()) => {
                     let now = Instant::now();
                     self.play_audio(now);
-                    if self.mute_after_fade && self.noise_until.is_none() {
+                    if self.mute_after_fade && self.envelope.silent_from(self.audio_tick + 1) {
                         self.mute_after_fade = false;
                         self.set_muted(true).await;
                     }
@@ -306,17 +306,19 @@ impl RoomTask {
             return;
         }
         let first = (self.audio_tick + 1).max(due.saturating_sub(MAX_AUDIO_CATCH_UP - 1));
-        if self.noise_until.is_some_and(|until| now >= until) {
-            self.noise = false;
-            self.noise_until = None;
+        if matches!(self.envelope, Envelope::Out { .. }) && self.envelope.silent_from(first) {
+            self.envelope = Envelope::Silent;
             tracing::debug!("filler faded out");
         }
         for tick in first..=due {
             if self.muted {
                 continue;
             }
-            let frame =
-                if self.noise { self.params.filler.frame(tick) } else { self.params.filler.silence() };
+            let filler = &self.params.filler;
+            let frame = match self.envelope.step(tick) {
+                Some(step) => filler.frame(step, tick),
+                None => filler.silence(),
+            };
             let frame = frame.clone();
             if let Err(e) = self.link.peer.write_audio(&frame, tick, now) {
                 tracing::debug!(error = %e, "audio write failed");
@@ -328,7 +330,8 @@ impl RoomTask {
     /// Applies a filler change from the handler.
     async fn set_filler(&mut self, filler: super::Filler, now: Instant) {
         use super::Filler;
-        let fading = self.noise_until.is_some_and(|until| now < until);
+        let tick = self.current_tick(now).max(self.audio_tick + 1);
+        let fading = self.envelope.fading_out(tick);
         match filler {
             Filler::Armed => {
                 self.mute_after_fade = false;
@@ -336,16 +339,13 @@ impl RoomTask {
             }
             Filler::On => {
                 self.mute_after_fade = false;
-                self.noise = true;
-                self.noise_until = None;
+                self.envelope.start(tick);
                 self.set_muted(false).await;
             }
-            Filler::FadeOut(hold) if self.noise => self.noise_until = Some(now + hold),
-            Filler::FadeOut(_) => {}
+            Filler::FadeOut(fade) => self.envelope.stop(tick, fade),
             Filler::Off if fading => self.mute_after_fade = true,
             Filler::Off => {
-                self.noise = false;
-                self.noise_until = None;
+                self.envelope = Envelope::Silent;
                 self.set_muted(true).await;
             }
         }

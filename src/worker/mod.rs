@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::audio::encoded_loop::EncodedLoop;
+use crate::audio::filler::FillerSound;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::room::{
     self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TaskOutput, TokenSource,
@@ -49,6 +49,10 @@ pub struct WorkerOptions {
     pub rejoin_timeout: Duration,
     /// Comfort-noise level of the filler track, dBFS.
     pub noise_dbfs: f64,
+    /// A WAV clip looped as the filler instead of comfort noise.
+    pub filler_clip: Option<std::path::PathBuf>,
+    /// Gain applied to the filler clip, dB.
+    pub filler_gain_db: f64,
     /// First wait before reconnecting the worker websocket.
     pub reconnect_initial: Duration,
     /// Longest wait between reconnection attempts.
@@ -72,7 +76,7 @@ pub enum WorkerError {
     Unauthorized { url: String, status: u16 },
     #[error("could not sign the worker token: {0}")]
     Token(String),
-    #[error("could not prepare the comfort-noise filler: {0}")]
+    #[error("could not prepare the filler: {0}")]
     Filler(String),
 }
 
@@ -202,7 +206,7 @@ impl RoomHandler for JoinReporter {
 struct Worker {
     opts: WorkerOptions,
     state: WorkerState,
-    filler: Arc<EncodedLoop>,
+    filler: Arc<FillerSound>,
     /// Shutdown switch of each running room task, by job id.
     rooms: HashMap<String, watch::Sender<bool>>,
     /// When each job was assigned, for the dispatch-to-joined latency.
@@ -230,9 +234,9 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result
 
 async fn run_local(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
     let agent_url = agent_url(&opts.url)?;
-    let filler = Arc::new(
-        EncodedLoop::comfort_noise(3.0, opts.noise_dbfs).map_err(|e| WorkerError::Filler(e.to_string()))?,
-    );
+    let filler = FillerSound::configured(opts.filler_clip.as_deref(), opts.filler_gain_db, opts.noise_dbfs)
+        .map_err(|e| WorkerError::Filler(e.to_string()))?;
+    tracing::info!(filler = %filler.description, "filler ready");
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut w = Worker {
         state: WorkerState::new(opts.protocol.clone()),

@@ -121,6 +121,8 @@ def token(
         can_publish=True,
         can_subscribe=can_subscribe,
         can_publish_data=True,
+        # Agents publish their state (lk.agent.state) as an attribute, as livekit-agents does.
+        can_update_own_metadata=kind == "agent",
         room_admin=admin,
     )
     t = api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_name(identity).with_grants(grants)

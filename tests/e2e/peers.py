@@ -146,6 +146,25 @@ class Recorder:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def played(self) -> dict[str, list[tuple[float, float]]]:
+        """The levels on the playout clock (see :func:`played_at`), per track."""
+        return {who: played_at(series) for who, series in self.levels.items()}
+
+
+def played_at(series: list[tuple[float, float]], frame: float = 0.01) -> list[tuple[float, float]]:
+    """Frame times on the receiver's playout clock instead of the Python loop's arrival clock.
+
+    The receiver renders one 10 ms frame every 10 ms (concealment or silence when packets are
+    missing), but a busy event loop takes them late and in bursts. Walking backwards, each frame
+    was played no later than it arrived and at least one frame before the next one, so a burst
+    is spread back over the stall that caused it. A real gap in rendering is not a burst and
+    stays a gap."""
+    out = list(series)
+    for i in range(len(out) - 2, -1, -1):
+        t, level = out[i]
+        out[i] = (min(t, out[i + 1][0] - frame), level)
+    return out
+
 
 def audible_grid(
     levels: dict[str, list[tuple[float, float]]], start: float, end: float, threshold: float = -55.0, step: float = 0.01

@@ -96,7 +96,7 @@ def test_warm_handoff_source_then_target_without_gap_or_overlap(server: LiveKitS
             for x in (a, b):
                 await x.close()
             await caller.close()
-            return rec.levels, t_request, t_end
+            return rec.played(), t_request, t_end
 
         levels, t_request, t_end = run(scenario())  # type: ignore[misc]
         a_id, b_id = "agent-triage", "agent-billing"
@@ -113,13 +113,15 @@ def test_warm_handoff_source_then_target_without_gap_or_overlap(server: LiveKitS
         assert last_a < first[b_id], "source still audible when the target spoke"
         overlap = longest_run(grid, lambda c: a_id in c and b_id in c)
         assert overlap == 0, f"source and target overlapped for {overlap * 1000:.0f} ms"
-        silence = longest_run(grid[handover_start(grid, a_id):], lambda c: not c)
+        silence = longest_run(grid[handover_start(grid, a_id) :], lambda c: not c)
         print(f"longest silence {silence * 1000:.0f} ms; switch at slot {first[b_id]} after source end {last_a}")
         print("silent runs (slot, slots):", runs(grid, lambda c: not c), "filler slots:", first)
         assert silence <= 0.06, f"caller heard {silence * 1000:.0f} ms of silence"
         out = baton.wait_for(r'"outcome":"completed"', timeout=5)[1]
         timeline = json.loads(out[out.index("{") :])
         assert timeline["target"] in ("billing", b_id)
+        # The target's first words are seen through its lk.agent.state attribute.
+        assert "target_audible" in [p["phase"] for p in timeline["phases"]], timeline
 
 
 def handover_start(grid: list[set[str]], source: str) -> int:
@@ -132,9 +134,7 @@ def handover_start(grid: list[set[str]], source: str) -> int:
 
 
 @contextlib.contextmanager
-def tone_worker(
-    server: LiveKitServer, name: str, freq: float, *, never_ready: bool = False
-) -> Iterator[Process]:
+def tone_worker(server: LiveKitServer, name: str, freq: float, *, never_ready: bool = False) -> Iterator[Process]:
     """A registered tone-agent worker; stopped on the way out, its output shown on failure."""
     env = {
         **os.environ,
@@ -207,7 +207,7 @@ def test_cold_handoff_dispatches_target_and_covers_the_gap_with_filler(server: L
             await rec.stop()
             await a.close()
             await caller.close()
-            return rec.levels, t0, t_end, billing() or ""
+            return rec.played(), t0, t_end, billing() or ""
 
         levels, t0, t_end, b_id = run(scenario())  # type: ignore[misc]
         r = analyse(levels, t0 - 0.5, t_end - 0.2, b_id)
@@ -219,7 +219,7 @@ def test_cold_handoff_dispatches_target_and_covers_the_gap_with_filler(server: L
         assert first[b_id] is not None, "target never heard"
         assert first["agent-triage"] < first["baton"] < first[b_id]  # type: ignore[operator]
         assert r["overlap"] == 0
-        silence = longest_run(r["grid"][handover_start(r["grid"], "agent-triage"):], lambda c: not c)
+        silence = longest_run(r["grid"][handover_start(r["grid"], "agent-triage") :], lambda c: not c)
         assert silence <= 0.06, f"caller heard {silence * 1000:.0f} ms of silence in the switch"
         worker.wait_for("tone: bundle bytes=262144 pattern=ok")
         line = baton.wait_for(r'"outcome":"completed"', timeout=5)[1]
@@ -227,7 +227,7 @@ def test_cold_handoff_dispatches_target_and_covers_the_gap_with_filler(server: L
         assert timeline["warm"] is False
         phases = [p["phase"] for p in timeline["phases"]]
         needed_phases = ("requested", "source_quiet", "filler_on", "target_dispatched", "target_joined")
-        for needed in (*needed_phases, "target_ready", "filler_off", "completed"):
+        for needed in (*needed_phases, "target_ready", "filler_off", "target_audible", "completed"):
             assert needed in phases, (needed, phases)
 
 
@@ -254,7 +254,7 @@ def test_handback_when_target_never_gets_ready(server: LiveKitServer) -> None:
             await rec.stop()
             await a.close()
             await caller.close()
-            return a, rec.levels, t0, t_end
+            return a, rec.played(), t0, t_end
 
         a, levels, t0, t_end = run(scenario())  # type: ignore[misc]
         handback = next(m for m in a.got("activate") if m.get("cause") == "handback")
@@ -268,7 +268,7 @@ def test_handback_when_target_never_gets_ready(server: LiveKitServer) -> None:
             "source not heard again after the handback"
         )
         assert not any("agent-billing" in c for c in grid), "a target that was never ready was heard"
-        silence = longest_run(grid[handover_start(grid, "agent-triage"):], lambda c: not c)
+        silence = longest_run(grid[handover_start(grid, "agent-triage") :], lambda c: not c)
         assert silence <= 0.06, f"caller heard {silence * 1000:.0f} ms of silence in the switch"
         baton.wait_for(r'"outcome":"handed_back"', timeout=5)
 
@@ -297,7 +297,7 @@ def test_source_ignoring_deactivate_is_silenced_by_server_mute(server: LiveKitSe
             for x in (a, b):
                 await x.close()
             await caller.close()
-            return rec.levels, t0, t_end
+            return rec.played(), t0, t_end
 
         levels, t0, t_end = run(scenario())  # type: ignore[misc]
         r = analyse(levels, t0 - 0.3, t_end - 0.1)

@@ -8,7 +8,10 @@ import os
 import subprocess
 import time
 import uuid
+import wave
+from pathlib import Path
 
+import numpy as np
 import pytest
 from harness import API_KEY, API_SECRET, BATON_BIN, LiveKitServer, baton_join, free_port, joined_baton, run
 from livekit import api, rtc
@@ -87,8 +90,8 @@ def test_15000_byte_packets_byte_exact_both_ways_and_misaddressed_unseen(server:
         run(scenario())
 
 
-def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool, list[float]]:
-    async def scenario() -> tuple[bool, list[float]]:
+def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool, np.ndarray]:
+    async def scenario() -> tuple[bool, np.ndarray]:
         caller = await Peer.join(server, room, "caller")
         p = await caller.wait_participant("baton")
         loop = asyncio.get_running_loop()
@@ -103,7 +106,7 @@ def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool
         muted = pub.muted
         pcm = await record(pub.track, seconds)
         await caller.close()
-        return muted, window_levels(pcm)
+        return muted, pcm
 
     return run(scenario())  # type: ignore[return-value]
 
@@ -111,7 +114,8 @@ def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool
 def test_unmuted_track_plays_comfort_noise_without_gaps(server: LiveKitServer) -> None:
     room = room_name()
     with joined_baton(server, room, "--unmuted", ready="filler track published"):
-        muted, levels = _baton_audio(server, room, 3.0)
+        muted, pcm = _baton_audio(server, room, 3.0)
+        levels = window_levels(pcm)
         assert not muted
         # Skip the receiver's first 300 ms of start-up; after that, every 20 ms window must carry
         # the comfort noise (about -45 dBFS). A lost or late packet would show as a window that
@@ -121,6 +125,48 @@ def test_unmuted_track_plays_comfort_noise_without_gaps(server: LiveKitServer) -
         quiet = [(i, round(lv, 1)) for i, lv in enumerate(steady) if lv < -60]
         assert not quiet, f"silent windows in baton's audio: {quiet[:10]}"
         assert max(steady) < -30, "comfort noise is louder than it should be"
+
+
+def test_filler_clip_is_looped_seamlessly_at_its_gain(server: LiveKitServer, tmp_path: Path) -> None:
+    # A 0.9 s stereo 16 kHz clip of a 1 kHz tone at -20 dBFS RMS: another rate and channel count
+    # than Opus wants, short enough that a 3 s recording crosses the loop's wrap three times.
+    rate, secs, freq = 16000, 0.9, 1000.0
+    t = np.arange(int(rate * secs)) / rate
+    tone = (np.sin(2 * np.pi * freq * t) * 0.1 * np.sqrt(2) * 32767).astype(np.int16)
+    clip = tmp_path / "hold.wav"
+    with wave.open(str(clip), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(tone, 2).tobytes())
+    room = room_name()
+    args = ("--unmuted", "--filler-clip", str(clip), "--filler-gain-db", "-6")
+    with joined_baton(server, room, *args, ready="filler track published") as baton:
+        baton.wait_for(r"filler ready.*hold\.wav")
+        _, pcm = _baton_audio(server, room, 3.0)
+    steady = pcm[48000 * 3 // 10 :]  # past the receiver's start-up
+    levels = window_levels(steady)
+    assert len(levels) > 100
+    # Every 20 ms window, wraps included, carries the clip at -20 - 6 dB (Opus: within 3 dB).
+    off = [(i, round(lv, 1)) for i, lv in enumerate(levels) if abs(lv + 26) > 3]
+    assert not off, f"windows off the clip's level: {off[:10]}"
+    # And it is the clip, not noise: the spectrum peaks at the tone.
+    spectrum = np.abs(np.fft.rfft(steady.astype(np.float64)))
+    peak = np.argmax(spectrum) * 48000 / steady.size
+    assert abs(peak - freq) < 10, f"spectral peak at {peak:.0f} Hz"
+
+
+def test_bad_filler_clip_is_a_clear_start_error(server: LiveKitServer, tmp_path: Path) -> None:
+    bad = tmp_path / "not-a.wav"
+    bad.write_bytes(b"RIFF....WAVEjunk")
+    p = subprocess.run(
+        [str(BATON_BIN), "join", "--url", server.url, "--api-key", API_KEY, "--api-secret", API_SECRET,
+         "--room", room_name(), "--filler-clip", str(bad)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert p.returncode == 1
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("baton: error:")]
+    assert len(errors) == 1 and "filler clip" in errors[0] and "not-a.wav" in errors[0], p.stderr
 
 
 def test_track_starts_muted_and_follows_server_side_mute(server: LiveKitServer) -> None:
@@ -187,9 +233,21 @@ def test_bad_credentials_fail_fast_with_one_line() -> None:
     try:
         t0 = time.monotonic()
         out = subprocess.run(
-            [str(BATON_BIN), "join", "--room", "x", "--url", srv.url, "--api-key", API_KEY,
-             "--api-secret", "wrong-secret-wrong-secret-wrong-secret"],
-            capture_output=True, text=True, timeout=10,
+            [
+                str(BATON_BIN),
+                "join",
+                "--room",
+                "x",
+                "--url",
+                srv.url,
+                "--api-key",
+                API_KEY,
+                "--api-secret",
+                "wrong-secret-wrong-secret-wrong-secret",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         took = time.monotonic() - t0
         assert out.returncode != 0
@@ -205,9 +263,21 @@ def test_bad_credentials_fail_fast_with_one_line() -> None:
 def test_unreachable_server_fails_fast_with_one_line(url: str) -> None:
     t0 = time.monotonic()
     out = subprocess.run(
-        [str(BATON_BIN), "join", "--room", "x", "--url", url.format(port=free_port()), "--api-key", API_KEY,
-         "--api-secret", API_SECRET],
-        capture_output=True, text=True, timeout=10,
+        [
+            str(BATON_BIN),
+            "join",
+            "--room",
+            "x",
+            "--url",
+            url.format(port=free_port()),
+            "--api-key",
+            API_KEY,
+            "--api-secret",
+            API_SECRET,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     took = time.monotonic() - t0
     assert out.returncode != 0

@@ -95,10 +95,20 @@ class ToneAgent:
             body["handoff"] = handoff
         await self.send(body)
 
+    async def _announce(self, speaking: bool) -> None:
+        # livekit-agents publishes its state in this attribute; baton, which subscribes to no
+        # audio and so gets no speaker updates, learns from it that the agent is talking.
+        state = "speaking" if speaking else "listening"
+        await self.room.local_participant.set_attributes({"lk.agent.state": state})
+
     async def _play(self) -> None:
         n = SAMPLE_RATE * FRAME_MS // 1000
         step = 2 * math.pi * self.freq / SAMPLE_RATE
+        announced = False
         while True:
+            if self.speaking != announced:
+                announced = self.speaking
+                self._spawn(self._announce(announced))
             if self.speaking:
                 t = self._phase + step * np.arange(n)
                 self._phase = float((self._phase + step * n) % (2 * math.pi))
