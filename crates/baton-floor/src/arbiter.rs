@@ -988,12 +988,38 @@ impl Arbiter {
     }
 
     fn on_gave_up(&mut self, g: GaveUp, now: Instant) {
+        if g.purpose == Purpose::Start {
+            self.start_alternate(&g.agent, now);
+            return;
+        }
         let Some(h) = &mut self.handoff else { return };
         if g.purpose == Purpose::Handoff(h.id.clone()) && h.target.name == g.agent {
             h.target.dispatching = false;
             let reason = if g.api_failed { FailReason::DispatchFailed } else { FailReason::TargetNoShow };
             self.fail_target(reason, now);
         }
+    }
+
+    /// The starting agent (or one of its alternates) never came: dispatch the next alternate in
+    /// the configured order, so the caller is not left alone with the filler.
+    fn start_alternate(&mut self, failed: &str, now: Instant) {
+        let Some(start) = self.policy.starting_agent.clone() else { return };
+        if self.holder.is_some() {
+            return;
+        }
+        let alternates = self.policy.alternates.get(&start).cloned().unwrap_or_default();
+        let order: Vec<String> = std::iter::once(start).chain(alternates).collect();
+        let Some(next) = order.iter().position(|a| a == failed).and_then(|i| order.get(i + 1)).cloned()
+        else {
+            return;
+        };
+        if let Some(identity) = self.find_agent(&next, None) {
+            self.holder = Some(Holder { identity, activated: false });
+            self.activate_holder_if_reachable();
+            return;
+        }
+        let meta = serde_json::json!({"baton": {"purpose": "start", "instead_of": failed}}).to_string();
+        self.dispatcher.request(&next, Purpose::Start, self.policy.start_dispatch, meta, now, &mut self.out);
     }
 
     /// Tells the current target it will not get the floor and stops everything in flight for it.

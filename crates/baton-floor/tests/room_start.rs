@@ -70,6 +70,41 @@ fn starting_agent_no_show_is_retried_with_backoff_then_named_in_an_alert() {
 }
 
 #[test]
+fn starting_agent_no_show_falls_back_to_its_alternate() {
+    let mut p = policy();
+    p.alternates.insert("triage".into(), vec!["billing".into()]);
+    p.start_dispatch.attempts = 1;
+    let mut r = Room::new(p);
+    let out = r.ev(Event::RoomJoined { participants: vec![caller()], token_dispatched: vec![] });
+    assert!(dispatched(&out, "triage"));
+    // triage's one attempt times out (join_timeout 8 s): billing is dispatched for the start.
+    let out = r.advance(Duration::from_millis(8_001));
+    assert!(out.iter().any(
+        |c| matches!(c, Command::Alert(Alert::AgentNoShow { agent_name, .. }) if agent_name == "triage")
+    ));
+    let ticket = ticket_for(&out, "billing");
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_2".into() });
+    let mut b = agent(BILLING, "billing", true);
+    b.dispatch_id = Some("AD_2".into());
+    r.join(b);
+    assert_eq!(r.arb.floor_holder(), Some(BILLING));
+    let out = r.hello(BILLING, "billing");
+    assert!(sent(&out, BILLING, "activate"));
+    // The chain ends with the last alternate: no more dispatches after billing's no-show either.
+    let mut r = Room::new({
+        let mut p = policy();
+        p.alternates.insert("triage".into(), vec!["billing".into()]);
+        p.start_dispatch.attempts = 1;
+        p
+    });
+    r.ev(Event::RoomJoined { participants: vec![caller()], token_dispatched: vec![] });
+    let out = r.advance(Duration::from_secs(60));
+    let n = out.iter().filter(|c| matches!(c, Command::CreateDispatch { .. })).count();
+    assert_eq!(n, 1, "billing once after triage, then nothing");
+    assert_eq!(r.arb.floor_holder(), None);
+}
+
+#[test]
 fn holder_leaving_outside_a_handoff_raises_floor_vacant() {
     let mut r = Room::with_triage_active(policy());
     let out = r.leave(TRIAGE);
