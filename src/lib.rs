@@ -9,6 +9,8 @@
 pub mod audio;
 pub mod config;
 pub mod coordinator;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
 pub mod relay;
 pub mod room;

@@ -1,0 +1,107 @@
+//! Entry points for the fuzz targets in `fuzz/` and for `tests/no_panic.rs`, which runs the same
+//! functions over the committed corpus on the stable toolchain. Hostile input must produce an
+//! error or nothing, never a panic.
+//!
+//! `coordinator_packets` input: packets separated by 0xff. A packet's first byte picks the
+//! sender (two configured agents and the caller), what it does (a control message, a transfer
+//! frame, an unrelated topic, or leaving/reconnecting) and how much time passes; the rest is the
+//! payload.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use livekit_protocol as proto;
+
+use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::protocol::control::Envelope;
+use crate::room::data::Reliable;
+use crate::room::{Incoming, Outbox, RoomHandler, Roster};
+
+/// The `baton.control` envelope decoder.
+pub fn control_envelope(data: &[u8]) {
+    let _ = Envelope::parse(data);
+}
+
+/// LiveKit data packets as baton receives them; twice, so the duplicate checks run too.
+pub fn data_packet(data: &[u8]) {
+    let mut r = Reliable::new();
+    let _ = r.decode(data);
+    let _ = r.decode(data);
+}
+
+fn info(identity: &str, agent: Option<&str>, version: u32) -> proto::ParticipantInfo {
+    use proto::participant_info::Kind;
+    let mut p = proto::ParticipantInfo {
+        sid: format!("PA_{identity}"),
+        identity: identity.into(),
+        state: proto::participant_info::State::Active as i32,
+        kind: if agent.is_some() { Kind::Agent } else { Kind::Standard } as i32,
+        version,
+        ..Default::default()
+    };
+    if let Some(a) = agent {
+        p.attributes.insert("lk.agent_name".into(), a.into());
+    }
+    p
+}
+
+/// Drives a [`Coordinator`] with `data` (packets separated by 0xff; see the module docs).
+/// Returns how many packets baton sent, so a test can tell the input reached its logic.
+pub fn coordinator_packets(data: &[u8]) -> usize {
+    let t0 = Instant::now();
+    let policy = policy();
+    let cfg = CoordinatorConfig { room: "fuzz".into(), policy, api: None, echo: true };
+    let Ok(mut c) = Coordinator::new(cfg, t0) else { return 0 };
+    let mut sent = 0;
+    let people = [("agent-1", Some("triage")), ("agent-2", Some("billing")), ("caller", None)];
+    let infos: Vec<_> = people.iter().map(|(id, a)| info(id, *a, 1)).collect();
+    let (mut roster, changes) = Roster::new("PA_baton", &infos);
+    let mut out = Outbox::default();
+    for ch in &changes {
+        c.on_change(ch, &roster, t0, &mut out);
+    }
+    c.on_connected(&roster, t0, &mut out);
+    let mut now = t0;
+    let mut version = 1;
+    for pkt in data.split(|&b| b == 0xff) {
+        let Some((&head, payload)) = pkt.split_first() else { continue };
+        now += Duration::from_millis(u64::from(head >> 4) * 40);
+        let (from, agent) = people[usize::from(head & 0x3) % 3];
+        match (head >> 2) & 0x3 {
+            3 => {
+                // The sender leaves, or comes back with a bumped version (a reconnect).
+                version += 1;
+                let mut i = info(from, agent, version);
+                if head & 0x80 != 0 {
+                    i.state = proto::participant_info::State::Disconnected as i32;
+                }
+                for ch in roster.apply(&[i]) {
+                    c.on_change(&ch, &roster, now, &mut out);
+                }
+            }
+            topic => {
+                let topic = ["baton.control", "baton.xfer", "lk.chat"][usize::from(topic)];
+                let msg = Incoming {
+                    from: from.into(),
+                    from_sid: format!("PA_{from}"),
+                    topic: topic.into(),
+                    payload: payload.to_vec(),
+                };
+                c.on_data(&msg, now, &mut out);
+            }
+        }
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.on_timeout(now, &mut out);
+        }
+        sent += std::mem::take(&mut out).data.len();
+    }
+    sent
+}
+
+fn policy() -> baton_floor::Policy {
+    baton_floor::Policy {
+        agents: BTreeSet::from(["triage".to_string(), "billing".to_string()]),
+        starting_agent: Some("triage".into()),
+        ..Default::default()
+    }
+}
