@@ -59,10 +59,8 @@ pub struct Coordinator {
     /// signal's participant updates travel separately, so an agent's `hello` can overtake the
     /// news that it joined; such messages wait here briefly instead of being judged unknown.
     early: Vec<(Instant, Incoming)>,
-    // --- relay wiring (temporary, helper) ---
     /// Context transfer (`baton.xfer`): receives, stores and delivers bundles.
     pub relay: crate::relay::Hookup,
-    // --- end relay wiring ---
     /// After the floor changes hands, the filler keeps playing until the caller can hear the new
     /// holder (the server reports it speaking), at most until this instant: subscribing to a
     /// newly joined agent or a remote unmute takes longer than any fixed fade.
@@ -98,9 +96,7 @@ impl Coordinator {
             finished: false,
             members: BTreeMap::new(),
             early: Vec::new(),
-            // --- relay wiring (temporary, helper) ---
             relay,
-            // --- end relay wiring ---
             filler_hold: None,
         })
     }
@@ -114,13 +110,11 @@ impl Coordinator {
             finished: false,
             members: BTreeMap::new(),
             early: Vec::new(),
-            // --- relay wiring (temporary, helper) ---
             relay: {
                 let mut relay = crate::relay::Hookup::default();
                 relay.auto_deliver = true;
                 relay
             },
-            // --- end relay wiring ---
             filler_hold: None,
         }
     }
@@ -400,12 +394,10 @@ impl RoomHandler for Coordinator {
     fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox) {
         match msg.topic.as_str() {
             protocol::TOPIC_CONTROL => self.on_control(msg, now, out, true),
-            // --- relay wiring (temporary, helper) ---
             crate::relay::TOPIC => {
                 let events = self.relay.on_data(msg, now, out);
                 self.on_relay(events, now, out);
             }
-            // --- end relay wiring ---
             protocol::TOPIC_ECHO if self.cfg.echo => {
                 out.send(protocol::TOPIC_ECHO, msg.payload.clone(), &msg.from);
             }
@@ -416,10 +408,8 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
-        // --- relay wiring (temporary, helper) ---
         let events = self.relay.on_change(change, now, out);
         self.on_relay(events, now, out);
-        // --- end relay wiring ---
         // livekit-agents publishes its state (listening, thinking, speaking) as the
         // `lk.agent.state` attribute. baton subscribes to no audio, so the server sends it no
         // speaker updates; this attribute is how it learns that an agent is talking.
@@ -471,10 +461,8 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
-        // --- relay wiring (temporary, helper) ---
         let events = self.relay.on_connected(roster, now, out);
         self.on_relay(events, now, out);
-        // --- end relay wiring ---
         if self.started || self.arbiter.is_none() {
             return;
         }
@@ -500,18 +488,14 @@ impl RoomHandler for Coordinator {
     fn poll_timeout(&self) -> Option<Instant> {
         let arbiter = self.arbiter.as_ref().filter(|_| self.started).and_then(Arbiter::poll_timeout);
         let early = self.early.iter().map(|(at, _)| *at + EARLY_MESSAGE_WAIT).min();
-        // --- relay wiring (temporary, helper) ---
         let relay = self.relay.poll_timeout();
-        // --- end relay wiring ---
         let hold = self.filler_hold.map(|(until, _)| until);
         [arbiter, early, relay, hold].into_iter().flatten().min()
     }
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
-        // --- relay wiring (temporary, helper) ---
         let events = self.relay.on_timeout(now, out);
         self.on_relay(events, now, out);
-        // --- end relay wiring ---
         self.release_early(now, out);
         if self.filler_hold.is_some_and(|(until, _)| now >= until) {
             tracing::debug!("new floor holder not reported speaking in time; filler released");
