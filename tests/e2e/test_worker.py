@@ -58,6 +58,32 @@ async def baton_in(lk: api.LiveKitAPI, room: str, timeout: float = 15.0) -> api.
         await asyncio.sleep(0.1)
 
 
+def agent_replies(room: rtc.Room) -> asyncio.Queue[str]:
+    """What agents say to this participant (their `lk.transcription` text streams), as each ends."""
+    replies: asyncio.Queue[str] = asyncio.Queue()
+    readers: set[asyncio.Task[None]] = set()
+
+    def on_stream(reader: rtc.TextStreamReader, _who: str) -> None:
+        async def read() -> None:
+            replies.put_nowait(await reader.read_all())
+
+        task = asyncio.ensure_future(read())
+        readers.add(task)
+        task.add_done_callback(readers.discard)
+
+    room.register_text_stream_handler("lk.transcription", on_stream)
+    return replies
+
+
+async def ask_then_close(caller: rtc.Room, lk: api.LiveKitAPI, room: str, replies: asyncio.Queue[str]) -> str:
+    """The caller asks a question by text, the agent's first reply comes back, and the room is
+    deleted, which must end every job in it."""
+    await caller.local_participant.send_text("I have a billing question", topic="lk.chat")
+    reply = await asyncio.wait_for(replies.get(), 15)
+    await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+    return reply
+
+
 def test_room_config_dispatch_brings_baton_and_room_deletion_ends_the_job(server: LiveKitServer) -> None:
     worker = baton_worker(server, "--config", CONFIG)
     try:
@@ -286,18 +312,7 @@ def test_triage_stand_in_worker_joins_when_dispatched_and_answers_text(server: L
 
         async def scenario() -> str:
             caller = rtc.Room()
-            replies: asyncio.Queue[str] = asyncio.Queue()
-            readers: set[asyncio.Task[None]] = set()
-
-            def on_stream(reader: rtc.TextStreamReader, _who: str) -> None:
-                async def read() -> None:
-                    replies.put_nowait(await reader.read_all())
-
-                task = asyncio.ensure_future(read())
-                readers.add(task)
-                task.add_done_callback(readers.discard)
-
-            caller.register_text_stream_handler("lk.transcription", on_stream)
+            replies = agent_replies(caller)
             await caller.connect(server.url, dispatch_token("caller", room, ["triage"]))
             try:
                 await asyncio.to_thread(triage.wait_for, rf"triage: joined room={room}", 30)
@@ -305,9 +320,7 @@ def test_triage_stand_in_worker_joins_when_dispatched_and_answers_text(server: L
                     res = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
                     agents = [p for p in res.participants if p.attributes.get("lk.agent_name") == "triage"]
                     assert len(agents) == 1, res.participants
-                    await caller.local_participant.send_text("I have a billing question", topic="lk.chat")
-                    reply = await asyncio.wait_for(replies.get(), 15)
-                    await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+                    reply = await ask_then_close(caller, lk, room, replies)
                 return reply
             finally:
                 await caller.disconnect()
@@ -490,18 +503,7 @@ def test_start_agent_whose_worker_comes_up_during_the_retries_joins_once(tmp_pat
         async def scenario() -> str:
             nonlocal triage
             caller = rtc.Room()
-            replies: asyncio.Queue[str] = asyncio.Queue()
-            readers: set[asyncio.Task[None]] = set()
-
-            def on_stream(reader: rtc.TextStreamReader, _who: str) -> None:
-                async def read() -> None:
-                    replies.put_nowait(await reader.read_all())
-
-                task = asyncio.ensure_future(read())
-                readers.add(task)
-                task.add_done_callback(readers.discard)
-
-            caller.register_text_stream_handler("lk.transcription", on_stream)
+            replies = agent_replies(caller)
             await caller.connect(server.url, dispatch_token("caller", room, ["baton"]))
             try:
                 async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
@@ -555,9 +557,7 @@ def test_start_agent_whose_worker_comes_up_during_the_retries_joins_once(tmp_pat
                     assert len(baton_lines(worker, "delete dispatch of triage")) == tries - 1, worker.text()
 
                     # The call proceeds: triage answers the caller.
-                    await caller.local_participant.send_text("I have a billing question", topic="lk.chat")
-                    reply = await asyncio.wait_for(replies.get(), 15)
-                    await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+                    reply = await ask_then_close(caller, lk, room, replies)
                 return reply
             finally:
                 await caller.disconnect()
