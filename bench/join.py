@@ -83,7 +83,8 @@ def main() -> None:
             t0 = time.time()
             p = subprocess.Popen(
                 [sys.executable, "-c", SDK_JOINER, srv.url, token(f"sdk-{i}", room), "nobody", str(t0)],
-                stdout=subprocess.PIPE, text=True,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             assert p.stdout is not None
             line = p.stdout.readline()
@@ -97,7 +98,8 @@ def main() -> None:
         b.wait_for("joined: data channel open", timeout=15)
         ref = subprocess.Popen(
             [sys.executable, "-c", SDK_JOINER, srv.url, token("echo", room), "nobody", str(time.time())],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert ref.stdout is not None
         ref.stdout.readline()
