@@ -77,15 +77,18 @@ def test_demo_hands_the_call_to_billing_with_context_and_no_dead_air(tmp_path: P
     is heard counts too, as in the benchmark (``handover_start``).
 
     Measured on the shared 2-core development machine (server, baton, two livekit-agents workers
-    with espeak-ng and the caller on it), 2026-11-21, six runs: 20, 20, 20 ms at load 1.2-3.5
-    and 40, 40, 0 ms at load 4-4.7. Most of it is the 10-50 ms from triage's last sound to the
-    first filler frame. In one run the filler itself dropped below the threshold for 40 ms
-    (-53 to -73 dBFS, decaying the way packet-loss concealment does, its frames still arriving
-    every 10 ms) about 1 s into the handoff, while the billing job was starting (joined at
-    1773 ms): the caller's receiver had no packets to play. Whether baton sent them late, the
-    server forwarded them late or the caller's own receive path was starved was not determined.
-    The previous version of this docstring reports 80-130 ms at load 7-10 from such dropouts
-    (not rerun): on a machine that loaded this test can fail, and the limit stays 60 ms. The
+    with espeak-ng and the caller on it), 2026-11-21. With baton binaries built before 02:35 UTC:
+    20, 20, 20 ms at load 1.2-3.5 and 40, 40, 0 ms at load 4-4.7. With the binary built at 02:56,
+    after the filler rework (a3a2d48, 60 ms fade-in): 100, 30, 20 ms at load 1.3-2.5, one failure in
+    three runs; ./scripts/bench handoff --agents (the same agents and window) had 4 of 20 handoffs
+    over 60 ms (70-80 ms) at load 2-4.6. It is dead air at the switch, not a measuring artefact:
+    triage's sound ends when the adapter sends ``handoff``, baton starts the filler only at
+    ``quiet`` (a deactivate -> quiet round trip later, 7-66 ms) and the caller typically hears it
+    15-20 ms after that. In the 100 ms run (quiet at 44 ms) the filler's first two 10 ms frames at
+    the caller were also at -56 dBFS, under the threshold (the fade-in starts 6-10 dB under -45
+    dBFS); in another run it dropped below the threshold for 40 ms about 1 s into the handoff
+    (levels decaying like packet-loss concealment while the billing job started). The previous
+    version of this docstring reports 80-130 ms at load 7-10 (not rerun). The limit stays 60 ms; the
     report prints the measured value every run.
     """
     report, output = run_demo(tmp_path)
