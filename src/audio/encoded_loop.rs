@@ -73,9 +73,7 @@ impl EncodedLoop {
             let level = (-rms_dbfs(chunk)).round().clamp(0.0, 127.0) as i8;
             frames.push(Frame { opus: Arc::from(&out[..n]), level_dbov: -level });
         }
-        let n = enc.encode(&[0i16; FRAME_SAMPLES], &mut out)?;
-        let silence = Frame { opus: Arc::from(&out[..n]), level_dbov: -127 };
-        Ok(Self { frames, silence })
+        Ok(Self { frames, silence: encoded_silence(bitrate)? })
     }
 
     /// Encoded silence: keeps subscribers' receivers running without making a sound.
@@ -96,6 +94,23 @@ impl EncodedLoop {
         // `encode` guarantees at least four frames, so the modulo is never by zero.
         &self.frames[(tick % self.frames.len() as u64) as usize]
     }
+}
+
+/// A packet that decodes to silence however often it is repeated. Opus codes each frame's
+/// energy relative to the previous one, so the packet that follows loud content describes a
+/// decay, and replaying it holds the decoder at an audible level (about -40 dBFS after the
+/// comfort noise). A fresh encoder that has seen nothing but silence gives a packet that means
+/// "still silent".
+fn encoded_silence(bitrate: i32) -> Result<Frame, LoopError> {
+    let mut enc = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Audio)?;
+    enc.set_bitrate(opus::Bitrate::Bits(bitrate))?;
+    enc.set_dtx(false)?;
+    let mut out = [0u8; 1500];
+    let mut n = 0;
+    for _ in 0..10 {
+        n = enc.encode(&[0i16; FRAME_SAMPLES], &mut out)?;
+    }
+    Ok(Frame { opus: Arc::from(&out[..n]), level_dbov: -127 })
 }
 
 /// Blends the last `fade` samples into the first `fade` and drops them from the end, so the
@@ -162,6 +177,25 @@ mod tests {
             }
         }
         assert!(off.is_empty(), "level off at the wrap (frames {} long): {off:?}", lp.len());
+    }
+
+    #[test]
+    fn silence_packet_decodes_to_silence_even_after_loud_audio() {
+        let noise = crate::audio::noise::pink_noise(SAMPLE_RATE as usize, -30.0, 3);
+        let lp = EncodedLoop::encode(&noise, 24_000).expect("encode");
+        let mut dec = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono).expect("decoder");
+        let mut out = vec![0i16; FRAME_SAMPLES];
+        for tick in 0..20 {
+            dec.decode(&lp.frame(tick).opus, &mut out, false).expect("decode");
+        }
+        // The decoder has just played noise; from the third silence packet on it is silent.
+        let levels: Vec<f64> = (0..25)
+            .map(|_| {
+                dec.decode(&lp.silence().opus, &mut out, false).expect("decode");
+                rms_dbfs(&out)
+            })
+            .collect();
+        assert!(levels[2..].iter().all(|&l| l < -80.0), "{levels:?}");
     }
 
     #[test]

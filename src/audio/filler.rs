@@ -19,13 +19,13 @@ use super::{FRAME_DURATION, SAMPLE_RATE, noise::pink_noise};
 /// already well under a talking agent.
 pub const STEPS_DB: [f64; 6] = [0.0, -3.0, -6.0, -10.0, -16.0, -24.0];
 
-/// Where a fade-in starts: quiet enough to soften the onset, loud enough that the line never
-/// sounds dead (comfort noise at -45 dBFS is still about -55 dBFS here).
-const FADE_IN_FROM: usize = 3;
+/// Where a fade-in starts (-3 dB): enough to soften the onset of a clip, not so much that the
+/// first frames of comfort noise (-45 dBFS) sink toward the level where a line sounds dead.
+const FADE_IN_FROM: usize = 1;
 
 /// How long the fade-in takes. Short: the filler exists to cover a gap, and a long ramp from
 /// near silence would itself sound like one.
-pub const FADE_IN: Duration = Duration::from_millis(60);
+pub const FADE_IN: Duration = Duration::from_millis(40);
 
 /// Longest filler clip accepted: each second costs six seconds of Opus encoding at start-up.
 pub const MAX_CLIP_SECONDS: f64 = 60.0;
@@ -242,8 +242,8 @@ mod tests {
     fn fade_in_rises_step_by_step_to_full() {
         let mut e = Envelope::Silent;
         e.start(100);
-        let steps: Vec<_> = (100..106).map(|t| e.step(t)).collect();
-        assert_eq!(steps, vec![Some(2), Some(2), Some(1), Some(0), Some(0), Some(0)]);
+        let steps: Vec<_> = (100..104).map(|t| e.step(t)).collect();
+        assert_eq!(steps, vec![Some(1), Some(0), Some(0), Some(0)]);
         // Monotonic, starts below full, ends at full after FADE_IN.
         assert_eq!(e.step(100 + ticks(FADE_IN)), Some(0));
     }

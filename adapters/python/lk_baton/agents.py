@@ -183,9 +183,13 @@ class FloorClient:
         *,
         bundle_follows: bool = False,
         transfer: str | None = None,
+        quiet: bool = False,
     ) -> tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]:
         """Send ``handoff``; the future resolves with baton's ``handoff_accepted`` or
-        ``handoff_refused`` (whichever answers this request's id). Needs a running loop."""
+        ``handoff_refused`` (whichever answers this request's id). Needs a running loop.
+
+        ``quiet``: the agent has already finished speaking, so baton may start its filler at
+        once rather than after the ``deactivate`` -> ``quiet`` round trip."""
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         msg = self._send(
             "handoff",
@@ -193,6 +197,7 @@ class FloorClient:
             reason=reason,
             transfer=transfer,
             bundle_follows=True if bundle_follows else None,
+            quiet=True if quiet else None,
         )
         self._requests[msg["id"]] = fut
         return msg, fut
@@ -941,7 +946,8 @@ class BatonLink:
         the tool, then waits while the agent is speaking), builds the bundle from the agent's
         own chat context plus the call being executed, the session's ``userdata`` (or
         ``user_state``) through the serializer, ``tried``/``outcome``/``data``, and the tool
-        calls in flight; sends ``handoff`` with ``bundle_follows``; on ``handoff_accepted``
+        calls in flight; sends ``handoff`` with ``bundle_follows`` (and ``quiet`` when the agent
+        is no longer speaking); on ``handoff_accepted``
         starts the bundle upload to baton and returns. Raises :class:`HandoffRefused`.
         """
         t0 = time.monotonic()
@@ -977,7 +983,10 @@ class BatonLink:
             "tool_calls_in_flight": tool_calls_in_flight,
         }
         draft = build_handoff_bundle(the_agent.chat_ctx, **common)  # fail before asking baton
-        msg, fut = self.floor.request_handoff(target, reason, bundle_follows=True)
+        # The sentence has played out: say so, and the caller hears baton's filler a round trip
+        # sooner (baton still sends `deactivate`, which the floor client obeys as usual).
+        quiet = self.session.agent_state != "speaking"
+        msg, fut = self.floor.request_handoff(target, reason, bundle_follows=True, quiet=quiet)
         try:
             answer = await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -492,15 +492,15 @@ def test_handoff_request_resolves_on_accept_and_refusal() -> None:
     async def main() -> None:
         f, _s, _, _ = floor()
         f.handle(b("activate", cause="start"))
-        msg, fut = f.request_handoff("billing", "refund", bundle_follows=True)
-        assert msg["type"] == "handoff" and msg["bundle_follows"] is True
+        msg, fut = f.request_handoff("billing", "refund", bundle_follows=True, quiet=True)
+        assert msg["type"] == "handoff" and msg["bundle_follows"] is True and msg["quiet"] is True
         assert msg["target"] == "billing" and msg["reason"] == "refund"
         f.handle(b("handoff_accepted", re="someone-else", handoff="h-0", target="billing"))
         assert not fut.done()
         f.handle(b("handoff_accepted", re=msg["id"], handoff="h-1", target="billing"))
         assert (await fut)["handoff"] == "h-1"
         msg2, fut2 = f.request_handoff("billing", "again")
-        assert "bundle_follows" not in msg2
+        assert "bundle_follows" not in msg2 and "quiet" not in msg2
         f.handle(b("handoff_refused", re=msg2["id"], reason="handoff_in_progress"))
         assert (await fut2)["reason"] == "handoff_in_progress"
 
@@ -715,6 +715,9 @@ def test_link_source_and_target_through_a_scripted_baton() -> None:
         await asyncio.wait_for(triage.ticket.upload, 5)
         await asyncio.sleep(0.02)
         assert baton.types_from("agent-triage") == ["hello", "handoff", "quiet"]
+        # Asked after its sentence played out: it tells baton it is already quiet.
+        request = next(m for w, m in baton.got if w == "agent-triage" and m["type"] == "handoff")
+        assert request.get("quiet") is True, request
         assert not link_a.floor.active
         assert (s1.output.audio_enabled, s1.input.audio_enabled) == (False, False)
         payload, meta = await receive_bundle(baton.room, "agent-triage", timeout=1)

@@ -29,6 +29,16 @@ struct Holder {
     identity: String,
     /// Whether `activate` was sent; waits for the agent to be reachable.
     activated: bool,
+    /// The `activate` that gave it the floor: sent again, unchanged, when its adapter restarts
+    /// and says `hello` again, so the agent still knows why it holds the floor.
+    activation: BatonMessage,
+}
+
+impl Holder {
+    fn at_start(identity: String) -> Self {
+        let activation = BatonMessage::Activate { handoff: None, cause: ActivateCause::Start, reason: None };
+        Holder { identity, activated: false, activation }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -446,7 +456,7 @@ impl Arbiter {
             purpose == Some(Purpose::Start) || self.policy.starting_agent.as_deref() == Some(name.as_str());
         if wants_start && self.holder.is_none() && self.handoff.is_none() {
             self.dispatcher.cancel(&Purpose::Start, &mut self.out);
-            self.holder = Some(Holder { identity, activated: false });
+            self.holder = Some(Holder::at_start(identity));
         }
     }
 
@@ -564,8 +574,12 @@ impl Arbiter {
         }
         match message {
             AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
-            AgentMessage::Handoff { target, reason, transfer, bundle_follows } => {
-                self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, now)
+            AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet } => {
+                let source = from.clone();
+                self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, now);
+                if quiet && self.handoff.as_ref().is_some_and(|h| h.source == source) {
+                    self.source_quiet("quiet", now);
+                }
             }
             AgentMessage::Ready { handoff } => {
                 let Some(h) = &mut self.handoff else {
@@ -612,12 +626,8 @@ impl Arbiter {
         if h.activated || !self.peers.get(&h.identity).is_some_and(|p| p.reachable) {
             return;
         }
-        let identity = h.identity.clone();
-        self.send(
-            &identity,
-            None,
-            BatonMessage::Activate { handoff: None, cause: ActivateCause::Start, reason: None },
-        );
+        let (identity, activation) = (h.identity.clone(), h.activation.clone());
+        self.send(&identity, None, activation);
         self.unmute(&identity);
         if let Some(h) = &mut self.holder {
             h.activated = true;
@@ -945,11 +955,9 @@ impl Arbiter {
             return;
         };
         let id = h.id.clone();
-        self.send(
-            &target,
-            None,
-            BatonMessage::Activate { handoff: Some(id.clone()), cause: ActivateCause::Handoff, reason: None },
-        );
+        let activation =
+            BatonMessage::Activate { handoff: Some(id.clone()), cause: ActivateCause::Handoff, reason: None };
+        self.send(&target, None, activation.clone());
         self.unmute(&target);
         self.mark(Phase::TargetActivated, now, None);
         self.stop_filler(self.policy.filler_fade, now);
@@ -957,7 +965,7 @@ impl Arbiter {
             return;
         };
         h.timeline.target = h.target.name.clone();
-        self.holder = Some(Holder { identity: target.clone(), activated: true });
+        self.holder = Some(Holder { identity: target.clone(), activated: true, activation });
         if h.source_present {
             self.send(&h.source, None, BatonMessage::Release { handoff: id, mode: self.policy.release });
             if self.policy.release == ReleasePolicy::Leave {
@@ -1014,7 +1022,7 @@ impl Arbiter {
             return;
         };
         if let Some(identity) = self.find_agent(&next, None) {
-            self.holder = Some(Holder { identity, activated: false });
+            self.holder = Some(Holder::at_start(identity));
             self.activate_holder_if_reachable();
             return;
         }
@@ -1093,19 +1101,16 @@ impl Arbiter {
                 None,
                 BatonMessage::HandoffFailed { handoff: id.clone(), target: target_name, reason },
             );
-            self.send(
-                &source,
-                None,
-                BatonMessage::Activate {
-                    handoff: Some(id),
-                    cause: ActivateCause::Handback,
-                    reason: Some(reason),
-                },
-            );
+            let activation = BatonMessage::Activate {
+                handoff: Some(id),
+                cause: ActivateCause::Handback,
+                reason: Some(reason),
+            };
+            self.send(&source, None, activation.clone());
             self.unmute(&source);
             self.stop_filler(self.policy.filler_fade, now);
             self.mark(Phase::HandedBack, now, Some(reason.as_str().to_owned()));
-            self.holder = Some(Holder { identity: source, activated: true });
+            self.holder = Some(Holder { identity: source, activated: true, activation });
             self.close_failed(Outcome::HandedBack, reason, now);
         } else {
             self.stop_filler(self.policy.filler_fade, now);

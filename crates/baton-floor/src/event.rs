@@ -94,6 +94,10 @@ pub enum AgentMessage {
         /// The bundle will be sent after this request; its id is not known yet.
         #[serde(default)]
         bundle_follows: bool,
+        /// The source has already finished speaking and turned its audio off: it is quiet now,
+        /// and the filler can start at once instead of a `deactivate` → `quiet` round trip later.
+        #[serde(default)]
+        quiet: bool,
     },
     /// The target has loaded the bundle and its pipeline is running; it can speak.
     Ready {
@@ -216,7 +220,8 @@ mod tests {
                 target: "billing".into(),
                 reason: "refund".into(),
                 transfer: Some("t-9".into()),
-                bundle_follows: false
+                bundle_follows: false,
+                quiet: false,
             }
         );
         let m: AgentMessage =

@@ -76,8 +76,8 @@ fn message() -> impl Strategy<Value = AgentMessage> {
     let transfer = prop::option::of((1u8..3).prop_map(|n| format!("t-{n}")));
     prop_oneof![
         3 => name.clone().prop_map(|agent_name| AgentMessage::Hello { agent_name, role: None }),
-        3 => (name, transfer, any::<bool>()).prop_map(|(target, transfer, bundle_follows)| {
-            AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows }
+        3 => (name, transfer, any::<bool>(), any::<bool>()).prop_map(|(target, transfer, bundle_follows, quiet)| {
+            AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows, quiet }
         }),
         3 => handoff_id.prop_map(|handoff| AgentMessage::Ready { handoff }),
         2 => Just(AgentMessage::Quiet { handoff: None }),
@@ -140,6 +140,7 @@ fn skeleton() -> Vec<Step> {
                 reason: "r".into(),
                 transfer: Some("t-1".into()),
                 bundle_follows: false,
+                quiet: false,
             },
         ),
         Step::Event(Event::BundleReceived {

@@ -5,8 +5,8 @@ mod support;
 use std::time::Duration;
 
 use baton_floor::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, Event, FailReason, Outcome, Phase,
-    RefuseReason, ReleasePolicy,
+    ActivateCause, AgentMessage, Alert, BatonMessage, Command, DeactivateReason, Event, FailReason, Outcome,
+    Phase, RefuseReason, ReleasePolicy,
 };
 use support::*;
 
@@ -198,6 +198,12 @@ fn warm_handoff_uses_the_standby_agent_without_dispatch() {
     let t = finished(&out).unwrap();
     assert!(t.warm);
     assert_eq!(t.ms(Phase::TargetJoined), Some(0));
+    // Its adapter restarts and says hello again: the same activate, cause and handoff id, not
+    // a start activation that would make it greet the caller a second time.
+    let out = r.hello(BILLING, "billing");
+    let again =
+        BatonMessage::Activate { handoff: Some("h-1".into()), cause: ActivateCause::Handoff, reason: None };
+    assert_eq!(messages_to(&out, BILLING), vec![&again]);
 }
 
 #[test]
@@ -243,6 +249,27 @@ fn target_never_joins_hands_back_to_source_with_reason() {
 }
 
 #[test]
+fn source_that_says_it_is_already_quiet_gets_the_filler_with_the_acceptance() {
+    let mut r = Room::with_triage_active(policy());
+    let out = r.ctl(
+        TRIAGE,
+        AgentMessage::Handoff {
+            target: "billing".into(),
+            reason: "caller wants a refund".into(),
+            transfer: None,
+            bundle_follows: false,
+            quiet: true,
+        },
+    );
+    assert!(sent(&out, TRIAGE, "handoff_accepted"));
+    assert!(sent(&out, TRIAGE, "deactivate"), "still told, so a restarted adapter stays silent");
+    assert!(filler_started(&out), "no deactivate -> quiet round trip before the filler");
+    assert!(muted(&out, TRIAGE), "and still enforced server-side");
+    let t = r.arb.handoff().unwrap();
+    assert_eq!(t.target_identity, None);
+}
+
+#[test]
 fn target_never_ready_hands_back() {
     let mut p = policy();
     p.alternates.clear();
@@ -264,6 +291,16 @@ fn target_never_ready_hands_back() {
     let out = r.ready(BILLING, "h-1");
     assert!(!sent(&out, BILLING, "activate"));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
+    // A restarted source adapter hears again that the floor came back to it, and why.
+    let out = r.hello(TRIAGE, "triage");
+    assert!(messages_to(&out, TRIAGE).iter().any(|m| matches!(
+        m,
+        BatonMessage::Activate {
+            cause: ActivateCause::Handback,
+            reason: Some(FailReason::TargetNotReady),
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -357,6 +394,7 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
             reason: "r".into(),
             transfer: None,
             bundle_follows: true,
+            quiet: false,
         },
     );
     let out = billing_arrives(&mut r, "AD_1");

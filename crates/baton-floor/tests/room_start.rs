@@ -140,6 +140,7 @@ fn forged(r: &mut Room, from: &str) -> Vec<Command> {
             reason: "forged".into(),
             transfer: None,
             bundle_follows: false,
+            quiet: false,
         },
     )
 }

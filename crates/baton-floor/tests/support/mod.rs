@@ -109,6 +109,7 @@ impl Room {
                 reason: "caller wants a refund".into(),
                 transfer: transfer.map(Into::into),
                 bundle_follows: false,
+                quiet: false,
             },
         )
     }
