@@ -792,9 +792,12 @@ impl Arbiter {
         h.quiet = true;
         h.quiet_deadline = None;
         h.grace_deadline = None;
-        if detail == "forced" {
-            h.settle_until = Some(now + MUTE_SETTLE);
-        }
+        h.settle_until = match detail {
+            "forced" => Some(now + MUTE_SETTLE),
+            // Nothing of the source was reaching the caller: nothing to let drain.
+            "no_audio" => None,
+            _ => Some(now + self.policy.quiet_settle).filter(|_| !self.policy.quiet_settle.is_zero()),
+        };
         h.filler_deadline = Some(now + self.policy.max_filler);
         let source = h.source.clone();
         let present = h.source_present;

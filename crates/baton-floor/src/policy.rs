@@ -67,6 +67,11 @@ pub struct Policy {
     pub max_filler: Duration,
     /// Fade-out applied when filler stops because an agent took the floor.
     pub filler_fade: Duration,
+    /// After the source is quiet (it said so, or fell silent), how long the filler alone plays
+    /// before the target is switched in: the source's last words are still in the caller's
+    /// jitter buffer, and switching at once let them overlap the target's first by up to 40 ms
+    /// in the handoff benchmark. Zero switches at once. A forced mute waits longer (300 ms).
+    pub quiet_settle: Duration,
     /// How long after `activate` baton waits to see the target speak before closing the
     /// timeline without a `target_audible` mark.
     pub audible_timeout: Duration,
@@ -94,6 +99,7 @@ impl Default for Policy {
             ready_timeout: Duration::from_secs(8),
             max_filler: Duration::from_secs(20),
             filler_fade: Duration::from_millis(250),
+            quiet_settle: Duration::from_millis(60),
             audible_timeout: Duration::from_secs(3),
             start_dispatch: Retry {
                 attempts: 3,

@@ -249,6 +249,25 @@ fn target_never_joins_hands_back_to_source_with_reason() {
 }
 
 #[test]
+fn warm_target_is_switched_in_only_after_the_quiet_settle() {
+    let mut p = policy();
+    p.quiet_settle = ms(60);
+    let mut r = Room::with_triage_active(p);
+    r.join(agent(BILLING, "billing", true));
+    r.hello(BILLING, "billing");
+    r.request(TRIAGE, "billing", None);
+    r.ready(BILLING, "h-1");
+    let out = r.quiet(TRIAGE);
+    assert!(filler_started(&out), "the filler covers the settle");
+    assert!(!sent(&out, BILLING, "activate"), "the source's last words are still reaching the caller");
+    let out = r.advance(ms(59));
+    assert!(!sent(&out, BILLING, "activate"));
+    let out = r.advance(ms(1));
+    assert!(sent(&out, BILLING, "activate"));
+    assert!(unmuted(&out, BILLING));
+}
+
+#[test]
 fn source_that_says_it_is_already_quiet_gets_the_filler_with_the_acceptance() {
     let mut r = Room::with_triage_active(policy());
     let out = r.ctl(

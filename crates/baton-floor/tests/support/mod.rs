@@ -13,9 +13,12 @@ pub const BILLING: &str = "agent-billing";
 pub const SUPPORT: &str = "agent-support";
 pub const CALLER: &str = "caller";
 
+/// The test policy: three agents, billing's alternate is support. No quiet settle, so a
+/// switch happens at the instant its conditions hold; the settle has its own test.
 pub fn policy() -> Policy {
     let mut p = Policy::with_agents(["triage", "billing", "support"]);
     p.alternates.insert("billing".into(), vec!["support".into()]);
+    p.quiet_settle = std::time::Duration::ZERO;
     p
 }
 
