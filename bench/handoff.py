@@ -76,7 +76,7 @@ CALLER = textwrap.dedent(
             elif cmd[0] == "stop" and room is not None and rec is not None:
                 await rec.stop()
                 await room.disconnect()
-                print(json.dumps({"levels": rec.levels}), flush=True)
+                print(json.dumps({"levels": rec.played()}), flush=True)
                 room, rec = None, None
             elif cmd[0] == "stop":
                 print(json.dumps({"levels": {}}), flush=True)
@@ -84,6 +84,7 @@ CALLER = textwrap.dedent(
     asyncio.run(main())
     """
 )
+
 
 class Caller:
     def __init__(self) -> None:
@@ -366,9 +367,11 @@ def main() -> None:
         return f"{d[k]:7.1f}" if d else "      -"
 
     la = report["loadavg"]
-    print(f"\nhandoffs: {args.handoffs} baton ({n_warm} warm, {n_cold} cold) + {n_naive} naive; "
-          f"{report['run_seconds'] / 60:.1f} min; load avg start {la['start'][0]} mean {la['mean1']:.2f} "
-          f"max {la['max1']}")
+    print(
+        f"\nhandoffs: {args.handoffs} baton ({n_warm} warm, {n_cold} cold) + {n_naive} naive; "
+        f"{report['run_seconds'] / 60:.1f} min; load avg start {la['start'][0]} mean {la['mean1']:.2f} "
+        f"max {la['max1']}"
+    )
     print(f"{'':34} {'warm':>23} {'cold':>23} {'naive':>23}")
     print(f"{'':34}" + "".join(f" {'p50':>7} {'p95':>7} {'max':>7}" for _ in range(3)))
     rows = [
@@ -387,8 +390,10 @@ def main() -> None:
         print(line)
     for kind in ("warm", "cold", "naive"):
         k = s[kind]
-        print(f"{kind}: ok {k['ok']}/{k['n']}, silence > 60 ms in {k['silence_over_60ms']}, "
-              f"max overlap {k['overlap_max_ms']} ms, filler heard in {k['filler_heard']}, failed: {k['failed']}")
+        print(
+            f"{kind}: ok {k['ok']}/{k['n']}, silence > 60 ms in {k['silence_over_60ms']}, "
+            f"max overlap {k['overlap_max_ms']} ms, filler heard in {k['filler_heard']}, failed: {k['failed']}"
+        )
     nv = s["naive"]["request_to_audible_ms"]
     for kind in ("warm", "cold"):
         d = s[kind]["request_to_audible_ms"]

@@ -41,6 +41,7 @@ from lk_baton.transfer import receive_bundle, send_bundle, transport_for
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"100KiB": 100 * 1024, "1MiB": 1024 * 1024, "10MiB": 10 * 1024 * 1024}
 NS_SRV, NS_CLI = "bxfer-srv", "bxfer-cli"
+LOG = ROOT / "out" / "bench-transfer-baton.log"
 IP_SRV, IP_CLI = "10.203.0.1", "10.203.0.2"
 
 
@@ -131,6 +132,19 @@ async def run_stream(p: Pair, payload: bytes, deadline: float) -> float:
 async def measure(
     url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float
 ) -> dict[str, Any]:
+    # A caller stays in the room throughout, as in a real call: the server closes a room that
+    # only agents ever joined once its empty_timeout (60 s here) has passed.
+    caller = rtc.Room()
+    await caller.connect(url, token("caller", room_name))
+    try:
+        return await measure_sizes(url, baton, room_name, sizes, runs, deadline)
+    finally:
+        await caller.disconnect()
+
+
+async def measure_sizes(
+    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in sizes:
         size = SIZES[name]
@@ -177,6 +191,9 @@ def run_measurement(url: str, sizes: list[str], runs: int, deadline: float) -> d
         return asyncio.run(measure(url, baton, room, sizes, runs, deadline))
     finally:
         baton.stop()
+        # baton's own account of the run, for the failures the JSON reports.
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        LOG.write_text(baton.text())
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
