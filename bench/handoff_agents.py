@@ -275,8 +275,8 @@ async def one_call(server: Any, room: str, kind: str) -> Any:
 
 
 def analyse(res: Any, kind: str, st: dict[str, list[float]]) -> dict[str, Any]:
-    from peers import audible_grid, longest_run, runs
-    from run import FACTS, played_at
+    from peers import audible_grid, longest_run, played_at, runs
+    from run import FACTS
 
     r: dict[str, Any] = {}
     if not st.get("request") or not st.get("tool_call"):

@@ -46,7 +46,7 @@ from harness import (  # noqa: E402
     dispatch_token,
 )
 from livekit import rtc  # noqa: E402
-from peers import Recorder, audible_grid, longest_run  # noqa: E402
+from peers import Recorder, audible_grid, longest_run, played_at  # noqa: E402
 
 DESK = ROOT / "examples" / "support-desk"
 CONFIG = ROOT / "configs" / "baton.toml"
@@ -358,22 +358,6 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         if billing_first_slot is None
         else round((len(grid) - billing_first_slot) * step * 1000),
     )
-
-
-def played_at(series: list[tuple[float, float]], frame: float = 0.01) -> list[tuple[float, float]]:
-    """Frame times on the caller's playout clock instead of its Python process's arrival clock.
-
-    The receiver renders one 10 ms frame every 10 ms (concealment or silence when packets are
-    missing), but the caller's event loop gets them late and in bursts whenever its process
-    is not scheduled (2 cores shared with the server, baton and two agents). A burst of frames
-    arriving at once was played 10 ms apart before its last frame's arrival, so, going backwards,
-    each frame was played no later than it arrived and at least one frame before the next one.
-    A real gap (no frames rendered) is not a burst and stays a gap."""
-    out = list(series)
-    for i in range(len(out) - 2, -1, -1):
-        t, level = out[i]
-        out[i] = (min(t, out[i + 1][0] - frame), level)
-    return out
 
 
 def _who(identity: str, ids: dict[str, str]) -> str:
