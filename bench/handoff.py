@@ -42,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from common import summary
+from common import loadavg_summary, print_table, summary
 from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_join, token
 from livekit import api
 from peers import audible_grid, longest_run
@@ -334,12 +334,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "args": vars(args) | {"json": str(args.json) if args.json else None},
         "run_seconds": time.monotonic() - t_run,
-        "loadavg": {
-            "start": loads[0],
-            "end": loads[-1],
-            "max1": max(x[0] for x in loads),
-            "mean1": sum(x[0] for x in loads) / len(loads),
-        },
+        "loadavg": loadavg_summary(loads),
         "summary": {},
         "runs": results,
     }
@@ -363,17 +358,12 @@ def main() -> None:
 
     s = report["summary"]
 
-    def cell(d: dict[str, float] | None, k: str) -> str:
-        return f"{d[k]:7.1f}" if d else "      -"
-
     la = report["loadavg"]
     print(
         f"\nhandoffs: {args.handoffs} baton ({n_warm} warm, {n_cold} cold) + {n_naive} naive; "
         f"{report['run_seconds'] / 60:.1f} min; load avg start {la['start'][0]} mean {la['mean1']:.2f} "
         f"max {la['max1']}"
     )
-    print(f"{'':34} {'warm':>23} {'cold':>23} {'naive':>23}")
-    print(f"{'':34}" + "".join(f" {'p50':>7} {'p95':>7} {'max':>7}" for _ in range(3)))
     rows = [
         ("request -> target audible (ms)", "request_to_audible_ms"),
         ("target ready -> audible (ms)", "ready_to_audible_ms"),
@@ -382,12 +372,7 @@ def main() -> None:
         ("longest silence (ms)", "silence_ms"),
         ("longest silence in switch (ms)", "switch_silence_ms"),
     ]
-    for label, key in rows:
-        line = f"{label:<34}"
-        for kind in ("warm", "cold", "naive"):
-            d = s[kind][key]
-            line += f" {cell(d, 'p50')} {cell(d, 'p95')} {cell(d, 'max')}"
-        print(line)
+    print_table(s, ["warm", "cold", "naive"], rows)
     for kind in ("warm", "cold", "naive"):
         k = s[kind]
         print(

@@ -48,9 +48,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -219,24 +217,9 @@ class Workers:
 
 def start_worker(server: Any, kind: str) -> Any:
     """This file as a worker process (`--worker kind`), environment as demo/run.py's agents."""
-    from harness import API_KEY, API_SECRET, Process
+    from run import agent_process
 
-    env = {
-        **os.environ,
-        "LIVEKIT_URL": server.url,
-        "LIVEKIT_API_KEY": API_KEY,
-        "LIVEKIT_API_SECRET": API_SECRET,
-        "PYTHONUNBUFFERED": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", kind],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    return Process(proc)
+    return agent_process(server, [str(Path(__file__).resolve()), "--worker", kind])
 
 
 def stamps(proc: Any, room: str, start: int) -> dict[str, list[float]]:
@@ -460,6 +443,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 (args.logs / "livekit-server.log").write_text(procs.server.log_path.read_text(errors="replace"))
                 procs.server.log_path.unlink()
         print(f"worker logs in {args.logs}", file=sys.stderr)
+    from common import loadavg_summary
+
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": f"./scripts/bench handoff --agents --handoffs {args.handoffs}"
@@ -467,12 +452,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "args": {"handoffs": args.handoffs},
         "baton_binary": binary,
         "run_seconds": time.monotonic() - t_run,
-        "loadavg": {
-            "start": loads[0],
-            "end": loads[-1],
-            "max1": max(x[0] for x in loads),
-            "mean1": sum(x[0] for x in loads) / len(loads),
-        },
+        "loadavg": loadavg_summary(loads),
         "summary": {},
         "runs": results,
     }
@@ -511,15 +491,15 @@ def _f(v: float | None, width: int = 7, digits: int = 1) -> str:
     return f"{v:{width}.{digits}f}" if v is not None else " " * (width - 1) + "-"
 
 
-def print_table(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any]) -> None:
+    from common import print_table
+
     s, la = report["summary"], report["loadavg"]
     print(
         f"\nhandoffs: {s['baton']['n']} through baton (cold billing) + {s['monolith']['n']} in-process "
         f"(update_agent); {report['run_seconds'] / 60:.1f} min; load avg start {la['start'][0]} "
         f"mean {la['mean1']:.2f} max {la['max1']}"
     )
-    print(f"{'':34} {'baton':>23} {'monolith':>23}")
-    print(f"{'ms':34}" + "".join(f" {'p50':>7} {'p95':>7} {'max':>7}" for _ in range(2)))
     rows = [
         ("request -> billing audible", "request_to_audible_ms"),
         ("tool call -> billing audible", "tool_call_to_audible_ms"),
@@ -528,12 +508,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("tool call -> request", "tool_call_to_request_ms"),
         ("longest silence heard", "silence_ms"),
     ]
-    for label, key in rows:
-        line = f"{label:<34}"
-        for kind in ("baton", "monolith"):
-            d = s[kind][key]
-            line += "".join(f" {_f(d[k] if d else None)}" for k in ("p50", "p95", "max"))
-        print(line)
+    print_table(s, ["baton", "monolith"], rows)
     for kind in ("baton", "monolith"):
         k = s[kind]
         print(
@@ -569,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, Stopping) as e:
         print(f"\ninterrupted ({type(e).__name__} {e}); every process stopped", file=sys.stderr)
         sys.exit(130)
-    print_table(report)
+    print_report(report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(dumps(report))
     print(f"results: {args.json}")

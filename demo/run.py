@@ -116,8 +116,9 @@ def _stop_group(name: str, proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def agent_worker(server: LiveKitServer, script: str) -> Process:
-    env = {
+def agent_env(server: LiveKitServer) -> dict[str, str]:
+    """The environment of an agent worker process: this server, unbuffered output."""
+    return {
         **os.environ,
         "LIVEKIT_URL": server.url,
         "LIVEKIT_API_KEY": API_KEY,
@@ -125,8 +126,17 @@ def agent_worker(server: LiveKitServer, script: str) -> Process:
         "PYTHONUNBUFFERED": "1",
         "DESK_LOG": os.environ.get("DESK_LOG", ""),
     }
+
+
+def agent_worker(server: LiveKitServer, script: str) -> Process:
+    return agent_process(server, [str(DESK / script)])
+
+
+def agent_process(server: LiveKitServer, args: list[str]) -> Process:
+    """A Python agent worker (`python args...`) in its own process group, output captured."""
+    env = agent_env(server)
     proc = subprocess.Popen(
-        [sys.executable, str(DESK / script)],
+        [sys.executable, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
