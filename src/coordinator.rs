@@ -62,7 +62,7 @@ pub struct Coordinator {
     /// Context transfer (`baton.xfer`): receives, stores and delivers bundles.
     pub relay: crate::relay::Hookup,
     /// After the floor changes hands, the filler keeps playing until the caller can hear the new
-    /// holder (the server reports it speaking), at most until this instant: subscribing to a
+    /// holder (its `lk.agent.state` turns `speaking`), at most until this instant: subscribing to a
     /// newly joined agent or a remote unmute takes longer than any fixed fade.
     filler_hold: Option<(Instant, std::time::Duration)>,
 }

@@ -110,7 +110,8 @@ pub trait RoomHandler: Send {
     fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox);
     /// Someone joined, changed or left.
     fn on_change(&mut self, _change: &Change, _roster: &Roster, _now: Instant, _out: &mut Outbox) {}
-    /// A participant started or stopped speaking, by the server's audio-level measurement.
+    /// A participant started or stopped speaking, by the server's audio-level measurement (sent
+    /// only to subscribers, so baton, which subscribes to nothing, rarely gets it).
     fn on_speaking(&mut self, _identity: &str, _speaking: bool, _now: Instant, _out: &mut Outbox) {}
     /// baton is connected (first join, resume or rejoin) with a working data channel.
     fn on_connected(&mut self, _roster: &Roster, _now: Instant, _out: &mut Outbox) {}

@@ -5,8 +5,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-
-use crate::audio::filler::Envelope;
 use futures_util::stream::FuturesUnordered;
 use livekit_protocol as proto;
 use livekit_signaling::{SignalClient, SignalEvent, SignalEvents, SignalOptions};
@@ -21,6 +19,7 @@ use super::peer::{Drained, Peer, PeerEvent};
 use super::roster::Roster;
 use super::{Outbox, RoomHandler, RoomParams};
 use crate::audio::FRAME_DURATION;
+use crate::audio::filler::Envelope;
 
 /// How long the first join may take before it is reported as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
