@@ -69,10 +69,10 @@ pub struct Coordinator {
 
 /// Longest the filler is held waiting for the new floor holder to be heard.
 const FILLER_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(1200);
-/// How long the filler goes on under the new holder's first words. The server reports a
-/// speaker when its audio reaches the SFU; a caller still subscribing to a just-joined agent's
-/// track hears it later (hundreds of ms on a busy host), and soft noise under speech is far
-/// better than a hole before it.
+/// How long the filler fades out under the new holder's first words. The agent reports itself
+/// speaking when it starts playing; a caller still subscribing to a just-joined agent's track
+/// hears it later (hundreds of ms on a busy host), and soft noise under speech is far better
+/// than a hole before it.
 const FILLER_TAIL: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// How long a message from a not-yet-announced participant waits for the announcement.
