@@ -575,11 +575,7 @@ impl Arbiter {
         match message {
             AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
             AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet } => {
-                let source = from.clone();
-                self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, now);
-                if quiet && self.handoff.as_ref().is_some_and(|h| h.source == source) {
-                    self.source_quiet("quiet", now);
-                }
+                self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, quiet, now)
             }
             AgentMessage::Ready { handoff } => {
                 let Some(h) = &mut self.handoff else {
@@ -643,6 +639,7 @@ impl Arbiter {
         reason: String,
         transfer: Option<String>,
         bundle_follows: bool,
+        quiet: bool,
         now: Instant,
     ) {
         let source_name = self.peers[&from].info.agent_name.clone().unwrap_or_default();
@@ -733,6 +730,9 @@ impl Arbiter {
         if !audible {
             // Nothing of the source reaches the caller: the gap starts now, so must the filler.
             self.source_quiet("no_audio", now);
+        } else if quiet {
+            // The source finished its sentence before asking: no need to wait for `quiet`.
+            self.source_quiet("quiet", now);
         }
         self.acquire_target(now);
     }
