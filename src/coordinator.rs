@@ -425,28 +425,26 @@ impl RoomHandler for Coordinator {
             Change::Joined(m) => {
                 let p = participant(m);
                 self.members.insert(p.identity.clone(), p.clone());
-                Event::ParticipantJoined(p)
+                Some(Event::ParticipantJoined(p))
             }
             Change::Updated { after, .. } => {
                 let p = participant(after);
                 // Most updates (metadata, connection quality...) change nothing the floor cares
                 // about.
-                if self.members.get(&p.identity) == Some(&p) {
-                    if let Some((identity, speaking)) = state_change {
-                        self.on_speaking(&identity, speaking, now, out);
-                    }
-                    return;
-                }
-                self.members.insert(p.identity.clone(), p.clone());
-                Event::ParticipantUpdated(p)
+                (self.members.get(&p.identity) != Some(&p)).then(|| {
+                    self.members.insert(p.identity.clone(), p.clone());
+                    Event::ParticipantUpdated(p)
+                })
             }
             Change::Left(m) => {
                 self.members.remove(&m.identity);
-                Event::ParticipantLeft { identity: m.identity.clone() }
+                Some(Event::ParticipantLeft { identity: m.identity.clone() })
             }
         };
-        self.feed(event, now, out);
-        self.release_early(now, out);
+        if let Some(event) = event {
+            self.feed(event, now, out);
+            self.release_early(now, out);
+        }
         if let Some((identity, speaking)) = state_change {
             self.on_speaking(&identity, speaking, now, out);
         }
