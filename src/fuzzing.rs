@@ -7,7 +7,6 @@
 //! frame, an unrelated topic, or leaving/reconnecting) and how much time passes; the rest is the
 //! payload.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use livekit_protocol as proto;
@@ -49,7 +48,7 @@ fn info(identity: &str, agent: Option<&str>, version: u32) -> proto::Participant
 /// Returns how many packets baton sent, so a test can tell the input reached its logic.
 pub fn coordinator_packets(data: &[u8]) -> usize {
     let t0 = Instant::now();
-    let policy = policy();
+    let policy = baton_floor::Policy::with_agents(["triage", "billing"]);
     let cfg = CoordinatorConfig { room: "fuzz".into(), policy, api: None, echo: true };
     let Ok(mut c) = Coordinator::new(cfg, t0) else { return 0 };
     let mut sent = 0;
@@ -96,12 +95,4 @@ pub fn coordinator_packets(data: &[u8]) -> usize {
         sent += std::mem::take(&mut out).data.len();
     }
     sent
-}
-
-fn policy() -> baton_floor::Policy {
-    baton_floor::Policy {
-        agents: BTreeSet::from(["triage".to_string(), "billing".to_string()]),
-        starting_agent: Some("triage".into()),
-        ..Default::default()
-    }
 }

@@ -104,7 +104,8 @@ impl FillerSound {
         Ok(me)
     }
 
-    /// Waits until the fade steps are encoded (tests and benchmarks want the real thing).
+    /// Waits until the fade steps are encoded (tests want the real thing).
+    #[cfg(test)]
     pub fn wait_for_fades(&self, limit: Duration) -> bool {
         let until = std::time::Instant::now() + limit;
         while self.quieter.get().is_none() {
@@ -127,11 +128,6 @@ impl FillerSound {
     /// Encoded digital silence.
     pub fn silence(&self) -> &Frame {
         self.full.silence()
-    }
-
-    /// The loop's length in 20 ms frames.
-    pub fn frames(&self) -> usize {
-        self.full.len()
     }
 }
 
