@@ -327,6 +327,8 @@ impl Coordinator {
                     tracing::warn!(%from, ?transfer_id, %error, "transfer frame rejected");
                     continue;
                 }
+                // The arbiter starts a delivery once the bundle is held (BundleReceived).
+                R::Receiving { .. } => continue,
                 R::Expired { transfer_id } => {
                     tracing::debug!(transfer = %format_args!("{transfer_id:032x}"), "stored bundle expired");
                     continue;

@@ -235,6 +235,18 @@ pub enum RelayError {
 /// What the coordinator learns from the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEvent {
+    /// An authorized sender's OPEN was accepted: the bundle is arriving and can already be
+    /// delivered onwards ([`Relay::deliver`] forwards it while it arrives).
+    Receiving {
+        /// The source agent.
+        from: String,
+        /// The source's transfer id.
+        transfer_id: u128,
+        /// Payload size announced.
+        size: u64,
+        /// The OPEN's metadata string.
+        meta: String,
+    },
     /// A bundle arrived whole, verified, and is stored under `transfer_id`; the source has been
     /// sent COMPLETE.
     BundleReceived {
@@ -415,6 +427,14 @@ impl Relay {
                     let before = self.endpoint.receivers().active();
                     self.endpoint.handle_packet(from, payload, now);
                     let accepted = self.endpoint.receivers().active() > before;
+                    if accepted {
+                        self.events.push(RelayEvent::Receiving {
+                            from: from.to_owned(),
+                            transfer_id: id,
+                            size: open.payload_size,
+                            meta: open.meta.clone(),
+                        });
+                    }
                     self.pull_with(now);
                     if !accepted {
                         // Refused by the engine (limits), answered by it; or completed at once
@@ -429,33 +449,55 @@ impl Relay {
         self.pull_with(now);
     }
 
-    /// Starts delivering a stored bundle to `to`; returns the new delivery's id. The outcome
-    /// arrives as [`RelayEvent::Delivered`] or [`RelayEvent::DeliveryFailed`].
+    /// Starts delivering a bundle to `to`; returns the new delivery's id. A stored bundle is
+    /// sent from the store; one still arriving is forwarded chunk by chunk as it arrives
+    /// (cut-through), and that delivery fails if the arrival does. The outcome arrives as
+    /// [`RelayEvent::Delivered`] or [`RelayEvent::DeliveryFailed`].
     pub fn deliver(&mut self, transfer_id: u128, to: &str, now: Instant) -> Result<u128, RelayError> {
-        let bundle = self.store.get(transfer_id).ok_or(RelayError::UnknownBundle(transfer_id))?;
-        if self.deliveries.iter().any(|((t, _), d)| t == to && d.transfer_id == transfer_id) {
+        if self.is_delivering(transfer_id, to) {
             return Err(RelayError::AlreadyDelivering { transfer_id, to: to.to_owned() });
         }
+        let stored = self.store.get(transfer_id);
+        let arriving = self
+            .admitted
+            .iter()
+            .find(|((_, id), _)| *id == transfer_id)
+            .map(|((from, _), a)| (from.clone(), *a));
         let delivery_id = loop {
             let id: u128 = rand::random();
             if !self.deliveries.contains_key(&(to.to_owned(), id)) {
                 break id;
             }
         };
+        let (started, bytes, how) = match (&stored, arriving) {
+            (Some(bundle), _) => (
+                self.endpoint.send(to, delivery_id, &bundle.payload, &bundle.info.meta, now),
+                bundle.payload.len() as u64,
+                "delivering bundle",
+            ),
+            (None, Some((from, a))) => (
+                self.endpoint.forward(to, delivery_id, &from, transfer_id, now),
+                a.payload_size,
+                "delivering bundle while it arrives (cut-through)",
+            ),
+            (None, None) => return Err(RelayError::UnknownBundle(transfer_id)),
+        };
+        started.map_err(RelayError::Transfer)?;
         self.deliveries.insert((to.to_owned(), delivery_id), Delivery { transfer_id, bytes_sent: 0 });
-        if let Err(e) = self.endpoint.send(to, delivery_id, &bundle.payload, &bundle.info.meta, now) {
-            self.deliveries.remove(&(to.to_owned(), delivery_id));
-            return Err(RelayError::Transfer(e));
-        }
         tracing::info!(
             %to,
             transfer_id = %format_args!("{transfer_id:032x}"),
             delivery_id = %format_args!("{delivery_id:032x}"),
-            bytes = bundle.payload.len(),
-            "delivering bundle"
+            bytes,
+            "{how}"
         );
         self.pull_with(now);
         Ok(delivery_id)
+    }
+
+    /// Whether a delivery of this bundle to `to` is under way.
+    pub fn is_delivering(&self, transfer_id: u128, to: &str) -> bool {
+        self.deliveries.iter().any(|((t, _), d)| t == to && d.transfer_id == transfer_id)
     }
 
     /// Cancels a delivery (CANCEL `cancelled` to the target). Returns false if it is unknown or
@@ -840,18 +882,34 @@ impl Hookup {
         let mut events = Vec::new();
         loop {
             for ev in self.relay.drain(out) {
-                if self.auto_deliver
-                    && let RelayEvent::BundleReceived { transfer_id, meta, .. } = &ev
-                    && let Ok(serde_json::Value::Object(m)) = serde_json::from_str(meta)
-                    && let Some(serde_json::Value::String(to)) = m.get("to")
-                {
-                    self.pending.push((*transfer_id, to.clone()));
+                match &ev {
+                    // From the OPEN on: a target already in the room gets the bundle forwarded
+                    // while it arrives. Once stored, a target that was not there (or whose
+                    // forward failed) gets it from the store.
+                    RelayEvent::Receiving { transfer_id, meta, .. }
+                    | RelayEvent::BundleReceived { transfer_id, meta, .. }
+                        if self.auto_deliver =>
+                    {
+                        if let Some(to) = meta_target(meta) {
+                            let entry = (*transfer_id, to);
+                            if !self.pending.contains(&entry) {
+                                self.pending.push(entry);
+                            }
+                        }
+                    }
+                    RelayEvent::ReceiveFailed { transfer_id, .. } => {
+                        self.pending.retain(|(id, _)| id != transfer_id);
+                    }
+                    _ => {}
                 }
                 events.push(ev);
             }
             let mut started = false;
             let mut keep = Vec::new();
             for (id, to) in std::mem::take(&mut self.pending) {
+                if self.relay.is_delivering(id, &to) {
+                    continue;
+                }
                 if !self.present.get(&to).is_some_and(Option::is_some) {
                     keep.push((id, to));
                     continue;
@@ -866,6 +924,17 @@ impl Hookup {
                 return events;
             }
         }
+    }
+}
+
+/// The identity a bundle's meta names as its target (`{"to": "<identity>"}`), if any.
+fn meta_target(meta: &str) -> Option<String> {
+    match serde_json::from_str(meta) {
+        Ok(serde_json::Value::Object(m)) => match m.get("to") {
+            Some(serde_json::Value::String(to)) => Some(to.clone()),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -1177,6 +1246,85 @@ mod tests {
         assert!(net.relay.store().is_empty());
         // Only the OPEN (and perhaps the first window) reached baton; nothing was buffered.
         assert_eq!(net.relay.receiving(), 0);
+    }
+
+    /// Moves packets one at a time until `done` holds (no timers: a clean link).
+    fn step_until(net: &mut Net, done: impl Fn(&Net) -> bool) {
+        for _ in 0..100_000 {
+            net.collect();
+            if done(net) {
+                return;
+            }
+            let Some((from, to, bytes)) = net.wire.pop_front() else {
+                panic!("link idle before the condition held")
+            };
+            let now = net.now;
+            if to == "baton" {
+                let auth = net.agents.contains(&from);
+                net.relay.on_packet(&from, &bytes, auth, now);
+            } else {
+                net.peer(&to).handle_packet(&from, &bytes, now);
+            }
+        }
+        panic!("condition never held");
+    }
+
+    #[test]
+    fn a_bundle_still_arriving_is_forwarded_as_it_arrives() {
+        let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
+        let payload = bundle(600 * 1024 + 5, 4);
+        net.send("a", 7, &payload, r#"{"to":"b"}"#);
+        step_until(&mut net, |n| {
+            n.relay_events.iter().any(|e| matches!(e, RelayEvent::Receiving { transfer_id: 7, .. }))
+        });
+        assert!(net.relay.stored(7).is_none(), "not stored yet");
+        let did = net.relay.deliver(7, "b", net.now).expect("forwarding starts before the bundle is whole");
+        // b gets chunks while a is still sending: b holds part of the bundle before baton has all of it.
+        step_until(&mut net, |n| {
+            n.peers["b"].receivers().receiver("baton", did).is_some_and(|r| r.held_chunks().count() > 2)
+        });
+        assert!(net.relay.stored(7).is_none(), "b is receiving while leg 1 is still arriving");
+        net.run(Duration::from_secs(5));
+        assert_eq!(net.send_outcome("a", 7), Some(Ok(())));
+        assert_eq!(net.delivered_to("b"), vec![(did, payload.clone(), r#"{"to":"b"}"#.into())]);
+        let sent = net.relay_events.iter().find_map(|e| match e {
+            RelayEvent::Delivered { to, transfer_id: 7, delivery_id, bytes_sent } if to == "b" => {
+                Some((*delivery_id, *bytes_sent))
+            }
+            _ => None,
+        });
+        assert_eq!(sent, Some((did, payload.len() as u64)), "every chunk forwarded once");
+        assert!(net.relay.stored(7).is_some(), "and kept for a later delivery");
+    }
+
+    #[test]
+    fn a_forward_fails_when_its_source_cancels() {
+        let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
+        let payload = bundle(2 * 1024 * 1024, 5); // more than one window (32 chunks)
+        net.send("a", 7, &payload, "{}");
+        step_until(&mut net, |n| {
+            n.relay_events.iter().any(|e| matches!(e, RelayEvent::Receiving { transfer_id: 7, .. }))
+        });
+        let did = net.relay.deliver(7, "b", net.now).expect("forward");
+        step_until(&mut net, |n| n.peers["b"].receivers().receiver("baton", did).is_some());
+        let now = net.now;
+        assert!(net.peer("a").cancel("baton", 7, "the caller hung up", now));
+        net.run(Duration::from_secs(5));
+        assert!(net.delivered_to("b").is_empty());
+        assert!(net.relay.stored(7).is_none());
+        let failed = net.relay_events.iter().find_map(|e| match e {
+            RelayEvent::DeliveryFailed { to, delivery_id, error, .. } if to == "b" && *delivery_id == did => {
+                Some(error.clone())
+            }
+            _ => None,
+        });
+        let failed = failed.expect("the forward failed");
+        assert_eq!(failed.code, ErrorCode::Cancelled);
+        assert!(failed.reason.contains("the caller hung up"), "{failed}");
+        assert!(
+            net.events.iter().any(|(n, e)| n == "b" && matches!(e, Event::ReceiveFailed { .. })),
+            "b was told"
+        );
     }
 
     #[test]

@@ -274,6 +274,11 @@ impl Receivers {
         self.out.pop_front()
     }
 
+    /// The incoming transfer `id` from `from`, while it is in progress.
+    pub fn receiver(&self, from: &str, id: u128) -> Option<&Receiver> {
+        self.active.get(&(from.to_owned(), id)).map(|(r, _)| r)
+    }
+
     fn unknown(&mut self, from: &str, id: u128) {
         self.event(Event::Rejected {
             peer: from.to_owned(),
@@ -382,6 +387,9 @@ pub struct Endpoint {
     cfg: EndpointConfig,
     senders: HashMap<(Peer, u128), Sender>,
     receivers: Receivers,
+    /// Cut-through: an incoming transfer (from, id) and the outgoing ones (to, id) that
+    /// forward its chunks as they arrive.
+    forwards: HashMap<(Peer, u128), Vec<(Peer, u128)>>,
     out: VecDeque<Output>,
 }
 
@@ -392,6 +400,7 @@ impl Endpoint {
             receivers: Receivers::new(cfg.receivers.clone()),
             cfg,
             senders: HashMap::new(),
+            forwards: HashMap::new(),
             out: VecDeque::new(),
         }
     }
@@ -419,6 +428,44 @@ impl Endpoint {
         cfg: SenderConfig,
         now: Instant,
     ) -> Result<(), TransferError> {
+        let key = self.free_key(to, id)?;
+        let s = Sender::new(id, payload, meta, cfg, now)?;
+        self.senders.insert(key.clone(), s);
+        self.drain_sender(&key);
+        Ok(())
+    }
+
+    /// Starts sending to `to`, as transfer `id`, the incoming transfer `upstream` from `from`
+    /// while it is still arriving (cut-through relay): same OPEN, and each chunk goes out as
+    /// soon as it is held, after the ones held already. If the incoming transfer fails, this
+    /// one is cancelled with the reason. The receiver checks the upstream SHA-256, so the
+    /// guarantees of a COMPLETE are those of any transfer.
+    pub fn forward(
+        &mut self,
+        to: &str,
+        id: u128,
+        from: &str,
+        upstream: u128,
+        now: Instant,
+    ) -> Result<(), TransferError> {
+        let key = self.free_key(to, id)?;
+        let Some(r) = self.receivers.receiver(from, upstream) else {
+            return Err(TransferError::local(
+                ErrorCode::UnknownTransfer,
+                "no incoming transfer in progress with this id from this peer to forward",
+            ));
+        };
+        let mut s = Sender::forward(id, r.open().clone(), self.cfg.sender.clone(), now)?;
+        for (index, bytes) in r.held_chunks() {
+            s.supply(index, bytes);
+        }
+        self.senders.insert(key.clone(), s);
+        self.forwards.entry((from.to_owned(), upstream)).or_default().push(key.clone());
+        self.drain_sender(&key);
+        Ok(())
+    }
+
+    fn free_key(&self, to: &str, id: u128) -> Result<(Peer, u128), TransferError> {
         let key = (to.to_owned(), id);
         if self.senders.contains_key(&key) {
             return Err(TransferError::local(
@@ -426,10 +473,7 @@ impl Endpoint {
                 "a transfer with this id to this peer is already in progress",
             ));
         }
-        let s = Sender::new(id, payload, meta, cfg, now)?;
-        self.senders.insert(key.clone(), s);
-        self.drain_sender(&key);
-        Ok(())
+        Ok(key)
     }
 
     /// Cancels an outgoing transfer. Returns false if it is unknown or already finished.
@@ -458,10 +502,18 @@ impl Endpoint {
         };
         match frame.direction() {
             Direction::ToReceiver => {
+                let upstream = (from.to_owned(), frame.id());
+                let chunk = match &frame {
+                    Frame::Data { index, bytes, .. } if self.forwards.contains_key(&upstream) => {
+                        Some((*index, bytes.clone()))
+                    }
+                    _ => None,
+                };
                 self.receivers.handle_frame(from, frame, now);
-                while let Some(o) = self.receivers.poll_output() {
-                    self.out.push_back(o);
+                if let Some((index, bytes)) = chunk {
+                    self.supply_forwards(&upstream, index, &bytes);
                 }
+                self.pull_receivers(now);
             }
             Direction::ToSender => {
                 let key = (from.to_owned(), frame.id());
@@ -516,9 +568,7 @@ impl Endpoint {
             self.drain_sender(&key);
         }
         self.receivers.reconnected(peer, now);
-        while let Some(o) = self.receivers.poll_output() {
-            self.out.push_back(o);
-        }
+        self.pull_receivers(now);
     }
 
     /// Earliest instant at which [`handle_timeout`](Self::handle_timeout) must be called.
@@ -545,9 +595,7 @@ impl Endpoint {
             self.drain_sender(&key);
         }
         self.receivers.handle_timeout(now);
-        while let Some(o) = self.receivers.poll_output() {
-            self.out.push_back(o);
-        }
+        self.pull_receivers(now);
     }
 
     /// Next thing to do.
@@ -563,6 +611,44 @@ impl Endpoint {
     /// The receiving side, for its counters.
     pub fn receivers(&self) -> &Receivers {
         &self.receivers
+    }
+
+    /// Hands a chunk of a forwarded incoming transfer to the transfers forwarding it.
+    fn supply_forwards(&mut self, upstream: &(Peer, u128), index: u32, bytes: &[u8]) {
+        let Some(downstream) = self.forwards.get_mut(upstream) else { return };
+        // A forwarding transfer that finished (or was cancelled) is gone from `senders`.
+        downstream.retain(|k| self.senders.contains_key(k));
+        let keys = downstream.clone();
+        if keys.is_empty() {
+            self.forwards.remove(upstream);
+        }
+        for key in keys {
+            if let Some(s) = self.senders.get_mut(&key) {
+                s.supply(index, bytes);
+            }
+            self.drain_sender(&key);
+        }
+    }
+
+    /// Moves the receivers' outputs out; an incoming transfer that ended stops being
+    /// forwarded, and if it failed, so do the transfers forwarding it.
+    fn pull_receivers(&mut self, now: Instant) {
+        while let Some(o) = self.receivers.poll_output() {
+            if let Output::Event(Event::Delivered { from, id, .. } | Event::ReceiveFailed { from, id, .. }) =
+                &o
+                && let Some(downstream) = self.forwards.remove(&(from.clone(), *id))
+                && let Output::Event(Event::ReceiveFailed { error, .. }) = &o
+            {
+                let reason = format!("the incoming transfer this one forwards failed: {error}");
+                for key in downstream {
+                    if let Some(s) = self.senders.get_mut(&key) {
+                        s.cancel(&reason, now);
+                    }
+                    self.drain_sender(&key);
+                }
+            }
+            self.out.push_back(o);
+        }
     }
 
     fn drain_sender(&mut self, key: &(Peer, u128)) {

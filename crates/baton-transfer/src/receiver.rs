@@ -130,6 +130,17 @@ impl Receiver {
         self.finished
     }
 
+    /// The chunks held so far, by index, with their (wire) bytes; none once finished. What a
+    /// relay forwarding this transfer downstream starts from.
+    pub fn held_chunks(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
+        let cs = self.open.chunk_size as usize;
+        let buf = if self.finished { &[][..] } else { &self.buf[..] };
+        self.have.iter().enumerate().filter(move |(_, held)| **held && !buf.is_empty()).map(move |(i, _)| {
+            let start = i * cs;
+            (i as u32, &buf[start..(start + cs).min(buf.len())])
+        })
+    }
+
     /// Handles a frame from the sender (OPEN repeat, DATA, CANCEL, RESUME).
     pub fn handle_frame(&mut self, frame: Frame, now: Instant) {
         if self.finished {

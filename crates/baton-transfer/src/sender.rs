@@ -75,6 +75,9 @@ pub struct Sender {
     cfg: SenderConfig,
     open: Open,
     wire: Vec<u8>,
+    /// For a forwarded transfer ([`Sender::forward`]): which chunks upstream has supplied so
+    /// far. `None` when the whole payload was given at the start.
+    supplied: Option<Vec<bool>>,
     chunks: Vec<Chunk>,
     last_tx: Vec<u64>,
     tx_count: u64,
@@ -104,21 +107,7 @@ impl Sender {
         cfg: SenderConfig,
         now: Instant,
     ) -> Result<Sender, TransferError> {
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cfg.chunk_size) {
-            return Err(TransferError::local(
-                ErrorCode::ProtocolViolation,
-                format!("chunk_size {} outside 256..=14976", cfg.chunk_size),
-            ));
-        }
-        if meta.len() > MAX_META_LEN {
-            return Err(TransferError::local(
-                ErrorCode::TooLarge,
-                format!(
-                    "meta is {} bytes, at most {MAX_META_LEN} allowed; put large data in the payload",
-                    meta.len()
-                ),
-            ));
-        }
+        check_start(cfg.chunk_size, meta)?;
         let sha256: [u8; 32] = Sha256::digest(payload).into();
         let mut deflate = false;
         let mut wire = payload.to_vec();
@@ -137,14 +126,40 @@ impl Sender {
             deflate,
             meta: meta.to_owned(),
         };
-        let count = wire.len().div_ceil(cfg.chunk_size as usize);
-        if count > u32::MAX as usize {
+        if wire.len().div_ceil(cfg.chunk_size as usize) > u32::MAX as usize {
             return Err(TransferError::local(ErrorCode::TooLarge, "payload too large"));
         }
+        Ok(Sender::start(id, open, wire, None, cfg, now))
+    }
+
+    /// Starts relaying a transfer whose bytes are still arriving from upstream (cut-through):
+    /// announces `open` unchanged (the upstream transfer's sizes, chunk size, compression,
+    /// SHA-256 and meta), and sends each chunk once [`supply`](Self::supply) has provided it,
+    /// in order. The receiver verifies the upstream SHA-256 as for any transfer, so a chunk
+    /// corrupted upstream fails the transfer instead of being delivered. `cfg.chunk_size`
+    /// and `cfg.compress` are ignored: the chunking is upstream's.
+    pub fn forward(id: u128, open: Open, cfg: SenderConfig, now: Instant) -> Result<Sender, TransferError> {
+        check_start(open.chunk_size, &open.meta)?;
+        let wire_size = usize::try_from(open.wire_size)
+            .map_err(|_| TransferError::local(ErrorCode::TooLarge, "payload too large"))?;
+        let count = open.chunk_count() as usize;
+        let cfg = SenderConfig { chunk_size: open.chunk_size, compress: false, ..cfg };
+        Ok(Sender::start(id, open, vec![0; wire_size], Some(vec![false; count]), cfg, now))
+    }
+
+    fn start(
+        id: u128,
+        open: Open,
+        wire: Vec<u8>,
+        supplied: Option<Vec<bool>>,
+        cfg: SenderConfig,
+        now: Instant,
+    ) -> Sender {
+        let count = wire.len().div_ceil(cfg.chunk_size as usize);
         let window = cfg.window.max(1);
         let mut ctrl = VecDeque::new();
         ctrl.push_back(Frame::Open { id, open: open.clone() });
-        Ok(Sender {
+        Sender {
             id,
             rto: cfg.initial_rto,
             rto_at: Some(now + cfg.initial_rto),
@@ -152,6 +167,7 @@ impl Sender {
             cfg,
             open,
             wire,
+            supplied,
             chunks: vec![Chunk::Unsent; count],
             last_tx: vec![0; count],
             tx_count: 0,
@@ -166,7 +182,32 @@ impl Sender {
             now,
             finished: false,
             events: VecDeque::new(),
-        })
+        }
+    }
+
+    /// Provides chunk `index` of a forwarded transfer (see [`forward`](Self::forward)).
+    /// Returns false, and changes nothing, for a transfer that was not forwarded, an index
+    /// beyond the last, a length that is not the chunk's, or a chunk already supplied (the
+    /// first copy wins, as in the receiver).
+    pub fn supply(&mut self, index: u32, bytes: &[u8]) -> bool {
+        let Some(supplied) = self.supplied.as_mut() else { return false };
+        let Some(slot) = supplied.get_mut(index as usize).filter(|s| !**s) else {
+            return false;
+        };
+        let cs = self.cfg.chunk_size as usize;
+        let start = index as usize * cs;
+        let end = (start + cs).min(self.wire.len());
+        if bytes.len() != end - start {
+            return false;
+        }
+        self.wire[start..end].copy_from_slice(bytes);
+        *slot = true;
+        true
+    }
+
+    /// Whether the next new chunk is still to come from upstream (forwarded transfers only).
+    fn waiting_upstream(&self) -> bool {
+        self.supplied.as_ref().is_some_and(|s| s.get(self.next_new as usize).is_some_and(|have| !have))
     }
 
     /// Transfer id.
@@ -296,6 +337,12 @@ impl Sender {
             }
             self.in_flight = 0;
             self.resume_mark = None;
+            if !any && self.lost.is_empty() && self.open_acked && self.waiting_upstream() {
+                // Everything sent so far is acknowledged and the rest has not arrived from
+                // upstream: nothing to time out until the next chunk goes out.
+                self.rto_at = None;
+                return;
+            }
             if !any && self.lost.is_empty() && self.open_acked {
                 // Everything sent is acknowledged but COMPLETE has not come: ask again.
                 self.ctrl.push_back(Frame::Resume { id: self.id, sent: self.next_new });
@@ -322,6 +369,7 @@ impl Sender {
             i
         } else if (self.next_new as usize) < self.chunks.len()
             && self.next_new < self.cum_acked.saturating_add(window)
+            && !self.waiting_upstream()
         {
             self.next_new += 1;
             self.next_new - 1
@@ -444,6 +492,25 @@ impl Sender {
         self.rto_at = None;
         self.events.push_back(ev);
     }
+}
+
+fn check_start(chunk_size: u32, meta: &str) -> Result<(), TransferError> {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(TransferError::local(
+            ErrorCode::ProtocolViolation,
+            format!("chunk_size {chunk_size} outside 256..=14976"),
+        ));
+    }
+    if meta.len() > MAX_META_LEN {
+        return Err(TransferError::local(
+            ErrorCode::TooLarge,
+            format!(
+                "meta is {} bytes, at most {MAX_META_LEN} allowed; put large data in the payload",
+                meta.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn truncate(reason: &str) -> String {
