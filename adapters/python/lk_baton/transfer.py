@@ -177,18 +177,13 @@ class Sender:
             )
             return
         if self._rto_at is not None and now >= self._rto_at:
+            # Silence on a reliable, ordered link: the receiver is behind, or a reconnect went
+            # unreported. Ask what it holds and resend only what the report says is missing
+            # (docs/protocol.md 4.3, rule 6) rather than a whole window.
             if not self._open_acked:
                 self._ctrl.append(self.open)
-            any_lost = False
-            for i in range(self._cum_acked, self._next_new):
-                if self._chunks[i] == _IN_FLIGHT:
-                    self._chunks[i] = _LOST
-                    self._lost.add(i)
-                    any_lost = True
-            self._in_flight = 0
-            self._resume_mark = None
-            if not any_lost and not self._lost and self._open_acked:
-                self._ctrl.append(fr.Resume(self.id, self._next_new))
+            self._ctrl.append(fr.Resume(self.id, self._next_new))
+            self._resume_mark = self._tx_count
             self._rto = min(self._rto * 2, self.cfg.max_rto)
             self._rto_at = now + self._rto
 

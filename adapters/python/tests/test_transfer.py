@@ -270,3 +270,19 @@ def test_zip_bomb_is_refused_while_inflating() -> None:
         fr.decode(o.payload).code for o in outs if isinstance(o, Transmit) and o.payload[2] == 6
     ]
     assert codes == [ErrorCode.TOO_LARGE]
+
+
+def test_a_timeout_probes_and_resends_only_what_the_report_says_is_missing() -> None:
+    """Mirror of the Rust sender test: a timeout asks (RESUME) instead of resending."""
+    from lk_baton.transfer import Sender
+
+    s = Sender(1, bytes(256 * 6), "", SenderConfig(chunk_size=256, window=8), 0.0)
+    sent = list(iter(s.poll_frame, None))
+    assert len(sent) == 7  # OPEN + 6 chunks
+    s.handle_frame(fr.Ack(1, 0, 64), 0.0)  # the OPEN arrived; the receiver is behind
+    s.handle_timeout(s.cfg.initial_rto)
+    probe = list(iter(s.poll_frame, None))
+    assert probe == [fr.Resume(1, 6)], probe
+    s.handle_frame(fr.Ack(1, 4, 64, ((5, 6),), resume=True, solicited=True), 1.0)
+    resent = [f.index for f in iter(s.poll_frame, None) if isinstance(f, fr.Data)]
+    assert resent == [4]

@@ -321,32 +321,23 @@ impl Sender {
             return;
         }
         if self.rto_at.is_some_and(|t| now >= t) {
-            // Nothing heard for a whole RTO: assume what is in flight is gone. At most one
-            // window is resent per timeout and the timeout doubles, so a dead link costs
-            // a geometrically shrinking trickle, not a flood.
-            if !self.open_acked {
-                self.ctrl.push_back(Frame::Open { id: self.id, open: self.open.clone() });
-            }
-            let mut any = false;
-            for i in self.cum_acked..self.next_new {
-                if self.chunks[i as usize] == Chunk::InFlight {
-                    self.chunks[i as usize] = Chunk::Lost;
-                    self.lost.insert(i);
-                    any = true;
-                }
-            }
-            self.in_flight = 0;
-            self.resume_mark = None;
-            if !any && self.lost.is_empty() && self.open_acked && self.waiting_upstream() {
+            if self.in_flight == 0 && self.lost.is_empty() && self.open_acked && self.waiting_upstream() {
                 // Everything sent so far is acknowledged and the rest has not arrived from
                 // upstream: nothing to time out until the next chunk goes out.
                 self.rto_at = None;
                 return;
             }
-            if !any && self.lost.is_empty() && self.open_acked {
-                // Everything sent is acknowledged but COMPLETE has not come: ask again.
-                self.ctrl.push_back(Frame::Resume { id: self.id, sent: self.next_new });
+            // Nothing heard for a whole RTO. The link is reliable and ordered, so what is in
+            // flight has either arrived at a slow receiver or was lost to a reconnect nobody
+            // told us about. Resending it all would double the load on a receiver that is
+            // merely behind; instead ask what it holds (RESUME, answered after everything sent
+            // before it) and resend only what the answer says is missing. A dead link gets one
+            // small probe per (doubling) timeout.
+            if !self.open_acked {
+                self.ctrl.push_back(Frame::Open { id: self.id, open: self.open.clone() });
             }
+            self.ctrl.push_back(Frame::Resume { id: self.id, sent: self.next_new });
+            self.resume_mark = Some(self.tx_count);
             self.rto = (self.rto * 2).min(self.cfg.max_rto);
             self.rto_at = Some(now + self.rto);
         }
@@ -604,6 +595,65 @@ mod tests {
             Some(SenderEvent::Failed(e)) => assert_eq!(e.code, ErrorCode::TimedOut),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn data_indices(frames: &[Frame]) -> Vec<u32> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Data { index, .. } => Some(*index),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_timeout_probes_instead_of_resending_and_resends_only_what_is_missing() {
+        let now = t0();
+        let mut s = Sender::new(1, &[3u8; 256 * 6], "", cfg(8), now).unwrap();
+        assert_eq!(drain(&mut s).len(), 7, "OPEN + 6 chunks");
+        s.handle_frame(ack(0, vec![], false), now); // the OPEN arrived; the receiver is behind
+        let rto = s.poll_timeout().unwrap();
+        s.handle_timeout(rto);
+        let f = drain(&mut s);
+        assert!(matches!(f.as_slice(), [Frame::Resume { sent: 6, .. }]), "a probe, no data: {f:?}");
+        // The slow receiver had everything but chunk 4 (lost to a reconnect nobody reported).
+        s.handle_frame(ack(4, vec![(5, 6)], true), rto);
+        assert_eq!(data_indices(&drain(&mut s)), vec![4]);
+        // A receiver that was merely slow: the answer holds everything, nothing is resent.
+        let mut s = Sender::new(1, &[3u8; 256 * 6], "", cfg(8), now).unwrap();
+        drain(&mut s);
+        let rto = s.poll_timeout().unwrap();
+        s.handle_timeout(rto);
+        let f = drain(&mut s);
+        assert!(matches!(f.as_slice(), [Frame::Open { .. }, Frame::Resume { .. }]), "{f:?}");
+        s.handle_frame(ack(6, vec![], true), rto);
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[test]
+    fn a_forward_sends_chunks_in_order_as_they_are_supplied() {
+        let now = t0();
+        let src = Sender::new(9, &[5u8; 256 * 4 + 10], "{\"to\":\"b\"}", cfg(8), now).unwrap();
+        let open = src.open().clone();
+        let mut s =
+            Sender::forward(2, open.clone(), SenderConfig { chunk_size: 999, ..cfg(8) }, now).unwrap();
+        assert!(matches!(drain(&mut s).as_slice(), [Frame::Open { id: 2, open: o }] if *o == open));
+        assert!(s.supply(1, &[5u8; 256]));
+        assert!(drain(&mut s).is_empty(), "chunk 0 first");
+        assert!(!s.supply(0, &[5u8; 255]), "wrong length");
+        assert!(s.supply(0, &[5u8; 256]));
+        assert!(!s.supply(0, &[6u8; 256]), "the first copy wins");
+        assert_eq!(data_indices(&drain(&mut s)), vec![0, 1]);
+        s.handle_frame(ack(2, vec![], false), now);
+        // Waiting on upstream with everything acknowledged: no timer, no probe.
+        let rto = s.poll_timeout().unwrap();
+        s.handle_timeout(rto);
+        assert!(drain(&mut s).is_empty());
+        assert!(!s.supply(5, &[5u8; 10]), "beyond the last chunk");
+        assert!(s.supply(4, &[5u8; 10]) && s.supply(2, &[5u8; 256]) && s.supply(3, &[5u8; 256]));
+        assert_eq!(data_indices(&drain(&mut s)), vec![2, 3, 4]);
+        assert!(!Sender::new(1, b"x", "", cfg(4), now).unwrap().supply(0, b"x"), "not a forward");
     }
 
     #[test]
