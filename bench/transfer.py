@@ -233,6 +233,31 @@ def setup_netns(loss_pct: float) -> None:
             raise SystemExit(f"nft failed in {ns}: {p.stderr.strip()}")
 
 
+def netns_server_config(text: str) -> str:
+    """configs/livekit.yaml for the server namespace: the veth address instead of loopback.
+
+    The shared config pins loopback (node_ip, bind address), which wins over flags. It also
+    turns on the loopback ICE candidate; that has to go here. The server then opens its UDP mux
+    on 127.0.0.1 as well as on the veth, and node_ip rewrites every host candidate to
+    10.203.0.1:PORT, so the two are duplicates and the agent keeps whichever it gathers first:
+    the sockets come out of a Go map, a fresh coin flip each server start. When the loopback
+    one wins, the client's STUN to 10.203.0.1 arrives on the veth socket, whose mux has no
+    connection for that ufrag and drops it silently, and the server's own checks from
+    127.0.0.1 to 10.203.0.2 fail (sendto: EINVAL), so ICE never completes. (On the host the
+    same duplicate recovers through a peer-reflexive candidate; here it cannot.)
+    """
+    swaps = {
+        "node_ip: 127.0.0.1": f"node_ip: {IP_SRV}",
+        "- 127.0.0.1": f"- {IP_SRV}",
+        "enable_loopback_candidate: true": "enable_loopback_candidate: false",
+    }
+    for old, new in swaps.items():
+        if old not in text:
+            raise SystemExit(f"configs/livekit.yaml changed: no {old!r} to override for the netns server")
+        text = text.replace(old, new)
+    return text
+
+
 def drop_counters() -> dict[str, str]:
     out = {}
     for ns in (NS_SRV, NS_CLI):
@@ -281,10 +306,8 @@ def main() -> None:
         setup_netns(args.loss)
         port, udp, tcp = 17880, 17882, 17881
         log = open(os.devnull, "wb")
-        # configs/livekit.yaml pins loopback (node_ip, bind address), which wins over flags.
         cfg = Path(tempfile.mkstemp(prefix="livekit-netns-", suffix=".yaml")[1])
-        text = (ROOT / "configs" / "livekit.yaml").read_text()
-        cfg.write_text(text.replace("node_ip: 127.0.0.1", f"node_ip: {IP_SRV}").replace("- 127.0.0.1", f"- {IP_SRV}"))
+        cfg.write_text(netns_server_config((ROOT / "configs" / "livekit.yaml").read_text()))
         server = subprocess.Popen(
             [
                 "ip", "netns", "exec", NS_SRV, str(TOOLS / "livekit-server"),
