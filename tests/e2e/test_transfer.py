@@ -123,6 +123,9 @@ def test_5_mib_bundle_from_agent_through_baton_to_agent_byte_exact(server: LiveK
     assert len(lines) == 1, baton.text()
     assert lines[0]["to"] == "agent-b"
     assert int(lines[0]["bytes_sent"]) == 5 * MIB, "no loss on loopback: every chunk sent once"
+    # B was in the room when A's OPEN came, so baton forwarded while the bundle was arriving
+    # (docs/protocol.md 4.10, cut-through) instead of after storing it.
+    assert "delivering bundle while it arrives (cut-through)" in baton.text(), baton.text()
 
 
 def test_receiver_connection_dropped_mid_transfer_resumes(server: LiveKitServer) -> None:
