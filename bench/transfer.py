@@ -8,6 +8,11 @@ Measured in one run against one livekit-server, the same random bytes each way:
     integrity check): time until B's `register_byte_stream_handler` reader has every byte.
 Sizes 100 KiB, 1 MiB, 10 MiB, alternating the two paths, `--runs` times each.
 
+A and B are separate processes, as two agents are in production (B is `bench/transfer_peer.py`,
+a fresh one per run, timing on the system-wide monotonic clock). `--one-process` puts both in
+the benchmark's process, the layout of the earlier runs: then their CPU work is serialised on
+one event loop, which favours the path whose two ends take turns.
+
 With `--loss PCT` (root only) the server runs in one network namespace and the agents and baton
 in another, joined by a veth pair (10.203.0.1 <-> 10.203.0.2, nothing else); `PCT` percent of
 the packets entering each namespace are dropped at random. The kernel's netem qdisc is the
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -42,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"100KiB": 100 * 1024, "1MiB": 1024 * 1024, "10MiB": 10 * 1024 * 1024}
 NS_SRV, NS_CLI = "bxfer-srv", "bxfer-cli"
 LOG = ROOT / "out" / "bench-transfer-baton.log"
+PEER = Path(__file__).with_name("transfer_peer.py")
 IP_SRV, IP_CLI = "10.203.0.1", "10.203.0.2"
 
 
@@ -61,18 +68,31 @@ async def wait_join(room: rtc.Room, identity: str, timeout: float = 15.0) -> Non
 
 
 class Pair:
-    """Fresh agents A and B for one run: a path that broke in one run cannot poison the next."""
+    """Fresh agents A and B for one run: a path that broke in one run cannot poison the next.
 
-    def __init__(self, url: str, baton: Baton, room_name: str, tag: str) -> None:
+    B is an `rtc.Room` here (`separate=False`) or a `transfer_peer.py` process for `path`."""
+
+    def __init__(self, url: str, baton: Baton, room_name: str, tag: str, path: str, separate: bool) -> None:
         self.url, self.baton, self.room_name = url, baton, room_name
         self.ida, self.idb = f"agent-a-{tag}", f"agent-b-{tag}"
         self.a, self.b = rtc.Room(), rtc.Room()
+        self.path, self.separate = path, separate
+        self.peer: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Pair:
         transport_for(self.a)
-        transport_for(self.b)
         await self.a.connect(self.url, token(self.ida, self.room_name, kind="agent"))
-        await self.b.connect(self.url, token(self.idb, self.room_name, kind="agent"))
+        if self.separate:
+            self.peer = await asyncio.create_subprocess_exec(
+                sys.executable, str(PEER), "--url", self.url, "--path", self.path,
+                "--token", token(self.idb, self.room_name, kind="agent"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            if await self.line(30) != "ready":
+                raise RuntimeError("B's process did not get ready")
+        else:
+            transport_for(self.b)
+            await self.b.connect(self.url, token(self.idb, self.room_name, kind="agent"))
         await wait_join(self.a, "baton")
         await wait_join(self.a, self.idb)
         loop = asyncio.get_running_loop()
@@ -80,14 +100,38 @@ class Pair:
             await loop.run_in_executor(None, lambda w=who: self.baton.wait_for(rf"participant joined.*{w}\b", 15))
         return self
 
+    async def line(self, timeout: float) -> str:
+        assert self.peer is not None and self.peer.stdout is not None
+        return (await asyncio.wait_for(self.peer.stdout.readline(), timeout)).decode().strip()
+
+    async def peer_result(self, payload: bytes, deadline: float) -> float:
+        """Waits for B's process to hold the payload; returns when it did (monotonic, s)."""
+        out = json.loads(await self.line(deadline + 5))
+        if "error" in out:
+            raise RuntimeError(f"B: {out['error']}")
+        if out["sha256"] != hashlib.sha256(payload).hexdigest():
+            raise RuntimeError(f"payload differs ({out['bytes']} of {len(payload)} bytes)")
+        return float(out["done"])
+
     async def __aexit__(self, *_: object) -> None:
         await self.a.disconnect()
-        await self.b.disconnect()
+        if self.peer is not None:
+            if self.peer.returncode is None:
+                self.peer.kill()
+            await self.peer.wait()
+        else:
+            await self.b.disconnect()
 
 
 async def run_baton(p: Pair, payload: bytes, deadline: float) -> tuple[float, float]:
     """A -> baton -> B, acknowledged on both legs: (stored, delivered) in ms."""
-    loop = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()  # its clock is time.monotonic(), as in B's process
+    if p.separate:
+        t0 = loop.time()
+        await send_bundle(p.a, "baton", payload, {"to": p.idb}, deadline=deadline)
+        t_stored = loop.time()
+        t_done = await p.peer_result(payload, deadline)
+        return (t_stored - t0) * 1000, (t_done - t0) * 1000
     got = asyncio.ensure_future(receive_bundle(p.b, from_identity="baton", timeout=deadline))
     t0 = loop.time()
     try:
@@ -106,6 +150,12 @@ async def run_baton(p: Pair, payload: bytes, deadline: float) -> tuple[float, fl
 async def run_stream(p: Pair, payload: bytes, deadline: float) -> float:
     """SDK byte stream A -> B, no acknowledgement: ms until B's reader has every byte."""
     loop = asyncio.get_running_loop()
+    if p.separate:
+        t0 = loop.time()
+        await p.a.local_participant.send_bytes(
+            payload, topic="bench.bytes", destination_identities=[p.idb], compress=False
+        )
+        return (await p.peer_result(payload, deadline) - t0) * 1000
     done: asyncio.Future[tuple[float, bytes]] = loop.create_future()
 
     async def read(reader: rtc.ByteStreamReader) -> None:
@@ -130,20 +180,20 @@ async def run_stream(p: Pair, payload: bytes, deadline: float) -> float:
 
 
 async def measure(
-    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float
+    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float, separate: bool
 ) -> dict[str, Any]:
     # A caller stays in the room throughout, as in a real call: the server closes a room that
     # only agents ever joined once its empty_timeout (60 s here) has passed.
     caller = rtc.Room()
     await caller.connect(url, token("caller", room_name))
     try:
-        return await measure_sizes(url, baton, room_name, sizes, runs, deadline)
+        return await measure_sizes(url, baton, room_name, sizes, runs, deadline, separate)
     finally:
         await caller.disconnect()
 
 
 async def measure_sizes(
-    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float
+    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float, separate: bool
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in sizes:
@@ -155,14 +205,14 @@ async def measure_sizes(
         for i in range(runs):
             payload = os.urandom(size)  # fresh bytes every run; the two paths alternate
             try:
-                async with Pair(url, baton, room_name, f"{name}-{i}-x") as p:
+                async with Pair(url, baton, room_name, f"{name}-{i}-x", "baton", separate) as p:
                     stored, delivered = await run_baton(p, payload, deadline)
                 stored_ms.append(stored)
                 baton_ms.append(delivered)
             except Exception as e:  # a failed run is reported, not hidden
                 failures.append(f"baton run {i}: {type(e).__name__}: {e}")
             try:
-                async with Pair(url, baton, room_name, f"{name}-{i}-s") as p:
+                async with Pair(url, baton, room_name, f"{name}-{i}-s", "stream", separate) as p:
                     stream_ms.append(await run_stream(p, payload, deadline))
             except Exception as e:
                 failures.append(f"stream run {i}: {type(e).__name__}: {e}")
@@ -183,12 +233,12 @@ async def measure_sizes(
     return results
 
 
-def run_measurement(url: str, sizes: list[str], runs: int, deadline: float) -> dict[str, Any]:
+def run_measurement(url: str, sizes: list[str], runs: int, deadline: float, separate: bool) -> dict[str, Any]:
     room = f"bench-xfer-{uuid.uuid4().hex[:6]}"
     baton = baton_join(Remote(url), room)  # type: ignore[arg-type]
     try:
         baton.wait_for("joined: data channel open", timeout=20)
-        return asyncio.run(measure(url, baton, room, sizes, runs, deadline))
+        return asyncio.run(measure(url, baton, room, sizes, runs, deadline, separate))
     finally:
         baton.stop()
         # baton's own account of the run, for the failures the JSON reports.
@@ -273,6 +323,9 @@ def main() -> None:
     ap.add_argument("--loss", type=float, default=0.0, help="percent random packet loss (netns + nftables)")
     ap.add_argument("--deadline", type=float, default=60.0, help="give up on one run after this many seconds")
     ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument(
+        "--one-process", action="store_true", help="agents A and B in this process (earlier runs' layout)"
+    )
     ap.add_argument("--server-url", help=argparse.SUPPRESS)  # internal: inside the client namespace
     args = ap.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -280,7 +333,8 @@ def main() -> None:
         ap.error(f"unknown size {', '.join(unknown)}; choose from {', '.join(SIZES)}")
 
     if args.server_url:  # the re-executed child, inside NS_CLI
-        print(json.dumps({"results": run_measurement(args.server_url, sizes, args.runs, args.deadline)}), flush=True)
+        results = run_measurement(args.server_url, sizes, args.runs, args.deadline, not args.one_process)
+        print(json.dumps({"results": results}), flush=True)
         return
 
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -293,12 +347,13 @@ def main() -> None:
         "loss_pct": args.loss,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}",
         "livekit_sdk": getattr(rtc, "__version__", "?"),
+        "agents": "A and B in one process" if args.one_process else "A and B in separate processes",
     }
     if args.loss <= 0:
         srv = LiveKitServer()
         srv.start()
         try:
-            results = run_measurement(srv.url, sizes, args.runs, args.deadline)
+            results = run_measurement(srv.url, sizes, args.runs, args.deadline, not args.one_process)
         finally:
             srv.stop()
         meta["path"] = "loopback (127.0.0.1)"
@@ -322,7 +377,7 @@ def main() -> None:
                 [
                     "ip", "netns", "exec", NS_CLI, sys.executable, __file__,
                     "--server-url", f"ws://{IP_SRV}:{port}", "--runs", str(args.runs), "--sizes", ",".join(sizes),
-                    "--deadline", str(args.deadline),
+                    "--deadline", str(args.deadline), *(["--one-process"] if args.one_process else []),
                 ],
                 capture_output=True, text=True,
             )  # fmt: skip
