@@ -412,17 +412,7 @@ impl RoomHandler for Coordinator {
     fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
         let events = self.relay.on_change(change, now, out);
         self.on_relay(events, now, out);
-        // livekit-agents publishes its state (listening, thinking, speaking) as the
-        // `lk.agent.state` attribute. baton subscribes to no audio, so the server sends it no
-        // speaker updates; this attribute is how it learns that an agent is talking.
-        let speaking = |m: &crate::room::Member| m.attributes.get(AGENT_STATE).map(|s| s == "speaking");
-        let state_change = match change {
-            Change::Joined(m) => speaking(m).filter(|s| *s).map(|s| (m.identity.clone(), s)),
-            Change::Updated { before, after } if speaking(before) != speaking(after) => {
-                speaking(after).map(|s| (after.identity.clone(), s))
-            }
-            _ => None,
-        };
+        let state_change = speaking_change(change);
         let event = match change {
             Change::Joined(m) => {
                 let p = participant(m);
@@ -586,6 +576,22 @@ fn participant(m: &Member) -> Participant {
     }
 }
 
+/// Whether this change starts or stops an agent talking, as its `lk.agent.state` attribute
+/// says. livekit-agents publishes its state (listening, thinking, speaking) there; baton
+/// subscribes to no audio, so the server sends it no speaker updates and this attribute is how it
+/// learns that an agent is talking. An attribute that disappears while `speaking` (the agent
+/// cleared its attributes) ends the talking, or the floor would wait on it forever.
+fn speaking_change(change: &Change) -> Option<(String, bool)> {
+    let speaking = |m: &crate::room::Member| m.attributes.get(AGENT_STATE).is_some_and(|s| s == "speaking");
+    match change {
+        Change::Joined(m) => speaking(m).then(|| (m.identity.clone(), true)),
+        Change::Updated { before, after } if speaking(before) != speaking(after) => {
+            Some((after.identity.clone(), speaking(after)))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,6 +641,29 @@ mod tests {
         };
         Coordinator::new(CoordinatorConfig { room: "r".into(), policy, api: None, echo: false }, now)
             .expect("policy")
+    }
+
+    #[test]
+    fn agent_state_attribute_starts_and_stops_talking_even_when_removed() {
+        let member = |state: Option<&str>| crate::room::Member {
+            sid: "PA_a".into(),
+            identity: "a".into(),
+            name: String::new(),
+            kind: proto::participant_info::Kind::Agent,
+            state: proto::participant_info::State::Active,
+            attributes: state.map(|s| (AGENT_STATE.to_string(), s.to_string())).into_iter().collect(),
+            tracks: Vec::new(),
+            version: 1,
+        };
+        let updated =
+            |b: Option<&str>, a: Option<&str>| Change::Updated { before: member(b), after: member(a) };
+        assert_eq!(speaking_change(&Change::Joined(member(Some("speaking")))), Some(("a".into(), true)));
+        assert_eq!(speaking_change(&Change::Joined(member(Some("listening")))), None);
+        assert_eq!(speaking_change(&updated(Some("listening"), Some("speaking"))), Some(("a".into(), true)));
+        assert_eq!(speaking_change(&updated(Some("speaking"), Some("thinking"))), Some(("a".into(), false)));
+        assert_eq!(speaking_change(&updated(Some("speaking"), None)), Some(("a".into(), false)), "removed");
+        assert_eq!(speaking_change(&updated(None, Some("listening"))), None);
+        assert_eq!(speaking_change(&updated(Some("speaking"), Some("speaking"))), None);
     }
 
     #[test]
