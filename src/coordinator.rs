@@ -5,6 +5,7 @@
 //! calls (run off the room loop as tasks). It holds no sockets and never blocks.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -246,8 +247,10 @@ impl Coordinator {
                     let line = timeline.to_json_line();
                     tracing::info!(timeline = %line, "handoff finished");
                     // The event stream on stdout: one JSON line per handoff, for benchmarks and
-                    // users' own tooling (logs go to stderr).
-                    println!("{line}");
+                    // users' own tooling (logs go to stderr). Not println!, which panics when
+                    // nobody reads stdout any more; the line is in the log above as well.
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
                 }
                 Command::Security(ev) => {
                     tracing::warn!(

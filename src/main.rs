@@ -99,14 +99,22 @@ fn main() -> ExitCode {
 }
 
 fn fail(msg: &str) -> ExitCode {
-    eprintln!("baton: error: {msg}");
+    use std::io::Write;
+    // Not eprintln!: it panics when stderr is a closed pipe, and the exit code says enough.
+    let _ = writeln!(std::io::stderr(), "baton: error: {msg}");
     ExitCode::FAILURE
 }
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,livekit_signaling=warn,str0m=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A log line that cannot be written (the reader of stderr is gone: EPIPE) is dropped. By
+    // default tracing-subscriber reports that with `eprintln!`, which panics on the same closed
+    // pipe, so any log call would take down the task that made it.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     if format == "json" {
         builder.json().init();
     } else {

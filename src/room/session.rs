@@ -231,7 +231,16 @@ impl RoomTask {
             let drop_signal = self.params.drop_signal.clone();
             tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => continue,
+                r = self.shutdown.changed() => {
+                    if r.is_err() {
+                        // Whoever could ask us to stop is gone (its task ended): nobody can any
+                        // more, so stop now rather than wake on the closed channel forever.
+                        tracing::warn!(room = %self.room_name, "shutdown channel closed; leaving");
+                        self.leave().await;
+                        return Ok(RoomEnd::Left);
+                    }
+                    continue
+                }
                 _ = drop_signal.notified() => {
                     self.link.signal.close().await;
                     lost = Some("signal connection dropped on request".into());

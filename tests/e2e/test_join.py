@@ -227,6 +227,32 @@ def test_sigterm_leaves_cleanly(server: LiveKitServer) -> None:
     baton.wait_for("leaving")
 
 
+def test_sigterm_leaves_even_when_nobody_reads_the_logs(server: LiveKitServer) -> None:
+    """A log collector that died leaves baton writing into a closed pipe (EPIPE on every line);
+    SIGTERM must still end it, promptly and with exit 0."""
+    env = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=API_KEY, LIVEKIT_API_SECRET=API_SECRET)
+    r, w = os.pipe()
+    proc = subprocess.Popen([str(BATON_BIN), "join", "--room", room_name()], env=env, stdout=w, stderr=w)
+    os.close(w)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"data channel open" not in seen and time.monotonic() < deadline:
+            seen += os.read(r, 65536)
+        assert b"data channel open" in seen, seen.decode(errors="replace")
+    finally:
+        os.close(r)  # nobody reads baton's stdout and stderr from here on
+    time.sleep(0.5)
+    proc.terminate()
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("baton did not exit within 10 s of SIGTERM with its log pipe closed") from None
+    assert code == 0
+
+
 def test_bad_credentials_fail_fast_with_one_line() -> None:
     srv = LiveKitServer()
     srv.start()
