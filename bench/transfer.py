@@ -11,7 +11,10 @@ Sizes 100 KiB, 1 MiB, 10 MiB, alternating the two paths, `--runs` times each.
 A and B are separate processes, as two agents are in production (B is `bench/transfer_peer.py`,
 a fresh one per run, timing on the system-wide monotonic clock). `--one-process` puts both in
 the benchmark's process, the layout of the earlier runs: then their CPU work is serialised on
-one event loop, which favours the path whose two ends take turns.
+one event loop, which favours the path whose two ends take turns. `--rust-agents` makes A and B
+of the baton path `examples/xfer_peer.rs` processes (baton's own room stack and transfer engine,
+no libwebrtc), to show the protocol without the Python SDK's costs; the byte stream reference
+stays the Python SDK's (separate processes), the only SDK byte stream at hand.
 
 With `--loss PCT` (root only) the server runs in one network namespace and the agents and baton
 in another, joined by a veth pair (10.203.0.1 <-> 10.203.0.2, nothing else); `PCT` percent of
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from common import summary
-from harness import TOOLS, Baton, LiveKitServer, baton_join, token
+from harness import API_KEY, API_SECRET, TOOLS, Baton, LiveKitServer, baton_join, token
 from livekit import rtc
 from lk_baton.transfer import receive_bundle, send_bundle, transport_for
 
@@ -49,6 +52,7 @@ SIZES = {"100KiB": 100 * 1024, "1MiB": 1024 * 1024, "10MiB": 10 * 1024 * 1024}
 NS_SRV, NS_CLI = "bxfer-srv", "bxfer-cli"
 LOG = ROOT / "out" / "bench-transfer-baton.log"
 PEER = Path(__file__).with_name("transfer_peer.py")
+RUST_PEER = ROOT / "target" / "release" / "examples" / "xfer_peer"
 IP_SRV, IP_CLI = "10.203.0.1", "10.203.0.2"
 
 
@@ -180,20 +184,20 @@ async def run_stream(p: Pair, payload: bytes, deadline: float) -> float:
 
 
 async def measure(
-    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float, separate: bool
+    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float, layout: str
 ) -> dict[str, Any]:
     # A caller stays in the room throughout, as in a real call: the server closes a room that
     # only agents ever joined once its empty_timeout (60 s here) has passed.
     caller = rtc.Room()
     await caller.connect(url, token("caller", room_name))
     try:
-        return await measure_sizes(url, baton, room_name, sizes, runs, deadline, separate)
+        return await measure_sizes(url, baton, room_name, sizes, runs, deadline, layout)
     finally:
         await caller.disconnect()
 
 
 async def measure_sizes(
-    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float, separate: bool
+    url: str, baton: Baton, room_name: str, sizes: list[str], runs: int, deadline: float, layout: str
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in sizes:
@@ -205,14 +209,17 @@ async def measure_sizes(
         for i in range(runs):
             payload = os.urandom(size)  # fresh bytes every run; the two paths alternate
             try:
-                async with Pair(url, baton, room_name, f"{name}-{i}-x", "baton", separate) as p:
-                    stored, delivered = await run_baton(p, payload, deadline)
+                if layout == "rust":
+                    stored, delivered = await run_baton_rust(url, room_name, f"{name}-{i}-x", size, deadline)
+                else:
+                    async with Pair(url, baton, room_name, f"{name}-{i}-x", "baton", layout == "separate") as p:
+                        stored, delivered = await run_baton(p, payload, deadline)
                 stored_ms.append(stored)
                 baton_ms.append(delivered)
             except Exception as e:  # a failed run is reported, not hidden
                 failures.append(f"baton run {i}: {type(e).__name__}: {e}")
             try:
-                async with Pair(url, baton, room_name, f"{name}-{i}-s", "stream", separate) as p:
+                async with Pair(url, baton, room_name, f"{name}-{i}-s", "stream", layout != "one-process") as p:
                     stream_ms.append(await run_stream(p, payload, deadline))
             except Exception as e:
                 failures.append(f"stream run {i}: {type(e).__name__}: {e}")
@@ -233,12 +240,12 @@ async def measure_sizes(
     return results
 
 
-def run_measurement(url: str, sizes: list[str], runs: int, deadline: float, separate: bool) -> dict[str, Any]:
+def run_measurement(url: str, sizes: list[str], runs: int, deadline: float, layout: str) -> dict[str, Any]:
     room = f"bench-xfer-{uuid.uuid4().hex[:6]}"
     baton = baton_join(Remote(url), room)  # type: ignore[arg-type]
     try:
         baton.wait_for("joined: data channel open", timeout=20)
-        return asyncio.run(measure(url, baton, room, sizes, runs, deadline, separate))
+        return asyncio.run(measure(url, baton, room, sizes, runs, deadline, layout))
     finally:
         baton.stop()
         # baton's own account of the run, for the failures the JSON reports.
@@ -316,6 +323,48 @@ def drop_counters() -> dict[str, str]:
     return out
 
 
+async def run_baton_rust(url: str, room_name: str, tag: str, size: int, deadline: float) -> tuple[float, float]:
+    """A -> baton -> B with both agents `xfer_peer` processes: (stored, delivered) in ms."""
+    env = {**os.environ, "LIVEKIT_URL": url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
+    common = [str(RUST_PEER), "--room", room_name]
+    idb = f"agent-b-{tag}"
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(*args: str) -> asyncio.subprocess.Process:
+        p = await asyncio.create_subprocess_exec(
+            *common, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        procs.append(p)
+        return p
+
+    async def line(p: asyncio.subprocess.Process) -> Any:
+        assert p.stdout is not None
+        out = json.loads(await asyncio.wait_for(p.stdout.readline(), deadline + 5) or b'{"error": "exited"}')
+        if isinstance(out, dict) and "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    try:
+        b = await start("--identity", idb, "--receive")
+        if await line(b) != "ready":
+            raise RuntimeError("B did not get ready")
+        a = await start("--identity", f"agent-a-{tag}", "--send", str(size), "--to", idb)
+        await line(a)  # ready
+        sent, got = await line(a), await line(b)
+        if sent["sha256"] != got["sha256"] or got["bytes"] != size:
+            raise RuntimeError("payload differs")
+        return (sent["stored"] - sent["t0"]) * 1000, (got["done"] - sent["t0"]) * 1000
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+            await p.wait()
+
+
+def layout_of(args: argparse.Namespace) -> str:
+    return "rust" if args.rust_agents else "one-process" if args.one_process else "separate"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7, help="runs per size and path")
@@ -323,9 +372,8 @@ def main() -> None:
     ap.add_argument("--loss", type=float, default=0.0, help="percent random packet loss (netns + nftables)")
     ap.add_argument("--deadline", type=float, default=60.0, help="give up on one run after this many seconds")
     ap.add_argument("--json", type=Path, help="write results here")
-    ap.add_argument(
-        "--one-process", action="store_true", help="agents A and B in this process (earlier runs' layout)"
-    )
+    ap.add_argument("--one-process", action="store_true", help="agents A and B in this process (earlier runs' layout)")
+    ap.add_argument("--rust-agents", action="store_true", help="baton path: A and B are examples/xfer_peer.rs")
     ap.add_argument("--server-url", help=argparse.SUPPRESS)  # internal: inside the client namespace
     args = ap.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -333,10 +381,12 @@ def main() -> None:
         ap.error(f"unknown size {', '.join(unknown)}; choose from {', '.join(SIZES)}")
 
     if args.server_url:  # the re-executed child, inside NS_CLI
-        results = run_measurement(args.server_url, sizes, args.runs, args.deadline, not args.one_process)
+        results = run_measurement(args.server_url, sizes, args.runs, args.deadline, layout_of(args))
         print(json.dumps({"results": results}), flush=True)
         return
 
+    if args.rust_agents:
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "xfer_peer"], cwd=ROOT, check=True)
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     meta: dict[str, Any] = {
         "benchmark": "transfer",
@@ -347,13 +397,18 @@ def main() -> None:
         "loss_pct": args.loss,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, kernel {platform.release()}",
         "livekit_sdk": getattr(rtc, "__version__", "?"),
-        "agents": "A and B in one process" if args.one_process else "A and B in separate processes",
+        "agents": {
+            "one-process": "A and B in one process",
+            "separate": "A and B in separate processes",
+            "rust": "baton path: A and B are Rust processes (examples/xfer_peer.rs); byte stream: Python SDK, "
+            "separate processes",
+        }[layout_of(args)],
     }
     if args.loss <= 0:
         srv = LiveKitServer()
         srv.start()
         try:
-            results = run_measurement(srv.url, sizes, args.runs, args.deadline, not args.one_process)
+            results = run_measurement(srv.url, sizes, args.runs, args.deadline, layout_of(args))
         finally:
             srv.stop()
         meta["path"] = "loopback (127.0.0.1)"
@@ -378,6 +433,7 @@ def main() -> None:
                     "ip", "netns", "exec", NS_CLI, sys.executable, __file__,
                     "--server-url", f"ws://{IP_SRV}:{port}", "--runs", str(args.runs), "--sizes", ",".join(sizes),
                     "--deadline", str(args.deadline), *(["--one-process"] if args.one_process else []),
+                    *(["--rust-agents"] if args.rust_agents else []),
                 ],
                 capture_output=True, text=True,
             )  # fmt: skip

@@ -79,7 +79,8 @@ const FILLER_TAIL: std::time::Duration = std::time::Duration::from_millis(1000);
 /// How long a message from a not-yet-announced participant waits for the announcement.
 const EARLY_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// At most this many such messages wait at once (a flood from unknown senders is dropped).
-const EARLY_MESSAGE_MAX: usize = 32;
+/// Enough for an OPEN and a whole default window of chunks (33 frames, about 500 KB).
+const EARLY_MESSAGE_MAX: usize = 40;
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig, now: Instant) -> Result<Self, baton_floor::PolicyError> {
@@ -297,7 +298,12 @@ impl Coordinator {
         let held = std::mem::take(&mut self.early);
         for (at, msg) in held {
             if self.members.contains_key(&msg.from) || now.duration_since(at) >= EARLY_MESSAGE_WAIT {
-                self.on_control(&msg, now, out, false);
+                if msg.topic == crate::relay::TOPIC {
+                    let events = self.relay.on_data(&msg, now, out);
+                    self.on_relay(events, now, out);
+                } else {
+                    self.on_control(&msg, now, out, false);
+                }
             } else {
                 self.early.push((at, msg));
             }
@@ -400,6 +406,17 @@ impl RoomHandler for Coordinator {
         match msg.topic.as_str() {
             protocol::TOPIC_CONTROL => self.on_control(msg, now, out, true),
             crate::relay::TOPIC => {
+                // A transfer can start the moment an agent has joined, before the server has
+                // told baton so; dropped, its OPEN would wait for the sender's 1 s timeout.
+                if !self.members.contains_key(&msg.from) {
+                    if self.early.len() < EARLY_MESSAGE_MAX {
+                        tracing::debug!(from = %msg.from, "transfer frame before the sender's join; holding it");
+                        self.early.push((now, msg.clone()));
+                    } else {
+                        tracing::warn!(from = %msg.from, "too many messages from unannounced participants; dropped");
+                    }
+                    return;
+                }
                 let events = self.relay.on_data(msg, now, out);
                 self.on_relay(events, now, out);
             }
@@ -667,6 +684,35 @@ mod tests {
         assert_eq!(speaking_change(&updated(Some("speaking"), None)), Some(("a".into(), false)), "removed");
         assert_eq!(speaking_change(&updated(None, Some("listening"))), None);
         assert_eq!(speaking_change(&updated(Some("speaking"), Some("speaking"))), None);
+    }
+
+    #[test]
+    fn a_transfer_that_overtakes_its_senders_join_is_held_not_dropped() {
+        let now = Instant::now();
+        let mut c = Coordinator::minimal("r", false);
+        let mut out = Outbox::default();
+        let (roster, _) = Roster::new("PA_baton", &[]);
+        c.on_connected(&roster, now, &mut out);
+        let open = baton_transfer::Frame::Open {
+            id: 7,
+            open: baton_transfer::Open {
+                payload_size: 300,
+                wire_size: 300,
+                chunk_size: 256,
+                sha256: [0; 32],
+                deflate: false,
+                meta: "{}".into(),
+            },
+        };
+        let packet = open.encode().expect("encodes");
+        c.on_data(&incoming("agent-1", crate::relay::TOPIC, &packet), now, &mut out);
+        assert_eq!(c.relay.relay.receiving(), 0, "not yet: the sender is unknown");
+        let (mut roster, _) = Roster::new("PA_baton", &[]);
+        let agent = info("agent-1", proto::participant_info::Kind::Agent, Some("triage"));
+        for change in roster.apply(&[agent]) {
+            c.on_change(&change, &roster, now, &mut out);
+        }
+        assert_eq!(c.relay.relay.receiving(), 1, "the held OPEN reached the relay once the sender joined");
     }
 
     #[test]
