@@ -5,7 +5,6 @@
 //! calls (run off the room loop as tasks). It holds no sockets and never blocks.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -248,10 +247,8 @@ impl Coordinator {
                     let line = timeline.to_json_line();
                     tracing::info!(timeline = %line, "handoff finished");
                     // The event stream on stdout: one JSON line per handoff, for benchmarks and
-                    // users' own tooling (logs go to stderr). Not println!, which panics when
-                    // nobody reads stdout any more; the line is in the log above as well.
-                    let mut stdout = std::io::stdout().lock();
-                    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+                    // users' own tooling (logs go to stderr).
+                    out.events.push(line);
                 }
                 Command::Security(ev) => {
                     tracing::warn!(

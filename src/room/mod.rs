@@ -91,6 +91,8 @@ pub struct Outbox {
     pub filler: Vec<Filler>,
     /// Work to run off the room loop.
     pub tasks: Vec<Task>,
+    /// Lines for baton's event stream on stdout (one JSON object each).
+    pub events: Vec<String>,
 }
 
 impl Outbox {

@@ -117,8 +117,9 @@ def test_warm_handoff_source_then_target_without_gap_or_overlap(server: LiveKitS
         print(f"longest silence {silence * 1000:.0f} ms; switch at slot {first[b_id]} after source end {last_a}")
         print("silent runs (slot, slots):", runs(grid, lambda c: not c), "filler slots:", first)
         assert silence <= 0.06, f"caller heard {silence * 1000:.0f} ms of silence"
-        out = baton.wait_for(r'"outcome":"completed"', timeout=5)[1]
-        timeline = json.loads(out[out.index("{") :])
+        # The event stream: the timeline as a bare JSON line on stdout (not only in the log).
+        out = baton.wait_for(r'^\{"handoff".*"outcome":"completed"', timeout=5)[1]
+        timeline = json.loads(out)
         assert timeline["target"] in ("billing", b_id)
         # The target's first words are seen through its lk.agent.state attribute.
         assert "target_audible" in [p["phase"] for p in timeline["phases"]], timeline
