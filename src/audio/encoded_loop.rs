@@ -28,8 +28,6 @@ pub struct Frame {
 #[derive(Debug)]
 pub struct EncodedLoop {
     frames: Vec<Frame>,
-    /// One frame of encoded digital silence, sent while the track is live but quiet.
-    silence: Frame,
 }
 
 /// How many milliseconds of the clip's end are blended into its start so the wrap is seamless.
@@ -56,12 +54,7 @@ impl EncodedLoop {
         let whole = clip.len() / FRAME_SAMPLES * FRAME_SAMPLES;
         let clip = &clip[..whole];
 
-        let mut enc = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Audio)?;
-        enc.set_bitrate(opus::Bitrate::Bits(bitrate))?;
-        // FEC data describes the previous frame, which on a wrap is not what precedes it; DTX
-        // would turn quiet noise into gaps, the very thing comfort noise is there to prevent.
-        enc.set_inband_fec(false)?;
-        enc.set_dtx(false)?;
+        let mut enc = encoder(bitrate)?;
         let mut out = [0u8; 1500];
         let mut frames = Vec::with_capacity(whole / FRAME_SAMPLES);
         let preroll = whole - (PREROLL_FRAMES * FRAME_SAMPLES).min(whole);
@@ -73,12 +66,7 @@ impl EncodedLoop {
             let level = (-rms_dbfs(chunk)).round().clamp(0.0, 127.0) as i8;
             frames.push(Frame { opus: Arc::from(&out[..n]), level_dbov: -level });
         }
-        Ok(Self { frames, silence: encoded_silence(bitrate)? })
-    }
-
-    /// Encoded silence: keeps subscribers' receivers running without making a sound.
-    pub fn silence(&self) -> &Frame {
-        &self.silence
+        Ok(Self { frames })
     }
 
     pub fn len(&self) -> usize {
@@ -96,15 +84,25 @@ impl EncodedLoop {
     }
 }
 
-/// A packet that decodes to silence however often it is repeated. Opus codes each frame's
-/// energy relative to the previous one, so the packet that follows loud content describes a
-/// decay, and replaying it holds the decoder at an audible level (about -40 dBFS after the
-/// comfort noise). A fresh encoder that has seen nothing but silence gives a packet that means
-/// "still silent".
-fn encoded_silence(bitrate: i32) -> Result<Frame, LoopError> {
+/// The encoder for baton's own audio.
+fn encoder(bitrate: i32) -> Result<opus::Encoder, LoopError> {
     let mut enc = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Audio)?;
     enc.set_bitrate(opus::Bitrate::Bits(bitrate))?;
+    // FEC data describes the previous frame, which on a wrap is not what precedes it; DTX
+    // would turn quiet noise into gaps, the very thing comfort noise is there to prevent.
+    enc.set_inband_fec(false)?;
     enc.set_dtx(false)?;
+    Ok(enc)
+}
+
+/// Encoded silence, sent while the track is live but quiet: keeps subscribers' receivers
+/// running without making a sound. A packet that decodes to silence however often it is
+/// repeated: Opus codes each frame's energy relative to the previous one, so the packet that
+/// follows loud content describes a decay, and replaying it holds the decoder at an audible
+/// level (about -40 dBFS after the comfort noise). A fresh encoder that has seen nothing but
+/// silence gives a packet that means "still silent".
+pub fn encoded_silence(bitrate: i32) -> Result<Frame, LoopError> {
+    let mut enc = encoder(bitrate)?;
     let mut out = [0u8; 1500];
     let mut n = 0;
     for _ in 0..10 {
@@ -189,9 +187,10 @@ mod tests {
             dec.decode(&lp.frame(tick).opus, &mut out, false).expect("decode");
         }
         // The decoder has just played noise; from the third silence packet on it is silent.
+        let silence = encoded_silence(24_000).expect("encode");
         let levels: Vec<f64> = (0..25)
             .map(|_| {
-                dec.decode(&lp.silence().opus, &mut out, false).expect("decode");
+                dec.decode(&silence.opus, &mut out, false).expect("decode");
                 rms_dbfs(&out)
             })
             .collect();

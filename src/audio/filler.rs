@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::encoded_loop::{EncodedLoop, Frame, LoopError};
+use super::encoded_loop::{EncodedLoop, Frame, LoopError, encoded_silence};
 use super::{FRAME_DURATION, SAMPLE_RATE, noise::pink_noise};
 
 /// Gain of each encoded copy relative to the clip, loudest first. A fade walks these steps:
@@ -43,6 +43,8 @@ pub enum FillerError {
 #[derive(Debug)]
 pub struct FillerSound {
     full: EncodedLoop,
+    /// One packet of encoded digital silence (the same for every gain step).
+    silence: Frame,
     /// The quieter copies, `STEPS_DB[1..]`. Encoded on a background thread so they do not
     /// delay joining; until they are there a fade plays at full level and then stops, as a
     /// hold would.
@@ -85,7 +87,8 @@ impl FillerSound {
     /// a background thread.
     fn from_pcm(pcm: Vec<i16>, bitrate: i32, description: String) -> Result<Arc<Self>, FillerError> {
         let full = EncodedLoop::encode(&pcm, bitrate)?;
-        let me = Arc::new(Self { full, quieter: OnceLock::new(), description });
+        let silence = encoded_silence(bitrate)?;
+        let me = Arc::new(Self { full, silence, quieter: OnceLock::new(), description });
         let weak = Arc::downgrade(&me);
         let spawned = std::thread::Builder::new().name("filler-encode".into()).spawn(move || {
             let steps: Result<Vec<_>, _> =
@@ -127,7 +130,7 @@ impl FillerSound {
 
     /// Encoded digital silence.
     pub fn silence(&self) -> &Frame {
-        self.full.silence()
+        &self.silence
     }
 }
 
