@@ -286,8 +286,20 @@ impl Coordinator {
         });
     }
 
-    /// Hands held messages to the arbiter once their sender is announced, and gives up on the
-    /// ones that waited too long (the arbiter then judges them from an unknown sender).
+    /// Keeps a message from a sender the roster does not know yet, until it is announced (see
+    /// `early`); beyond [`EARLY_MESSAGE_MAX`] waiting messages, drops it.
+    fn hold_early(&mut self, msg: &Incoming, now: Instant) {
+        if self.early.len() < EARLY_MESSAGE_MAX {
+            tracing::debug!(from = %msg.from, topic = %msg.topic, "message before the sender's join; holding it");
+            self.early.push((now, msg.clone()));
+        } else {
+            tracing::warn!(from = %msg.from, "too many messages from unannounced participants; dropped");
+        }
+    }
+
+    /// Hands held messages on (control to the arbiter, transfer frames to the relay) once their
+    /// sender is announced, and gives up waiting on the ones that waited too long (they are
+    /// then judged as from an unknown sender).
     fn release_early(&mut self, now: Instant, out: &mut Outbox) {
         if self.early.is_empty() {
             return;
@@ -383,12 +395,7 @@ impl Coordinator {
                     return;
                 }
                 if may_hold && !self.members.contains_key(&msg.from) {
-                    if self.early.len() < EARLY_MESSAGE_MAX {
-                        tracing::debug!(from = %msg.from, kind = %env.kind, "control message before the sender's join; holding it");
-                        self.early.push((now, msg.clone()));
-                    } else {
-                        tracing::warn!(from = %msg.from, "too many messages from unannounced participants; dropped");
-                    }
+                    self.hold_early(msg, now);
                     return;
                 }
                 self.feed(Event::Control { from: msg.from.clone(), id: env.id, message }, now, out);
@@ -406,12 +413,7 @@ impl RoomHandler for Coordinator {
                 // A transfer can start the moment an agent has joined, before the server has
                 // told baton so; dropped, its OPEN would wait for the sender's 1 s timeout.
                 if !self.members.contains_key(&msg.from) {
-                    if self.early.len() < EARLY_MESSAGE_MAX {
-                        tracing::debug!(from = %msg.from, "transfer frame before the sender's join; holding it");
-                        self.early.push((now, msg.clone()));
-                    } else {
-                        tracing::warn!(from = %msg.from, "too many messages from unannounced participants; dropped");
-                    }
+                    self.hold_early(msg, now);
                     return;
                 }
                 let events = self.relay.on_data(msg, now, out);
