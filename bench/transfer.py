@@ -46,6 +46,7 @@ from common import summary
 from harness import API_KEY, API_SECRET, TOOLS, Baton, LiveKitServer, baton_join, token
 from livekit import rtc
 from lk_baton.transfer import receive_bundle, send_bundle, transport_for
+from transfer_peer import TOPIC, byte_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"100KiB": 100 * 1024, "1MiB": 1024 * 1024, "10MiB": 10 * 1024 * 1024}
@@ -154,29 +155,11 @@ async def run_baton(p: Pair, payload: bytes, deadline: float) -> tuple[float, fl
 async def run_stream(p: Pair, payload: bytes, deadline: float) -> float:
     """SDK byte stream A -> B, no acknowledgement: ms until B's reader has every byte."""
     loop = asyncio.get_running_loop()
-    if p.separate:
-        t0 = loop.time()
-        await p.a.local_participant.send_bytes(
-            payload, topic="bench.bytes", destination_identities=[p.idb], compress=False
-        )
-        return (await p.peer_result(payload, deadline) - t0) * 1000
-    done: asyncio.Future[tuple[float, bytes]] = loop.create_future()
-
-    async def read(reader: rtc.ByteStreamReader) -> None:
-        parts = [chunk async for chunk in reader]
-        if not done.done():
-            done.set_result((loop.time(), b"".join(parts)))
-
-    tasks: set[asyncio.Task[None]] = set()
-
-    def on_stream(reader: rtc.ByteStreamReader, _identity: str) -> None:
-        t = asyncio.ensure_future(read(reader))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-
-    p.b.register_byte_stream_handler("bench.bytes", on_stream)
+    done = None if p.separate else byte_stream(p.b)
     t0 = loop.time()
-    await p.a.local_participant.send_bytes(payload, topic="bench.bytes", destination_identities=[p.idb], compress=False)
+    await p.a.local_participant.send_bytes(payload, topic=TOPIC, destination_identities=[p.idb], compress=False)
+    if done is None:
+        return (await p.peer_result(payload, deadline) - t0) * 1000
     t_done, data = await asyncio.wait_for(done, deadline)
     if data != payload:
         raise RuntimeError(f"payload differs ({len(data)} of {len(payload)} bytes)")

@@ -18,35 +18,44 @@ import time
 from livekit import rtc
 from lk_baton.transfer import receive_bundle, transport_for
 
+TOPIC = "bench.bytes"
+
+
+def byte_stream(room: rtc.Room, topic: str = TOPIC) -> asyncio.Future[tuple[float, bytes]]:
+    """The first byte stream `room` receives on `topic`: (loop time when its last byte was
+    read, its bytes). The loop's clock is time.monotonic()."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[tuple[float, bytes]] = loop.create_future()
+    readers: set[asyncio.Task[None]] = set()
+
+    async def read(reader: rtc.ByteStreamReader) -> None:
+        parts = [chunk async for chunk in reader]
+        if not got.done():
+            got.set_result((loop.time(), b"".join(parts)))
+
+    def on_stream(reader: rtc.ByteStreamReader, _identity: str) -> None:
+        task = asyncio.ensure_future(read(reader))
+        readers.add(task)
+        task.add_done_callback(readers.discard)
+
+    room.register_byte_stream_handler(topic, on_stream)
+    return got
+
 
 async def receive(url: str, tok: str, path: str, deadline: float) -> dict[str, object]:
     room = rtc.Room()
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[bytes] = loop.create_future()
-    readers: set[asyncio.Task[None]] = set()
     if path == "baton":
         transport_for(room)
     else:
-
-        async def read(reader: rtc.ByteStreamReader) -> None:
-            data = b"".join([chunk async for chunk in reader])
-            if not got.done():
-                got.set_result(data)
-
-        def on_stream(reader: rtc.ByteStreamReader, _identity: str) -> None:
-            task = asyncio.ensure_future(read(reader))
-            readers.add(task)
-            task.add_done_callback(readers.discard)
-
-        room.register_byte_stream_handler("bench.bytes", on_stream)
+        got = byte_stream(room)
     await room.connect(url, tok)
     try:
         print("ready", flush=True)
         if path == "baton":
             data, _meta = await receive_bundle(room, from_identity="baton", timeout=deadline)
+            done = time.monotonic()
         else:
-            data = await asyncio.wait_for(got, deadline)
-        done = time.monotonic()
+            done, data = await asyncio.wait_for(got, deadline)
         return {"done": done, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     finally:
         await room.disconnect()
