@@ -634,18 +634,21 @@ impl Endpoint {
     /// forwarded, and if it failed, so do the transfers forwarding it.
     fn pull_receivers(&mut self, now: Instant) {
         while let Some(o) = self.receivers.poll_output() {
-            if let Output::Event(Event::Delivered { from, id, .. } | Event::ReceiveFailed { from, id, .. }) =
-                &o
-                && let Some(downstream) = self.forwards.remove(&(from.clone(), *id))
-                && let Output::Event(Event::ReceiveFailed { error, .. }) = &o
-            {
-                let reason = format!("the incoming transfer this one forwards failed: {error}");
-                for key in downstream {
-                    if let Some(s) = self.senders.get_mut(&key) {
-                        s.cancel(&reason, now);
-                    }
-                    self.drain_sender(&key);
+            match &o {
+                // Every chunk has been supplied already.
+                Output::Event(Event::Delivered { from, id, .. }) => {
+                    self.forwards.remove(&(from.clone(), *id));
                 }
+                Output::Event(Event::ReceiveFailed { from, id, error }) => {
+                    let reason = format!("the incoming transfer this one forwards failed: {error}");
+                    for key in self.forwards.remove(&(from.clone(), *id)).unwrap_or_default() {
+                        if let Some(s) = self.senders.get_mut(&key) {
+                            s.cancel(&reason, now);
+                        }
+                        self.drain_sender(&key);
+                    }
+                }
+                _ => {}
             }
             self.out.push_back(o);
         }
