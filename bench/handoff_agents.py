@@ -70,6 +70,7 @@ import triage  # noqa: E402
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool  # noqa: E402
 from livekit.agents.voice.room_io import RoomOptions  # noqa: E402
 from lk_baton import ReceivedContext, seed_agent  # noqa: E402
+from lk_baton.agents import wait_not_speaking  # noqa: E402
 
 MONOLITH = "desk-monolith"
 """The agent name the reference worker registers as."""
@@ -166,7 +167,7 @@ class MonolithTriage(triage.TriageAgent):
         # the same waits as BatonLink.handoff: the sentence before the call, then `speaking`
         with contextlib.suppress(RuntimeError):
             await ctx.wait_for_playout()
-        await _wait_not_speaking(self.session, 10.0)
+        await wait_not_speaking(self.session, 10.0)
         stamp("request", self.room)
         received = ReceivedContext(
             chat_ctx=self.chat_ctx.copy(),
@@ -184,23 +185,6 @@ async def monolith_entrypoint(ctx: JobContext) -> None:
     )
     _stamp_speaking(session, ctx.room.name)
     await session.start(agent=MonolithTriage(ctx.room.name), room=ctx.room, room_options=RoomOptions(audio_input=False))
-
-
-async def _wait_not_speaking(session: Any, timeout: float) -> None:
-    if session.agent_state != "speaking":
-        return
-    done = asyncio.Event()
-
-    def changed(ev: Any) -> None:
-        if ev.new_state != "speaking":
-            done.set()
-
-    session.on("agent_state_changed", changed)
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout)
-    finally:
-        session.off("agent_state_changed", changed)
 
 
 # ---------------------------------------------------------------------------------------------

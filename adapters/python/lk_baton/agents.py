@@ -1014,20 +1014,7 @@ class BatonLink:
             log.warning("bundle upload to baton failed: %s", task.exception())
 
     async def _wait_not_speaking(self, timeout: float) -> None:
-        if self.session.agent_state != "speaking":
-            return
-        done = asyncio.Event()
-
-        def changed(ev: AgentStateChangedEvent) -> None:
-            if ev.new_state != "speaking":
-                done.set()
-
-        self.session.on("agent_state_changed", changed)
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout)
-        finally:
-            self.session.off("agent_state_changed", changed)
+        await wait_not_speaking(self.session, timeout)
 
     def _next_event(self) -> asyncio.Future[None]:
         """A future resolved at the next floor event."""
@@ -1147,3 +1134,22 @@ def _room_and_job(ctx_or_room: Any) -> tuple[rtc.Room, JobContext | None]:
     if isinstance(ctx_or_room, JobContext):
         return ctx_or_room.room, ctx_or_room
     return ctx_or_room, None
+
+
+async def wait_not_speaking(session: AgentSession[Any], timeout: float) -> None:
+    """Returns once the session's agent is not `speaking` (at once if it is not), or after
+    `timeout` seconds: the end of the sentence a handoff lets finish."""
+    if session.agent_state != "speaking":
+        return
+    done = asyncio.Event()
+
+    def changed(ev: AgentStateChangedEvent) -> None:
+        if ev.new_state != "speaking":
+            done.set()
+
+    session.on("agent_state_changed", changed)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        session.off("agent_state_changed", changed)
