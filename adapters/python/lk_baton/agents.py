@@ -1,18 +1,18 @@
 """livekit-agents integration: one call at job start links an ``AgentSession`` to baton.
 
-Three layers, each usable on its own:
+Built on :mod:`lk_baton.floor` (the SDK-free control protocol: codec, :class:`FloorClient`
+state machine, who may speak to an agent) and :mod:`lk_baton.transfer` (the chunked transfer).
+This module adds what needs livekit-agents:
 
-* :class:`FloorClient`: the agent side of the floor and handoff protocol
-  (docs/protocol.md (section 3)) as a plain state machine. It sends through any object with a
-  ``send(msg)`` method and acts through a :class:`FloorEffects` (turn input/output on and off,
-  "is the agent speaking?"); no room, no session, so it is tested with recording fakes.
-* Context helpers that need livekit-agents but no room: :func:`build_handoff_bundle` (bundle
-  from an agent's own chat context and the session's user state), :func:`read_bundle` (bundle
-  to a ready ``llm.ChatContext`` + user state) and :func:`seed_agent` (give a specialist the
-  source's history, keeping tool calls for tools it does not have).
+* Context helpers that need no room: :func:`build_handoff_bundle` (bundle from an agent's own
+  chat context and the session's user state), :func:`read_bundle` (bundle to a ready
+  ``llm.ChatContext`` + user state) and :func:`seed_agent` (give a specialist the source's
+  history, keeping tool calls for tools it does not have).
+* :class:`SessionEffects`: the floor's effects on an ``AgentSession``.
 * :class:`BatonLink`: glue for a ``livekit.rtc.Room`` + ``AgentSession``: finds baton, says
-  ``hello``, obeys ``activate``/``deactivate``, sends ``quiet``, and offers
-  :meth:`BatonLink.handoff`, :meth:`BatonLink.receive_context` and :meth:`BatonLink.ready`.
+  ``hello``, obeys ``activate``/``deactivate``, sends ``quiet``, takes control messages and
+  transfers from baton's participant only, and offers :meth:`BatonLink.handoff`,
+  :meth:`BatonLink.receive_context` and :meth:`BatonLink.ready`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,28 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from livekit.agents import llm
 
 from . import bundle as bd
+from .floor import (
+    CONTROL_TOPIC,
+    COORDINATOR_ATTRIBUTE,
+    COORDINATOR_ROLE,
+    HELLO_RETRY,
+    BatonError,
+    ControlDecodeError,
+    FloorClient,
+    FloorEventKind,
+    HandoffCancelled,
+    HandoffRefused,
+    decode_control,
+    encode_control,
+)
 from .transfer import receive_bundle, send_bundle, transport_for
 
 if TYPE_CHECKING:
@@ -38,277 +51,31 @@ if TYPE_CHECKING:
     from livekit.agents import Agent, AgentSession, JobContext, RunContext
     from livekit.agents.voice.events import AgentStateChangedEvent
     from livekit.agents.voice.room_io import RoomOptions, TextInputEvent
+    from livekit.rtc.room import EventTypes
+
+__all__: list[str] = [
+    "ActivateHook",
+    "BatonLink",
+    "EventHook",
+    "HandoffTicket",
+    "ReceivedContext",
+    "SessionEffects",
+    "build_handoff_bundle",
+    "chat_items_equal",
+    "default_on_activate",
+    "read_bundle",
+    "seed_agent",
+    "state_from_dict",
+    "state_to_dict",
+    "wait_not_speaking",
+]
 
 log = logging.getLogger("lk_baton.agents")
 
-CONTROL_TOPIC = "baton.control"
-PROTOCOL_VERSION = 1
-COORDINATOR_ATTRIBUTE = "baton.role"
-COORDINATOR_ROLE = "coordinator"
 DEFAULT_BATON_IDENTITY = "baton"
-HELLO_RETRY = 1.0
-"""Seconds between repeated ``hello`` messages while baton has not answered."""
 
 T = TypeVar("T")
 A = TypeVar("A", bound="Agent")
-
-# ---------------------------------------------------------------------------------------------
-# Errors
-
-
-class BatonError(Exception):
-    """Base class for errors of this module."""
-
-
-class HandoffRefused(BatonError):
-    """baton refused a handoff; ``reason`` is the protocol's refusal code
-    (``handoff_in_progress``, ``not_floor_holder``, ``unknown_target``, ``same_agent``,
-    ``session_ended``), or ``timeout`` when baton did not answer at all."""
-
-    def __init__(self, reason: str, target: str) -> None:
-        super().__init__(f"handoff to {target!r} refused: {reason}")
-        self.reason = reason
-        self.target = target
-
-
-class HandoffCancelled(BatonError):
-    """baton cancelled the handoff this agent was preparing for (``handoff_cancelled``)."""
-
-    def __init__(self, handoff: str, reason: str) -> None:
-        super().__init__(f"handoff {handoff} cancelled by baton: {reason}")
-        self.handoff = handoff
-        self.reason = reason
-
-
-# ---------------------------------------------------------------------------------------------
-# The floor state machine (no IO)
-
-
-class ControlSender(Protocol):
-    """Where :class:`FloorClient` puts outgoing control envelopes (already complete dicts)."""
-
-    def send(self, msg: dict[str, Any]) -> None: ...
-
-
-class FloorEffects(Protocol):
-    """What :class:`FloorClient` does to the agent."""
-
-    def set_input(self, enabled: bool) -> None:
-        """Turn the agent's hearing (audio input, text input) on or off."""
-
-    def set_output(self, enabled: bool) -> None:
-        """Turn the agent's voice (audio output, transcription) on or off."""
-
-    def speaking(self) -> bool:
-        """Whether the agent is speaking now (its sentence is not finished)."""
-
-
-FloorEventKind = Literal[
-    "activated",  # activate received (msg: the activate)
-    "deactivated",  # deactivate received
-    "quiet",  # we told baton we are quiet (msg: the quiet we sent)
-    "prepare",  # we are the target of a handoff (msg: the prepare)
-    "bundle_unavailable",
-    "handoff_cancelled",
-    "handoff_failed",  # our handoff failed; an activate(handback) follows
-    "release",
-    "error",
-]
-FloorListener = Callable[[FloorEventKind, dict[str, Any]], None]
-
-
-class FloorClient:
-    """The agent side of docs/protocol.md (section 3), as a state machine.
-
-    Feed it baton's control messages with :meth:`handle` and the agent's speaking state with
-    :meth:`speaking_changed`; it answers through ``sender`` and acts through ``effects``.
-    ``listener(kind, msg)`` hears every notable event (see :data:`FloorEventKind`).
-
-    Starts silent: input and output off until baton's ``activate``.
-    """
-
-    def __init__(
-        self,
-        agent_name: str,
-        sender: ControlSender,
-        effects: FloorEffects,
-        *,
-        role: str | None = None,
-        listener: FloorListener | None = None,
-        id_prefix: str | None = None,
-    ) -> None:
-        self.agent_name = agent_name
-        self.role = role
-        self._sender = sender
-        self._effects = effects
-        self._listener = listener
-        self._prefix = id_prefix or f"a{os.urandom(3).hex()}"
-        self._seq = 0
-        self.active = False
-        """True while this agent holds the floor (between ``activate`` and ``deactivate``)."""
-        self.quiet_pending: str | None = None
-        """The handoff id of a ``deactivate(handoff)`` we have not yet answered with ``quiet``."""
-        self.prepare: dict[str, Any] | None = None
-        """The ``prepare`` of the handoff this agent is the target of, until activated/cancelled."""
-        self.last_activate: dict[str, Any] | None = None
-        self.answered = False
-        """True once baton answered our ``hello`` (activate, deactivate or prepare)."""
-        self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        effects.set_input(False)
-        effects.set_output(False)
-
-    # -- outgoing --
-
-    def _next_id(self) -> str:
-        self._seq += 1
-        return f"{self._prefix}-{self._seq}"
-
-    def _send(self, type_: str, **fields: Any) -> dict[str, Any]:
-        msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": type_, "id": self._next_id()}
-        msg.update({k: v for k, v in fields.items() if v is not None})
-        self._sender.send(msg)
-        return msg
-
-    def hello(self) -> dict[str, Any]:
-        """Announce this agent (at start, and again after any reconnect of either side)."""
-        return self._send("hello", agent_name=self.agent_name, role=self.role)
-
-    def ping(self) -> dict[str, Any]:
-        return self._send("ping")
-
-    def request_handoff(
-        self,
-        target: str,
-        reason: str,
-        *,
-        bundle_follows: bool = False,
-        transfer: str | None = None,
-        quiet: bool = False,
-    ) -> tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]:
-        """Send ``handoff``; the future resolves with baton's ``handoff_accepted`` or
-        ``handoff_refused`` (whichever answers this request's id). Needs a running loop.
-
-        ``quiet``: the agent has already finished speaking, so baton may start its filler at
-        once rather than after the ``deactivate`` -> ``quiet`` round trip."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        msg = self._send(
-            "handoff",
-            target=target,
-            reason=reason,
-            transfer=transfer,
-            bundle_follows=True if bundle_follows else None,
-            quiet=True if quiet else None,
-        )
-        self._requests[msg["id"]] = fut
-        return msg, fut
-
-    def ready(self, handoff: str) -> dict[str, Any]:
-        """Tell baton this target has loaded the context and started its pipeline."""
-        return self._send("ready", handoff=handoff)
-
-    def forget_request(self, msg_id: str) -> None:
-        fut = self._requests.pop(msg_id, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
-
-    # -- incoming --
-
-    def _notify(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
-        if self._listener is not None:
-            self._listener(kind, msg)
-
-    def handle(self, msg: Mapping[str, Any]) -> None:
-        """One control envelope from baton (already checked to come from baton's identity)."""
-        m = dict(msg)
-        if m.get("v") != PROTOCOL_VERSION or not isinstance(m.get("type"), str):
-            log.warning(
-                "ignored control message with version %r / type %r", m.get("v"), m.get("type")
-            )
-            return
-        t = m["type"]
-        if t in ("handoff_accepted", "handoff_refused"):
-            fut = self._requests.pop(str(m.get("re")), None)
-            if fut is not None and not fut.done():
-                fut.set_result(m)
-            return
-        if t == "activate":
-            self.answered = True
-            prev = self.last_activate
-            key = (m.get("cause"), m.get("handoff"))
-            if (
-                self.active
-                and prev is not None
-                and (key[0] == "start" or key == (prev.get("cause"), prev.get("handoff")))
-            ):
-                # baton's answer to a repeated hello (a resend before its first answer arrived,
-                # or a hello after a reconnect): we hold the floor already. baton answers such a
-                # hello with cause "start" whatever gave us the floor (a handoff, a handback).
-                # Acting again would run the activate hook twice (the agent would greet the
-                # caller twice, or say its first sentence again after a handoff).
-                log.debug("repeated activate (%s) ignored: floor already held", m.get("cause"))
-                return
-            self.active = True
-            self.quiet_pending = None
-            self.prepare = None
-            self.last_activate = m
-            self._effects.set_input(True)
-            self._effects.set_output(True)
-            self._notify("activated", m)
-        elif t == "deactivate":
-            self.answered = True
-            self.active = False
-            self._effects.set_input(False)
-            if m.get("reason") == "handoff":
-                # finish the current sentence, then go quiet (speaking_changed finishes this)
-                self.quiet_pending = str(m.get("handoff") or "")
-                self._notify("deactivated", m)
-                if not self._effects.speaking():
-                    self._go_quiet()
-            else:
-                self.quiet_pending = None
-                self._effects.set_output(False)
-                self._notify("deactivated", m)
-        elif t == "prepare":
-            self.answered = True
-            self.prepare = m
-            self._notify("prepare", m)
-        elif t == "bundle_unavailable":
-            self._notify("bundle_unavailable", m)
-        elif t == "handoff_cancelled":
-            if self.prepare is not None and m.get("handoff") == self.prepare.get("handoff"):
-                self.prepare = None
-            self.active = False
-            self._effects.set_input(False)
-            self._effects.set_output(False)
-            self._notify("handoff_cancelled", m)
-        elif t == "handoff_failed":
-            self._notify("handoff_failed", m)
-        elif t == "release":
-            self.active = False
-            self.quiet_pending = None
-            self._effects.set_input(False)
-            self._effects.set_output(False)
-            self._notify("release", m)
-        elif t == "error":
-            log.warning("baton error %s: %s", m.get("code"), m.get("message"))
-            self._notify("error", m)
-        elif t == "pong":
-            pass
-        else:
-            log.debug("ignored control message of unknown type %r", t)
-
-    def speaking_changed(self, speaking: bool) -> None:
-        """The agent started or stopped speaking."""
-        if not speaking and self.quiet_pending is not None and not self.active:
-            self._go_quiet()
-
-    def _go_quiet(self) -> None:
-        handoff = self.quiet_pending
-        self.quiet_pending = None
-        self._effects.set_output(False)
-        msg = self._send("quiet", handoff=handoff or None)
-        self._notify("quiet", msg)
-
 
 # ---------------------------------------------------------------------------------------------
 # User state
@@ -708,8 +475,10 @@ class BatonLink:
         Call once per job, after ``ctx.connect()`` and preferably before ``session.start``
         (then nothing is heard before baton says so). ``agent_name`` defaults to the job's
         dispatch name; it must equal the participant's ``lk.agent.name`` attribute.
+
         ``baton_identity`` defaults to the participant whose attribute ``baton.role`` is
-        ``coordinator`` (then identity ``baton``). Further keyword ``options`` go to the
+        ``coordinator`` (then identity ``baton``). Raises :class:`MessageTooLarge` when
+        ``agent_name`` or ``role`` cannot fit a ``hello``. Further keyword ``options`` go to the
         constructor (``on_activate``, ``on_release``, ``on_prepare``, ``user_state_serializer``,
         ``transcription``).
         """
@@ -753,11 +522,12 @@ class BatonLink:
 
     async def aclose(self) -> None:
         self._closed = True
-        for ev, cb in (
+        room_events: list[tuple[EventTypes, Callable[..., None]]] = [
             ("data_received", self._on_data),
             ("reconnected", self._on_reconnected),
             ("participant_connected", self._on_participant_connected),
-        ):
+        ]
+        for ev, cb in room_events:
             with contextlib.suppress(Exception):
                 self.room.off(ev, cb)
         with contextlib.suppress(Exception):
@@ -816,8 +586,9 @@ class BatonLink:
             if dest is None:
                 log.warning("dropping %s: baton not found yet", msg.get("type"))
                 continue
-            payload = json.dumps(msg, separators=(",", ":")).encode()
             try:
+                # FloorClient checked the size when it built msg: this does not raise.
+                payload = encode_control(msg)
                 await self.room.local_participant.publish_data(
                     payload, reliable=True, destination_identities=[dest], topic=CONTROL_TOPIC
                 )
@@ -833,16 +604,10 @@ class BatonLink:
         if sender is None or sender != self.baton_identity:
             log.warning("ignored %s packet from %r (not baton)", CONTROL_TOPIC, sender)
             return
-        if len(packet.data) > 15_000:
-            log.warning("rejected control message: too large")
-            return
         try:
-            msg = json.loads(packet.data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            log.warning("rejected control message: malformed")
-            return
-        if not isinstance(msg, dict) or not isinstance(msg.get("id"), str):
-            log.warning("rejected control message: malformed")
+            msg = decode_control(packet.data)
+        except ControlDecodeError as e:
+            log.warning("rejected control message from baton: %s", e)
             return
         self.floor.handle(msg)
 
@@ -948,7 +713,9 @@ class BatonLink:
         ``user_state``) through the serializer, ``tried``/``outcome``/``data``, and the tool
         calls in flight; sends ``handoff`` with ``bundle_follows`` (and ``quiet`` when the agent
         is no longer speaking); on ``handoff_accepted``
-        starts the bundle upload to baton and returns. Raises :class:`HandoffRefused`.
+        starts the bundle upload to baton and returns. Raises :class:`HandoffRefused`, and
+        :class:`~lk_baton.floor.MessageTooLarge` (nothing sent) when ``target`` or ``reason``
+        cannot fit a control message.
         """
         t0 = time.monotonic()
         if run_ctx is not None:
@@ -1085,7 +852,8 @@ class BatonLink:
                 if hid in self._bundle_unavailable:
                     return empty()
                 changed = self._next_event()
-                await asyncio.wait({recv, changed}, return_when=asyncio.FIRST_COMPLETED)
+                either: set[asyncio.Future[Any]] = {recv, changed}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
             payload, _meta = recv.result()
         finally:

@@ -26,6 +26,33 @@ from typing import Any
 from . import frames as fr
 from .frames import ErrorCode
 
+__all__ = [
+    "TOPIC",
+    "BundleDelivered",
+    "Delivered",
+    "Endpoint",
+    "EndpointConfig",
+    "Event",
+    "Output",
+    "ReceiveFailed",
+    "Receiver",
+    "ReceiverConfig",
+    "Receivers",
+    "ReceiversConfig",
+    "Rejected",
+    "RoomTransport",
+    "SendFailed",
+    "Sender",
+    "SenderConfig",
+    "Sent",
+    "TransferError",
+    "Transmit",
+    "new_transfer_id",
+    "receive_bundle",
+    "send_bundle",
+    "transport_for",
+]
+
 TOPIC = "baton.xfer"
 
 

@@ -1,36 +1,23 @@
 """lk_baton.agents without a server: real AgentSessions driven headless (no room) with a scripted
-LLM, the floor state machine with recording fakes, and BatonLink over in-memory rooms with a
-scripted stand-in for baton."""
+LLM, and BatonLink over in-memory rooms with a scripted stand-in for baton (tests/fakes.py). The
+floor state machine on its own is tested in test_floor.py."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-import uuid
-from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
 import pytest
-from livekit.agents import (
-    DEFAULT_API_CONNECT_OPTIONS,
-    Agent,
-    AgentSession,
-    APIConnectOptions,
-    RunContext,
-    function_tool,
-    llm,
-)
+from fakes import FakeBaton, FakeRoom, Net, ScriptedLLM, Step
+from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 
 from lk_baton import bundle as bd
 from lk_baton.agents import (
-    CONTROL_TOPIC,
     BatonLink,
-    FloorClient,
-    HandoffRefused,
     ReceivedContext,
     build_handoff_bundle,
     chat_items_equal,
@@ -39,46 +26,15 @@ from lk_baton.agents import (
     state_from_dict,
     state_to_dict,
 )
-from lk_baton.transfer import receive_bundle, send_bundle, transport_for
+from lk_baton.floor import (
+    CONTROL_TOPIC,
+    HandoffRefused,
+    MessageTooLarge,
+)
+from lk_baton.transfer import receive_bundle, send_bundle
 
 # ---------------------------------------------------------------------------------------------
-# A scripted LLM: a function of the chat context returns (text, [(tool, args), ...])
-
-Step = tuple[str, list[tuple[str, dict[str, Any]]]]
-
-
-class ScriptedLLM(llm.LLM):
-    def __init__(self, script: Callable[[llm.ChatContext], Step]) -> None:
-        super().__init__()
-        self.script = script
-        self.seen: list[llm.ChatContext] = []
-
-    def chat(
-        self,
-        *,
-        chat_ctx: llm.ChatContext,
-        tools: list[llm.Tool] | None = None,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-        **_: Any,
-    ) -> llm.LLMStream:
-        self.seen.append(chat_ctx.copy())
-        return ScriptedStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
-
-
-class ScriptedStream(llm.LLMStream):
-    async def _run(self) -> None:
-        assert isinstance(self._llm, ScriptedLLM)
-        text, calls = self._llm.script(self._chat_ctx)
-        rid = uuid.uuid4().hex[:8]
-        if text:
-            delta = llm.ChoiceDelta(role="assistant", content=text)
-            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
-        for name, args in calls:
-            call = llm.FunctionToolCall(
-                name=name, arguments=json.dumps(args), call_id=f"call_{uuid.uuid4().hex[:8]}"
-            )
-            delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
-            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+# Scripts for the scripted LLM (fakes.ScriptedLLM)
 
 
 def last(ctx: llm.ChatContext) -> llm.ChatItem:
@@ -398,280 +354,7 @@ def test_user_state_round_trips_dataclass_and_pydantic() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Floor state machine with recording fakes
-
-
-class FakeSender:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sent.append(msg)
-
-    def types(self) -> list[str]:
-        return [m["type"] for m in self.sent]
-
-
-class FakeEffects:
-    def __init__(self) -> None:
-        self.input = True
-        self.output = True
-        self.is_speaking = False
-        self.log: list[tuple[str, bool]] = []
-
-    def set_input(self, enabled: bool) -> None:
-        self.input = enabled
-        self.log.append(("input", enabled))
-
-    def set_output(self, enabled: bool) -> None:
-        self.output = enabled
-        self.log.append(("output", enabled))
-
-    def speaking(self) -> bool:
-        return self.is_speaking
-
-
-def floor() -> tuple[FloorClient, FakeSender, FakeEffects, list[tuple[str, dict[str, Any]]]]:
-    s, e = FakeSender(), FakeEffects()
-    events: list[tuple[str, dict[str, Any]]] = []
-    f = FloorClient("triage", s, e, role="triage", listener=lambda k, m: events.append((k, m)))
-    return f, s, e, events
-
-
-def b(type_: str, **kw: Any) -> dict[str, Any]:
-    return {"v": 1, "type": type_, "id": f"b-{uuid.uuid4().hex[:6]}", **kw}
-
-
-def test_floor_starts_silent_and_says_hello() -> None:
-    f, s, e, _ = floor()
-    assert (e.input, e.output) == (False, False)
-    f.hello()
-    assert s.sent == [
-        {"v": 1, "type": "hello", "id": s.sent[0]["id"], "agent_name": "triage", "role": "triage"}
-    ]
-    assert 1 <= len(s.sent[0]["id"]) <= 64
-
-
-def test_activate_and_standby() -> None:
-    f, s, e, ev = floor()
-    f.handle(b("activate", cause="start"))
-    assert f.active and (e.input, e.output) == (True, True)
-    assert ev[-1][0] == "activated"
-    f.handle(b("deactivate", reason="standby"))
-    assert not f.active and (e.input, e.output) == (False, False)
-    assert "quiet" not in s.types()
-
-
-def test_deactivate_for_handoff_waits_for_the_sentence_then_quiet() -> None:
-    f, s, e, _ev = floor()
-    f.handle(b("activate", cause="start"))
-    e.is_speaking = True
-    f.handle(b("deactivate", reason="handoff", handoff="h-1"))
-    assert e.input is False, "stops listening at once"
-    assert e.output is True, "but finishes the sentence"
-    assert "quiet" not in s.types()
-    f.speaking_changed(True)
-    assert "quiet" not in s.types()
-    e.is_speaking = False
-    f.speaking_changed(False)
-    assert e.output is False
-    assert s.sent[-1]["type"] == "quiet" and s.sent[-1]["handoff"] == "h-1"
-    f.speaking_changed(False)
-    assert s.types().count("quiet") == 1, "quiet is sent once"
-
-
-def test_deactivate_for_handoff_when_silent_is_quiet_at_once() -> None:
-    f, s, e, _ = floor()
-    f.handle(b("activate", cause="start"))
-    f.handle(b("deactivate", reason="handoff", handoff="h-2"))
-    assert (e.input, e.output) == (False, False)
-    assert s.sent[-1]["type"] == "quiet" and s.sent[-1]["handoff"] == "h-2"
-
-
-def test_handoff_request_resolves_on_accept_and_refusal() -> None:
-    async def main() -> None:
-        f, _s, _, _ = floor()
-        f.handle(b("activate", cause="start"))
-        msg, fut = f.request_handoff("billing", "refund", bundle_follows=True, quiet=True)
-        assert msg["type"] == "handoff" and msg["bundle_follows"] is True and msg["quiet"] is True
-        assert msg["target"] == "billing" and msg["reason"] == "refund"
-        f.handle(b("handoff_accepted", re="someone-else", handoff="h-0", target="billing"))
-        assert not fut.done()
-        f.handle(b("handoff_accepted", re=msg["id"], handoff="h-1", target="billing"))
-        assert (await fut)["handoff"] == "h-1"
-        msg2, fut2 = f.request_handoff("billing", "again")
-        assert "bundle_follows" not in msg2 and "quiet" not in msg2
-        f.handle(b("handoff_refused", re=msg2["id"], reason="handoff_in_progress"))
-        assert (await fut2)["reason"] == "handoff_in_progress"
-
-    asyncio.run(main())
-
-
-def test_target_prepare_ready_activate() -> None:
-    f, s, e, ev = floor()
-    f.hello()
-    prep = b("prepare", handoff="h-1", source="triage", reason="refund", bundle=True)
-    f.handle(prep)
-    assert f.prepare == prep and not f.active and (e.input, e.output) == (False, False)
-    f.ready("h-1")
-    assert s.sent[-1]["type"] == "ready" and s.sent[-1]["handoff"] == "h-1"
-    f.handle(b("activate", cause="handoff", handoff="h-1"))
-    assert f.active and f.prepare is None and (e.input, e.output) == (True, True)
-    assert [k for k, _ in ev] == ["prepare", "activated"]
-
-
-def test_cancel_failure_release_and_junk() -> None:
-    f, _s, e, ev = floor()
-    f.handle(b("prepare", handoff="h-1", source="triage", reason="r", bundle=False))
-    f.handle(b("handoff_cancelled", handoff="h-1", reason="target_not_ready"))
-    assert f.prepare is None and (e.input, e.output) == (False, False)
-    f.handle(b("activate", cause="start"))
-    f.handle(b("handoff_failed", handoff="h-2", target="billing", reason="target_no_show"))
-    f.handle(b("activate", cause="handback", handoff="h-2", reason="target_no_show"))
-    assert f.active
-    f.handle(b("release", handoff="h-3", mode="leave"))
-    assert not f.active and (e.input, e.output) == (False, False)
-    n = len(ev)
-    f.handle({"v": 2, "type": "activate", "id": "x"})
-    f.handle(b("no_such_type"))
-    assert not f.active and len(ev) == n
-    kinds = [k for k, _ in ev]
-    assert kinds == [
-        "prepare",
-        "handoff_cancelled",
-        "activated",
-        "handoff_failed",
-        "activated",
-        "release",
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
 # BatonLink over in-memory rooms, with a scripted baton
-
-
-@dataclass
-class Participant:
-    identity: str
-    attributes: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Packet:
-    data: bytes
-    topic: str
-    participant: Participant
-
-
-class Net:
-    def __init__(self) -> None:
-        self.rooms: dict[str, FakeRoom] = {}
-        self.log: list[tuple[str, str, str]] = []
-
-
-class LocalParticipant:
-    def __init__(self, room: FakeRoom) -> None:
-        self.room = room
-
-    async def publish_data(
-        self,
-        payload: bytes,
-        *,
-        reliable: bool = True,
-        destination_identities: list[str] | None = None,
-        topic: str = "",
-    ) -> None:
-        dests = list(destination_identities or [])
-        assert reliable and len(dests) == 1, "reliable and addressed to exactly one participant"
-        self.room.net.log.append((self.room.identity, dests[0], topic))
-        target = self.room.net.rooms.get(dests[0])
-        if target is not None:
-            me = Participant(self.room.identity, self.room.attributes)
-            pkt = Packet(bytes(payload), topic, me)
-            asyncio.get_running_loop().call_later(0.001, target.emit, "data_received", pkt)
-
-
-class FakeRoom:
-    name = "room-1"
-
-    def __init__(self, net: Net, identity: str, attributes: dict[str, str] | None = None) -> None:
-        self.net = net
-        self.identity = identity
-        self.attributes = attributes or {}
-        self.local_participant = LocalParticipant(self)
-        self._handlers: dict[str, list[Any]] = defaultdict(list)
-        self.disconnected = False
-        net.rooms[identity] = self
-
-    @property
-    def remote_participants(self) -> dict[str, Participant]:
-        return {
-            i: Participant(i, r.attributes) for i, r in self.net.rooms.items() if i != self.identity
-        }
-
-    def on(self, event: str, callback: Any) -> Any:
-        self._handlers[event].append(callback)
-        return callback
-
-    def off(self, event: str, callback: Any) -> None:
-        self._handlers[event].remove(callback)
-
-    def emit(self, event: str, *args: Any) -> None:
-        for cb in list(self._handlers[event]):
-            cb(*args)
-
-    async def disconnect(self) -> None:
-        self.disconnected = True
-
-
-class FakeBaton:
-    """Answers like baton's arbiter for one handoff triage -> billing."""
-
-    def __init__(self, net: Net) -> None:
-        self.room = FakeRoom(net, "baton-1", {"baton.role": "coordinator"})
-        self.got: list[tuple[str, dict[str, Any]]] = []
-        self.n = 0
-        self.room.on("data_received", self._on)
-        transport_for(self.room)
-        self.refuse: str | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def send(self, to: str, type_: str, **kw: Any) -> None:
-        self.n += 1
-        msg = {"v": 1, "type": type_, "id": f"b-{self.n}", **kw}
-        task = asyncio.ensure_future(
-            self.room.local_participant.publish_data(
-                json.dumps(msg).encode(), destination_identities=[to], topic=CONTROL_TOPIC
-            )
-        )
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def _on(self, pkt: Packet) -> None:
-        if pkt.topic != CONTROL_TOPIC:
-            return
-        msg = json.loads(pkt.data)
-        who = pkt.participant.identity
-        self.got.append((who, msg))
-        if msg["type"] == "hello" and msg["agent_name"] == "triage":
-            self.send(who, "activate", cause="start")
-        elif msg["type"] == "hello":
-            self.send(
-                who,
-                "prepare",
-                handoff="h-1",
-                source="triage",
-                reason="disputed charge",
-                bundle=True,
-            )
-        elif msg["type"] == "handoff" and self.refuse:
-            self.send(who, "handoff_refused", re=msg["id"], reason=self.refuse)
-        elif msg["type"] == "handoff":
-            self.send(who, "handoff_accepted", re=msg["id"], handoff="h-1", target=msg["target"])
-            self.send(who, "deactivate", handoff="h-1", reason="handoff")
-
-    def types_from(self, who: str) -> list[str]:
-        return [m["type"] for w, m in self.got if w == who]
 
 
 class LinkedTriage(Triage):
@@ -769,7 +452,7 @@ def test_link_source_and_target_through_a_scripted_baton() -> None:
             await asyncio.sleep(0.01)
         assert room_a.disconnected
         # nothing was ever sent to anyone but baton
-        assert {d for src, d, _ in net.log if src != "baton-1"} == {"baton-1"}
+        assert {e.dest for e in net.log if e.src != "baton-1"} == {"baton-1"}
         for x in (link_a, link_b):
             await x.aclose()
         await s1.aclose()
@@ -833,3 +516,49 @@ def test_dataclass_helpers_are_plain() -> None:
     # ReceivedContext is a plain dataclass apps can build themselves (e.g. from dispatch metadata)
     r = ReceivedContext(chat_ctx=llm.ChatContext.empty(), user_state={}, reason="x", from_agent="a")
     assert dataclasses.asdict(r)["reason"] == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol edges (issue 11): message size
+
+
+GREEK = "αβγδεζηθικλμνξοπρστυφχψω"
+
+
+def test_link_handoff_with_a_greek_reason_fits_and_an_impossible_one_fails_at_once() -> None:
+    """Issue 11, item 1, through BatonLink.handoff: a 2,600-letter Greek reason reaches baton
+    in one packet of about 5,300 bytes and is accepted; a reason that cannot fit raises
+    MessageTooLarge naming ``reason`` at once (not HandoffRefused("timeout") 5 s later), and
+    baton gets no handoff."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        room = FakeRoom(net, "agent-triage")
+        s1: AgentSession[Caller] = AgentSession(
+            llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada")
+        )
+        link = await BatonLink.attach(room, s1, agent_name="triage")  # type: ignore[arg-type]
+        agent = Triage()
+        await s1.start(agent)
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(MessageTooLarge) as e:
+            await link.handoff("billing", reason="😀" * 4096, agent=agent)
+        assert e.value.field == "reason"
+        assert loop.time() - t0 < 1.0, "failed at once"
+        await asyncio.sleep(0.02)
+        assert baton.types_from("agent-triage") == ["hello"]
+
+        reason = "".join(GREEK[i % len(GREEK)] for i in range(2600))
+        ticket = await link.handoff("billing", reason=reason, agent=agent)
+        assert ticket.handoff_id == "h-1" and ticket.bundle["reason"] == reason
+        sent = [p for p in net.log if p.src == "agent-triage" and p.topic == CONTROL_TOPIC]
+        handoff = next(p for p in sent if json.loads(p.payload)["type"] == "handoff")
+        assert 5_200 < len(handoff.payload) < 5_400
+        assert json.loads(handoff.payload)["reason"] == reason
+        await link.aclose()
+        await s1.aclose()
+
+    asyncio.run(main())

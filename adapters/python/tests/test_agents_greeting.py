@@ -15,22 +15,22 @@ Two fixes of ``lk_baton.agents`` that the demo needed (commits 86abb9f and d11ce
 
 The resend is timed on a virtual clock (an event loop whose selector advances time instead of
 sleeping), so the tests take no wall-clock seconds and the times asserted are exact. The rooms
-are the in-memory ``FakeRoom`` of ``test_agents.py``; the baton stand-ins here model the two
-behaviours of baton's arbiter above and nothing else.
+are the in-memory ``FakeRoom`` of ``fakes.py``; its ``ArbiterBaton`` models the two behaviours
+of baton's arbiter above and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import selectors
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+from fakes import ArbiterBaton, FakeEffects, FakeRoom, FakeSender, Net, ScriptedLLM, b
 from livekit.agents import Agent, AgentSession
-from test_agents import FakeEffects, FakeRoom, FakeSender, Net, Packet, ScriptedLLM, b
 
-from lk_baton.agents import CONTROL_TOPIC, BatonLink, FloorClient
+from lk_baton.agents import BatonLink
+from lk_baton.floor import FloorClient
 
 # ---------------------------------------------------------------------------------------------
 # A virtual clock: time moves only when the loop would otherwise sleep
@@ -97,68 +97,7 @@ def now() -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# baton stand-ins
-
-
-class ArbiterBaton:
-    """baton's answers to ``hello`` (crates/baton-floor/src/arbiter.rs ``on_hello``): it hears a
-    ``hello`` only from a participant it knows (from ``knows_at`` on; before that the hello is a
-    security event and gets no reply); the floor holder (``holder``) gets ``activate`` with
-    ``cause: "start"`` for every hello, anyone else ``deactivate(standby)``. Each answer leaves
-    ``answer_delay`` seconds after the hello arrived."""
-
-    def __init__(
-        self,
-        net: Net,
-        *,
-        holder: str = "triage",
-        knows_at: float = 0.0,
-        answer_delay: float = 0.0,
-    ) -> None:
-        self.room = FakeRoom(net, "baton", {"baton.role": "coordinator"})
-        self.holder = holder
-        self.knows_at = knows_at
-        self.answer_delay = answer_delay
-        self.hellos: list[tuple[float, bool]] = []
-        """(time, heard) per hello received."""
-        self.sent: list[tuple[float, str, dict[str, Any]]] = []
-        self._n = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.room.on("data_received", self._on)
-
-    def send(self, to: str, type_: str, **kw: Any) -> None:
-        self._n += 1
-        msg = {"v": 1, "type": type_, "id": f"b-{self._n}", **kw}
-        self.sent.append((now(), to, msg))
-        task = asyncio.ensure_future(
-            self.room.local_participant.publish_data(
-                json.dumps(msg).encode(), destination_identities=[to], topic=CONTROL_TOPIC
-            )
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _on(self, pkt: Packet) -> None:
-        if pkt.topic != CONTROL_TOPIC:
-            return
-        msg = json.loads(pkt.data)
-        if msg["type"] != "hello":
-            return
-        heard = now() >= self.knows_at
-        self.hellos.append((now(), heard))
-        if not heard:
-            return
-        who = pkt.participant.identity
-        if msg["agent_name"] == self.holder:
-            answer: tuple[str, dict[str, Any]] = ("activate", {"cause": "start"})
-        else:
-            answer = ("deactivate", {"reason": "standby"})
-        asyncio.get_running_loop().call_later(
-            self.answer_delay, lambda: self.send(who, answer[0], **answer[1])
-        )
-
-    def sent_types(self, to: str) -> list[str]:
-        return [m["type"] for _, t, m in self.sent if t == to]
+# Linking an agent
 
 
 async def attach(

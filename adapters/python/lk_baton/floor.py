@@ -1,0 +1,437 @@
+"""The agent side of baton's control protocol, with no SDK (docs/protocol.md sections 2 and 3).
+
+Everything here is plain Python: it imports nothing from ``livekit``, reads no clock and opens
+no socket, so it can drive any peer (livekit-agents through :mod:`lk_baton.agents`, a
+hand-written agent, a test) and is tested with recording fakes.
+
+* The codec of control envelopes: :func:`encode_control` (compact UTF-8 JSON that fits one data
+  packet, or :class:`MessageTooLarge` naming the field that is too long) and
+  :func:`decode_control` (bytes from the wire to a checked envelope, or
+  :class:`ControlDecodeError`).
+* :class:`FloorClient`: hello, activate/deactivate/prepare handling, the quiet after a handoff's
+  last sentence, handoff requests and their answers, as a state machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
+
+from .frames import MAX_FRAME_SIZE
+
+__all__ = [
+    "CONTROL_TOPIC",
+    "COORDINATOR_ATTRIBUTE",
+    "COORDINATOR_ROLE",
+    "HELLO_RETRY",
+    "MAX_ID_LEN",
+    "MAX_MESSAGE_SIZE",
+    "PROTOCOL_VERSION",
+    "BatonError",
+    "ControlDecodeError",
+    "ControlErrorName",
+    "ControlSender",
+    "FloorClient",
+    "FloorEffects",
+    "FloorEventKind",
+    "FloorListener",
+    "HandoffCancelled",
+    "HandoffRefused",
+    "MessageTooLarge",
+    "decode_control",
+    "encode_control",
+    "envelope_problem",
+]
+
+log = logging.getLogger("lk_baton.floor")
+
+CONTROL_TOPIC = "baton.control"
+"""The data packet topic of control messages (docs/protocol.md section 1)."""
+PROTOCOL_VERSION = 1
+"""The envelope's ``v`` this adapter speaks."""
+MAX_MESSAGE_SIZE = MAX_FRAME_SIZE
+"""Bytes in one data packet's payload: 15 000 (docs/protocol.md section 1; LiveKit documents
+15 KiB for reliable packets). A control message must fit in one."""
+MAX_ID_LEN = 64
+"""An envelope ``id`` is 1 to 64 characters (docs/protocol.md section 2)."""
+COORDINATOR_ATTRIBUTE = "baton.role"
+COORDINATOR_ROLE = "coordinator"
+"""baton's participant carries ``baton.role = coordinator`` (``src/token.rs``)."""
+HELLO_RETRY = 1.0
+"""Seconds between repeated ``hello`` messages while baton has not answered."""
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class BatonError(Exception):
+    """Base class for the adapter's errors about baton and its protocol."""
+
+
+class HandoffRefused(BatonError):
+    """baton refused a handoff; ``reason`` is the protocol's refusal code
+    (``handoff_in_progress``, ``not_floor_holder``, ``unknown_target``, ``same_agent``,
+    ``session_ended``), or ``timeout`` when baton did not answer at all."""
+
+    def __init__(self, reason: str, target: str) -> None:
+        super().__init__(f"handoff to {target!r} refused: {reason}")
+        self.reason = reason
+        self.target = target
+
+
+class HandoffCancelled(BatonError):
+    """baton cancelled the handoff this agent was preparing for (``handoff_cancelled``)."""
+
+    def __init__(self, handoff: str, reason: str) -> None:
+        super().__init__(f"handoff {handoff} cancelled by baton: {reason}")
+        self.handoff = handoff
+        self.reason = reason
+
+
+class MessageTooLarge(BatonError, ValueError):
+    """A control message that cannot fit one data packet, raised before anything is sent.
+
+    ``type``: the message type; ``size``: its encoded size in bytes; ``limit``:
+    :data:`MAX_MESSAGE_SIZE`; ``field``: the member whose value takes the most bytes (the one to
+    shorten); ``field_size``: that value's encoded size; ``field_limit``: the most bytes its
+    encoding may take with every other member unchanged (JSON escapes count, so a character may
+    take up to 6 bytes).
+    """
+
+    def __init__(self, type_: str, size: int, field: str, field_size: int) -> None:
+        self.type = type_
+        self.size = size
+        self.limit = MAX_MESSAGE_SIZE
+        self.field = field
+        self.field_size = field_size
+        self.field_limit = max(0, field_size - (size - MAX_MESSAGE_SIZE))
+        super().__init__(
+            f"{type_} message of {size} bytes does not fit a data packet ({self.limit} bytes): "
+            f"field {field!r} takes {field_size} bytes encoded, at most {self.field_limit} fit"
+        )
+
+
+ControlErrorName = Literal["too_large", "malformed", "unsupported_version"]
+
+
+class ControlDecodeError(BatonError, ValueError):
+    """Bytes that are not a control envelope this adapter accepts. ``name`` is stable and
+    matches baton's own rejections (docs/protocol.md section 2): ``too_large`` (over
+    :data:`MAX_MESSAGE_SIZE`), ``malformed`` (not UTF-8 JSON, not an object, ``v`` / ``type`` /
+    ``id`` missing or ill-typed), ``unsupported_version`` (``v`` other than 1)."""
+
+    def __init__(self, name: ControlErrorName, detail: str) -> None:
+        super().__init__(f"{name}: {detail}")
+        self.name: ControlErrorName = name
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------
+# The control codec
+
+
+def _json(value: Any) -> bytes:
+    # Plain UTF-8 with compact separators: escaping every non-ASCII character as \uXXXX made a
+    # valid 2,600-letter Greek reason 15,694 bytes, over the packet limit (issue 11, item 1).
+    # NaN and infinities are not JSON; refuse them here rather than let a peer reject them.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_control(msg: Mapping[str, Any]) -> bytes:
+    """One control envelope as the bytes of a data packet: compact JSON, UTF-8, non-ASCII
+    characters unescaped, members in ``msg``'s order.
+
+    Raises :class:`MessageTooLarge` when the result is over :data:`MAX_MESSAGE_SIZE` bytes,
+    naming the member that takes the most bytes; ``ValueError`` for values JSON cannot carry
+    (NaN, a lone surrogate); ``TypeError`` for values that are not JSON types.
+    """
+    data = _json(dict(msg))
+    if len(data) > MAX_MESSAGE_SIZE:
+        sizes = {k: len(_json(v)) for k, v in msg.items()}
+        field = max(sizes, key=lambda k: sizes[k])
+        raise MessageTooLarge(str(msg.get("type")), len(data), field, sizes[field])
+    return data
+
+
+def envelope_problem(msg: Any) -> ControlDecodeError | None:
+    """What makes ``msg`` (parsed JSON) not an envelope of this protocol version, or ``None``:
+    an object with an integer ``v`` equal to :data:`PROTOCOL_VERSION`, a string ``type`` and a
+    string ``id`` of 1 to 64 characters (docs/protocol.md section 2)."""
+    if not isinstance(msg, Mapping):
+        return ControlDecodeError("malformed", "not a JSON object")
+    v = msg.get("v")
+    if not isinstance(v, int) or isinstance(v, bool):
+        return ControlDecodeError("malformed", "v missing or not an integer")
+    if not isinstance(msg.get("type"), str):
+        return ControlDecodeError("malformed", "type missing or not a string")
+    mid = msg.get("id")
+    if not isinstance(mid, str) or not 1 <= len(mid) <= MAX_ID_LEN:
+        return ControlDecodeError("malformed", f"id missing or not a string of 1..{MAX_ID_LEN}")
+    if v != PROTOCOL_VERSION:
+        return ControlDecodeError("unsupported_version", f"v is {v}, this adapter speaks 1")
+    return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_control(data: bytes) -> dict[str, Any]:
+    """A data packet's payload (topic ``baton.control``) as a checked envelope.
+
+    Raises :class:`ControlDecodeError` (and nothing else): ``too_large`` over
+    :data:`MAX_MESSAGE_SIZE` bytes (refused unread), ``malformed`` for anything that is not
+    strict UTF-8 JSON holding an envelope (see :func:`envelope_problem`; ``NaN`` and
+    ``Infinity`` are not JSON), ``unsupported_version`` for another ``v``. Members the envelope
+    does not know are kept (docs/protocol.md section 2: receivers ignore them).
+    """
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise ControlDecodeError("too_large", f"{len(data)} bytes, over {MAX_MESSAGE_SIZE}")
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ControlDecodeError("malformed", f"not UTF-8 JSON ({e})") from None
+    problem = envelope_problem(doc)
+    if problem is not None:
+        raise problem
+    return dict(doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The floor state machine
+
+
+class ControlSender(Protocol):
+    """Where :class:`FloorClient` puts outgoing control envelopes (complete dicts, already
+    checked by :func:`encode_control` to fit a data packet)."""
+
+    def send(self, msg: dict[str, Any]) -> None: ...
+
+
+class FloorEffects(Protocol):
+    """What :class:`FloorClient` does to the agent."""
+
+    def set_input(self, enabled: bool) -> None:
+        """Turn the agent's hearing (audio input, text input) on or off."""
+
+    def set_output(self, enabled: bool) -> None:
+        """Turn the agent's voice (audio output, transcription) on or off."""
+
+    def speaking(self) -> bool:
+        """Whether the agent is speaking now (its sentence is not finished)."""
+
+
+FloorEventKind = Literal[
+    "activated",  # activate received (msg: the activate)
+    "deactivated",  # deactivate received
+    "quiet",  # we told baton we are quiet (msg: the quiet we sent)
+    "prepare",  # we are the target of a handoff (msg: the prepare)
+    "bundle_unavailable",
+    "handoff_cancelled",
+    "handoff_failed",  # our handoff failed; an activate(handback) follows
+    "release",
+    "error",
+]
+FloorListener = Callable[[FloorEventKind, dict[str, Any]], None]
+
+
+class FloorClient:
+    """The agent side of docs/protocol.md (section 3), as a state machine.
+
+    Feed it baton's control messages with :meth:`handle` and the agent's speaking state with
+    :meth:`speaking_changed`; it answers through ``sender`` and acts through ``effects``.
+    ``listener(kind, msg)`` hears every notable event (see :data:`FloorEventKind`).
+
+    Starts silent: input and output off until baton's ``activate``. Every message it builds is
+    checked with :func:`encode_control` before it is handed to ``sender``: one that cannot fit a
+    data packet raises :class:`MessageTooLarge` from the call that built it, and nothing is sent.
+    """
+
+    def __init__(
+        self,
+        agent_name: str,
+        sender: ControlSender,
+        effects: FloorEffects,
+        *,
+        role: str | None = None,
+        listener: FloorListener | None = None,
+        id_prefix: str | None = None,
+    ) -> None:
+        self.agent_name = agent_name
+        self.role = role
+        self._sender = sender
+        self._effects = effects
+        self._listener = listener
+        self._prefix = id_prefix or f"a{os.urandom(3).hex()}"
+        self._seq = 0
+        self.active = False
+        """True while this agent holds the floor (between ``activate`` and ``deactivate``)."""
+        self.quiet_pending: str | None = None
+        """The handoff id of a ``deactivate(handoff)`` we have not yet answered with ``quiet``."""
+        self.prepare: dict[str, Any] | None = None
+        """The ``prepare`` of the handoff this agent is the target of, until activated/cancelled."""
+        self.last_activate: dict[str, Any] | None = None
+        self.answered = False
+        """True once baton answered our ``hello`` (activate, deactivate or prepare)."""
+        self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        effects.set_input(False)
+        effects.set_output(False)
+
+    # -- outgoing --
+
+    def _next_id(self) -> str:
+        self._seq += 1
+        return f"{self._prefix}-{self._seq}"
+
+    def _send(self, type_: str, **fields: Any) -> dict[str, Any]:
+        msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": type_, "id": self._next_id()}
+        msg.update({k: v for k, v in fields.items() if v is not None})
+        encode_control(msg)  # fail here, at the caller, rather than in the writer later
+        self._sender.send(msg)
+        return msg
+
+    def hello(self) -> dict[str, Any]:
+        """Announce this agent (at start, and again after any reconnect of either side)."""
+        return self._send("hello", agent_name=self.agent_name, role=self.role)
+
+    def ping(self) -> dict[str, Any]:
+        return self._send("ping")
+
+    def request_handoff(
+        self,
+        target: str,
+        reason: str,
+        *,
+        bundle_follows: bool = False,
+        transfer: str | None = None,
+        quiet: bool = False,
+    ) -> tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]:
+        """Send ``handoff``; the future resolves with baton's ``handoff_accepted`` or
+        ``handoff_refused`` (whichever answers this request's id). Needs a running loop.
+
+        ``quiet``: the agent has already finished speaking, so baton may start its filler at
+        once rather than after the ``deactivate`` -> ``quiet`` round trip. Raises
+        :class:`MessageTooLarge` (nothing sent) when ``reason`` or ``target`` cannot fit."""
+        loop = asyncio.get_running_loop()
+        msg = self._send(
+            "handoff",
+            target=target,
+            reason=reason,
+            transfer=transfer,
+            bundle_follows=True if bundle_follows else None,
+            quiet=True if quiet else None,
+        )
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._requests[msg["id"]] = fut
+        return msg, fut
+
+    def ready(self, handoff: str) -> dict[str, Any]:
+        """Tell baton this target has loaded the context and started its pipeline."""
+        return self._send("ready", handoff=handoff)
+
+    def forget_request(self, msg_id: str) -> None:
+        fut = self._requests.pop(msg_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    # -- incoming --
+
+    def _notify(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
+        if self._listener is not None:
+            self._listener(kind, msg)
+
+    def handle(self, msg: Mapping[str, Any]) -> None:
+        """One control envelope from baton (already checked to come from baton's participant);
+        an envelope :func:`envelope_problem` finds fault with is logged and ignored."""
+        problem = envelope_problem(msg)
+        if problem is not None:
+            log.warning("ignored control message: %s", problem)
+            return
+        m = dict(msg)
+        t = m["type"]
+        if t in ("handoff_accepted", "handoff_refused"):
+            fut = self._requests.pop(str(m.get("re")), None)
+            if fut is not None and not fut.done():
+                fut.set_result(m)
+            return
+        if t == "activate":
+            self.answered = True
+            prev = self.last_activate
+            key = (m.get("cause"), m.get("handoff"))
+            if (
+                self.active
+                and prev is not None
+                and (key[0] == "start" or key == (prev.get("cause"), prev.get("handoff")))
+            ):
+                # baton's answer to a repeated hello (a resend before its first answer arrived,
+                # or a hello after a reconnect): we hold the floor already. baton answers such a
+                # hello with cause "start" whatever gave us the floor (a handoff, a handback).
+                # Acting again would run the activate hook twice (the agent would greet the
+                # caller twice, or say its first sentence again after a handoff).
+                log.debug("repeated activate (%s) ignored: floor already held", m.get("cause"))
+                return
+            self.active = True
+            self.quiet_pending = None
+            self.prepare = None
+            self.last_activate = m
+            self._effects.set_input(True)
+            self._effects.set_output(True)
+            self._notify("activated", m)
+        elif t == "deactivate":
+            self.answered = True
+            self.active = False
+            self._effects.set_input(False)
+            if m.get("reason") == "handoff":
+                # finish the current sentence, then go quiet (speaking_changed finishes this)
+                self.quiet_pending = str(m.get("handoff") or "")
+                self._notify("deactivated", m)
+                if not self._effects.speaking():
+                    self._go_quiet()
+            else:
+                self.quiet_pending = None
+                self._effects.set_output(False)
+                self._notify("deactivated", m)
+        elif t == "prepare":
+            self.answered = True
+            self.prepare = m
+            self._notify("prepare", m)
+        elif t == "bundle_unavailable":
+            self._notify("bundle_unavailable", m)
+        elif t == "handoff_cancelled":
+            if self.prepare is not None and m.get("handoff") == self.prepare.get("handoff"):
+                self.prepare = None
+            self.active = False
+            self._effects.set_input(False)
+            self._effects.set_output(False)
+            self._notify("handoff_cancelled", m)
+        elif t == "handoff_failed":
+            self._notify("handoff_failed", m)
+        elif t == "release":
+            self.active = False
+            self.quiet_pending = None
+            self._effects.set_input(False)
+            self._effects.set_output(False)
+            self._notify("release", m)
+        elif t == "error":
+            log.warning("baton error %s: %s", m.get("code"), m.get("message"))
+            self._notify("error", m)
+        elif t == "pong":
+            pass
+        else:
+            log.debug("ignored control message of unknown type %r", t)
+
+    def speaking_changed(self, speaking: bool) -> None:
+        """The agent started or stopped speaking."""
+        if not speaking and self.quiet_pending is not None and not self.active:
+            self._go_quiet()
+
+    def _go_quiet(self) -> None:
+        handoff = self.quiet_pending
+        self.quiet_pending = None
+        self._effects.set_output(False)
+        msg = self._send("quiet", handoff=handoff or None)
+        self._notify("quiet", msg)

@@ -1,0 +1,325 @@
+"""The adapter tests' stand-ins, in one place.
+
+* In-memory rooms (:class:`Net`, :class:`FakeRoom`) that mimic the parts of ``livekit.rtc.Room``
+  the adapter uses: ``on``/``off`` callbacks, ``local_participant.publish_data(payload,
+  reliable=, destination_identities=, topic=)`` (async), ``remote_participants``, and
+  ``data_received`` packets whose ``participant`` carries ``identity``, ``kind`` and
+  ``attributes`` as the sender's room has them (the server's word, as in LiveKit).
+* Recording fakes for :class:`lk_baton.floor.FloorClient` (:class:`FakeSender`,
+  :class:`FakeEffects`) and :func:`b`, a control envelope from baton.
+* A scripted ``llm.LLM`` (:class:`ScriptedLLM`): the only cloud service the tests replace.
+* Stand-ins for baton's arbiter (:class:`FakeBaton`, :class:`ArbiterBaton`): they answer the
+  way crates/baton-floor does for the scenario a test needs, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, llm
+
+from lk_baton.floor import CONTROL_TOPIC, COORDINATOR_ATTRIBUTE, COORDINATOR_ROLE
+from lk_baton.transfer import transport_for
+
+KIND_STANDARD = 0
+PARTICIPANT_KIND_AGENT = 4
+BATON_ATTRIBUTES = {COORDINATOR_ATTRIBUTE: COORDINATOR_ROLE}
+
+# ---------------------------------------------------------------------------------------------
+# In-memory rooms
+
+
+@dataclass
+class Participant:
+    identity: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    kind: int = KIND_STANDARD
+
+
+@dataclass
+class Packet:
+    data: bytes
+    topic: str
+    participant: Participant
+
+
+class Published(NamedTuple):
+    src: str
+    dest: str
+    topic: str
+    payload: bytes
+
+
+class Net:
+    """The rooms of one test, by identity. ``delay``: seconds from publish to delivery;
+    ``down``: packets published meanwhile are lost; ``log``: every publish."""
+
+    def __init__(self, delay: float = 0.001) -> None:
+        self.rooms: dict[str, FakeRoom] = {}
+        self.delay = delay
+        self.down = False
+        self.log: list[Published] = []
+
+
+class LocalParticipant:
+    def __init__(self, room: FakeRoom) -> None:
+        self.room = room
+
+    async def publish_data(
+        self,
+        payload: bytes,
+        *,
+        reliable: bool = True,
+        destination_identities: list[str] | None = None,
+        topic: str = "",
+    ) -> None:
+        dests = list(destination_identities or [])
+        assert reliable, "baton traffic goes on the reliable channel"
+        assert len(dests) == 1, "addressed to exactly one participant, never broadcast"
+        net = self.room.net
+        net.log.append(Published(self.room.identity, dests[0], topic, bytes(payload)))
+        target = net.rooms.get(dests[0])
+        if net.down or target is None:
+            return
+        pkt = Packet(bytes(payload), topic, self.room.as_participant())
+        asyncio.get_running_loop().call_later(net.delay, target.emit, "data_received", pkt)
+
+
+class FakeRoom:
+    name = "room-1"
+
+    def __init__(
+        self,
+        net: Net,
+        identity: str,
+        attributes: dict[str, str] | None = None,
+        *,
+        kind: int = KIND_STANDARD,
+    ) -> None:
+        self.net = net
+        self.identity = identity
+        self.attributes = attributes or {}
+        self.kind = kind
+        self.local_participant = LocalParticipant(self)
+        self._handlers: dict[str, list[Any]] = defaultdict(list)
+        self.disconnected = False
+        net.rooms[identity] = self
+
+    def as_participant(self) -> Participant:
+        return Participant(self.identity, self.attributes, self.kind)
+
+    @property
+    def remote_participants(self) -> dict[str, Participant]:
+        return {i: r.as_participant() for i, r in self.net.rooms.items() if i != self.identity}
+
+    def on(self, event: str, callback: Any) -> Any:
+        self._handlers[event].append(callback)
+        return callback
+
+    def off(self, event: str, callback: Any) -> None:
+        self._handlers[event].remove(callback)
+
+    def emit(self, event: str, *args: Any) -> None:
+        for cb in list(self._handlers[event]):
+            cb(*args)
+
+    async def disconnect(self) -> None:
+        self.disconnected = True
+
+
+def baton_room(net: Net, identity: str) -> FakeRoom:
+    """A room joined the way baton joins: kind agent, ``baton.role = coordinator``."""
+    return FakeRoom(net, identity, dict(BATON_ATTRIBUTES), kind=PARTICIPANT_KIND_AGENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# FloorClient fakes
+
+
+class FakeSender:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.sent]
+
+
+class FakeEffects:
+    def __init__(self) -> None:
+        self.input = True
+        self.output = True
+        self.is_speaking = False
+        self.log: list[tuple[str, bool]] = []
+
+    def set_input(self, enabled: bool) -> None:
+        self.input = enabled
+        self.log.append(("input", enabled))
+
+    def set_output(self, enabled: bool) -> None:
+        self.output = enabled
+        self.log.append(("output", enabled))
+
+    def speaking(self) -> bool:
+        return self.is_speaking
+
+
+def b(type_: str, **kw: Any) -> dict[str, Any]:
+    """A control envelope from baton."""
+    return {"v": 1, "type": type_, "id": f"b-{uuid.uuid4().hex[:6]}", **kw}
+
+
+# ---------------------------------------------------------------------------------------------
+# A scripted LLM: a function of the chat context returns (text, [(tool, args), ...])
+
+Step = tuple[str, list[tuple[str, dict[str, Any]]]]
+
+
+class ScriptedLLM(llm.LLM):
+    def __init__(self, script: Callable[[llm.ChatContext], Step]) -> None:
+        super().__init__()
+        self.script = script
+        self.seen: list[llm.ChatContext] = []
+
+    def chat(
+        self,
+        *,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool] | None = None,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+        **_: Any,
+    ) -> llm.LLMStream:
+        self.seen.append(chat_ctx.copy())
+        return ScriptedStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
+
+
+class ScriptedStream(llm.LLMStream):
+    async def _run(self) -> None:
+        assert isinstance(self._llm, ScriptedLLM)
+        text, calls = self._llm.script(self._chat_ctx)
+        rid = uuid.uuid4().hex[:8]
+        if text:
+            delta = llm.ChoiceDelta(role="assistant", content=text)
+            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+        for name, args in calls:
+            call = llm.FunctionToolCall(
+                name=name, arguments=json.dumps(args), call_id=f"call_{uuid.uuid4().hex[:8]}"
+            )
+            delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
+            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+
+
+# ---------------------------------------------------------------------------------------------
+# baton stand-ins
+
+
+class StandInBaton:
+    """A room joined as baton that records the control messages it gets and sends its own."""
+
+    def __init__(self, net: Net, identity: str) -> None:
+        self.room = baton_room(net, identity)
+        self.sent: list[tuple[float, str, dict[str, Any]]] = []
+        self._n = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.room.on("data_received", self._on_packet)
+
+    def send(self, to: str, type_: str, **kw: Any) -> None:
+        self._n += 1
+        msg = {"v": 1, "type": type_, "id": f"b-{self._n}", **kw}
+        self.sent.append((asyncio.get_running_loop().time(), to, msg))
+        task = asyncio.ensure_future(
+            self.room.local_participant.publish_data(
+                json.dumps(msg).encode(), destination_identities=[to], topic=CONTROL_TOPIC
+            )
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def sent_types(self, to: str) -> list[str]:
+        return [m["type"] for _, t, m in self.sent if t == to]
+
+    def _on_packet(self, pkt: Packet) -> None:
+        if pkt.topic == CONTROL_TOPIC:
+            self.on_control(pkt.participant.identity, json.loads(pkt.data))
+
+    def on_control(self, who: str, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class FakeBaton(StandInBaton):
+    """Answers like baton's arbiter for one handoff triage -> billing."""
+
+    def __init__(self, net: Net) -> None:
+        super().__init__(net, "baton-1")
+        self.got: list[tuple[str, dict[str, Any]]] = []
+        transport_for(self.room)
+        self.refuse: str | None = None
+
+    def on_control(self, who: str, msg: dict[str, Any]) -> None:
+        self.got.append((who, msg))
+        if msg["type"] == "hello" and msg["agent_name"] == "triage":
+            self.send(who, "activate", cause="start")
+        elif msg["type"] == "hello":
+            self.send(
+                who,
+                "prepare",
+                handoff="h-1",
+                source="triage",
+                reason="disputed charge",
+                bundle=True,
+            )
+        elif msg["type"] == "handoff" and self.refuse:
+            self.send(who, "handoff_refused", re=msg["id"], reason=self.refuse)
+        elif msg["type"] == "handoff":
+            self.send(who, "handoff_accepted", re=msg["id"], handoff="h-1", target=msg["target"])
+            self.send(who, "deactivate", handoff="h-1", reason="handoff")
+
+    def types_from(self, who: str) -> list[str]:
+        return [m["type"] for w, m in self.got if w == who]
+
+
+class ArbiterBaton(StandInBaton):
+    """baton's answers to ``hello`` (crates/baton-floor/src/arbiter.rs ``on_hello``): it hears a
+    ``hello`` only from a participant it knows (from ``knows_at`` on; before that the hello is a
+    security event and gets no reply); the floor holder (``holder``) gets ``activate`` with
+    ``cause: "start"`` for every hello, anyone else ``deactivate(standby)``. Each answer leaves
+    ``answer_delay`` seconds after the hello arrived."""
+
+    def __init__(
+        self,
+        net: Net,
+        *,
+        holder: str = "triage",
+        knows_at: float = 0.0,
+        answer_delay: float = 0.0,
+    ) -> None:
+        super().__init__(net, "baton")
+        self.holder = holder
+        self.knows_at = knows_at
+        self.answer_delay = answer_delay
+        self.hellos: list[tuple[float, bool]] = []
+        """(time, heard) per hello received."""
+
+    def on_control(self, who: str, msg: dict[str, Any]) -> None:
+        if msg["type"] != "hello":
+            return
+        now = asyncio.get_running_loop().time()
+        heard = now >= self.knows_at
+        self.hellos.append((now, heard))
+        if not heard:
+            return
+        if msg["agent_name"] == self.holder:
+            answer: tuple[str, dict[str, Any]] = ("activate", {"cause": "start"})
+        else:
+            answer = ("deactivate", {"reason": "standby"})
+        asyncio.get_running_loop().call_later(
+            self.answer_delay, lambda: self.send(who, answer[0], **answer[1])
+        )

@@ -1,0 +1,352 @@
+"""lk_baton.floor, the SDK-free control protocol: the floor state machine with recording fakes
+(tests/fakes.py), the control codec (plain UTF-8, the packet limit, a typed error naming the
+field too long: issue 11, item 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from fakes import FakeEffects, FakeSender, b
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from lk_baton.floor import (
+    MAX_MESSAGE_SIZE,
+    ControlDecodeError,
+    FloorClient,
+    MessageTooLarge,
+    decode_control,
+    encode_control,
+)
+
+# ---------------------------------------------------------------------------------------------
+# The floor state machine with recording fakes
+
+
+def floor() -> tuple[FloorClient, FakeSender, FakeEffects, list[tuple[str, dict[str, Any]]]]:
+    s, e = FakeSender(), FakeEffects()
+    events: list[tuple[str, dict[str, Any]]] = []
+    f = FloorClient("triage", s, e, role="triage", listener=lambda k, m: events.append((k, m)))
+    return f, s, e, events
+
+
+def test_floor_starts_silent_and_says_hello() -> None:
+    f, s, e, _ = floor()
+    assert (e.input, e.output) == (False, False)
+    f.hello()
+    assert s.sent == [
+        {"v": 1, "type": "hello", "id": s.sent[0]["id"], "agent_name": "triage", "role": "triage"}
+    ]
+    assert 1 <= len(s.sent[0]["id"]) <= 64
+
+
+def test_activate_and_standby() -> None:
+    f, s, e, ev = floor()
+    f.handle(b("activate", cause="start"))
+    assert f.active and (e.input, e.output) == (True, True)
+    assert ev[-1][0] == "activated"
+    f.handle(b("deactivate", reason="standby"))
+    assert not f.active and (e.input, e.output) == (False, False)
+    assert "quiet" not in s.types()
+
+
+def test_deactivate_for_handoff_waits_for_the_sentence_then_quiet() -> None:
+    f, s, e, _ev = floor()
+    f.handle(b("activate", cause="start"))
+    e.is_speaking = True
+    f.handle(b("deactivate", reason="handoff", handoff="h-1"))
+    assert e.input is False, "stops listening at once"
+    assert e.output is True, "but finishes the sentence"
+    assert "quiet" not in s.types()
+    f.speaking_changed(True)
+    assert "quiet" not in s.types()
+    e.is_speaking = False
+    f.speaking_changed(False)
+    assert e.output is False
+    assert s.sent[-1]["type"] == "quiet" and s.sent[-1]["handoff"] == "h-1"
+    f.speaking_changed(False)
+    assert s.types().count("quiet") == 1, "quiet is sent once"
+
+
+def test_deactivate_for_handoff_when_silent_is_quiet_at_once() -> None:
+    f, s, e, _ = floor()
+    f.handle(b("activate", cause="start"))
+    f.handle(b("deactivate", reason="handoff", handoff="h-2"))
+    assert (e.input, e.output) == (False, False)
+    assert s.sent[-1]["type"] == "quiet" and s.sent[-1]["handoff"] == "h-2"
+
+
+def test_handoff_request_resolves_on_accept_and_refusal() -> None:
+    async def main() -> None:
+        f, _s, _, _ = floor()
+        f.handle(b("activate", cause="start"))
+        msg, fut = f.request_handoff("billing", "refund", bundle_follows=True, quiet=True)
+        assert msg["type"] == "handoff" and msg["bundle_follows"] is True and msg["quiet"] is True
+        assert msg["target"] == "billing" and msg["reason"] == "refund"
+        f.handle(b("handoff_accepted", re="someone-else", handoff="h-0", target="billing"))
+        assert not fut.done()
+        f.handle(b("handoff_accepted", re=msg["id"], handoff="h-1", target="billing"))
+        assert (await fut)["handoff"] == "h-1"
+        msg2, fut2 = f.request_handoff("billing", "again")
+        assert "bundle_follows" not in msg2 and "quiet" not in msg2
+        f.handle(b("handoff_refused", re=msg2["id"], reason="handoff_in_progress"))
+        assert (await fut2)["reason"] == "handoff_in_progress"
+
+    asyncio.run(main())
+
+
+def test_target_prepare_ready_activate() -> None:
+    f, s, e, ev = floor()
+    f.hello()
+    prep = b("prepare", handoff="h-1", source="triage", reason="refund", bundle=True)
+    f.handle(prep)
+    assert f.prepare == prep and not f.active and (e.input, e.output) == (False, False)
+    f.ready("h-1")
+    assert s.sent[-1]["type"] == "ready" and s.sent[-1]["handoff"] == "h-1"
+    f.handle(b("activate", cause="handoff", handoff="h-1"))
+    assert f.active and f.prepare is None and (e.input, e.output) == (True, True)
+    assert [k for k, _ in ev] == ["prepare", "activated"]
+
+
+def test_cancel_failure_release_and_junk() -> None:
+    f, _s, e, ev = floor()
+    f.handle(b("prepare", handoff="h-1", source="triage", reason="r", bundle=False))
+    f.handle(b("handoff_cancelled", handoff="h-1", reason="target_not_ready"))
+    assert f.prepare is None and (e.input, e.output) == (False, False)
+    f.handle(b("activate", cause="start"))
+    f.handle(b("handoff_failed", handoff="h-2", target="billing", reason="target_no_show"))
+    f.handle(b("activate", cause="handback", handoff="h-2", reason="target_no_show"))
+    assert f.active
+    f.handle(b("release", handoff="h-3", mode="leave"))
+    assert not f.active and (e.input, e.output) == (False, False)
+    n = len(ev)
+    f.handle({"v": 2, "type": "activate", "id": "x"})
+    f.handle(b("no_such_type"))
+    assert not f.active and len(ev) == n
+    kinds = [k for k, _ in ev]
+    assert kinds == [
+        "prepare",
+        "handoff_cancelled",
+        "activated",
+        "handoff_failed",
+        "activated",
+        "release",
+    ]
+
+
+def test_floor_module_imports_nothing_from_livekit() -> None:
+    """lk_baton.floor stands alone: importing it (and the package) loads no livekit module."""
+    code = (
+        "import sys, lk_baton.floor; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'livekit' "
+        "or m == 'lk_baton.agents'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The control codec: plain UTF-8, one packet, a typed error naming the field
+
+
+GREEK = "αβγδεζηθικλμνξοπρστυφχψω"
+
+
+def greek(n: int) -> str:
+    return "".join(GREEK[i % len(GREEK)] for i in range(n))
+
+
+def test_handoff_with_a_2600_letter_greek_reason_fits_a_packet() -> None:
+    """Issue 11, item 1: escaped as \\uXXXX this handoff was 15,694 bytes and baton dropped it;
+    as plain UTF-8 it is about 5,300 bytes."""
+
+    async def main() -> None:
+        f, s, _e, _ = floor()
+        reason = greek(2600)
+        msg, fut = f.request_handoff("billing", reason, bundle_follows=True, quiet=True)
+        assert s.sent == [msg] and not fut.done()
+        wire = encode_control(msg)
+        envelope = len(encode_control({**msg, "reason": ""}))
+        assert len(wire) == envelope + 2 * 2600  # every Greek letter is 2 bytes of UTF-8
+        assert 5_200 < len(wire) < 5_400
+        assert len(json.dumps(msg, separators=(",", ":")).encode()) > MAX_MESSAGE_SIZE, (
+            "the old ASCII-escaped encoding would not have fit"
+        )
+        assert decode_control(wire) == msg
+        assert reason.encode() in wire, "sent unescaped"
+
+    asyncio.run(main())
+
+
+def test_a_reason_that_cannot_fit_raises_at_once_naming_reason() -> None:
+    """4,096 characters (the bundle schema's maximum) of 4-byte characters cannot fit 15,000
+    bytes: the request fails before anything is sent, and says which field to shorten."""
+
+    async def main() -> None:
+        f, s, _e, _ = floor()
+        with pytest.raises(MessageTooLarge) as e:
+            f.request_handoff("billing", "😀" * 4096, bundle_follows=True)
+        assert e.value.type == "handoff"
+        assert e.value.field == "reason"
+        assert e.value.field_size == 4 * 4096 + 2
+        assert e.value.size > MAX_MESSAGE_SIZE == e.value.limit
+        assert e.value.field_limit == e.value.field_size - (e.value.size - MAX_MESSAGE_SIZE)
+        assert "'reason'" in str(e.value)
+        assert s.sent == [], "nothing was sent"
+        assert f._requests == {}, "no request left waiting for an answer"
+        # the largest reason that fits, by the error's own numbers, is accepted
+        fits = "😀" * ((e.value.field_limit - 2) // 4)
+        msg, _ = f.request_handoff("billing", fits, bundle_follows=True)
+        assert len(encode_control(msg)) <= MAX_MESSAGE_SIZE
+        with pytest.raises(MessageTooLarge):
+            f.request_handoff("billing", fits + "😀", bundle_follows=True)
+
+    asyncio.run(main())
+
+
+def test_too_long_agent_name_fails_at_hello() -> None:
+    f, s, _e, _ = floor()
+    f.agent_name = "n" * MAX_MESSAGE_SIZE
+    with pytest.raises(MessageTooLarge) as e:
+        f.hello()
+    assert e.value.field == "agent_name" and s.sent == []
+
+
+# Text sized around the limit: a few runs of one character each (so 1- to 4-byte characters,
+# and control characters that JSON escapes to 6 bytes, reach 15,000 bytes quickly).
+sized_text = st.lists(
+    st.tuples(st.characters(codec="utf-8"), st.integers(0, 8000)), max_size=3
+).map(lambda runs: "".join(c * n for c, n in runs))
+short_text = st.text(st.characters(codec="utf-8"), max_size=64)
+
+
+@st.composite
+def built_message(draw: st.DrawFn) -> tuple[str, Any]:
+    """One call of a FloorClient method that builds a message, with drawn arguments."""
+    which = draw(st.sampled_from(["hello", "handoff", "ready", "quiet", "ping"]))
+    if which == "hello":
+        return which, (draw(sized_text), draw(st.none() | sized_text))
+    if which == "handoff":
+        return which, (
+            draw(short_text | sized_text),
+            draw(sized_text),
+            draw(st.booleans()),
+            draw(st.none() | short_text),
+            draw(st.booleans()),
+        )
+    return which, draw(sized_text)
+
+
+def plain_json(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(built_message())
+def test_every_message_built_fits_a_packet_or_raises_message_too_large(
+    case: tuple[str, Any],
+) -> None:
+    """Property (issue 11): whatever valid strings go in, the message the adapter builds either
+    fits one data packet as sent, or the building call raises MessageTooLarge naming the member
+    whose encoding is the largest, and nothing is sent."""
+    which, args = case
+
+    async def build(f: FloorClient) -> None:
+        if which == "hello":
+            f.agent_name, f.role = args
+            f.hello()
+        elif which == "handoff":
+            target, reason, follows, transfer, quiet = args
+            f.request_handoff(
+                target, reason, bundle_follows=follows, transfer=transfer, quiet=quiet
+            )
+        elif which == "ready":
+            f.ready(args)
+        elif which == "quiet":
+            # the handoff id comes from baton's deactivate, which fit a packet
+            deactivate = b("deactivate", reason="handoff", handoff=args)
+            assume(len(plain_json(deactivate)) <= MAX_MESSAGE_SIZE)
+            f.handle(b("activate", cause="start"))
+            f.handle(deactivate)
+        else:
+            f.ping()
+
+    async def main() -> None:
+        f, s, _e, _ = floor()
+        before = len(s.sent)
+        try:
+            await build(f)
+        except MessageTooLarge as e:
+            assert len(s.sent) == before, "nothing sent"
+            assert e.size > MAX_MESSAGE_SIZE
+            assert e.field in ("agent_name", "role", "target", "reason", "transfer", "handoff")
+            return
+        msg = s.sent[-1]
+        wire = encode_control(msg)
+        assert wire == plain_json(msg)
+        assert len(wire) <= MAX_MESSAGE_SIZE
+        assert decode_control(wire) == msg
+
+    asyncio.run(main())
+
+
+def test_too_large_names_the_member_taking_the_most_bytes() -> None:
+    msg = {"v": 1, "type": "x", "id": "a-1", "short": "é" * 3000, "long": "\x01" * 2000}
+    with pytest.raises(MessageTooLarge) as e:
+        encode_control(msg)
+    assert (e.value.field, e.value.field_size) == ("long", 6 * 2000 + 2)  # \u0001 is 6 bytes
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        (b"{" + b" " * MAX_MESSAGE_SIZE + b"}", "too_large"),
+        (b"\xff\xfe{}", "malformed"),
+        ('{"v":1,"type":"ping","id":"a"}'.encode("utf-16"), "malformed"),
+        (b"not json", "malformed"),
+        (b"[1,2]", "malformed"),
+        (b'{"type":"ping","id":"a"}', "malformed"),
+        (b'{"v":true,"type":"ping","id":"a"}', "malformed"),
+        (b'{"v":1.0,"type":"ping","id":"a"}', "malformed"),
+        (b'{"v":1,"type":7,"id":"a"}', "malformed"),
+        (b'{"v":1,"type":"ping","id":""}', "malformed"),
+        (b'{"v":1,"type":"ping","id":"' + b"x" * 65 + b'"}', "malformed"),
+        (b'{"v":1,"type":"ping","id":"a","x":NaN}', "malformed"),
+        (b'{"v":2,"type":"ping","id":"a"}', "unsupported_version"),
+    ],
+)
+def test_decode_refuses_what_is_not_an_envelope(data: bytes, name: str) -> None:
+    with pytest.raises(ControlDecodeError) as e:
+        decode_control(data)
+    assert e.value.name == name
+
+
+def test_decode_keeps_members_it_does_not_know() -> None:
+    wire = '{"v":1,"type":"activate","id":"b-1","cause":"start","later":{"x":"ü"}}'.encode()
+    assert decode_control(wire) == {
+        "v": 1,
+        "type": "activate",
+        "id": "b-1",
+        "cause": "start",
+        "later": {"x": "ü"},
+    }
+    assert len(decode_control(b'{"v":1,"type":"t","id":"' + b"x" * 64 + b'"}')["id"]) == 64
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.builds(os.urandom, st.integers(14_990, 15_010)))
+def test_decode_raises_only_control_decode_error(data: bytes) -> None:
+    try:
+        msg = decode_control(data)
+    except ControlDecodeError as e:
+        assert e.name in ("too_large", "malformed", "unsupported_version")
+    else:
+        assert msg["v"] == 1 and isinstance(msg["type"], str)
