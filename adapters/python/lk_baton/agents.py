@@ -43,6 +43,7 @@ from .floor import (
     HandoffRefused,
     decode_control,
     encode_control,
+    hello_schedule,
 )
 from .transfer import receive_bundle, send_bundle, transport_for
 
@@ -467,10 +468,10 @@ class BatonLink:
         answer_timeout: float = 5.0,
         **options: Any,
     ) -> BatonLink:
-        """Silence ``session``, find baton, say ``hello`` (again every second until answered)
-        and wait (up to ``answer_timeout``) for baton's answer: ``activate`` (we hold the
-        floor), ``prepare`` (we are a handoff target: call :meth:`receive_context`) or
-        ``deactivate`` (standby).
+        """Silence ``session``, find baton, say ``hello`` (again every second until answered,
+        see :func:`lk_baton.floor.hello_schedule`) and wait (up to ``answer_timeout``) for
+        baton's answer: ``activate`` (we hold the floor), ``prepare`` (we are a handoff target:
+        call :meth:`receive_context`) or ``deactivate`` (standby).
 
         Call once per job, after ``ctx.connect()`` and preferably before ``session.start``
         (then nothing is heard before baton says so). ``agent_name`` defaults to the job's
@@ -498,20 +499,19 @@ class BatonLink:
         return link
 
     async def _greet(self, answer_timeout: float, every: float = HELLO_RETRY) -> None:
-        """Say ``hello`` until baton answers, resending every ``every`` seconds up to
-        ``answer_timeout``. baton only hears a ``hello`` from a participant it knows, and the
-        server's news that we joined can reach baton later than our first data packet (seen:
-        2.5 s on a loaded host); baton then drops that ``hello`` and would never answer. A
-        repeated ``hello`` is harmless: baton answers it with our current state."""
+        """Say ``hello`` at the times of :func:`lk_baton.floor.hello_schedule` until baton
+        answers (any answer ends it); returns at the answer or right after the last ``hello``
+        at ``answer_timeout``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + answer_timeout
-        while not self._answered.is_set():
-            self.floor.hello()
-            left = deadline - loop.time()
-            if left <= 0:
+        start = loop.time()
+        for at in hello_schedule(answer_timeout, every):
+            left = start + at - loop.time()
+            if left > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answered.wait(), left)
+            if self._answered.is_set():
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._answered.wait(), min(every, left))
+            self.floor.hello()
 
     def _listen(self) -> None:
         self.room.on("data_received", self._on_data)

@@ -10,6 +10,7 @@ hand-written agent, a test) and is tested with recording fakes.
   :class:`ControlDecodeError`).
 * :class:`FloorClient`: hello, activate/deactivate/prepare handling, the quiet after a handoff's
   last sentence, handoff requests and their answers, as a state machine.
+* :func:`hello_schedule`: when an agent says ``hello`` again while baton has not answered.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
@@ -45,6 +47,7 @@ __all__ = [
     "decode_control",
     "encode_control",
     "envelope_problem",
+    "hello_schedule",
 ]
 
 log = logging.getLogger("lk_baton.floor")
@@ -62,7 +65,8 @@ COORDINATOR_ATTRIBUTE = "baton.role"
 COORDINATOR_ROLE = "coordinator"
 """baton's participant carries ``baton.role = coordinator`` (``src/token.rs``)."""
 HELLO_RETRY = 1.0
-"""Seconds between repeated ``hello`` messages while baton has not answered."""
+"""Seconds between repeated ``hello`` messages while baton has not answered (see
+:func:`hello_schedule`)."""
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -199,6 +203,36 @@ def decode_control(data: bytes) -> dict[str, Any]:
     if problem is not None:
         raise problem
     return dict(doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# When to say hello
+
+
+def hello_schedule(answer_timeout: float, interval: float = HELLO_RETRY) -> list[float]:
+    """When to say ``hello`` while baton has not answered, in seconds from the first one: every
+    ``interval`` seconds (a fixed interval, no backoff) up to ``answer_timeout``, with the last
+    one at ``answer_timeout`` itself. ``hello_schedule(5)`` is ``[0, 1, 2, 3, 4, 5]``,
+    ``hello_schedule(3.5)`` is ``[0, 1, 2, 3, 3.5]``.
+
+    Why resend at all: baton hears a ``hello`` only from a participant the server has told it
+    about, and the server announces a participant that publishes no track up to about 3 s late
+    (it batches those updates); a ``hello`` that overtakes that news is dropped unanswered. A
+    repeated ``hello`` is harmless: baton answers each with the agent's current state, and
+    :class:`FloorClient` acts on a repeated ``activate`` once. Why no backoff: a ``hello`` is
+    about 80 bytes, and the first one baton hears ends the resending.
+    """
+    if not (math.isfinite(answer_timeout) and answer_timeout >= 0):
+        raise ValueError("answer_timeout must be a finite number of seconds >= 0")
+    if not (math.isfinite(interval) and interval > 0):
+        raise ValueError("interval must be a finite number of seconds > 0")
+    times: list[float] = []
+    k = 0
+    while k * interval < answer_timeout:
+        times.append(k * interval)
+        k += 1
+    times.append(answer_timeout)
+    return times
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Two fixes of ``lk_baton.agents`` that the demo needed (commits 86abb9f and d11ce
 The resend is timed on a virtual clock (an event loop whose selector advances time instead of
 sleeping), so the tests take no wall-clock seconds and the times asserted are exact. The rooms
 are the in-memory ``FakeRoom`` of ``fakes.py``; its ``ArbiterBaton`` models the two behaviours
-of baton's arbiter above and nothing else.
+of baton's arbiter above and nothing else. The schedule itself is ``hello_schedule`` in
+lk_baton.floor.
 """
 
 from __future__ import annotations

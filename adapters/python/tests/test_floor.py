@@ -1,6 +1,6 @@
 """lk_baton.floor, the SDK-free control protocol: the floor state machine with recording fakes
 (tests/fakes.py), the control codec (plain UTF-8, the packet limit, a typed error naming the
-field too long: issue 11, item 1)."""
+field too long: issue 11, item 1), and the hello schedule."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from lk_baton.floor import (
     MessageTooLarge,
     decode_control,
     encode_control,
+    hello_schedule,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -350,3 +351,19 @@ def test_decode_raises_only_control_decode_error(data: bytes) -> None:
         assert e.name in ("too_large", "malformed", "unsupported_version")
     else:
         assert msg["v"] == 1 and isinstance(msg["type"], str)
+
+
+# ---------------------------------------------------------------------------------------------
+# When hello is said again
+
+
+def test_hello_schedule_is_every_second_until_the_deadline() -> None:
+    assert hello_schedule(5.0) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert hello_schedule(3.5) == [0.0, 1.0, 2.0, 3.0, 3.5]
+    assert hello_schedule(0.0) == [0.0]
+    assert hello_schedule(1.0, interval=0.4) == [0.0, 0.4, 0.8, 1.0]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            hello_schedule(bad)
+    with pytest.raises(ValueError):
+        hello_schedule(5.0, interval=0.0)
