@@ -41,9 +41,11 @@ from .floor import (
     FloorEventKind,
     HandoffCancelled,
     HandoffRefused,
+    RefusalLog,
     decode_control,
     encode_control,
     hello_schedule,
+    is_coordinator,
 )
 from .transfer import receive_bundle, send_bundle, transport_for
 
@@ -72,8 +74,6 @@ __all__: list[str] = [
 ]
 
 log = logging.getLogger("lk_baton.agents")
-
-DEFAULT_BATON_IDENTITY = "baton"
 
 T = TypeVar("T")
 A = TypeVar("A", bound="Agent")
@@ -452,6 +452,8 @@ class BatonLink:
         self._session_running = asyncio.Event()
         if session.agent_state != "initializing":
             self._session_running.set()
+        self.refusals = RefusalLog("control messages and transfers from participants not baton's")
+        """Security log of what this agent refused (rate-limited; ``total`` counts them all)."""
 
     # -- construction --
 
@@ -477,9 +479,14 @@ class BatonLink:
         (then nothing is heard before baton says so). ``agent_name`` defaults to the job's
         dispatch name; it must equal the participant's ``lk.agent.name`` attribute.
 
-        ``baton_identity`` defaults to the participant whose attribute ``baton.role`` is
-        ``coordinator`` (then identity ``baton``). Raises :class:`MessageTooLarge` when
-        ``agent_name`` or ``role`` cannot fit a ``hello``. Further keyword ``options`` go to the
+        baton is the participant of kind agent whose attribute ``baton.role`` is
+        ``coordinator`` (:func:`lk_baton.floor.is_coordinator`); ``baton_identity`` narrows
+        that to one identity. From then on the room's control messages and transfers
+        (``baton.xfer``) are taken from that participant only; anyone else's are refused
+        without being stored (a transfer OPEN is answered ``not_authorized``) and counted in
+        :attr:`refusals`. Raises :class:`BatonError` when no such participant is in the room
+        after ``find_timeout`` seconds, :class:`MessageTooLarge` when ``agent_name`` or
+        ``role`` cannot fit a ``hello``. Further keyword ``options`` go to the
         constructor (``on_activate``, ``on_release``, ``on_prepare``, ``user_state_serializer``,
         ``transcription``).
         """
@@ -491,8 +498,8 @@ class BatonLink:
                 )
             agent_name = job_ctx.job.agent_name
         link = cls(room, session, agent_name=agent_name, role=role, job_ctx=job_ctx, **options)
-        # capture bundles from now on (a bundle may arrive right after prepare)
-        transport_for(room)
+        # capture bundles from now on (a bundle may arrive right after prepare), from baton only
+        transport_for(room).accept_from = link._accepts_transfer_from
         link._listen()
         link.baton_identity = await link._find_baton(baton_identity, find_timeout)
         await link._greet(answer_timeout)
@@ -539,13 +546,8 @@ class BatonLink:
     async def _find_baton(self, identity: str | None, timeout: float) -> str:
         def look() -> str | None:
             for p in self.room.remote_participants.values():
-                if identity is not None:
-                    if p.identity == identity:
-                        return p.identity
-                elif p.attributes.get(COORDINATOR_ATTRIBUTE) == COORDINATOR_ROLE:
+                if is_coordinator(p) and identity in (None, p.identity):
                     return p.identity
-            if identity is None and DEFAULT_BATON_IDENTITY in self.room.remote_participants:
-                return DEFAULT_BATON_IDENTITY
             return None
 
         found = asyncio.Event()
@@ -562,8 +564,8 @@ class BatonLink:
                 if left <= 0:
                     raise BatonError(
                         f"baton is not in room {self.room.name!r} after {timeout}s: no participant "
-                        f"with attribute {COORDINATOR_ATTRIBUTE}={COORDINATOR_ROLE}"
-                        + (f" or identity {identity!r}" if identity else "")
+                        f"of kind agent with attribute {COORDINATOR_ATTRIBUTE}={COORDINATOR_ROLE}"
+                        + (f" and identity {identity!r}" if identity else "")
                         + "; check that the room dispatches baton"
                     )
                 found.clear()
@@ -600,9 +602,10 @@ class BatonLink:
     def _on_data(self, packet: rtc.DataPacket) -> None:
         if packet.topic != CONTROL_TOPIC:
             return
-        sender = packet.participant.identity if packet.participant is not None else None
-        if sender is None or sender != self.baton_identity:
-            log.warning("ignored %s packet from %r (not baton)", CONTROL_TOPIC, sender)
+        p = packet.participant
+        if p is None or p.identity != self.baton_identity or not is_coordinator(p):
+            who = p.identity if p is not None else "?"
+            self.refusals.refused(time.monotonic(), who, f"{CONTROL_TOPIC} packet")
             return
         try:
             msg = decode_control(packet.data)
@@ -610,6 +613,14 @@ class BatonLink:
             log.warning("rejected control message from baton: %s", e)
             return
         self.floor.handle(msg)
+
+    def _accepts_transfer_from(self, participant: rtc.RemoteParticipant | None) -> bool:
+        """The room transport's gate: transfers from baton's participant only."""
+        if is_coordinator(participant):
+            return True
+        who = participant.identity if participant is not None else "?"
+        self.refusals.refused(time.monotonic(), who, "baton.xfer frame")
+        return False
 
     def _on_reconnected(self, *_: Any) -> None:
         self.floor.hello()

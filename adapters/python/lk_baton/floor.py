@@ -11,6 +11,8 @@ hand-written agent, a test) and is tested with recording fakes.
 * :class:`FloorClient`: hello, activate/deactivate/prepare handling, the quiet after a handoff's
   last sentence, handoff requests and their answers, as a state machine.
 * :func:`hello_schedule`: when an agent says ``hello`` again while baton has not answered.
+* :func:`is_coordinator`: whether a participant is baton's, the only sender whose control
+  messages and transfers an agent accepts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "HELLO_RETRY",
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
+    "PARTICIPANT_KIND_AGENT",
     "PROTOCOL_VERSION",
     "BatonError",
     "ControlDecodeError",
@@ -44,10 +47,13 @@ __all__ = [
     "HandoffCancelled",
     "HandoffRefused",
     "MessageTooLarge",
+    "ParticipantLike",
+    "RefusalLog",
     "decode_control",
     "encode_control",
     "envelope_problem",
     "hello_schedule",
+    "is_coordinator",
 ]
 
 log = logging.getLogger("lk_baton.floor")
@@ -63,7 +69,12 @@ MAX_ID_LEN = 64
 """An envelope ``id`` is 1 to 64 characters (docs/protocol.md section 2)."""
 COORDINATOR_ATTRIBUTE = "baton.role"
 COORDINATOR_ROLE = "coordinator"
-"""baton's participant carries ``baton.role = coordinator`` (``src/token.rs``)."""
+"""baton's participant carries ``baton.role = coordinator`` in the token it joins with
+(``src/token.rs``), and is of kind agent."""
+PARTICIPANT_KIND_AGENT = 4
+"""``ParticipantInfo.Kind.AGENT`` in LiveKit's protocol (livekit_models.proto), the value of
+``rtc.ParticipantKind.PARTICIPANT_KIND_AGENT``. The server sets a participant's kind from the
+token it accepted, so a caller cannot claim it."""
 HELLO_RETRY = 1.0
 """Seconds between repeated ``hello`` messages while baton has not answered (see
 :func:`hello_schedule`)."""
@@ -203,6 +214,75 @@ def decode_control(data: bytes) -> dict[str, Any]:
     if problem is not None:
         raise problem
     return dict(doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may speak to an agent
+
+
+class ParticipantLike(Protocol):
+    """The two facts of a LiveKit participant the adapter's authorisation reads (as
+    ``rtc.RemoteParticipant`` has them): ``kind`` (an int, ``ParticipantKind``) and
+    ``attributes``."""
+
+    @property
+    def kind(self) -> int: ...
+
+    @property
+    def attributes(self) -> Mapping[str, str]: ...
+
+
+def is_coordinator(participant: ParticipantLike | None) -> bool:
+    """Whether ``participant`` is baton's: kind agent **and** attribute ``baton.role`` equal to
+    ``coordinator``, both from the token the server accepted (``src/token.rs``). The adapter
+    takes control messages and transfers (``baton.xfer``) from no one else (docs/protocol.md
+    section 1: the sender is the server's word). A participant object without ``kind`` (a
+    stand-in) is not baton's."""
+    if participant is None:
+        return False
+    kind = getattr(participant, "kind", None)
+    attributes = getattr(participant, "attributes", None) or {}
+    return kind == PARTICIPANT_KIND_AGENT and attributes.get(COORDINATOR_ATTRIBUTE) == (
+        COORDINATOR_ROLE
+    )
+
+
+class RefusalLog:
+    """A rate-limited security log of refused input, in constant memory.
+
+    :meth:`refused` counts every refusal; the first is logged at once (``WARNING``), later ones
+    at most once per ``interval`` seconds as one line with the count since the last line and
+    the last sender. A flood of junk from one participant costs a counter, not a log line per
+    packet. Time is passed in (any monotonic seconds).
+    """
+
+    def __init__(self, what: str, interval: float = 10.0, logger: logging.Logger | None = None):
+        self.what = what
+        self.interval = interval
+        self.total = 0
+        """Refusals counted since creation."""
+        self._logger = logger or log
+        self._unreported = 0
+        self._next_at: float | None = None
+
+    def refused(self, now: float, sender: str, why: str) -> bool:
+        """Count one refusal of input from ``sender`` (an identity) for reason ``why``; returns
+        whether a line was logged now."""
+        self.total += 1
+        self._unreported += 1
+        if self._next_at is not None and now < self._next_at:
+            return False
+        self._logger.warning(
+            "security: refused %d %s (%d in all); last from %r: %s",
+            self._unreported,
+            self.what,
+            self.total,
+            sender,
+            why,
+        )
+        self._unreported = 0
+        self._next_at = now + self.interval
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,17 +518,13 @@ class FloorClient:
         elif t == "handoff_cancelled":
             if self.prepare is not None and m.get("handoff") == self.prepare.get("handoff"):
                 self.prepare = None
-            self.active = False
-            self._effects.set_input(False)
-            self._effects.set_output(False)
+            self._silence()
             self._notify("handoff_cancelled", m)
         elif t == "handoff_failed":
             self._notify("handoff_failed", m)
         elif t == "release":
-            self.active = False
             self.quiet_pending = None
-            self._effects.set_input(False)
-            self._effects.set_output(False)
+            self._silence()
             self._notify("release", m)
         elif t == "error":
             log.warning("baton error %s: %s", m.get("code"), m.get("message"))
@@ -457,6 +533,11 @@ class FloorClient:
             pass
         else:
             log.debug("ignored control message of unknown type %r", t)
+
+    def _silence(self) -> None:
+        self.active = False
+        self._effects.set_input(False)
+        self._effects.set_output(False)
 
     def speaking_changed(self, speaking: bool) -> None:
         """The agent started or stopped speaking."""

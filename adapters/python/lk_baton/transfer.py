@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import time
 import zlib
@@ -52,6 +53,8 @@ __all__ = [
     "send_bundle",
     "transport_for",
 ]
+
+log = logging.getLogger("lk_baton.transfer")
 
 TOPIC = "baton.xfer"
 
@@ -788,6 +791,23 @@ class Endpoint:
             )
         )
 
+    def refuse_packet(self, sender: str, data: bytes, reason: str) -> None:
+        """A packet from a participant this endpoint takes no transfers from (the glue decides
+        who). Nothing reaches a receiver and nothing is buffered. An OPEN or a RESUME is
+        answered ERROR ``not_authorized``, so that sender fails at once instead of at its
+        deadline; any other frame is dropped unanswered (no reflection), as baton does for its
+        own senders (docs/protocol.md section 4.10). Reported as :class:`Rejected`."""
+        error = TransferError(ErrorCode.NOT_AUTHORIZED, reason)
+        try:
+            frame = fr.decode(data)
+        except fr.DecodeError:
+            self._out.append(Rejected(sender, None, error))
+            return
+        if isinstance(frame, fr.Open | fr.Resume):
+            answer = fr.Error(frame.id, ErrorCode.NOT_AUTHORIZED, _truncate(reason))
+            self._out.append(Transmit(sender, fr.encode(answer)))
+        self._out.append(Rejected(sender, frame.id, error))
+
     def peer_reconnected(self, peer: str, now: float) -> None:
         self._resume(peer, now)
 
@@ -860,8 +880,15 @@ class RoomTransport:
     """Runs an :class:`Endpoint` on a ``livekit.rtc.Room``: one per room and process.
 
     Listens to ``data_received`` (topic ``baton.xfer``), ``reconnected`` (our connection
-    resumed: every transfer resumes) and ``participant_connected`` (a peer came back: transfers
-    with it resume); publishes every frame with ``reliable=True`` to exactly one identity.
+    resumed: every transfer resumes), ``participant_connected`` (a peer came back: transfers
+    with it resume) and ``disconnected`` (the room is over: :meth:`close`); publishes every
+    frame with ``reliable=True`` to exactly one identity.
+
+    ``accept_from(participant) -> bool``, when set, decides whose frames reach the engine; the
+    rest go to :meth:`Endpoint.refuse_packet` (nothing buffered; OPEN and RESUME answered
+    ``not_authorized``). ``BatonLink`` sets it to "baton's participant only". Bundles
+    delivered but not yet taken by :meth:`receive` are kept up to ``max_unclaimed_bytes`` in
+    all (the oldest is dropped first, and logged); the newest is always kept.
     """
 
     def __init__(
@@ -869,12 +896,18 @@ class RoomTransport:
         room: Any,
         cfg: EndpointConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        accept_from: Callable[[Any], bool] | None = None,
+        max_unclaimed_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.room = room
         self.endpoint = Endpoint(cfg)
+        self.accept_from = accept_from
+        self.max_unclaimed_bytes = max_unclaimed_bytes
         self._clock = clock
         self._send_waiters: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._inbox: deque[BundleDelivered] = deque()
+        self._inbox_bytes = 0
         self._inbox_event = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -884,12 +917,16 @@ class RoomTransport:
         room.on("data_received", self._on_data)
         room.on("reconnected", self._on_reconnected)
         room.on("participant_connected", self._on_participant_connected)
+        room.on("disconnected", self._on_disconnected)
 
     def close(self) -> None:
+        """Stop listening, fail pending sends with ``cancelled``, drop unclaimed bundles, and
+        forget this transport in :func:`transport_for`'s registry."""
         for ev, cb in (
             ("data_received", self._on_data),
             ("reconnected", self._on_reconnected),
             ("participant_connected", self._on_participant_connected),
+            ("disconnected", self._on_disconnected),
         ):
             with contextlib.suppress(Exception):
                 self.room.off(ev, cb)
@@ -898,14 +935,27 @@ class RoomTransport:
         for fut in self._send_waiters.values():
             if not fut.done():
                 fut.set_exception(TransferError(ErrorCode.CANCELLED, "transport closed"))
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        if _TRANSPORTS.get(id(self.room)) is self:
+            del _TRANSPORTS[id(self.room)]
 
     # -- room callbacks (synchronous, on the event loop) --
 
     def _on_data(self, packet: Any) -> None:
         if getattr(packet, "topic", None) != TOPIC or packet.participant is None:
             return
-        self.endpoint.handle_packet(packet.participant.identity, bytes(packet.data), self._clock())
+        sender = packet.participant.identity
+        if self.accept_from is not None and not self.accept_from(packet.participant):
+            self.endpoint.refuse_packet(
+                sender, bytes(packet.data), "this agent takes transfers from baton only"
+            )
+        else:
+            self.endpoint.handle_packet(sender, bytes(packet.data), self._clock())
         self._pump()
+
+    def _on_disconnected(self, *_: Any) -> None:
+        self.close()
 
     def _on_reconnected(self, *_: Any) -> None:
         self.endpoint.reconnected(self._clock())
@@ -922,8 +972,7 @@ class RoomTransport:
             if isinstance(o, Transmit):
                 self._publish(o)
             elif isinstance(o, BundleDelivered):
-                self._inbox.append(o)
-                self._inbox_event.set()
+                self._keep(o)
             elif isinstance(o, Sent | SendFailed):
                 fut = self._send_waiters.pop((o.to, o.id), None)
                 if fut is not None and not fut.done():
@@ -936,6 +985,20 @@ class RoomTransport:
             else:
                 self.rejected.append(o)
         self._arm_timer()
+
+    def _keep(self, d: BundleDelivered) -> None:
+        self._inbox.append(d)
+        self._inbox_bytes += len(d.payload)
+        while self._inbox_bytes > self.max_unclaimed_bytes and len(self._inbox) > 1:
+            old = self._inbox.popleft()
+            self._inbox_bytes -= len(old.payload)
+            log.warning(
+                "dropped an unclaimed bundle of %d bytes from %r: unclaimed bundles over %d bytes",
+                len(old.payload),
+                old.sender,
+                self.max_unclaimed_bytes,
+            )
+        self._inbox_event.set()
 
     def _publish(self, t: Transmit) -> None:
         coro = self.room.local_participant.publish_data(
@@ -998,6 +1061,7 @@ class RoomTransport:
                 for i, d in enumerate(self._inbox):
                     if from_identity is None or d.sender == from_identity:
                         del self._inbox[i]
+                        self._inbox_bytes -= len(d.payload)
                         return d
                 self._inbox_event.clear()
                 await self._inbox_event.wait()
@@ -1010,7 +1074,7 @@ _TRANSPORTS: dict[int, RoomTransport] = {}
 
 def transport_for(room: Any, cfg: EndpointConfig | None = None) -> RoomTransport:
     """The room's transport, created on first use (one endpoint per room, so receiving and
-    sending share state and every packet is seen once)."""
+    sending share state and every packet is seen once); forgotten when the room disconnects."""
     t = _TRANSPORTS.get(id(room))
     if t is None or t.room is not room:
         t = RoomTransport(room, cfg)

@@ -24,11 +24,15 @@ from typing import Any, NamedTuple
 
 from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, llm
 
-from lk_baton.floor import CONTROL_TOPIC, COORDINATOR_ATTRIBUTE, COORDINATOR_ROLE
+from lk_baton.floor import (
+    CONTROL_TOPIC,
+    COORDINATOR_ATTRIBUTE,
+    COORDINATOR_ROLE,
+    PARTICIPANT_KIND_AGENT,
+)
 from lk_baton.transfer import transport_for
 
 KIND_STANDARD = 0
-PARTICIPANT_KIND_AGENT = 4
 BATON_ATTRIBUTES = {COORDINATOR_ATTRIBUTE: COORDINATOR_ROLE}
 
 # ---------------------------------------------------------------------------------------------

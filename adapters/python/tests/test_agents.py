@@ -12,7 +12,7 @@ from typing import Any
 
 import pydantic
 import pytest
-from fakes import FakeBaton, FakeRoom, Net, ScriptedLLM, Step
+from fakes import BATON_ATTRIBUTES, FakeBaton, FakeRoom, Net, ScriptedLLM, Step
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 
 from lk_baton import bundle as bd
@@ -28,10 +28,11 @@ from lk_baton.agents import (
 )
 from lk_baton.floor import (
     CONTROL_TOPIC,
+    PARTICIPANT_KIND_AGENT,
     HandoffRefused,
     MessageTooLarge,
 )
-from lk_baton.transfer import receive_bundle, send_bundle
+from lk_baton.transfer import TransferError, receive_bundle, send_bundle, transport_for
 
 # ---------------------------------------------------------------------------------------------
 # Scripts for the scripted LLM (fakes.ScriptedLLM)
@@ -376,17 +377,25 @@ class LinkedTriage(Triage):
             self.refused = e
 
 
+async def linked_triage(
+    net: Net, **options: Any
+) -> tuple[FakeRoom, AgentSession[Caller], BatonLink]:
+    """triage's room, session (the scripted triage model, caller Ada) and link to baton."""
+    room = FakeRoom(net, "agent-triage")
+    session: AgentSession[Caller] = AgentSession(
+        llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada")
+    )
+    link = await BatonLink.attach(room, session, agent_name="triage", **options)  # type: ignore[arg-type]
+    return room, session, link
+
+
 def test_link_source_and_target_through_a_scripted_baton() -> None:
     async def main() -> None:
         net = Net()
         baton = FakeBaton(net)
 
         # --- source: triage
-        room_a = FakeRoom(net, "agent-triage")
-        s1: AgentSession[Caller] = AgentSession(
-            llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada")
-        )
-        link_a = await BatonLink.attach(room_a, s1, agent_name="triage", role="triage")  # type: ignore[arg-type]
+        room_a, s1, link_a = await linked_triage(net, role="triage")
         assert link_a.baton_identity == "baton-1"
         assert link_a.floor.active, "baton answered hello with activate"
         triage = LinkedTriage()
@@ -466,11 +475,7 @@ def test_link_refused_handoff_raises_and_keeps_the_floor() -> None:
         net = Net()
         baton = FakeBaton(net)
         baton.refuse = "unknown_target"
-        room = FakeRoom(net, "agent-triage")
-        s1: AgentSession[Caller] = AgentSession(
-            llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada")
-        )
-        link = await BatonLink.attach(room, s1, agent_name="triage")  # type: ignore[arg-type]
+        _room, s1, link = await linked_triage(net)
         triage = LinkedTriage()
         triage.link = link
         await s1.start(triage)
@@ -519,7 +524,7 @@ def test_dataclass_helpers_are_plain() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Protocol edges (issue 11): message size
+# Protocol edges (issue 11): message size, and who an agent listens to
 
 
 GREEK = "αβγδεζηθικλμνξοπρστυφχψω"
@@ -534,11 +539,7 @@ def test_link_handoff_with_a_greek_reason_fits_and_an_impossible_one_fails_at_on
     async def main() -> None:
         net = Net()
         baton = FakeBaton(net)
-        room = FakeRoom(net, "agent-triage")
-        s1: AgentSession[Caller] = AgentSession(
-            llm=ScriptedLLM(triage_script), userdata=Caller(name="Ada")
-        )
-        link = await BatonLink.attach(room, s1, agent_name="triage")  # type: ignore[arg-type]
+        _room, s1, link = await linked_triage(net)
         agent = Triage()
         await s1.start(agent)
 
@@ -560,5 +561,59 @@ def test_link_handoff_with_a_greek_reason_fits_and_an_impossible_one_fails_at_on
         assert json.loads(handoff.payload)["reason"] == reason
         await link.aclose()
         await s1.aclose()
+
+    asyncio.run(main())
+
+
+def test_link_takes_control_and_transfers_from_baton_only() -> None:
+    """Issue 11, item 8: a caller (and a caller that gave itself ``baton.role``, and an agent
+    without it) can neither drive the floor nor push context: control messages are dropped,
+    a transfer's OPEN is answered ``not_authorized`` and nothing is buffered or kept; the
+    refusals are counted. baton's own messages and bundle still get through."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        room = FakeRoom(net, "agent-billing")
+        s2: AgentSession[None] = AgentSession(llm=ScriptedLLM(billing_script))
+        link = await BatonLink.attach(room, s2, agent_name="billing")  # type: ignore[arg-type]
+        assert link.preparing and not link.floor.active
+        transport = transport_for(room)
+        intruders = [
+            FakeRoom(net, "caller"),
+            FakeRoom(net, "impostor", dict(BATON_ATTRIBUTES)),
+            FakeRoom(net, "other-agent", kind=PARTICIPANT_KIND_AGENT),
+        ]
+        payload = bd.encode_bundle(
+            build_handoff_bundle(
+                llm.ChatContext.empty(), from_agent="triage", to_agent="billing", reason="x"
+            )
+        )
+        for n, intruder in enumerate(intruders):
+            forged = {"v": 1, "type": "activate", "id": f"x-{n}", "cause": "start"}
+            await intruder.local_participant.publish_data(
+                json.dumps(forged).encode(),
+                destination_identities=[room.identity],
+                topic=CONTROL_TOPIC,
+            )
+            with pytest.raises(TransferError) as e:
+                await asyncio.wait_for(send_bundle(intruder, room.identity, payload, bd.META), 5)
+            assert e.value.name == "not_authorized", e.value
+        await asyncio.sleep(0.05)
+        assert not link.floor.active and link.floor.last_activate is None
+        assert link.refusals.total >= 2 * len(intruders)
+        assert transport.endpoint.receivers.active == 0
+        assert transport.endpoint.receivers.buffered == 0
+        assert not transport._inbox, "nothing kept"
+
+        # baton's bundle and activate are taken
+        fwd = asyncio.ensure_future(send_bundle(baton.room, room.identity, payload, bd.META))
+        received = await link.receive_context(timeout=5)
+        await fwd
+        assert received.from_agent == "triage"
+        baton.send(room.identity, "activate", cause="handoff", handoff="h-1")
+        await asyncio.wait_for(link.wait_active(), 2)
+        await link.aclose()
+        await s2.aclose()
 
     asyncio.run(main())

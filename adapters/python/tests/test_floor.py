@@ -1,29 +1,34 @@
 """lk_baton.floor, the SDK-free control protocol: the floor state machine with recording fakes
 (tests/fakes.py), the control codec (plain UTF-8, the packet limit, a typed error naming the
-field too long: issue 11, item 1), and the hello schedule."""
+field too long: issue 11, item 1), who an agent takes messages from, the rate-limited refusal
+log, and the hello schedule."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
 from typing import Any
 
 import pytest
-from fakes import FakeEffects, FakeSender, b
+from fakes import BATON_ATTRIBUTES, KIND_STANDARD, FakeEffects, FakeSender, Participant, b
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lk_baton.floor import (
     MAX_MESSAGE_SIZE,
+    PARTICIPANT_KIND_AGENT,
     ControlDecodeError,
     FloorClient,
     MessageTooLarge,
+    RefusalLog,
     decode_control,
     encode_control,
     hello_schedule,
+    is_coordinator,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +356,43 @@ def test_decode_raises_only_control_decode_error(data: bytes) -> None:
         assert e.name in ("too_large", "malformed", "unsupported_version")
     else:
         assert msg["v"] == 1 and isinstance(msg["type"], str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Who an agent takes control messages and transfers from
+
+
+def test_only_an_agent_with_the_coordinator_role_is_baton() -> None:
+    assert is_coordinator(Participant("baton", dict(BATON_ATTRIBUTES), PARTICIPANT_KIND_AGENT))
+    # a caller who set the attribute on itself (can_update_own_metadata) is not of kind agent
+    assert not is_coordinator(Participant("baton", dict(BATON_ATTRIBUTES), KIND_STANDARD))
+    # an agent without the role: another voice agent
+    assert not is_coordinator(Participant("baton", {}, PARTICIPANT_KIND_AGENT))
+    assert not is_coordinator(Participant("x", {"baton.role": "agent"}, PARTICIPANT_KIND_AGENT))
+    assert not is_coordinator(None)
+
+    class NoKind:
+        def __init__(self) -> None:
+            self.identity = "baton"
+            self.attributes = dict(BATON_ATTRIBUTES)
+
+    assert not is_coordinator(NoKind())  # type: ignore[arg-type]
+
+
+def test_refusal_log_is_rate_limited_with_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """300 junk packets in 3 s make one line, not 300; the next line, once the interval has
+    passed, carries the count of those not yet reported."""
+    log = RefusalLog("test packets", interval=10.0, logger=logging.getLogger("test.refusals"))
+    with caplog.at_level(logging.WARNING, logger="test.refusals"):
+        logged = [log.refused(i * 0.01, "caller", "junk") for i in range(300)]
+        assert logged[0] and not any(logged[1:])
+        assert log.refused(10.5, "mallory", "forged activate")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "security: refused 1 test packets (1 in all); last from 'caller': junk",
+        "security: refused 300 test packets (301 in all); last from 'mallory': forged activate",
+    ]
+    assert log.total == 301
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from lk_baton.transfer import (
     ReceiverConfig,
     ReceiversConfig,
     Rejected,
+    Sender,
     SenderConfig,
     SendFailed,
     Sent,
@@ -286,3 +287,36 @@ def test_a_timeout_probes_and_resends_only_what_the_report_says_is_missing() -> 
     s.handle_frame(fr.Ack(1, 4, 64, ((5, 6),), resume=True, solicited=True), 1.0)
     resent = [f.index for f in iter(s.poll_frame, None) if isinstance(f, fr.Data)]
     assert resent == [4]
+
+
+def test_refused_packets_never_reach_a_receiver() -> None:
+    """Endpoint.refuse_packet: OPEN and RESUME get ERROR not_authorized, DATA and junk are
+    dropped unanswered, every one is reported Rejected, and nothing is buffered."""
+    ep = Endpoint()
+    payload = b"p" * 20_000
+    s = Sender(7, payload, "", SenderConfig(), 0.0)
+    frames = []
+    while (f := s.poll_frame()) is not None:
+        frames.append(f)
+    assert isinstance(frames[0], fr.Open) and isinstance(frames[1], fr.Data)
+    for f in (*frames, fr.Resume(7, 0)):
+        ep.refuse_packet("caller", fr.encode(f), "takes transfers from baton only")
+    ep.refuse_packet("caller", b"junk", "takes transfers from baton only")
+    out = []
+    while (o := ep.poll_output()) is not None:
+        out.append(o)
+    answers = [fr.decode(o.payload) for o in out if isinstance(o, Transmit)]
+    assert answers == [
+        fr.Error(7, fr.ErrorCode.NOT_AUTHORIZED, "takes transfers from baton only"),
+        fr.Error(7, fr.ErrorCode.NOT_AUTHORIZED, "takes transfers from baton only"),
+    ]
+    assert all(o.to == "caller" for o in out if isinstance(o, Transmit))
+    rejected = [o for o in out if isinstance(o, Rejected)]
+    assert [(r.id, r.error.name) for r in rejected] == [
+        (7, "not_authorized"),
+        (7, "not_authorized"),
+        (7, "not_authorized"),
+        (7, "not_authorized"),
+        (None, "not_authorized"),
+    ]
+    assert ep.receivers.active == 0 and ep.receivers.buffered == 0
