@@ -19,15 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import time
+import typing
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from livekit.agents import llm
+from livekit.agents.voice.events import RunContext
 
 from . import bundle as bd
 from .floor import (
@@ -47,12 +53,18 @@ from .floor import (
     hello_schedule,
     is_coordinator,
 )
+from .journal import Rerun, ToolCall, ToolJournal, in_flight_output
 from .transfer import receive_bundle, send_bundle, transport_for
 
 if TYPE_CHECKING:
     from livekit import rtc
-    from livekit.agents import Agent, AgentSession, JobContext, RunContext
-    from livekit.agents.voice.events import AgentStateChangedEvent
+    from livekit.agents import Agent, AgentSession, JobContext
+    from livekit.agents.voice.events import (
+        AgentStateChangedEvent,
+        ConversationItemAddedEvent,
+        FunctionToolsExecutedEvent,
+        ToolExecutionUpdatedEvent,
+    )
     from livekit.agents.voice.room_io import RoomOptions, TextInputEvent
     from livekit.rtc.room import EventTypes
 
@@ -63,10 +75,17 @@ __all__: list[str] = [
     "HandoffTicket",
     "ReceivedContext",
     "SessionEffects",
+    "VerifyHook",
     "build_handoff_bundle",
     "chat_items_equal",
+    "current_tool_call",
     "default_on_activate",
+    "default_on_tool_result",
+    "journal_for",
+    "journaled",
+    "pair_in_flight",
     "read_bundle",
+    "restore_output_names",
     "seed_agent",
     "state_from_dict",
     "state_to_dict",
@@ -146,6 +165,197 @@ def _dataclass_from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# The tool-call journal in livekit-agents (lk_baton.journal holds the journal itself)
+
+_JOURNALS: weakref.WeakKeyDictionary[Any, ToolJournal] = weakref.WeakKeyDictionary()
+_CURRENT_CALL: contextvars.ContextVar[ToolCall | None] = contextvars.ContextVar(
+    "lk_baton_tool_call", default=None
+)
+_CTX_PARAM = "lk_baton_run_ctx"
+"""The keyword-only ``RunContext`` parameter :func:`journaled` adds to a tool's signature (the
+framework injects it, and leaves it out of the schema the model sees, as for any ``RunContext``
+parameter)."""
+
+VerifyHook = Callable[[ToolCall, RunContext[Any]], Awaitable[str | None] | str | None]
+"""``verify(inherited, run_ctx)``: asked before a tool runs again with the same arguments as a
+call the previous agent handed over in flight (outcome unknown). Return a string when the call
+took effect (it becomes this call's output and the tool does not run), or ``None`` when it did
+not (the tool runs, with the inherited call's idempotency key)."""
+
+
+def journal_for(session: AgentSession[Any]) -> ToolJournal:
+    """The tool-call journal of ``session``, created on first use. It hears every tool call
+    the session's agents start and end through the framework's ``tool_execution_updated``
+    event (``str(result)`` as the output), and the exact output, ``rerun`` class and
+    idempotency key of tools wrapped with :func:`journaled`."""
+    j = _JOURNALS.get(session)
+    if j is None:
+        j = ToolJournal()
+        _JOURNALS[session] = j
+        journal = j
+
+        def on_tool_event(ev: ToolExecutionUpdatedEvent) -> None:
+            _on_tool_event(journal, session, ev)
+
+        # The SDK's emitter calls inspect.signature on every listener for every event; a
+        # signature set on the function is returned at once instead of being rebuilt.
+        on_tool_event.__signature__ = inspect.signature(on_tool_event)  # type: ignore[attr-defined]
+        session.on("tool_execution_updated", on_tool_event)
+    return j
+
+
+def _on_tool_event(
+    j: ToolJournal, session: AgentSession[Any], ev: ToolExecutionUpdatedEvent
+) -> None:
+    u = ev.update
+    now = time.time()
+    if u.type == "tool_call_started":
+        c = u.function_call
+        j.started(c.call_id, c.name, c.arguments, now=now, agent=_agent_id(session))
+    elif u.type == "tool_call_ended":
+        if u.status == "cancelled":
+            j.cancelled(u.call_id, "the tool call was cancelled before it finished", now=now)
+        else:
+            j.finished(
+                u.call_id, u.message or "", is_error=u.status == "error", now=now, exact=False
+            )
+
+
+def _agent_id(session: AgentSession[Any]) -> str | None:
+    try:
+        return session.current_agent.id
+    except RuntimeError:
+        return None
+
+
+def current_tool_call() -> ToolCall | None:
+    """Inside a :func:`journaled` tool: its journal entry, whose ``idempotency_key`` the tool
+    passes to its backend (a retry by the next agent reuses it). ``None`` elsewhere."""
+    return _CURRENT_CALL.get()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def journaled(
+    rerun: Rerun | None = None, *, read_only: bool = False, verify: VerifyHook | None = None
+) -> Callable[[F], F]:
+    """Declare a tool's ``rerun`` class and journal its calls exactly. Put it under (or over)
+    ``@function_tool``::
+
+        @function_tool
+        @journaled("never", verify=booking_exists)
+        async def create_reservation(self, date: str) -> str:
+            key = current_tool_call().idempotency_key   # pass it to the booking backend
+
+    ``rerun`` defaults to ``"safe"`` for ``read_only=True`` tools and ``"never"`` otherwise.
+    Each call is recorded in :func:`journal_for` its session when the tool starts and with its
+    exact output when it returns. Before the tool runs, a call with the same name and arguments
+    as one the previous agent handed over in flight (outcome unknown) is checked: ``safe``
+    runs; ``if_idempotent`` runs with the inherited idempotency key; ``never`` asks ``verify``
+    (see :data:`VerifyHook`) or, without one, does not run and tells the model to check first.
+    """
+    cls: Rerun = rerun or ("safe" if read_only else "never")
+
+    def deco(f: F) -> F:
+        if isinstance(f, llm.FunctionTool | llm.RawFunctionTool):
+            inner = f._func  # wrap the function inside an existing @function_tool
+            return type(f)(deco(inner), f.info)  # type: ignore[arg-type]
+        wrapped: F = _journal_wrapper(f, cls, verify)
+        return wrapped
+
+    return deco
+
+
+def _journal_wrapper(f: Callable[..., Any], cls: Rerun, verify: VerifyHook | None) -> Any:
+    sig = inspect.signature(f)
+    try:
+        hints = typing.get_type_hints(f, include_extras=True)
+    except Exception:  # unresolvable annotations: the framework will say so itself
+        hints = dict(getattr(f, "__annotations__", {}))
+
+    @functools.wraps(f)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run_ctx: RunContext[Any] | None = kwargs.pop(_CTX_PARAM, None)
+        if run_ctx is None:  # called directly, not by the framework
+            return await f(*args, **kwargs)
+        j = journal_for(run_ctx.session)
+        fc = run_ctx.function_call
+        call = j.started(
+            fc.call_id,
+            fc.name,
+            fc.arguments,
+            now=time.time(),
+            rerun=cls,
+            agent=_agent_id(run_ctx.session),
+        )
+        if cls != "safe" and (prior := j.inherited_match(fc.name, fc.arguments)) is not None:
+            if cls == "if_idempotent":
+                call.idempotency_key = prior.idempotency_key
+            else:
+                known = await _check_rerun(prior, run_ctx, verify)
+                if known is not None:
+                    j.finished(fc.call_id, known, now=time.time())
+                    return known
+                call.idempotency_key = prior.idempotency_key
+        token = _CURRENT_CALL.set(call)
+        try:
+            val = await f(*args, **kwargs)
+        except asyncio.CancelledError:
+            j.cancelled(
+                fc.call_id, "the tool call was cancelled before it finished", now=time.time()
+            )
+            raise
+        except BaseException as e:
+            text, err = _model_output(fc, None, e)
+            j.finished(fc.call_id, text, is_error=err, now=time.time())
+            raise
+        finally:
+            _CURRENT_CALL.reset(token)
+        text, err = _model_output(fc, val, None)
+        j.finished(fc.call_id, text, is_error=err, now=time.time())
+        return val
+
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter(
+        _CTX_PARAM, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RunContext
+    )
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    params.insert(at, extra)
+    annotations = {**hints, _CTX_PARAM: RunContext}
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = annotations
+    wrapper.__lk_baton_rerun__ = cls  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _model_output(fc: llm.FunctionCall, val: Any, exc: BaseException | None) -> tuple[str, bool]:
+    """``(output, is_error)`` of the ``function_call_output`` the framework makes of a tool's
+    return value or exception (``llm.utils.make_function_call_output``), with a fast path for
+    the common ``str`` and ``None`` (the same text: ``str(v)``, ``""``)."""
+    if exc is None and (val is None or type(val) is str):
+        return ("" if val is None else val), False
+    out = llm.utils.make_function_call_output(fnc_call=fc, output=val, exception=exc)
+    return out.fnc_call_out.output, out.fnc_call_out.is_error
+
+
+async def _check_rerun(
+    prior: ToolCall, run_ctx: RunContext[Any], verify: VerifyHook | None
+) -> str | None:
+    """None: run the tool again (the app's check found no effect). A string: the output to give
+    instead of running it."""
+    if verify is not None:
+        r = verify(prior, run_ctx)
+        return await r if inspect.isawaitable(r) else r
+    return (
+        f"Not run: {prior.from_agent or 'the previous agent'} already started {prior.name} with "
+        f"these arguments before the handoff (idempotency key {prior.idempotency_key}) and its "
+        "outcome is still unknown. Check whether it took effect before running it again; its "
+        "result may still arrive."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Building and reading bundles
 
 
@@ -177,6 +387,8 @@ def build_handoff_bundle(
     current_call: llm.FunctionCall | None = None,
     tool_calls_in_flight: Sequence[bd.ToolCallInFlight] | None = None,
     handoff_id: str | None = None,
+    journal: ToolJournal | None = None,
+    agent_id: str | None = None,
 ) -> bd.Bundle:
     """A validated bundle from an agent's own chat context (``agent.chat_ctx``, not
     ``session.history``), serialised with timestamps.
@@ -185,9 +397,17 @@ def build_handoff_bundle(
     function_call``): it is not in the chat context yet, so it is added together with an output
     saying the call was handed to ``to_agent``, and the target sees a complete pair.
 
+    ``journal`` (the session's :func:`journal_for`; ``agent_id`` limits it to one agent's calls)
+    is the truth about tool calls: every call it holds is in the bundle exactly once, whether or
+    not the framework has committed it to the context yet (it does so only when the whole batch
+    has returned). A finished call is a ``function_call`` and its ``function_call_output``; a
+    running one is its ``function_call`` (no output: the receiver pairs it, see
+    :func:`read_bundle`) and a ``tool_calls_in_flight`` entry with its idempotency key and
+    ``rerun`` class; a cancelled one is the call and an error output saying so.
+
     ``tool_calls_in_flight``: calls the app knows are still running. Function calls in the
-    context that have no output yet are added automatically (``rerun: never``, the call id as
-    idempotency key), since their side effects may have happened.
+    context that have no output and that the journal does not know are added too (``rerun:
+    never``, the call id as idempotency key), since their side effects may have happened.
     """
     ctx = chat_ctx.copy()
     if current_call is not None and not any(
@@ -204,10 +424,17 @@ def build_handoff_bundle(
                 created_at=max(time.time(), call.created_at),
             )
         )
-    chat = ctx.to_dict(exclude_timestamp=False)
-    answered = {i.call_id for i in ctx.items if i.type == "function_call_output"}
     flight: list[bd.ToolCallInFlight] = list(tool_calls_in_flight or [])
     known = {c["call_id"] for c in flight}
+    if journal is not None:
+        skip = {current_call.call_id} if current_call is not None else set()
+        for jc in journal.calls():
+            if jc.call_id in skip or (agent_id is not None and jc.agent not in (None, agent_id)):
+                continue
+            _journal_into(ctx, jc, flight, known)
+    restore_output_names(ctx)
+    chat = ctx.to_dict(exclude_timestamp=False)
+    answered = {i.call_id for i in ctx.items if i.type == "function_call_output"}
     for i in ctx.items:
         if i.type == "function_call" and i.call_id not in answered and i.call_id not in known:
             flight.append(
@@ -221,6 +448,7 @@ def build_handoff_bundle(
                     "note": "started before the handoff; its result is unknown",
                 }
             )
+            known.add(i.call_id)
     agent_state: bd.AgentState = {}
     attempts = _attempts(tried)
     if attempts:
@@ -239,6 +467,54 @@ def build_handoff_bundle(
         agent_state=agent_state,
         handoff_id=handoff_id,
     )
+
+
+def _journal_into(
+    ctx: llm.ChatContext,
+    jc: ToolCall,
+    flight: list[bd.ToolCallInFlight],
+    known: set[str],
+) -> None:
+    """Make ``ctx`` hold journal call ``jc`` exactly once: its ``function_call`` item, and its
+    output if it ended (a running call's own outputs, such as the framework's progress
+    placeholder, are dropped: the in-flight entry speaks for it)."""
+    calls = [i for i in ctx.items if i.type == "function_call" and i.call_id == jc.call_id]
+    outs = [i for i in ctx.items if i.type == "function_call_output" and i.call_id == jc.call_id]
+    if not calls:
+        ctx.insert(
+            llm.FunctionCall(
+                call_id=jc.call_id, name=jc.name, arguments=jc.arguments, created_at=jc.started_at
+            )
+        )
+    if jc.running:
+        for o in outs:
+            ctx.remove(o)
+        if jc.call_id not in known:
+            flight.append(jc.in_flight())
+            known.add(jc.call_id)
+    elif not outs:
+        ctx.insert(
+            llm.FunctionCallOutput(
+                call_id=jc.call_id,
+                name=jc.name,
+                output=jc.output or "",
+                is_error=jc.is_error,
+                created_at=max(jc.finished_at or jc.started_at, jc.started_at),
+            )
+        )
+
+
+def restore_output_names(ctx: llm.ChatContext) -> int:
+    """Give every ``function_call_output`` without a name the name of the ``function_call``
+    with its ``call_id`` (realtime plugins write outputs without one, and Google's request
+    format needs ``function_response.name``). Returns how many were restored."""
+    names = {i.call_id: i.name for i in ctx.items if i.type == "function_call"}
+    n = 0
+    for i in ctx.items:
+        if i.type == "function_call_output" and not i.name and names.get(i.call_id):
+            i.name = names[i.call_id]
+            n += 1
+    return n
 
 
 @dataclass
@@ -264,8 +540,19 @@ def read_bundle(
     user_state_type: type[Any] | None = None,
     user_state_deserializer: Callable[[dict[str, Any]], Any] | None = None,
 ) -> ReceivedContext:
-    """Turn a validated bundle into a :class:`ReceivedContext`."""
+    """Turn a validated bundle into a :class:`ReceivedContext`.
+
+    The chat is made safe to continue from: every call in ``tool_calls_in_flight`` gets an
+    explicit output the model sees (:func:`lk_baton.journal.in_flight_output`: in flight at the
+    handoff, outcome unknown, check before retrying, with its idempotency key), stamped at the
+    bundle's ``created_at`` (livekit-agents drops a ``function_call`` without an output when it
+    builds the model's request, so the model would never learn the call was started); its
+    ``function_call`` is added from the entry if the chat lacks it. Outputs without a name get
+    the name of their call (:func:`restore_output_names`).
+    """
     chat = llm.ChatContext.from_dict(bundle["chat"])
+    pair_in_flight(chat, bundle["tool_calls_in_flight"], bundle["from_agent"], bundle["created_at"])
+    restore_output_names(chat)
     raw = dict(bundle["user_state"])
     state: Any = raw
     if user_state_deserializer is not None:
@@ -282,6 +569,35 @@ def read_bundle(
         agent_state=bundle["agent_state"],
         bundle=bundle,
     )
+
+
+def pair_in_flight(
+    chat: llm.ChatContext,
+    in_flight: Iterable[bd.ToolCallInFlight],
+    from_agent: str,
+    at: float,
+) -> None:
+    """Pair each in-flight call with the output of :func:`lk_baton.journal.in_flight_output`
+    (see :func:`read_bundle`); a call that already has an output is left as it is."""
+    for e in in_flight:
+        cid = e["call_id"]
+        call = next((i for i in chat.items if i.type == "function_call" and i.call_id == cid), None)
+        if call is None:
+            call = llm.FunctionCall(
+                call_id=cid, name=e["name"], arguments=e["arguments"], created_at=e["started_at"]
+            )
+            chat.insert(call)
+        if any(i.type == "function_call_output" and i.call_id == cid for i in chat.items):
+            continue
+        chat.insert(
+            llm.FunctionCallOutput(
+                call_id=cid,
+                name=e["name"],
+                output=in_flight_output(e, from_agent),
+                is_error=False,
+                created_at=max(at, call.created_at),
+            )
+        )
 
 
 async def seed_agent(
@@ -349,6 +665,8 @@ class SessionEffects:
         self.session = session
         self.transcription = transcription
         self.hearing = False
+        self.voiced = False
+        """Whether the agent's output is on (what it says can be heard)."""
 
     def set_input(self, enabled: bool) -> None:
         self.hearing = enabled
@@ -358,6 +676,7 @@ class SessionEffects:
         self.session.input.set_audio_enabled(enabled)
 
     def set_output(self, enabled: bool) -> None:
+        self.voiced = enabled
         out = self.session.output
         if enabled and out.audio is None:
             out._audio_enabled = True  # no sink yet (text-only or not started): no warning
@@ -408,6 +727,19 @@ async def default_on_activate(link: BatonLink, msg: dict[str, Any]) -> None:
         link.session.generate_reply()
 
 
+async def default_on_tool_result(link: BatonLink, msg: dict[str, Any]) -> None:
+    """After a late tool result was appended to the context: when this agent holds the floor,
+    let the model tell the caller (the result may answer what the caller is waiting for)."""
+    if link.floor.active:
+        link.session.generate_reply(
+            instructions=(
+                f"The result of {msg.get('name')}, which was still running when the call was "
+                "handed to you, has arrived (see the latest tool output). Tell the caller what "
+                "it means, briefly, without repeating what you already said."
+            )
+        )
+
+
 class BatonLink:
     """Links an ``AgentSession`` in a LiveKit room to baton. Create with :meth:`attach`."""
 
@@ -422,6 +754,7 @@ class BatonLink:
         on_activate: ActivateHook | None = default_on_activate,
         on_release: EventHook | None = None,
         on_prepare: EventHook | None = None,
+        on_tool_result: EventHook | None = default_on_tool_result,
         user_state_serializer: Callable[[Any], Mapping[str, Any]] | None = None,
         transcription: bool = True,
     ) -> None:
@@ -454,6 +787,12 @@ class BatonLink:
             self._session_running.set()
         self.refusals = RefusalLog("control messages and transfers from participants not baton's")
         """Security log of what this agent refused (rate-limited; ``total`` counts them all)."""
+        self.journal = journal_for(session)
+        """The session's tool-call journal (:func:`journal_for`)."""
+        self.on_tool_result = on_tool_result
+        self.late_results: list[dict[str, Any]] = []
+        """Every late ``tool_result`` applied to this agent's context, in arrival order."""
+        self._late_seen: set[str] = set()
 
     # -- construction --
 
@@ -525,6 +864,9 @@ class BatonLink:
         self.room.on("reconnected", self._on_reconnected)
         self.room.on("participant_connected", self._on_participant_connected)
         self.session.on("agent_state_changed", self._on_agent_state)
+        self.session.on("function_tools_executed", self._on_tools_executed)
+        self.session.on("conversation_item_added", self._on_item_added)
+        self.journal.listeners.append(self._on_call_ended)
         self._writer = asyncio.ensure_future(self._write_loop())
 
     async def aclose(self) -> None:
@@ -539,6 +881,10 @@ class BatonLink:
                 self.room.off(ev, cb)
         with contextlib.suppress(Exception):
             self.session.off("agent_state_changed", self._on_agent_state)
+            self.session.off("function_tools_executed", self._on_tools_executed)
+            self.session.off("conversation_item_added", self._on_item_added)
+        with contextlib.suppress(ValueError):
+            self.journal.listeners.remove(self._on_call_ended)
         for t in [self._writer, *self._tasks]:
             if t is not None:
                 t.cancel()
@@ -654,6 +1000,8 @@ class BatonLink:
             self._cancelled[str(msg.get("handoff"))] = str(msg.get("reason", ""))
         elif kind == "handoff_failed":
             self.last_failed_target = str(msg.get("target") or "") or None
+        elif kind == "tool_result":
+            self._spawn(self._apply_tool_result(msg))
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if not w.done():
@@ -672,6 +1020,86 @@ class BatonLink:
         r = hook(self, msg)
         if r is not None:
             await r
+
+    # -- tool calls across the handoff --
+
+    def _on_tools_executed(self, ev: FunctionToolsExecutedEvent) -> None:
+        # A batch that ends after this agent lost the floor (a slow tool next to the transfer)
+        # would make its model reply to nobody, and commit that reply as if it was heard.
+        if not self.floor.active and ev.has_tool_reply:
+            log.info(
+                "tool reply cancelled: %s ended after the floor was lost",
+                ", ".join(c.name for c in ev.function_calls),
+            )
+            ev.cancel_tool_reply()
+
+    def _on_item_added(self, ev: ConversationItemAddedEvent) -> None:
+        item = ev.item
+        if item.type == "message" and item.role == "assistant" and not self.effects.voiced:
+            item.interrupted = True  # its output was off: the caller heard none of it
+
+    def _on_call_ended(self, call: ToolCall) -> None:
+        """A call carried in flight by our bundle ended: its result is owed to the agent that
+        holds the floor now, through baton (once: the journal ends a call once)."""
+        if call.handoff is None or self.floor.active:
+            return  # not handed over, or the floor came back to us: the framework delivers it
+        try:
+            self.floor.tool_result(
+                call.handoff,
+                call.call_id,
+                call.name,
+                call.output or "",
+                is_error=call.is_error,
+                status="cancelled" if call.state == "cancelled" else "finished",
+            )
+        except (ValueError, TypeError) as e:
+            log.warning("could not send the late result of %s: %s", call.name, e)
+
+    async def _apply_tool_result(self, msg: dict[str, Any]) -> None:
+        """Append a late result (``tool_result`` forwarded by baton) to this agent's context
+        once, as the framework appends a deferred tool result: a ``function_call`` and its
+        output under the call id plus ``_final``."""
+        cid, name, output = msg.get("call_id"), msg.get("name"), msg.get("output")
+        if not (isinstance(cid, str) and cid and isinstance(name, str) and isinstance(output, str)):
+            log.warning("ignored malformed tool_result %s", msg.get("id"))
+            return
+        if cid in self._late_seen:
+            log.info("ignored repeated tool_result for %s", cid)
+            return
+        self._late_seen.add(cid)
+        is_error = msg.get("is_error") is True
+        cancelled = msg.get("status") == "cancelled"
+        inherited = self.journal.resolve_inherited(cid, output, is_error=is_error, now=time.time())
+        source = str(msg.get("source") or (inherited.from_agent if inherited else "") or "")
+        if cancelled:
+            output = f"{name} was cancelled at {source or 'the previous agent'}: {output}"
+        elif msg.get("truncated") is True:
+            output += " [result truncated]"
+        await self._session_running.wait()
+        agent = self.session.current_agent
+        ctx = agent.chat_ctx.copy()
+        final = f"{cid}_final"
+        if any(getattr(i, "call_id", None) == final for i in ctx.items):
+            return
+        now = time.time()
+        args = inherited.arguments if inherited is not None else "{}"
+        ctx.insert(llm.FunctionCall(call_id=final, name=name, arguments=args, created_at=now))
+        ctx.insert(
+            llm.FunctionCallOutput(
+                call_id=final,
+                name=name,
+                output=output,
+                is_error=is_error or cancelled,
+                created_at=now,
+            )
+        )
+        await agent.update_chat_ctx(ctx, exclude_invalid_function_calls=False)
+        self.late_results.append(msg)
+        hook = self.on_tool_result
+        if hook is not None:
+            r = hook(self, msg)
+            if r is not None:
+                await r
 
     # -- text input gate --
 
@@ -759,6 +1187,8 @@ class BatonLink:
             "data": data,
             "current_call": run_ctx.function_call if run_ctx is not None else None,
             "tool_calls_in_flight": tool_calls_in_flight,
+            "journal": self.journal,
+            "agent_id": the_agent.id,
         }
         draft = build_handoff_bundle(the_agent.chat_ctx, **common)  # fail before asking baton
         # The sentence has played out: say so, and the caller hears baton's filler a round trip
@@ -776,6 +1206,9 @@ class BatonLink:
         bundle = (
             build_handoff_bundle(the_agent.chat_ctx, handoff_id=hid, **common) if hid else draft
         )
+        if hid:
+            # from here on, a result of these calls is owed to the target (_on_call_ended)
+            self.journal.handed_over((c["call_id"] for c in bundle["tool_calls_in_flight"]), hid)
         payload = bd.encode_bundle(bundle)
         dest = self.baton_identity
         assert dest is not None
@@ -871,11 +1304,13 @@ class BatonLink:
             if not recv.done():
                 recv.cancel()
         bundle = bd.decode_bundle(payload)
-        return read_bundle(
+        received = read_bundle(
             bundle,
             user_state_type=user_state_type,
             user_state_deserializer=user_state_deserializer,
         )
+        self.journal.inherit(received.tool_calls_in_flight, received.from_agent)
+        return received
 
     async def ready(self, handoff_id: str | None = None) -> None:
         """Tell baton we are ready to take the floor (send after ``session.start``)."""

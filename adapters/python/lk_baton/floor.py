@@ -34,6 +34,7 @@ __all__ = [
     "HELLO_RETRY",
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
+    "MAX_TOOL_RESULT_SIZE",
     "PARTICIPANT_KIND_AGENT",
     "PROTOCOL_VERSION",
     "BatonError",
@@ -76,6 +77,10 @@ PARTICIPANT_KIND_AGENT = 4
 ``rtc.ParticipantKind.PARTICIPANT_KIND_AGENT``. The server sets a participant's kind from the
 token it accepted, so a caller cannot claim it."""
 HELLO_RETRY = 1.0
+MAX_TOOL_RESULT_SIZE = MAX_MESSAGE_SIZE - 1000
+"""Bytes a ``tool_result`` may take as sent by an agent: baton forwards it with a new ``id``
+and a ``source`` member, so 1 000 bytes are left for those (docs/protocol.md, ``tool_result``).
+:meth:`FloorClient.tool_result` truncates ``output`` to fit."""
 """Seconds between repeated ``hello`` messages while baton has not answered (see
 :func:`hello_schedule`)."""
 
@@ -347,6 +352,7 @@ FloorEventKind = Literal[
     "bundle_unavailable",
     "handoff_cancelled",
     "handoff_failed",  # our handoff failed; an activate(handback) follows
+    "tool_result",  # the late result of a call handed to us in flight (msg: the tool_result)
     "release",
     "error",
 ]
@@ -447,6 +453,43 @@ class FloorClient:
         """Tell baton this target has loaded the context and started its pipeline."""
         return self._send("ready", handoff=handoff)
 
+    def tool_result(
+        self,
+        handoff: str,
+        call_id: str,
+        name: str,
+        output: str,
+        *,
+        is_error: bool = False,
+        status: Literal["finished", "cancelled"] = "finished",
+    ) -> dict[str, Any]:
+        """Send the result of a call this agent handed over in flight (in the bundle of
+        ``handoff``) that ended after the handoff; baton forwards it to the agent holding the
+        floor. ``output`` is cut at a character boundary so the message takes at most
+        :data:`MAX_TOOL_RESULT_SIZE` bytes, and then ``truncated`` is true."""
+        fields: dict[str, Any] = {
+            "handoff": handoff,
+            "call_id": call_id,
+            "name": name,
+            "status": status,
+            "is_error": is_error,
+        }
+        probe = {"v": PROTOCOL_VERSION, "type": "tool_result", "id": "x" * 24, **fields}
+        room = MAX_TOOL_RESULT_SIZE - len(_json({**probe, "output": ""}))
+        if len(_json(output)) > room:
+            lo, hi = 0, len(output)
+            while lo < hi:  # the longest prefix whose JSON string fits
+                mid = (lo + hi + 1) // 2
+                if len(_json(output[:mid])) <= room - len(',"truncated":true'):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            fields["output"] = output[:lo]
+            fields["truncated"] = True
+        else:
+            fields["output"] = output
+        return self._send("tool_result", **fields)
+
     def forget_request(self, msg_id: str) -> None:
         fut = self._requests.pop(msg_id, None)
         if fut is not None and not fut.done():
@@ -522,6 +565,8 @@ class FloorClient:
             self._notify("handoff_cancelled", m)
         elif t == "handoff_failed":
             self._notify("handoff_failed", m)
+        elif t == "tool_result":
+            self._notify("tool_result", m)
         elif t == "release":
             self.quiet_pending = None
             self._silence()
