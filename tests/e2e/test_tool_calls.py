@@ -1,0 +1,386 @@
+"""Tool calls exactly once across a handoff (issue 12), on a real LiveKit server with a real
+baton and two real livekit-agents `AgentSession`s (triage and a warm billing), each linked to
+baton with `BatonLink` over its own `rtc.Room`. The models are scripted (a function of the
+context); the caller's turns go to triage's session directly (`generate_reply(user_input=...)`,
+and `interrupt()` first for a barge-in, as the framework's text input does).
+
+Every scenario checks "exactly once" twice: in billing's context (the calls and outputs its
+model is sent) and in the tool's own call count (a booking backend that counts its calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from harness import LiveKitServer, joined_baton, run, token
+from livekit import rtc
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    Agent,
+    AgentSession,
+    APIConnectOptions,
+    RunContext,
+    function_tool,
+    llm,
+)
+from lk_baton import BatonLink, HandoffTicket, current_tool_call, journaled, seed_agent
+
+CONFIG = """
+[[agents]]
+name = "triage"
+start = true
+
+[[agents]]
+name = "billing"
+
+[handoff]
+source_quiet_timeout = 2
+join_timeout = 15
+ready_timeout = 8
+max_filler = 8
+release = "standby"
+
+[handoff.start_dispatch]
+attempts = 1
+"""
+
+BOOKING = {"date": "2026-12-24", "party": 4}
+NOTE = {"text": "wants a table by the window"}
+
+
+def config_file() -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(CONFIG)
+    return f.name
+
+
+# ---------------------------------------------------------------------------------------------
+# A scripted model: script(chat_ctx) -> (text, [(tool, args), ...])
+
+Step = tuple[str, list[tuple[str, dict[str, Any]]]]
+
+
+class ScriptedLLM(llm.LLM):
+    def __init__(self, script: Callable[[llm.ChatContext], Step]) -> None:
+        super().__init__()
+        self.script = script
+        self.seen: list[llm.ChatContext] = []
+
+    def chat(
+        self,
+        *,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool] | None = None,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+        **_: Any,
+    ) -> llm.LLMStream:
+        self.seen.append(chat_ctx.copy())
+        return _Stream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
+
+
+class _Stream(llm.LLMStream):
+    async def _run(self) -> None:
+        assert isinstance(self._llm, ScriptedLLM)
+        text, calls = self._llm.script(self._chat_ctx)
+        rid = uuid.uuid4().hex[:8]
+        if text:
+            delta = llm.ChoiceDelta(role="assistant", content=text)
+            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+        for name, args in calls:
+            call = llm.FunctionToolCall(name=name, arguments=json.dumps(args), call_id=f"call_{uuid.uuid4().hex[:8]}")
+            delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
+            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+
+
+def user_said(ctx: llm.ChatContext) -> list[str]:
+    return [i.text_content or "" for i in ctx.items if i.type == "message" and i.role == "user"]
+
+
+def triage_script(batch: list[str]) -> Callable[[llm.ChatContext], Step]:
+    """Greets; on 'book ... billing' emits `batch` in one response; on 'also billing' (after a
+    barge-in) the transfer alone; nothing else."""
+
+    def script(ctx: llm.ChatContext) -> Step:
+        last = ctx.items[-1] if ctx.items else None
+        said = user_said(ctx)
+        if not said:
+            return ("Hello, triage here.", [])
+        if last is None or last.type != "message" or last.role != "user":
+            return ("", [])
+        if "billing" not in said[-1]:
+            return ("Sure.", [])
+        if "just billing" in said[-1]:
+            return ("Transferring you.", [("transfer_to_billing", {})])
+        args = {"create_reservation": BOOKING, "save_note": NOTE, "transfer_to_billing": {}}
+        return ("One moment.", [(name, dict(args[name])) for name in batch])
+
+    return script
+
+
+def billing_script(ctx: llm.ChatContext) -> Step:
+    """Speaks only from its context. Without any trace of triage's booking in it, it books the
+    caller's table itself (what happened before the fix: two reservations)."""
+    last = ctx.items[-1] if ctx.items else None
+    calls = [i for i in ctx.items if i.type == "function_call" and i.name == "create_reservation"]
+    wanted = any("table" in s for s in user_said(ctx))
+    if last is not None and last.type == "function_call_output" and last.call_id.endswith("_final"):
+        return ("Good news: your table is booked.", [])
+    if last is not None and last.type == "function_call_output":
+        return ("", [])
+    if wanted and not calls:
+        return ("Let me book that table for you.", [("create_reservation", dict(BOOKING))])
+    return ("Billing here. I can see your table request.", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools and agents
+
+
+@dataclass
+class Backend:
+    """A booking backend: counts calls, deduplicates on the idempotency key."""
+
+    booking_delay: float = 2.0
+    note_delay: float = 0.5
+    bookings: list[tuple[dict[str, Any], str | None]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    async def create_reservation(self, date: str, party: int) -> str:
+        call = current_tool_call()
+        self.bookings.append(({"date": date, "party": party}, call.idempotency_key if call else None))
+        await asyncio.sleep(self.booking_delay)
+        return json.dumps({"reservation": f"R-{len(self.bookings)}", "date": date, "party": party})
+
+    async def save_note(self, text: str) -> str:
+        await asyncio.sleep(self.note_delay)
+        self.notes.append(text)
+        return "saved"
+
+
+class Triage(Agent):
+    """``sentence``: seconds the transfer tool waits before it asks for the handoff, standing for
+    the sentence before the transfer being played out (these sessions have no audio, so
+    ``wait_for_playout`` returns at once): 0.8 s puts the accept where the issue saw it."""
+
+    def __init__(self, backend: Backend, sentence: float = 0.8) -> None:
+        super().__init__(instructions="You are triage.")
+        self.backend = backend
+        self.sentence = sentence
+        self.link: BatonLink | None = None
+        self.ticket: HandoffTicket | None = None
+
+    @function_tool
+    @journaled("never")
+    async def create_reservation(self, date: str, party: int) -> str:
+        """Book a table."""
+        return await self.backend.create_reservation(date, party)
+
+    @function_tool
+    @journaled("if_idempotent")
+    async def save_note(self, text: str) -> str:
+        """Save a note about the caller."""
+        return await self.backend.save_note(text)
+
+    @function_tool
+    async def transfer_to_billing(self, ctx: RunContext[None]) -> None:
+        """Transfer the caller to billing."""
+        assert self.link is not None
+        await asyncio.sleep(self.sentence)
+        self.ticket = await self.link.handoff("billing", reason="billing question", run_ctx=ctx)
+
+
+class Billing(Agent):
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(instructions="You are billing.")
+        self.backend = backend
+
+    @function_tool
+    @journaled("never")
+    async def create_reservation(self, date: str, party: int) -> str:
+        """Book a table."""
+        return await self.backend.create_reservation(date, party)
+
+
+@dataclass
+class Side:
+    room: rtc.Room
+    session: AgentSession[None]
+    link: BatonLink
+    model: ScriptedLLM
+
+
+async def join(
+    server: LiveKitServer,
+    room: str,
+    name: str,
+    script: Callable[[llm.ChatContext], Step],
+    agent: Agent,
+    **options: Any,
+) -> Side:
+    lk_room = rtc.Room()
+    attrs = {"lk.agent.name": name, "lk.agent_name": name}
+    await lk_room.connect(server.url, token(f"agent-{name}", room, kind="agent", attributes=attrs))
+    model = ScriptedLLM(script)
+    session: AgentSession[None] = AgentSession(llm=model)
+    link = await BatonLink.attach(lk_room, session, agent_name=name, answer_timeout=10, **options)
+    await session.start(agent)
+    return Side(lk_room, session, link, model)
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.02)
+
+
+def tool_items(ctx: llm.ChatContext, name: str) -> tuple[list[llm.FunctionCall], list[llm.FunctionCallOutput]]:
+    calls = [i for i in ctx.items if i.type == "function_call" and i.name == name]
+    outs = [i for i in ctx.items if i.type == "function_call_output" and i.name == name]
+    return calls, outs
+
+
+async def scenario(
+    server: LiveKitServer,
+    room: str,
+    batch: list[str],
+    *,
+    barge_in_at: float | None = None,
+    backend: Backend | None = None,
+    sentence: float = 0.8,
+) -> tuple[Side, Side, Triage, Billing, Backend]:
+    backend = backend or Backend()
+    billing = Billing(backend)
+
+    async def on_prepare(link: BatonLink, msg: dict[str, Any]) -> None:
+        received = await link.receive_context(timeout=10)
+        await seed_agent(billing, received)
+        await link.ready()
+
+    b = await join(server, room, "billing", billing_script, billing, on_prepare=on_prepare)
+    triage = Triage(backend, sentence)
+    a = await join(server, room, "triage", triage_script(batch), triage)
+    triage.link = a.link
+    await wait_until(lambda: a.link.floor.active, 10, "triage never got the floor")
+    await wait_until(lambda: not b.link.floor.active and b.link.floor.answered, 10, "billing not on standby")
+    if barge_in_at is None:
+        a.session.generate_reply(user_input="Book a table for four on Christmas Eve, then billing please")
+    else:
+        a.session.generate_reply(user_input="Book a table for four on Christmas Eve, no billing yet")
+        await asyncio.sleep(barge_in_at)
+        await a.session.interrupt()  # the caller cuts in, as the framework's text input does
+        a.session.generate_reply(user_input="Actually, just billing please")
+    await wait_until(lambda: b.link.floor.active, 20, "billing never got the floor")
+    return a, b, triage, billing, backend
+
+
+async def close(*sides: Side) -> None:
+    for s in sides:
+        await s.link.aclose()
+        await s.session.aclose()
+        await s.room.disconnect()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+
+
+def test_booking_in_the_transfer_batch_reaches_billing_in_flight_and_is_not_booked_again(server: LiveKitServer) -> None:
+    room = f"tools-{uuid.uuid4().hex[:8]}"
+    with joined_baton(server, room, "--config", config_file()):
+
+        async def main() -> None:
+            a, b, triage, billing, backend = await scenario(server, room, ["create_reservation", "transfer_to_billing"])
+            try:
+                assert triage.ticket is not None
+                flight = triage.ticket.bundle["tool_calls_in_flight"]
+                assert [(f["name"], f["rerun"]) for f in flight] == [("create_reservation", "never")]
+                assert flight[0]["idempotency_key"] == backend.bookings[0][1]
+                cid = flight[0]["call_id"]
+                await wait_until(lambda: not a.link.journal.running(), 10, "the booking never ended")
+                await asyncio.sleep(1.0)
+                calls, outs = tool_items(billing.chat_ctx, "create_reservation")
+                assert [c.call_id for c in calls if not c.call_id.endswith("_final")] == [cid], "no booking by billing"
+                assert [o.call_id for o in outs if not o.call_id.endswith("_final")] == [cid]
+                assert "In flight at the handoff" in outs[0].output and flight[0]["idempotency_key"] in outs[0].output
+                # the model was sent the in-flight pairing (not a dropped, unpaired call)
+                first = next(s for s in b.model.seen if any(getattr(i, "call_id", None) == cid for i in s.items))
+                assert any(i.type == "function_call_output" and i.call_id == cid for i in first.items)
+                # the tool's own count: one booking, by triage; billing's journal never ran it
+                assert len(backend.bookings) == 1
+                assert [c.name for c in b.link.journal.calls()] == []
+                # triage's model was not asked to reply to the booking once it lost the floor
+                assert not any(
+                    i.type == "message"
+                    and i.role == "assistant"
+                    and not i.interrupted
+                    and i.created_at > flight[0]["started_at"] + 1.9
+                    for i in triage.chat_ctx.items
+                )
+            finally:
+                await close(a, b)
+
+        run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("batch", [["transfer_to_billing", "save_note"], ["save_note", "transfer_to_billing"]])
+def test_sibling_that_finished_first_is_in_billings_context_once(server: LiveKitServer, batch: list[str]) -> None:
+    room = f"tools-{uuid.uuid4().hex[:8]}"
+    with joined_baton(server, room, "--config", config_file()):
+
+        async def main() -> None:
+            # save_note (0.5 s) ends 0.7 s before the bundle is built, as in the issue
+            backend = Backend(note_delay=0.5)
+            a, b, triage, billing, backend = await scenario(server, room, batch, backend=backend, sentence=1.2)
+            try:
+                await asyncio.sleep(0.5)
+                calls, outs = tool_items(billing.chat_ctx, "save_note")
+                assert len(calls) == 1 and [o.output for o in outs] == ["saved"]
+                assert outs[0].call_id == calls[0].call_id
+                assert backend.notes == [NOTE["text"]]
+                assert triage.ticket is not None and triage.ticket.bundle["tool_calls_in_flight"] == []
+            finally:
+                await close(a, b)
+
+        run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("barge_in_at", [0.5, 2.5], ids=["while-booking-runs", "after-it-finished"])
+def test_barge_in_then_handoff_keeps_the_booking_once(server: LiveKitServer, barge_in_at: float) -> None:
+    """The caller cuts in while the booking runs (0.5 s into its 2 s) or after it finished
+    (2.5 s), then asks for billing: billing's context holds the booking exactly once (finished
+    with its output, or in flight and then its result), and nobody books twice."""
+    room = f"tools-{uuid.uuid4().hex[:8]}"
+    with joined_baton(server, room, "--config", config_file()):
+
+        async def main() -> None:
+            a, b, _, billing, backend = await scenario(
+                server, room, ["create_reservation"], barge_in_at=barge_in_at
+            )
+            try:
+                await wait_until(
+                    lambda: len(backend.bookings) == 1 and not a.link.journal.running(), 10, "booking never ended"
+                )
+                await asyncio.sleep(1.5)  # a late result, if there is one, has arrived
+                calls, outs = tool_items(billing.chat_ctx, "create_reservation")
+                original = [c for c in calls if not c.call_id.endswith("_final")]
+                assert len(original) == 1, [c.call_id for c in calls]
+                cid = original[0].call_id
+                results = [o for o in outs if '"reservation"' in o.output]
+                assert len(results) == 1, [o.output for o in outs]
+                assert results[0].call_id in (cid, f"{cid}_final")
+                assert [o.call_id for o in outs].count(cid) == 1
+                assert len(backend.bookings) == 1
+            finally:
+                await close(a, b)
+
+        run(main(), timeout=120)
