@@ -11,26 +11,21 @@ model is sent) and in the tool's own call count (a booking backend that counts i
 from __future__ import annotations
 
 import asyncio
-import json
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from harness import LiveKitServer, joined_baton, run, token
+from harness import ROOT, LiveKitServer, joined_baton, run, token
 from livekit import rtc
-from livekit.agents import (
-    DEFAULT_API_CONNECT_OPTIONS,
-    Agent,
-    AgentSession,
-    APIConnectOptions,
-    RunContext,
-    function_tool,
-    llm,
-)
-from lk_baton import BatonLink, HandoffTicket, current_tool_call, journaled, seed_agent
+from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from lk_baton import BatonLink, HandoffTicket, journaled, seed_agent
+
+sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
+from fakes import BookingBackend, ScriptedLLM, Step  # the adapter tests' stand-ins
 
 CONFIG = """
 [[agents]]
@@ -62,41 +57,7 @@ def config_file() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# A scripted model: script(chat_ctx) -> (text, [(tool, args), ...])
-
-Step = tuple[str, list[tuple[str, dict[str, Any]]]]
-
-
-class ScriptedLLM(llm.LLM):
-    def __init__(self, script: Callable[[llm.ChatContext], Step]) -> None:
-        super().__init__()
-        self.script = script
-        self.seen: list[llm.ChatContext] = []
-
-    def chat(
-        self,
-        *,
-        chat_ctx: llm.ChatContext,
-        tools: list[llm.Tool] | None = None,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-        **_: Any,
-    ) -> llm.LLMStream:
-        self.seen.append(chat_ctx.copy())
-        return _Stream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
-
-
-class _Stream(llm.LLMStream):
-    async def _run(self) -> None:
-        assert isinstance(self._llm, ScriptedLLM)
-        text, calls = self._llm.script(self._chat_ctx)
-        rid = uuid.uuid4().hex[:8]
-        if text:
-            delta = llm.ChoiceDelta(role="assistant", content=text)
-            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
-        for name, args in calls:
-            call = llm.FunctionToolCall(name=name, arguments=json.dumps(args), call_id=f"call_{uuid.uuid4().hex[:8]}")
-            delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
-            self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+# Scripts for the scripted model (adapters/python/tests/fakes.py: script(chat_ctx) -> (text, calls))
 
 
 def user_said(ctx: llm.ChatContext) -> list[str]:
@@ -143,33 +104,12 @@ def billing_script(ctx: llm.ChatContext) -> Step:
 # Tools and agents
 
 
-@dataclass
-class Backend:
-    """A booking backend: counts calls, deduplicates on the idempotency key."""
-
-    booking_delay: float = 2.0
-    note_delay: float = 0.5
-    bookings: list[tuple[dict[str, Any], str | None]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    async def create_reservation(self, date: str, party: int) -> str:
-        call = current_tool_call()
-        self.bookings.append(({"date": date, "party": party}, call.idempotency_key if call else None))
-        await asyncio.sleep(self.booking_delay)
-        return json.dumps({"reservation": f"R-{len(self.bookings)}", "date": date, "party": party})
-
-    async def save_note(self, text: str) -> str:
-        await asyncio.sleep(self.note_delay)
-        self.notes.append(text)
-        return "saved"
-
-
 class Triage(Agent):
     """``sentence``: seconds the transfer tool waits before it asks for the handoff, standing for
     the sentence before the transfer being played out (these sessions have no audio, so
     ``wait_for_playout`` returns at once): 0.8 s puts the accept where the issue saw it."""
 
-    def __init__(self, backend: Backend, sentence: float = 0.8) -> None:
+    def __init__(self, backend: BookingBackend, sentence: float = 0.8) -> None:
         super().__init__(instructions="You are triage.")
         self.backend = backend
         self.sentence = sentence
@@ -197,7 +137,7 @@ class Triage(Agent):
 
 
 class Billing(Agent):
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: BookingBackend) -> None:
         super().__init__(instructions="You are billing.")
         self.backend = backend
 
@@ -255,10 +195,10 @@ async def scenario(
     batch: list[str],
     *,
     barge_in_at: float | None = None,
-    backend: Backend | None = None,
+    backend: BookingBackend | None = None,
     sentence: float = 0.8,
-) -> tuple[Side, Side, Triage, Billing, Backend]:
-    backend = backend or Backend()
+) -> tuple[Side, Side, Triage, Billing, BookingBackend]:
+    backend = backend or BookingBackend()
     billing = Billing(backend)
 
     async def on_prepare(link: BatonLink, msg: dict[str, Any]) -> None:
@@ -339,7 +279,7 @@ def test_sibling_that_finished_first_is_in_billings_context_once(server: LiveKit
 
         async def main() -> None:
             # save_note (0.5 s) ends 0.7 s before the bundle is built, as in the issue
-            backend = Backend(note_delay=0.5)
+            backend = BookingBackend(note_delay=0.5)
             a, b, triage, billing, backend = await scenario(server, room, batch, backend=backend, sentence=1.2)
             try:
                 await asyncio.sleep(0.5)

@@ -211,28 +211,18 @@ class ToolJournal:
     ) -> ToolCall | None:
         """Record a call's output; returns the entry if this ended it, None if it had ended
         already or is unknown."""
-        call = self._calls.get(call_id)
-        if call is None or call.state != "started":
-            return None
-        call.state = "finished"
-        call.output = output
-        call.is_error = is_error
-        call.finished_at = now
-        call.exact = exact
-        self._ended(call)
+        call = _end(self._calls.get(call_id), "finished", output, is_error, now)
+        if call is not None:
+            call.exact = exact
+            self._ended(call)
         return call
 
     def cancelled(self, call_id: str, reason: str, *, now: float) -> ToolCall | None:
         """Record that a call's tool was cancelled before it returned (``reason`` becomes the
         output the model sees). Returns the entry if this ended it."""
-        call = self._calls.get(call_id)
-        if call is None or call.state != "started":
-            return None
-        call.state = "cancelled"
-        call.output = reason
-        call.is_error = True
-        call.finished_at = now
-        self._ended(call)
+        call = _end(self._calls.get(call_id), "cancelled", reason, True, now)
+        if call is not None:
+            self._ended(call)
         return call
 
     def handed_over(self, call_ids: Iterable[str], handoff: str) -> None:
@@ -284,11 +274,17 @@ class ToolJournal:
         self, call_id: str, output: str, *, is_error: bool, now: float
     ) -> ToolCall | None:
         """Record the late result of an inherited call; returns it if this is the first."""
-        call = self._inherited.get(call_id)
-        if call is None or call.state != "started":
-            return None
-        call.state = "finished"
-        call.output = output
-        call.is_error = is_error
-        call.finished_at = now
-        return call
+        return _end(self._inherited.get(call_id), "finished", output, is_error, now)
+
+
+def _end(
+    call: ToolCall | None, state: CallState, output: str, is_error: bool, now: float
+) -> ToolCall | None:
+    """End ``call`` if it is still running (the first end wins); returns it if this ended it."""
+    if call is None or call.state != "started":
+        return None
+    call.state = state
+    call.output = output
+    call.is_error = is_error
+    call.finished_at = now
+    return call

@@ -7,7 +7,8 @@
   ``attributes`` as the sender's room has them (the server's word, as in LiveKit).
 * Recording fakes for :class:`lk_baton.floor.FloorClient` (:class:`FakeSender`,
   :class:`FakeEffects`) and :func:`b`, a control envelope from baton.
-* A scripted ``llm.LLM`` (:class:`ScriptedLLM`): the only cloud service the tests replace.
+* A scripted ``llm.LLM`` (:class:`ScriptedLLM`): the only cloud service the tests replace, and
+  a booking service for tools to call (:class:`BookingBackend`).
 * Stand-ins for baton's arbiter (:class:`FakeBaton`, :class:`ArbiterBaton`): they answer the
   way crates/baton-floor does for the scenario a test needs, and nothing else.
 """
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 
 from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, llm
 
+from lk_baton.agents import current_tool_call
 from lk_baton.floor import (
     CONTROL_TOPIC,
     COORDINATOR_ATTRIBUTE,
@@ -219,6 +221,30 @@ class ScriptedStream(llm.LLMStream):
             )
             delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
             self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+
+
+class BookingBackend:
+    """The service behind the tests' tools: counts its calls and records the idempotency key
+    each was given (``bookings``: ``(arguments, key)``). ``booking_delay`` / ``note_delay``:
+    seconds a call takes."""
+
+    def __init__(self, booking_delay: float = 2.0, note_delay: float = 0.5) -> None:
+        self.booking_delay = booking_delay
+        self.note_delay = note_delay
+        self.bookings: list[tuple[dict[str, Any], str | None]] = []
+        self.notes: list[str] = []
+
+    async def create_reservation(self, date: str, party: int) -> str:
+        call = current_tool_call()
+        args = {"date": date, "party": party}
+        self.bookings.append((args, call.idempotency_key if call else None))
+        await asyncio.sleep(self.booking_delay)
+        return json.dumps({"reservation": f"R-{len(self.bookings)}", **args})
+
+    async def save_note(self, text: str) -> str:
+        await asyncio.sleep(self.note_delay)
+        self.notes.append(text)
+        return "saved"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,14 +11,13 @@ import json
 from typing import Any
 
 import pytest
-from fakes import FakeBaton, FakeRoom, Net, ScriptedLLM, Step
+from fakes import BookingBackend, FakeBaton, FakeRoom, Net, ScriptedLLM, Step
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 
 from lk_baton import bundle as bd
 from lk_baton.agents import (
     BatonLink,
     build_handoff_bundle,
-    current_tool_call,
     journal_for,
     journaled,
     read_bundle,
@@ -103,23 +102,6 @@ def test_tool_result_is_truncated_to_leave_room_for_batons_forward() -> None:
 # The decorator
 
 
-class Backend:
-    """A booking backend that counts its calls and deduplicates on the idempotency key."""
-
-    def __init__(self, delay: float = 2.0) -> None:
-        self.delay = delay
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.keys: list[str | None] = []
-        self.notes: list[str] = []
-
-    async def create_reservation(self, date: str, party: int) -> str:
-        call = current_tool_call()
-        self.keys.append(call.idempotency_key if call else None)
-        self.calls.append(("create_reservation", {"date": date, "party": party}))
-        await asyncio.sleep(self.delay)
-        return json.dumps({"reservation": f"R-{len(self.calls)}", "date": date, "party": party})
-
-
 def test_journaled_tool_hides_its_run_context_and_runs_directly() -> None:
     @function_tool
     @journaled("never")
@@ -168,7 +150,7 @@ class Triage(Agent):
     """triage's tools: a slow booking, a note, and a transfer that builds the bundle the way
     BatonLink.handoff does (``handoff_after``: seconds until baton's accept)."""
 
-    def __init__(self, backend: Backend, handoff_after: float = 0.8) -> None:
+    def __init__(self, backend: BookingBackend, handoff_after: float = 0.8) -> None:
         super().__init__(instructions="You are triage.")
         self.backend = backend
         self.handoff_after = handoff_after
@@ -184,9 +166,7 @@ class Triage(Agent):
     @journaled("if_idempotent")
     async def save_note(self, text: str) -> str:
         """Save a note."""
-        await asyncio.sleep(0.5)
-        self.backend.notes.append(text)
-        return "saved"
+        return await self.backend.save_note(text)
 
     @function_tool
     async def transfer_to_billing(self, ctx: RunContext[None]) -> None:
@@ -210,7 +190,7 @@ def items(b: bd.Bundle, type_: str, name: str) -> list[dict[str, Any]]:
 
 def test_booking_in_the_transfer_batch_is_in_the_bundle_in_flight() -> None:
     async def main() -> None:
-        backend = Backend(delay=2.0)
+        backend = BookingBackend(booking_delay=2.0)
         agent = Triage(backend)
         s: AgentSession[None] = AgentSession(
             llm=ScriptedLLM(triage_script(["create_reservation", "transfer_to_billing"]))
@@ -226,8 +206,8 @@ def test_booking_in_the_transfer_batch_is_in_the_bundle_in_flight() -> None:
         flight = b["tool_calls_in_flight"]
         assert [(f["name"], f["rerun"]) for f in flight] == [("create_reservation", "never")]
         assert flight[0]["call_id"] == calls[0]["call_id"]
-        assert flight[0]["idempotency_key"] == backend.keys[0], "the key the tool was given"
-        assert len(backend.calls) == 1
+        assert flight[0]["idempotency_key"] == backend.bookings[0][1], "the key the tool was given"
+        assert len(backend.bookings) == 1
         await s.aclose()
 
     asyncio.run(main())
@@ -238,7 +218,7 @@ def test_booking_in_the_transfer_batch_is_in_the_bundle_in_flight() -> None:
 )
 def test_sibling_that_finished_first_is_in_the_bundle_with_its_output(batch: list[str]) -> None:
     async def main() -> None:
-        backend = Backend()
+        backend = BookingBackend()
         agent = Triage(backend, handoff_after=1.2)  # save_note ends 0.7 s before the bundle
         s: AgentSession[None] = AgentSession(llm=ScriptedLLM(triage_script(batch)))
         await s.start(agent)
@@ -341,7 +321,7 @@ def test_name_less_output_gets_the_name_of_its_call() -> None:
 
 
 class Billing(Agent):
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: BookingBackend) -> None:
         super().__init__(instructions="You are billing.")
         self.backend = backend
 
@@ -366,14 +346,14 @@ def naive_billing(ctx: llm.ChatContext) -> Step:
 
 def test_rerun_never_call_is_not_run_again_unchecked() -> None:
     async def main() -> None:
-        backend = Backend(delay=0.0)
+        backend = BookingBackend(booking_delay=0.0)
         received = read_bundle(in_flight_bundle())
         s: AgentSession[None] = AgentSession(llm=ScriptedLLM(naive_billing))
         journal_for(s).inherit(received.tool_calls_in_flight, received.from_agent)
         agent = await seed_agent(Billing(backend), received)
         await s.start(agent)
         await s.run(user_input="is my table booked?")
-        assert backend.calls == [], "the booking was not run a second time"
+        assert backend.bookings == [], "the booking was not run a second time"
         out = [
             i
             for i in agent.chat_ctx.items
@@ -388,7 +368,7 @@ def test_rerun_never_call_is_not_run_again_unchecked() -> None:
 def test_verify_hook_decides_and_a_rerun_reuses_the_idempotency_key() -> None:
     async def main() -> None:
         for verdict in ("R-9 exists for key-1", None):
-            backend = Backend(delay=0.0)
+            backend = BookingBackend(booking_delay=0.0)
             asked: list[str] = []
 
             async def verify(
@@ -398,7 +378,7 @@ def test_verify_hook_decides_and_a_rerun_reuses_the_idempotency_key() -> None:
                 return verdict
 
             class Checked(Agent):
-                def __init__(self, backend: Backend) -> None:
+                def __init__(self, backend: BookingBackend) -> None:
                     super().__init__(instructions="billing")
                     self.backend = backend
 
@@ -416,9 +396,11 @@ def test_verify_hook_decides_and_a_rerun_reuses_the_idempotency_key() -> None:
             await s.run(user_input="is my table booked?")
             assert asked == ["key-1"]
             if verdict is None:
-                assert backend.keys == ["key-1"], "run again with the inherited key"
+                assert [k for _, k in backend.bookings] == ["key-1"], (
+                    "run again with the inherited key"
+                )
             else:
-                assert backend.calls == []
+                assert backend.bookings == []
                 assert any(
                     i.type == "function_call_output" and i.output == verdict
                     for i in agent.chat_ctx.items
@@ -459,7 +441,7 @@ def test_late_result_reaches_the_new_holder_once_and_the_source_does_not_reply()
     async def main() -> None:
         net = Net()
         baton = ForwardingBaton(net)
-        backend = Backend(delay=2.0)
+        backend = BookingBackend(booking_delay=2.0)
         room_a = FakeRoom(net, "agent-triage")
         triage_model = ScriptedLLM(triage_script(["create_reservation", "transfer_to_billing"]))
         s1: AgentSession[None] = AgentSession(llm=triage_model)
@@ -516,7 +498,7 @@ def test_late_result_reaches_the_new_holder_once_and_the_source_does_not_reply()
         assert [i.call_id for i in billing.chat_ctx.items if i.type == "function_call"].count(
             cid
         ) == 1
-        assert len(backend.calls) == 1, "booked once"
+        assert len(backend.bookings) == 1, "booked once"
         # triage's model was not asked to reply to the booking after it lost the floor
         assert len(triage_model.seen) == 2  # its greeting and the caller's turn, no reply after
         assert all(not m.interrupted for m in heard if m.text_content == "One moment.")
