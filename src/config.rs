@@ -218,6 +218,8 @@ pub struct HandoffSection {
     pub ready_timeout: Option<Secs>,
     pub max_filler: Option<Secs>,
     pub filler_fade: Option<Secs>,
+    pub filler_hold: Option<Secs>,
+    pub filler_tail: Option<Secs>,
     pub quiet_settle: Option<Secs>,
     pub audible_timeout: Option<Secs>,
     pub start_dispatch: Option<RetrySection>,
@@ -342,6 +344,8 @@ impl FileConfig {
             ready_timeout: dur(h.ready_timeout, d.ready_timeout),
             max_filler: dur(h.max_filler, d.max_filler),
             filler_fade: dur(h.filler_fade, d.filler_fade),
+            filler_hold: dur(h.filler_hold, d.filler_hold),
+            filler_tail: dur(h.filler_tail, d.filler_tail),
             quiet_settle: dur(h.quiet_settle, d.quiet_settle),
             audible_timeout: dur(h.audible_timeout, d.audible_timeout),
             start_dispatch: retry(&h.start_dispatch, d.start_dispatch),
@@ -508,6 +512,9 @@ mod tests {
         assert_eq!(policy.release, d.release);
         assert_eq!(policy.release_grace, d.release_grace);
         assert_eq!(policy.max_filler, d.max_filler);
+        assert_eq!(policy.filler_fade, d.filler_fade);
+        assert_eq!(policy.filler_hold, d.filler_hold);
+        assert_eq!(policy.filler_tail, d.filler_tail);
     }
 
     #[test]

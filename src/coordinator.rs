@@ -16,7 +16,7 @@ use livekit_protocol as proto;
 use serde_json::{Map, Value};
 
 use crate::protocol::{self, control};
-use crate::room::{Change, Filler, Incoming, Member, Outbox, RoomHandler, Roster, TaskOutput};
+use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster, TaskOutput};
 use crate::server_api::ServerApi;
 
 /// The control messages agents send to baton (`docs/protocol.md`, section 3).
@@ -61,19 +61,7 @@ pub struct Coordinator {
     early: Vec<(Instant, Incoming)>,
     /// Context transfer (`baton.xfer`): receives, stores and delivers bundles.
     pub relay: crate::relay::Hookup,
-    /// After the floor changes hands, the filler keeps playing until the caller can hear the new
-    /// holder (its `lk.agent.state` turns `speaking`), at most until this instant: subscribing to a
-    /// newly joined agent or a remote unmute takes longer than any fixed fade.
-    filler_hold: Option<(Instant, std::time::Duration)>,
 }
-
-/// Longest the filler is held waiting for the new floor holder to be heard.
-const FILLER_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(1200);
-/// How long the filler fades out under the new holder's first words. The agent reports itself
-/// speaking when it starts playing; a caller still subscribing to a just-joined agent's track
-/// hears it later (hundreds of ms on a busy host), and soft noise under speech is far better
-/// than a hole before it.
-const FILLER_TAIL: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// How long a message from a not-yet-announced participant waits for the announcement.
 const EARLY_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -98,7 +86,6 @@ impl Coordinator {
             members: BTreeMap::new(),
             early: Vec::new(),
             relay,
-            filler_hold: None,
         })
     }
 
@@ -116,7 +103,6 @@ impl Coordinator {
                 relay.auto_deliver = true;
                 relay
             },
-            filler_hold: None,
         }
     }
 
@@ -164,11 +150,7 @@ impl Coordinator {
                 }
                 Command::MuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, true, out),
                 Command::UnmuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, false, out),
-                Command::StartFiller => {
-                    self.filler_hold = None;
-                    out.filler.push(Filler::On);
-                }
-                Command::StopFiller { fade } => self.filler_hold = Some((now + FILLER_HOLD_MAX, fade)),
+                Command::Filler(filler) => out.filler.push(filler),
                 Command::CreateDispatch { ticket, agent_name, metadata } => {
                     tracing::info!(agent = %agent_name, "dispatching agent");
                     if let Some(api) = self.cfg.api.clone() {
@@ -227,11 +209,6 @@ impl Coordinator {
                     }
                 }
                 Command::Timeline(ev) => {
-                    if ev.mark.phase == baton_floor::Phase::Requested {
-                        // Get subscribers' receivers playing baton's (silent) stream now, so the
-                        // filler can start within one frame once the source is quiet.
-                        out.filler.push(Filler::Armed);
-                    }
                     tracing::info!(
                         handoff = %ev.handoff,
                         phase = ?ev.mark.phase,
@@ -241,9 +218,6 @@ impl Coordinator {
                     );
                 }
                 Command::HandoffFinished(timeline) => {
-                    if self.filler_hold.is_none() {
-                        out.filler.push(Filler::Off);
-                    }
                     let line = timeline.to_json_line();
                     tracing::info!(timeline = %line, "handoff finished");
                     // The event stream on stdout: one JSON line per handoff, for benchmarks and
@@ -356,17 +330,6 @@ impl Coordinator {
         }
     }
 
-    /// Ends a filler hold: fade out (under the new holder's first words when it was just heard
-    /// speaking), then mute unless another handoff needs the filler.
-    fn release_filler(&mut self, heard: bool, out: &mut Outbox) {
-        if let Some((_, fade)) = self.filler_hold.take() {
-            out.filler.push(Filler::FadeOut(if heard { fade.max(FILLER_TAIL) } else { fade }));
-            if self.arbiter.as_ref().is_none_or(|a| a.handoff().is_none()) {
-                out.filler.push(Filler::Off);
-            }
-        }
-    }
-
     /// `may_hold`: a message from a sender the room has not announced yet is held back for the
     /// announcement (false when it is being released from that hold).
     fn on_control(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox, may_hold: bool) {
@@ -463,10 +426,6 @@ impl RoomHandler for Coordinator {
 
     fn on_speaking(&mut self, identity: &str, speaking: bool, now: Instant, out: &mut Outbox) {
         self.feed(Event::SpeakingChanged { identity: identity.to_string(), speaking }, now, out);
-        let holder = self.arbiter.as_ref().and_then(Arbiter::floor_holder);
-        if speaking && holder == Some(identity) {
-            self.release_filler(true, out);
-        }
     }
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
@@ -498,18 +457,13 @@ impl RoomHandler for Coordinator {
         let arbiter = self.arbiter.as_ref().filter(|_| self.started).and_then(Arbiter::poll_timeout);
         let early = self.early.iter().map(|(at, _)| *at + EARLY_MESSAGE_WAIT).min();
         let relay = self.relay.poll_timeout();
-        let hold = self.filler_hold.map(|(until, _)| until);
-        [arbiter, early, relay, hold].into_iter().flatten().min()
+        [arbiter, early, relay].into_iter().flatten().min()
     }
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
         let events = self.relay.on_timeout(now, out);
         self.on_relay(events, now, out);
         self.release_early(now, out);
-        if self.filler_hold.is_some_and(|(until, _)| now >= until) {
-            tracing::debug!("new floor holder not reported speaking in time; filler released");
-            self.release_filler(false, out);
-        }
         if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started)
             && arbiter.poll_timeout().is_some_and(|t| t <= now)
         {

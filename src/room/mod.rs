@@ -68,27 +68,14 @@ pub type TaskOutput = Box<dyn std::any::Any + Send>;
 /// and hands its output to [`RoomHandler::on_task_done`].
 pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = TaskOutput> + Send>>;
 
-/// What baton's filler track should do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Filler {
-    /// Unmute the track and send encoded silence: subscribers' receivers are then already
-    /// playing baton's stream, so the filler can start within one audio frame when needed.
-    Armed,
-    /// Play the filler.
-    On,
-    /// Fade to silence over this long (under the next speaker's first words).
-    FadeOut(Duration),
-    /// Mute the track and send nothing (after any fade under way has finished).
-    Off,
-}
-
 /// What baton's logic asks the room to do.
 #[derive(Default)]
 pub struct Outbox {
     /// Reliable user packets: (topic, payload, destination identities).
     pub data: Vec<(String, Vec<u8>, Vec<String>)>,
-    /// Filler changes, applied in order.
-    pub filler: Vec<Filler>,
+    /// Filler changes, applied in order (the floor arbiter's commands; see
+    /// [`baton_floor::FillerCommand`]).
+    pub filler: Vec<baton_floor::FillerCommand>,
     /// Work to run off the room loop.
     pub tasks: Vec<Task>,
     /// Lines for baton's event stream on stdout (one JSON object each).

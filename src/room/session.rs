@@ -5,6 +5,7 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use baton_floor::FillerCommand;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use livekit_protocol as proto;
@@ -337,23 +338,22 @@ impl RoomTask {
     }
 
     /// Applies a filler change from the handler.
-    async fn set_filler(&mut self, filler: super::Filler, now: Instant) {
-        use super::Filler;
+    async fn set_filler(&mut self, filler: FillerCommand, now: Instant) {
         let tick = self.current_tick(now).max(self.audio_tick + 1);
         let fading = self.envelope.fading_out(tick);
         match filler {
-            Filler::Armed => {
+            FillerCommand::Arm => {
                 self.mute_after_fade = false;
                 self.set_muted(false).await;
             }
-            Filler::On => {
+            FillerCommand::On => {
                 self.mute_after_fade = false;
                 self.envelope.start(tick);
                 self.set_muted(false).await;
             }
-            Filler::FadeOut(fade) => self.envelope.stop(tick, fade),
-            Filler::Off if fading => self.mute_after_fade = true,
-            Filler::Off => {
+            FillerCommand::FadeOut(fade) => self.envelope.stop(tick, fade),
+            FillerCommand::Off if fading => self.mute_after_fade = true,
+            FillerCommand::Off => {
                 self.envelope = Envelope::Silent;
                 self.set_muted(true).await;
             }

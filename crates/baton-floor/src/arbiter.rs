@@ -5,11 +5,11 @@
 //! any failure the floor goes back to the source (or to an alternate) before the filler limit.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::command::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason, SecurityEvent,
-    SecurityReason,
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand, RefuseReason,
+    SecurityEvent, SecurityReason,
 };
 use crate::dispatch::{Dispatcher, GaveUp, Purpose};
 use crate::event::{AgentMessage, Event, Participant, ParticipantKind};
@@ -105,11 +105,27 @@ struct Handoff {
     timeline: Timeline,
 }
 
+/// A handoff that is over and whose timeline is still open: it closes once the new holder has
+/// been heard (or given up on) and the filler has stopped, so its marks say when things really
+/// happened.
 #[derive(Debug, Clone)]
 struct Finishing {
     timeline: Timeline,
-    target: String,
-    deadline: Instant,
+    /// For a completed handoff: its target, and until when baton waits to hear it
+    /// (`audible_timeout`).
+    awaiting: Option<(String, Instant)>,
+}
+
+/// baton's filler track, as the arbiter has commanded it.
+#[derive(Debug, Clone, Default)]
+struct FillerState {
+    /// The track is unmuted ([`FillerCommand::Arm`]).
+    armed: bool,
+    /// The filler plays (a fade-out under way does not count).
+    on: bool,
+    /// The floor changed hands while the filler played: it plays on until this agent is heard,
+    /// at most until this instant (`filler_hold`).
+    hold: Option<(String, Instant)>,
 }
 
 /// A read-only view of the handoff under way.
@@ -133,7 +149,7 @@ pub struct HandoffStatus {
 
 /// How long the filler alone covers the gap after a source is force-muted, before the target is
 /// switched in: about what a caller's jitter buffer still holds of the muted source.
-const MUTE_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+const MUTE_SETTLE: Duration = Duration::from_millis(300);
 
 enum Due {
     Dispatch,
@@ -144,6 +160,7 @@ enum Due {
     Bundle,
     Ready,
     Audible,
+    FillerHold,
     Release(String),
 }
 
@@ -164,7 +181,7 @@ pub struct Arbiter {
     ended: bool,
     room_joined: bool,
     next_handoff: u64,
-    filler_on: bool,
+    filler: FillerState,
     out: VecDeque<Command>,
 }
 
@@ -187,7 +204,7 @@ impl Arbiter {
             ended: false,
             room_joined: false,
             next_handoff: 1,
-            filler_on: false,
+            filler: FillerState::default(),
             out: VecDeque::new(),
         })
     }
@@ -227,7 +244,7 @@ impl Arbiter {
 
     /// Whether baton's filler is playing (not counting a fade-out in progress).
     pub fn filler_on(&self) -> bool {
-        self.filler_on
+        self.filler.on
     }
 
     /// Whether the session is over; the arbiter ignores everything from then on.
@@ -306,8 +323,11 @@ impl Arbiter {
                 }
             }
         }
-        if let Some(f) = &self.finishing {
-            d.push((f.deadline, Due::Audible));
+        if let Some((_, at)) = self.finishing.as_ref().and_then(|f| f.awaiting.as_ref()) {
+            d.push((*at, Due::Audible));
+        }
+        if let Some((_, at)) = &self.filler.hold {
+            d.push((*at, Due::FillerHold));
         }
         for (who, at) in &self.releases {
             d.push((*at, Due::Release(who.clone())));
@@ -342,7 +362,11 @@ impl Arbiter {
                 }
                 self.fail_target(FailReason::TargetNotReady, now);
             }
-            Due::Audible => self.finish(false, now),
+            Due::Audible => self.stop_waiting("not_heard", now),
+            Due::FillerHold => {
+                self.stop_filler(self.policy.filler_fade, "hold_limit", now);
+                self.close_finished(now);
+            }
             Due::Release(who) => {
                 self.releases.remove(&who);
                 if self.peers.contains_key(&who) {
@@ -360,6 +384,9 @@ impl Arbiter {
         self.activate_holder_if_reachable();
         self.progress(now);
         self.enforce_mutes();
+        if self.handoff.is_none() && !self.filler.on {
+            self.disarm_filler();
+        }
     }
 
     // ---- participants ------------------------------------------------------------------------
@@ -472,9 +499,15 @@ impl Arbiter {
             }
             return;
         }
-        if self.finishing.as_ref().is_some_and(|f| f.target == identity) {
-            self.finish(false, now);
+        if self.filler.hold.as_ref().is_some_and(|(who, _)| who == identity) {
+            self.stop_filler(self.policy.filler_fade, "holder_left", now);
         }
+        if let Some(f) = &mut self.finishing
+            && f.awaiting.as_ref().is_some_and(|(who, _)| who == identity)
+        {
+            f.awaiting = None;
+        }
+        self.close_finished(now);
         if self.holder.as_ref().is_some_and(|h| h.identity == identity) {
             self.holder = None;
             self.out.push_back(Command::Alert(Alert::FloorVacant { identity: identity.to_owned() }));
@@ -515,8 +548,8 @@ impl Arbiter {
         {
             h.grace_deadline = if speaking { None } else { Some(now + self.policy.silence_grace) };
         }
-        if speaking && self.finishing.as_ref().is_some_and(|f| f.target == identity) {
-            self.finish(true, now);
+        if speaking {
+            self.heard(identity, now);
         }
     }
 
@@ -658,14 +691,13 @@ impl Arbiter {
             self.send(&from, Some(msg_id), BatonMessage::HandoffRefused { reason });
             return;
         }
-        if self.finishing.is_some() {
-            self.finish(false, now);
-        }
+        self.stop_waiting("next_handoff", now);
         let id = format!("h-{}", self.next_handoff);
         self.next_handoff += 1;
         let mut timeline = Timeline::new(&id, &source_name, &target, &reason, now);
         let ev = timeline.mark(Phase::Requested, now, None);
         self.out.push_back(Command::Timeline(ev));
+        self.arm_filler();
         self.send(
             &from,
             Some(msg_id),
@@ -803,8 +835,9 @@ impl Arbiter {
         let present = h.source_present;
         self.mark(Phase::SourceQuiet, now, Some(detail.to_owned()));
         // Filler first: it is local and instant, while the mute is a server round trip.
-        self.out.push_back(Command::StartFiller);
-        self.filler_on = true;
+        self.arm_filler();
+        self.filler.on = true;
+        self.out.push_back(Command::Filler(FillerCommand::On));
         self.mark(Phase::FillerOn, now, None);
         if present {
             // Enforce even when the agent says it is quiet: an adapter that forgot to turn its
@@ -835,12 +868,99 @@ impl Arbiter {
         }
     }
 
-    fn stop_filler(&mut self, fade: std::time::Duration, now: Instant) {
-        if self.filler_on {
-            self.filler_on = false;
-            self.out.push_back(Command::StopFiller { fade });
-            self.mark(Phase::FillerOff, now, None);
+    // ---- the filler ---------------------------------------------------------------------------
+
+    fn arm_filler(&mut self) {
+        if !self.filler.armed {
+            self.filler.armed = true;
+            self.out.push_back(Command::Filler(FillerCommand::Arm));
         }
+    }
+
+    fn disarm_filler(&mut self) {
+        if self.filler.armed {
+            self.filler.armed = false;
+            self.out.push_back(Command::Filler(FillerCommand::Off));
+        }
+    }
+
+    /// Fades the filler out and marks `filler_off` (detail: why) in the open timeline: the
+    /// handoff's, or the finished one's.
+    fn stop_filler(&mut self, fade: Duration, why: &str, now: Instant) {
+        if !self.filler.on {
+            return;
+        }
+        self.filler.on = false;
+        self.filler.hold = None;
+        self.out.push_back(Command::Filler(FillerCommand::FadeOut(fade)));
+        let timeline = match (&mut self.handoff, &mut self.finishing) {
+            (Some(h), _) => Some(&mut h.timeline),
+            (None, Some(f)) => Some(&mut f.timeline),
+            (None, None) => None,
+        };
+        if let Some(t) = timeline {
+            let ev = t.mark(Phase::FillerOff, now, Some(why.to_owned()));
+            self.out.push_back(Command::Timeline(ev));
+        }
+    }
+
+    /// The floor has just changed hands to `holder`: a playing filler holds until the caller can
+    /// hear it, at most `filler_hold`.
+    fn floor_changed(&mut self, holder: &str, now: Instant) {
+        if self.filler.on {
+            self.filler.hold = Some((holder.to_owned(), now + self.policy.filler_hold));
+        }
+        if self.peers.get(holder).is_some_and(|p| p.speaking) {
+            self.heard(holder, now);
+        }
+        self.close_finished(now);
+    }
+
+    /// `identity` was heard speaking. If it is the new floor holder, the filler fades under its
+    /// first words, and a completed handoff's timeline gets its `target_audible` mark.
+    fn heard(&mut self, identity: &str, now: Instant) {
+        if self.filler.hold.as_ref().is_some_and(|(who, _)| who == identity) {
+            self.stop_filler(self.policy.filler_tail, "heard", now);
+        }
+        if let Some(f) = &mut self.finishing
+            && f.awaiting.as_ref().is_some_and(|(who, _)| who == identity)
+        {
+            f.awaiting = None;
+            let ev = f.timeline.mark(Phase::TargetAudible, now, None);
+            self.out.push_back(Command::Timeline(ev));
+        }
+        self.close_finished(now);
+    }
+
+    /// Stops waiting for a finished handoff's new holder to be heard (`why`: a new handoff, the
+    /// audible timeout): the filler fades now and the timeline closes.
+    fn stop_waiting(&mut self, why: &str, now: Instant) {
+        if self.filler.hold.is_some() {
+            self.stop_filler(self.policy.filler_fade, why, now);
+        }
+        if let Some(f) = &mut self.finishing {
+            f.awaiting = None;
+        }
+        self.close_finished(now);
+    }
+
+    /// Closes a finished handoff's timeline once nothing is left to wait for.
+    fn close_finished(&mut self, now: Instant) {
+        if self.filler.hold.is_some() || self.finishing.as_ref().is_none_or(|f| f.awaiting.is_some()) {
+            return;
+        }
+        let Some(mut f) = self.finishing.take() else {
+            return;
+        };
+        let ev = match f.timeline.failure {
+            None => {
+                f.timeline.outcome = Some(Outcome::Completed);
+                f.timeline.mark(Phase::Completed, now, None)
+            }
+            Some(reason) => f.timeline.mark(Phase::Failed, now, Some(reason.as_str().to_owned())),
+        };
+        self.out.push_back(Command::Timeline(ev));
+        self.out.push_back(Command::HandoffFinished(Box::new(f.timeline)));
     }
 
     fn on_bundle_received(&mut self, from: String, transfer_id: String, bytes: u64, now: Instant) {
@@ -951,7 +1071,7 @@ impl Arbiter {
         }
     }
 
-    /// The target takes the floor: activate, unmute, then fade the filler under its first words.
+    /// The target takes the floor: activate and unmute it; the filler plays on until it is heard.
     fn switch(&mut self, now: Instant) {
         let Some(h) = &self.handoff else { return };
         let Some(target) = h.target.identity.clone() else {
@@ -963,7 +1083,6 @@ impl Arbiter {
         self.send(&target, None, activation.clone());
         self.unmute(&target);
         self.mark(Phase::TargetActivated, now, None);
-        self.stop_filler(self.policy.filler_fade, now);
         let Some(mut h) = self.handoff.take() else {
             return;
         };
@@ -975,27 +1094,9 @@ impl Arbiter {
                 self.releases.insert(h.source.clone(), now + self.policy.release_grace);
             }
         }
-        let speaking = self.peers.get(&target).is_some_and(|p| p.speaking);
-        self.finishing =
-            Some(Finishing { timeline: h.timeline, target, deadline: now + self.policy.audible_timeout });
-        if speaking {
-            self.finish(true, now);
-        }
-    }
-
-    /// Closes a completed handoff's timeline.
-    fn finish(&mut self, audible: bool, now: Instant) {
-        let Some(mut f) = self.finishing.take() else {
-            return;
-        };
-        if audible {
-            let ev = f.timeline.mark(Phase::TargetAudible, now, None);
-            self.out.push_back(Command::Timeline(ev));
-        }
-        let ev = f.timeline.mark(Phase::Completed, now, None);
-        self.out.push_back(Command::Timeline(ev));
-        f.timeline.outcome = Some(Outcome::Completed);
-        self.out.push_back(Command::HandoffFinished(Box::new(f.timeline)));
+        let awaiting = Some((target.clone(), now + self.policy.audible_timeout));
+        self.finishing = Some(Finishing { timeline: h.timeline, awaiting });
+        self.floor_changed(&target, now);
     }
 
     fn on_gave_up(&mut self, g: GaveUp, now: Instant) {
@@ -1111,19 +1212,21 @@ impl Arbiter {
             };
             self.send(&source, None, activation.clone());
             self.unmute(&source);
-            self.stop_filler(self.policy.filler_fade, now);
             self.mark(Phase::HandedBack, now, Some(reason.as_str().to_owned()));
-            self.holder = Some(Holder { identity: source, activated: true, activation });
-            self.close_failed(Outcome::HandedBack, reason, now);
+            self.holder = Some(Holder { identity: source.clone(), activated: true, activation });
+            self.close_failed(Outcome::HandedBack, reason);
+            self.floor_changed(&source, now);
         } else {
-            self.stop_filler(self.policy.filler_fade, now);
+            self.stop_filler(self.policy.filler_fade, "no_holder", now);
             self.out.push_back(Command::Alert(Alert::FloorVacant { identity: source }));
-            self.close_failed(Outcome::Failed, reason, now);
+            self.close_failed(Outcome::Failed, reason);
+            self.close_finished(now);
         }
     }
 
-    fn close_failed(&mut self, outcome: Outcome, reason: FailReason, now: Instant) {
-        self.mark(Phase::Failed, now, Some(reason.as_str().to_owned()));
+    /// Ends a failed handoff; its timeline stays open (see [`Finishing`]) until the filler has
+    /// stopped.
+    fn close_failed(&mut self, outcome: Outcome, reason: FailReason) {
         let Some(mut h) = self.handoff.take() else {
             return;
         };
@@ -1135,23 +1238,16 @@ impl Arbiter {
         }
         h.timeline.outcome = Some(outcome);
         h.timeline.failure = Some(reason);
-        self.out.push_back(Command::HandoffFinished(Box::new(h.timeline)));
+        self.finishing = Some(Finishing { timeline: h.timeline, awaiting: None });
     }
 
     /// The caller is gone: cancel everything, cut the filler, and tell the shell to leave.
     fn end_session(&mut self, now: Instant) {
-        if self.handoff.is_some() {
-            self.drop_target(FailReason::CallerLeft);
-            if self.filler_on {
-                self.filler_on = false;
-                self.out.push_back(Command::StopFiller { fade: std::time::Duration::ZERO });
-                self.mark(Phase::FillerOff, now, None);
-            }
-            self.close_failed(Outcome::Failed, FailReason::CallerLeft, now);
-        }
-        if self.finishing.is_some() {
-            self.finish(false, now);
-        }
+        self.drop_target(FailReason::CallerLeft);
+        self.stop_filler(Duration::ZERO, "caller_left", now);
+        self.close_failed(Outcome::Failed, FailReason::CallerLeft);
+        self.stop_waiting("caller_left", now);
+        self.disarm_filler();
         self.dispatcher.cancel_all(&mut self.out);
         self.releases.clear();
         self.holder = None;

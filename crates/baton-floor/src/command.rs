@@ -271,6 +271,24 @@ pub enum Alert {
     },
 }
 
+/// What baton's filler track (comfort noise or a clip) must do. The arbiter emits them in the
+/// order `Arm`, `On`, `FadeOut`, `Off` within a handoff (`On` and `FadeOut` only when the gap
+/// needed the filler); see [`Policy::filler_hold`](crate::Policy::filler_hold) for when the
+/// fade starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillerCommand {
+    /// A handoff was accepted: unmute baton's track and send encoded silence, so subscribers'
+    /// receivers are already playing baton's stream and the filler can start within one audio
+    /// frame once the source is quiet.
+    Arm,
+    /// Play the filler at full level, now.
+    On,
+    /// Fade the filler to silence over this long (zero: cut); the track stays unmuted.
+    FadeOut(Duration),
+    /// No handoff needs the track any more: mute it, after any fade under way has finished.
+    Off,
+}
+
 /// One thing for the shell to do. Execute in the order polled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -297,13 +315,8 @@ pub enum Command {
         /// Which track.
         track_sid: String,
     },
-    /// Start baton's filler (comfort noise or clip) on its audio track, now.
-    StartFiller,
-    /// Stop the filler, fading out over `fade` (zero: cut).
-    StopFiller {
-        /// Fade-out length.
-        fade: Duration,
-    },
+    /// Change baton's filler track; the arbiter decides the filler's whole lifecycle.
+    Filler(FillerCommand),
     /// AgentDispatchService.CreateDispatch; report the result with the same ticket.
     CreateDispatch {
         /// Echo in [`Event::DispatchCreated`](crate::Event::DispatchCreated) or

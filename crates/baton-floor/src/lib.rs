@@ -25,7 +25,9 @@
 //!
 //! The invariant the arbiter keeps: at most one configured agent is activated or has a live
 //! (unmuted) track at any time, and while a handoff has nobody audible, the filler plays; the
-//! filler never plays longer than [`Policy::max_filler`] before baton falls back.
+//! filler never plays longer than [`Policy::max_filler`] before baton falls back. Once the floor
+//! has changed hands the filler plays on until the new holder is heard, at most
+//! [`Policy::filler_hold`], then fades out.
 
 #![warn(missing_docs)]
 
@@ -38,8 +40,8 @@ mod timeline;
 
 pub use arbiter::{Arbiter, HandoffStatus};
 pub use command::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, RefuseReason, SecurityEvent,
-    SecurityReason,
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand, RefuseReason,
+    SecurityEvent, SecurityReason,
 };
 pub use event::{AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind};
 pub use policy::{Policy, PolicyError, ReleasePolicy, Retry};

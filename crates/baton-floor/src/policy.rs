@@ -65,8 +65,21 @@ pub struct Policy {
     pub ready_timeout: Duration,
     /// The longest the caller may hear filler in one handoff before baton falls back.
     pub max_filler: Duration,
-    /// Fade-out applied when filler stops because an agent took the floor.
+    /// Fade-out of the filler when it stops without the new floor holder heard: the
+    /// [`filler_hold`](Policy::filler_hold) ran out, the holder left, or a failed handoff left
+    /// nobody to hand back to.
     pub filler_fade: Duration,
+    /// After the floor changes hands (the target is activated, or the source gets it back), the
+    /// filler plays on until the caller can hear the new holder, whose `lk.agent.state` turning
+    /// `speaking` arrives as [`Event::SpeakingChanged`](crate::Event::SpeakingChanged); this is
+    /// the longest it waits. A subscription to a just-joined agent's track or a remote unmute
+    /// takes longer than any fixed fade. Zero fades out at once.
+    pub filler_hold: Duration,
+    /// Fade-out of the filler once the new holder is heard, under its first words. The agent
+    /// reports itself speaking when it starts playing; a caller still subscribing to a
+    /// just-joined agent's track hears it later (hundreds of ms on a busy host), and soft noise
+    /// under speech is far better than a hole before it.
+    pub filler_tail: Duration,
     /// After the source is quiet (it said so, or fell silent), how long the filler alone plays
     /// before the target is switched in: the source's last words are still in the caller's
     /// jitter buffer, and switching at once let them overlap the target's first by up to 40 ms
@@ -99,6 +112,8 @@ impl Default for Policy {
             ready_timeout: Duration::from_secs(8),
             max_filler: Duration::from_secs(20),
             filler_fade: Duration::from_millis(250),
+            filler_hold: Duration::from_millis(1200),
+            filler_tail: Duration::from_secs(1),
             quiet_settle: Duration::from_millis(60),
             audible_timeout: Duration::from_secs(3),
             start_dispatch: Retry {

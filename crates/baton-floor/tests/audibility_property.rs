@@ -1,6 +1,8 @@
 //! Property: whatever happens, in whatever order, the caller never hears two agents at once,
 //! never hears silence while a handoff has nobody audible, and never hears filler longer than
-//! the configured limit; and the arbiter never panics.
+//! the configured limit; once the floor has changed hands the filler plays on only until the new
+//! holder is heard, at most `filler_hold`; the timeline's `filler_off` is the instant the filler
+//! really stops; and the arbiter never panics.
 //!
 //! The model below replays the arbiter's commands the way the room would execute them (mute
 //! state per track, who was told to activate, whether filler plays) and checks the invariant
@@ -10,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use baton_floor::{
-    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, Outcome, Participant,
-    ParticipantKind, Policy,
+    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, FillerCommand, Outcome,
+    Participant, ParticipantKind, Phase, Policy,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -33,6 +35,8 @@ fn policy() -> Policy {
     p.alternates.insert("billing".into(), vec!["support".into()]);
     p.alternates.insert("support".into(), vec!["billing".into(), "triage".into()]);
     p.max_filler = Duration::from_secs(12);
+    // Distinct from filler_fade, so the model can tell a fade under the holder's first words.
+    p.filler_tail = Duration::from_millis(900);
     p
 }
 
@@ -178,7 +182,16 @@ struct Model {
     policy: Policy,
     present: BTreeMap<String, Participant>,
     active: BTreeSet<String>,
+    /// Present participants the arbiter was told are speaking.
+    speaking: BTreeSet<String>,
+    /// baton's track is unmuted.
+    armed: bool,
     filler_since: Option<Instant>,
+    /// When each handoff was requested (its timeline's zero).
+    requested: BTreeMap<String, Instant>,
+    /// Whether a handoff was under way after the previous step, and when the last one ended.
+    in_handoff: bool,
+    handoff_ended: Option<Instant>,
 }
 
 #[derive(Default, Debug)]
@@ -190,6 +203,9 @@ struct Coverage {
     alternates: usize,
     forced_mutes: usize,
     filler_limit: usize,
+    /// Holds that ended because the new holder was heard, and because `filler_hold` ran out.
+    holds_heard: usize,
+    holds_expired: usize,
 }
 
 impl Model {
@@ -206,17 +222,36 @@ impl Model {
                 }
             }
             Event::ParticipantJoined(p) | Event::ParticipantUpdated(p) => {
-                self.present.insert(p.identity.clone(), p.clone());
+                // The arbiter starts a participant it did not know as not speaking.
+                let new = self.present.insert(p.identity.clone(), p.clone()).is_none();
+                if new {
+                    self.speaking.remove(&p.identity);
+                }
             }
             Event::ParticipantLeft { identity } => {
                 self.present.remove(identity);
                 self.active.remove(identity);
+                self.speaking.remove(identity);
+            }
+            Event::SpeakingChanged { identity, speaking } if self.present.contains_key(identity) => {
+                if *speaking {
+                    self.speaking.insert(identity.clone());
+                } else {
+                    self.speaking.remove(identity);
+                }
             }
             _ => {}
         }
     }
 
     fn execute(&mut self, cmds: &[Command], now: Instant, cov: &mut Coverage) -> Result<(), TestCaseError> {
+        // Every fade-out comes with a `filler_off` mark at this very instant, and vice versa.
+        let fades = cmds.iter().filter(|c| matches!(c, Command::Filler(FillerCommand::FadeOut(_)))).count();
+        let marks = cmds
+            .iter()
+            .filter(|c| matches!(c, Command::Timeline(ev) if ev.mark.phase == Phase::FillerOff))
+            .count();
+        prop_assert_eq!(fades, marks, "fade-outs and filler_off marks differ: {:?}", cmds);
         for c in cmds {
             match c {
                 Command::Send { to, message, .. } => {
@@ -248,39 +283,77 @@ impl Model {
                     prop_assert!(track.is_some(), "mute/unmute of a track that is not there: {c:?}");
                     track.unwrap().muted = !unmute;
                 }
-                Command::StartFiller => {
+                Command::Filler(FillerCommand::Arm) => {
+                    prop_assert!(!self.armed, "armed twice");
+                    self.armed = true;
+                }
+                Command::Filler(FillerCommand::On) => {
+                    prop_assert!(self.armed, "filler on before the track was armed");
                     prop_assert!(self.filler_since.is_none(), "filler started twice");
                     self.filler_since = Some(now);
                 }
-                Command::StopFiller { .. } => {
+                Command::Filler(FillerCommand::FadeOut(fade)) => {
                     prop_assert!(self.filler_since.is_some(), "filler stopped while off");
                     self.filler_since = None;
-                }
-                Command::HandoffFinished(t) => match t.outcome {
-                    Some(Outcome::Completed) => cov.completed += 1,
-                    Some(Outcome::HandedBack) => cov.handed_back += 1,
-                    Some(Outcome::Failed) => cov.failed += 1,
-                    None => prop_assert!(false, "finished timeline without outcome"),
-                },
-                Command::Timeline(ev) => {
-                    use baton_floor::Phase;
-                    match (ev.mark.phase, ev.mark.detail.as_deref()) {
-                        (Phase::AlternateTried, _) => cov.alternates += 1,
-                        (Phase::SourceQuiet, Some("forced")) => cov.forced_mutes += 1,
-                        (Phase::Failed | Phase::HandedBack, Some("filler_limit")) => cov.filler_limit += 1,
-                        _ => {}
+                    if *fade == self.policy.filler_tail {
+                        cov.holds_heard += 1;
                     }
                 }
+                Command::Filler(FillerCommand::Off) => {
+                    prop_assert!(self.armed, "disarmed twice");
+                    prop_assert!(self.filler_since.is_none(), "track muted under a playing filler");
+                    self.armed = false;
+                }
+                Command::HandoffFinished(t) => {
+                    match t.outcome {
+                        Some(Outcome::Completed) => cov.completed += 1,
+                        Some(Outcome::HandedBack) => cov.handed_back += 1,
+                        Some(Outcome::Failed) => cov.failed += 1,
+                        None => prop_assert!(false, "finished timeline without outcome"),
+                    }
+                    prop_assert!(self.filler_since.is_none(), "timeline closed while the filler plays");
+                    let on = t.phases.iter().position(|m| m.phase == Phase::FillerOn);
+                    let off = t.phases.iter().position(|m| m.phase == Phase::FillerOff);
+                    prop_assert_eq!(on.is_some(), off.is_some(), "filler_on without filler_off: {:?}", t);
+                    prop_assert!(on <= off, "filler_off before filler_on: {:?}", t);
+                }
+                Command::Timeline(ev) => match (ev.mark.phase, ev.mark.detail.as_deref()) {
+                    (Phase::Requested, _) => {
+                        self.requested.insert(ev.handoff.clone(), now);
+                    }
+                    (Phase::AlternateTried, _) => cov.alternates += 1,
+                    (Phase::SourceQuiet, Some("forced")) => cov.forced_mutes += 1,
+                    (Phase::Failed | Phase::HandedBack, Some("filler_limit")) => cov.filler_limit += 1,
+                    (Phase::FillerOff, detail) => {
+                        if detail == Some("hold_limit") {
+                            cov.holds_expired += 1;
+                        }
+                        let since = self.requested.get(&ev.handoff).copied();
+                        prop_assert!(since.is_some(), "filler_off of an unknown handoff: {:?}", ev);
+                        let ms = now.duration_since(since.unwrap()).as_millis() as u64;
+                        prop_assert_eq!(ev.mark.ms, ms, "filler_off not marked when the filler stopped");
+                    }
+                    _ => {}
+                },
                 _ => {}
             }
         }
         Ok(())
     }
 
+    fn note_handoff(&mut self, arb: &Arbiter, now: Instant) {
+        let in_handoff = arb.handoff().is_some();
+        if self.in_handoff && !in_handoff {
+            self.handoff_ended = Some(now);
+        }
+        self.in_handoff = in_handoff;
+    }
+
     fn check(&self, arb: &Arbiter, now: Instant) -> Result<(), TestCaseError> {
         if arb.is_ended() {
             // The caller is gone and baton leaves the room: nothing left to arbitrate.
             prop_assert!(self.filler_since.is_none(), "filler left playing after the session ended");
+            prop_assert!(!self.armed, "baton's track left unmuted after the session ended");
             prop_assert!(arb.poll_timeout().is_none());
             return Ok(());
         }
@@ -294,16 +367,34 @@ impl Model {
         prop_assert!(audible.len() <= 1, "two agents audible: {audible:?}");
         prop_assert!(self.active.len() <= 1, "two agents active: {:?}", self.active);
         prop_assert_eq!(self.filler_since.is_some(), arb.filler_on());
-        if arb.handoff().is_some() && audible.is_empty() {
-            prop_assert!(self.filler_since.is_some(), "handoff with nobody audible and no filler");
-        }
-        if let Some(since) = self.filler_since {
-            prop_assert!(arb.handoff().is_some(), "filler playing outside a handoff");
+        if arb.handoff().is_some() {
+            prop_assert!(self.armed, "a handoff under way without baton's track armed");
+            if audible.is_empty() {
+                prop_assert!(self.filler_since.is_some(), "handoff with nobody audible and no filler");
+            }
+            if let Some(since) = self.filler_since {
+                prop_assert!(
+                    now.duration_since(since) <= self.policy.max_filler,
+                    "filler ran {:?}",
+                    now.duration_since(since)
+                );
+            }
+        } else if self.filler_since.is_some() {
+            // The hold: the floor changed hands and the caller cannot hear the new holder yet.
+            let holder = arb.floor_holder();
+            prop_assert!(holder.is_some(), "filler playing outside a handoff with nobody holding the floor");
             prop_assert!(
-                now.duration_since(since) <= self.policy.max_filler,
-                "filler ran {:?}",
-                now.duration_since(since)
+                !self.speaking.contains(holder.unwrap()),
+                "filler still playing while the new holder {holder:?} is heard"
             );
+            let ended = self.handoff_ended.unwrap_or(now);
+            prop_assert!(
+                now.duration_since(ended) <= self.policy.filler_hold,
+                "filler held {:?} after the handoff ended",
+                now.duration_since(ended)
+            );
+        } else {
+            prop_assert!(!self.armed, "baton's track left unmuted with no handoff and no filler");
         }
         Ok(())
     }
@@ -313,8 +404,17 @@ fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Resul
     let t0 = Instant::now();
     let mut now = t0;
     let mut arb = Arbiter::new(policy(), t0).unwrap();
-    let mut model =
-        Model { policy: policy(), present: BTreeMap::new(), active: BTreeSet::new(), filler_since: None };
+    let mut model = Model {
+        policy: policy(),
+        present: BTreeMap::new(),
+        active: BTreeSet::new(),
+        speaking: BTreeSet::new(),
+        armed: false,
+        filler_since: None,
+        requested: BTreeMap::new(),
+        in_handoff: false,
+        handoff_ended: None,
+    };
     let first = Event::RoomJoined { participants: initial, token_dispatched: vec![] };
     let mut queue = vec![Step::Event(first)];
     queue.extend(steps);
@@ -325,6 +425,7 @@ fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Resul
                 arb.handle(e, now);
                 let cmds = arb.drain_commands();
                 model.execute(&cmds, now, cov)?;
+                model.note_handoff(&arb, now);
                 model.check(&arb, now)?;
             }
             Step::Advance(ms) => {
@@ -338,6 +439,7 @@ fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Resul
                     arb.handle_timeout(now);
                     let cmds = arb.drain_commands();
                     model.execute(&cmds, now, cov)?;
+                    model.note_handoff(&arb, now);
                     model.check(&arb, now)?;
                     prop_assert!(arb.poll_timeout().is_none_or(|next| next > now), "timeout not consumed");
                 }
@@ -377,9 +479,11 @@ fn disturbed_happy_paths_keep_one_voice_and_bounded_filler() {
         panic!("{e}");
     }
     eprintln!("coverage: {cov:?}");
-    // Most disturbances leave the handoff intact; some must break it.
+    // Most disturbances leave the handoff intact; some must break it; both ends of the hold occur.
     assert!(cov.completed > cov.cases / 4, "{cov:?}");
     assert!(cov.handed_back + cov.failed > 0, "{cov:?}");
+    assert!(cov.holds_heard > cov.cases / 4, "{cov:?}");
+    assert!(cov.holds_expired > 0, "{cov:?}");
 }
 
 #[test]

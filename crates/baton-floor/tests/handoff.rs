@@ -5,8 +5,8 @@ mod support;
 use std::time::Duration;
 
 use baton_floor::{
-    ActivateCause, AgentMessage, Alert, BatonMessage, Command, DeactivateReason, Event, FailReason, Outcome,
-    Phase, RefuseReason, ReleasePolicy,
+    ActivateCause, AgentMessage, Alert, BatonMessage, Command, DeactivateReason, Event, FailReason,
+    FillerCommand, Outcome, Phase, RefuseReason, ReleasePolicy,
 };
 use support::*;
 
@@ -90,19 +90,23 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
     let unmute =
         position(&out, |c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == BILLING))
             .expect("target unmuted");
-    let fade = position(&out, |c| matches!(c, Command::StopFiller { fade } if *fade == ms(250)))
-        .expect("filler faded out");
-    assert!(activate < fade && unmute < fade, "filler goes off only after activation: {out:#?}");
+    assert!(activate < unmute, "{out:#?}");
     assert!(
         messages_to(&out, TRIAGE)
             .contains(&&BatonMessage::Release { handoff: "h-1".into(), mode: ReleasePolicy::Leave })
     );
     assert_eq!(r.arb.floor_holder(), Some(BILLING));
-    assert!(!r.arb.filler_on());
+    assert!(!filler_stopped(&out), "the filler holds until the caller can hear billing: {out:#?}");
+    assert!(r.arb.filler_on());
     assert!(r.arb.handoff().is_none());
 
     r.advance(ms(150));
     let out = r.ev(Event::SpeakingChanged { identity: BILLING.into(), speaking: true });
+    assert!(
+        out.contains(&Command::Filler(FillerCommand::FadeOut(Duration::from_secs(1)))),
+        "heard: the filler fades under billing's first words over filler_tail: {out:#?}"
+    );
+    assert!(!r.arb.filler_on());
     let t = finished(&out).expect("timeline closes when the target is heard");
     assert_eq!(t.outcome, Some(Outcome::Completed));
     assert_eq!(
@@ -124,7 +128,8 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
     );
     assert_eq!(t.ms(Phase::SourceQuiet), Some(300));
     assert_eq!(t.ms(Phase::TargetJoined), Some(1500));
-    assert_eq!(t.ms(Phase::FillerOff), Some(2000));
+    assert_eq!(t.ms(Phase::TargetActivated), Some(2000));
+    assert_eq!(t.ms(Phase::FillerOff), Some(2150), "filler_off is when the filler really stops");
     assert_eq!(t.ms(Phase::TargetAudible), Some(2150));
     assert_eq!(t.bundle_bytes, Some(12_000));
     assert!(!t.warm);
@@ -193,9 +198,13 @@ fn warm_handoff_uses_the_standby_agent_without_dispatch() {
     assert!(filler_started(&out));
     assert!(sent(&out, BILLING, "activate"));
     assert!(unmuted(&out, BILLING), "standby track was muted: unmute on activation");
-    assert!(filler_stopped(&out));
+    assert!(!filler_stopped(&out), "held until billing is heard");
+    // Billing never reports speaking: the hold ends at filler_hold, the timeline at
+    // audible_timeout.
     let out = r.advance(Duration::from_secs(3));
+    assert!(out.contains(&Command::Filler(FillerCommand::FadeOut(ms(250)))));
     let t = finished(&out).unwrap();
+    assert_eq!(t.ms(Phase::FillerOff), Some(200 + 1200));
     assert!(t.warm);
     assert_eq!(t.ms(Phase::TargetJoined), Some(0));
     // Its adapter restarts and says hello again: the same activate, cause and handoff id, not
@@ -238,9 +247,14 @@ fn target_never_joins_hands_back_to_source_with_reason() {
         reason: Some(FailReason::TargetNoShow)
     }));
     assert!(unmuted(&out, TRIAGE));
-    assert!(filler_stopped(&out));
+    assert!(!filler_stopped(&out), "the filler holds until triage is heard again");
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
+    assert!(finished(&out).is_none(), "the timeline waits for the filler to stop");
+    r.advance(ms(300));
+    let out = r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: true });
+    assert!(filler_stopped(&out));
     let t = finished(&out).unwrap();
+    assert_eq!(t.ms(Phase::FillerOff), Some(8_300));
     assert_eq!(t.outcome, Some(Outcome::HandedBack));
     assert_eq!(t.failure, Some(FailReason::TargetNoShow));
     // The source can ask again afterwards.
@@ -334,9 +348,12 @@ fn target_leaving_mid_handoff_cancels_transfer_and_hands_back() {
     assert!(out.iter().any(|c| matches!(c, Command::DeliverBundle { .. })));
     let out = r.leave(BILLING);
     assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
+    assert!(r.arb.filler_on(), "held until triage is heard, at most filler_hold");
+    let out = r.advance(ms(1200));
+    assert!(out.contains(&Command::Filler(FillerCommand::FadeOut(ms(250)))));
     let t = finished(&out).unwrap();
     assert_eq!(t.failure, Some(FailReason::TargetLeft));
-    assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
     assert!(!r.arb.filler_on());
 }
 
@@ -380,7 +397,7 @@ fn dispatch_api_failure_moves_on_immediately() {
         reason: FailReason::DispatchFailed
     }));
     // It failed before the source went quiet: no filler was ever needed.
-    assert!(!r.log.iter().any(|c| matches!(c, Command::StartFiller)));
+    assert!(!r.log.iter().any(|c| matches!(c, Command::Filler(FillerCommand::On))));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
 }
 
@@ -455,7 +472,7 @@ fn caller_leaving_cancels_everything() {
     assert!(
         out.contains(&Command::DeleteDispatch { dispatch_id: "AD_1".into(), agent_name: "billing".into() })
     );
-    assert!(out.contains(&Command::StopFiller { fade: Duration::ZERO }));
+    assert!(out.contains(&Command::Filler(FillerCommand::FadeOut(Duration::ZERO))));
     assert_eq!(out.last(), Some(&Command::SessionEnded));
     let t = finished(&out).unwrap();
     assert_eq!(t.failure, Some(FailReason::CallerLeft));
@@ -555,11 +572,11 @@ fn silence_counts_as_quiet_after_the_grace_and_speech_resets_it() {
     let mut r = Room::with_triage_active(policy());
     r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: true });
     r.request(TRIAGE, "billing", None);
-    assert!(r.advance(ms(1000)).iter().all(|c| !matches!(c, Command::StartFiller)));
+    assert!(r.advance(ms(1000)).iter().all(|c| !matches!(c, Command::Filler(FillerCommand::On))));
     r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: false });
     r.advance(ms(200));
     r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: true });
-    assert!(r.advance(ms(300)).iter().all(|c| !matches!(c, Command::StartFiller)));
+    assert!(r.advance(ms(300)).iter().all(|c| !matches!(c, Command::Filler(FillerCommand::On))));
     r.ev(Event::SpeakingChanged { identity: TRIAGE.into(), speaking: false });
     let out = r.advance(ms(400));
     assert!(filler_started(&out));
@@ -601,6 +618,9 @@ fn filler_limit_forces_a_handback() {
     }));
     assert!(sent(&out, BILLING, "handoff_cancelled"));
     assert_eq!(r.ms(), 6000);
+    // Handed back: held for triage to be heard, at most filler_hold.
+    assert!(r.arb.filler_on());
+    r.advance(ms(1200));
     assert!(!r.arb.filler_on());
 }
 
@@ -692,4 +712,45 @@ fn ready_from_someone_else_or_for_another_handoff_is_ignored() {
     let out = r.ready(SUPPORT, "h-1");
     assert!(!sent(&out, SUPPORT, "activate"));
     assert!(r.arb.handoff().is_some());
+}
+
+#[test]
+fn a_new_handoff_during_the_filler_hold_closes_the_last_one_and_keeps_the_track_armed() {
+    let (mut r, _) = cold_request(None);
+    r.quiet(TRIAGE);
+    billing_arrives(&mut r, "AD_1");
+    r.ready(BILLING, "h-1");
+    assert!(r.arb.filler_on(), "held: billing not heard yet");
+    r.advance(ms(500));
+    // Billing asks to hand on before it was ever heard: the hold ends, h-1's timeline closes with
+    // the filler's real stop, and the track stays armed for h-2.
+    let out = r.request(BILLING, "triage", None);
+    assert!(out.contains(&Command::Filler(FillerCommand::FadeOut(ms(250)))));
+    assert!(!out.contains(&Command::Filler(FillerCommand::Off)), "h-2 needs the track: {out:#?}");
+    let t = finished(&out).expect("h-1 closed");
+    assert_eq!(t.handoff, "h-1");
+    let off = t.phases.iter().find(|m| m.phase == Phase::FillerOff).expect("filler_off");
+    assert_eq!((off.ms, off.detail.as_deref()), (500, Some("next_handoff")));
+    assert!(sent(&out, BILLING, "handoff_accepted"));
+    // The new source goes quiet: the filler starts again, on the armed track.
+    let out = r.quiet(BILLING);
+    assert!(filler_started(&out));
+    assert!(!out.contains(&Command::Filler(FillerCommand::Arm)), "still armed: {out:#?}");
+}
+
+#[test]
+fn a_target_already_speaking_when_activated_is_heard_at_once() {
+    let mut r = Room::with_triage_active(policy());
+    r.join(agent(BILLING, "billing", true));
+    r.hello(BILLING, "billing");
+    r.request(TRIAGE, "billing", None);
+    r.ready(BILLING, "h-1");
+    // Its state says speaking while it is still muted (it greets into a muted track).
+    r.ev(Event::SpeakingChanged { identity: BILLING.into(), speaking: true });
+    let out = r.quiet(TRIAGE);
+    assert!(sent(&out, BILLING, "activate"));
+    assert!(out.contains(&Command::Filler(FillerCommand::FadeOut(Duration::from_secs(1)))));
+    let t = finished(&out).expect("heard at activation: the timeline closes");
+    assert!(t.has(Phase::TargetAudible));
+    assert_eq!(out.last(), Some(&Command::Filler(FillerCommand::Off)), "no handoff left: track muted");
 }

@@ -5,8 +5,8 @@ mod support;
 use std::time::Duration;
 
 use baton_floor::{
-    ActivateCause, AgentMessage, Alert, BatonMessage, Command, Event, Participant, ParticipantKind,
-    SecurityReason,
+    ActivateCause, AgentMessage, Alert, BatonMessage, Command, Event, FillerCommand, Participant,
+    ParticipantKind, SecurityReason,
 };
 use support::*;
 
@@ -199,7 +199,11 @@ fn control_from_anyone_but_a_configured_agent_is_a_security_event_and_changes_no
 
     assert!(r.arb.handoff().is_none());
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
-    assert!(!r.log.iter().any(|c| matches!(c, Command::CreateDispatch { .. } | Command::StartFiller)));
+    assert!(
+        !r.log
+            .iter()
+            .any(|c| matches!(c, Command::CreateDispatch { .. } | Command::Filler(FillerCommand::On)))
+    );
     assert!(
         !r.log.iter().any(|c| matches!(c, Command::Send { to, .. } if to == CALLER)),
         "never answer the caller"

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use baton_floor::{
-    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, Participant,
-    ParticipantKind, Policy, Timeline,
+    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, FillerCommand,
+    Participant, ParticipantKind, Policy, Timeline,
 };
 
 pub const TRIAGE: &str = "agent-triage";
@@ -190,11 +190,11 @@ pub fn unmuted(cmds: &[Command], who: &str) -> bool {
 }
 
 pub fn filler_started(cmds: &[Command]) -> bool {
-    cmds.iter().any(|c| matches!(c, Command::StartFiller))
+    cmds.iter().any(|c| matches!(c, Command::Filler(FillerCommand::On)))
 }
 
 pub fn filler_stopped(cmds: &[Command]) -> bool {
-    cmds.iter().any(|c| matches!(c, Command::StopFiller { .. }))
+    cmds.iter().any(|c| matches!(c, Command::Filler(FillerCommand::FadeOut(_))))
 }
 
 pub fn finished(cmds: &[Command]) -> Option<Timeline> {
