@@ -181,8 +181,24 @@ pub struct Arbiter {
     ended: bool,
     room_joined: bool,
     next_handoff: u64,
+    /// Handoff requests accepted lately, newest last, at most [`ACCEPTED_REQUESTS_KEPT`]: a
+    /// request repeated with the same `id` (a resend after a reconnect) gets the same answer.
+    accepted_requests: VecDeque<AcceptedRequest>,
     filler: FillerState,
     out: VecDeque<Command>,
+}
+
+/// How many accepted handoff requests the arbiter remembers for answering a repeat: a room has
+/// a handful of handoffs, and a resend follows its original within seconds.
+const ACCEPTED_REQUESTS_KEPT: usize = 16;
+
+/// A `handoff` request baton accepted: who sent it with which message id, and the answer.
+#[derive(Debug, Clone)]
+struct AcceptedRequest {
+    from: String,
+    msg_id: String,
+    handoff: String,
+    target: String,
 }
 
 impl Arbiter {
@@ -204,6 +220,7 @@ impl Arbiter {
             ended: false,
             room_joined: false,
             next_handoff: 1,
+            accepted_requests: VecDeque::new(),
             filler: FillerState::default(),
             out: VecDeque::new(),
         })
@@ -675,6 +692,14 @@ impl Arbiter {
         quiet: bool,
         now: Instant,
     ) {
+        if let Some(a) = self.accepted_requests.iter().find(|a| a.from == from && a.msg_id == msg_id) {
+            // The same request again (the adapter resent it after a reconnect and never saw the
+            // answer): answer it the same way, and change nothing.
+            let message =
+                BatonMessage::HandoffAccepted { handoff: a.handoff.clone(), target: a.target.clone() };
+            self.send(&from, Some(msg_id), message);
+            return;
+        }
         let source_name = self.peers[&from].info.agent_name.clone().unwrap_or_default();
         let refusal = if self.handoff.is_some() {
             Some(RefuseReason::HandoffInProgress)
@@ -698,6 +723,15 @@ impl Arbiter {
         let ev = timeline.mark(Phase::Requested, now, None);
         self.out.push_back(Command::Timeline(ev));
         self.arm_filler();
+        if self.accepted_requests.len() == ACCEPTED_REQUESTS_KEPT {
+            self.accepted_requests.pop_front();
+        }
+        self.accepted_requests.push_back(AcceptedRequest {
+            from: from.clone(),
+            msg_id: msg_id.clone(),
+            handoff: id.clone(),
+            target: target.clone(),
+        });
         self.send(
             &from,
             Some(msg_id),

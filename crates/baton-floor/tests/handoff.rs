@@ -754,3 +754,60 @@ fn a_target_already_speaking_when_activated_is_heard_at_once() {
     assert!(t.has(Phase::TargetAudible));
     assert_eq!(out.last(), Some(&Command::Filler(FillerCommand::Off)), "no handoff left: track muted");
 }
+
+/// Issue 12, item 5: a source that lost its connection right after sending `handoff` resends
+/// it with the same id when it is back. It must get the same `handoff_accepted`, not
+/// `handoff_refused: handoff_in_progress` for its own handoff, and nothing else may happen.
+#[test]
+fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
+    let (mut r, out) = cold_request(Some("t-1"));
+    let accepted = |cmds: &[Command]| {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Command::Send { to, re, message: BatonMessage::HandoffAccepted { handoff, target } }
+                    if to == TRIAGE =>
+                {
+                    Some((re.clone(), handoff.clone(), target.clone()))
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = accepted(&out);
+    assert_eq!(first, vec![(Some("m-2".into()), "h-1".into(), "billing".into())]);
+
+    r.advance(ms(700));
+    let repeat = AgentMessage::Handoff {
+        target: "billing".into(),
+        reason: "caller wants a refund".into(),
+        transfer: Some("t-1".into()),
+        bundle_follows: false,
+        quiet: false,
+    };
+    let again = r.ev(Event::Control { from: TRIAGE.into(), id: "m-2".into(), message: repeat.clone() });
+    assert_eq!(accepted(&again), first, "the same answer");
+    assert_eq!(again.len(), 1, "and nothing else: {again:?}");
+
+    // A new request (another id) while the handoff is under way is still refused.
+    let other = r.request(TRIAGE, "billing", None);
+    assert!(
+        messages_to(&other, TRIAGE)
+            .contains(&&BatonMessage::HandoffRefused { reason: RefuseReason::HandoffInProgress })
+    );
+
+    // The handoff goes on as one: billing is dispatched once and takes the floor.
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 1000 });
+    r.quiet(TRIAGE);
+    billing_arrives(&mut r, "AD_1");
+    r.ev(Event::BundleDelivered { transfer_id: "t-1".into(), to: BILLING.into() });
+    r.ready(BILLING, "h-1");
+    r.advance(ms(200));
+    assert_eq!(r.arb.floor_holder(), Some(BILLING));
+    let dispatches = r.log.iter().filter(|c| matches!(c, Command::CreateDispatch { .. })).count();
+    assert_eq!(dispatches, 1);
+
+    // Resent after the handoff completed, it still gets its answer, and the floor stays put.
+    let late = r.ev(Event::Control { from: TRIAGE.into(), id: "m-2".into(), message: repeat });
+    assert_eq!(accepted(&late), first);
+    assert_eq!(r.arb.floor_holder(), Some(BILLING));
+}
