@@ -970,10 +970,12 @@ class BatonLink:
 
     def _on_reconnected(self, *_: Any) -> None:
         self.floor.hello()
+        self.floor.resend_requests()  # an answer lost in the reconnect: baton answers it again
 
     def _on_participant_connected(self, participant: rtc.RemoteParticipant) -> None:
         if participant.identity == self.baton_identity:
             self.floor.hello()  # baton came back: it needs our hello before it talks to us
+            self.floor.resend_requests()
 
     def _on_agent_state(self, ev: AgentStateChangedEvent) -> None:
         if ev.new_state != "initializing":

@@ -398,6 +398,7 @@ class FloorClient:
         self.answered = False
         """True once baton answered our ``hello`` (activate, deactivate or prepare)."""
         self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._unanswered: dict[str, dict[str, Any]] = {}
         effects.set_input(False)
         effects.set_output(False)
 
@@ -447,7 +448,17 @@ class FloorClient:
         )
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._requests[msg["id"]] = fut
+        self._unanswered[msg["id"]] = msg
         return msg, fut
+
+    def resend_requests(self) -> list[dict[str, Any]]:
+        """Send every ``handoff`` request baton has not answered yet again, unchanged (same
+        ``id``): after a reconnect the answer may have been lost, and baton answers a repeated
+        request the way it answered it the first time (docs/protocol.md section 3). Returns the
+        messages sent."""
+        for msg in self._unanswered.values():
+            self._sender.send(msg)
+        return list(self._unanswered.values())
 
     def ready(self, handoff: str) -> dict[str, Any]:
         """Tell baton this target has loaded the context and started its pipeline."""
@@ -491,6 +502,7 @@ class FloorClient:
         return self._send("tool_result", **fields)
 
     def forget_request(self, msg_id: str) -> None:
+        self._unanswered.pop(msg_id, None)
         fut = self._requests.pop(msg_id, None)
         if fut is not None and not fut.done():
             fut.cancel()
@@ -511,6 +523,7 @@ class FloorClient:
         m = dict(msg)
         t = m["type"]
         if t in ("handoff_accepted", "handoff_refused"):
+            self._unanswered.pop(str(m.get("re")), None)
             fut = self._requests.pop(str(m.get("re")), None)
             if fut is not None and not fut.done():
                 fut.set_result(m)

@@ -107,6 +107,23 @@ def test_handoff_request_resolves_on_accept_and_refusal() -> None:
     asyncio.run(main())
 
 
+def test_unanswered_handoff_request_is_resent_unchanged_after_a_reconnect() -> None:
+    """baton answers a request repeated with the same id as it answered it (issue 12 item 5),
+    so after a reconnect the floor client resends what is still unanswered, id and all."""
+
+    async def main() -> None:
+        f, s, _, _ = floor()
+        f.handle(b("activate", cause="start"))
+        msg, fut = f.request_handoff("billing", "refund", bundle_follows=True)
+        assert f.resend_requests() == [msg]
+        assert s.sent[-2:] == [msg, msg], "the same message, same id"
+        f.handle(b("handoff_accepted", re=msg["id"], handoff="h-1", target="billing"))
+        assert (await fut)["handoff"] == "h-1"
+        assert f.resend_requests() == [], "answered: nothing to resend"
+
+    asyncio.run(main())
+
+
 def test_target_prepare_ready_activate() -> None:
     f, s, e, ev = floor()
     f.hello()
