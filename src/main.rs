@@ -1,5 +1,7 @@
 //! The `baton` command line.
 
+mod launch;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,23 @@ enum Command {
     /// dispatches it (RoomAgentDispatch in the room's token, or CreateDispatch), many rooms per
     /// process. Reads configs/baton.toml (or --config); flags beat environment beat the file.
     Worker(lk_baton::config::WorkerArgs),
+    /// Make sure a room has its coordinator: create the room if it does not exist, dispatch
+    /// baton to it unless baton is already there or on its way, and wait for it to join.
+    ///
+    /// Use it whenever a room may exist before the caller's token does. LiveKit applies a
+    /// token's RoomConfiguration (its agent dispatches) only when that join creates the room,
+    /// so a room made earlier (CreateRoom, or another participant first) gets no baton from the
+    /// caller's token, and nothing says so. `baton ensure` dispatches baton with CreateDispatch
+    /// instead. It is idempotent: it looks for a participant whose attribute `baton.role` is
+    /// `coordinator` and for a baton dispatch still under way first, so running it twice
+    /// dispatches once. A `baton worker` registered under the agent name must be running.
+    ///
+    /// Exit status: 0 when baton is in the room (with `--wait 0`: also when it is dispatched);
+    /// 1 when the server could not be asked or refused (one `baton: error:` line on stderr);
+    /// 3 when baton is dispatched but not in the room after `--wait` seconds (usually: no
+    /// worker registered under that agent name, and the server dropped the dispatch).
+    #[command(verbatim_doc_comment)]
+    Ensure(EnsureArgs),
 }
 
 #[derive(Args)]
@@ -36,12 +55,27 @@ struct Server {
     /// LiveKit server URL (ws://, wss://, http:// or https://).
     #[arg(long, env = "LIVEKIT_URL")]
     url: String,
-    /// API key used to sign baton's own access token.
+    /// API key that signs baton's access token and its server API calls.
     #[arg(long, env = "LIVEKIT_API_KEY")]
     api_key: String,
-    /// API secret used to sign baton's own access token.
+    /// API secret that signs baton's access token and its server API calls.
     #[arg(long, env = "LIVEKIT_API_SECRET", hide_env_values = true)]
     api_secret: String,
+}
+
+#[derive(Args)]
+struct EnsureArgs {
+    #[command(flatten)]
+    server: Server,
+    /// The room that must have a coordinator.
+    #[arg(long, env = "BATON_ROOM")]
+    room: String,
+    /// The agent name `baton worker` registers under (its `--agent-name`).
+    #[arg(long, env = "BATON_AGENT_NAME", default_value = "baton")]
+    agent_name: String,
+    /// Seconds to wait for baton to join after dispatching it (0: do not wait).
+    #[arg(long, default_value_t = 10)]
+    wait: u64,
 }
 
 #[derive(Args)]
@@ -88,14 +122,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Join(args) => join(args).await,
-            Command::Worker(args) => worker(args).await,
+            Command::Join(args) => join(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Worker(args) => worker(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Ensure(args) => ensure(args).await,
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("{e:#}")),
-    }
+    result.unwrap_or_else(|e| fail(&format!("{e:#}")))
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -207,6 +239,39 @@ async fn wait_for_termination() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Exit status of `baton ensure` when baton was dispatched but did not join in time.
+const NOT_IN_ROOM: u8 = 3;
+
+async fn ensure(args: EnsureArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    if args.room.is_empty() {
+        anyhow::bail!("--room must not be empty");
+    }
+    let say = |line: &str| {
+        // Not println!: it panics when stdout is a closed pipe.
+        let _ = writeln!(std::io::stdout(), "baton ensure: {line}");
+    };
+    let s = &args.server;
+    let wait = Duration::from_secs(args.wait);
+    match launch::ensure(&s.url, &s.api_key, &s.api_secret, &args.room, &args.agent_name, wait, say).await? {
+        launch::Outcome::InRoom { .. } => Ok(ExitCode::SUCCESS),
+        launch::Outcome::NotYetInRoom { .. } if args.wait == 0 => Ok(ExitCode::SUCCESS),
+        launch::Outcome::NotYetInRoom { dispatch_id } => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "baton: baton was dispatched to room `{}` (dispatch {dispatch_id}) but is not in it after {} s; \
+                 is a `baton worker` running with agent name `{}` on this server? The server drops a \
+                 dispatch it cannot assign, and `baton ensure` dispatches again once it is {} s old",
+                args.room,
+                args.wait,
+                args.agent_name,
+                launch::UNASSIGNED_DISPATCH_STALE.as_secs(),
+            );
+            Ok(ExitCode::from(NOT_IN_ROOM))
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 """lk-baton: the agent-side adapter for baton (see docs/protocol.md).
 
-The package re-exports the public names of three modules, each listed once in its module's
+The package re-exports the public names of four modules, each listed once in its module's
 ``__all__``:
 
 * :mod:`lk_baton.floor`: the control protocol without any SDK (codec, ``FloorClient``, who may
   speak to an agent);
 * :mod:`lk_baton.transfer`: the chunked transfer (``baton.xfer``) and its ``livekit.rtc`` glue;
+* :mod:`lk_baton.launch`: ``ensure_coordinator``, making sure a room has its baton;
 * :mod:`lk_baton.agents`: the livekit-agents integration (``BatonLink``, ``seed_agent``, ...),
   imported on first use of one of its names, so the other modules work with the plain
   ``livekit`` SDK alone. ``from lk_baton import *`` does not import it.
@@ -19,14 +20,17 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from . import floor as _floor
+from . import launch as _launch
 from . import transfer as _transfer
 from .floor import *  # noqa: F403
 from .frames import DecodeError, ErrorCode
+from .launch import *  # noqa: F403
 from .transfer import *  # noqa: F403
 
 __all__ = ["DecodeError", "ErrorCode"]
 __all__ += _floor.__all__
 __all__ += _transfer.__all__
+__all__ += _launch.__all__
 
 if TYPE_CHECKING:
     from . import agents as _agents
