@@ -86,7 +86,7 @@ impl Peer {
     fn pump(&mut self, out: &mut Outbox) {
         while let Some(o) = self.endpoint.poll_output() {
             match o {
-                Output::Transmit { to, payload } => out.send(TOPIC, payload, &to),
+                Output::Transmit { to, payload } => out.send_bulk(TOPIC, payload, &to),
                 Output::Event(Event::Sent { .. }) => {
                     let payload = self.payload.take().unwrap_or_default();
                     emit(serde_json::json!({

@@ -16,8 +16,8 @@ use livekit_protocol as proto;
 use serde_json::{Map, Value};
 
 use crate::protocol::{self, control};
-use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster, TaskOutput};
-use crate::server_api::ServerApi;
+use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster};
+use crate::server_api::{ApiCall, ApiReply, ApiResult, ServerApi};
 
 /// The control messages agents send to baton (`docs/protocol.md`, section 3).
 const AGENT_MESSAGE_TYPES: [&str; 4] = ["hello", "handoff", "ready", "quiet"];
@@ -36,13 +36,6 @@ pub struct CoordinatorConfig {
     pub api: Option<Arc<ServerApi>>,
     /// Echo `baton.echo` packets back to their sender (a data-path check for adapters).
     pub echo: bool,
-}
-
-/// Results of server API calls, handed back through the room task.
-enum ApiDone {
-    Dispatches(Result<Vec<String>, String>),
-    DispatchCreated { ticket: DispatchTicket, result: Result<String, String> },
-    Logged { what: String, result: Result<(), String> },
 }
 
 /// The per-room coordinator.
@@ -148,44 +141,25 @@ impl Coordinator {
                     tracing::debug!(%to, kind, "control message to agent");
                     out.send(protocol::TOPIC_CONTROL, control::message(kind, re.as_deref(), body), &to);
                 }
-                Command::MuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, true, out),
-                Command::UnmuteTrack { identity, track_sid } => self.mute(&identity, &track_sid, false, out),
+                Command::MuteTrack { identity, track_sid } => {
+                    self.call(0, ApiCall::MuteTrack { identity, track_sid, muted: true }, out)
+                }
+                Command::UnmuteTrack { identity, track_sid } => {
+                    self.call(0, ApiCall::MuteTrack { identity, track_sid, muted: false }, out)
+                }
                 Command::Filler(filler) => out.filler.push(filler),
                 Command::CreateDispatch { ticket, agent_name, metadata } => {
                     tracing::info!(agent = %agent_name, "dispatching agent");
-                    if let Some(api) = self.cfg.api.clone() {
-                        let room = self.cfg.room.clone();
-                        out.spawn(async move {
-                            let result = api
-                                .create_dispatch(&room, &agent_name, &metadata)
-                                .await
-                                .map(|d| d.id)
-                                .map_err(|e| e.to_string());
-                            Box::new(ApiDone::DispatchCreated { ticket, result }) as TaskOutput
-                        });
-                    } else {
-                        tracing::warn!(agent = %agent_name, "no server API configured: cannot dispatch");
-                    }
+                    // The ticket rides as the call's tag, so the result finds its dispatch.
+                    self.call(ticket.0, ApiCall::CreateDispatch { agent_name, metadata }, out);
                 }
                 Command::DeleteDispatch { dispatch_id, agent_name } => {
-                    if let Some(api) = self.cfg.api.clone() {
-                        let room = self.cfg.room.clone();
-                        out.spawn(async move {
-                            let result = api
-                                .delete_dispatch(&room, &dispatch_id)
-                                .await
-                                .map(|_| ())
-                                .map_err(|e| e.to_string());
-                            Box::new(ApiDone::Logged {
-                                what: format!("delete dispatch of {agent_name}"),
-                                result,
-                            }) as TaskOutput
-                        });
-                    }
+                    tracing::debug!(agent = %agent_name, %dispatch_id, "deleting dispatch");
+                    self.call(0, ApiCall::DeleteDispatch { dispatch_id }, out);
                 }
                 Command::DeliverBundle { transfer_id, to } => match u128::from_str_radix(&transfer_id, 16) {
                     Ok(id) => {
-                        let events = self.relay.deliver(id, &to, now, out);
+                        let events = self.relay_io(out, |relay, frames| relay.deliver(id, &to, now, frames));
                         relay_events.extend(events);
                     }
                     Err(_) => tracing::warn!(%transfer_id, "bundle id is not 32 hex digits; cannot deliver"),
@@ -198,15 +172,7 @@ impl Coordinator {
                     }
                 }
                 Command::RemoveParticipant { identity } => {
-                    if let Some(api) = self.cfg.api.clone() {
-                        let room = self.cfg.room.clone();
-                        out.spawn(async move {
-                            let result =
-                                api.remove_participant(&room, &identity).await.map_err(|e| e.to_string());
-                            Box::new(ApiDone::Logged { what: format!("remove {identity}"), result })
-                                as TaskOutput
-                        });
-                    }
+                    self.call(0, ApiCall::RemoveParticipant { identity }, out)
                 }
                 Command::Timeline(ev) => {
                     tracing::info!(
@@ -243,21 +209,27 @@ impl Coordinator {
         self.on_relay(relay_events, now, out);
     }
 
-    fn mute(&self, identity: &str, track_sid: &str, muted: bool, out: &mut Outbox) {
-        let Some(api) = self.cfg.api.clone() else {
-            tracing::warn!(%identity, muted, "no server API configured: cannot change a track's mute");
+    /// Runs `f` on the relay. Everything the relay sends is a context transfer frame, which goes
+    /// out at bulk priority so that a bundle on the wire never delays a control message.
+    fn relay_io<T>(
+        &mut self,
+        out: &mut Outbox,
+        f: impl FnOnce(&mut crate::relay::Hookup, &mut Outbox) -> T,
+    ) -> T {
+        let mut frames = Outbox::default();
+        let result = f(&mut self.relay, &mut frames);
+        out.bulk.append(&mut frames.data);
+        out.bulk.append(&mut frames.bulk);
+        result
+    }
+
+    /// Asks the room task for a server API call, unless there is no server API to call.
+    fn call(&self, tag: u64, call: ApiCall, out: &mut Outbox) {
+        if self.cfg.api.is_none() {
+            tracing::warn!(?call, "no server API configured: call not made");
             return;
-        };
-        let (room, identity, sid) = (self.cfg.room.clone(), identity.to_string(), track_sid.to_string());
-        out.spawn(async move {
-            let result = api
-                .mute_published_track(&room, &identity, &sid, muted)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            let what = format!("{} {identity}'s track {sid}", if muted { "mute" } else { "unmute" });
-            Box::new(ApiDone::Logged { what, result }) as TaskOutput
-        });
+        }
+        out.call(tag, call);
     }
 
     /// Keeps a message from a sender the roster does not know yet, until it is announced (see
@@ -282,7 +254,7 @@ impl Coordinator {
         for (at, msg) in held {
             if self.members.contains_key(&msg.from) || now.duration_since(at) >= EARLY_MESSAGE_WAIT {
                 if msg.topic == crate::relay::TOPIC {
-                    let events = self.relay.on_data(&msg, now, out);
+                    let events = self.relay_io(out, |relay, frames| relay.on_data(&msg, now, frames));
                     self.on_relay(events, now, out);
                 } else {
                     self.on_control(&msg, now, out, false);
@@ -379,7 +351,7 @@ impl RoomHandler for Coordinator {
                     self.hold_early(msg, now);
                     return;
                 }
-                let events = self.relay.on_data(msg, now, out);
+                let events = self.relay_io(out, |relay, frames| relay.on_data(msg, now, frames));
                 self.on_relay(events, now, out);
             }
             protocol::TOPIC_ECHO if self.cfg.echo => {
@@ -392,7 +364,7 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
-        let events = self.relay.on_change(change, now, out);
+        let events = self.relay_io(out, |relay, frames| relay.on_change(change, now, frames));
         self.on_relay(events, now, out);
         let state_change = speaking_change(change);
         let event = match change {
@@ -429,27 +401,18 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
-        let events = self.relay.on_connected(roster, now, out);
+        let events = self.relay_io(out, |relay, frames| relay.on_connected(roster, now, frames));
         self.on_relay(events, now, out);
         if self.started || self.arbiter.is_none() {
             return;
         }
         self.members = roster.members().map(|m| (m.identity.clone(), participant(m))).collect();
-        match self.cfg.api.clone() {
-            Some(api) => {
-                // The starting agent may already be dispatched by the room's token; dispatching
-                // it again would put two of them in the call.
-                let room = self.cfg.room.clone();
-                out.spawn(async move {
-                    let result = api
-                        .list_dispatch(&room)
-                        .await
-                        .map(|ds| ds.into_iter().map(|d| d.agent_name).filter(|n| !n.is_empty()).collect())
-                        .map_err(|e| e.to_string());
-                    Box::new(ApiDone::Dispatches(result)) as TaskOutput
-                });
-            }
-            None => self.start(Vec::new(), now, out),
+        if self.cfg.api.is_some() {
+            // The starting agent may already be dispatched by the room's token; dispatching it
+            // again would put two of them in the call.
+            out.call(0, ApiCall::ListDispatch);
+        } else {
+            self.start(Vec::new(), now, out);
         }
     }
 
@@ -461,7 +424,7 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
-        let events = self.relay.on_timeout(now, out);
+        let events = self.relay_io(out, |relay, frames| relay.on_timeout(now, frames));
         self.on_relay(events, now, out);
         self.release_early(now, out);
         if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started)
@@ -472,30 +435,42 @@ impl RoomHandler for Coordinator {
         }
     }
 
-    fn on_task_done(&mut self, output: TaskOutput, now: Instant, out: &mut Outbox) {
-        let Ok(done) = output.downcast::<ApiDone>() else { return };
-        match *done {
-            ApiDone::Dispatches(result) => {
-                let names = result.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "could not list the room's dispatches; assuming none");
-                    Vec::new()
-                });
+    fn server_api(&self) -> Option<Arc<ServerApi>> {
+        self.cfg.api.clone()
+    }
+
+    fn on_api_result(&mut self, done: ApiResult, now: Instant, out: &mut Outbox) {
+        match (done.call, done.result) {
+            (ApiCall::ListDispatch, result) => {
+                let names = match result {
+                    Ok(ApiReply::Dispatched(names)) => names,
+                    Ok(reply) => {
+                        tracing::warn!(?reply, "unexpected ListDispatch reply; assuming no dispatches");
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not list the room's dispatches; assuming none");
+                        Vec::new()
+                    }
+                };
                 self.start(names, now, out);
             }
-            ApiDone::DispatchCreated { ticket, result } => {
+            (ApiCall::CreateDispatch { .. }, result) => {
+                let ticket = DispatchTicket(done.tag);
                 let event = match result {
-                    Ok(dispatch_id) => {
+                    Ok(ApiReply::DispatchCreated { dispatch_id }) => {
                         tracing::info!(%dispatch_id, "dispatch created");
                         Event::DispatchCreated { ticket, dispatch_id }
                     }
-                    Err(error) => Event::DispatchFailed { ticket, error },
+                    Ok(reply) => {
+                        Event::DispatchFailed { ticket, error: format!("unexpected reply {reply:?}") }
+                    }
+                    Err(e) => Event::DispatchFailed { ticket, error: e.to_string() },
                 };
                 self.feed(event, now, out);
             }
-            ApiDone::Logged { what, result } => match result {
-                Ok(()) => tracing::debug!("{what}: done"),
-                Err(e) => tracing::warn!(error = %e, "{what}: failed"),
-            },
+            (call, Ok(_)) => tracing::debug!(?call, "server API call done"),
+            (call, Err(e)) => tracing::warn!(?call, error = %e, "server API call failed"),
         }
     }
 
@@ -669,6 +644,37 @@ mod tests {
     }
 
     #[test]
+    fn transfer_frames_go_out_as_bulk_and_control_replies_as_control() {
+        let now = Instant::now();
+        let mut c = Coordinator::minimal("r", false);
+        let mut out = Outbox::default();
+        let caller = info("caller", proto::participant_info::Kind::Standard, None);
+        let (roster, joins) = Roster::new("PA_baton", &[caller]);
+        for change in &joins {
+            c.on_change(change, &roster, now, &mut out);
+        }
+        c.on_connected(&roster, now, &mut out);
+        let open = baton_transfer::Frame::Open {
+            id: 9,
+            open: baton_transfer::Open {
+                payload_size: 10,
+                wire_size: 10,
+                chunk_size: 256,
+                sha256: [0; 32],
+                deflate: false,
+                meta: "{}".into(),
+            },
+        };
+        // A caller may not send bundles: the relay answers with an ERROR frame.
+        c.on_data(&incoming("caller", crate::relay::TOPIC, &open.encode().expect("encodes")), now, &mut out);
+        c.on_data(&incoming("caller", "baton.control", br#"{"v":1,"type":"ping","id":"p"}"#), now, &mut out);
+        assert_eq!(out.bulk.len(), 1, "{out:?}");
+        assert_eq!(out.bulk[0].0, crate::relay::TOPIC);
+        assert_eq!(out.data.len(), 1, "{out:?}");
+        assert_eq!(out.data[0].0, protocol::TOPIC_CONTROL);
+    }
+
+    #[test]
     fn ping_is_answered_to_the_sender_only() {
         let mut c = Coordinator::minimal("r", false);
         let mut out = Outbox::default();
@@ -692,6 +698,62 @@ mod tests {
         assert!(out.data.is_empty());
         Coordinator::minimal("r", true).on_data(&incoming("a", "baton.echo", b"abc"), now, &mut out);
         assert_eq!(out.data[0].1, b"abc");
+    }
+
+    fn coordinator_with_api(now: Instant) -> Coordinator {
+        // Nothing listens on port 9; no call is made here, the results are handed in by hand.
+        let api = ServerApi::new("ws://127.0.0.1:9", "k", "secret-secret-secret-secret-secret").expect("url");
+        let policy = Policy::with_agents(["triage", "billing"]);
+        let cfg = CoordinatorConfig { room: "r".into(), policy, api: Some(Arc::new(api)), echo: false };
+        Coordinator::new(cfg, now).expect("policy")
+    }
+
+    #[test]
+    fn server_api_calls_are_values_and_their_results_come_back_by_tag() {
+        let now = Instant::now();
+        let mut c = coordinator_with_api(now);
+        let mut out = Outbox::default();
+        c.on_connected(&Roster::default(), now, &mut out);
+        assert_eq!(out.calls, vec![(0, ApiCall::ListDispatch)], "the arbiter waits for the dispatch list");
+        // The room's dispatch list names nobody: baton dispatches the starting agent itself.
+        let mut out = Outbox::default();
+        let listed =
+            ApiResult { tag: 0, call: ApiCall::ListDispatch, result: Ok(ApiReply::Dispatched(vec![])) };
+        c.on_api_result(listed, now, &mut out);
+        let (tag, call) = out.calls.first().cloned().expect("CreateDispatch asked for");
+        assert!(
+            matches!(&call, ApiCall::CreateDispatch { agent_name, .. } if agent_name == "triage"),
+            "{call:?}"
+        );
+        // It fails: the arbiter hears it under the same ticket (it retries after a backoff).
+        let mut out = Outbox::default();
+        let error = crate::server_api::ApiError::Other { op: "CreateDispatch", detail: "503".into() };
+        c.on_api_result(ApiResult { tag, call, result: Err(error) }, now, &mut out);
+        assert!(out.calls.is_empty(), "no retry before the backoff: {:?}", out.calls);
+        let retry_at = c.poll_timeout().expect("a retry is scheduled");
+        let mut out = Outbox::default();
+        c.on_timeout(retry_at, &mut out);
+        assert!(
+            matches!(out.calls.as_slice(), [(t, ApiCall::CreateDispatch { .. })] if *t != tag),
+            "retried under a new ticket: {:?}",
+            out.calls
+        );
+    }
+
+    #[test]
+    fn a_token_dispatched_starting_agent_is_not_dispatched_again() {
+        let now = Instant::now();
+        let mut c = coordinator_with_api(now);
+        let mut out = Outbox::default();
+        c.on_connected(&Roster::default(), now, &mut out);
+        let listed = ApiResult {
+            tag: 0,
+            call: ApiCall::ListDispatch,
+            result: Ok(ApiReply::Dispatched(vec!["triage".into()])),
+        };
+        let mut out = Outbox::default();
+        c.on_api_result(listed, now, &mut out);
+        assert!(out.calls.is_empty(), "{:?}", out.calls);
     }
 
     #[test]

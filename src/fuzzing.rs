@@ -92,7 +92,8 @@ pub fn coordinator_packets(data: &[u8]) -> usize {
         if c.poll_timeout().is_some_and(|t| t <= now) {
             c.on_timeout(now, &mut out);
         }
-        sent += std::mem::take(&mut out).data.len();
+        let done = std::mem::take(&mut out);
+        sent += done.data.len() + done.bulk.len();
     }
     sent
 }

@@ -34,6 +34,8 @@ pub enum ApiError {
     Unreadable { op: &'static str, detail: String },
     #[error("{op} failed: {detail}")]
     Other { op: &'static str, detail: String },
+    #[error("{op}: no server API configured (it needs the server URL, API key and secret)")]
+    NotConfigured { op: &'static str },
 }
 
 impl ApiError {
@@ -41,6 +43,59 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         matches!(self, ApiError::Unreachable { .. } | ApiError::Unavailable { .. } | ApiError::Other { .. })
     }
+}
+
+/// A LiveKit server API call that baton's room logic asks for, as a value. The room task runs it
+/// off its loop with [`ServerApi::execute`] and hands the [`ApiResult`] back to the logic
+/// (`RoomHandler::on_api_result`), so the logic never holds a client or awaits a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiCall {
+    /// AgentDispatchService.ListDispatch for the room: which agents are dispatched already
+    /// (including those from the room's token).
+    ListDispatch,
+    /// AgentDispatchService.CreateDispatch of `agent_name` into the room, with job metadata.
+    CreateDispatch { agent_name: String, metadata: String },
+    /// AgentDispatchService.DeleteDispatch; the server ends the dispatch's jobs.
+    DeleteDispatch { dispatch_id: String },
+    /// RoomService.MutePublishedTrack; unmuting needs `room.enable_remote_unmute` on the server.
+    MuteTrack { identity: String, track_sid: String, muted: bool },
+    /// RoomService.RemoveParticipant.
+    RemoveParticipant { identity: String },
+}
+
+impl ApiCall {
+    /// The API operation's name, as the errors and logs say it.
+    pub fn op(&self) -> &'static str {
+        match self {
+            ApiCall::ListDispatch => "ListDispatch",
+            ApiCall::CreateDispatch { .. } => "CreateDispatch",
+            ApiCall::DeleteDispatch { .. } => "DeleteDispatch",
+            ApiCall::MuteTrack { .. } => "MutePublishedTrack",
+            ApiCall::RemoveParticipant { .. } => "RemoveParticipant",
+        }
+    }
+}
+
+/// What a successful [`ApiCall`] returns, as far as baton uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiReply {
+    /// The call succeeded and returns nothing baton needs.
+    Done,
+    /// ListDispatch: the agent names dispatched to the room (unnamed dispatches left out).
+    Dispatched(Vec<String>),
+    /// CreateDispatch: the new dispatch's id.
+    DispatchCreated { dispatch_id: String },
+}
+
+/// The outcome of one [`ApiCall`], handed back to the logic that asked for it.
+#[derive(Debug)]
+pub struct ApiResult {
+    /// The asker's own tag for the call, unchanged (baton's coordinator puts a dispatch ticket
+    /// there, so a CreateDispatch result finds its handoff).
+    pub tag: u64,
+    /// The call, as asked.
+    pub call: ApiCall,
+    pub result: Result<ApiReply, ApiError>,
 }
 
 /// The HTTP base URL for the server APIs, from a ws(s) or http(s) URL.
@@ -80,6 +135,30 @@ impl ServerApi {
     /// The HTTP URL the calls go to.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Runs one [`ApiCall`] for `room`.
+    pub async fn execute(&self, room: &str, call: &ApiCall) -> Result<ApiReply, ApiError> {
+        match call {
+            ApiCall::ListDispatch => {
+                let dispatches = self.list_dispatch(room).await?;
+                let names = dispatches.into_iter().map(|d| d.agent_name).filter(|n| !n.is_empty());
+                Ok(ApiReply::Dispatched(names.collect()))
+            }
+            ApiCall::CreateDispatch { agent_name, metadata } => {
+                let dispatch = self.create_dispatch(room, agent_name, metadata).await?;
+                Ok(ApiReply::DispatchCreated { dispatch_id: dispatch.id })
+            }
+            ApiCall::DeleteDispatch { dispatch_id } => {
+                self.delete_dispatch(room, dispatch_id).await.map(|_| ApiReply::Done)
+            }
+            ApiCall::MuteTrack { identity, track_sid, muted } => {
+                self.mute_published_track(room, identity, track_sid, *muted).await.map(|_| ApiReply::Done)
+            }
+            ApiCall::RemoveParticipant { identity } => {
+                self.remove_participant(room, identity).await.map(|()| ApiReply::Done)
+            }
+        }
     }
 
     /// Mutes or unmutes a participant's published track server-side.
@@ -209,5 +288,10 @@ mod tests {
         assert!(matches!(err, ApiError::Unreachable { .. }), "{err}");
         assert!(err.is_transient());
         assert!(err.to_string().contains("check the URL"));
+        let call = ApiCall::MuteTrack { identity: "a".into(), track_sid: "TR_a".into(), muted: true };
+        let err = api.execute("r", &call).await.expect_err("nothing listens there");
+        assert!(matches!(err, ApiError::Unreachable { .. }), "{err}");
+        assert_eq!(call.op(), "MutePublishedTrack");
+        assert!(!ApiError::NotConfigured { op: call.op() }.is_transient());
     }
 }

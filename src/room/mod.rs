@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::audio::filler::FillerSound;
+use crate::server_api::{ApiCall, ApiResult, ServerApi};
 pub use data::Incoming;
 pub use roster::{Change, Member, Roster};
 pub use session::{ConnectError, RoomEnd, RoomError};
@@ -62,33 +63,38 @@ impl TokenSource {
     }
 }
 
-/// The result of a [`Task`], handed back to the handler that started it.
-pub type TaskOutput = Box<dyn std::any::Any + Send>;
-/// Slow work a handler wants done off the room loop (server API calls): the room task runs it
-/// and hands its output to [`RoomHandler::on_task_done`].
-pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = TaskOutput> + Send>>;
-
-/// What baton's logic asks the room to do.
-#[derive(Default)]
+/// What baton's logic asks the room to do: values only, which the room task carries out.
+#[derive(Debug, Default)]
 pub struct Outbox {
-    /// Reliable user packets: (topic, payload, destination identities).
+    /// Reliable user packets of control priority: (topic, payload, destination identities).
     pub data: Vec<(String, Vec<u8>, Vec<String>)>,
+    /// Reliable user packets of bulk priority (context transfer frames): sent only while no
+    /// control packet waits, so a bundle on the wire never delays a control message.
+    pub bulk: Vec<(String, Vec<u8>, Vec<String>)>,
     /// Filler changes, applied in order (the floor arbiter's commands; see
     /// [`baton_floor::FillerCommand`]).
     pub filler: Vec<baton_floor::FillerCommand>,
-    /// Work to run off the room loop.
-    pub tasks: Vec<Task>,
+    /// Server API calls with the handler's tag for each, run off the room loop; each result
+    /// comes back through [`RoomHandler::on_api_result`].
+    pub calls: Vec<(u64, ApiCall)>,
     /// Lines for baton's event stream on stdout (one JSON object each).
     pub events: Vec<String>,
 }
 
 impl Outbox {
+    /// Queues a control-priority packet on `topic` for the participant `to`.
     pub fn send(&mut self, topic: &str, payload: Vec<u8>, to: &str) {
         self.data.push((topic.to_string(), payload, vec![to.to_string()]));
     }
 
-    pub fn spawn(&mut self, task: impl std::future::Future<Output = TaskOutput> + Send + 'static) {
-        self.tasks.push(Box::pin(task));
+    /// Queues a bulk-priority packet on `topic` for the participant `to`.
+    pub fn send_bulk(&mut self, topic: &str, payload: Vec<u8>, to: &str) {
+        self.bulk.push((topic.to_string(), payload, vec![to.to_string()]));
+    }
+
+    /// Asks for a server API call; `tag` comes back unchanged in its [`ApiResult`].
+    pub fn call(&mut self, tag: u64, call: ApiCall) {
+        self.calls.push((tag, call));
     }
 }
 
@@ -109,8 +115,14 @@ pub trait RoomHandler: Send {
         None
     }
     fn on_timeout(&mut self, _now: Instant, _out: &mut Outbox) {}
-    /// A task from [`Outbox::spawn`] finished.
-    fn on_task_done(&mut self, _output: TaskOutput, _now: Instant, _out: &mut Outbox) {}
+    /// The server API client the room task runs this handler's [`ApiCall`]s with, asked once at
+    /// join; `None` makes every call fail with
+    /// [`ApiError::NotConfigured`](crate::server_api::ApiError::NotConfigured).
+    fn server_api(&self) -> Option<Arc<ServerApi>> {
+        None
+    }
+    /// A call from [`Outbox::call`] finished.
+    fn on_api_result(&mut self, _result: ApiResult, _now: Instant, _out: &mut Outbox) {}
     /// Whether the handler considers the session over (baton should leave the room).
     fn finished(&self) -> bool {
         false

@@ -3,6 +3,7 @@
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_floor::FillerCommand;
@@ -22,6 +23,7 @@ use super::roster::Roster;
 use super::{Outbox, RoomHandler, RoomParams};
 use crate::audio::FRAME_DURATION;
 use crate::audio::filler::Envelope;
+use crate::server_api::{ApiError, ApiResult, ServerApi};
 
 /// How long the first join may take before it is reported as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
@@ -109,8 +111,13 @@ pub(super) struct RoomTask {
     mute_after_fade: bool,
     audio_start: Instant,
     audio_tick: u64,
-    tasks: FuturesUnordered<super::Task>,
+    /// Server API calls under way (their results go to the handler).
+    calls: FuturesUnordered<ApiCallFuture>,
+    /// What runs the handler's server API calls.
+    api: Option<Arc<ServerApi>>,
 }
+
+type ApiCallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult> + Send>>;
 
 impl RoomTask {
     pub(super) async fn join(
@@ -151,8 +158,10 @@ impl RoomTask {
             mute_after_fade: false,
             audio_start: Instant::now(),
             audio_tick: 0,
-            tasks: FuturesUnordered::new(),
+            calls: FuturesUnordered::new(),
+            api: None,
         };
+        task.api = task.handler.server_api();
         // Report the people already present as joins, so the handler sees one consistent stream.
         let mut out = Outbox::default();
         let (roster, changes) = Roster::new(&own.sid, &join.other_participants);
@@ -264,9 +273,9 @@ impl RoomTask {
                     Some(SignalEvent::Close(why)) => lost = Some(format!("signal closed: {why}")),
                     None => lost = Some("signal connection gone".into()),
                 },
-                Some(output) = self.tasks.next(), if !self.tasks.is_empty() => {
+                Some(result) = self.calls.next(), if !self.calls.is_empty() => {
                     let mut out = Outbox::default();
-                    self.handler.on_task_done(output, Instant::now(), &mut out);
+                    self.handler.on_api_result(result, Instant::now(), &mut out);
                     self.execute(out).await;
                 }
                 _ = sleep_until(wake.into()) => {
@@ -449,15 +458,13 @@ impl RoomTask {
     /// caller's next pump sends it.
     async fn execute(&mut self, out: Outbox) {
         let now = Instant::now();
-        for (topic, payload, to) in out.data {
+        let packets = out.data.into_iter().map(|p| (p, false)).chain(out.bulk.into_iter().map(|p| (p, true)));
+        for ((topic, payload, to), bulk) in packets {
             if to.is_empty() {
                 // Broadcasting would reach the caller's client; baton never does it.
                 tracing::error!(%topic, "refusing to send a data packet without destinations");
                 continue;
             }
-            // Context transfer frames are bulk; everything else is control and must not wait
-            // behind a bundle.
-            let bulk = topic == crate::relay::TOPIC;
             match self.reliable.encode(&topic, &payload, &to, now) {
                 Ok(bytes) => {
                     if let Err(e) = self.link.peer.send_reliable(bytes, bulk) {
@@ -467,7 +474,16 @@ impl RoomTask {
                 Err(e) => tracing::warn!(%topic, error = %e, "data packet not sent"),
             }
         }
-        self.tasks.extend(out.tasks);
+        for (tag, call) in out.calls {
+            let (api, room) = (self.api.clone(), self.room_name.clone());
+            self.calls.push(Box::pin(async move {
+                let result = match api {
+                    Some(api) => api.execute(&room, &call).await,
+                    None => Err(ApiError::NotConfigured { op: call.op() }),
+                };
+                ApiResult { tag, call, result }
+            }));
+        }
         if !out.events.is_empty() {
             // Not println!, which panics when nobody reads stdout any more.
             let mut stdout = std::io::stdout().lock();

@@ -26,10 +26,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::audio::filler::FillerSound;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
-use crate::room::{
-    self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TaskOutput, TokenSource,
-};
-use crate::server_api::ServerApi;
+use crate::room::{self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TokenSource};
+use crate::server_api::{ApiResult, ServerApi};
 pub use state::{Action, Backoff, JobStart, StateConfig, WorkerState};
 
 /// The `/agent` websocket protocol version this worker speaks.
@@ -195,8 +193,11 @@ impl RoomHandler for JoinReporter {
     fn on_timeout(&mut self, now: StdInstant, out: &mut Outbox) {
         self.inner.on_timeout(now, out);
     }
-    fn on_task_done(&mut self, output: TaskOutput, now: StdInstant, out: &mut Outbox) {
-        self.inner.on_task_done(output, now, out);
+    fn server_api(&self) -> Option<Arc<ServerApi>> {
+        self.inner.server_api()
+    }
+    fn on_api_result(&mut self, result: ApiResult, now: StdInstant, out: &mut Outbox) {
+        self.inner.on_api_result(result, now, out);
     }
     fn finished(&self) -> bool {
         self.inner.finished()
