@@ -12,7 +12,7 @@ use crate::command::{
     SecurityEvent, SecurityReason,
 };
 use crate::dispatch::{Dispatcher, GaveUp, Purpose};
-use crate::event::{AgentMessage, Event, Participant, ParticipantKind};
+use crate::event::{AgentMessage, Event, Participant, ParticipantKind, ToolCallStatus};
 use crate::policy::{Policy, PolicyError, ReleasePolicy};
 use crate::timeline::{Outcome, Phase, Timeline};
 
@@ -103,6 +103,8 @@ struct Handoff {
     filler_deadline: Option<Instant>,
     bundle: Bundle,
     timeline: Timeline,
+    /// Late tool results for the target, held until it has been sent `prepare`.
+    tool_results: Vec<BatonMessage>,
 }
 
 /// A handoff that is over and whose timeline is still open: it closes once the new holder has
@@ -184,6 +186,9 @@ pub struct Arbiter {
     /// Handoff requests accepted lately, newest last, at most [`ACCEPTED_REQUESTS_KEPT`]: a
     /// request repeated with the same `id` (a resend after a reconnect) gets the same answer.
     accepted_requests: VecDeque<AcceptedRequest>,
+    /// `(handoff, call_id)` of the tool results forwarded lately, at most
+    /// [`FORWARDED_RESULTS_KEPT`]: each is forwarded once.
+    forwarded_results: VecDeque<(String, String)>,
     filler: FillerState,
     out: VecDeque<Command>,
 }
@@ -191,6 +196,22 @@ pub struct Arbiter {
 /// How many accepted handoff requests the arbiter remembers for answering a repeat: a room has
 /// a handful of handoffs, and a resend follows its original within seconds.
 const ACCEPTED_REQUESTS_KEPT: usize = 16;
+
+/// How many forwarded tool results the arbiter remembers to drop a repeat: far more than the
+/// calls a few handoffs carry in flight.
+const FORWARDED_RESULTS_KEPT: usize = 256;
+
+/// The members of an agent's `tool_result`.
+#[derive(Debug)]
+struct ToolResult {
+    handoff: String,
+    call_id: String,
+    name: String,
+    status: ToolCallStatus,
+    is_error: bool,
+    output: String,
+    truncated: bool,
+}
 
 /// A `handoff` request baton accepted: who sent it with which message id, and the answer.
 #[derive(Debug, Clone)]
@@ -221,6 +242,7 @@ impl Arbiter {
             room_joined: false,
             next_handoff: 1,
             accepted_requests: VecDeque::new(),
+            forwarded_results: VecDeque::new(),
             filler: FillerState::default(),
             out: VecDeque::new(),
         })
@@ -648,7 +670,56 @@ impl Arbiter {
                     self.ignored(&from, ty, "not a source finishing its turn");
                 }
             }
+            AgentMessage::ToolResult { handoff, call_id, name, status, is_error, output, truncated } => {
+                let result = ToolResult { handoff, call_id, name, status, is_error, output, truncated };
+                self.on_tool_result(&from, result);
+            }
         }
+    }
+
+    /// A source's late tool result: forwarded once, to the target of its handoff while that is
+    /// under way (held until the target was sent `prepare`), else to the agent holding the
+    /// floor; dropped (and logged) when the sender is not that handoff's source, holds the
+    /// floor again itself, or nobody else holds it.
+    fn on_tool_result(&mut self, from: &str, r: ToolResult) {
+        const TY: &str = "tool_result";
+        if !self.accepted_requests.iter().any(|a| a.from == from && a.handoff == r.handoff) {
+            return self.ignored(from, TY, "not the source of that handoff");
+        }
+        if self.holder.as_ref().is_some_and(|h| h.identity == from) {
+            return self.ignored(from, TY, "the source holds the floor again");
+        }
+        let key = (r.handoff.clone(), r.call_id.clone());
+        if self.forwarded_results.contains(&key) {
+            return self.ignored(from, TY, "already forwarded");
+        }
+        let message = BatonMessage::ToolResult {
+            handoff: r.handoff.clone(),
+            source: self.peers.get(from).and_then(|p| p.info.agent_name.clone()).unwrap_or_default(),
+            call_id: r.call_id,
+            name: r.name,
+            status: r.status,
+            is_error: r.is_error,
+            output: r.output,
+            truncated: r.truncated,
+        };
+        if let Some(h) = self.handoff.as_mut().filter(|h| h.id == r.handoff) {
+            match (&h.target.identity, h.target.prepared) {
+                (Some(target), true) => {
+                    let target = target.clone();
+                    self.send(&target, None, message);
+                }
+                _ => h.tool_results.push(message),
+            }
+        } else if let Some(holder) = self.holder.as_ref().map(|h| h.identity.clone()) {
+            self.send(&holder, None, message);
+        } else {
+            return self.ignored(from, TY, "nobody holds the floor");
+        }
+        if self.forwarded_results.len() == FORWARDED_RESULTS_KEPT {
+            self.forwarded_results.pop_front();
+        }
+        self.forwarded_results.push_back(key);
     }
 
     fn on_hello(&mut self, from: &str, was_reachable: bool) {
@@ -792,6 +863,7 @@ impl Arbiter {
             filler_deadline: None,
             bundle,
             timeline,
+            tool_results: Vec::new(),
         });
         if !audible {
             // Nothing of the source reaches the caller: the gap starts now, so must the filler.
@@ -1089,8 +1161,13 @@ impl Arbiter {
                 bundle: h.bundle.expected && !h.bundle.lost,
             };
             self.send(&target, None, msg);
+            let mut held = Vec::new();
             if let Some(h) = &mut self.handoff {
                 h.target.prepared = true;
+                held = std::mem::take(&mut h.tool_results);
+            }
+            for message in held {
+                self.send(&target, None, message);
             }
         }
         let Some(h) = &mut self.handoff else { return };

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::event::{DispatchTicket, ParticipantKind};
+use crate::event::{DispatchTicket, ParticipantKind, ToolCallStatus};
 use crate::policy::ReleasePolicy;
 use crate::timeline::{Timeline, TimelineEvent};
 
@@ -176,6 +176,27 @@ pub enum BatonMessage {
         /// Leave or stay.
         mode: ReleasePolicy,
     },
+    /// A source's `tool_result`, forwarded to the agent that continues the call; `source` is
+    /// the sender's agent name.
+    ToolResult {
+        /// The handoff whose bundle carried the call in flight.
+        handoff: String,
+        /// The source's agent name.
+        source: String,
+        /// The call's id.
+        call_id: String,
+        /// The tool.
+        name: String,
+        /// Whether the tool returned or was cancelled.
+        status: ToolCallStatus,
+        /// The output is an error.
+        is_error: bool,
+        /// What the tool returned.
+        output: String,
+        /// The source cut `output` to fit one packet.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
 }
 
 impl BatonMessage {
@@ -191,6 +212,7 @@ impl BatonMessage {
             BatonMessage::HandoffCancelled { .. } => "handoff_cancelled",
             BatonMessage::HandoffFailed { .. } => "handoff_failed",
             BatonMessage::Release { .. } => "release",
+            BatonMessage::ToolResult { .. } => "tool_result",
         }
     }
 }

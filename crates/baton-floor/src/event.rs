@@ -3,7 +3,7 @@
 //! Identities here are the server-stamped ones (the data packet's `participant_identity`, the
 //! participant info from signalling); nothing in a payload is trusted to say who sent it.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A participant's kind, as LiveKit reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +110,38 @@ pub enum AgentMessage {
         #[serde(default)]
         handoff: Option<String>,
     },
+    /// The late result of a tool call the sender's bundle carried in flight: baton forwards it
+    /// to the agent that continues the call (docs/protocol.md, `tool_result`).
+    ToolResult {
+        /// The handoff whose bundle carried the call in flight.
+        handoff: String,
+        /// The call's id (`tool_calls_in_flight[].call_id`).
+        call_id: String,
+        /// The tool.
+        name: String,
+        /// Whether the tool returned or was cancelled.
+        #[serde(default)]
+        status: ToolCallStatus,
+        /// The output is an error.
+        #[serde(default)]
+        is_error: bool,
+        /// What the tool returned, as its `function_call_output` carries it.
+        output: String,
+        /// The sender cut `output` to fit one packet.
+        #[serde(default)]
+        truncated: bool,
+    },
+}
+
+/// How a tool call that was in flight at a handoff ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolCallStatus {
+    /// The tool returned (its output may still be an error).
+    #[default]
+    Finished,
+    /// The tool was stopped before it returned; its outcome is unknown.
+    Cancelled,
 }
 
 impl AgentMessage {
@@ -120,6 +152,7 @@ impl AgentMessage {
             AgentMessage::Handoff { .. } => "handoff",
             AgentMessage::Ready { .. } => "ready",
             AgentMessage::Quiet { .. } => "quiet",
+            AgentMessage::ToolResult { .. } => "tool_result",
         }
     }
 }
@@ -231,5 +264,42 @@ mod tests {
             serde_json::from_str(r#"{"v":1,"type":"quiet","id":"a-3","extra":true}"#).unwrap();
         assert_eq!(m, AgentMessage::Quiet { handoff: None });
         assert!(serde_json::from_str::<AgentMessage>(r#"{"v":1,"type":"launch","id":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn tool_result_parses_as_the_python_adapter_sends_it() {
+        // lk_baton.floor.FloorClient.tool_result, docs/protocol.md `tool_result`
+        let m: AgentMessage = serde_json::from_str(
+            r#"{"v":1,"type":"tool_result","id":"a1b2c3-14","handoff":"h-1","call_id":"call_7","name":"create_reservation","status":"cancelled","is_error":true,"output":"stopped","truncated":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            AgentMessage::ToolResult {
+                handoff: "h-1".into(),
+                call_id: "call_7".into(),
+                name: "create_reservation".into(),
+                status: ToolCallStatus::Cancelled,
+                is_error: true,
+                output: "stopped".into(),
+                truncated: true,
+            }
+        );
+        // status, is_error and truncated may be left out; output may not
+        let m: AgentMessage = serde_json::from_str(
+            r#"{"v":1,"type":"tool_result","id":"a-1","handoff":"h-1","call_id":"c","name":"n","output":""}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            m,
+            AgentMessage::ToolResult { status: ToolCallStatus::Finished, is_error: false, .. }
+        ));
+        for bad in [
+            r#"{"v":1,"type":"tool_result","id":"a-1","handoff":"h-1","call_id":"c","name":"n"}"#,
+            r#"{"v":1,"type":"tool_result","id":"a-1","handoff":"h-1","call_id":"c","name":"n","output":5}"#,
+            r#"{"v":1,"type":"tool_result","id":"a-1","handoff":"h-1","call_id":"c","name":"n","output":"","status":"maybe"}"#,
+        ] {
+            assert!(serde_json::from_str::<AgentMessage>(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -43,6 +43,8 @@ pub use command::{
     ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand, RefuseReason,
     SecurityEvent, SecurityReason,
 };
-pub use event::{AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind};
+pub use event::{
+    AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind, ToolCallStatus,
+};
 pub use policy::{Policy, PolicyError, ReleasePolicy, Retry};
 pub use timeline::{Mark, Outcome, Phase, Timeline, TimelineEvent};

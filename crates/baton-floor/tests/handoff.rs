@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use baton_floor::{
     ActivateCause, AgentMessage, Alert, BatonMessage, Command, DeactivateReason, Event, FailReason,
-    FillerCommand, Outcome, Phase, RefuseReason, ReleasePolicy,
+    FillerCommand, Outcome, Phase, RefuseReason, ReleasePolicy, ToolCallStatus,
 };
 use support::*;
 
@@ -810,4 +810,107 @@ fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
     let late = r.ev(Event::Control { from: TRIAGE.into(), id: "m-2".into(), message: repeat });
     assert_eq!(accepted(&late), first);
     assert_eq!(r.arb.floor_holder(), Some(BILLING));
+}
+
+fn tool_result(call_id: &str, output: &str) -> AgentMessage {
+    AgentMessage::ToolResult {
+        handoff: "h-1".into(),
+        call_id: call_id.into(),
+        name: "create_reservation".into(),
+        status: ToolCallStatus::Finished,
+        is_error: false,
+        output: output.into(),
+        truncated: false,
+    }
+}
+
+fn forwarded(cmds: &[Command]) -> Vec<(String, String, String)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Send { to, message: BatonMessage::ToolResult { call_id, source, .. }, .. } => {
+                Some((to.clone(), call_id.clone(), source.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn ignored(cmds: &[Command], why: &str) -> bool {
+    cmds.iter().any(|c| matches!(c, Command::Alert(Alert::IgnoredMessage { why: w, .. }) if *w == why))
+}
+
+/// Issue 12: a tool call the source's bundle carried in flight ends after the handoff. Its
+/// result reaches the agent that continues the call exactly once: held for a target not yet
+/// prepared and sent right after `prepare`, to the new holder once the handoff completed, and
+/// never twice, never from anyone but that handoff's source.
+#[test]
+fn a_late_tool_result_is_forwarded_once_to_the_agent_that_continues_the_call() {
+    let (mut r, _) = cold_request(Some("t-1"));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 1000 });
+    r.quiet(TRIAGE);
+
+    // Billing is not in the room yet: the result waits for it.
+    let out = r.ctl(TRIAGE, tool_result("call_1", r#"{"reservation":"R-1"}"#));
+    assert!(forwarded(&out).is_empty(), "{out:#?}");
+    let out = r.ctl(TRIAGE, tool_result("call_1", r#"{"reservation":"R-1"}"#));
+    assert!(ignored(&out, "already forwarded"), "a repeat is dropped: {out:#?}");
+
+    r.advance(ms(800));
+    let out = billing_arrives(&mut r, "AD_1");
+    let prepare =
+        position(&out, |c| matches!(c, Command::Send { message: BatonMessage::Prepare { .. }, .. }));
+    let result =
+        position(&out, |c| matches!(c, Command::Send { message: BatonMessage::ToolResult { .. }, .. }));
+    assert!(prepare.is_some() && result > prepare, "after prepare: {out:#?}");
+    assert_eq!(forwarded(&out), vec![(BILLING.into(), "call_1".into(), "triage".into())]);
+    let full = out.iter().find_map(|c| match c {
+        Command::Send { message: m @ BatonMessage::ToolResult { .. }, .. } => Some(m.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        full,
+        Some(BatonMessage::ToolResult {
+            handoff: "h-1".into(),
+            source: "triage".into(),
+            call_id: "call_1".into(),
+            name: "create_reservation".into(),
+            status: ToolCallStatus::Finished,
+            is_error: false,
+            output: r#"{"reservation":"R-1"}"#.into(),
+            truncated: false,
+        })
+    );
+
+    // Prepared: straight through.
+    let out = r.ctl(TRIAGE, tool_result("call_2", "saved"));
+    assert_eq!(forwarded(&out), vec![(BILLING.into(), "call_2".into(), "triage".into())]);
+
+    // Completed: to the holder.
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    r.ready(BILLING, "h-1");
+    r.advance(ms(100));
+    assert_eq!(r.arb.floor_holder(), Some(BILLING));
+    let out = r.ctl(TRIAGE, tool_result("call_3", "done"));
+    assert_eq!(forwarded(&out), vec![(BILLING.into(), "call_3".into(), "triage".into())]);
+
+    // Only the source of that handoff may send one.
+    let out = r.ctl(BILLING, tool_result("call_4", "forged"));
+    assert!(forwarded(&out).is_empty() && ignored(&out, "not the source of that handoff"), "{out:#?}");
+    let mut other = tool_result("call_5", "x");
+    if let AgentMessage::ToolResult { handoff, .. } = &mut other {
+        *handoff = "h-9".into();
+    }
+    let out = r.ctl(TRIAGE, other);
+    assert!(forwarded(&out).is_empty() && ignored(&out, "not the source of that handoff"));
+}
+
+/// A source that got the call back (handback) delivers its own results: baton forwards none.
+#[test]
+fn a_tool_result_from_a_source_that_holds_the_floor_again_is_not_forwarded() {
+    let (mut r, _) = cold_request(None);
+    r.quiet(TRIAGE);
+    let out = r.advance(Duration::from_secs(30));
+    assert_eq!(r.arb.floor_holder(), Some(TRIAGE), "billing never came: handed back {out:#?}");
+    let out = r.ctl(TRIAGE, tool_result("call_1", "R-1"));
+    assert!(forwarded(&out).is_empty() && ignored(&out, "the source holds the floor again"), "{out:#?}");
 }
