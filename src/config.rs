@@ -216,6 +216,7 @@ pub struct HandoffSection {
     pub bundle_timeout: Option<Secs>,
     pub join_timeout: Option<Secs>,
     pub ready_timeout: Option<Secs>,
+    pub rejoin_grace: Option<Secs>,
     pub max_filler: Option<Secs>,
     pub filler_fade: Option<Secs>,
     pub filler_hold: Option<Secs>,
@@ -342,6 +343,7 @@ impl FileConfig {
             bundle_timeout: dur(h.bundle_timeout, d.bundle_timeout),
             join_timeout: dur(h.join_timeout, d.join_timeout),
             ready_timeout: dur(h.ready_timeout, d.ready_timeout),
+            rejoin_grace: dur(h.rejoin_grace, d.rejoin_grace),
             max_filler: dur(h.max_filler, d.max_filler),
             filler_fade: dur(h.filler_fade, d.filler_fade),
             filler_hold: dur(h.filler_hold, d.filler_hold),
@@ -512,6 +514,7 @@ mod tests {
         assert_eq!(policy.release, d.release);
         assert_eq!(policy.release_grace, d.release_grace);
         assert_eq!(policy.max_filler, d.max_filler);
+        assert_eq!(policy.rejoin_grace, d.rejoin_grace);
         assert_eq!(policy.filler_fade, d.filler_fade);
         assert_eq!(policy.filler_hold, d.filler_hold);
         assert_eq!(policy.filler_tail, d.filler_tail);

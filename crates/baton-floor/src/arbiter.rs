@@ -49,6 +49,12 @@ struct Target {
     prepared: bool,
     ready: bool,
     ready_deadline: Option<Instant>,
+    /// The dispatch it came from (`lk.agent.dispatch_id`), when it was dispatched for this
+    /// handoff: a participant from the same dispatch that joins under another identity is the
+    /// same target rejoining.
+    dispatch_id: Option<String>,
+    /// It left the room; it keeps the role if it joins again before this (`rejoin_grace`).
+    away_until: Option<Instant>,
 }
 
 impl Target {
@@ -60,6 +66,8 @@ impl Target {
             prepared: false,
             ready: false,
             ready_deadline: None,
+            dispatch_id: None,
+            away_until: None,
         }
     }
 }
@@ -90,6 +98,9 @@ struct Handoff {
     source: String,
     source_name: String,
     source_present: bool,
+    /// The source left the room; it keeps the role if it joins again before this
+    /// (`rejoin_grace`).
+    source_away_until: Option<Instant>,
     reason: String,
     alternates: VecDeque<String>,
     target: Target,
@@ -161,6 +172,8 @@ enum Due {
     SilenceGrace,
     Bundle,
     Ready,
+    SourceAway,
+    TargetAway,
     Audible,
     FillerHold,
     Release(String),
@@ -355,6 +368,8 @@ impl Arbiter {
                 (h.grace_deadline, Due::SilenceGrace),
                 (h.bundle.deadline, Due::Bundle),
                 (h.target.ready_deadline, Due::Ready),
+                (h.source_away_until, Due::SourceAway),
+                (h.target.away_until, Due::TargetAway),
             ];
             for (at, due) in timers {
                 if let Some(at) = at {
@@ -401,6 +416,8 @@ impl Arbiter {
                 }
                 self.fail_target(FailReason::TargetNotReady, now);
             }
+            Due::SourceAway => self.source_gone(now),
+            Due::TargetAway => self.target_gone(now),
             Due::Audible => self.stop_waiting("not_heard", now),
             Due::FillerHold => {
                 self.stop_filler(self.policy.filler_fade, "hold_limit", now);
@@ -502,7 +519,7 @@ impl Arbiter {
             let detail = if p.audio.is_some() { "muted" } else { "no_audio" };
             self.source_quiet(detail, now);
         }
-        if !is_new {
+        if !is_new || self.rejoined(&p, now) {
             return;
         }
         let purpose = self.dispatcher.joined(&p);
@@ -514,6 +531,10 @@ impl Arbiter {
                 None => !h.target.dispatching,
             };
             if for_this && h.target.identity.is_none() && h.target.name == name && h.source != identity {
+                let from_dispatch = matches!(purpose, Some(Purpose::Handoff(_)));
+                if let Some(h) = self.handoff.as_mut().filter(|_| from_dispatch) {
+                    h.target.dispatch_id = p.dispatch_id.clone();
+                }
                 self.attach_target(identity, false, now);
                 return;
             }
@@ -554,27 +575,99 @@ impl Arbiter {
         let Some(h) = &mut self.handoff else {
             return;
         };
+        let grace = self.policy.rejoin_grace;
         if h.source == identity {
             h.source_present = false;
             let ev = h.timeline.mark(Phase::SourceLeft, now, None);
             self.out.push_back(Command::Timeline(ev));
-            if h.bundle.expected && !h.bundle.held {
-                self.bundle_lost(now);
+            if grace.is_zero() {
+                self.source_gone(now);
+            } else {
+                // Its upload may resume when it is back.
+                h.source_away_until = Some(now + grace);
             }
             self.source_quiet("left", now);
         } else if h.target.identity.as_deref() == Some(identity) {
-            // Nothing to cancel at the target: it is gone.
-            h.target.identity = None;
+            if !grace.is_zero() {
+                // Keep the identity, the delivery and the prepared state: a rejoin resumes them.
+                h.target.away_until = Some(now + grace);
+                let ev = h.timeline.mark(Phase::TargetLeft, now, None);
+                self.out.push_back(Command::Timeline(ev));
+                return;
+            }
+            self.target_gone(now);
+        }
+    }
+
+    /// A participant that joined is a handoff's source or target back within `rejoin_grace`:
+    /// it keeps its role, and its `hello` is answered with what it needs (the source
+    /// `deactivate`, the target `prepare` again). A target from the same dispatch under another
+    /// identity (a restarted job) gets the bundle again.
+    fn rejoined(&mut self, p: &Participant, now: Instant) -> bool {
+        let Some(h) = &mut self.handoff else { return false };
+        if h.source_away_until.is_some() && h.source == p.identity {
+            h.source_away_until = None;
+            h.source_present = true;
+            self.mark(Phase::Rejoined, now, Some("source".to_owned()));
+            return true;
+        }
+        let t = &h.target;
+        let same = t.identity.as_deref() == Some(p.identity.as_str());
+        let same_dispatch = p.agent_name.as_deref() == Some(t.name.as_str())
+            && p.dispatch_id.is_some()
+            && p.dispatch_id == t.dispatch_id;
+        if t.away_until.is_none() || !(same || same_dispatch) {
+            return false;
+        }
+        let old = t.identity.clone();
+        if !same {
+            // Another process: whatever reached the old identity is lost with it.
             if h.bundle.delivering
-                && !h.bundle.delivered
-                && let Some(t) = h.bundle.transfer.clone()
+                && let (Some(transfer_id), Some(to)) = (h.bundle.transfer.clone(), old)
             {
-                self.out.push_back(Command::CancelTransfer { transfer_id: t, to: identity.to_owned() });
+                self.out.push_back(Command::CancelTransfer { transfer_id, to });
             }
             h.bundle.delivering = false;
             h.bundle.delivered = false;
-            self.fail_target(FailReason::TargetLeft, now);
         }
+        let t = &mut h.target;
+        t.identity = Some(p.identity.clone());
+        t.away_until = None;
+        // A new connection: the adapter says hello again and is prepared again, and it is
+        // ready only when it says so again.
+        t.prepared = false;
+        t.ready = false;
+        t.ready_deadline = Some(now + self.policy.ready_timeout);
+        self.mark(Phase::Rejoined, now, Some("target".to_owned()));
+        true
+    }
+
+    /// The source left and did not come back within `rejoin_grace`: a bundle it had not
+    /// finished uploading will not come.
+    fn source_gone(&mut self, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        h.source_away_until = None;
+        if h.bundle.expected && !h.bundle.held && !h.bundle.lost {
+            self.bundle_lost(now);
+        }
+    }
+
+    /// The target left and did not come back within `rejoin_grace`: cancel what baton was
+    /// delivering to it and try the next agent.
+    fn target_gone(&mut self, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        h.target.away_until = None;
+        // Nothing to tell the target: it is gone.
+        let Some(identity) = h.target.identity.take() else { return };
+        if h.bundle.delivering
+            && !h.bundle.delivered
+            && let Some(t) = h.bundle.transfer.clone()
+        {
+            self.out.push_back(Command::CancelTransfer { transfer_id: t, to: identity });
+        }
+        h.bundle.delivering = false;
+        h.bundle.delivered = false;
+        self.fail_target(FailReason::TargetLeft, now);
     }
 
     fn on_speaking(&mut self, identity: &str, speaking: bool, now: Instant) {
@@ -730,10 +823,25 @@ impl Arbiter {
             }
             return;
         }
-        if let Some(h) = &self.handoff
-            && (h.source == from || h.target.identity.as_deref() == Some(from))
-        {
-            return;
+        if let Some(h) = &self.handoff {
+            // The source and the target of the handoff under way keep their parts: a hello from
+            // one of them (a restarted adapter, or a rejoin within `rejoin_grace`) is answered
+            // with what it needs to go on. A target not prepared yet gets `prepare` from
+            // `progress` now that it is reachable.
+            if h.source == from {
+                let message = BatonMessage::Deactivate {
+                    handoff: Some(h.id.clone()),
+                    reason: DeactivateReason::Handoff,
+                };
+                return self.send(from, None, message);
+            }
+            if h.target.identity.as_deref() == Some(from) {
+                if h.target.prepared {
+                    let message = Self::prepare_message(h);
+                    self.send(from, None, message);
+                }
+                return;
+            }
         }
         self.send(from, None, BatonMessage::Deactivate { handoff: None, reason: DeactivateReason::Standby });
     }
@@ -853,6 +961,7 @@ impl Arbiter {
             source: from,
             source_name,
             source_present: true,
+            source_away_until: None,
             reason,
             alternates,
             target: Target::new(target),
@@ -1151,15 +1260,13 @@ impl Arbiter {
         let Some(target) = h.target.identity.clone() else {
             return;
         };
+        if h.target.away_until.is_some() {
+            // Gone for now: nothing to send it, and it cannot take the floor.
+            return;
+        }
         let reachable = self.peers.get(&target).is_some_and(|p| p.reachable);
         if !h.target.prepared && reachable {
-            let msg = BatonMessage::Prepare {
-                handoff: h.id.clone(),
-                source: h.source_name.clone(),
-                reason: h.reason.clone(),
-                transfer: h.bundle.transfer.clone(),
-                bundle: h.bundle.expected && !h.bundle.lost,
-            };
+            let msg = Self::prepare_message(h);
             self.send(&target, None, msg);
             let mut held = Vec::new();
             if let Some(h) = &mut self.handoff {
@@ -1179,6 +1286,17 @@ impl Arbiter {
         let Some(h) = &self.handoff else { return };
         if h.quiet && h.settle_until.is_none_or(|t| now >= t) && h.target.ready && h.bundle.settled() {
             self.switch(now);
+        }
+    }
+
+    /// The `prepare` for the current target, from what baton knows now.
+    fn prepare_message(h: &Handoff) -> BatonMessage {
+        BatonMessage::Prepare {
+            handoff: h.id.clone(),
+            source: h.source_name.clone(),
+            reason: h.reason.clone(),
+            transfer: h.bundle.transfer.clone(),
+            bundle: h.bundle.expected && !h.bundle.lost,
         }
     }
 

@@ -38,6 +38,12 @@ pub enum Phase {
     AlternateTried,
     /// The source left the room.
     SourceLeft,
+    /// The target left the room; it keeps its role if it joins again within `rejoin_grace`
+    /// (else `target_failed` with `target_left` follows).
+    TargetLeft,
+    /// The source or the target (detail: which) joined again within `rejoin_grace` and keeps
+    /// its role.
+    Rejoined,
     /// Filler stopped (faded out).
     FillerOff,
     /// The target was sent `activate` (and unmuted).

@@ -10,28 +10,6 @@ use baton_floor::{
 };
 use support::*;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Triage active, billing requested cold; returns the room right after the request.
-fn cold_request(transfer: Option<&str>) -> (Room, Vec<Command>) {
-    let mut r = Room::with_triage_active(policy());
-    let out = r.request(TRIAGE, "billing", transfer);
-    (r, out)
-}
-
-/// Brings a dispatched billing into the room and lets it say hello.
-fn billing_arrives(r: &mut Room, dispatch_id: &str) -> Vec<Command> {
-    let ticket = ticket_for(&r.log, "billing");
-    r.ev(Event::DispatchCreated { ticket, dispatch_id: dispatch_id.into() });
-    let mut p = agent(BILLING, "billing", false);
-    p.dispatch_id = Some(dispatch_id.into());
-    let mut out = r.join(p);
-    out.extend(r.hello(BILLING, "billing"));
-    out
-}
-
 #[test]
 fn clean_cold_handoff_runs_every_phase_in_order() {
     let (mut r, out) = cold_request(Some("t-1"));
@@ -337,7 +315,7 @@ fn target_never_ready_hands_back() {
 }
 
 #[test]
-fn target_leaving_mid_handoff_cancels_transfer_and_hands_back() {
+fn target_leaving_mid_handoff_cancels_transfer_and_hands_back_after_the_rejoin_grace() {
     let mut p = policy();
     p.alternates.clear();
     let mut r = Room::with_triage_active(p);
@@ -347,6 +325,11 @@ fn target_leaving_mid_handoff_cancels_transfer_and_hands_back() {
     let out = billing_arrives(&mut r, "AD_1");
     assert!(out.iter().any(|c| matches!(c, Command::DeliverBundle { .. })));
     let out = r.leave(BILLING);
+    assert!(!out.iter().any(|c| matches!(c, Command::CancelTransfer { .. })), "awaited: {out:#?}");
+    assert_eq!(r.arb.floor_holder(), None);
+    let out = r.advance(ms(2999));
+    assert!(!out.iter().any(|c| matches!(c, Command::CancelTransfer { .. })), "{out:#?}");
+    let out = r.advance(ms(1));
     assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
     assert!(r.arb.filler_on(), "held until triage is heard, at most filler_hold");
@@ -440,6 +423,8 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
             .any(|m| matches!(m, BatonMessage::Prepare { bundle: true, transfer: None, .. }))
     );
     let out = r.leave(TRIAGE);
+    assert!(!sent(&out, BILLING, "bundle_unavailable"), "the source may rejoin and upload: {out:#?}");
+    let out = r.advance(Duration::from_secs(3));
     assert!(messages_to(&out, BILLING).contains(&&BatonMessage::BundleUnavailable { handoff: "h-1".into() }));
     let out = r.ready(BILLING, "h-1");
     assert!(sent(&out, BILLING, "activate"), "completes from what baton holds (nothing)");

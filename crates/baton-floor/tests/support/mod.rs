@@ -207,3 +207,25 @@ pub fn finished(cmds: &[Command]) -> Option<Timeline> {
 pub fn dispatched(cmds: &[Command], agent: &str) -> bool {
     cmds.iter().any(|c| matches!(c, Command::CreateDispatch { agent_name, .. } if agent_name == agent))
 }
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Triage active, billing requested cold; returns the room right after the request.
+pub fn cold_request(transfer: Option<&str>) -> (Room, Vec<Command>) {
+    let mut r = Room::with_triage_active(policy());
+    let out = r.request(TRIAGE, "billing", transfer);
+    (r, out)
+}
+
+/// Brings a dispatched billing into the room and lets it say hello.
+pub fn billing_arrives(r: &mut Room, dispatch_id: &str) -> Vec<Command> {
+    let ticket = ticket_for(&r.log, "billing");
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: dispatch_id.into() });
+    let mut p = agent(BILLING, "billing", false);
+    p.dispatch_id = Some(dispatch_id.into());
+    let mut out = r.join(p);
+    out.extend(r.hello(BILLING, "billing"));
+    out
+}
