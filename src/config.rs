@@ -217,6 +217,8 @@ pub struct HandoffSection {
     pub join_timeout: Option<Secs>,
     pub ready_timeout: Option<Secs>,
     pub rejoin_grace: Option<Secs>,
+    pub stall_timeout: Option<Secs>,
+    pub max_transfer_time: Option<Secs>,
     pub max_filler: Option<Secs>,
     pub filler_fade: Option<Secs>,
     pub filler_hold: Option<Secs>,
@@ -344,6 +346,8 @@ impl FileConfig {
             join_timeout: dur(h.join_timeout, d.join_timeout),
             ready_timeout: dur(h.ready_timeout, d.ready_timeout),
             rejoin_grace: dur(h.rejoin_grace, d.rejoin_grace),
+            stall_timeout: dur(h.stall_timeout, d.stall_timeout),
+            max_transfer_time: dur(h.max_transfer_time, d.max_transfer_time),
             max_filler: dur(h.max_filler, d.max_filler),
             filler_fade: dur(h.filler_fade, d.filler_fade),
             filler_hold: dur(h.filler_hold, d.filler_hold),
@@ -515,6 +519,10 @@ mod tests {
         assert_eq!(policy.release_grace, d.release_grace);
         assert_eq!(policy.max_filler, d.max_filler);
         assert_eq!(policy.rejoin_grace, d.rejoin_grace);
+        assert_eq!(policy.stall_timeout, d.stall_timeout);
+        assert_eq!(policy.max_transfer_time, d.max_transfer_time);
+        assert_eq!(policy.bundle_timeout, d.bundle_timeout);
+        assert_eq!(policy.ready_timeout, d.ready_timeout);
         assert_eq!(policy.filler_fade, d.filler_fade);
         assert_eq!(policy.filler_hold, d.filler_hold);
         assert_eq!(policy.filler_tail, d.filler_tail);

@@ -55,6 +55,9 @@ struct Target {
     dispatch_id: Option<String>,
     /// It left the room; it keeps the role if it joins again before this (`rejoin_grace`).
     away_until: Option<Instant>,
+    /// However the delivery to it moves, neither its `ready_deadline` nor the delivery's
+    /// stall deadline is pushed past this (`max_transfer_time` from its join).
+    transfer_cap: Option<Instant>,
 }
 
 impl Target {
@@ -68,6 +71,7 @@ impl Target {
             ready_deadline: None,
             dispatch_id: None,
             away_until: None,
+            transfer_cap: None,
         }
     }
 }
@@ -83,6 +87,14 @@ struct Bundle {
     /// The source left before baton held the bundle.
     lost: bool,
     deadline: Option<Instant>,
+    /// Bytes of the upload baton holds so far ([`Event::TransferProgress`]).
+    uploaded: u64,
+    /// However the upload moves, `deadline` stays before this (`max_transfer_time`).
+    upload_cap: Option<Instant>,
+    /// Bytes of the delivery the target acknowledged so far.
+    acknowledged: u64,
+    /// Once the delivery has made progress: it fails if it makes none until this.
+    delivery_stall: Option<Instant>,
 }
 
 impl Bundle {
@@ -171,6 +183,7 @@ enum Due {
     SourceQuiet,
     SilenceGrace,
     Bundle,
+    DeliveryStall,
     Ready,
     SourceAway,
     TargetAway,
@@ -321,6 +334,9 @@ impl Arbiter {
                 self.on_bundle_received(from, transfer_id, bytes, now)
             }
             Event::BundleDelivered { to, transfer_id } => self.on_bundle_delivered(&to, &transfer_id, now),
+            Event::TransferProgress { peer, transfer_id, bytes } => {
+                self.on_transfer_progress(&peer, &transfer_id, bytes, now)
+            }
             Event::TransferFailed { peer, transfer_id, .. } => {
                 self.on_transfer_failed(&peer, &transfer_id, now)
             }
@@ -366,7 +382,13 @@ impl Arbiter {
                 (h.quiet_deadline, Due::SourceQuiet),
                 (h.settle_until, Due::Settle),
                 (h.grace_deadline, Due::SilenceGrace),
-                (h.bundle.deadline, Due::Bundle),
+                // An absent source uploads nothing: its rejoin grace decides first.
+                (h.bundle.deadline.filter(|_| h.source_away_until.is_none()), Due::Bundle),
+                // Before `Ready`: at the same instant a stalled delivery is the precise reason.
+                (
+                    h.bundle.delivery_stall.filter(|_| h.bundle.delivering && h.target.away_until.is_none()),
+                    Due::DeliveryStall,
+                ),
                 (h.target.ready_deadline, Due::Ready),
                 (h.source_away_until, Due::SourceAway),
                 (h.target.away_until, Due::TargetAway),
@@ -410,6 +432,12 @@ impl Arbiter {
             }
             Due::SilenceGrace => self.source_quiet("silence", now),
             Due::Bundle => self.on_bundle_timeout(now),
+            Due::DeliveryStall => {
+                if let Some(h) = &mut self.handoff {
+                    h.bundle.delivery_stall = None;
+                }
+                self.fail_target(FailReason::DeliveryFailed, now);
+            }
             Due::Ready => {
                 if let Some(h) = &mut self.handoff {
                     h.target.ready_deadline = None;
@@ -608,6 +636,11 @@ impl Arbiter {
         if h.source_away_until.is_some() && h.source == p.identity {
             h.source_away_until = None;
             h.source_present = true;
+            // Its upload resumes now: give it `stall_timeout` to show progress again.
+            let b = &mut h.bundle;
+            if let (Some(d), Some(cap)) = (b.deadline, b.upload_cap) {
+                b.deadline = Some(d.max(now + self.policy.stall_timeout).min(cap));
+            }
             self.mark(Phase::Rejoined, now, Some("source".to_owned()));
             return true;
         }
@@ -638,6 +671,11 @@ impl Arbiter {
         t.prepared = false;
         t.ready = false;
         t.ready_deadline = Some(now + self.policy.ready_timeout);
+        t.transfer_cap = Some(now + self.policy.max_transfer_time);
+        if let Some(stall) = &mut h.bundle.delivery_stall {
+            // The delivery resumes now: give it `stall_timeout` to show progress again.
+            *stall = (*stall).max(now + self.policy.stall_timeout);
+        }
         self.mark(Phase::Rejoined, now, Some("target".to_owned()));
         true
     }
@@ -935,6 +973,7 @@ impl Arbiter {
                 self.out.push_back(Command::Timeline(ev));
             } else {
                 bundle.deadline = Some(now + self.policy.bundle_timeout);
+                bundle.upload_cap = Some(now + self.policy.max_transfer_time);
             }
         }
         let alternates = self
@@ -1024,6 +1063,7 @@ impl Arbiter {
         h.target.identity = Some(identity);
         h.target.dispatching = false;
         h.target.ready_deadline = Some(now + self.policy.ready_timeout);
+        h.target.transfer_cap = Some(now + self.policy.max_transfer_time);
         if warm && h.timeline.phases.iter().all(|m| m.phase != Phase::AlternateTried) {
             h.timeline.warm = true;
         }
@@ -1208,7 +1248,52 @@ impl Arbiter {
         {
             h.bundle.delivered = true;
             h.bundle.delivering = false;
+            h.bundle.delivery_stall = None;
+            if !h.target.ready
+                && let Some(ready) = h.target.ready_deadline
+            {
+                // However late the bundle came, the target gets a moment to load it.
+                h.target.ready_deadline = Some(ready.max(now + self.policy.stall_timeout));
+            }
             self.mark(Phase::BundleDelivered, now, None);
+        }
+    }
+
+    /// A transfer of the handoff's bundle moved: the deadline waiting on it moves with it
+    /// (`stall_timeout` past now, never past `max_transfer_time`).
+    fn on_transfer_progress(&mut self, peer: &str, transfer_id: &str, bytes: u64, now: Instant) {
+        let stall = self.policy.stall_timeout;
+        let Some(h) = &mut self.handoff else { return };
+        let b = &mut h.bundle;
+        // With `bundle_follows` the id is not known yet: any upload of the source counts.
+        let upload = h.source == peer
+            && b.expected
+            && !b.held
+            && b.transfer.as_deref().is_none_or(|t| t == transfer_id);
+        if upload && bytes > b.uploaded {
+            b.uploaded = bytes;
+            if let (Some(_), Some(cap)) = (b.deadline, b.upload_cap) {
+                b.deadline = Some((now + stall).min(cap));
+            }
+            // A target waiting for a bundle still on its way cannot be ready yet either.
+            let t = &mut h.target;
+            if let (false, Some(ready), Some(cap)) = (t.ready, t.ready_deadline, t.transfer_cap) {
+                t.ready_deadline = Some(ready.max((now + stall).min(cap)));
+            }
+            return;
+        }
+        let delivery = h.target.identity.as_deref() == Some(peer)
+            && b.delivering
+            && b.transfer.as_deref() == Some(transfer_id);
+        if delivery && bytes > b.acknowledged {
+            b.acknowledged = bytes;
+            let until = h.target.transfer_cap.map_or(now + stall, |cap| (now + stall).min(cap));
+            b.delivery_stall = Some(until);
+            if !h.target.ready
+                && let Some(ready) = h.target.ready_deadline
+            {
+                h.target.ready_deadline = Some(ready.max(until));
+            }
         }
     }
 
@@ -1280,6 +1365,8 @@ impl Arbiter {
         let Some(h) = &mut self.handoff else { return };
         if h.target.prepared && h.bundle.held && !h.bundle.delivering && !h.bundle.delivered {
             h.bundle.delivering = true;
+            h.bundle.acknowledged = 0;
+            h.bundle.delivery_stall = None;
             let transfer_id = h.bundle.transfer.clone().unwrap_or_default();
             self.out.push_back(Command::DeliverBundle { transfer_id, to: target.clone() });
         }

@@ -212,6 +212,20 @@ pub enum Event {
         /// The transfer id.
         transfer_id: String,
     },
+    /// A transfer to or from `peer` moved: the receiver now holds `bytes` of the bundle
+    /// (chunks baton received from a source uploading to it, or chunks a target acknowledged
+    /// of a delivery). `bytes` counts from the start of the transfer, so a report that is not
+    /// larger than the last one is no progress and changes nothing. The shell reports it for
+    /// the bundle's own transfer id (a delivery's as the bundle it carries) and may rate-limit
+    /// it: the arbiter's resolution is [`Policy::stall_timeout`](crate::Policy::stall_timeout).
+    TransferProgress {
+        /// The other end of the transfer: the source uploading, or the target receiving.
+        peer: String,
+        /// The bundle's transfer id.
+        transfer_id: String,
+        /// Bytes the receiver holds so far.
+        bytes: u64,
+    },
     /// A transfer to or from `peer` failed for good.
     TransferFailed {
         /// The other end of the transfer.

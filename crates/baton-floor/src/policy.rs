@@ -61,8 +61,24 @@ pub struct Policy {
     pub bundle_timeout: Duration,
     /// How long a dispatched agent has to join the room, per attempt.
     pub join_timeout: Duration,
-    /// How long a target that joined has to send `ready`.
+    /// How long a target that joined has to send `ready`. While the bundle's delivery to it
+    /// makes progress the deadline moves on (see [`stall_timeout`](Policy::stall_timeout)).
     pub ready_timeout: Duration,
+    /// While a bundle moves (the source uploading it to baton, or baton delivering it to the
+    /// target), [`Event::TransferProgress`](crate::Event::TransferProgress) reports progress.
+    /// Once it has, the upload's deadline (`bundle_timeout`) becomes "no progress for this
+    /// long", and so does the delivery's (failing the target with `delivery_failed`), while the
+    /// target's `ready_timeout` is pushed back at least this far past the latest progress: a
+    /// slow but steady transfer completes, a stalled one fails this soon after it stopped. 3 s:
+    /// a transfer sender's first retransmission timeout is 1 s and the next 2 s
+    /// (docs/protocol.md 4.5), and a busy agent can take a second to acknowledge a window; a
+    /// transfer silent for longer than both is not coming back soon.
+    pub stall_timeout: Duration,
+    /// However steadily a bundle moves, the longest one leg may take (the upload from the
+    /// request, the delivery from the target's join) before its deadline fires anyway. 30 s is
+    /// past `max_filler` (20 s), so once the caller hears filler the filler limit decides; this
+    /// bounds what the filler limit does not (a source still talking).
+    pub max_transfer_time: Duration,
     /// A handoff's source or target that leaves the room keeps its role this long: if a
     /// participant with the same identity (or, for a dispatched target, one from the same
     /// dispatch) joins again within it, the handoff goes on; after it, the handoff goes on as
@@ -120,6 +136,8 @@ impl Default for Policy {
             join_timeout: Duration::from_secs(8),
             ready_timeout: Duration::from_secs(8),
             rejoin_grace: Duration::from_secs(3),
+            stall_timeout: Duration::from_secs(3),
+            max_transfer_time: Duration::from_secs(30),
             max_filler: Duration::from_secs(20),
             filler_fade: Duration::from_millis(250),
             filler_hold: Duration::from_millis(1200),
@@ -179,6 +197,8 @@ impl Policy {
             ("bundle_timeout", self.bundle_timeout),
             ("join_timeout", self.join_timeout),
             ("ready_timeout", self.ready_timeout),
+            ("stall_timeout", self.stall_timeout),
+            ("max_transfer_time", self.max_transfer_time),
             ("max_filler", self.max_filler),
             ("audible_timeout", self.audible_timeout),
             ("release_grace", self.release_grace),
