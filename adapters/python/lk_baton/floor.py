@@ -95,7 +95,8 @@ class BatonError(Exception):
 class HandoffRefused(BatonError):
     """baton refused a handoff; ``reason`` is the protocol's refusal code
     (``handoff_in_progress``, ``not_floor_holder``, ``unknown_target``, ``same_agent``,
-    ``session_ended``), or ``timeout`` when baton did not answer at all."""
+    ``session_ended``, ``reason_too_long``, ``message_too_large``), or ``timeout`` when baton
+    did not answer at all."""
 
     def __init__(self, reason: str, target: str) -> None:
         super().__init__(f"handoff to {target!r} refused: {reason}")

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::command::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand, RefuseReason,
-    SecurityEvent, SecurityReason,
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand,
+    MAX_CONTROL_MESSAGE, RefuseReason, SecurityEvent, SecurityReason,
 };
 use crate::dispatch::{Dispatcher, GaveUp, Purpose};
 use crate::event::{AgentMessage, Event, Participant, ParticipantKind, ToolCallStatus};
@@ -237,6 +237,31 @@ struct ToolResult {
     is_error: bool,
     output: String,
     truncated: bool,
+}
+
+/// A forwarded `tool_result` cut to fit one data packet: `output` shortened at a character
+/// boundary and `truncated` set, as the sending adapter does (docs/protocol.md, `tool_result`,
+/// "Size"). `None` if it cannot fit even with an empty `output`.
+fn fit_tool_result(mut message: BatonMessage) -> Option<BatonMessage> {
+    loop {
+        let excess = message.envelope_len(None).saturating_sub(MAX_CONTROL_MESSAGE);
+        if excess == 0 {
+            return Some(message);
+        }
+        let BatonMessage::ToolResult { output, truncated, .. } = &mut message else {
+            return None;
+        };
+        if output.is_empty() {
+            return None;
+        }
+        // Every byte of `output` takes at least one byte encoded: one cut usually does.
+        let mut keep = output.len().saturating_sub(excess);
+        while !output.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        output.truncate(keep);
+        *truncated = true;
+    }
 }
 
 /// A `handoff` request baton accepted: who sent it with which message id, and the answer.
@@ -834,6 +859,9 @@ impl Arbiter {
             output: r.output,
             truncated: r.truncated,
         };
+        let Some(message) = fit_tool_result(message) else {
+            return self.ignored(from, TY, "too large to forward even without its output");
+        };
         if let Some(h) = self.handoff.as_mut().filter(|h| h.id == r.handoff) {
             match (&h.target.identity, h.target.prepared) {
                 (Some(target), true) => {
@@ -927,7 +955,7 @@ impl Arbiter {
         } else if target == source_name {
             Some(RefuseReason::SameAgent)
         } else {
-            None
+            Self::prepare_unsendable(&source_name, &reason, transfer.as_deref(), bundle_follows)
         };
         if let Some(reason) = refusal {
             self.send(&from, Some(msg_id), BatonMessage::HandoffRefused { reason });
@@ -1373,6 +1401,34 @@ impl Arbiter {
         let Some(h) = &self.handoff else { return };
         if h.quiet && h.settle_until.is_none_or(|t| now >= t) && h.target.ready && h.bundle.settled() {
             self.switch(now);
+        }
+    }
+
+    /// Whether the `prepare` this request leads to could not be sent: refused up front rather
+    /// than accepted and found unsendable with the caller on filler (issue 11 item 2). Sized for
+    /// the longest handoff id baton mints and, when the bundle's id is not known yet, a 32-digit
+    /// transfer id (docs/protocol.md, "Transfer ids in control messages").
+    fn prepare_unsendable(
+        source: &str,
+        reason: &str,
+        transfer: Option<&str>,
+        bundle_follows: bool,
+    ) -> Option<RefuseReason> {
+        let expected = transfer.is_some() || bundle_follows;
+        let transfer = transfer.map(str::to_owned).or_else(|| expected.then(|| "0".repeat(32)));
+        let prepare = |reason: &str| BatonMessage::Prepare {
+            handoff: format!("h-{}", u64::MAX),
+            source: source.to_owned(),
+            reason: reason.to_owned(),
+            transfer: transfer.clone(),
+            bundle: expected,
+        };
+        if prepare(reason).envelope_len(None) <= MAX_CONTROL_MESSAGE {
+            None
+        } else if prepare("").envelope_len(None) <= MAX_CONTROL_MESSAGE {
+            Some(RefuseReason::ReasonTooLong)
+        } else {
+            Some(RefuseReason::MessageTooLarge)
         }
     }
 

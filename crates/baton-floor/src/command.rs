@@ -22,6 +22,12 @@ pub enum RefuseReason {
     SameAgent,
     /// The session is over (the caller left).
     SessionEnded,
+    /// The `prepare` baton would forward to the target would not fit one data packet
+    /// ([`MAX_CONTROL_MESSAGE`]) because of the request's `reason`: shorten it.
+    ReasonTooLong,
+    /// The `prepare` baton would forward would not fit one data packet even without the
+    /// `reason` (an oversized `transfer`, or agent names too long).
+    MessageTooLarge,
 }
 
 impl RefuseReason {
@@ -33,6 +39,8 @@ impl RefuseReason {
             RefuseReason::UnknownTarget => "unknown_target",
             RefuseReason::SameAgent => "same_agent",
             RefuseReason::SessionEnded => "session_ended",
+            RefuseReason::ReasonTooLong => "reason_too_long",
+            RefuseReason::MessageTooLarge => "message_too_large",
         }
     }
 }
@@ -199,7 +207,37 @@ pub enum BatonMessage {
     },
 }
 
+/// The largest control message that fits one LiveKit data packet, in bytes of encoded JSON:
+/// LiveKit documents 15 KiB for a reliable packet and baton keeps 15 000 (docs/protocol.md,
+/// section 1).
+pub const MAX_CONTROL_MESSAGE: usize = 15_000;
+
+/// The longest envelope `id` (and so `re`) the protocol allows, in bytes (docs/protocol.md,
+/// section 2).
+pub const MAX_MESSAGE_ID: usize = 64;
+
 impl BatonMessage {
+    /// The size in bytes of this message as one `baton.control` envelope
+    /// (`{"v":1,"type":...,"id":...,"re":...,<members>}`, compact JSON, non-ASCII as UTF-8), with
+    /// the longest `id` the protocol allows ([`MAX_MESSAGE_ID`]), so an upper bound of what
+    /// the shell sends whatever id it mints. The arbiter never emits a message for which this is
+    /// over [`MAX_CONTROL_MESSAGE`]: it refuses a `handoff` whose `prepare` would be
+    /// ([`RefuseReason::ReasonTooLong`]), cuts a forwarded `tool_result`'s `output`, and keeps
+    /// configured agent names short ([`MAX_AGENT_NAME`](crate::policy::MAX_AGENT_NAME)).
+    pub fn envelope_len(&self, re: Option<&str>) -> usize {
+        let mut envelope = serde_json::Map::new();
+        envelope.insert("v".into(), 1.into());
+        envelope.insert("type".into(), self.type_name().into());
+        envelope.insert("id".into(), "i".repeat(MAX_MESSAGE_ID).into());
+        if let Some(re) = re {
+            envelope.insert("re".into(), re.into());
+        }
+        if let Ok(serde_json::Value::Object(members)) = serde_json::to_value(self) {
+            envelope.extend(members.into_iter().filter(|(k, _)| k != "type"));
+        }
+        serde_json::to_vec(&envelope).map_or(usize::MAX, |v| v.len())
+    }
+
     /// The envelope `type` of this message.
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -40,11 +40,11 @@ mod timeline;
 
 pub use arbiter::{Arbiter, HandoffStatus};
 pub use command::{
-    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand, RefuseReason,
-    SecurityEvent, SecurityReason,
+    ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand,
+    MAX_CONTROL_MESSAGE, MAX_MESSAGE_ID, RefuseReason, SecurityEvent, SecurityReason,
 };
 pub use event::{
     AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind, ToolCallStatus,
 };
-pub use policy::{Policy, PolicyError, ReleasePolicy, Retry};
+pub use policy::{MAX_AGENT_NAME, Policy, PolicyError, ReleasePolicy, Retry};
 pub use timeline::{Mark, Outcome, Phase, Timeline, TimelineEvent};

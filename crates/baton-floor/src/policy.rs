@@ -41,6 +41,12 @@ impl Retry {
     }
 }
 
+/// The longest agent name a policy may hold, in bytes. Names travel in baton's control messages
+/// (`prepare.source`, `handoff_accepted.target`, ...); this keeps every message baton builds
+/// from names and ids alone far below the 15 000-byte packet limit. LiveKit agent names are
+/// short identifiers (`triage`, `billing-v2`).
+pub const MAX_AGENT_NAME: usize = 128;
+
 /// The floor arbiter's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -177,6 +183,9 @@ impl Policy {
 
     /// Checks that the policy is usable; every error names the field to fix.
     pub fn validate(&self) -> Result<(), PolicyError> {
+        if let Some(name) = self.agents.iter().find(|n| n.len() > MAX_AGENT_NAME) {
+            return Err(PolicyError::NameTooLong { name: name.clone() });
+        }
         if let Some(start) = &self.starting_agent
             && !self.agents.contains(start)
         {
@@ -233,6 +242,12 @@ pub enum PolicyError {
         /// The unknown agent name.
         name: String,
     },
+    /// An agent name longer than [`MAX_AGENT_NAME`] bytes.
+    #[error("agent name `{name}` is longer than {MAX_AGENT_NAME} bytes; use a short identifier")]
+    NameTooLong {
+        /// The name.
+        name: String,
+    },
     /// A timeout of zero would fire before anything could happen.
     #[error("{field} must be greater than zero")]
     ZeroDuration {
@@ -279,6 +294,9 @@ mod tests {
         let mut p = Policy::with_agents(["triage"]);
         p.starting_agent = Some("nobody".into());
         assert!(p.validate().is_err());
+        let long = "a".repeat(MAX_AGENT_NAME + 1);
+        let p = Policy::with_agents(["triage".to_string(), long.clone()]);
+        assert_eq!(p.validate(), Err(PolicyError::NameTooLong { name: long }));
         let mut p = Policy::with_agents(["triage"]);
         p.handoff_dispatch.attempts = 0;
         assert!(matches!(p.validate(), Err(PolicyError::ZeroAttempts { .. })));
