@@ -20,7 +20,7 @@ use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster};
 use crate::server_api::{ApiCall, ApiReply, ApiResult, ServerApi};
 
 /// The control messages agents send to baton (`docs/protocol.md`, section 3).
-const AGENT_MESSAGE_TYPES: [&str; 4] = ["hello", "handoff", "ready", "quiet"];
+const AGENT_MESSAGE_TYPES: [&str; 5] = ["hello", "handoff", "ready", "quiet", "tool_result"];
 
 /// The participant attribute in which livekit-agents publishes its state; `speaking` while it
 /// plays speech.
