@@ -61,10 +61,14 @@ class LiveKitServer:
         self.proc = subprocess.Popen(
             [
                 str(binary),
-                "--config", str(ROOT / "configs" / "livekit.yaml"),
-                "--port", str(self.port),
-                "--udp-port", str(self.udp_port),
-                "--rtc.tcp_port", str(self.tcp_port),
+                "--config",
+                str(ROOT / "configs" / "livekit.yaml"),
+                "--port",
+                str(self.port),
+                "--udp-port",
+                str(self.udp_port),
+                "--rtc.tcp_port",
+                str(self.tcp_port),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -210,6 +214,13 @@ def joined_baton(server: LiveKitServer, room: str, *extra: str, ready: str = "jo
         raise
     finally:
         assert baton.stop() == 0, baton.text()
+
+
+def config_file(text: str) -> str:
+    """Writes a baton config (TOML text) to a temporary file; returns its path for `--config`."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(text)
+    return f.name
 
 
 def run(coro: object, timeout: float = 60.0) -> object:
