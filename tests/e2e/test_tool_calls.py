@@ -23,10 +23,10 @@ import pytest
 from harness import ROOT, LiveKitServer, joined_baton, run, token
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
-from lk_baton import BatonLink, HandoffTicket, journaled, seed_agent
+from lk_baton import BatonLink, HandoffTicket, seed_agent
 
 sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
-from fakes import BookingBackend, ScriptedLLM, Step  # the adapter tests' stand-ins
+from fakes import BookingBackend, BookingTools, ScriptedLLM, Step  # the adapter tests' stand-ins
 
 CONFIG = """
 [[agents]]
@@ -106,7 +106,7 @@ def billing_script(ctx: llm.ChatContext) -> Step:
 # Tools and agents
 
 
-class Triage(Agent):
+class Triage(BookingTools, Agent):
     """``sentence``: seconds the transfer tool waits before it asks for the handoff, standing for
     the sentence before the transfer being played out (these sessions have no audio, so
     ``wait_for_playout`` returns at once): 0.8 s puts the accept where the issue saw it."""
@@ -119,18 +119,6 @@ class Triage(Agent):
         self.ticket: HandoffTicket | None = None
 
     @function_tool
-    @journaled("never")
-    async def create_reservation(self, date: str, party: int) -> str:
-        """Book a table."""
-        return await self.backend.create_reservation(date, party)
-
-    @function_tool
-    @journaled("if_idempotent")
-    async def save_note(self, text: str) -> str:
-        """Save a note about the caller."""
-        return await self.backend.save_note(text)
-
-    @function_tool
     async def transfer_to_billing(self, ctx: RunContext[None]) -> None:
         """Transfer the caller to billing."""
         assert self.link is not None
@@ -138,16 +126,10 @@ class Triage(Agent):
         self.ticket = await self.link.handoff("billing", reason="billing question", run_ctx=ctx)
 
 
-class Billing(Agent):
+class Billing(BookingTools, Agent):
     def __init__(self, backend: BookingBackend) -> None:
         super().__init__(instructions="You are billing.")
         self.backend = backend
-
-    @function_tool
-    @journaled("never")
-    async def create_reservation(self, date: str, party: int) -> str:
-        """Book a table."""
-        return await self.backend.create_reservation(date, party)
 
 
 @dataclass

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, llm
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, function_tool, llm
 
-from lk_baton.agents import current_tool_call
+from lk_baton.agents import current_tool_call, journaled
 from lk_baton.floor import (
     CONTROL_TOPIC,
     COORDINATOR_ATTRIBUTE,
@@ -245,6 +245,25 @@ class BookingBackend:
         await asyncio.sleep(self.note_delay)
         self.notes.append(text)
         return "saved"
+
+
+class BookingTools:
+    """Tools on a :class:`BookingBackend` (``self.backend``), to mix into an ``Agent`` subclass:
+    a booking that must never run twice unchecked, and an idempotent note."""
+
+    backend: BookingBackend
+
+    @function_tool
+    @journaled("never")
+    async def create_reservation(self, date: str, party: int) -> str:
+        """Book a table."""
+        return await self.backend.create_reservation(date, party)
+
+    @function_tool
+    @journaled("if_idempotent")
+    async def save_note(self, text: str) -> str:
+        """Save a note about the caller."""
+        return await self.backend.save_note(text)
 
 
 # ---------------------------------------------------------------------------------------------

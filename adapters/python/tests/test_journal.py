@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from fakes import BookingBackend, FakeBaton, FakeRoom, Net, ScriptedLLM, Step
+from fakes import BookingBackend, BookingTools, FakeBaton, FakeRoom, Net, ScriptedLLM, Step
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 
 from lk_baton import bundle as bd
@@ -146,7 +146,7 @@ def triage_script(batch: list[str]) -> Any:
     return script
 
 
-class Triage(Agent):
+class Triage(BookingTools, Agent):
     """triage's tools: a slow booking, a note, and a transfer that builds the bundle the way
     BatonLink.handoff does (``handoff_after``: seconds until baton's accept)."""
 
@@ -155,18 +155,6 @@ class Triage(Agent):
         self.backend = backend
         self.handoff_after = handoff_after
         self.bundle: bd.Bundle | None = None
-
-    @function_tool
-    @journaled("never")
-    async def create_reservation(self, date: str, party: int) -> str:
-        """Book a table."""
-        return await self.backend.create_reservation(date, party)
-
-    @function_tool
-    @journaled("if_idempotent")
-    async def save_note(self, text: str) -> str:
-        """Save a note."""
-        return await self.backend.save_note(text)
 
     @function_tool
     async def transfer_to_billing(self, ctx: RunContext[None]) -> None:
@@ -320,16 +308,10 @@ def test_name_less_output_gets_the_name_of_its_call() -> None:
     assert out.name == "lookup"
 
 
-class Billing(Agent):
+class Billing(BookingTools, Agent):
     def __init__(self, backend: BookingBackend) -> None:
         super().__init__(instructions="You are billing.")
         self.backend = backend
-
-    @function_tool
-    @journaled("never")
-    async def create_reservation(self, date: str, party: int) -> str:
-        """Book a table."""
-        return await self.backend.create_reservation(date, party)
 
 
 def naive_billing(ctx: llm.ChatContext) -> Step:
