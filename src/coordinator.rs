@@ -16,6 +16,7 @@ use livekit_protocol as proto;
 use serde_json::{Map, Value};
 
 use crate::protocol::{self, control};
+use crate::relay::RelayEvent;
 use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster};
 use crate::server_api::{ApiCall, ApiReply, ApiResult, ServerApi};
 
@@ -99,15 +100,40 @@ impl Coordinator {
         }
     }
 
+    /// Hands one event to the arbiter and carries out what follows.
     fn feed(&mut self, event: Event, now: Instant, out: &mut Outbox) {
-        if let Some(arbiter) = self.arbiter.as_mut() {
-            if !self.started {
-                // Events before the start are reflected in the participant list RoomJoined
-                // carries; control messages that early are dropped by the arbiter anyway.
+        self.arbiter_handle(event, now);
+        self.exchange(Vec::new(), now, out);
+    }
+
+    /// Hands one event to the arbiter, once it has started: events before the start are
+    /// reflected in the participant list `RoomJoined` carries, and control messages that early
+    /// are dropped by the arbiter anyway.
+    fn arbiter_handle(&mut self, event: Event, now: Instant) {
+        if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started) {
+            arbiter.handle(event, now);
+        }
+    }
+
+    /// The arbiter ⇄ relay exchange, a loop in the open (as quinn's endpoint and connections
+    /// trade their events): hand the relay's events to the arbiter, carry out the arbiter's
+    /// commands (a delivery makes the relay report again), and round again until neither has
+    /// anything new. The two never call each other.
+    fn exchange(&mut self, mut relay_events: Vec<RelayEvent>, now: Instant, out: &mut Outbox) {
+        loop {
+            for event in relay_events.drain(..).filter_map(arbiter_event) {
+                self.arbiter_handle(event, now);
+            }
+            let commands = match self.arbiter.as_mut().filter(|_| self.started) {
+                Some(arbiter) => arbiter.drain_commands(),
+                None => Vec::new(),
+            };
+            if commands.is_empty() {
                 return;
             }
-            arbiter.handle(event, now);
-            self.execute(now, out);
+            for command in commands {
+                relay_events.extend(self.execute(command, now, out));
+            }
         }
     }
 
@@ -118,95 +144,85 @@ impl Coordinator {
         self.started = true;
         let participants = self.members.values().cloned().collect();
         tracing::info!(room = %self.cfg.room, ?token_dispatched, "floor arbiter started");
-        if let Some(arbiter) = self.arbiter.as_mut() {
-            arbiter.handle(Event::RoomJoined { participants, token_dispatched }, now);
-        }
-        self.execute(now, out);
+        self.feed(Event::RoomJoined { participants, token_dispatched }, now, out);
     }
 
-    /// Carries out every command the arbiter has queued.
-    fn execute(&mut self, now: Instant, out: &mut Outbox) {
-        let Some(arbiter) = self.arbiter.as_mut() else { return };
-        let mut relay_events = Vec::new();
-        for cmd in arbiter.drain_commands() {
-            match cmd {
-                Command::Send { to, re, message } => {
-                    let members = match serde_json::to_value(&message) {
-                        Ok(Value::Object(m)) => m,
-                        _ => Map::new(),
-                    };
-                    let kind = message.type_name();
-                    let mut body = members;
-                    body.remove("type");
-                    tracing::debug!(%to, kind, "control message to agent");
-                    out.send(protocol::TOPIC_CONTROL, control::message(kind, re.as_deref(), body), &to);
-                }
-                Command::MuteTrack { identity, track_sid } => {
-                    self.call(0, ApiCall::MuteTrack { identity, track_sid, muted: true }, out)
-                }
-                Command::UnmuteTrack { identity, track_sid } => {
-                    self.call(0, ApiCall::MuteTrack { identity, track_sid, muted: false }, out)
-                }
-                Command::Filler(filler) => out.filler.push(filler),
-                Command::CreateDispatch { ticket, agent_name, metadata } => {
-                    tracing::info!(agent = %agent_name, "dispatching agent");
-                    // The ticket rides as the call's tag, so the result finds its dispatch.
-                    self.call(ticket.0, ApiCall::CreateDispatch { agent_name, metadata }, out);
-                }
-                Command::DeleteDispatch { dispatch_id, agent_name } => {
-                    tracing::debug!(agent = %agent_name, %dispatch_id, "deleting dispatch");
-                    self.call(0, ApiCall::DeleteDispatch { dispatch_id }, out);
-                }
-                Command::DeliverBundle { transfer_id, to } => match u128::from_str_radix(&transfer_id, 16) {
-                    Ok(id) => {
-                        let events = self.relay_io(out, |relay, frames| relay.deliver(id, &to, now, frames));
-                        relay_events.extend(events);
-                    }
-                    Err(_) => tracing::warn!(%transfer_id, "bundle id is not 32 hex digits; cannot deliver"),
-                },
-                Command::CancelTransfer { transfer_id, to } => {
-                    // Deliveries have their own ids; the relay cancels every delivery of this
-                    // bundle to `to`.
-                    if let Ok(id) = u128::from_str_radix(&transfer_id, 16) {
-                        self.relay.cancel_bundle(id, &to, now);
-                    }
-                }
-                Command::RemoveParticipant { identity } => {
-                    self.call(0, ApiCall::RemoveParticipant { identity }, out)
-                }
-                Command::Timeline(ev) => {
-                    tracing::info!(
-                        handoff = %ev.handoff,
-                        phase = ?ev.mark.phase,
-                        ms = ev.mark.ms,
-                        detail = ev.mark.detail.as_deref().unwrap_or(""),
-                        "handoff phase"
-                    );
-                }
-                Command::HandoffFinished(timeline) => {
-                    let line = timeline.to_json_line();
-                    tracing::info!(timeline = %line, "handoff finished");
-                    // The event stream on stdout: one JSON line per handoff, for benchmarks and
-                    // users' own tooling (logs go to stderr).
-                    out.events.push(line);
-                }
-                Command::Security(ev) => {
-                    tracing::warn!(
-                        target: "baton::security",
-                        from = %ev.from,
-                        message = ev.message_type,
-                        reason = ?ev.reason,
-                        "security: control message ignored"
-                    );
-                }
-                Command::Alert(alert) => log_alert(&alert),
-                Command::SessionEnded => {
-                    tracing::info!(room = %self.cfg.room, "session ended");
-                    self.finished = true;
+    /// Carries out one of the arbiter's commands; returns what the relay reported doing so.
+    fn execute(&mut self, command: Command, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+        match command {
+            Command::Send { to, re, message } => {
+                let members = match serde_json::to_value(&message) {
+                    Ok(Value::Object(m)) => m,
+                    _ => Map::new(),
+                };
+                let kind = message.type_name();
+                let mut body = members;
+                body.remove("type");
+                tracing::debug!(%to, kind, "control message to agent");
+                out.send(protocol::TOPIC_CONTROL, control::message(kind, re.as_deref(), body), &to);
+            }
+            Command::MuteTrack { identity, track_sid } => {
+                self.call(0, ApiCall::MuteTrack { identity, track_sid, muted: true }, out)
+            }
+            Command::UnmuteTrack { identity, track_sid } => {
+                self.call(0, ApiCall::MuteTrack { identity, track_sid, muted: false }, out)
+            }
+            Command::Filler(filler) => out.filler.push(filler),
+            Command::CreateDispatch { ticket, agent_name, metadata } => {
+                tracing::info!(agent = %agent_name, "dispatching agent");
+                // The ticket rides as the call's tag, so the result finds its dispatch.
+                self.call(ticket.0, ApiCall::CreateDispatch { agent_name, metadata }, out);
+            }
+            Command::DeleteDispatch { dispatch_id, agent_name } => {
+                tracing::debug!(agent = %agent_name, %dispatch_id, "deleting dispatch");
+                self.call(0, ApiCall::DeleteDispatch { dispatch_id }, out);
+            }
+            Command::DeliverBundle { transfer_id, to } => match u128::from_str_radix(&transfer_id, 16) {
+                Ok(id) => return self.relay_io(out, |relay, frames| relay.deliver(id, &to, now, frames)),
+                Err(_) => tracing::warn!(%transfer_id, "bundle id is not 32 hex digits; cannot deliver"),
+            },
+            Command::CancelTransfer { transfer_id, to } => {
+                // Deliveries have their own ids; the relay cancels every delivery of this
+                // bundle to `to`.
+                if let Ok(id) = u128::from_str_radix(&transfer_id, 16) {
+                    self.relay.cancel_bundle(id, &to, now);
                 }
             }
+            Command::RemoveParticipant { identity } => {
+                self.call(0, ApiCall::RemoveParticipant { identity }, out)
+            }
+            Command::Timeline(ev) => {
+                tracing::info!(
+                    handoff = %ev.handoff,
+                    phase = ?ev.mark.phase,
+                    ms = ev.mark.ms,
+                    detail = ev.mark.detail.as_deref().unwrap_or(""),
+                    "handoff phase"
+                );
+            }
+            Command::HandoffFinished(timeline) => {
+                let line = timeline.to_json_line();
+                tracing::info!(timeline = %line, "handoff finished");
+                // The event stream on stdout: one JSON line per handoff, for benchmarks and
+                // users' own tooling (logs go to stderr).
+                out.events.push(line);
+            }
+            Command::Security(ev) => {
+                tracing::warn!(
+                    target: "baton::security",
+                    from = %ev.from,
+                    message = ev.message_type,
+                    reason = ?ev.reason,
+                    "security: control message ignored"
+                );
+            }
+            Command::Alert(alert) => log_alert(&alert),
+            Command::SessionEnded => {
+                tracing::info!(room = %self.cfg.room, "session ended");
+                self.finished = true;
+            }
         }
-        self.on_relay(relay_events, now, out);
+        Vec::new()
     }
 
     /// Runs `f` on the relay. Everything the relay sends is a context transfer frame, which goes
@@ -226,7 +242,7 @@ impl Coordinator {
     /// Asks the room task for a server API call, unless there is no server API to call.
     fn call(&self, tag: u64, call: ApiCall, out: &mut Outbox) {
         if self.cfg.api.is_none() {
-            tracing::warn!(?call, "no server API configured: call not made");
+            tracing::warn!("no server API configured: cannot {call}");
             return;
         }
         out.call(tag, call);
@@ -255,50 +271,13 @@ impl Coordinator {
             if self.members.contains_key(&msg.from) || now.duration_since(at) >= EARLY_MESSAGE_WAIT {
                 if msg.topic == crate::relay::TOPIC {
                     let events = self.relay_io(out, |relay, frames| relay.on_data(&msg, now, frames));
-                    self.on_relay(events, now, out);
+                    self.exchange(events, now, out);
                 } else {
                     self.on_control(&msg, now, out, false);
                 }
             } else {
                 self.early.push((at, msg));
             }
-        }
-    }
-
-    /// Tells the arbiter what happened to bundles.
-    fn on_relay(&mut self, events: Vec<crate::relay::RelayEvent>, now: Instant, out: &mut Outbox) {
-        use crate::relay::RelayEvent as R;
-        for ev in events {
-            let event = match ev {
-                // The relay has logged these already.
-                R::BundleReceived { from, transfer_id, size, .. } => {
-                    Event::BundleReceived { from, transfer_id: format!("{transfer_id:032x}"), bytes: size }
-                }
-                R::Delivered { to, transfer_id, .. } => {
-                    Event::BundleDelivered { to, transfer_id: format!("{transfer_id:032x}") }
-                }
-                R::DeliveryFailed { to, transfer_id, error, .. } => Event::TransferFailed {
-                    peer: to,
-                    transfer_id: format!("{transfer_id:032x}"),
-                    reason: error.to_string(),
-                },
-                R::ReceiveFailed { from, transfer_id, error } => Event::TransferFailed {
-                    peer: from,
-                    transfer_id: format!("{transfer_id:032x}"),
-                    reason: error.to_string(),
-                },
-                R::Rejected { from, transfer_id, error } => {
-                    tracing::warn!(%from, ?transfer_id, %error, "transfer frame rejected");
-                    continue;
-                }
-                // The arbiter starts a delivery once the bundle is held (BundleReceived).
-                R::Receiving { .. } => continue,
-                R::Expired { transfer_id } => {
-                    tracing::debug!(transfer = %format_args!("{transfer_id:032x}"), "stored bundle expired");
-                    continue;
-                }
-            };
-            self.feed(event, now, out);
         }
     }
 
@@ -352,7 +331,7 @@ impl RoomHandler for Coordinator {
                     return;
                 }
                 let events = self.relay_io(out, |relay, frames| relay.on_data(msg, now, frames));
-                self.on_relay(events, now, out);
+                self.exchange(events, now, out);
             }
             protocol::TOPIC_ECHO if self.cfg.echo => {
                 out.send(protocol::TOPIC_ECHO, msg.payload.clone(), &msg.from);
@@ -365,7 +344,7 @@ impl RoomHandler for Coordinator {
 
     fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
         let events = self.relay_io(out, |relay, frames| relay.on_change(change, now, frames));
-        self.on_relay(events, now, out);
+        self.exchange(events, now, out);
         let state_change = speaking_change(change);
         let event = match change {
             Change::Joined(m) => {
@@ -402,7 +381,7 @@ impl RoomHandler for Coordinator {
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
         let events = self.relay_io(out, |relay, frames| relay.on_connected(roster, now, frames));
-        self.on_relay(events, now, out);
+        self.exchange(events, now, out);
         if self.started || self.arbiter.is_none() {
             return;
         }
@@ -425,13 +404,13 @@ impl RoomHandler for Coordinator {
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
         let events = self.relay_io(out, |relay, frames| relay.on_timeout(now, frames));
-        self.on_relay(events, now, out);
+        self.exchange(events, now, out);
         self.release_early(now, out);
         if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started)
             && arbiter.poll_timeout().is_some_and(|t| t <= now)
         {
             arbiter.handle_timeout(now);
-            self.execute(now, out);
+            self.exchange(Vec::new(), now, out);
         }
     }
 
@@ -469,14 +448,43 @@ impl RoomHandler for Coordinator {
                 };
                 self.feed(event, now, out);
             }
-            (call, Ok(_)) => tracing::debug!(?call, "server API call done"),
-            (call, Err(e)) => tracing::warn!(?call, error = %e, "server API call failed"),
+            (call, Ok(_)) => tracing::debug!("{call}: done"),
+            (call, Err(e)) => tracing::warn!(error = %e, "{call}: failed"),
         }
     }
 
     fn finished(&self) -> bool {
         self.finished
     }
+}
+
+/// What the arbiter needs to know of a relay event, if anything.
+fn arbiter_event(event: RelayEvent) -> Option<Event> {
+    use RelayEvent as R;
+    let hex = |id: u128| format!("{id:032x}");
+    Some(match event {
+        // The relay has logged these already.
+        R::BundleReceived { from, transfer_id, size, .. } => {
+            Event::BundleReceived { from, transfer_id: hex(transfer_id), bytes: size }
+        }
+        R::Delivered { to, transfer_id, .. } => Event::BundleDelivered { to, transfer_id: hex(transfer_id) },
+        R::DeliveryFailed { to, transfer_id, error, .. } => {
+            Event::TransferFailed { peer: to, transfer_id: hex(transfer_id), reason: error.to_string() }
+        }
+        R::ReceiveFailed { from, transfer_id, error } => {
+            Event::TransferFailed { peer: from, transfer_id: hex(transfer_id), reason: error.to_string() }
+        }
+        R::Rejected { from, transfer_id, error } => {
+            tracing::warn!(%from, ?transfer_id, %error, "transfer frame rejected");
+            return None;
+        }
+        // The arbiter starts a delivery once the bundle is held (BundleReceived).
+        R::Receiving { .. } => return None,
+        R::Expired { transfer_id } => {
+            tracing::debug!(transfer = %hex(transfer_id), "stored bundle expired");
+            return None;
+        }
+    })
 }
 
 fn log_alert(alert: &Alert) {

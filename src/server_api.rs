@@ -76,6 +76,22 @@ impl ApiCall {
     }
 }
 
+/// The call in words, for logs ("mute agent-1's track TR_x").
+impl std::fmt::Display for ApiCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiCall::ListDispatch => write!(f, "list the room's dispatches"),
+            ApiCall::CreateDispatch { agent_name, .. } => write!(f, "dispatch {agent_name}"),
+            ApiCall::DeleteDispatch { dispatch_id } => write!(f, "delete dispatch {dispatch_id}"),
+            ApiCall::MuteTrack { identity, track_sid, muted } => {
+                let verb = if *muted { "mute" } else { "unmute" };
+                write!(f, "{verb} {identity}'s track {track_sid}")
+            }
+            ApiCall::RemoveParticipant { identity } => write!(f, "remove {identity}"),
+        }
+    }
+}
+
 /// What a successful [`ApiCall`] returns, as far as baton uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiReply {
@@ -292,6 +308,7 @@ mod tests {
         let err = api.execute("r", &call).await.expect_err("nothing listens there");
         assert!(matches!(err, ApiError::Unreachable { .. }), "{err}");
         assert_eq!(call.op(), "MutePublishedTrack");
+        assert_eq!(call.to_string(), "mute a's track TR_a");
         assert!(!ApiError::NotConfigured { op: call.op() }.is_transient());
     }
 }
