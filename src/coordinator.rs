@@ -9,19 +9,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use baton_floor::{
-    AgentMessage, Alert, Arbiter, AudioTrack, Command, DispatchTicket, Event, Participant, ParticipantKind,
-    Policy,
+    Alert, Arbiter, AudioTrack, Command, DispatchTicket, Event, Participant, ParticipantKind, Policy,
 };
 use livekit_protocol as proto;
-use serde_json::{Map, Value};
 
 use crate::protocol::{self, control};
 use crate::relay::RelayEvent;
 use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster};
 use crate::server_api::{ApiCall, ApiReply, ApiResult, ServerApi};
-
-/// The control messages agents send to baton (`docs/protocol.md`, section 3).
-const AGENT_MESSAGE_TYPES: [&str; 5] = ["hello", "handoff", "ready", "quiet", "tool_result"];
 
 /// The participant attribute in which livekit-agents publishes its state; `speaking` while it
 /// plays speech.
@@ -151,15 +146,10 @@ impl Coordinator {
     fn execute(&mut self, command: Command, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
         match command {
             Command::Send { to, re, message } => {
-                let members = match serde_json::to_value(&message) {
-                    Ok(Value::Object(m)) => m,
-                    _ => Map::new(),
-                };
-                let kind = message.type_name();
-                let mut body = members;
-                body.remove("type");
-                tracing::debug!(%to, kind, "control message to agent");
-                out.send(protocol::TOPIC_CONTROL, control::message(kind, re.as_deref(), body), &to);
+                tracing::debug!(%to, kind = message.type_name(), "control message to agent");
+                if let Some(payload) = control::encode(&message, re.as_deref()) {
+                    out.send(protocol::TOPIC_CONTROL, payload, &to);
+                }
             }
             Command::MuteTrack { identity, track_sid } => {
                 self.call(0, ApiCall::MuteTrack { identity, track_sid, muted: true }, out)
@@ -284,38 +274,41 @@ impl Coordinator {
     /// `may_hold`: a message from a sender the room has not announced yet is held back for the
     /// announcement (false when it is being released from that hold).
     fn on_control(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox, may_hold: bool) {
-        let env = match control::Envelope::parse(&msg.payload) {
+        use control::{DecodeError, Inbound, Reply};
+        // Version errors and pings are answered the same way whoever sends them.
+        let answer = |reply: &Reply, re: &str, out: &mut Outbox| {
+            if let Some(payload) = control::encode(reply, Some(re)) {
+                out.send(protocol::TOPIC_CONTROL, payload, &msg.from);
+            }
+        };
+        let env = match control::decode(&msg.payload) {
             Ok(env) => env,
-            Err(e) => {
+            Err(DecodeError::UnsupportedVersion { id, version }) => {
+                return answer(&Reply::unsupported_version(version), &id, out);
+            }
+            Err(e @ (DecodeError::TooLarge(_) | DecodeError::Malformed(_))) => {
                 tracing::warn!(from = %msg.from, bytes = msg.payload.len(), "rejected control message: {e}");
                 return;
             }
+            Err(e) => {
+                tracing::warn!(from = %msg.from, "ignored control message: {e}");
+                return;
+            }
         };
-        if env.version != control::PROTOCOL_VERSION || env.kind == "ping" {
-            // Version errors and pings are answered the same way whoever sends them.
-            if let control::Reaction::Reply(reply) = control::react(&msg.payload) {
-                out.send(protocol::TOPIC_CONTROL, reply, &msg.from);
-            }
+        let message = match env.message {
+            Inbound::Ping => return answer(&Reply::Pong, &env.id, out),
+            Inbound::Agent(message) => message,
+        };
+        if self.arbiter.is_none() {
+            let kind = message.type_name();
+            tracing::warn!(from = %msg.from, kind, "no agents configured: control message ignored");
             return;
         }
-        if !AGENT_MESSAGE_TYPES.contains(&env.kind.as_str()) {
-            tracing::warn!(from = %msg.from, "ignored control message: unknown type `{}`", env.kind);
+        if may_hold && !self.members.contains_key(&msg.from) {
+            self.hold_early(msg, now);
             return;
         }
-        match serde_json::from_value::<AgentMessage>(Value::Object(env.body.clone())) {
-            Ok(message) => {
-                if self.arbiter.is_none() {
-                    tracing::warn!(from = %msg.from, kind = %env.kind, "no agents configured: control message ignored");
-                    return;
-                }
-                if may_hold && !self.members.contains_key(&msg.from) {
-                    self.hold_early(msg, now);
-                    return;
-                }
-                self.feed(Event::Control { from: msg.from.clone(), id: env.id, message }, now, out);
-            }
-            Err(e) => tracing::warn!(from = %msg.from, kind = %env.kind, "ignored control message: {e}"),
-        }
+        self.feed(Event::Control { from: msg.from.clone(), id: env.id, message }, now, out);
     }
 }
 
@@ -551,6 +544,7 @@ fn speaking_change(change: &Change) -> Option<(String, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use std::collections::BTreeSet;
 
     fn incoming(from: &str, topic: &str, payload: &[u8]) -> Incoming {

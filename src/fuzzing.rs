@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use livekit_protocol as proto;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig};
-use crate::protocol::control::Envelope;
+use crate::protocol::control;
 use crate::room::data::Reliable;
 use crate::room::{Incoming, Outbox, RoomHandler, Roster};
 
-/// The `baton.control` envelope decoder.
+/// The `baton.control` decoder (envelope and typed message).
 pub fn control_envelope(data: &[u8]) {
-    let _ = Envelope::parse(data);
+    let _ = control::decode(data);
 }
 
 /// LiveKit data packets as baton receives them; twice, so the duplicate checks run too.

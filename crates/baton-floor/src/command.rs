@@ -2,14 +2,15 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::envelope::{Envelope, PROTOCOL_VERSION};
 use crate::event::{DispatchTicket, ParticipantKind, ToolCallStatus};
 use crate::policy::ReleasePolicy;
 use crate::timeline::{Timeline, TimelineEvent};
 
 /// Why baton refused a handoff request (`handoff_refused.reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefuseReason {
     /// Another handoff is under way in this room.
@@ -46,7 +47,7 @@ impl RefuseReason {
 }
 
 /// Why a handoff (or one target of it) failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailReason {
     /// The target was dispatched but never joined within `join_timeout` (every attempt).
@@ -84,7 +85,7 @@ impl FailReason {
 }
 
 /// Why an agent is being activated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActivateCause {
     /// It is the first agent of the call.
@@ -96,7 +97,7 @@ pub enum ActivateCause {
 }
 
 /// Why an agent is being deactivated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeactivateReason {
     /// It asked for a handoff: finish the sentence, then go quiet.
@@ -105,9 +106,9 @@ pub enum DeactivateReason {
     Standby,
 }
 
-/// A control message from baton to one agent. Serialises to the body of the envelope
-/// (`type` plus fields); the shell adds `v`, `id` and `re`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A control message from baton to one agent: the `type` tag and members of an
+/// [`Envelope`], which the shell sends with its own `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BatonMessage {
     /// Turn audio input and output on: you have the floor.
@@ -202,7 +203,7 @@ pub enum BatonMessage {
         /// What the tool returned.
         output: String,
         /// The source cut `output` to fit one packet.
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         truncated: bool,
     },
 }
@@ -225,17 +226,9 @@ impl BatonMessage {
     /// ([`RefuseReason::ReasonTooLong`]), cuts a forwarded `tool_result`'s `output`, and keeps
     /// configured agent names short ([`MAX_AGENT_NAME`](crate::policy::MAX_AGENT_NAME)).
     pub fn envelope_len(&self, re: Option<&str>) -> usize {
-        let mut envelope = serde_json::Map::new();
-        envelope.insert("v".into(), 1.into());
-        envelope.insert("type".into(), self.type_name().into());
-        envelope.insert("id".into(), "i".repeat(MAX_MESSAGE_ID).into());
-        if let Some(re) = re {
-            envelope.insert("re".into(), re.into());
-        }
-        if let Ok(serde_json::Value::Object(members)) = serde_json::to_value(self) {
-            envelope.extend(members.into_iter().filter(|(k, _)| k != "type"));
-        }
-        serde_json::to_vec(&envelope).map_or(usize::MAX, |v| v.len())
+        let id = "i".repeat(MAX_MESSAGE_ID);
+        let envelope = Envelope { v: PROTOCOL_VERSION, id, re: re.map(str::to_owned), message: self };
+        envelope.encode().map_or(usize::MAX, |bytes| bytes.len())
     }
 
     /// The envelope `type` of this message.

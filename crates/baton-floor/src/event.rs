@@ -66,11 +66,9 @@ impl Participant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DispatchTicket(pub u64);
 
-/// A control message from an agent (`baton.control` topic), already parsed from the envelope.
-///
-/// Deserialises from the envelope object itself: `{"v":1,"type":"handoff","id":"a-1",...}`;
-/// `v` and `id` are read by the envelope parser and ignored here.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A control message from an agent (`baton.control` topic): the `type` tag and members of an
+/// [`Envelope`](crate::Envelope), e.g. `{"v":1,"id":"a-1","type":"handoff","target":...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// The adapter is connected and listening; sent once after joining and after any reconnect.

@@ -34,6 +34,7 @@
 mod arbiter;
 mod command;
 mod dispatch;
+mod envelope;
 mod event;
 mod policy;
 mod timeline;
@@ -43,6 +44,7 @@ pub use command::{
     ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand,
     MAX_CONTROL_MESSAGE, MAX_MESSAGE_ID, RefuseReason, SecurityEvent, SecurityReason,
 };
+pub use envelope::{Envelope, PROTOCOL_VERSION};
 pub use event::{
     AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind, ToolCallStatus,
 };

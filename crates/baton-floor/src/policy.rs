@@ -8,7 +8,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// What happens to the source agent once the target has the floor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleasePolicy {
     /// The source is told to leave; if it is still in the room after
