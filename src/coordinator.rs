@@ -570,7 +570,7 @@ mod tests {
             ..Default::default()
         };
         if let Some(a) = agent {
-            p.attributes.insert("lk.agent_name".into(), a.into());
+            p.attributes.insert("lk.agent.name".into(), a.into());
         }
         p
     }

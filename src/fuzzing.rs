@@ -39,7 +39,7 @@ fn info(identity: &str, agent: Option<&str>, version: u32) -> proto::Participant
         ..Default::default()
     };
     if let Some(a) = agent {
-        p.attributes.insert("lk.agent_name".into(), a.into());
+        p.attributes.insert("lk.agent.name".into(), a.into());
     }
     p
 }

@@ -56,13 +56,15 @@ impl Member {
         }
     }
 
-    /// The agent name LiveKit's dispatch gives an agent participant, when there is one.
+    /// The agent name of an agent participant, when it has one: the `lk.agent.name` attribute
+    /// livekit-agents publishes, else the `lk.agent_name` the LiveKit server puts in the token
+    /// of an agent it dispatches (docs/protocol.md, "Who may send what"). Empty counts as none.
     pub fn agent_name(&self) -> Option<&str> {
-        self.attributes
-            .get("lk.agent_name")
-            .or_else(|| self.attributes.get("lk.agent.name"))
+        ["lk.agent.name", "lk.agent_name"]
+            .into_iter()
+            .filter_map(|key| self.attributes.get(key))
             .map(String::as_str)
-            .filter(|s| !s.is_empty())
+            .find(|s| !s.is_empty())
     }
 }
 
@@ -207,10 +209,22 @@ mod tests {
     }
 
     #[test]
-    fn agent_name_attribute() {
-        let mut i = info("PA_1", "agent-1", State::Active, 1);
-        i.attributes.insert("lk.agent.name".into(), "triage".into());
-        let (r, _) = Roster::new("ME", &[i]);
-        assert_eq!(r.get("agent-1").and_then(Member::agent_name), Some("triage"));
+    fn agent_name_attribute_is_lk_agent_name_first_then_the_servers() {
+        let name = |attributes: &[(&str, &str)]| {
+            let mut i = info("PA_1", "agent-1", State::Active, 1);
+            i.attributes = attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let (r, _) = Roster::new("ME", &[i]);
+            r.get("agent-1").and_then(Member::agent_name).map(str::to_string)
+        };
+        assert_eq!(name(&[("lk.agent.name", "triage")]).as_deref(), Some("triage"));
+        assert_eq!(name(&[("lk.agent_name", "triage")]).as_deref(), Some("triage"), "the fallback");
+        assert_eq!(
+            name(&[("lk.agent.name", "billing"), ("lk.agent_name", "triage")]).as_deref(),
+            Some("billing"),
+            "lk.agent.name wins"
+        );
+        assert_eq!(name(&[("lk.agent.name", ""), ("lk.agent_name", "triage")]).as_deref(), Some("triage"));
+        assert_eq!(name(&[("lk.agent.name", "")]), None);
+        assert_eq!(name(&[]), None);
     }
 }

@@ -54,7 +54,7 @@ def config_file() -> str:
 
 
 async def agent(server: LiveKitServer, room: str, name: str, freq: float, **kw: object) -> ToneAgent:
-    peer = await Peer.join(server, room, f"agent-{name}", kind="agent", attributes={"lk.agent_name": name})
+    peer = await Peer.join(server, room, f"agent-{name}", kind="agent", attributes={"lk.agent.name": name})
     a = ToneAgent(peer.room, name, freq, **kw)  # type: ignore[arg-type]
     await a.start()
     return a
