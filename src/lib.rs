@@ -1,10 +1,24 @@
 //! baton: keeps a LiveKit voice call alive and coherent while it passes between AI agents that
 //! run in different processes.
 //!
-//! Layout: [`room`] is the LiveKit participant (signaling, the str0m peer connection, data,
-//! audio); [`coordinator`] is baton's per-room logic, with no IO; [`protocol`] holds baton's
-//! own wire messages; [`audio`] makes the filler. The sans-IO transfer engine and floor arbiter
-//! live in their own crates (`crates/`), so the compiler keeps IO out of them.
+//! # Layout
+//!
+//! The decisions live in sans-IO crates of their own (`crates/`), so the compiler keeps IO out
+//! of them: `baton-floor` (who may be heard, handoffs, the filler) and `baton-transfer`
+//! (acknowledged, chunked transfer of context bundles). This crate holds the rest:
+//!
+//! - [`coordinator`]: baton's logic in one room, no IO: arbiter, relay, and the loop between them.
+//! - [`relay`]: context transfer at baton (`baton.xfer`): receive, store and deliver bundles.
+//! - [`protocol`]: baton's own wire messages: the `baton.control` codec, topics, the packet limit.
+//! - [`room`]: baton as a LiveKit participant: signaling, the str0m peer connection, data, the filler track.
+//! - [`server_api`]: the LiveKit server API calls baton makes (dispatch, mute, remove), as values.
+//! - [`audio`]: the filler sound: comfort noise or a clip, encoded to Opus once and looped.
+//! - [`worker`]: `baton worker`, a LiveKit agent worker running one room task per job.
+//! - [`config`]: `configs/baton.toml` and the worker's options, merged into a floor `Policy`.
+//! - [`token`]: access tokens baton mints for itself.
+//! - `fuzzing`: entry points of the fuzz targets and `tests/no_panic.rs` (hidden).
+//!
+//! `src/main.rs` is the `baton` command (`join`, `worker`, `ensure`).
 
 pub mod audio;
 pub mod config;
