@@ -34,7 +34,17 @@ pub struct CoordinatorConfig {
     pub echo: bool,
 }
 
-/// The per-room coordinator.
+/// The per-room coordinator: the room task's [`RoomHandler`], with no IO of its own.
+///
+/// Its methods are [`RoomHandler`]'s. The `on_*` methods are the mutations (a data packet, a
+/// roster change, a connection, a server API result, a timeout); each takes the current time
+/// and the [`Outbox`] to fill, and runs the arbiter ⇄ relay exchange inside until neither has
+/// anything new. [`poll_timeout`](RoomHandler::poll_timeout) says when `on_timeout` is due;
+/// [`finished`](RoomHandler::finished) and [`server_api`](RoomHandler::server_api) are getters.
+///
+/// After any mutation, poll until you get the timeout: carry out the Outbox the call filled
+/// (packets, filler changes, API calls, event lines), then ask `poll_timeout` when to call
+/// `on_timeout` next.
 pub struct Coordinator {
     cfg: CoordinatorConfig,
     arbiter: Option<Arbiter>,

@@ -192,7 +192,19 @@ enum Due {
     Release(String),
 }
 
-/// The floor arbiter for one room. See the crate docs for how a shell drives it.
+/// The floor arbiter for one room (the crate docs show a shell driving it).
+///
+/// Its methods are of three kinds. Getters change nothing: [`floor_holder`](Self::floor_holder),
+/// [`handoff`](Self::handoff), [`filler_on`](Self::filler_on), [`is_ended`](Self::is_ended).
+/// `handle_*` are the only mutations: [`handle`](Self::handle) takes one [`Event`],
+/// [`handle_timeout`](Self::handle_timeout) fires the deadlines that have passed; both take the
+/// current time, which moves only through them. `poll_*` hand out what the mutations produced:
+/// [`poll_command`](Self::poll_command) (or [`drain_commands`](Self::drain_commands)) the
+/// commands, to execute in that order, then [`poll_timeout`](Self::poll_timeout) the next
+/// deadline.
+///
+/// After any mutation, poll until you get the timeout: take every command, then ask
+/// `poll_timeout` when to call `handle_timeout` next (or earlier, with the next event).
 #[derive(Debug)]
 pub struct Arbiter {
     policy: Policy,
