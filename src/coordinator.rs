@@ -626,6 +626,19 @@ mod tests {
         assert_eq!(speaking_change(&updated(Some("speaking"), Some("speaking"))), None);
     }
 
+    /// The OPEN of a transfer of `size` bytes.
+    fn open_frame(id: u128, size: u64) -> Vec<u8> {
+        let open = baton_transfer::Open {
+            payload_size: size,
+            wire_size: size,
+            chunk_size: 256,
+            sha256: [0; 32],
+            deflate: false,
+            meta: "{}".into(),
+        };
+        baton_transfer::Frame::Open { id, open }.encode().expect("encodes")
+    }
+
     #[test]
     fn a_transfer_that_overtakes_its_senders_join_is_held_not_dropped() {
         let now = Instant::now();
@@ -633,19 +646,7 @@ mod tests {
         let mut out = Outbox::default();
         let (roster, _) = Roster::new("PA_baton", &[]);
         c.on_connected(&roster, now, &mut out);
-        let open = baton_transfer::Frame::Open {
-            id: 7,
-            open: baton_transfer::Open {
-                payload_size: 300,
-                wire_size: 300,
-                chunk_size: 256,
-                sha256: [0; 32],
-                deflate: false,
-                meta: "{}".into(),
-            },
-        };
-        let packet = open.encode().expect("encodes");
-        c.on_data(&incoming("agent-1", crate::relay::TOPIC, &packet), now, &mut out);
+        c.on_data(&incoming("agent-1", crate::relay::TOPIC, &open_frame(7, 300)), now, &mut out);
         assert_eq!(c.relay.relay.receiving(), 0, "not yet: the sender is unknown");
         let (mut roster, _) = Roster::new("PA_baton", &[]);
         let agent = info("agent-1", proto::participant_info::Kind::Agent, Some("triage"));
@@ -666,19 +667,8 @@ mod tests {
             c.on_change(change, &roster, now, &mut out);
         }
         c.on_connected(&roster, now, &mut out);
-        let open = baton_transfer::Frame::Open {
-            id: 9,
-            open: baton_transfer::Open {
-                payload_size: 10,
-                wire_size: 10,
-                chunk_size: 256,
-                sha256: [0; 32],
-                deflate: false,
-                meta: "{}".into(),
-            },
-        };
         // A caller may not send bundles: the relay answers with an ERROR frame.
-        c.on_data(&incoming("caller", crate::relay::TOPIC, &open.encode().expect("encodes")), now, &mut out);
+        c.on_data(&incoming("caller", crate::relay::TOPIC, &open_frame(9, 10)), now, &mut out);
         c.on_data(&incoming("caller", "baton.control", br#"{"v":1,"type":"ping","id":"p"}"#), now, &mut out);
         assert_eq!(out.bulk.len(), 1, "{out:?}");
         assert_eq!(out.bulk[0].0, crate::relay::TOPIC);
