@@ -154,6 +154,9 @@ impl Coordinator {
 
     /// Carries out one of the arbiter's commands; returns what the relay reported doing so.
     fn execute(&mut self, command: Command, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+        if let Some(event) = crate::observe::Event::from_command(&command) {
+            out.events.push(event);
+        }
         match command {
             Command::Send { to, re, message } => {
                 tracing::debug!(%to, kind = message.type_name(), "control message to agent");
@@ -201,11 +204,7 @@ impl Coordinator {
                 );
             }
             Command::HandoffFinished(timeline) => {
-                let line = timeline.to_json_line();
-                tracing::info!(timeline = %line, "handoff finished");
-                // The event stream on stdout: one JSON line per handoff, for benchmarks and
-                // users' own tooling (logs go to stderr).
-                out.events.push(line);
+                tracing::info!(timeline = %timeline.to_json_line(), "handoff finished");
             }
             Command::Security(ev) => {
                 tracing::warn!(

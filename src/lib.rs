@@ -13,6 +13,7 @@
 //! - [`room`]: baton as a LiveKit participant: signaling, the str0m peer connection, data, the filler track.
 //! - [`server_api`]: the LiveKit server API calls baton makes (dispatch, mute, remove), as values.
 //! - [`audio`]: the filler sound: comfort noise or a clip, encoded to Opus once and looped.
+//! - [`observe`]: what happens in rooms as an event stream, webhook, metrics, traces and a timeline page.
 //! - [`worker`]: `baton worker`, a LiveKit agent worker running one room task per job.
 //! - [`config`]: `configs/baton.toml` and the worker's options, merged into a floor `Policy`.
 //! - [`token`]: access tokens baton mints for itself.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod coordinator;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod observe;
 pub mod protocol;
 pub mod relay;
 pub mod room;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use lk_baton::audio::filler::FillerSound;
 use lk_baton::coordinator::{Coordinator, CoordinatorConfig};
+use lk_baton::observe::{self, Observed, Observer, ObserverConfig, Readiness, WebhookConfig};
 use lk_baton::room::{self, RoomEnd, RoomParams, TokenSource};
 use tokio::sync::watch;
 
@@ -30,7 +31,12 @@ enum Command {
     /// Run as a LiveKit agent worker: register under an agent name and join every room that
     /// dispatches it (RoomAgentDispatch in the room's token, or CreateDispatch), many rooms per
     /// process. Reads configs/baton.toml (or --config); flags beat environment beat the file.
-    Worker(lk_baton::config::WorkerArgs),
+    Worker {
+        #[command(flatten)]
+        args: lk_baton::config::WorkerArgs,
+        #[command(flatten)]
+        observe: ObserveArgs,
+    },
     /// Make sure a room has its coordinator: create the room if it does not exist, dispatch
     /// baton to it unless baton is already there or on its way, and wait for it to join.
     ///
@@ -48,6 +54,42 @@ enum Command {
     /// worker registered under that agent name, and the server dropped the dispatch).
     #[command(verbatim_doc_comment)]
     Ensure(EnsureArgs),
+}
+
+/// Where events, metrics and the timeline page go (docs/events.md). Traces are exported when
+/// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+#[derive(Args)]
+struct ObserveArgs {
+    /// Serve /metrics (Prometheus), /healthz, /readyz and the call timeline page (/) on this
+    /// address, e.g. 127.0.0.1:9090.
+    #[arg(long, env = "BATON_HTTP", value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// POST every event to this URL, signed as LiveKit signs its webhooks (a JWT from the API
+    /// key and secret in the Authorization header).
+    #[arg(long, env = "BATON_WEBHOOK_URL", value_name = "URL")]
+    webhook_url: Option<String>,
+}
+
+/// How long an exit waits for queued webhook events and spans.
+const OBSERVER_FLUSH: Duration = Duration::from_secs(5);
+
+/// Starts the event sinks and, with --http, the HTTP endpoint.
+async fn start_observer(
+    args: &ObserveArgs,
+    api_key: &str,
+    api_secret: &str,
+    readiness: Readiness,
+) -> anyhow::Result<Arc<Observer>> {
+    let webhook = args.webhook_url.clone().map(|url| WebhookConfig {
+        url,
+        api_key: api_key.to_string(),
+        api_secret: api_secret.to_string(),
+    });
+    let observer = Observer::new(ObserverConfig { stdout: true, webhook, traces_from_env: true, readiness })?;
+    if let Some(addr) = args.http {
+        observe::http::serve(addr, observer.clone()).await?;
+    }
+    Ok(observer)
 }
 
 #[derive(Args)]
@@ -111,6 +153,8 @@ struct JoinArgs {
     /// coordinates nobody: it only answers `ping` (and `baton.echo` with --echo).
     #[arg(long, env = "BATON_CONFIG")]
     config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
 }
 
 fn main() -> ExitCode {
@@ -123,7 +167,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Join(args) => join(args).await.map(|()| ExitCode::SUCCESS),
-            Command::Worker(args) => worker(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Worker { args, observe } => worker(args, observe).await.map(|()| ExitCode::SUCCESS),
             Command::Ensure(args) => ensure(args).await,
         }
     });
@@ -170,9 +214,12 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         &args.server.api_key,
         &args.server.api_secret,
     )?;
+    let observer =
+        start_observer(&args.observe, &args.server.api_key, &args.server.api_secret, Readiness::InRoom).await?;
     let cfg =
         CoordinatorConfig { room: args.room.clone(), policy, api: Some(Arc::new(api)), echo: args.echo };
-    let handler = Box::new(Coordinator::new(cfg, std::time::Instant::now())?);
+    let coordinator = Box::new(Coordinator::new(cfg, std::time::Instant::now())?);
+    let handler = Box::new(Observed::new(coordinator, observer.clone(), &args.room));
     let filler = FillerSound::configured(args.filler_clip.as_deref(), args.filler_gain_db, args.noise_dbfs)?;
     tracing::info!(filler = %filler.description, "filler ready");
     let params = RoomParams {
@@ -195,7 +242,9 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         tracing::info!("termination signal received");
         let _ = tx.send(true);
     });
-    match room::run(params, handler, rx).await? {
+    let end = room::run(params, handler, rx).await;
+    observer.shutdown(OBSERVER_FLUSH).await;
+    match end? {
         RoomEnd::Left => Ok(()),
         RoomEnd::Removed(why) => {
             tracing::info!(reason = %why, "removed from the room");
@@ -275,9 +324,10 @@ async fn ensure(args: EnsureArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn worker(args: lk_baton::config::WorkerArgs) -> anyhow::Result<()> {
+async fn worker(args: lk_baton::config::WorkerArgs, observe: ObserveArgs) -> anyhow::Result<()> {
     let loaded = lk_baton::config::load(args.config.as_deref())?;
     let opts = lk_baton::config::resolve(&args, &loaded)?;
+    let observer = start_observer(&observe, &opts.api_key, &opts.api_secret, Readiness::Registered).await?;
     if let Some(path) = &loaded.path {
         tracing::info!(config = %path.display(), agents = opts.policy.agents.len(), "configuration loaded");
     }
@@ -287,6 +337,7 @@ async fn worker(args: lk_baton::config::WorkerArgs) -> anyhow::Result<()> {
         tracing::info!("termination signal received");
         let _ = tx.send(true);
     });
-    lk_baton::worker::run(opts, rx).await?;
-    Ok(())
+    let result = lk_baton::worker::run(opts, observer.clone(), rx).await;
+    observer.shutdown(OBSERVER_FLUSH).await;
+    Ok(result?)
 }

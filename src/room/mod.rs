@@ -77,8 +77,9 @@ pub struct Outbox {
     /// Server API calls with the handler's tag for each, run off the room loop; each result
     /// comes back through [`RoomHandler::on_api_result`].
     pub calls: Vec<(u64, ApiCall)>,
-    /// Lines for baton's event stream on stdout (one JSON object each).
-    pub events: Vec<String>,
+    /// Events for the event stream, metrics and traces ([`crate::observe`]); the room's
+    /// [`crate::observe::Observed`] wrapper hands them to the observer.
+    pub events: Vec<crate::observe::Event>,
 }
 
 impl Outbox {

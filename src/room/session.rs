@@ -1,7 +1,6 @@
 //! The room task: one connection incarnation at a time (join, resume, rejoin) and the loop that
 //! drives it.
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -483,14 +482,6 @@ impl RoomTask {
                 };
                 ApiResult { tag, call, result }
             }));
-        }
-        if !out.events.is_empty() {
-            // Not println!, which panics when nobody reads stdout any more.
-            let mut stdout = std::io::stdout().lock();
-            for line in &out.events {
-                let _ = writeln!(stdout, "{line}");
-            }
-            let _ = stdout.flush();
         }
         for filler in out.filler {
             self.set_filler(filler, now).await;

@@ -26,8 +26,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::audio::filler::FillerSound;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
-use crate::room::{self, Change, Incoming, Outbox, RoomEnd, RoomHandler, RoomParams, Roster, TokenSource};
-use crate::server_api::{ApiResult, ServerApi};
+use crate::observe::{Observed, Observer};
+use crate::room::{self, RoomEnd, RoomHandler, RoomParams, TokenSource};
+use crate::server_api::ServerApi;
 pub use state::{Action, Backoff, JobStart, StateConfig, WorkerState};
 
 /// The `/agent` websocket protocol version this worker speaks.
@@ -163,49 +164,10 @@ enum RoomEvent {
     Ended { job_id: String, result: Result<RoomEnd, String> },
 }
 
-/// Wraps the room's logic to tell the worker when baton is first in the room, which is when
-/// the job counts as running.
-struct JoinReporter {
-    inner: Box<dyn RoomHandler>,
-    job_id: String,
-    events: Option<mpsc::UnboundedSender<RoomEvent>>,
-}
-
-impl RoomHandler for JoinReporter {
-    fn on_data(&mut self, msg: &Incoming, now: StdInstant, out: &mut Outbox) {
-        self.inner.on_data(msg, now, out);
-    }
-    fn on_change(&mut self, change: &Change, roster: &Roster, now: StdInstant, out: &mut Outbox) {
-        self.inner.on_change(change, roster, now, out);
-    }
-    fn on_connected(&mut self, roster: &Roster, now: StdInstant, out: &mut Outbox) {
-        if let Some(events) = self.events.take() {
-            let _ = events.send(RoomEvent::Joined { job_id: self.job_id.clone() });
-        }
-        self.inner.on_connected(roster, now, out);
-    }
-    fn on_speaking(&mut self, identity: &str, speaking: bool, now: StdInstant, out: &mut Outbox) {
-        self.inner.on_speaking(identity, speaking, now, out);
-    }
-    fn poll_timeout(&self) -> Option<StdInstant> {
-        self.inner.poll_timeout()
-    }
-    fn on_timeout(&mut self, now: StdInstant, out: &mut Outbox) {
-        self.inner.on_timeout(now, out);
-    }
-    fn server_api(&self) -> Option<Arc<ServerApi>> {
-        self.inner.server_api()
-    }
-    fn on_api_result(&mut self, result: ApiResult, now: StdInstant, out: &mut Outbox) {
-        self.inner.on_api_result(result, now, out);
-    }
-    fn finished(&self) -> bool {
-        self.inner.finished()
-    }
-}
-
 struct Worker {
     opts: WorkerOptions,
+    /// The process's event sinks; every room's logic is wrapped to feed it.
+    observer: Arc<Observer>,
     state: WorkerState,
     filler: Arc<FillerSound>,
     /// Shutdown switch of each running room task, by job id.
@@ -227,13 +189,21 @@ enum Disconnect {
 /// Runs the worker until `shutdown` turns true and every room has been left (or the drain
 /// timeout passed). Returns an error only for problems that retrying cannot fix: a bad URL or
 /// credentials the server rejects before the first registration.
-pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+pub async fn run(
+    opts: WorkerOptions,
+    observer: Arc<Observer>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
     // A room task's future is not `Send` (it holds its handler across awaits), so the rooms run
     // on a local task set; they are idle almost all the time, one thread carries many.
-    tokio::task::LocalSet::new().run_until(run_local(opts, shutdown)).await
+    tokio::task::LocalSet::new().run_until(run_local(opts, observer, shutdown)).await
 }
 
-async fn run_local(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+async fn run_local(
+    opts: WorkerOptions,
+    observer: Arc<Observer>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
     let agent_url = agent_url(&opts.url)?;
     let filler = FillerSound::configured(opts.filler_clip.as_deref(), opts.filler_gain_db, opts.noise_dbfs)
         .map_err(|e| WorkerError::Filler(e.to_string()))?;
@@ -242,6 +212,7 @@ async fn run_local(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Resu
     let mut w = Worker {
         state: WorkerState::new(opts.protocol.clone()),
         opts,
+        observer,
         filler,
         rooms: HashMap::new(),
         assigned_at: HashMap::new(),
@@ -352,9 +323,11 @@ impl Worker {
                 _ = self.shutdown.changed(), if !self.draining => { self.start_drain(Some(&mut sink)).await; Ok(()) }
             };
             if let Err(reason) = step {
+                self.observer.set_registered(false);
                 return Disconnect::Lost(reason);
             }
             if !was_registered && let Some(id) = self.state.worker_id() {
+                self.observer.set_registered(!self.draining);
                 tracing::info!(
                     worker_id = %id,
                     agent_name = %self.opts.protocol.agent_name,
@@ -409,11 +382,14 @@ impl Worker {
             rejoin_deadline: self.opts.rejoin_timeout,
             drop_signal: Arc::new(tokio::sync::Notify::new()),
         };
-        let handler = Box::new(JoinReporter {
-            inner: room_handler(&job, &self.opts),
-            job_id: job.job_id.clone(),
-            events: Some(self.events_tx.clone()),
-        });
+        let joined = self.events_tx.clone();
+        let joined_id = job.job_id.clone();
+        let handler = Box::new(Observed::new(room_handler(&job, &self.opts), self.observer.clone(), &job.room).on_joined(
+            // When baton is first in the room the job counts as running.
+            move || {
+                let _ = joined.send(RoomEvent::Joined { job_id: joined_id });
+            },
+        ));
         tracing::info!(job_id = %job.job_id, room = %job.room, dispatch_id = %job.dispatch_id, "job assigned; joining");
         let events = self.events_tx.clone();
         let job_id = job.job_id.clone();
@@ -462,6 +438,7 @@ impl Worker {
     async fn start_drain(&mut self, sink: Option<&mut SplitSink<Ws, Message>>) {
         tracing::info!(rooms = self.state.job_count(), "shutting down: leaving every room");
         self.draining = true;
+        self.observer.set_registered(false);
         let actions = self.state.drain();
         let _ = self.apply(actions, sink).await;
     }

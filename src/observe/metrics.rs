@@ -1,0 +1,370 @@
+//! Prometheus metrics, counted from the event stream and served at `/metrics`.
+//!
+//! Names follow the Prometheus conventions (<https://prometheus.io/docs/practices/naming/>):
+//! prefix `baton_`, base units in the name (`_seconds`, `_bytes`), counters ending in `_total`.
+//! The `prometheus-client` crate writes the OpenMetrics text format (which appends `_total`
+//! to counters and the unit to names registered with one). Every metric is listed in
+//! `docs/events.md`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use super::event::{AlertEvent, Event, outcome_name, phase_name};
+use baton_floor::{Outcome, Phase, SecurityReason, Timeline};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandoffLabels {
+    source: String,
+    target: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    alert: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    sink: String,
+    reason: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Handoff phases last from tens of milliseconds (a warm switch) to tens of seconds (a cold
+/// dispatch that times out): 25 ms to 51.2 s, doubling.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.025, 2.0, 12))
+}
+
+/// Bundles: 1 KiB to 256 MiB, by fours.
+fn bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1024.0, 4.0, 10))
+}
+
+/// Why events left the stream unsent; each is a label value of `baton_events_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The webhook queue was full.
+    QueueFull,
+    /// The receiver refused the event with a 4xx status that retrying cannot change.
+    Rejected,
+    /// Retries went on for longer than the webhook's give-up age.
+    Expired,
+    /// baton exited with the event still queued.
+    Shutdown,
+}
+
+impl Dropped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dropped::QueueFull => "queue_full",
+            Dropped::Rejected => "rejected",
+            Dropped::Expired => "expired",
+            Dropped::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// baton's metrics. Cheap to update from any thread (atomics); [`Metrics::encode`] renders them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    rooms: Gauge,
+    rooms_joined: Counter,
+    events: Family<EventLabels, Counter>,
+    handoffs: Family<HandoffLabels, Counter>,
+    handoff_duration: HistogramFamily<OutcomeLabels>,
+    phase: HistogramFamily<PhaseLabels>,
+    request_to_audible: Histogram,
+    filler: Histogram,
+    bundle: Histogram,
+    refusals: Family<ReasonLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    alerts: Family<AlertLabels, Counter>,
+    dropped: Family<DropLabels, Counter>,
+    webhook_delivered: Counter,
+    webhook_failed_attempts: Counter,
+    webhook_queue: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric registered, at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("baton");
+        let m = Metrics {
+            rooms: Gauge::default(),
+            rooms_joined: Counter::default(),
+            events: Family::default(),
+            handoffs: Family::default(),
+            handoff_duration: Family::new_with_constructor(seconds_histogram),
+            phase: Family::new_with_constructor(seconds_histogram),
+            request_to_audible: seconds_histogram(),
+            filler: seconds_histogram(),
+            bundle: bytes_histogram(),
+            refusals: Family::default(),
+            rejected: Family::default(),
+            alerts: Family::default(),
+            dropped: Family::default(),
+            webhook_delivered: Counter::default(),
+            webhook_failed_attempts: Counter::default(),
+            webhook_queue: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("rooms", "Rooms baton is in now", m.rooms.clone());
+        registry.register("rooms_joined", "Rooms baton joined", m.rooms_joined.clone());
+        registry.register("events", "Events emitted on the event stream, by event name", m.events.clone());
+        registry.register(
+            "handoffs",
+            "Finished handoffs by source agent, target agent (the last one tried) and outcome",
+            m.handoffs.clone(),
+        );
+        registry.register_with_unit(
+            "handoff_duration",
+            "Handoff request to its end (completed, handed back or failed), by outcome",
+            Unit::Seconds,
+            m.handoff_duration.clone(),
+        );
+        registry.register_with_unit(
+            "handoff_phase",
+            "Handoff request to each phase of the handoff timeline, by phase",
+            Unit::Seconds,
+            m.phase.clone(),
+        );
+        registry.register_with_unit(
+            "handoff_request_to_audible",
+            "Handoff request to the target agent being heard (completed handoffs that saw it)",
+            Unit::Seconds,
+            m.request_to_audible.clone(),
+        );
+        registry.register_with_unit(
+            "handoff_filler",
+            "Filler played per handoff (filler_on to filler_off)",
+            Unit::Seconds,
+            m.filler.clone(),
+        );
+        registry.register_with_unit(
+            "bundle",
+            "Size of the context bundles baton received from handoff sources",
+            Unit::Bytes,
+            m.bundle.clone(),
+        );
+        registry.register("handoff_refusals", "Handoff requests refused, by reason", m.refusals.clone());
+        registry.register(
+            "control_messages_rejected",
+            "Control messages ignored, by reason (the security reasons, or out_of_state)",
+            m.rejected.clone(),
+        );
+        registry.register("alerts", "Operator alerts, by alert", m.alerts.clone());
+        registry.register(
+            "events_dropped",
+            "Events a sink (webhook) never delivered, by sink and reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "webhook_events_delivered",
+            "Events the webhook receiver acknowledged (2xx)",
+            m.webhook_delivered.clone(),
+        );
+        registry.register(
+            "webhook_attempts_failed",
+            "Webhook requests that failed and were retried or given up",
+            m.webhook_failed_attempts.clone(),
+        );
+        registry.register(
+            "webhook_queue_events",
+            "Events waiting in the webhook queue",
+            m.webhook_queue.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one event.
+    pub fn record(&self, event: &Event) {
+        self.events.get_or_create(&EventLabels { event: event.name().to_string() }).inc();
+        match event {
+            Event::RoomJoined => {
+                self.rooms.inc();
+                self.rooms_joined.inc();
+            }
+            Event::RoomLeft => {
+                self.rooms.dec();
+            }
+            Event::HandoffFinished(t) => self.record_handoff(t),
+            Event::HandoffRefused(r) => {
+                self.refusals.get_or_create(&ReasonLabels { reason: r.reason.as_str().into() }).inc();
+            }
+            Event::SecurityRejected(s) => {
+                let reason = security_reason(&s.reason).to_string();
+                self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+            }
+            Event::Alert(alert) => {
+                let name = match alert {
+                    AlertEvent::AgentNoShow { .. } => "agent_no_show",
+                    AlertEvent::DispatchFailed { .. } => "dispatch_failed",
+                    AlertEvent::FloorVacant { .. } => "floor_vacant",
+                    AlertEvent::IgnoredMessage { .. } => {
+                        self.rejected.get_or_create(&ReasonLabels { reason: "out_of_state".into() }).inc();
+                        "ignored_message"
+                    }
+                };
+                self.alerts.get_or_create(&AlertLabels { alert: name.into() }).inc();
+            }
+            Event::FloorGranted(_) | Event::HandoffPhase(_) | Event::SessionEnded => {}
+        }
+    }
+
+    fn record_handoff(&self, t: &Timeline) {
+        let outcome = t.outcome.map_or("unknown", outcome_name).to_string();
+        let labels = HandoffLabels { source: t.source.clone(), target: t.target.clone(), outcome: outcome.clone() };
+        self.handoffs.get_or_create(&labels).inc();
+        let secs = |ms: u64| ms as f64 / 1000.0;
+        if let Some(end) = t.phases.iter().map(|m| m.ms).max() {
+            self.handoff_duration.get_or_create(&OutcomeLabels { outcome }).observe(secs(end));
+        }
+        for mark in &t.phases {
+            // The request is the origin (always 0); a phase seen twice (two failed targets)
+            // counts each time.
+            if mark.phase != Phase::Requested {
+                self.phase.get_or_create(&PhaseLabels { phase: phase_name(mark.phase).into() }).observe(secs(mark.ms));
+            }
+        }
+        if t.outcome == Some(Outcome::Completed)
+            && let Some(ms) = t.ms(Phase::TargetAudible)
+        {
+            self.request_to_audible.observe(secs(ms));
+        }
+        if let (Some(on), Some(off)) = (t.ms(Phase::FillerOn), t.ms(Phase::FillerOff)) {
+            self.filler.observe(secs(off.saturating_sub(on)));
+        }
+        if let Some(bytes) = t.bundle_bytes {
+            self.bundle.observe(bytes as f64);
+        }
+    }
+
+    /// An event a sink could not deliver.
+    pub fn dropped(&self, sink: &str, why: Dropped) {
+        self.dropped.get_or_create(&DropLabels { sink: sink.into(), reason: why.as_str().into() }).inc();
+    }
+
+    /// The webhook receiver acknowledged one event.
+    pub fn webhook_delivered(&self) {
+        self.webhook_delivered.inc();
+    }
+
+    /// One webhook request failed (timeout, connection refused, non-2xx).
+    pub fn webhook_attempt_failed(&self) {
+        self.webhook_failed_attempts.inc();
+    }
+
+    /// The webhook queue's length now.
+    pub fn webhook_queue(&self, len: usize) {
+        self.webhook_queue.set(i64::try_from(len).unwrap_or(i64::MAX));
+    }
+
+    /// Rooms held now.
+    pub fn rooms(&self) -> i64 {
+        self.rooms.get()
+    }
+
+    /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The `kind` of a security reason, as in the event's `reason.kind`.
+fn security_reason(reason: &SecurityReason) -> &'static str {
+    match reason {
+        SecurityReason::UnknownParticipant => "unknown_participant",
+        SecurityReason::NotAnAgent => "not_an_agent",
+        SecurityReason::UnnamedAgent => "unnamed_agent",
+        SecurityReason::AgentNotConfigured { .. } => "agent_not_configured",
+        SecurityReason::NameMismatch { .. } => "name_mismatch",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::observe::event::HandoffRefused;
+
+    fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_finished_handoff_counts_its_edge_phases_filler_and_bundle() {
+        let m = Metrics::new();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut t = Timeline::new("h-1", "triage", "billing", "refund", t0);
+        t.mark(Phase::Requested, t0, None);
+        t.mark(Phase::FillerOn, at(300), None);
+        t.mark(Phase::FillerOff, at(1_500), None);
+        t.mark(Phase::TargetAudible, at(1_450), None);
+        t.mark(Phase::Completed, at(1_600), None);
+        t.outcome = Some(Outcome::Completed);
+        t.bundle_bytes = Some(5_000);
+        m.record(&Event::RoomJoined);
+        m.record(&Event::HandoffFinished(Box::new(t)));
+        m.record(&Event::HandoffRefused(HandoffRefused {
+            from: "agent-a".into(),
+            reason: baton_floor::RefuseReason::SameAgent,
+        }));
+        let text = m.encode();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(sample(&text, "baton_rooms"), Some(1.0));
+        assert_eq!(
+            sample(&text, r#"baton_handoffs_total{source="triage",target="billing",outcome="completed"}"#),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(sample(&text, r#"baton_handoff_phase_seconds_sum{phase="filler_on"}"#), Some(0.3));
+        assert_eq!(sample(&text, "baton_handoff_request_to_audible_seconds_sum"), Some(1.45));
+        assert_eq!(sample(&text, "baton_handoff_filler_seconds_sum"), Some(1.2));
+        assert_eq!(sample(&text, r#"baton_bundle_bytes_bucket{le="16384.0"}"#), Some(1.0));
+        assert_eq!(sample(&text, r#"baton_bundle_bytes_bucket{le="4096.0"}"#), Some(0.0));
+        assert_eq!(sample(&text, r#"baton_handoff_refusals_total{reason="same_agent"}"#), Some(1.0));
+        assert_eq!(sample(&text, r#"baton_events_total{event="handoff_finished"}"#), Some(1.0));
+        m.record(&Event::RoomLeft);
+        assert_eq!(sample(&m.encode(), "baton_rooms"), Some(0.0));
+    }
+}
