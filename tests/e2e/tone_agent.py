@@ -30,6 +30,9 @@ class ToneAgent:
     sentence_tail: float = 0.15
     ignore_deactivate: bool = False
     never_ready: bool = False
+    # Seconds between `prepare` (and the bundle) and `ready`: a slow target, so the caller hears
+    # filler.
+    ready_delay: float = 0.0
     speaking: bool = False
     received: list[dict[str, object]] = field(default_factory=list)
     bundle: bytes | None = None
@@ -83,6 +86,7 @@ class ToneAgent:
     async def _prepare(self, msg: dict[str, object]) -> None:
         if msg.get("bundle"):
             self.bundle, _meta = await receive_bundle(self.room, self.baton, timeout=30)
+        await asyncio.sleep(self.ready_delay)
         await self.send({"type": "ready", "handoff": msg["handoff"]})
 
     async def _finish_sentence(self, handoff: object) -> None:
