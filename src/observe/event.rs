@@ -35,7 +35,7 @@ pub enum Event {
     /// A control message or bundle from someone not allowed to send it was ignored.
     SecurityRejected(SecurityEvent),
     /// Something an operator should see (an agent that never came, a vacant floor...).
-    Alert(AlertEvent),
+    Alert(Alert),
     /// The caller left and the session is over.
     SessionEnded,
 }
@@ -59,69 +59,6 @@ pub struct HandoffRefused {
     pub from: String,
     /// Why (the `reason` of the `handoff_refused` control message).
     pub reason: RefuseReason,
-}
-
-/// `alert`: the arbiter's operator alerts, named by `alert`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "alert", rename_all = "snake_case")]
-pub enum AlertEvent {
-    /// An agent never joined after every dispatch attempt.
-    AgentNoShow {
-        /// The agent name.
-        agent_name: String,
-        /// Dispatches tried.
-        attempts: u32,
-        /// The last dispatch error, if the dispatch itself failed.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        last_error: Option<String>,
-    },
-    /// One CreateDispatch call failed (it may be retried).
-    DispatchFailed {
-        /// The agent name.
-        agent_name: String,
-        /// Which attempt (1-based).
-        attempt: u32,
-        /// The server API's error.
-        error: String,
-    },
-    /// Nobody holds the floor: the holder left outside a handoff, or a failed handoff had
-    /// nobody to hand back to.
-    FloorVacant {
-        /// The agent that left, or the failed handoff's source.
-        identity: String,
-    },
-    /// An authorised agent sent a message that does not fit the current state.
-    IgnoredMessage {
-        /// The sender.
-        from: String,
-        /// The message type.
-        message_type: String,
-        /// Why it was ignored.
-        why: String,
-    },
-}
-
-impl From<&Alert> for AlertEvent {
-    fn from(alert: &Alert) -> Self {
-        match alert {
-            Alert::AgentNoShow { agent_name, attempts, last_error } => AlertEvent::AgentNoShow {
-                agent_name: agent_name.clone(),
-                attempts: *attempts,
-                last_error: last_error.clone(),
-            },
-            Alert::DispatchFailed { agent_name, attempt, error } => AlertEvent::DispatchFailed {
-                agent_name: agent_name.clone(),
-                attempt: *attempt,
-                error: error.clone(),
-            },
-            Alert::FloorVacant { identity } => AlertEvent::FloorVacant { identity: identity.clone() },
-            Alert::IgnoredMessage { from, message_type, why } => AlertEvent::IgnoredMessage {
-                from: from.clone(),
-                message_type: (*message_type).to_string(),
-                why: (*why).to_string(),
-            },
-        }
-    }
 }
 
 /// An event with no fields of its own.
@@ -159,7 +96,7 @@ impl Event {
             Command::Timeline(ev) => Event::HandoffPhase(ev.clone()),
             Command::HandoffFinished(timeline) => Event::HandoffFinished(timeline.clone()),
             Command::Security(ev) => Event::SecurityRejected(ev.clone()),
-            Command::Alert(alert) => Event::Alert(alert.into()),
+            Command::Alert(alert) => Event::Alert(alert.clone()),
             Command::SessionEnded => Event::SessionEnded,
             Command::Send { to, message: BatonMessage::Activate { handoff, cause, .. }, .. } => {
                 Event::FloorGranted(FloorGranted { identity: to.clone(), cause: *cause, handoff: handoff.clone() })
@@ -325,7 +262,7 @@ mod tests {
         let v = parse(&Event::from_command(&alert).expect("event").to_json_line(envelope()));
         assert_eq!((v["event"].as_str(), v["alert"].as_str()), (Some("alert"), Some("floor_vacant")));
 
-        assert_eq!(Event::from_command(&Command::StartFiller), None);
+        assert_eq!(Event::from_command(&Command::Filler(baton_floor::FillerCommand::On)), None);
         let deactivate = Command::Send {
             to: "a".into(),
             re: None,

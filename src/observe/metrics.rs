@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use super::event::{AlertEvent, Event, outcome_name, phase_name};
-use baton_floor::{Outcome, Phase, SecurityReason, Timeline};
+use super::event::{Event, outcome_name, phase_name};
+use baton_floor::{Alert, Outcome, Phase, SecurityReason, Timeline};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandoffLabels {
@@ -231,10 +231,10 @@ impl Metrics {
             }
             Event::Alert(alert) => {
                 let name = match alert {
-                    AlertEvent::AgentNoShow { .. } => "agent_no_show",
-                    AlertEvent::DispatchFailed { .. } => "dispatch_failed",
-                    AlertEvent::FloorVacant { .. } => "floor_vacant",
-                    AlertEvent::IgnoredMessage { .. } => {
+                    Alert::AgentNoShow { .. } => "agent_no_show",
+                    Alert::DispatchFailed { .. } => "dispatch_failed",
+                    Alert::FloorVacant { .. } => "floor_vacant",
+                    Alert::IgnoredMessage { .. } => {
                         self.rejected.get_or_create(&ReasonLabels { reason: "out_of_state".into() }).inc();
                         "ignored_message"
                     }

@@ -286,8 +286,10 @@ pub struct SecurityEvent {
     pub reason: SecurityReason,
 }
 
-/// Something an operator should see.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Something an operator should see. Serialises as baton's `alert` event (`docs/events.md`):
+/// `alert` names the variant, its fields alongside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "alert", rename_all = "snake_case")]
 pub enum Alert {
     /// An agent never joined after every dispatch attempt. The message to log says which.
     AgentNoShow {
@@ -296,6 +298,7 @@ pub enum Alert {
         /// How many dispatches were tried.
         attempts: u32,
         /// The last API error, if the dispatch itself failed.
+        #[serde(skip_serializing_if = "Option::is_none")]
         last_error: Option<String>,
     },
     /// One CreateDispatch call failed (it may be retried).
