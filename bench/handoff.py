@@ -24,6 +24,11 @@ Per handoff:
     (`handover_start`, as the tests judge it) to the end of the recording, and the longest
     silence inside the switch only (up to the target's first audible frame);
   - overlap of source and target.
+
+`--observe` measures what observability costs instead: warm handoffs only, alternating between
+plain baton (events on stdout, as always) and `observed` baton, which also serves `--http`
+(scraped every 250 ms during the handoff: /metrics and the page's /api/calls), POSTs every event
+to a webhook and exports traces over OTLP (both to a local sink that answers 200).
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import traceback
+import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from common import loadavg_summary, print_table, summary
-from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_join, token
+from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_join, free_port, token
 from livekit import api
 from peers import audible_grid, longest_run
 from test_handoff import CONFIG, agent, handover_start, wait_until
@@ -141,12 +149,74 @@ def timeline_of(baton: Baton, start: int) -> dict[str, Any]:
     return json.loads(line[line.index("{") :])  # type: ignore[no-any-return]
 
 
+class Sink:
+    """Answers 200 to everything: the webhook receiver and OTLP endpoint of `observed` baton."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                sink.requests += 1
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def observed_baton(srv: LiveKitServer, room: str, cfg: str, sink: Sink) -> tuple[Baton, int]:
+    port = free_port()
+    env = {
+        "LIVEKIT_URL": srv.url,
+        "LIVEKIT_API_KEY": API_KEY,
+        "LIVEKIT_API_SECRET": API_SECRET,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+    }
+    args = ["join", "--room", room, "--config", cfg, "--http", f"127.0.0.1:{port}", "--webhook-url", f"{sink.url}/hook"]
+    return Baton(args, env=env), port
+
+
+async def scrape_until(port: int, stop: asyncio.Event) -> int:
+    """GETs /metrics and /api/calls every 250 ms until `stop`; returns how many answered."""
+
+    def get(path: str) -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            r.read()
+
+    n = 0
+    while not stop.is_set():
+        for path in ("/metrics", "/api/calls"):
+            await asyncio.to_thread(get, path)
+            n += 1
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except TimeoutError:
+            pass
+    return n
+
+
 async def baton_handoff(
-    srv: LiveKitServer, caller: Caller, cfg: str, warm: bool, tail: float, bundle: bytes
+    srv: LiveKitServer, caller: Caller, cfg: str, warm: bool, tail: float, bundle: bytes, sink: Sink | None = None
 ) -> dict[str, Any]:
     room = f"bh-{'w' if warm else 'c'}-{uuid.uuid4().hex[:8]}"
-    baton = baton_join(srv, room, "--config", cfg)
+    if sink is None:
+        baton, port = baton_join(srv, room, "--config", cfg), None
+    else:
+        baton, port = observed_baton(srv, room, cfg, sink)
     agents = []
+    stop_scraping = asyncio.Event()
+    scraper = None
     try:
         await asyncio.to_thread(baton.wait_for, "joined: data channel open", 15)
         await caller.join(srv, room)
@@ -159,6 +229,8 @@ async def baton_handoff(
         if warm:
             await wait_until(lambda: b.got("deactivate"), 5, "billing not on standby")
         await asyncio.sleep(1.0)
+        if port is not None:
+            scraper = asyncio.ensure_future(scrape_until(port, stop_scraping))
         loop = asyncio.get_running_loop()
         n0 = len(baton.lines)
         t_req = loop.time()
@@ -168,6 +240,9 @@ async def baton_handoff(
         t_end = loop.time()
         levels = await caller.stop()
         r = analyse(levels, t_req, t_end)
+        if scraper is not None:
+            stop_scraping.set()
+            r["scrapes"] = await scraper
         r["timeline"] = tl
         r["outcome"] = tl.get("outcome")
         ph = {m["phase"]: m["ms"] for m in reversed(tl["phases"])}  # first occurrence wins
@@ -183,6 +258,7 @@ async def baton_handoff(
             r["error"] = "timeline says not warm"
         return r
     finally:
+        stop_scraping.set()
         for x in agents:
             await x.close()
         rc = baton.stop()
@@ -249,11 +325,11 @@ def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-def schedule(warm: int, cold: int, naive: int) -> list[str]:
-    left = {"warm": warm, "cold": cold, "naive": naive}
+def schedule(warm: int, cold: int, naive: int, observed: int = 0) -> list[str]:
+    left = {"warm": warm, "observed": observed, "cold": cold, "naive": naive}
     order: list[str] = []
     while any(left.values()):
-        for k in ("warm", "cold", "naive"):
+        for k in ("warm", "observed", "cold", "naive"):
             if left[k]:
                 order.append(k)
                 left[k] -= 1
@@ -272,10 +348,16 @@ def main() -> None:
     ap.add_argument("--sentence-tail", type=float, default=0.0, help="s the source keeps talking after deactivate")
     ap.add_argument("--bundle-kib", type=int, default=4, help="bundle the source hands over (0: none)")
     ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument("--observe", action="store_true", help="warm handoffs with and without --http, webhook, OTLP")
     args = ap.parse_args()
     n_warm = args.handoffs // 2
     n_cold = args.handoffs - n_warm
     n_naive = args.handoffs // 2 if args.naive is None else args.naive
+    n_observed = 0
+    kinds = ["warm", "cold", "naive"]
+    if args.observe:
+        n_observed, n_cold, n_naive = args.handoffs - n_warm, 0, 0
+        kinds = ["warm", "observed"]
     bundle = bytes(range(256)) * (args.bundle_kib * 4)
 
     cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
@@ -284,23 +366,28 @@ def main() -> None:
     srv = LiveKitServer()
     srv.start()
     caller = Caller()
-    results: dict[str, list[dict[str, Any]]] = {"warm": [], "cold": [], "naive": []}
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     loads: list[list[float]] = [loadavg()]
     t_run = time.monotonic()
     cold_worker = naive_worker = None
+    sink = Sink() if args.observe else None
     try:
-        cold_worker = start_worker(srv, "billing", "protocol")
-        naive_worker = start_worker(srv, "naive-billing", "naive")
+        if n_cold:
+            cold_worker = start_worker(srv, "billing", "protocol")
+        if n_naive:
+            naive_worker = start_worker(srv, "naive-billing", "naive")
 
         async def all_handoffs() -> None:
             async with api.LiveKitAPI(srv.http_url, API_KEY, API_SECRET) as lk:
-                for i, kind in enumerate(schedule(n_warm, n_cold, n_naive)):
+                for i, kind in enumerate(schedule(n_warm, n_cold, n_naive, n_observed)):
                     t0 = time.monotonic()
                     try:
                         if kind == "naive":
                             coro = naive_handoff(srv, caller, lk)
                         else:
-                            coro = baton_handoff(srv, caller, cfg.name, kind == "warm", args.sentence_tail, bundle)
+                            warm = kind in ("warm", "observed")
+                            observer = sink if kind == "observed" else None
+                            coro = baton_handoff(srv, caller, cfg.name, warm, args.sentence_tail, bundle, observer)
                         r = await asyncio.wait_for(coro, 60)
                     except Exception as e:  # one failed handoff is a result, not the end
                         r = {"error": f"{type(e).__name__}: {e}"}
@@ -324,6 +411,8 @@ def main() -> None:
         asyncio.run(all_handoffs())
     finally:
         caller.close()
+        if sink is not None:
+            sink.close()
         for w in (cold_worker, naive_worker):
             if w is not None:
                 w.stop()
@@ -341,7 +430,10 @@ def main() -> None:
     for kind, rs in results.items():
         ok = [r for r in rs if r.get("outcome") == "completed" and r.get("audible_ms") is not None and "error" not in r]
         sil = [float(r["silence_ms"]) for r in ok]
+        for r in ok:
+            r["baton_completed_ms"] = r.get("phases_ms", {}).get("completed")
         report["summary"][kind] = {
+            "baton_completed_ms": stats(ok, "baton_completed_ms"),
             "n": len(rs),
             "ok": len(ok),
             "failed": [r.get("error") or r.get("outcome") for r in rs if r not in ok],
@@ -359,6 +451,13 @@ def main() -> None:
     s = report["summary"]
 
     la = report["loadavg"]
+    if args.observe:
+        report["sink_requests"] = sink.requests if sink else 0
+        print_observe_report(report, n_warm, n_observed)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1, default=str))
+        return
     print(
         f"\nhandoffs: {args.handoffs} baton ({n_warm} warm, {n_cold} cold) + {n_naive} naive; "
         f"{report['run_seconds'] / 60:.1f} min; load avg start {la['start'][0]} mean {la['mean1']:.2f} "
@@ -387,6 +486,31 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=str))
+
+
+def print_observe_report(report: dict[str, Any], n_warm: int, n_observed: int) -> None:
+    s, la = report["summary"], report["loadavg"]
+    print(
+        f"\nhandoffs: {n_warm} warm plain + {n_observed} warm observed; {report['run_seconds'] / 60:.1f} min; "
+        f"load avg start {la['start'][0]} mean {la['mean1']:.2f} max {la['max1']}; "
+        f"sink got {report['sink_requests']} requests"
+    )
+    rows = [
+        ("request -> target audible (ms)", "request_to_audible_ms"),
+        ("baton request -> completed (ms)", "baton_completed_ms"),
+        ("target ready -> audible (ms)", "ready_to_audible_ms"),
+        ("longest silence (ms)", "silence_ms"),
+    ]
+    print_table(s, ["warm", "observed"], rows)
+    for kind in ("warm", "observed"):
+        k = s[kind]
+        print(f"{kind}: ok {k['ok']}/{k['n']}, failed: {k['failed']}")
+    scrapes = [r.get("scrapes", 0) for r in report["runs"]["observed"]]
+    print(f"observed: {sum(scrapes)} HTTP GETs answered during the handoffs")
+    for key in ("request_to_audible_ms", "baton_completed_ms"):
+        a, b = s["warm"][key], s["observed"][key]
+        if a and b:
+            print(f"ratio observed/plain {key}: p50 {b['p50'] / a['p50']:.2f}, p95 {b['p95'] / a['p95']:.2f}")
 
 
 if __name__ == "__main__":
