@@ -215,7 +215,8 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         &args.server.api_secret,
     )?;
     let observer =
-        start_observer(&args.observe, &args.server.api_key, &args.server.api_secret, Readiness::InRoom).await?;
+        start_observer(&args.observe, &args.server.api_key, &args.server.api_secret, Readiness::InRoom)
+            .await?;
     let cfg =
         CoordinatorConfig { room: args.room.clone(), policy, api: Some(Arc::new(api)), echo: args.echo };
     let coordinator = Box::new(Coordinator::new(cfg, std::time::Instant::now())?);

@@ -8,7 +8,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use baton_floor::{
-    ActivateCause, Alert, BatonMessage, Command, Outcome, Phase, RefuseReason, SecurityEvent, Timeline, TimelineEvent,
+    ActivateCause, Alert, BatonMessage, Command, Outcome, Phase, RefuseReason, SecurityEvent, Timeline,
+    TimelineEvent,
 };
 use serde::Serialize;
 
@@ -99,7 +100,11 @@ impl Event {
             Command::Alert(alert) => Event::Alert(alert.clone()),
             Command::SessionEnded => Event::SessionEnded,
             Command::Send { to, message: BatonMessage::Activate { handoff, cause, .. }, .. } => {
-                Event::FloorGranted(FloorGranted { identity: to.clone(), cause: *cause, handoff: handoff.clone() })
+                Event::FloorGranted(FloorGranted {
+                    identity: to.clone(),
+                    cause: *cause,
+                    handoff: handoff.clone(),
+                })
             }
             Command::Send { to, message: BatonMessage::HandoffRefused { reason }, .. } => {
                 Event::HandoffRefused(HandoffRefused { from: to.clone(), reason: *reason })
@@ -140,7 +145,14 @@ impl Event {
     fn line<T: Serialize>(&self, data: &T, envelope: Envelope<'_>) -> String {
         let time_unix_ms =
             envelope.time.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default();
-        let line = Line { data, event: self.name(), v: SCHEMA_VERSION, id: envelope.id, room: envelope.room, time_unix_ms };
+        let line = Line {
+            data,
+            event: self.name(),
+            v: SCHEMA_VERSION,
+            id: envelope.id,
+            room: envelope.room,
+            time_unix_ms,
+        };
         // Every event type is plain strings, numbers and enums with string keys; a failure here
         // would be a bug in this module, and a line saying so beats a panic in the room task.
         serde_json::to_string(&line).unwrap_or_else(|e| {
@@ -230,7 +242,11 @@ mod tests {
         let activate = Command::Send {
             to: "agent-b".into(),
             re: None,
-            message: BatonMessage::Activate { handoff: Some("h-2".into()), cause: ActivateCause::Handoff, reason: None },
+            message: BatonMessage::Activate {
+                handoff: Some("h-2".into()),
+                cause: ActivateCause::Handoff,
+                reason: None,
+            },
         };
         let v = parse(&Event::from_command(&activate).expect("event").to_json_line(envelope()));
         assert_eq!(v["event"], "floor_granted");
@@ -266,14 +282,19 @@ mod tests {
         let deactivate = Command::Send {
             to: "a".into(),
             re: None,
-            message: BatonMessage::Deactivate { handoff: None, reason: baton_floor::DeactivateReason::Standby },
+            message: BatonMessage::Deactivate {
+                handoff: None,
+                reason: baton_floor::DeactivateReason::Standby,
+            },
         };
         assert_eq!(Event::from_command(&deactivate), None);
     }
 
     #[test]
     fn phase_and_outcome_names_match_the_timeline_json() {
-        for p in [Phase::Requested, Phase::SourceQuiet, Phase::TargetAudible, Phase::Failed, Phase::BundleLost] {
+        for p in
+            [Phase::Requested, Phase::SourceQuiet, Phase::TargetAudible, Phase::Failed, Phase::BundleLost]
+        {
             assert_eq!(serde_json::to_value(p).expect("json"), phase_name(p));
         }
         for o in [Outcome::Completed, Outcome::HandedBack, Outcome::Failed] {

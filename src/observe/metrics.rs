@@ -247,7 +247,8 @@ impl Metrics {
 
     fn record_handoff(&self, t: &Timeline) {
         let outcome = t.outcome.map_or("unknown", outcome_name).to_string();
-        let labels = HandoffLabels { source: t.source.clone(), target: t.target.clone(), outcome: outcome.clone() };
+        let labels =
+            HandoffLabels { source: t.source.clone(), target: t.target.clone(), outcome: outcome.clone() };
         self.handoffs.get_or_create(&labels).inc();
         let secs = |ms: u64| ms as f64 / 1000.0;
         if let Some(end) = t.phases.iter().map(|m| m.ms).max() {
@@ -257,7 +258,9 @@ impl Metrics {
             // The request is the origin (always 0); a phase seen twice (two failed targets)
             // counts each time.
             if mark.phase != Phase::Requested {
-                self.phase.get_or_create(&PhaseLabels { phase: phase_name(mark.phase).into() }).observe(secs(mark.ms));
+                self.phase
+                    .get_or_create(&PhaseLabels { phase: phase_name(mark.phase).into() })
+                    .observe(secs(mark.ms));
             }
         }
         if t.outcome == Some(Outcome::Completed)
@@ -326,8 +329,7 @@ mod tests {
     use crate::observe::event::HandoffRefused;
 
     fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+        text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
     }
 
     #[test]

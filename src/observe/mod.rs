@@ -90,7 +90,8 @@ impl Observer {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Arc::new(Metrics::new());
         let webhook = cfg.webhook.map(|w| webhook::Webhook::start(w, metrics.clone())).transpose()?;
-        let traces = if cfg.traces_from_env { trace::Traces::from_env().map_err(ObserveError::Traces)? } else { None };
+        let traces =
+            if cfg.traces_from_env { trace::Traces::from_env().map_err(ObserveError::Traces)? } else { None };
         if traces.is_some() {
             tracing::info!("exporting handoff traces over OTLP");
         }

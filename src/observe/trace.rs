@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 use baton_floor::{Outcome, Phase, Timeline};
 
 use super::event::{outcome_name, phase_name};
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
@@ -45,7 +47,8 @@ impl Traces {
         } else {
             Resource::builder().with_service_name("baton").build()
         };
-        let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+        let provider =
+            SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
         let tracer = provider.tracer("baton");
         Ok(Some(Traces { provider, tracer }))
     }
@@ -76,7 +79,8 @@ impl Traces {
             .with_attributes(attributes)
             .start(&self.tracer);
         for mark in &t.phases {
-            let mut fields = vec![KeyValue::new("baton.handoff.ms", i64::try_from(mark.ms).unwrap_or(i64::MAX))];
+            let mut fields =
+                vec![KeyValue::new("baton.handoff.ms", i64::try_from(mark.ms).unwrap_or(i64::MAX))];
             if let Some(detail) = &mark.detail {
                 fields.push(KeyValue::new("baton.handoff.detail", detail.clone()));
             }

@@ -129,7 +129,10 @@ impl Webhook {
                 self.done_one();
                 self.metrics.dropped("webhook", Dropped::QueueFull);
                 if self.drops.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(capacity = QUEUE_CAPACITY, "webhook queue full: events dropped (counted in baton_events_dropped_total)");
+                    tracing::warn!(
+                        capacity = QUEUE_CAPACITY,
+                        "webhook queue full: events dropped (counted in baton_events_dropped_total)"
+                    );
                 }
             }
         }
@@ -281,7 +284,9 @@ mod tests {
         assert_eq!(claims.iss, "key");
         let hash = base64::engine::general_purpose::STANDARD.decode(claims.sha256).expect("base64");
         assert_eq!(hash, Sha256::digest(body).to_vec());
-        assert!(TokenVerifier::with_api_key("key", "another-secret-0123456789abcdef012345").verify(&jwt).is_err());
+        assert!(
+            TokenVerifier::with_api_key("key", "another-secret-0123456789abcdef012345").verify(&jwt).is_err()
+        );
     }
 
     #[test]

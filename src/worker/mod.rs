@@ -384,12 +384,14 @@ impl Worker {
         };
         let joined = self.events_tx.clone();
         let joined_id = job.job_id.clone();
-        let handler = Box::new(Observed::new(room_handler(&job, &self.opts), self.observer.clone(), &job.room).on_joined(
-            // When baton is first in the room the job counts as running.
-            move || {
-                let _ = joined.send(RoomEvent::Joined { job_id: joined_id });
-            },
-        ));
+        let handler = Box::new(
+            Observed::new(room_handler(&job, &self.opts), self.observer.clone(), &job.room).on_joined(
+                // When baton is first in the room the job counts as running.
+                move || {
+                    let _ = joined.send(RoomEvent::Joined { job_id: joined_id });
+                },
+            ),
+        );
         tracing::info!(job_id = %job.job_id, room = %job.room, dispatch_id = %job.dispatch_id, "job assigned; joining");
         let events = self.events_tx.clone();
         let job_id = job.job_id.clone();
