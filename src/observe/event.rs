@@ -189,6 +189,8 @@ pub fn phase_name(p: Phase) -> &'static str {
         Phase::TargetFailed => "target_failed",
         Phase::AlternateTried => "alternate_tried",
         Phase::SourceLeft => "source_left",
+        Phase::TargetLeft => "target_left",
+        Phase::Rejoined => "rejoined",
         Phase::FillerOff => "filler_off",
         Phase::TargetActivated => "target_activated",
         Phase::TargetAudible => "target_audible",
