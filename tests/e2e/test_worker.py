@@ -561,7 +561,7 @@ def test_start_agent_whose_worker_comes_up_during_the_retries_joins_once(tmp_pat
                     # Its dispatch is kept (deleting it would make the server end triage's job).
                     kept = server_dispatch_calls(server, "DeleteDispatch", room)
                     assert not [d for d in kept if f'"dispatchID": "{ids[-1]}"' in d], kept
-                    assert len(baton_lines(worker, "delete dispatch of triage")) == tries - 1, worker.text()
+                    assert len(baton_lines(worker, "deleting dispatch agent=triage")) == tries - 1, worker.text()
 
                     # The call proceeds: triage answers the caller.
                     reply = await ask_then_close(caller, lk, room, replies)
