@@ -40,6 +40,7 @@ from .floor import (
     CONTROL_TOPIC,
     COORDINATOR_ATTRIBUTE,
     COORDINATOR_ROLE,
+    HEARTBEAT_MS,
     HELLO_RETRY,
     BatonError,
     ControlDecodeError,
@@ -47,6 +48,7 @@ from .floor import (
     FloorEventKind,
     HandoffCancelled,
     HandoffRefused,
+    HeartbeatSender,
     RefusalLog,
     decode_control,
     encode_control,
@@ -757,6 +759,7 @@ class BatonLink:
         on_tool_result: EventHook | None = default_on_tool_result,
         user_state_serializer: Callable[[Any], Mapping[str, Any]] | None = None,
         transcription: bool = True,
+        heartbeat_ms: int | None = HEARTBEAT_MS,
     ) -> None:
         self.room = room
         self.session = session
@@ -765,8 +768,16 @@ class BatonLink:
         self.baton_identity: str | None = None
         self.effects = SessionEffects(session, transcription=transcription)
         self.floor = FloorClient(
-            agent_name, self, self.effects, role=role, listener=self._on_floor_event
+            agent_name,
+            self,
+            self.effects,
+            role=role,
+            listener=self._on_floor_event,
+            heartbeat_ms=heartbeat_ms,
         )
+        self.heartbeat = HeartbeatSender(heartbeat_ms) if heartbeat_ms else None
+        """The heartbeat to baton (None: not sent, and ``hello`` does not announce it)."""
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self.on_activate = on_activate
         self.on_release = on_release
         self.on_prepare = on_prepare
@@ -827,7 +838,8 @@ class BatonLink:
         after ``find_timeout`` seconds, :class:`MessageTooLarge` when ``agent_name`` or
         ``role`` cannot fit a ``hello``. Further keyword ``options`` go to the
         constructor (``on_activate``, ``on_release``, ``on_prepare``, ``user_state_serializer``,
-        ``transcription``).
+        ``transcription``, ``heartbeat_ms``: milliseconds between heartbeats, sent from the
+        first ``hello`` on, or None for none).
         """
         room, job_ctx = _room_and_job(ctx_or_room)
         if agent_name is None:
@@ -841,6 +853,9 @@ class BatonLink:
         transport_for(room).accept_from = link._accepts_transfer_from
         link._listen()
         link.baton_identity = await link._find_baton(baton_identity, find_timeout)
+        if link.heartbeat is not None:
+            # its own task: a hung event loop stops it, and baton then replaces this agent
+            link._heartbeat_task = asyncio.ensure_future(link.heartbeat.run(link._send_lossy))
         await link._greet(answer_timeout)
         return link
 
@@ -885,7 +900,7 @@ class BatonLink:
             self.session.off("conversation_item_added", self._on_item_added)
         with contextlib.suppress(ValueError):
             self.journal.listeners.remove(self._on_call_ended)
-        for t in [self._writer, *self._tasks]:
+        for t in [self._writer, self._heartbeat_task, *self._tasks]:
             if t is not None:
                 t.cancel()
 
@@ -942,6 +957,14 @@ class BatonLink:
                 )
             except Exception:
                 log.warning("could not send %s to baton", msg.get("type"), exc_info=True)
+
+    async def _send_lossy(self, payload: bytes) -> None:
+        """Publish a heartbeat: lossy (a late one is worthless), to baton only."""
+        dest = self.baton_identity
+        if dest is not None:
+            await self.room.local_participant.publish_data(
+                payload, reliable=False, destination_identities=[dest], topic=CONTROL_TOPIC
+            )
 
     # -- room and session callbacks --
 

@@ -11,6 +11,8 @@ hand-written agent, a test) and is tested with recording fakes.
 * :class:`FloorClient`: hello, activate/deactivate/prepare handling, the quiet after a handoff's
   last sentence, handoff requests and their answers, as a state machine.
 * :func:`hello_schedule`: when an agent says ``hello`` again while baton has not answered.
+* :class:`HeartbeatSender`: the ``heartbeat`` an agent sends every ``heartbeat_ms`` so baton
+  notices its death within a second (docs/protocol.md, "Checkpoints, heartbeats and recovery").
 * :func:`is_coordinator`: whether a participant is baton's, the only sender whose control
   messages and transfers an agent accepts.
 """
@@ -22,7 +24,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol
 
 from .frames import MAX_FRAME_SIZE
@@ -31,6 +33,7 @@ __all__ = [
     "CONTROL_TOPIC",
     "COORDINATOR_ATTRIBUTE",
     "COORDINATOR_ROLE",
+    "HEARTBEAT_MS",
     "HELLO_RETRY",
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
@@ -47,6 +50,7 @@ __all__ = [
     "FloorListener",
     "HandoffCancelled",
     "HandoffRefused",
+    "HeartbeatSender",
     "MessageTooLarge",
     "ParticipantLike",
     "RefusalLog",
@@ -77,12 +81,15 @@ PARTICIPANT_KIND_AGENT = 4
 ``rtc.ParticipantKind.PARTICIPANT_KIND_AGENT``. The server sets a participant's kind from the
 token it accepted, so a caller cannot claim it."""
 HELLO_RETRY = 1.0
+"""Seconds between repeated ``hello`` messages while baton has not answered (see
+:func:`hello_schedule`)."""
 MAX_TOOL_RESULT_SIZE = MAX_MESSAGE_SIZE - 1000
 """Bytes a ``tool_result`` may take as sent by an agent: baton forwards it with a new ``id``
 and a ``source`` member, so 1 000 bytes are left for those (docs/protocol.md, ``tool_result``).
 :meth:`FloorClient.tool_result` truncates ``output`` to fit."""
-"""Seconds between repeated ``hello`` messages while baton has not answered (see
-:func:`hello_schedule`)."""
+HEARTBEAT_MS = 250
+"""Milliseconds between heartbeats, announced in ``hello`` as ``heartbeat_ms``. baton suspects a
+crash after ``crash_suspect_after`` (1 s) without one, so four may be lost in a row first."""
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -322,6 +329,59 @@ def hello_schedule(answer_timeout: float, interval: float = HELLO_RETRY) -> list
 
 
 # ---------------------------------------------------------------------------------------------
+# Heartbeats
+
+
+class HeartbeatSender:
+    """The ``heartbeat`` messages of one agent (docs/protocol.md, "Checkpoints, heartbeats and
+    recovery"): ``{"v":1,"type":"heartbeat","id":"h-<seq>","seq":<seq>}``, ``seq`` from 0, +1
+    per message, never reset (a reconnect keeps counting).
+
+    :meth:`next` is the sans-IO part: the next message's bytes. :meth:`run` sends them every
+    ``interval_ms`` milliseconds with ``send`` until cancelled; it runs as its own asyncio task
+    on the agent's event loop on purpose, so a hung loop stops the heartbeat and baton replaces
+    the agent (a hung agent cannot speak either). ``send`` should publish a **lossy** data
+    packet to baton only: a late heartbeat is worthless and must not queue behind a bundle. A
+    ``send`` that raises is logged and the beat skipped (the next one may get through).
+    """
+
+    def __init__(self, interval_ms: int = HEARTBEAT_MS) -> None:
+        if not (isinstance(interval_ms, int) and interval_ms > 0):
+            raise ValueError("interval_ms must be a positive integer")
+        self.interval_ms = interval_ms
+        self.seq = 0
+        """The ``seq`` of the next heartbeat."""
+        self.failures = 0
+        """Heartbeats whose ``send`` raised."""
+
+    def next(self) -> bytes:
+        """The next heartbeat as a data packet's payload."""
+        seq = self.seq
+        self.seq += 1
+        return encode_control(
+            {"v": PROTOCOL_VERSION, "type": "heartbeat", "id": f"h-{seq}", "seq": seq}
+        )
+
+    async def run(
+        self,
+        send: Callable[[bytes], Awaitable[None]],
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """Send a heartbeat now and then every ``interval_ms`` until cancelled."""
+        while True:
+            try:
+                await send(self.next())
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.failures += 1
+                if self.failures == 1 or self.failures % 100 == 0:
+                    log.warning("heartbeat not sent (%d so far): %s", self.failures, e)
+            await sleep(self.interval_ms / 1000)
+
+
+# ---------------------------------------------------------------------------------------------
 # The floor state machine
 
 
@@ -381,9 +441,12 @@ class FloorClient:
         role: str | None = None,
         listener: FloorListener | None = None,
         id_prefix: str | None = None,
+        heartbeat_ms: int | None = None,
     ) -> None:
         self.agent_name = agent_name
         self.role = role
+        self.heartbeat_ms = heartbeat_ms
+        """Announced in ``hello`` when set: this agent sends ``heartbeat`` that often."""
         self._sender = sender
         self._effects = effects
         self._listener = listener
@@ -417,8 +480,11 @@ class FloorClient:
         return msg
 
     def hello(self) -> dict[str, Any]:
-        """Announce this agent (at start, and again after any reconnect of either side)."""
-        return self._send("hello", agent_name=self.agent_name, role=self.role)
+        """Announce this agent (at start, and again after any reconnect of either side), with
+        ``heartbeat_ms`` when this agent sends heartbeats."""
+        return self._send(
+            "hello", agent_name=self.agent_name, role=self.role, heartbeat_ms=self.heartbeat_ms
+        )
 
     def ping(self) -> dict[str, Any]:
         return self._send("ping")

@@ -60,6 +60,7 @@ class Published(NamedTuple):
     dest: str
     topic: str
     payload: bytes
+    reliable: bool = True
 
 
 class Net:
@@ -70,6 +71,8 @@ class Net:
         self.rooms: dict[str, FakeRoom] = {}
         self.delay = delay
         self.down = False
+        self.lossy_drop = False
+        """Lose every lossy (unreliable) packet, as a congested link may."""
         self.log: list[Published] = []
 
 
@@ -86,12 +89,14 @@ class LocalParticipant:
         topic: str = "",
     ) -> None:
         dests = list(destination_identities or [])
-        assert reliable, "baton traffic goes on the reliable channel"
+        assert reliable or (topic == CONTROL_TOPIC and b'"type":"heartbeat"' in payload), (
+            "baton traffic goes on the reliable channel, heartbeats excepted"
+        )
         assert len(dests) == 1, "addressed to exactly one participant, never broadcast"
         net = self.room.net
-        net.log.append(Published(self.room.identity, dests[0], topic, bytes(payload)))
+        net.log.append(Published(self.room.identity, dests[0], topic, bytes(payload), reliable))
         target = net.rooms.get(dests[0])
-        if net.down or target is None:
+        if net.down or target is None or (not reliable and net.lossy_drop):
             return
         pkt = Packet(bytes(payload), topic, self.room.as_participant())
         asyncio.get_running_loop().call_later(net.delay, target.emit, "data_received", pkt)
@@ -276,6 +281,8 @@ class StandInBaton:
     def __init__(self, net: Net, identity: str) -> None:
         self.room = baton_room(net, identity)
         self.sent: list[tuple[float, str, dict[str, Any]]] = []
+        self.heartbeats: list[tuple[str, dict[str, Any]]] = []
+        """(sender, heartbeat) per heartbeat received, kept apart from the other messages."""
         self._n = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.room.on("data_received", self._on_packet)
@@ -297,7 +304,11 @@ class StandInBaton:
 
     def _on_packet(self, pkt: Packet) -> None:
         if pkt.topic == CONTROL_TOPIC:
-            self.on_control(pkt.participant.identity, json.loads(pkt.data))
+            msg = json.loads(pkt.data)
+            if msg.get("type") == "heartbeat":  # never answered (docs/protocol.md)
+                self.heartbeats.append((pkt.participant.identity, msg))
+                return
+            self.on_control(pkt.participant.identity, msg)
 
     def on_control(self, who: str, msg: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -617,3 +617,31 @@ def test_link_takes_control_and_transfers_from_baton_only() -> None:
         await s2.aclose()
 
     asyncio.run(main())
+
+
+def test_link_sends_lossy_heartbeats_to_baton_only_from_hello_until_closed() -> None:
+    """docs/protocol.md, "Checkpoints, heartbeats and recovery": hello announces heartbeat_ms,
+    then a heartbeat every heartbeat_ms on baton.control, lossy, addressed to baton only;
+    nothing after the link closes."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        FakeRoom(net, "caller")
+        room = FakeRoom(net, "agent-triage")
+        s: AgentSession[None] = AgentSession(llm=ScriptedLLM(billing_script))
+        link = await BatonLink.attach(room, s, agent_name="triage", heartbeat_ms=50)  # type: ignore[arg-type]
+        hello = next(m for _, m in baton.got if m["type"] == "hello")
+        assert hello["heartbeat_ms"] == 50
+        await asyncio.sleep(0.3)
+        await link.aclose()
+        beats = [p for p in net.log if b'"heartbeat"' in p.payload]
+        assert len(beats) >= 3
+        assert all((p.dest, p.reliable) == ("baton-1", False) for p in beats)
+        seqs = [m["seq"] for _, m in baton.heartbeats]
+        assert seqs == list(range(len(seqs))), seqs
+        n = len(net.log)
+        await asyncio.sleep(0.15)
+        assert len(net.log) == n, "no heartbeat after aclose"
+
+    asyncio.run(main())

@@ -1,7 +1,7 @@
 """lk_baton.floor, the SDK-free control protocol: the floor state machine with recording fakes
 (tests/fakes.py), the control codec (plain UTF-8, the packet limit, a typed error naming the
 field too long: issue 11, item 1), who an agent takes messages from, the rate-limited refusal
-log, and the hello schedule."""
+log, the hello schedule and the heartbeat."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from lk_baton.floor import (
     PARTICIPANT_KIND_AGENT,
     ControlDecodeError,
     FloorClient,
+    HeartbeatSender,
     MessageTooLarge,
     RefusalLog,
     decode_control,
@@ -426,3 +427,48 @@ def test_hello_schedule_is_every_second_until_the_deadline() -> None:
             hello_schedule(bad)
     with pytest.raises(ValueError):
         hello_schedule(5.0, interval=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heartbeats (docs/protocol.md, "Checkpoints, heartbeats and recovery")
+
+
+def test_hello_announces_heartbeat_ms_only_when_the_agent_sends_heartbeats() -> None:
+    s = FakeSender()
+    FloorClient("triage", s, FakeEffects(), heartbeat_ms=250).hello()
+    FloorClient("triage", s, FakeEffects()).hello()
+    assert s.sent[0]["heartbeat_ms"] == 250
+    assert "heartbeat_ms" not in s.sent[1]
+
+
+def test_heartbeats_count_up_from_zero_as_control_envelopes() -> None:
+    hb = HeartbeatSender(250)
+    msgs = [decode_control(hb.next()) for _ in range(3)]
+    assert msgs == [{"v": 1, "type": "heartbeat", "id": f"h-{n}", "seq": n} for n in range(3)]
+    with pytest.raises(ValueError):
+        HeartbeatSender(0)
+
+
+def test_heartbeat_runs_every_interval_and_survives_a_failing_send(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sent: list[int] = []
+    slept: list[float] = []
+    hb = HeartbeatSender(200)
+
+    async def send(payload: bytes) -> None:
+        seq = json.loads(payload)["seq"]
+        if seq == 1:
+            raise ConnectionError("data channel closed")
+        sent.append(seq)
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 4:
+            raise asyncio.CancelledError
+
+    with caplog.at_level(logging.WARNING, "lk_baton.floor"), pytest.raises(asyncio.CancelledError):
+        asyncio.run(hb.run(send, sleep=sleep))
+    assert sent == [0, 2, 3], "the failed beat is skipped, not resent, and the next one goes"
+    assert slept == [0.2] * 4
+    assert hb.failures == 1 and "heartbeat not sent" in caplog.text
