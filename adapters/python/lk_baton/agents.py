@@ -36,6 +36,7 @@ from livekit.agents import llm
 from livekit.agents.voice.events import RunContext
 
 from . import bundle as bd
+from . import checkpoint as cp
 from .floor import (
     CONTROL_TOPIC,
     COORDINATOR_ATTRIBUTE,
@@ -641,6 +642,16 @@ async def seed_agent(
     return agent
 
 
+def _item_id(item: llm.ChatItem) -> str:
+    return item.id
+
+
+def _item_dict(item: llm.ChatItem) -> dict[str, Any]:
+    """One chat item exactly as ``ChatContext.to_dict(exclude_timestamp=False)`` has it."""
+    d: dict[str, Any] = llm.ChatContext([item]).to_dict(exclude_timestamp=False)["items"][0]
+    return d
+
+
 def chat_items_equal(
     a: llm.ChatContext, b: llm.ChatContext, *, skip_types: Sequence[str] = ()
 ) -> bool:
@@ -760,6 +771,7 @@ class BatonLink:
         user_state_serializer: Callable[[Any], Mapping[str, Any]] | None = None,
         transcription: bool = True,
         heartbeat_ms: int | None = HEARTBEAT_MS,
+        checkpoints: bool = True,
     ) -> None:
         self.room = room
         self.session = session
@@ -804,6 +816,17 @@ class BatonLink:
         self.late_results: list[dict[str, Any]] = []
         """Every late ``tool_result`` applied to this agent's context, in arrival order."""
         self._late_seen: set[str] = set()
+        self.agent_state: dict[str, Any] = {}
+        """What this agent tried and how it ended (``attempts``, ``outcome``, ``data``, as in a
+        bundle's ``agent_state``), carried in its checkpoints; the app may set it."""
+        self.checkpoints = (
+            cp.CheckpointTracker(agent_name, item_id=_item_id, item_dict=_item_dict)
+            if checkpoints
+            else None
+        )
+        """The checkpoint stream to baton (docs/protocol.md, "Checkpoints"): sent at every turn
+        boundary and around every tool call while this agent holds the floor. None: off."""
+        self._checkpoint_scheduled = False
 
     # -- construction --
 
@@ -881,6 +904,7 @@ class BatonLink:
         self.session.on("agent_state_changed", self._on_agent_state)
         self.session.on("function_tools_executed", self._on_tools_executed)
         self.session.on("conversation_item_added", self._on_item_added)
+        self.session.on("tool_execution_updated", self._on_tool_update)
         self.journal.listeners.append(self._on_call_ended)
         self._writer = asyncio.ensure_future(self._write_loop())
 
@@ -898,6 +922,7 @@ class BatonLink:
             self.session.off("agent_state_changed", self._on_agent_state)
             self.session.off("function_tools_executed", self._on_tools_executed)
             self.session.off("conversation_item_added", self._on_item_added)
+            self.session.off("tool_execution_updated", self._on_tool_update)
         with contextlib.suppress(ValueError):
             self.journal.listeners.remove(self._on_call_ended)
         for t in [self._writer, self._heartbeat_task, *self._tasks]:
@@ -992,6 +1017,8 @@ class BatonLink:
         return False
 
     def _on_reconnected(self, *_: Any) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.need_base()  # what baton holds of ours is unknown now
         self.floor.hello()
         self.floor.resend_requests()  # an answer lost in the reconnect: baton answers it again
 
@@ -1027,6 +1054,9 @@ class BatonLink:
             self.last_failed_target = str(msg.get("target") or "") or None
         elif kind == "tool_result":
             self._spawn(self._apply_tool_result(msg))
+        elif kind == "activated" and self.checkpoints is not None:
+            self.checkpoints.need_base()
+            self.checkpoint_soon()
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if not w.done():
@@ -1049,6 +1079,7 @@ class BatonLink:
     # -- tool calls across the handoff --
 
     def _on_tools_executed(self, ev: FunctionToolsExecutedEvent) -> None:
+        self.checkpoint_soon()  # the batch's calls and outputs are in the context now
         # A batch that ends after this agent lost the floor (a slow tool next to the transfer)
         # would make its model reply to nobody, and commit that reply as if it was heard.
         if not self.floor.active and ev.has_tool_reply:
@@ -1062,6 +1093,81 @@ class BatonLink:
         item = ev.item
         if item.type == "message" and item.role == "assistant" and not self.effects.voiced:
             item.interrupted = True  # its output was off: the caller heard none of it
+        self.checkpoint_soon()  # a user turn committed, or an agent turn finished/interrupted
+
+    # -- checkpoints (docs/protocol.md, "Checkpoints, heartbeats and recovery") --
+
+    def _on_tool_update(self, ev: ToolExecutionUpdatedEvent) -> None:
+        if ev.update.type in ("tool_call_started", "tool_call_ended"):
+            self.checkpoint_soon()
+
+    def checkpoint_soon(self) -> None:
+        """Checkpoint once the current callback is over (several triggers of one moment, e.g. a
+        tool's end and its batch's commit, make one checkpoint)."""
+        if self.checkpoints is None or self._checkpoint_scheduled or self._closed:
+            return
+        self._checkpoint_scheduled = True
+        asyncio.get_running_loop().call_soon(self._checkpoint_now)
+
+    def _checkpoint_now(self) -> None:
+        self._checkpoint_scheduled = False
+        t = self.checkpoints
+        dest = self.baton_identity
+        if t is None or dest is None or self._closed or not self.floor.active:
+            return
+        payload = self.checkpoint_payload()
+        if payload is None:
+            return
+        task = asyncio.ensure_future(send_bundle(self.room, dest, payload, cp.META))
+        self._tasks.add(task)
+        task.add_done_callback(self._checkpoint_done)
+
+    def checkpoint_payload(self, now: float | None = None) -> bytes | None:
+        """The next checkpoint from the session's current agent (its chat context, the
+        session's user state, :attr:`agent_state`, its journal calls), or None when one is in
+        flight or nothing changed. What a turn costs on the event loop (``bench checkpoint``)."""
+        t = self.checkpoints
+        if t is None:
+            return None
+        try:
+            agent = self.session.current_agent
+        except RuntimeError:
+            return None
+        try:
+            user = self.session.userdata
+        except ValueError:
+            user = None
+        try:
+            state = state_to_dict(user, self.user_state_serializer)
+        except TypeError as e:
+            log.warning("checkpoint without user state: %s", e)
+            state = {}
+        journal = [
+            cp.journal_entry(c)
+            for c in self.journal.calls()
+            if c.agent in (None, agent.id) and c.handoff is None
+        ]
+        return t.build(
+            agent.chat_ctx.items,
+            user_state=state,
+            agent_state=self.agent_state,
+            journal=journal,
+            now=time.time() if now is None else now,
+        )
+
+    def _checkpoint_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        t = self.checkpoints
+        if t is None:
+            return
+        if task.cancelled() or task.exception() is not None:
+            err = None if task.cancelled() else task.exception()
+            log.info("checkpoint %s not applied by baton: %s", t.in_flight, err or "cancelled")
+            t.failed()
+        else:
+            t.acked()
+        if t.pending:
+            self.checkpoint_soon()
 
     def _on_call_ended(self, call: ToolCall) -> None:
         """A call carried in flight by our bundle ended: its result is owed to the agent that

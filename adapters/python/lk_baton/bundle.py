@@ -56,6 +56,7 @@ class Summary(TypedDict):
 class Bundle(TypedDict):
     schema: str
     handoff_id: NotRequired[str]
+    cause: NotRequired[Literal["handoff", "recovery"]]
     from_agent: str
     to_agent: str
     reason: str
@@ -101,8 +102,11 @@ def build_bundle(
     agent_state: AgentState | None = None,
     handoff_id: str | None = None,
     created_at: float | None = None,
+    cause: Literal["handoff", "recovery"] | None = None,
 ) -> Bundle:
-    """Assemble, summarise and validate a bundle. Raises :class:`BundleError` if invalid."""
+    """Assemble, summarise and validate a bundle. Raises :class:`BundleError` if invalid.
+    ``cause``: ``recovery`` for the bundle of a crashed agent's replacement (docs/bundle.md);
+    absent means a handoff."""
     body: dict[str, Any] = {
         "schema": SCHEMA,
         "from_agent": from_agent,
@@ -116,6 +120,8 @@ def build_bundle(
     }
     if handoff_id is not None:
         body["handoff_id"] = handoff_id
+    if cause is not None:
+        body["cause"] = cause
     body["summary"] = _summary(body)
     bundle: Bundle = body  # type: ignore[assignment]
     validate_bundle(bundle)
@@ -143,6 +149,8 @@ def problems(doc: Any, *, check_summary: bool = True) -> list[str]:
             p.append(f"{k} must be a string of {lo}..{hi} characters")
     if "handoff_id" in doc and not _str(doc["handoff_id"], 1, 64):
         p.append("handoff_id must be a string of 1..64 characters")
+    if "cause" in doc and doc["cause"] not in ("handoff", "recovery"):
+        p.append("cause must be 'handoff' or 'recovery'")
     if not _epoch(doc.get("created_at")):
         p.append("created_at must be epoch seconds (a non-negative number)")
     chat = doc.get("chat")

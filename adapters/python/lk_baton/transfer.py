@@ -889,6 +889,9 @@ class RoomTransport:
     ``not_authorized``). ``BatonLink`` sets it to "baton's participant only". Bundles
     delivered but not yet taken by :meth:`receive` are kept up to ``max_unclaimed_bytes`` in
     all (the oldest is dropped first, and logged); the newest is always kept.
+    ``intercept(delivered) -> bool``, when set, sees each verified bundle first and keeps it
+    from :meth:`receive` by returning True (a receiver that routes by meta, as baton routes
+    checkpoints).
     """
 
     def __init__(
@@ -903,6 +906,7 @@ class RoomTransport:
         self.room = room
         self.endpoint = Endpoint(cfg)
         self.accept_from = accept_from
+        self.intercept: Callable[[BundleDelivered], bool] | None = None
         self.max_unclaimed_bytes = max_unclaimed_bytes
         self._clock = clock
         self._send_waiters: dict[tuple[str, int], asyncio.Future[None]] = {}
@@ -987,6 +991,8 @@ class RoomTransport:
         self._arm_timer()
 
     def _keep(self, d: BundleDelivered) -> None:
+        if self.intercept is not None and self.intercept(d):
+            return
         self._inbox.append(d)
         self._inbox_bytes += len(d.payload)
         while self._inbox_bytes > self.max_unclaimed_bytes and len(self._inbox) > 1:

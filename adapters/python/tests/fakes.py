@@ -26,13 +26,14 @@ from typing import Any, NamedTuple
 from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, function_tool, llm
 
 from lk_baton.agents import current_tool_call, journaled
+from lk_baton.checkpoint import MergedState, merge_checkpoints
 from lk_baton.floor import (
     CONTROL_TOPIC,
     COORDINATOR_ATTRIBUTE,
     COORDINATOR_ROLE,
     PARTICIPANT_KIND_AGENT,
 )
-from lk_baton.transfer import transport_for
+from lk_baton.transfer import BundleDelivered, transport_for
 
 KIND_STANDARD = 0
 BATON_ATTRIBUTES = {COORDINATOR_ATTRIBUTE: COORDINATOR_ROLE}
@@ -286,6 +287,23 @@ class StandInBaton:
         self._n = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.room.on("data_received", self._on_packet)
+        self.checkpoints: dict[str, MergedState] = {}
+        """Merged checkpoints per agent name, merged as baton merges them."""
+        self.checkpoint_log: list[tuple[str, dict[str, Any]]] = []
+        """(sender, checkpoint) per checkpoint received."""
+        transport_for(self.room).intercept = self._on_bundle
+
+    def _on_bundle(self, d: BundleDelivered) -> bool:
+        """Checkpoints are merged, not kept as bundles (docs/protocol.md section 4.10)."""
+        if json.loads(d.meta or "{}").get("purpose") != "checkpoint":
+            return False
+        doc = json.loads(d.payload)
+        self.checkpoint_log.append((d.sender, doc))
+        name = str(doc.get("agent"))
+        self.checkpoints[name] = merge_checkpoints(
+            self.checkpoints.get(name), d.payload, sender=d.sender
+        )
+        return True
 
     def send(self, to: str, type_: str, **kw: Any) -> None:
         self._n += 1
