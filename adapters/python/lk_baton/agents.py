@@ -827,6 +827,7 @@ class BatonLink:
         """The checkpoint stream to baton (docs/protocol.md, "Checkpoints"): sent at every turn
         boundary and around every tool call while this agent holds the floor. None: off."""
         self._checkpoint_scheduled = False
+        self._checkpoint_hold = False
 
     # -- construction --
 
@@ -1055,6 +1056,7 @@ class BatonLink:
         elif kind == "tool_result":
             self._spawn(self._apply_tool_result(msg))
         elif kind == "activated" and self.checkpoints is not None:
+            self._checkpoint_hold = False
             self.checkpoints.need_base()
             self.checkpoint_soon()
         waiters, self._waiters = self._waiters, []
@@ -1115,6 +1117,8 @@ class BatonLink:
         dest = self.baton_identity
         if t is None or dest is None or self._closed or not self.floor.active:
             return
+        if self._checkpoint_hold:
+            return  # a handoff is being asked for: its bundle must be the next transfer
         payload = self.checkpoint_payload()
         if payload is None:
             return
@@ -1154,6 +1158,19 @@ class BatonLink:
             journal=journal,
             now=time.time() if now is None else now,
         )
+
+    async def _checkpoints_quiet(self, timeout: float) -> None:
+        """Hold new checkpoints and wait (up to ``timeout``) for the one in flight to end."""
+        self._checkpoint_hold = True
+        t = self.checkpoints
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while t is not None and t.in_flight is not None and loop.time() < end:
+            await asyncio.sleep(0.005)
+
+    def _resume_checkpoints(self) -> None:
+        self._checkpoint_hold = False
+        self.checkpoint_soon()
 
     def _checkpoint_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -1325,13 +1342,18 @@ class BatonLink:
         # The sentence has played out: say so, and the caller hears baton's filler a round trip
         # sooner (baton still sends `deactivate`, which the floor client obeys as usual).
         quiet = self.session.agent_state != "speaking"
+        # baton takes the next transfer this agent completes after a bundle_follows request as
+        # the handoff's bundle: no checkpoint may be in flight or start until it is sent.
+        await self._checkpoints_quiet(timeout=2.0)
         msg, fut = self.floor.request_handoff(target, reason, bundle_follows=True, quiet=quiet)
         try:
             answer = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             self.floor.forget_request(msg["id"])
+            self._resume_checkpoints()
             raise HandoffRefused("timeout", target) from None
         if answer["type"] == "handoff_refused":
+            self._resume_checkpoints()
             raise HandoffRefused(str(answer.get("reason", "unknown")), target)
         hid = str(answer.get("handoff") or "")
         bundle = (

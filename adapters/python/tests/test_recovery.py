@@ -13,6 +13,7 @@ from fakes import BookingBackend, BookingTools, FakeBaton, FakeRoom, Net, Script
 from livekit.agents import Agent, AgentSession, llm
 
 from lk_baton.agents import BatonLink, _item_dict
+from lk_baton.floor import CONTROL_TOPIC
 
 
 @dataclass
@@ -135,6 +136,48 @@ def test_a_lost_checkpoint_is_followed_by_a_base() -> None:
             _item_dict(i) for i in agent.chat_ctx.items
         ]
         assert json.dumps(last, sort_keys=True)  # what was merged is plain JSON
+        await link.aclose()
+        await session.aclose()
+
+    asyncio.run(main())
+
+
+def test_no_checkpoint_travels_between_a_handoff_request_and_its_bundle() -> None:
+    """baton takes the next transfer the source completes after a ``bundle_follows`` request as
+    the handoff's bundle (docs/protocol.md section 4.10): the adapter lets the checkpoint in
+    flight finish first and starts none until the bundle is on its way."""
+    from test_agents import LinkedTriage, linked_triage
+
+    from lk_baton import frames as fr
+    from lk_baton.transfer import TOPIC
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        _room, session, link = await linked_triage(net)
+        triage = LinkedTriage()
+        triage.link = link
+        await session.start(triage)
+        await session.run(user_input="I was charged twice this month")
+        assert triage.ticket is not None
+        await asyncio.wait_for(triage.ticket.upload, 5)
+        await asyncio.sleep(0.05)
+        assert baton.checkpoint_log, "the turns before the handoff were checkpointed"
+
+        order: list[str] = []  # what went between triage and baton, in order
+        for p in net.log:
+            if p.topic == CONTROL_TOPIC and b'"type":"handoff"' in p.payload:
+                order.append("handoff")
+            elif p.topic == TOPIC:
+                f = fr.decode(p.payload)
+                if isinstance(f, fr.Open):
+                    order.append(json.loads(f.meta)["purpose"] + "_open")
+                elif isinstance(f, fr.Complete) and p.src == "baton-1":
+                    order.append("complete")
+        at = order.index("handoff")
+        assert order[at + 1] == "handoff_open", order
+        before = order[:at]
+        assert before.count("checkpoint_open") == before.count("complete"), order
         await link.aclose()
         await session.aclose()
 
