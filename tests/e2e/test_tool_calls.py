@@ -189,6 +189,7 @@ async def scenario(
     barge_in_at: float | None = None,
     backend: BookingBackend | None = None,
     sentence: float = 0.8,
+    after_barge_in: Callable[[Side, Triage], None] | None = None,
 ) -> tuple[Side, Side, Triage, Billing, BookingBackend]:
     backend = backend or BookingBackend()
     billing = Billing(backend)
@@ -210,6 +211,8 @@ async def scenario(
         a.session.generate_reply(user_input="Book a table for four on Christmas Eve, no billing yet")
         await asyncio.sleep(barge_in_at)
         await a.session.interrupt()  # the caller cuts in, as the framework's text input does
+        if after_barge_in is not None:
+            after_barge_in(a, triage)
         a.session.generate_reply(user_input="Actually, just billing please")
     await wait_until(lambda: b.link.floor.active, 20, "billing never got the floor")
     return a, b, triage, billing, backend
@@ -258,11 +261,15 @@ def test_booking_in_the_transfer_batch_reaches_billing_in_flight_then_its_result
                 # the tool's own count: one booking, by triage; billing's journal never ran it
                 assert len(backend.bookings) == 1
                 assert [c.name for c in b.link.journal.calls()] == []
-                # triage's own context holds the booking's result once (the framework delivered it
-                # when the batch ended): a handback finds no call left open ...
+                # triage's own context closed the booking at the handoff, cancelled by handoff, so
+                # a handback finds no call left open; its result landed there later as the
+                # <call_id>_final pair, once ...
+                assert a.link.journal.get(cid) is not None and a.link.journal.get(cid).released == "handoff"
                 t_calls, t_outs = tool_items(triage.chat_ctx, "create_reservation")
-                assert [c.call_id for c in t_calls] == [cid] and [o.call_id for o in t_outs] == [cid]
-                assert '"reservation"' in t_outs[0].output
+                assert [c.call_id for c in t_calls] == [cid, f"{cid}_final"]
+                assert [o.call_id for o in t_outs] == [cid, f"{cid}_final"]
+                assert t_outs[0].output.startswith("Cancelled by handoff") and "billing" in t_outs[0].output
+                assert '"reservation"' in t_outs[1].output
                 # ... and its model was not asked to reply to it once it had lost the floor (two
                 # requests: the greeting and the caller's turn)
                 assert len(a.model.seen) == 2, [types(c) for c in a.model.seen]
@@ -296,30 +303,64 @@ def test_sibling_that_finished_first_is_in_billings_context_once(server: LiveKit
 
 @pytest.mark.parametrize("barge_in_at", [0.5, 2.5], ids=["while-booking-runs", "after-it-finished"])
 def test_barge_in_then_handoff_keeps_the_booking_once(server: LiveKitServer, barge_in_at: float) -> None:
-    """The caller cuts in while the booking runs (0.5 s into its 2 s) or after it finished
-    (2.5 s), then asks for billing: billing's context holds the booking exactly once (finished
-    with its output, or in flight and then its result), and nobody books twice."""
+    """One batch [create_reservation (2 s), save_note (4 s)]; the caller cuts in while both run
+    (0.5 s) or after the booking finished and while the note still runs (2.5 s), then asks for
+    billing.
+
+    Right after the barge-in, triage's own context holds every call of the batch closed: a
+    finished one with its result, a running one with a "cancelled by barge-in" output while its
+    tool runs on (the journal's release; without it the interruption waits for the tools). Then
+    billing's context holds each call exactly once (finished with its output, or in flight and
+    then its result, forwarded from the journal), and the backend ran each once."""
     room = f"tools-{uuid.uuid4().hex[:8]}"
     with joined_baton(server, room, "--config", config_file()):
 
         async def main() -> None:
+            seen: dict[str, Any] = {}
+
+            def snapshot(a: Side, triage: Triage) -> None:
+                outs = {
+                    i.name: i.output for i in triage.chat_ctx.items if i.type == "function_call_output"
+                }
+                seen["outs"] = outs
+                seen["running"] = {c.name: c.released for c in a.link.journal.running()}
+
+            backend = BookingBackend(booking_delay=2.0, note_delay=4.0)
             a, b, _, billing, backend = await scenario(
-                server, room, ["create_reservation"], barge_in_at=barge_in_at
+                server,
+                room,
+                ["create_reservation", "save_note"],
+                barge_in_at=barge_in_at,
+                backend=backend,
+                after_barge_in=snapshot,
             )
             try:
+                running = {"save_note": "barge_in"}
+                if barge_in_at < 2.0:
+                    running["create_reservation"] = "barge_in"
+                assert seen["running"] == running, seen
+                assert set(seen["outs"]) == {"create_reservation", "save_note"}, seen
+                for name in running:
+                    assert seen["outs"][name].startswith("Cancelled by barge-in"), seen
+                if "create_reservation" not in running:
+                    assert '"reservation"' in seen["outs"]["create_reservation"], seen
+
+                await wait_until(lambda: not a.link.journal.running(), 10, "the tools never ended")
                 await wait_until(
-                    lambda: len(backend.bookings) == 1 and not a.link.journal.running(), 10, "booking never ended"
+                    lambda: len(b.link.late_results) == len(running), 10, "late results never reached billing"
                 )
-                await asyncio.sleep(1.5)  # a late result, if there is one, has arrived
-                calls, outs = tool_items(billing.chat_ctx, "create_reservation")
-                original = [c for c in calls if not c.call_id.endswith("_final")]
-                assert len(original) == 1, [c.call_id for c in calls]
-                cid = original[0].call_id
-                results = [o for o in outs if '"reservation"' in o.output]
-                assert len(results) == 1, [o.output for o in outs]
-                assert results[0].call_id in (cid, f"{cid}_final")
-                assert [o.call_id for o in outs].count(cid) == 1
-                assert len(backend.bookings) == 1
+                await asyncio.sleep(1.0)  # a second copy, if any, would have arrived
+                for name, result in (("create_reservation", '"reservation"'), ("save_note", "saved")):
+                    calls, outs = tool_items(billing.chat_ctx, name)
+                    original = [c for c in calls if not c.call_id.endswith("_final")]
+                    assert len(original) == 1, (name, [c.call_id for c in calls])
+                    cid = original[0].call_id
+                    results = [o for o in outs if result in o.output]
+                    assert len(results) == 1, (name, [o.output for o in outs])
+                    assert results[0].call_id == (f"{cid}_final" if name in running else cid)
+                    assert [o.call_id for o in outs].count(cid) == 1
+                    assert not any(o.output.startswith("Cancelled by") for o in outs), "triage's own closing"
+                assert len(backend.bookings) == 1 and backend.notes == [NOTE["text"]]
             finally:
                 await close(a, b)
 

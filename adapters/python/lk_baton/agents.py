@@ -56,7 +56,7 @@ from .floor import (
     hello_schedule,
     is_coordinator,
 )
-from .journal import Rerun, ToolCall, ToolJournal, in_flight_output
+from .journal import Release, Rerun, ToolCall, ToolJournal, in_flight_output, released_output
 from .transfer import receive_bundle, send_bundle, transport_for
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ __all__: list[str] = [
     "journaled",
     "pair_in_flight",
     "read_bundle",
+    "release_call",
     "restore_output_names",
     "seed_agent",
     "state_from_dict",
@@ -174,6 +175,11 @@ _JOURNALS: weakref.WeakKeyDictionary[Any, ToolJournal] = weakref.WeakKeyDictiona
 _CURRENT_CALL: contextvars.ContextVar[ToolCall | None] = contextvars.ContextVar(
     "lk_baton_tool_call", default=None
 )
+_RUNNING: weakref.WeakKeyDictionary[Any, dict[str, RunContext[Any]]] = weakref.WeakKeyDictionary()
+"""Per session, the ``RunContext`` of each :func:`journaled` call whose tool is running (what
+:func:`release_call` closes a call through)."""
+_MAY_REPLY: weakref.WeakKeyDictionary[Any, Callable[[], bool]] = weakref.WeakKeyDictionary()
+"""Per linked session, whether its model may answer a tool result now (it holds the floor)."""
 _CTX_PARAM = "lk_baton_run_ctx"
 """The keyword-only ``RunContext`` parameter :func:`journaled` adds to a tool's signature (the
 framework injects it, and leaves it out of the schema the model sees, as for any ``RunContext``
@@ -301,10 +307,20 @@ def _journal_wrapper(f: Callable[..., Any], cls: Rerun, verify: VerifyHook | Non
                     j.finished(fc.call_id, known, now=time.time())
                     return known
                 call.idempotency_key = prior.idempotency_key
+        session = run_ctx.session
+        running = _RUNNING.setdefault(session, {})
+        running[fc.call_id] = run_ctx
         token = _CURRENT_CALL.set(call)
+        body = asyncio.ensure_future(f(*args, **kwargs))  # sees current_tool_call() too
         try:
-            val = await f(*args, **kwargs)
+            speech = run_ctx.speech_handle
+            await speech.wait_if_not_interrupted([body])
+            if speech.interrupted and not body.done():
+                # the caller cut in: close the call for the model now, the tool runs on
+                await release_call(session, fc.call_id, "barge_in")
+            val = await body
         except asyncio.CancelledError:
+            body.cancel()
             j.cancelled(
                 fc.call_id, "the tool call was cancelled before it finished", now=time.time()
             )
@@ -315,8 +331,15 @@ def _journal_wrapper(f: Callable[..., Any], cls: Rerun, verify: VerifyHook | Non
             raise
         finally:
             _CURRENT_CALL.reset(token)
+            running.pop(fc.call_id, None)
         text, err = _model_output(fc, val, None)
         j.finished(fc.call_id, text, is_error=err, now=time.time())
+        if call.released is not None and not _MAY_REPLY.get(session, _always)():
+            # a released call's result comes back as a deferred reply: none from an agent that
+            # no longer holds the floor (it still lands in its context, as <call_id>_final)
+            if isinstance(val, llm.ToolResult):
+                return dataclasses.replace(val, reply_required=False)
+            return llm.ToolResult(val, reply_required=False)
         return val
 
     params = list(sig.parameters.values())
@@ -330,6 +353,55 @@ def _journal_wrapper(f: Callable[..., Any], cls: Rerun, verify: VerifyHook | Non
     wrapper.__annotations__ = annotations
     wrapper.__lk_baton_rerun__ = cls  # type: ignore[attr-defined]
     return wrapper
+
+
+def _always() -> bool:
+    return True
+
+
+async def release_call(
+    session: AgentSession[Any], call_id: str, cause: Release, *, target: str | None = None
+) -> bool:
+    """Close running call ``call_id`` in the view of ``session``'s model now, with the output of
+    :func:`lk_baton.journal.released_output` (cancelled by the handoff to ``target``, or by a
+    barge-in), without stopping its tool; the journal records it (``ToolCall.released``).
+
+    This is the framework's own release of a running tool (its first ``RunContext.update``,
+    silent): the batch the call is in completes with that output, so the agent's context (and a
+    realtime model's conversation) never holds the call open, and the tool's return follows as
+    a ``<call_id>_final`` pair. Returns False (nothing done) when the call is not running,
+    was released already, already released itself with ``ctx.update``, or its ``RunContext``
+    is unknown (a tool neither :func:`journaled` nor run by livekit-agents' tool executor).
+    """
+    j = journal_for(session)
+    call = j.get(call_id)
+    run_ctx = _RUNNING.get(session, {}).get(call_id) or _framework_run_ctx(session, call_id)
+    if call is None or run_ctx is None or not call.running or call.released is not None:
+        return False
+    if getattr(run_ctx, "_updates", None):
+        return False  # the tool's own ctx.update() closed the call already
+    j.release(call_id, cause)
+    await run_ctx.update(
+        released_output(call, cause, target), template=_as_is, silent=True
+    )
+    return True
+
+
+def _as_is(args: Mapping[str, Any]) -> str:
+    return str(args["message"])
+
+
+def _framework_run_ctx(session: AgentSession[Any], call_id: str) -> RunContext[Any] | None:
+    """The ``RunContext`` of a running tool that is not :func:`journaled`, from livekit-agents'
+    tool executor (1.8: ``voice.tool_executor._RunningTasks``, a private registry: None when
+    it is not there)."""
+    try:
+        from livekit.agents.voice.tool_executor import _RunningTasks
+    except ImportError:
+        return None
+    task = _RunningTasks.get(session, {}).get(call_id)
+    ctx = getattr(task, "ctx", None)
+    return ctx if isinstance(ctx, RunContext) else None
 
 
 def _model_output(fc: llm.FunctionCall, val: Any, exc: BaseException | None) -> tuple[str, bool]:
@@ -907,6 +979,8 @@ class BatonLink:
         self.session.on("conversation_item_added", self._on_item_added)
         self.session.on("tool_execution_updated", self._on_tool_update)
         self.journal.listeners.append(self._on_call_ended)
+        link = weakref.ref(self)
+        _MAY_REPLY[self.session] = lambda: (it := link()) is None or it.floor.active
         self._writer = asyncio.ensure_future(self._write_loop())
 
     async def aclose(self) -> None:
@@ -926,6 +1000,7 @@ class BatonLink:
             self.session.off("tool_execution_updated", self._on_tool_update)
         with contextlib.suppress(ValueError):
             self.journal.listeners.remove(self._on_call_ended)
+        _MAY_REPLY.pop(self.session, None)
         for t in [self._writer, self._heartbeat_task, *self._tasks]:
             if t is not None:
                 t.cancel()
@@ -1299,8 +1374,10 @@ class BatonLink:
         own chat context plus the call being executed, the session's ``userdata`` (or
         ``user_state``) through the serializer, ``tried``/``outcome``/``data``, and the tool
         calls in flight; sends ``handoff`` with ``bundle_follows`` (and ``quiet`` when the agent
-        is no longer speaking); on ``handoff_accepted``
-        starts the bundle upload to baton and returns. Raises :class:`HandoffRefused`, and
+        is no longer speaking); on ``handoff_accepted`` closes the calls the bundle carries in
+        flight in this agent's own context (cancelled by handoff, :func:`release_call`: their
+        tools keep running, their results go to ``target``), starts the bundle upload to baton
+        and returns. Raises :class:`HandoffRefused`, and
         :class:`~lk_baton.floor.MessageTooLarge` (nothing sent) when ``target`` or ``reason``
         cannot fit a control message.
         """
@@ -1362,6 +1439,10 @@ class BatonLink:
         if hid:
             # from here on, a result of these calls is owed to the target (_on_call_ended)
             self.journal.handed_over((c["call_id"] for c in bundle["tool_calls_in_flight"]), hid)
+        for c in bundle["tool_calls_in_flight"]:
+            # and this agent's model must not be left with them open (a realtime model would
+            # wait on them after a handback): closed as cancelled by the handoff
+            await release_call(self.session, c["call_id"], "handoff", target=target)
         payload = bd.encode_bundle(bundle)
         dest = self.baton_identity
         assert dest is not None

@@ -13,7 +13,8 @@ The livekit-agents glue (the :func:`lk_baton.agents.journaled` decorator, the se
 in :mod:`lk_baton.agents`.
 
 * :class:`ToolCall`: one call (``call_id``, ``name``, ``arguments``, ``idempotency_key``,
-  ``rerun``, ``state`` ``started`` / ``finished`` / ``cancelled``, the output once finished).
+  ``rerun``, ``state`` ``started`` / ``finished`` / ``cancelled``, the output once finished,
+  and ``released`` once the agent's own model was given an output before the result).
 * :class:`ToolJournal`: the calls of one session, plus the calls it inherited in flight from the
   previous agent (:meth:`ToolJournal.inherit`), which guard against a second run with the same
   arguments (:meth:`ToolJournal.inherited_match`).
@@ -32,11 +33,13 @@ from . import bundle as bd
 
 __all__ = [
     "CallState",
+    "Release",
     "Rerun",
     "ToolCall",
     "ToolJournal",
     "canonical_arguments",
     "in_flight_output",
+    "released_output",
 ]
 
 Rerun = Literal["never", "if_idempotent", "safe"]
@@ -44,6 +47,10 @@ Rerun = Literal["never", "if_idempotent", "safe"]
 ``never`` (the side effect may have happened: check first), ``if_idempotent`` (retry with the
 same idempotency key only), ``safe`` (read-only: retry freely)."""
 CallState = Literal["started", "finished", "cancelled"]
+Release = Literal["handoff", "barge_in"]
+"""Why a running call's output was given to the model of the agent that started it before the
+tool returned: that agent handed the call over (``handoff``), or the caller cut in
+(``barge_in``)."""
 
 
 def canonical_arguments(arguments: str) -> str:
@@ -89,6 +96,11 @@ class ToolCall:
     handoff: str | None = None
     from_agent: str | None = None
     """For an inherited call: the agent that started it."""
+    released: Release | None = None
+    """Set when the model of the agent that started this call was given an output for it before
+    the tool returned (:func:`released_output`), so that model is not left waiting on an open
+    call. The tool itself was not stopped: ``state`` stays ``started`` until it returns, and its
+    result then follows as a separate output (or, handed over, goes to the next agent)."""
 
     @property
     def running(self) -> bool:
@@ -130,6 +142,28 @@ def in_flight_output(entry: bd.ToolCallInFlight, from_agent: str) -> str:
     return f"{text} Note from {from_agent}: {note}" if note else text
 
 
+def released_output(call: ToolCall, cause: Release, target: str | None = None) -> str:
+    """The output the model of the agent that started ``call`` sees when the call is closed
+    before its tool returned: cancelled by the handoff to ``target`` or by the caller's
+    barge-in. It says the tool was not stopped, where its result goes, and not to run it again
+    with the same arguments."""
+    if cause == "handoff":
+        to = target or "the next agent"
+        return (
+            f"Cancelled by handoff: {call.name} was still running when you handed the call to "
+            f"{to}, so its result goes to {to} (idempotency key {call.idempotency_key}); if it "
+            "reaches you too, it follows as a separate output. The tool itself was not stopped. "
+            f"Do not call {call.name} again with the same arguments without checking whether "
+            "it took effect."
+        )
+    return (
+        f"Cancelled by barge-in: the caller cut in while {call.name} was running, so this turn "
+        "stopped waiting for it. The tool itself was not stopped: its result follows as a "
+        f"separate output when it arrives. Do not call {call.name} again with the same "
+        "arguments meanwhile."
+    )
+
+
 Listener = Callable[[ToolCall], None]
 
 
@@ -141,6 +175,9 @@ class ToolJournal:
     first did not know (the ``rerun`` class of a :func:`~lk_baton.agents.journaled` tool), and
     the first end of a call wins (an exact output from the tool wins over the framework's
     event, which comes after it). ``listener(call)`` hears every call that ends.
+
+    :meth:`release` records that a running call was closed in the model's view before its tool
+    returned (the first release wins).
 
     Getters: :meth:`get`, :meth:`running`, :meth:`calls`. The receiving side:
     :meth:`inherit` records calls a bundle carried in flight; :meth:`inherited_match` finds one
@@ -223,6 +260,16 @@ class ToolJournal:
         call = _end(self._calls.get(call_id), "cancelled", reason, True, now)
         if call is not None:
             self._ended(call)
+        return call
+
+    def release(self, call_id: str, cause: Release) -> ToolCall | None:
+        """Record that running call ``call_id`` was closed in its agent's context by ``cause``
+        (its tool keeps running). Returns the entry if this released it, None if the call is
+        unknown, has ended, or was released already."""
+        call = self._calls.get(call_id)
+        if call is None or call.state != "started" or call.released is not None:
+            return None
+        call.released = cause
         return call
 
     def handed_over(self, call_ids: Iterable[str], handoff: str) -> None:
