@@ -24,7 +24,7 @@ from lk_baton.agents import (
     seed_agent,
 )
 from lk_baton.floor import MAX_TOOL_RESULT_SIZE, FloorClient, encode_control
-from lk_baton.journal import ToolJournal, canonical_arguments
+from lk_baton.journal import ToolJournal, canonical_arguments, released_output
 
 BOOKING = {"date": "2026-12-24", "party": 4}
 
@@ -50,6 +50,23 @@ def test_journal_records_each_call_once_and_the_first_end_wins() -> None:
     assert j.cancelled("c2", "cancelled by handoff", now=16.0) is not None
     assert ended == ["finished", "cancelled"]
     assert j.finished("nope", "x", now=1.0) is None
+
+
+def test_a_running_call_is_released_once_and_its_result_still_ends_it() -> None:
+    j = ToolJournal(key_factory=lambda: "k1")
+    c = j.started("c1", "create_reservation", "{}", now=1.0)
+    assert j.release("c1", "barge_in") is c and c.released == "barge_in"
+    assert j.release("c1", "handoff") is None, "the first release wins"
+    assert c.running, "the tool was not stopped"
+    assert j.finished("c1", "R-1", now=2.0) is c and c.released == "barge_in"
+    j.started("c2", "save_note", "{}", now=3.0)
+    j.finished("c2", "saved", now=4.0)
+    assert j.release("c2", "handoff") is None and j.release("nope", "handoff") is None
+    by_handoff = released_output(c, "handoff", "billing")
+    assert by_handoff.startswith("Cancelled by handoff") and "goes to billing" in by_handoff
+    assert "k1" in by_handoff and "not stopped" in by_handoff
+    by_barge_in = released_output(c, "barge_in")
+    assert by_barge_in.startswith("Cancelled by barge-in") and "not stopped" in by_barge_in
 
 
 def test_inherited_calls_match_on_name_and_canonical_arguments() -> None:
@@ -481,6 +498,28 @@ def test_late_result_reaches_the_new_holder_once_and_the_source_does_not_reply()
             cid
         ) == 1
         assert len(backend.bookings) == 1, "booked once"
+        # triage's own context closed the booking when it handed over (cancelled by handoff),
+        # and its result landed there later as the <call_id>_final pair, once
+        assert link_a.journal.get(cid) is not None
+        assert link_a.journal.get(cid).released == "handoff"  # type: ignore[union-attr]
+        mine = [
+            (i.type, i.call_id)
+            for i in triage.chat_ctx.items
+            if i.type in ("function_call", "function_call_output")
+            and i.name == "create_reservation"
+        ]
+        assert mine == [
+            ("function_call", cid),
+            ("function_call_output", cid),
+            ("function_call", f"{cid}_final"),
+            ("function_call_output", f"{cid}_final"),
+        ]
+        closing = next(
+            i
+            for i in triage.chat_ctx.items
+            if i.type == "function_call_output" and i.call_id == cid
+        )
+        assert closing.output.startswith("Cancelled by handoff") and "billing" in closing.output
         # triage's model was not asked to reply to the booking after it lost the floor
         assert len(triage_model.seen) == 2  # its greeting and the caller's turn, no reply after
         assert all(not m.interrupted for m in heard if m.text_content == "One moment.")
@@ -508,6 +547,55 @@ def test_a_reply_made_while_the_output_is_off_is_marked_not_heard() -> None:
         said = [i for i in agent.chat_ctx.items if i.type == "message" and i.role == "assistant"]
         assert [m.interrupted for m in said][-2:] == [False, True]  # after its greeting
         await link.aclose()
+        await s.aclose()
+
+    asyncio.run(main())
+
+
+def test_barge_in_closes_a_running_call_at_once_and_its_result_follows() -> None:
+    """The caller cuts in while the booking runs: the interruption does not wait for the tool
+    (livekit-agents would wait up to 5 s); the agent's context holds the call closed as
+    cancelled by barge-in at once, the tool runs on and books once, and its result follows as
+    the <call_id>_final pair, which (no baton link: nothing takes the floor away) the model is
+    asked to answer."""
+
+    async def main() -> None:
+        backend = BookingBackend(booking_delay=1.0)
+        model = ScriptedLLM(triage_script(["create_reservation"]))
+        agent = Triage(backend)
+        s: AgentSession[None] = AgentSession(llm=model)
+        await s.start(agent)
+        j = journal_for(s)
+        s.generate_reply(user_input="Book a table for four on Christmas Eve")
+        for _ in range(300):
+            if j.running():
+                break
+            await asyncio.sleep(0.01)
+        [call] = j.running()
+        await s.interrupt()
+        assert call.running and call.released == "barge_in", "interrupted, not waited for"
+        outs = [
+            i
+            for i in agent.chat_ctx.items
+            if i.type == "function_call_output" and i.call_id == call.call_id
+        ]
+        assert len(outs) == 1 and outs[0].output.startswith("Cancelled by barge-in")
+        for _ in range(300):
+            if any(
+                getattr(i, "call_id", None) == f"{call.call_id}_final" for i in model.seen[-1].items
+            ):
+                break
+            await asyncio.sleep(0.01)
+        finals = [
+            i
+            for i in agent.chat_ctx.items
+            if i.type == "function_call_output" and i.call_id == f"{call.call_id}_final"
+        ]
+        assert len(finals) == 1 and '"reservation": "R-1"' in finals[0].output
+        assert call.state == "finished" and len(backend.bookings) == 1
+        assert any(
+            getattr(i, "call_id", None) == f"{call.call_id}_final" for i in model.seen[-1].items
+        ), "the model was asked to answer the result"
         await s.aclose()
 
     asyncio.run(main())
