@@ -7,14 +7,15 @@ Both sides run the same trivial async tool on the same event loop, in batches of
   ``tool_execution_updated`` events (``tool_call_started``, ``tool_call_ended``) emitted on an
   ``AgentSession`` nobody journals;
 * journaled: the same tool under ``@journaled("never")`` (idempotency key, journal entry, exact
-  output through ``make_function_call_output``, the ``current_tool_call`` context variable),
-  its events emitted on a session whose journal listens to them (``journal_for``).
+  output through ``make_function_call_output``, the ``current_tool_call`` context variable, the
+  tool run as its own task while the wrapper watches the turn for a barge-in), its events
+  emitted on a session whose journal listens to them (``journal_for``).
 
 The overhead per call is (journaled batch - reference batch) / 100, batches interleaved so both
-see the same machine load. The ``RunContext`` is a stand-in with the two attributes the
-wrapper reads (``session``, a real ``AgentSession``, and ``function_call``, a real
-``llm.FunctionCall``): a real one needs a running activity, and the framework's own cost is
-the same on both sides.
+see the same machine load. The ``RunContext`` is a stand-in with the three attributes the
+wrapper reads (``session``, a real ``AgentSession``; ``function_call``, a real
+``llm.FunctionCall``; ``speech_handle``, a real ``SpeechHandle``, never interrupted): a real one
+needs a running activity, and the framework's own cost is the same on both sides.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters" / "python"))
 
 from livekit.agents import AgentSession, llm
+from livekit.agents.voice import SpeechHandle
 from livekit.agents.voice.events import (
     ToolCallEnded,
     ToolCallStarted,
@@ -46,13 +48,17 @@ async def tool(date: str) -> str:
 
 
 class StandInRunContext:
-    def __init__(self, session: AgentSession[Any], call: llm.FunctionCall) -> None:
+    def __init__(
+        self, session: AgentSession[Any], call: llm.FunctionCall, speech: SpeechHandle
+    ) -> None:
         self.session = session
         self.function_call = call
+        self.speech_handle = speech
 
 
 async def batch(session: AgentSession[Any], journal: bool, n0: int) -> float:
     fn = journaled("never")(tool) if journal else tool
+    speech = SpeechHandle.create()  # one turn's tool calls (the framework makes it per turn)
     t0 = time.perf_counter()
     for i in range(BATCH):
         call = llm.FunctionCall(call_id=f"c{n0 + i}", name="tool", arguments='{"date":"mon"}')
@@ -61,7 +67,7 @@ async def batch(session: AgentSession[Any], journal: bool, n0: int) -> float:
             ToolExecutionUpdatedEvent(update=ToolCallStarted(function_call=call)),
         )
         if journal:
-            out = await fn(date="mon", lk_baton_run_ctx=StandInRunContext(session, call))
+            out = await fn(date="mon", lk_baton_run_ctx=StandInRunContext(session, call, speech))
         else:
             out = await fn(date="mon")
         session.emit(

@@ -264,12 +264,12 @@ def test_booking_in_the_transfer_batch_reaches_billing_in_flight_then_its_result
                 # triage's own context closed the booking at the handoff, cancelled by handoff, so
                 # a handback finds no call left open; its result landed there later as the
                 # <call_id>_final pair, once ...
-                assert a.link.journal.get(cid) is not None and a.link.journal.get(cid).released == "handoff"
                 t_calls, t_outs = tool_items(triage.chat_ctx, "create_reservation")
                 assert [c.call_id for c in t_calls] == [cid, f"{cid}_final"]
                 assert [o.call_id for o in t_outs] == [cid, f"{cid}_final"]
                 assert t_outs[0].output.startswith("Cancelled by handoff") and "billing" in t_outs[0].output
                 assert '"reservation"' in t_outs[1].output
+                assert a.link.journal.get(cid) is not None and a.link.journal.get(cid).released == "handoff"
                 # ... and its model was not asked to reply to it once it had lost the floor (two
                 # requests: the greeting and the caller's turn)
                 assert len(a.model.seen) == 2, [types(c) for c in a.model.seen]

@@ -500,8 +500,6 @@ def test_late_result_reaches_the_new_holder_once_and_the_source_does_not_reply()
         assert len(backend.bookings) == 1, "booked once"
         # triage's own context closed the booking when it handed over (cancelled by handoff),
         # and its result landed there later as the <call_id>_final pair, once
-        assert link_a.journal.get(cid) is not None
-        assert link_a.journal.get(cid).released == "handoff"  # type: ignore[union-attr]
         mine = [
             (i.type, i.call_id)
             for i in triage.chat_ctx.items
@@ -520,6 +518,8 @@ def test_late_result_reaches_the_new_holder_once_and_the_source_does_not_reply()
             if i.type == "function_call_output" and i.call_id == cid
         )
         assert closing.output.startswith("Cancelled by handoff") and "billing" in closing.output
+        assert link_a.journal.get(cid) is not None
+        assert link_a.journal.get(cid).released == "handoff"  # type: ignore[union-attr]
         # triage's model was not asked to reply to the booking after it lost the floor
         assert len(triage_model.seen) == 2  # its greeting and the caller's turn, no reply after
         assert all(not m.interrupted for m in heard if m.text_content == "One moment.")
