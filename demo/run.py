@@ -46,7 +46,7 @@ from harness import (  # noqa: E402
     dispatch_token,
 )
 from livekit import rtc  # noqa: E402
-from peers import Recorder, audible_grid, longest_run, played_at  # noqa: E402
+from peers import Recorder, audible_grid, longest_run  # noqa: E402
 
 DESK = ROOT / "examples" / "support-desk"
 CONFIG = ROOT / "configs" / "baton.toml"
@@ -159,11 +159,13 @@ class Line:
 
 @dataclass
 class CallResult:
-    levels: dict[str, list[tuple[float, float]]]
+    levels: dict[str, list[tuple[float, float]]]  # per identity, arrival times (Recorder.arrived)
     transcript: list[Line]
     t_start: float
     t_end: float
     identities: dict[str, str]  # agent name -> participant identity
+    played: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    """Per identity on the playout clock, each track placed on its own (Recorder.played)."""
 
 
 class Caller:
@@ -249,7 +251,8 @@ async def call(server: LiveKitServer, room: str, quick: bool) -> CallResult:
             await asyncio.sleep(1.0)
         t_end = loop.time()
         ids = {a: caller.agent_identity(a) or "" for a in ("triage", "billing")}
-        return CallResult(dict(caller.recorder.levels), list(caller.transcript), t_start, t_end, ids)
+        rec = caller.recorder
+        return CallResult(rec.arrived(), list(caller.transcript), t_start, t_end, ids, rec.played())
     finally:
         await caller.recorder.stop()
         await caller.room.disconnect()
@@ -301,8 +304,7 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         phases.setdefault(str(p["phase"]), int(p["ms"]))
     triage, billing = res.identities["triage"], res.identities["billing"]
     step = 0.01
-    levels = {who: played_at(series) for who, series in res.levels.items()}
-    grid = audible_grid(levels, res.t_start, res.t_end, step=step)
+    grid = audible_grid(res.played, res.t_start, res.t_end, step=step)
 
     def slot_time(i: int) -> float:
         return res.t_start + i * step
@@ -389,8 +391,7 @@ def plot_levels(res: CallResult, timeline: dict[str, Any], t_request: float, pat
     fig, (ax, zoom) = plt.subplots(2, 1, figsize=(12, 7), height_ratios=[1, 1])
     names = {v: k for k, v in res.identities.items() if v}
     colours = {"triage": "tab:blue", "billing": "tab:green", "baton": "tab:gray"}
-    for who, raw in sorted(res.levels.items()):
-        series = played_at(raw)
+    for who, series in sorted(res.played.items()):
         label = names.get(who, who)
         xs = [t - res.t_start for t, _ in series]
         ys = [max(level, -90.0) if math.isfinite(level) else -90.0 for _, level in series]

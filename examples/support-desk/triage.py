@@ -28,7 +28,7 @@ from desk import (
     tool_output,
     user_messages,
 )
-from lk_baton import BatonLink, HandoffRefused
+from lk_baton import RECOVERY_GREETING, BatonLink, HandoffRefused, seed_agent
 
 AGENT_NAME = "triage"
 
@@ -57,10 +57,10 @@ def triage_script(ctx: llm.ChatContext) -> Step:
     said = user_messages(ctx)
     account = tool_output(ctx, "lookup_account")
     last = ctx.items[-1] if ctx.items else None
+    if last is not None and last.type == "message" and last.role == "system" and last.text_content == RECOVERY_GREETING:
+        return (recovery_greeting(said, account), [])
     if not said:
         return ("Hello, this is the support desk. How can I help you today?", [])
-    if last is not None and last.type == "function_call_output" and last.name == "transfer_to_billing":
-        return ("", [])  # the transfer was refused: its output explains; nothing to add here
     text = " ".join(said)
     if account is None:
         m = ACCOUNT_RE.search(text)
@@ -81,6 +81,15 @@ def triage_script(ctx: llm.ChatContext) -> Step:
             [("transfer_to_billing", {"reason": reason})],
         )
     return ("I see your account. What is the problem?", [])
+
+
+def recovery_greeting(said: list[str], account: dict[str, Any] | None) -> str:
+    """The replacement's first sentence after a crash: what the caller said last, so they hear
+    that the conversation is known."""
+    if not said:
+        return "Sorry, we were cut off for a moment. How can I help you today?"
+    who = f"{account['name'].split()[0]}, " if account else ""
+    return f'Sorry, we were cut off for a moment. {who}you were saying: "{said[-1].rstrip(".!?")}". Let us carry on.'
 
 
 class TriageAgent(Agent):
@@ -123,6 +132,19 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     session: AgentSession[Caller] = AgentSession(llm=make_llm(triage_script), tts=make_tts("en-us"), userdata=Caller())
     baton = await BatonLink.attach(ctx, session, role="triage")
+    agent = TriageAgent(baton)
+    if baton.preparing:
+        # a replacement after a crash (prepare with cause "recovery"): the crashed triage's
+        # last checkpoint arrives as a bundle; go on from it
+        received = await baton.receive_context(timeout=10, user_state_type=Caller)
+        say(
+            AGENT_NAME,
+            f"context from={received.from_agent} cause={received.cause} items={len(received.chat_ctx.items)} "
+            f"recovery={received.handoff_id}",
+        )
+        agent = await seed_agent(TriageAgent(baton), received)
+        if isinstance(received.user_state, Caller):
+            session.userdata = received.user_state
     session.on(
         "conversation_item_added",
         lambda ev: (
@@ -132,10 +154,12 @@ async def entrypoint(ctx: JobContext) -> None:
         ),
     )
     await session.start(
-        agent=TriageAgent(baton),
+        agent=agent,
         room=ctx.room,
         room_options=baton.room_options(audio_input=False),  # the caller types (lk.chat)
     )
+    if baton.preparing:
+        await baton.ready()
     say(AGENT_NAME, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity}")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,10 +118,18 @@ class Recorder:
 
     Frames are 10 ms at 48 kHz; their arrival time at the caller is when the receiver plays them,
     so levels of different tracks can be lined up on one clock.
+
+    ``levels`` is keyed by **track** sid (``owners`` maps each to its participant's identity): a
+    participant that publishes again under the same identity (a rejoin, a server restart) has
+    two tracks, possibly playing at once for a while, and one series of both would hold 200
+    frames a second, which :func:`played_at` would push back in time by as much as they
+    overlapped (issue 13: a filler placed 13 s early). :meth:`played` and :meth:`arrived` give
+    the series per identity, each track placed on its own first.
     """
 
     room: rtc.Room
     levels: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -128,10 +137,11 @@ class Recorder:
 
     def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant) -> None:
         if track.kind == rtc.TrackKind.KIND_AUDIO:
-            self._tasks.append(asyncio.ensure_future(self._record(p.identity, track)))
+            self.owners[track.sid] = p.identity
+            self._tasks.append(asyncio.ensure_future(self._record(track.sid, track)))
 
-    async def _record(self, who: str, track: rtc.Track) -> None:
-        out = self.levels.setdefault(who, [])
+    async def _record(self, sid: str, track: rtc.Track) -> None:
+        out = self.levels.setdefault(sid, [])
         stream = rtc.AudioStream(track, sample_rate=48000, num_channels=1)
         loop = asyncio.get_running_loop()
         try:
@@ -147,8 +157,23 @@ class Recorder:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def played(self) -> dict[str, list[tuple[float, float]]]:
-        """The levels on the playout clock (see :func:`played_at`), per track."""
-        return {who: played_at(series) for who, series in self.levels.items()}
+        """The levels on the playout clock (see :func:`played_at`, applied per track), per
+        participant identity, in time order."""
+        return self._by_identity(played_at)
+
+    def arrived(self) -> dict[str, list[tuple[float, float]]]:
+        """The levels at their arrival times, per participant identity, in time order."""
+        return self._by_identity(list)
+
+    def _by_identity(
+        self, place: Callable[[list[tuple[float, float]]], list[tuple[float, float]]]
+    ) -> dict[str, list[tuple[float, float]]]:
+        out: dict[str, list[tuple[float, float]]] = {}
+        for sid, series in self.levels.items():
+            out.setdefault(self.owners.get(sid, sid), []).extend(place(series))
+        for series in out.values():
+            series.sort(key=lambda x: x[0])
+        return out
 
 
 def played_at(series: list[tuple[float, float]], frame: float = 0.01) -> list[tuple[float, float]]:

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from livekit.rtc.room import EventTypes
 
 __all__: list[str] = [
+    "RECOVERY_GREETING",
     "ActivateHook",
     "BatonLink",
     "EventHook",
@@ -80,6 +81,7 @@ __all__: list[str] = [
     "SessionEffects",
     "VerifyHook",
     "build_handoff_bundle",
+    "chat_item_dict",
     "chat_items_equal",
     "current_tool_call",
     "default_on_activate",
@@ -623,6 +625,9 @@ class ReceivedContext:
     agent_state: bd.AgentState = field(default_factory=lambda: bd.AgentState())
     bundle: bd.Bundle | None = None
     """The whole validated bundle, or None when none came (``bundle_unavailable``, no bundle)."""
+    cause: str = "handoff"
+    """``recovery`` when this agent replaces a crashed one (the bundle is its last checkpoint,
+    docs/bundle.md "Recovery bundles"), else ``handoff``."""
 
 
 def read_bundle(
@@ -642,7 +647,14 @@ def read_bundle(
     the name of their call (:func:`restore_output_names`).
     """
     chat = llm.ChatContext.from_dict(bundle["chat"])
-    pair_in_flight(chat, bundle["tool_calls_in_flight"], bundle["from_agent"], bundle["created_at"])
+    recovery = bundle.get("cause") == "recovery"
+    pair_in_flight(
+        chat,
+        bundle["tool_calls_in_flight"],
+        bundle["from_agent"],
+        bundle["created_at"],
+        recovery=recovery,
+    )
     restore_output_names(chat)
     raw = dict(bundle["user_state"])
     state: Any = raw
@@ -659,6 +671,7 @@ def read_bundle(
         tool_calls_in_flight=list(bundle["tool_calls_in_flight"]),
         agent_state=bundle["agent_state"],
         bundle=bundle,
+        cause="recovery" if recovery else "handoff",
     )
 
 
@@ -667,9 +680,12 @@ def pair_in_flight(
     in_flight: Iterable[bd.ToolCallInFlight],
     from_agent: str,
     at: float,
+    *,
+    recovery: bool = False,
 ) -> None:
     """Pair each in-flight call with the output of :func:`lk_baton.journal.in_flight_output`
-    (see :func:`read_bundle`); a call that already has an output is left as it is."""
+    (see :func:`read_bundle`); a call that already has an output is left as it is.
+    ``recovery``: the calls were in flight when ``from_agent`` crashed, not at a handoff."""
     for e in in_flight:
         cid = e["call_id"]
         call = next((i for i in chat.items if i.type == "function_call" and i.call_id == cid), None)
@@ -684,7 +700,7 @@ def pair_in_flight(
             llm.FunctionCallOutput(
                 call_id=cid,
                 name=e["name"],
-                output=in_flight_output(e, from_agent),
+                output=in_flight_output(e, from_agent, recovery=recovery),
                 is_error=False,
                 created_at=max(at, call.created_at),
             )
@@ -695,7 +711,7 @@ async def seed_agent(
     agent: A,
     received: ReceivedContext,
     *,
-    handoff_item: bool = True,
+    handoff_item: bool | None = None,
     keep_foreign_tool_calls: bool = True,
 ) -> A:
     """Give ``agent`` the source's history, before (or after) the session starts it.
@@ -705,7 +721,8 @@ async def seed_agent(
     know a lookup already ran, and could run it again. This goes through the supported
     ``Agent.update_chat_ctx(..., exclude_invalid_function_calls=False)`` instead, so the source's
     calls and results stay, with their ids, order and ``created_at``. Items the agent already
-    had (e.g. from its constructor) are merged by time. With ``handoff_item``, an
+    had (e.g. from its constructor) are merged by time. With ``handoff_item`` (default: for a
+    handoff, not for a recovery, whose context goes on as the crashed agent left it), an
     ``AgentHandoff(old_agent_id=<source agent name>, new_agent_id=agent.id)`` stamped now records
     the switch.
 
@@ -717,6 +734,8 @@ async def seed_agent(
     for item in agent.chat_ctx.items:
         if item.id not in have:
             ctx.insert(item)
+    if handoff_item is None:
+        handoff_item = received.cause != "recovery"
     if handoff_item:
         last = max((i.created_at for i in ctx.items), default=0.0)
         ctx.insert(
@@ -730,11 +749,11 @@ async def seed_agent(
     return agent
 
 
-def _item_id(item: llm.ChatItem) -> str:
+def _chat_item_id(item: llm.ChatItem) -> str:
     return item.id
 
 
-def _item_dict(item: llm.ChatItem) -> dict[str, Any]:
+def chat_item_dict(item: llm.ChatItem) -> dict[str, Any]:
     """One chat item exactly as ``ChatContext.to_dict(exclude_timestamp=False)`` has it."""
     d: dict[str, Any] = llm.ChatContext([item]).to_dict(exclude_timestamp=False)["items"][0]
     return d
@@ -813,9 +832,25 @@ ActivateHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
 EventHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
 
 
+RECOVERY_GREETING = (
+    "The call was cut off for a moment and you are taking it over from where it stopped: your "
+    "context holds the conversation so far. Say one short sentence that shows you know what the "
+    "caller was talking about (never ask them to repeat it), then carry on."
+)
+"""The instructions of the reply :func:`default_on_activate` asks for when a replacement is
+activated after a crash with ``greeting`` in its ``prepare`` (docs/protocol.md, "Checkpoints,
+heartbeats and recovery")."""
+
+
 async def default_on_activate(link: BatonLink, msg: dict[str, Any]) -> None:
     """Speak first when given the floor: the agent's next reply from its (seeded) context.
-    On a handback, tell the caller the transfer did not happen."""
+    On a handback, tell the caller the transfer did not happen. After a recovery, one short
+    sentence that shows the conversation is known (:data:`RECOVERY_GREETING`) when baton's
+    ``prepare`` asked for a greeting, else nothing (the caller speaks next)."""
+    if msg.get("cause") == "recovery":
+        if (link.last_prepare or {}).get("greeting") is True:
+            link.session.generate_reply(instructions=RECOVERY_GREETING)
+        return
     if msg.get("cause") == "handback":
         target = link.last_failed_target or "the other department"
         link.session.generate_reply(
@@ -883,6 +918,8 @@ class BatonLink:
         self.on_prepare = on_prepare
         self.user_state_serializer = user_state_serializer
         self.last_failed_target: str | None = None
+        self.last_prepare: dict[str, Any] | None = None
+        """The last ``prepare`` baton sent (kept after the activation it leads to)."""
         self.events: list[tuple[float, str, dict[str, Any]]] = []
         """Every floor event with its ``time.time()``, for logs and reports."""
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -908,7 +945,7 @@ class BatonLink:
         """What this agent tried and how it ended (``attempts``, ``outcome``, ``data``, as in a
         bundle's ``agent_state``), carried in its checkpoints; the app may set it."""
         self.checkpoints = (
-            cp.CheckpointTracker(agent_name, item_id=_item_id, item_dict=_item_dict)
+            cp.CheckpointTracker(agent_name, item_id=_chat_item_id, item_dict=chat_item_dict)
             if checkpoints
             else None
         )
@@ -1142,6 +1179,8 @@ class BatonLink:
             self._bundle_unavailable.add(str(msg.get("handoff")))
         elif kind == "handoff_cancelled":
             self._cancelled[str(msg.get("handoff"))] = str(msg.get("reason", ""))
+        elif kind == "prepare":
+            self.last_prepare = msg
         elif kind == "handoff_failed":
             self.last_failed_target = str(msg.get("target") or "") or None
         elif kind == "tool_result":

@@ -121,10 +121,13 @@ class ToolCall:
         return entry
 
 
-def in_flight_output(entry: bd.ToolCallInFlight, from_agent: str) -> str:
-    """The output the receiving model sees for a call that was in flight at the handoff: it was
-    started, its outcome is unknown, how to check, and (for ``rerun: never``) not to run it again
-    with the same arguments unchecked."""
+def in_flight_output(
+    entry: bd.ToolCallInFlight, from_agent: str, *, recovery: bool = False
+) -> str:
+    """The output the receiving model sees for a call that was in flight at the handoff (or,
+    with ``recovery``, when ``from_agent``'s process died): it was started, its outcome is
+    unknown, how to check, and (for ``rerun: never``) not to run it again with the same
+    arguments unchecked."""
     rule = {
         "never": "Do not call it again with the same arguments before checking whether it took "
         "effect (with the caller or another tool).",
@@ -132,9 +135,15 @@ def in_flight_output(entry: bd.ToolCallInFlight, from_agent: str) -> str:
         "recognise a duplicate.",
         "safe": "It is read-only: you may run it again.",
     }[entry["rerun"]]
+    when = (
+        f"In flight when the call was cut off: {from_agent} started {entry['name']} and stopped "
+        "before it finished (its process ended)"
+        if recovery
+        else f"In flight at the handoff: {from_agent} started {entry['name']} and handed the call "
+        "over before it finished"
+    )
     text = (
-        f"In flight at the handoff: {from_agent} started {entry['name']} and handed the call over "
-        f"before it finished; outcome unknown. Check before retrying (idempotency key "
+        f"{when}; outcome unknown. Check before retrying (idempotency key "
         f"{entry['idempotency_key']}). {rule} If its result arrives, it follows as a separate "
         "output."
     )

@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from fakes import BookingBackend, BookingTools, FakeBaton, FakeRoom, Net, ScriptedLLM, Step
 from livekit.agents import Agent, AgentSession, llm
 
-from lk_baton.agents import BatonLink, _item_dict
+from lk_baton import bundle as bd
+from lk_baton.agents import RECOVERY_GREETING, BatonLink, chat_item_dict, seed_agent
+from lk_baton.checkpoint import RECOVERY_META, merge_checkpoints, recovery_bundle
 from lk_baton.floor import CONTROL_TOPIC
+from lk_baton.transfer import send_bundle
 
 
 @dataclass
@@ -66,14 +70,14 @@ def test_checkpoints_follow_every_turn_and_merge_into_the_agents_context() -> No
         await session.run(user_input="hello there")
         await settle(link)
         merged = baton.checkpoints["triage"]
-        assert merged.items == [_item_dict(i) for i in agent.chat_ctx.items]
+        assert merged.items == [chat_item_dict(i) for i in agent.chat_ctx.items]
         assert [i["type"] for i in merged.items][-2:] == ["message", "message"]
 
         session.userdata.account = "A-1001"
         await session.run(user_input="please take a note: call me back")
         await settle(link)
         merged = baton.checkpoints["triage"]
-        assert merged.items == [_item_dict(i) for i in agent.chat_ctx.items]
+        assert merged.items == [chat_item_dict(i) for i in agent.chat_ctx.items]
         assert merged.user_state == {"account": "A-1001"}
         assert [e["status"] for e in merged.journal] == ["finished"]
         assert merged.journal[0]["name"] == "save_note" and merged.journal[0]["rerun"] == (
@@ -133,7 +137,7 @@ def test_a_lost_checkpoint_is_followed_by_a_base() -> None:
         await settle(link)
         last = baton.checkpoint_log[-1][1]
         assert last["base"] and baton.checkpoints["triage"].items == [
-            _item_dict(i) for i in agent.chat_ctx.items
+            chat_item_dict(i) for i in agent.chat_ctx.items
         ]
         assert json.dumps(last, sort_keys=True)  # what was merged is plain JSON
         await link.aclose()
@@ -178,6 +182,144 @@ def test_no_checkpoint_travels_between_a_handoff_request_and_its_bundle() -> Non
         assert order[at + 1] == "handoff_open", order
         before = order[:at]
         assert before.count("checkpoint_open") == before.count("complete"), order
+        await link.aclose()
+        await session.aclose()
+
+    asyncio.run(main())
+
+
+class RecoveryBaton(FakeBaton):
+    """Answers a hello with a recovery's ``prepare`` and delivers ``bundle`` (baton's recovery
+    bundle), then activates the replacement once it is ready."""
+
+    def __init__(self, net: Net, bundle: bytes, greeting: bool) -> None:
+        super().__init__(net)
+        self.bundle = bundle
+        self.greeting = greeting
+
+    def on_control(self, who: str, msg: dict[str, Any]) -> None:
+        self.got.append((who, msg))
+        if msg["type"] == "hello":
+            self.send(
+                who,
+                "prepare",
+                handoff="r-1",
+                source="triage",
+                reason="recovery after job_failed",
+                bundle=True,
+                cause="recovery",
+                greeting=self.greeting,
+            )
+            task = asyncio.ensure_future(send_bundle(self.room, who, self.bundle, RECOVERY_META))
+            self._tasks.add(task)  # type: ignore[arg-type]
+        elif msg["type"] == "ready":
+            self.send(who, "activate", handoff=msg["handoff"], cause="recovery")
+
+
+def recovery_script(ctx: llm.ChatContext) -> Step:
+    it = ctx.items[-1]
+    if it.type == "message" and it.role == "system" and it.text_content == RECOVERY_GREETING:
+        said = [i.text_content for i in ctx.items if i.type == "message" and i.role == "user"]
+        return (f"Sorry, we were cut off; you said {said[-1]}.", [])
+    if it.type == "message" and it.role == "user":
+        return ("Booking again.", [("create_reservation", {"date": "friday", "party": 4})])
+    return ("", [])
+
+
+def test_a_replacement_goes_on_from_the_recovery_bundle_and_does_not_book_twice() -> None:
+    """prepare(cause recovery, greeting) -> the recovery bundle -> the session holds the crashed
+    agent's context item for item, the call in flight is paired with an 'outcome unknown'
+    output, a `rerun: never` call with the same arguments is not run again, and the first
+    reply after the activation is the recovery greeting."""
+    t0 = 1796049000.0
+    items = [
+        {
+            "id": "u1",
+            "type": "message",
+            "role": "user",
+            "content": ["a table for 4 on friday"],
+            "interrupted": False,
+            "extra": {},
+            "created_at": t0,
+        },
+        {
+            "id": "fc1",
+            "type": "function_call",
+            "call_id": "c1",
+            "name": "create_reservation",
+            "arguments": '{"date": "friday", "party": 4}',
+            "extra": {},
+            "created_at": t0 + 1,
+        },
+    ]
+    journal = [
+        {
+            "call_id": "c1",
+            "name": "create_reservation",
+            "arguments": '{"date": "friday", "party": 4}',
+            "started_at": t0 + 1,
+            "idempotency_key": "key-c1",
+            "rerun": "never",
+            "status": "started",
+            "note": None,
+            "output": None,
+        },
+    ]
+    base = {
+        "schema": "baton.checkpoint/1",
+        "agent": "triage",
+        "seq": 0,
+        "base": True,
+        "created_at": t0 + 2,
+        "items": items,
+        "journal": journal,
+        "user_state": {"account": None},
+        "agent_state": {},
+    }
+    state = merge_checkpoints(None, base)
+    bundle = recovery_bundle(state, signal="job_failed", recovery_id="r-1", now=t0 + 3)
+
+    async def main() -> None:
+        net = Net()
+        RecoveryBaton(net, bd.encode_bundle(bundle), greeting=True)
+        room = FakeRoom(net, "agent-triage-2")
+        model = ScriptedLLM(recovery_script)
+        session: AgentSession[Caller] = AgentSession(llm=model, userdata=Caller())
+        link = await BatonLink.attach(room, session, agent_name="triage")  # type: ignore[arg-type]
+        assert link.preparing and link.last_prepare is not None
+        assert link.last_prepare["cause"] == "recovery"
+        received = await link.receive_context(timeout=5)
+        assert received.cause == "recovery" and received.handoff_id == "r-1"
+        backend = BookingBackend(booking_delay=0.01)
+        agent = await seed_agent(Desk(backend), received)
+        ids = [i.id for i in agent.chat_ctx.items]
+        assert "u1" in ids and "fc1" in ids
+        assert not any(i.type == "agent_handoff" for i in agent.chat_ctx.items), (
+            "a recovery goes on"
+        )
+        paired = next(
+            i
+            for i in agent.chat_ctx.items
+            if i.type == "function_call_output" and i.call_id == "c1"
+        )
+        assert "cut off" in paired.output and "key-c1" in paired.output
+        await session.start(agent)
+        await link.ready()
+        await link.wait_active(timeout=2)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            said = [
+                i.text_content
+                for i in agent.chat_ctx.items
+                if i.type == "message" and i.role == "assistant"
+            ]
+            if said:
+                break
+        assert said and "cut off" in (said[0] or "") and "friday" in (said[0] or ""), said
+        await session.run(user_input="please book it")
+        assert backend.bookings == [], "a rerun: never call in flight at the crash is not run again"
+        outs = [i.output for i in agent.chat_ctx.items if i.type == "function_call_output"]
+        assert any(o.startswith("Not run:") and "key-c1" in o for o in outs), outs
         await link.aclose()
         await session.aclose()
 

@@ -21,12 +21,16 @@ import desk
 import triage
 from lk_baton import bundle as bd
 from lk_baton.agents import (
+    RECOVERY_GREETING,
     HandoffTicket,
     build_handoff_bundle,
+    chat_item_dict,
     read_bundle,
     seed_agent,
     state_to_dict,
 )
+from lk_baton.checkpoint import CheckpointTracker, merge_checkpoints, recovery_bundle
+from lk_baton.floor import HandoffRefused
 
 
 class RecordingBaton:
@@ -147,3 +151,77 @@ def test_trim_silence_keeps_speech_and_drops_padding() -> None:
     assert desk.trim_silence(b"", rate) == b""
     silent = struct.pack("<4h", 0, 1, -1, 0)
     assert desk.trim_silence(silent, rate) == silent
+
+
+class RefusingBaton:
+    """Stands in for BatonLink in TriageAgent: baton refuses every handoff."""
+
+    async def handoff(self, target: str, **_: Any) -> HandoffTicket:
+        raise HandoffRefused("target_no_show", target)
+
+
+def test_triage_answers_when_the_last_item_is_a_failed_transfer() -> None:
+    """Issue 13 item 6: the scripted triage said nothing after a refused or failed transfer
+    (the last context item a transfer result), so the caller heard silence."""
+
+    async def main() -> None:
+        s: AgentSession[desk.Caller] = AgentSession(llm=desk.ScriptedLLM(triage.triage_script), userdata=desk.Caller())
+        agent = triage.TriageAgent(RefusingBaton())  # type: ignore[arg-type]
+        await s.start(agent)
+        await s.run(user_input="Hi, my account is A-1001 and I was charged twice for March.")
+        items = agent.chat_ctx.items
+        at = next(
+            i for i, x in enumerate(items) if x.type == "function_call_output" and x.name == "transfer_to_billing"
+        )
+        assert "failed (target_no_show)" in items[at].output  # type: ignore[union-attr]
+        after = [x.text_content for x in items[at + 1 :] if x.type == "message" and x.role == "assistant"]
+        assert after and after[0] and "billing team is not available" in after[0], after
+        await s.aclose()
+
+    asyncio.run(main())
+
+
+def test_recovered_triage_goes_on_from_the_checkpoint_and_says_what_it_heard() -> None:
+    """A triage that crashed mid-call, replaced from its checkpoints (issue 13): the
+    replacement's context holds the checkpointed items item for item, and its first sentence
+    (the recovery greeting of the scripted model) repeats what the caller said last."""
+
+    async def main() -> None:
+        s1: AgentSession[desk.Caller] = AgentSession(llm=desk.ScriptedLLM(triage.triage_script), userdata=desk.Caller())
+        crashed = triage.TriageAgent(None)
+        await s1.start(crashed)
+        await s1.run(user_input="Hello, my account is A-1001.")
+        await s1.run(user_input="My internet keeps dropping")
+        tracker = CheckpointTracker("triage", item_id=lambda i: i.id, item_dict=chat_item_dict)
+        raw = tracker.build(
+            crashed.chat_ctx.items,
+            user_state=state_to_dict(s1.userdata),
+            agent_state={},
+            journal=[],
+            now=1.0,
+        )
+        assert raw is not None
+        checkpointed = [chat_item_dict(i) for i in crashed.chat_ctx.items]
+        await s1.aclose()
+
+        state = merge_checkpoints(None, raw)
+        received = read_bundle(
+            bd.decode_bundle(bd.encode_bundle(recovery_bundle(state, signal="job_failed", recovery_id="r-1", now=2.0))),
+            user_state_type=desk.Caller,
+        )
+        assert received.cause == "recovery" and received.user_state.account_id == "A-1001"
+        agent = await seed_agent(triage.TriageAgent(None), received)
+        s2: AgentSession[desk.Caller] = AgentSession(
+            llm=desk.ScriptedLLM(triage.triage_script), userdata=received.user_state
+        )
+        await s2.start(agent)
+        await s2.generate_reply(instructions=RECOVERY_GREETING)  # what BatonLink does on activate
+        ids = {d["id"] for d in checkpointed}
+        kept = [chat_item_dict(i) for i in agent.chat_ctx.items if i.id in ids]
+        assert kept == checkpointed, "item for item, in order"
+        said = [i.text_content for i in agent.chat_ctx.items if i.type == "message" and i.role == "assistant"]
+        assert "cut off" in (said[-1] or "") and "My internet keeps dropping" in (said[-1] or ""), said[-1]
+        assert "Ada" in (said[-1] or "")
+        await s2.aclose()
+
+    asyncio.run(main())
