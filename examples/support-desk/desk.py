@@ -268,6 +268,15 @@ def job_load(server: AgentServer) -> float:
     return min(1.0, len(server.active_jobs) / max(MAX_JOBS, 1))
 
 
+def job_executor() -> JobExecutorType:
+    """Threads by default (light, fast to start); ``DESK_JOB_EXECUTOR=process`` runs each job
+    in its own process, as livekit-agents does by default, so one job can die (a crash, a
+    SIGKILL) while its worker lives on and takes the replacement job (issue 13's tests)."""
+    if os.environ.get("DESK_JOB_EXECUTOR", "thread") == "process":
+        return JobExecutorType.PROCESS
+    return JobExecutorType.THREAD
+
+
 def run_worker(agent_name: str, entrypoint: Callable[[JobContext], Awaitable[None]]) -> None:
     """Register a worker under ``agent_name`` (env ``<NAME>_AGENT_NAME`` overrides it) and
     serve jobs until SIGINT/SIGTERM. Needs LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET."""
@@ -277,7 +286,7 @@ def run_worker(agent_name: str, entrypoint: Callable[[JobContext], Awaitable[Non
 
     async def main() -> None:
         server = AgentServer(
-            job_executor_type=JobExecutorType.THREAD,
+            job_executor_type=job_executor(),
             num_idle_processes=0,
             port=0,
             load_fnc=job_load,

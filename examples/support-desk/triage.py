@@ -8,7 +8,9 @@ LIVEKIT_API_KEY and LIVEKIT_API_SECRET set (see README.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ from desk import (
     tool_output,
     user_messages,
 )
-from lk_baton import RECOVERY_GREETING, BatonLink, HandoffRefused, seed_agent
+from lk_baton import RECOVERY_GREETING, BatonLink, HandoffRefused, chat_item_dict, seed_agent
+from lk_baton.checkpoint import canonical
 
 AGENT_NAME = "triage"
 
@@ -92,6 +95,22 @@ def recovery_greeting(said: list[str], account: dict[str, Any] | None) -> str:
     return f'Sorry, we were cut off for a moment. {who}you were saying: "{said[-1].rstrip(".!?")}". Let us carry on.'
 
 
+REPORT_CHECKPOINTS = os.environ.get("DESK_REPORT_CHECKPOINTS") == "1"
+"""Print every acknowledged checkpoint's items (id, digest) and the items a replacement
+recovered, so a test can compare them item for item from outside (tests/e2e/test_recovery.py)."""
+
+
+def digest(item: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(item)).hexdigest()[:16]
+
+
+def report_checkpoint(link: BatonLink) -> None:
+    t = link.checkpoints
+    if t is not None:
+        items = [[iid, hashlib.sha256(text.encode()).hexdigest()[:16]] for iid, text in t.sent_items()]
+        say(AGENT_NAME, f"checkpoint acked seq={t.acked_seq} items={json.dumps(items)}")
+
+
 class TriageAgent(Agent):
     def __init__(self, baton: BatonLink | None) -> None:
         super().__init__(instructions=INSTRUCTIONS)
@@ -145,6 +164,11 @@ async def entrypoint(ctx: JobContext) -> None:
         agent = await seed_agent(TriageAgent(baton), received)
         if isinstance(received.user_state, Caller):
             session.userdata = received.user_state
+        if REPORT_CHECKPOINTS:
+            items = [[i.id, digest(chat_item_dict(i))] for i in agent.chat_ctx.items]
+            say(AGENT_NAME, f"recovered items={json.dumps(items)}")
+    if REPORT_CHECKPOINTS:
+        baton.on_checkpoint_acked = report_checkpoint
     session.on(
         "conversation_item_added",
         lambda ev: (
@@ -160,7 +184,10 @@ async def entrypoint(ctx: JobContext) -> None:
     )
     if baton.preparing:
         await baton.ready()
-    say(AGENT_NAME, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity}")
+    say(
+        AGENT_NAME,
+        f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity} pid={os.getpid()}",
+    )
 
 
 if __name__ == "__main__":

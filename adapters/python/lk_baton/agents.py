@@ -953,6 +953,8 @@ class BatonLink:
         boundary and around every tool call while this agent holds the floor. None: off."""
         self._checkpoint_scheduled = False
         self._checkpoint_hold = False
+        self.on_checkpoint_acked: Callable[[BatonLink], None] | None = None
+        """Called after baton acknowledged a checkpoint (``self.checkpoints.acked_seq``)."""
 
     # -- construction --
 
@@ -1313,6 +1315,8 @@ class BatonLink:
             t.failed()
         else:
             t.acked()
+            if self.on_checkpoint_acked is not None:
+                self.on_checkpoint_acked(self)
         if t.pending:
             self.checkpoint_soon()
 

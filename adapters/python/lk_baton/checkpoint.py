@@ -272,6 +272,12 @@ class CheckpointTracker:
             (head[:at], b"[", ",".join(changed).encode(), b"]", head[at + len(_ITEMS_JSON) :])
         )
 
+    def sent_items(self) -> list[tuple[str, str]]:
+        """``(id, canonical JSON)`` of every chat item in the state the last checkpoint built
+        carried (after a base or a delta alike), in context order: what baton holds once it is
+        acknowledged."""
+        return [(iid, self._items[iid][1]) for iid in self._ids]
+
     def acked(self) -> None:
         """baton acknowledged the checkpoint in flight (its transfer COMPLETE)."""
         if self.in_flight is not None:

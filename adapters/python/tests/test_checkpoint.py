@@ -207,6 +207,7 @@ def test_a_chain_of_checkpoints_merges_into_the_agents_state() -> None:
         merged = merge_checkpoints(merged, raw, sender="agent-triage", sender_agent="triage")
         t.acked()
         assert merged.items == items
+        assert [json.loads(text) for _, text in t.sent_items()] == items
         assert merged.user_state == user
     assert merged is not None and merged.seq == t.seq - 1
 
