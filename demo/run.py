@@ -564,8 +564,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="stop after billing's first sentence (for tests)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="report, plot and logs (default out/demo)")
+    ap.add_argument(
+        "--crash",
+        action="store_true",
+        help="kill triage's job process mid-sentence and show the recovery (demo/crash.py)",
+    )
     args = ap.parse_args(argv)
     t0 = time.monotonic()
+    if args.crash:
+        import crash
+
+        try:
+            with signals_raise():
+                crashed = crash.run_crash(args.out)
+        except (KeyboardInterrupt, Stopping) as e:
+            print(f"\n[demo] interrupted ({type(e).__name__} {e}); every process stopped", file=sys.stderr)
+            return 130
+        crash.print_report(crashed)
+        print(f"report: {args.out / 'report.json'}  ({time.monotonic() - t0:.1f} s)")
+        return 0 if crashed.refers_to_what_was_said else 1
     try:
         with signals_raise():
             report = run_demo(args.quick, args.out, keep_logs=True)
