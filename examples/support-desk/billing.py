@@ -28,7 +28,7 @@ from desk import (
     tool_output,
     user_messages,
 )
-from lk_baton import BatonLink, seed_agent
+from lk_baton import RECOVERY_GREETING, BatonLink, seed_agent
 
 AGENT_NAME = "billing"
 
@@ -51,6 +51,11 @@ def billing_script(ctx: llm.ChatContext) -> Step:
     account = tool_output(ctx, "lookup_account")
     said = user_messages(ctx)
     spoke = any(i.type == "message" and i.role == "assistant" and i.created_at > _handoff_at(ctx) for i in ctx.items)
+    last_item = ctx.items[-1] if ctx.items else None
+    if last_item is not None and last_item.type == "message" and last_item.role == "system":
+        if last_item.text_content == RECOVERY_GREETING:  # a replacement after a crash
+            where = f'you were saying: "{said[-1].rstrip(".!?")}"' if said else "how can I help?"
+            return (f"Sorry, we were cut off for a moment. This is billing again; {where}.", [])
     if not spoke:
         if account is None or not said:
             return ("Hello, this is billing. How can I help you?", [])

@@ -225,3 +225,14 @@ def test_recovered_triage_goes_on_from_the_checkpoint_and_says_what_it_heard() -
         await s2.aclose()
 
     asyncio.run(main())
+
+
+def test_billing_script_answers_the_recovery_greeting_with_what_was_said() -> None:
+    from livekit.agents import llm
+
+    ctx = llm.ChatContext.empty()
+    ctx.add_message(role="user", content="Yes please, refund it.")
+    assert "cut off" not in billing.billing_script(ctx)[0]
+    ctx.add_message(role="system", content=RECOVERY_GREETING)
+    text, calls = billing.billing_script(ctx)
+    assert "cut off" in text and "Yes please, refund it" in text and calls == []
