@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import re
 import signal
@@ -36,7 +35,9 @@ from run import (
     baton_worker,
     dispatch_token,
     plot_levels,
+    stop_and_keep_logs,
     wait_all,
+    write_levels,
 )
 
 FIRST = "Hi, my account is A-1001."
@@ -226,21 +227,7 @@ def run_crash(out: Path) -> CrashReport:
         plot = plot_levels(res, timeline, t_kill, out / "crash.png")
         report = build(room, res, t_kill, pid, greeting, baton, plot)
         (out / "report.json").write_text(json.dumps(asdict(report), indent=2))
-        levels = {
-            "t_start": res.t_start,
-            "t_kill": t_kill,
-            "levels": {
-                w: [[round(t - res.t_start, 4), round(v, 1) if math.isfinite(v) else None] for t, v in s]
-                for w, s in res.levels.items()
-            },
-        }
-        (out / "levels.json").write_text(json.dumps(levels))
+        write_levels(out / "levels.json", res, t_kill=t_kill)
         return report
     finally:
-        named = list(procs.children)
-        procs.stop_all()
-        if procs.server is not None:
-            procs.server.stop()
-        for name, p in named:
-            (out / f"{name}.log").write_text(p.text() + "\n")
-        print(f"[demo] logs in {out}", file=sys.stderr)
+        stop_and_keep_logs(procs, out, show=True)

@@ -534,30 +534,38 @@ def run_demo(quick: bool, out: Path, keep_logs: bool) -> Report:
         plot = plot_levels(res, timeline, t_request, out / "handoff.png")
         report = build_report(room, res, timeline, t_request, plot)
         (out / "report.json").write_text(json.dumps(asdict(report), indent=2))
-        levels = {
-            "t_start": res.t_start,
-            "t_request": t_request,
-            "levels": {
-                w: [[round(t - res.t_start, 4), round(v, 1) if math.isfinite(v) else None] for t, v in s]
-                for w, s in res.levels.items()
-            },
-        }
-        (out / "levels.json").write_text(json.dumps(levels))
+        write_levels(out / "levels.json", res, t_request=t_request)
         ok = True
         return report
     finally:
-        procs_named = list(procs.children)
-        procs.stop_all()
-        if procs.server is not None:
-            procs.server.stop()
-        for name, p in procs_named:
-            (out / f"{name}.log").write_text(p.text() + "\n")
-        if procs.server is not None:
-            with contextlib.suppress(OSError):
-                (out / "livekit-server.log").write_text(procs.server.log_path.read_text(errors="replace"))
-                procs.server.log_path.unlink()
-        if not ok or keep_logs:
-            print(f"[demo] logs in {out}", file=sys.stderr)
+        stop_and_keep_logs(procs, out, show=not ok or keep_logs)
+
+
+def write_levels(path: Path, res: CallResult, **marks: float) -> None:
+    """The caller's levels per identity (arrival times, seconds since the caller joined) and
+    ``marks`` (caller-clock times such as ``t_request``) as JSON."""
+    doc: dict[str, Any] = {"t_start": res.t_start, **marks}
+    doc["levels"] = {
+        w: [[round(t - res.t_start, 4), round(v, 1) if math.isfinite(v) else None] for t, v in s]
+        for w, s in res.levels.items()
+    }
+    path.write_text(json.dumps(doc))
+
+
+def stop_and_keep_logs(procs: Procs, out: Path, *, show: bool) -> None:
+    """Stop every process the demo started and write their logs (and the server's) to ``out``."""
+    procs_named = list(procs.children)
+    procs.stop_all()
+    if procs.server is not None:
+        procs.server.stop()
+    for name, p in procs_named:
+        (out / f"{name}.log").write_text(p.text() + "\n")
+    if procs.server is not None:
+        with contextlib.suppress(OSError):
+            (out / "livekit-server.log").write_text(procs.server.log_path.read_text(errors="replace"))
+            procs.server.log_path.unlink()
+    if show:
+        print(f"[demo] logs in {out}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
