@@ -17,7 +17,7 @@ from lk_baton import bundle as bd
 from lk_baton.agents import RECOVERY_GREETING, BatonLink, chat_item_dict, seed_agent
 from lk_baton.checkpoint import RECOVERY_META, merge_checkpoints, recovery_bundle
 from lk_baton.floor import CONTROL_TOPIC
-from lk_baton.transfer import send_bundle
+from lk_baton.transfer import send_bundle, transport_for
 
 
 @dataclass
@@ -320,6 +320,42 @@ def test_a_replacement_goes_on_from_the_recovery_bundle_and_does_not_book_twice(
         assert backend.bookings == [], "a rerun: never call in flight at the crash is not run again"
         outs = [i.output for i in agent.chat_ctx.items if i.type == "function_call_output"]
         assert any(o.startswith("Not run:") and "key-c1" in o for o in outs), outs
+        await link.aclose()
+        await session.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_refused_checkpoint_or_a_reconnect_makes_the_next_one_a_base() -> None:
+    """baton answers a checkpoint's OPEN with an ERROR (here not_authorized; code 14
+    checkpoint_rejected works the same): the adapter sends a base next. A reconnect too."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        session, link, agent = await linked_desk(net)
+        await session.run(user_input="hello")
+        await settle(link)
+        t = transport_for(baton.room)
+        t.accept_from = lambda p: False  # refuse the next transfer
+        n = len(baton.checkpoint_log)
+        await session.run(user_input="again")
+        await settle(link)
+        assert len(baton.checkpoint_log) == n, "refused: nothing merged"
+        assert link.checkpoints is not None and link.checkpoints.acked_seq == n - 1
+        t.accept_from = None
+        await session.run(user_input="and again")
+        await settle(link)
+        first_after = baton.checkpoint_log[n][1]
+        assert first_after["base"], first_after
+        now = [chat_item_dict(i) for i in agent.chat_ctx.items]
+        assert baton.checkpoints["triage"].items == now
+
+        m = len(baton.checkpoint_log)
+        link.room.emit("reconnected")
+        await session.run(user_input="after the reconnect")
+        await settle(link)
+        assert baton.checkpoint_log[m][1]["base"]
         await link.aclose()
         await session.aclose()
 
