@@ -398,12 +398,13 @@ _IN_FLIGHT_FIELDS = ("call_id", "name", "arguments", "started_at", "idempotency_
 
 
 def recovery_bundle(
-    state: MergedState, *, signal: str, recovery_id: str | None, now: float
+    state: MergedState, *, reason: str, recovery_id: str | None, now: float
 ) -> bd.Bundle:
     """The ``baton.bundle/1`` baton builds for a replacement from ``state`` (docs/bundle.md,
-    "Recovery bundles"): ``cause`` ``recovery``, the merged items, a ``started`` journal entry
-    as a call in flight, and the output item of an ended entry appended when the chat lacks
-    it. Validated; raises :class:`lk_baton.bundle.BundleError` if the state cannot make one."""
+    "Recovery bundles"): ``cause`` ``recovery``, ``reason`` (baton's is ``recovery after
+    <signal>``), the merged items, a ``started`` journal entry as a call in flight, and the
+    output item of an ended entry appended when the chat lacks it. Validated; raises
+    :class:`lk_baton.bundle.BundleError` if the state cannot make one."""
     items = [dict(i) for i in state.items]
     answered = {i.get("call_id") for i in items if i.get("type") == "function_call_output"}
     flight: list[bd.ToolCallInFlight] = []
@@ -419,7 +420,7 @@ def recovery_bundle(
     b = bd.build_bundle(
         from_agent=state.agent,
         to_agent=state.agent,
-        reason=f"recovery after {signal}",
+        reason=reason,
         chat={"items": items},
         tool_calls_in_flight=flight,
         user_state=state.user_state,

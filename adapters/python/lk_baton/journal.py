@@ -121,9 +121,7 @@ class ToolCall:
         return entry
 
 
-def in_flight_output(
-    entry: bd.ToolCallInFlight, from_agent: str, *, recovery: bool = False
-) -> str:
+def in_flight_output(entry: bd.ToolCallInFlight, from_agent: str, *, recovery: bool = False) -> str:
     """The output the receiving model sees for a call that was in flight at the handoff (or,
     with ``recovery``, when ``from_agent``'s process died): it was started, its outcome is
     unknown, how to check, and (for ``rerun: never``) not to run it again with the same

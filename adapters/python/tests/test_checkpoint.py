@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -276,7 +277,7 @@ def test_recovery_bundle_has_every_call_exactly_once() -> None:
     )
     assert raw is not None
     state = merge_checkpoints(None, raw)
-    b = recovery_bundle(state, signal="job_failed", recovery_id="r-1", now=T0 + 7)
+    b = recovery_bundle(state, reason="recovery after job_failed", recovery_id="r-1", now=T0 + 7)
     assert bd.validate_bundle(json.loads(bd.encode_bundle(b))) == b
     assert b["cause"] == "recovery" and b["reason"] == "recovery after job_failed"
     assert (b["from_agent"], b["to_agent"], b["handoff_id"]) == ("triage", "triage", "r-1")
@@ -286,3 +287,26 @@ def test_recovery_bundle_has_every_call_exactly_once() -> None:
         (e["call_id"], e["idempotency_key"], e["rerun"]) for e in b["tool_calls_in_flight"]
     ] == [("c3", "key-1", "never")]
     assert b["user_state"] == {"account": "A-1"} and b["agent_state"] == {"outcome": "x"}
+
+
+VECTORS = Path(__file__).resolve().parents[3] / "tests" / "vectors" / "checkpoint"
+
+
+@pytest.mark.skipif(
+    not (VECTORS / "cases.json").exists(), reason="baton's checkpoint vectors are not in this tree"
+)
+def test_python_merge_builds_batons_recovery_bundle_byte_for_byte() -> None:
+    """The chain of tests/vectors/checkpoint/cases.json (written by baton's merge,
+    tests/checkpoint_vectors.rs) merged here gives the recovery bundle baton built from it,
+    byte for byte (bundle.json)."""
+    cases = json.loads((VECTORS / "cases.json").read_text())
+    state: MergedState | None = None
+    for step in cases["chain"]:
+        state = merge_checkpoints(
+            state, step["payload"], sender=step["identity"], sender_agent=step["agent_name"]
+        )
+    assert state is not None
+    b = recovery_bundle(
+        state, reason=cases["reason"], recovery_id=cases["handoff_id"], now=cases["created_at"]
+    )
+    assert bd.encode_bundle(b) == (VECTORS / "bundle.json").read_bytes()

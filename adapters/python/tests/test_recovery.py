@@ -277,7 +277,8 @@ def test_a_replacement_goes_on_from_the_recovery_bundle_and_does_not_book_twice(
         "agent_state": {},
     }
     state = merge_checkpoints(None, base)
-    bundle = recovery_bundle(state, signal="job_failed", recovery_id="r-1", now=t0 + 3)
+    reason = "recovery after job_failed"
+    bundle = recovery_bundle(state, reason=reason, recovery_id="r-1", now=t0 + 3)
 
     async def main() -> None:
         net = Net()

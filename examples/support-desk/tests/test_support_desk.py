@@ -206,7 +206,9 @@ def test_recovered_triage_goes_on_from_the_checkpoint_and_says_what_it_heard() -
 
         state = merge_checkpoints(None, raw)
         received = read_bundle(
-            bd.decode_bundle(bd.encode_bundle(recovery_bundle(state, signal="job_failed", recovery_id="r-1", now=2.0))),
+            bd.decode_bundle(
+                bd.encode_bundle(recovery_bundle(state, reason="recovery after job_failed", recovery_id="r-1", now=2.0))
+            ),
             user_state_type=desk.Caller,
         )
         assert received.cause == "recovery" and received.user_state.account_id == "A-1001"
