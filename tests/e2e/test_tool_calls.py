@@ -23,10 +23,16 @@ import pytest
 from harness import ROOT, LiveKitServer, joined_baton, run, token
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
-from lk_baton import BatonLink, HandoffTicket, seed_agent
+from lk_baton import BatonLink, HandoffTicket, default_on_activate, seed_agent
 
 sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
-from fakes import BookingBackend, BookingTools, ScriptedLLM, Step  # the adapter tests' stand-ins
+from fakes import (  # the adapter tests' stand-ins
+    BookingBackend,
+    BookingTools,
+    ScriptedLLM,
+    ScriptedRealtime,
+    Step,
+)
 
 CONFIG = """
 [[agents]]
@@ -51,9 +57,9 @@ BOOKING = {"date": "2026-12-24", "party": 4}
 NOTE = {"text": "wants a table by the window"}
 
 
-def config_file() -> str:
+def config_file(config: str = CONFIG) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(CONFIG)
+        f.write(config)
     return f.name
 
 
@@ -137,7 +143,8 @@ class Side:
     room: rtc.Room
     session: AgentSession[None]
     link: BatonLink
-    model: ScriptedLLM
+    model: Any
+    """The scripted model: a ScriptedLLM, or a ScriptedRealtime."""
 
 
 async def join(
@@ -151,7 +158,7 @@ async def join(
     lk_room = rtc.Room()
     attrs = {"lk.agent.name": name, "lk.agent_name": name}
     await lk_room.connect(server.url, token(f"agent-{name}", room, kind="agent", attributes=attrs))
-    model = ScriptedLLM(script)
+    model = options.pop("model", None) or ScriptedLLM(script)
     session: AgentSession[None] = AgentSession(llm=model)
     link = await BatonLink.attach(lk_room, session, agent_name=name, answer_timeout=10, **options)
     await session.start(agent)
@@ -361,6 +368,113 @@ def test_barge_in_then_handoff_keeps_the_booking_once(server: LiveKitServer, bar
                     assert [o.call_id for o in outs].count(cid) == 1
                     assert not any(o.output.startswith("Cancelled by") for o in outs), "triage's own closing"
                 assert len(backend.bookings) == 1 and backend.notes == [NOTE["text"]]
+            finally:
+                await close(a, b)
+
+        run(main(), timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# A handback to a realtime model
+
+HANDBACK_CONFIG = CONFIG.replace("ready_timeout = 8", "ready_timeout = 2")
+
+
+def realtime_triage_script(conversation: llm.ChatContext, instructions: str | None) -> Step:
+    """triage on a realtime model. On 'book ... billing': one response with a lookup the
+    realtime backend runs itself (its output has no name), the booking and the transfer. On the
+    handback ('did not work' in the instructions): a booking whose call has no output looks
+    unanswered, and the model books again (the duplicate this test guards against)."""
+    said = user_said(conversation)
+    if not said:
+        return ("Hello, triage here.", [])
+    last = conversation.items[-1]
+    if last.type == "message" and last.role == "user" and "billing" in said[-1]:
+        calls = [("check_availability", dict(BOOKING)), ("create_reservation", dict(BOOKING))]
+        return ("One moment.", [*calls, ("transfer_to_billing", {})])
+    if instructions and "did not work" in instructions:
+        answered = {i.call_id for i in conversation.items if i.type == "function_call_output"}
+        booked = [i for i in conversation.items if i.type == "function_call" and i.name == "create_reservation"]
+        if not any(c.call_id in answered for c in booked):
+            return ("Let me book that table for you.", [("create_reservation", dict(BOOKING))])
+        return ("Billing is not available right now; your booking is under way.", [])
+    return ("", [])
+
+
+def test_handback_to_a_realtime_triage_finds_no_call_open_and_books_once(server: LiveKitServer) -> None:
+    """triage runs on a realtime model (livekit-agents' realtime path; a scripted stand-in for
+    the model). One response: a lookup run by the realtime backend (a name-less output, as
+    realtime plugins write), a booking that takes 6 s, and the transfer. billing receives the
+    bundle but never gets ready, so baton hands the call back (target_not_ready) while the
+    booking still runs.
+
+    At the handback, triage's realtime conversation has an output for every call (the booking
+    closed as cancelled by handoff), so the model does not book again; the booking's result
+    lands in triage's context once (not forwarded: the floor came back); the name-less output
+    reached billing with its call's name."""
+    room = f"tools-{uuid.uuid4().hex[:8]}"
+    with joined_baton(server, room, "--config", config_file(HANDBACK_CONFIG)):
+
+        async def main() -> None:
+            backend = BookingBackend(booking_delay=6.0)
+            billing = Billing(backend)
+            got: dict[str, Any] = {}
+
+            async def on_prepare(link: BatonLink, msg: dict[str, Any]) -> None:
+                got["received"] = await link.receive_context(timeout=10)  # and never ready()
+
+            b = await join(server, room, "billing", billing_script, billing, on_prepare=on_prepare)
+            lookup_tool = {"check_availability": lambda args: "available"}
+            model = ScriptedRealtime(realtime_triage_script, backend_tools=lookup_tool)
+            triage = Triage(backend)
+
+            async def on_activate(link: BatonLink, msg: dict[str, Any]) -> None:
+                if msg.get("cause") == "handback":
+                    conversation = model.sessions[-1].items
+                    answered = {i.call_id for i in conversation if i.type == "function_call_output"}
+                    calls = [i for i in conversation if i.type == "function_call"]
+                    got["open"] = [i.name for i in calls if i.call_id not in answered]
+                    got["running"] = {c.name: c.released for c in link.journal.running()}
+                    outputs = [i for i in triage.chat_ctx.items if i.type == "function_call_output"]
+                    got["lookup"] = [o.name for o in outputs if o.output == "available"]
+                    got["handback"] = msg
+                await default_on_activate(link, msg)
+
+            a = await join(server, room, "triage", realtime_triage_script, triage, model=model, on_activate=on_activate)
+            triage.link = a.link
+            try:
+                await wait_until(lambda: a.link.floor.active, 10, "triage never got the floor")
+                await wait_until(lambda: not b.link.floor.active and b.link.floor.answered, 10, "billing standby")
+                a.session.generate_reply(user_input="Book a table for four on Christmas Eve, then billing please")
+                await wait_until(lambda: "handback" in got, 20, "no handback")
+                assert got["handback"]["reason"] == "target_not_ready"
+                assert got["running"] == {"create_reservation": "handoff"}, got
+                assert got["open"] == [], "a call still open in the realtime conversation at the handback"
+
+                await wait_until(lambda: not a.link.journal.running(), 10, "the booking never ended")
+                await asyncio.sleep(1.5)  # the result's reply, and any second booking, have happened
+                assert len(backend.bookings) == 1, "booked again after the handback"
+                conversation = model.sessions[-1].items
+                booked = [i for i in conversation if i.type == "function_call" and i.name == "create_reservation"]
+                assert len([c for c in booked if not c.call_id.endswith("_final")]) == 1, "no second call"
+                calls, outs = tool_items(triage.chat_ctx, "create_reservation")
+                cid = calls[0].call_id
+                assert [c.call_id for c in calls] == [cid, f"{cid}_final"]
+                assert [o.call_id for o in outs] == [cid, f"{cid}_final"]
+                assert outs[0].output.startswith("Cancelled by handoff")
+                assert json.loads(outs[1].output)["reservation"] == "R-1", "its result, once"
+                assert b.link.late_results == [], "not forwarded: triage holds the floor again"
+
+                # the backend's lookup: name-less in triage's own context (at the handback; the
+                # framework drops it later, a call of a tool triage does not have, when it
+                # inserts the booking's result), named in billing's
+                assert got["lookup"] == [""], "the realtime path wrote it without a name"
+                received = got["received"]
+                outputs = [i for i in received.chat_ctx.items if i.type == "function_call_output"]
+                named = [o for o in outputs if o.output == "available"]
+                assert [o.name for o in named] == ["check_availability"]
+                in_bundle = [i for i in received.bundle["chat"]["items"] if i.get("output") == "available"]
+                assert [o.get("name") for o in in_bundle] == ["check_availability"]
             finally:
                 await close(a, b)
 

@@ -487,8 +487,9 @@ def build_handoff_bundle(
     ``session.history``), serialised with timestamps.
 
     ``current_call`` is the ``transfer_to_...`` function call being executed (``RunContext.
-    function_call``): it is not in the chat context yet, so it is added together with an output
-    saying the call was handed to ``to_agent``, and the target sees a complete pair.
+    function_call``): it has no output yet (and is not in the context yet, except on the
+    realtime path), so it is added if missing, with an output saying the call was handed to
+    ``to_agent``, and the target sees a complete pair (never this call in flight).
 
     ``journal`` (the session's :func:`journal_for`; ``agent_id`` limits it to one agent's calls)
     is the truth about tool calls: every call it holds is in the bundle exactly once, whether or
@@ -503,20 +504,24 @@ def build_handoff_bundle(
     never``, the call id as idempotency key), since their side effects may have happened.
     """
     ctx = chat_ctx.copy()
-    if current_call is not None and not any(
-        i.type == "function_call" and i.call_id == current_call.call_id for i in ctx.items
-    ):
-        call = current_call.model_copy()
-        ctx.insert(call)
-        ctx.insert(
-            llm.FunctionCallOutput(
-                call_id=call.call_id,
-                name=call.name,
-                output=f"handed the call to {to_agent}: {reason}",
-                is_error=False,
-                created_at=max(time.time(), call.created_at),
+    if current_call is not None:
+        # livekit-agents' realtime path records a call in the context when its tool starts (the
+        # pipeline path only when the batch ends): the transfer call may be there, unanswered
+        cid = current_call.call_id
+        call = next((i for i in ctx.items if i.type == "function_call" and i.call_id == cid), None)
+        if call is None:
+            call = current_call.model_copy()
+            ctx.insert(call)
+        if not any(i.type == "function_call_output" and i.call_id == cid for i in ctx.items):
+            ctx.insert(
+                llm.FunctionCallOutput(
+                    call_id=cid,
+                    name=call.name,
+                    output=f"handed the call to {to_agent}: {reason}",
+                    is_error=False,
+                    created_at=max(time.time(), call.created_at),
+                )
             )
-        )
     flight: list[bd.ToolCallInFlight] = list(tool_calls_in_flight or [])
     known = {c["call_id"] for c in flight}
     if journal is not None:
@@ -600,12 +605,16 @@ def _journal_into(
 def restore_output_names(ctx: llm.ChatContext) -> int:
     """Give every ``function_call_output`` without a name the name of the ``function_call``
     with its ``call_id`` (realtime plugins write outputs without one, and Google's request
-    format needs ``function_response.name``). Returns how many were restored."""
+    format needs ``function_response.name``). Returns how many were restored.
+
+    A restored output is a copy put in the item's place: ``ctx.copy()`` shares its items with
+    the context it copies, which keeps them as they were."""
     names = {i.call_id: i.name for i in ctx.items if i.type == "function_call"}
     n = 0
-    for i in ctx.items:
+    items = ctx.items
+    for k, i in enumerate(items):
         if i.type == "function_call_output" and not i.name and names.get(i.call_id):
-            i.name = names[i.call_id]
+            items[k] = i.model_copy(update={"name": names[i.call_id]})
             n += 1
     return n
 

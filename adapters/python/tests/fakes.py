@@ -7,8 +7,9 @@
   ``attributes`` as the sender's room has them (the server's word, as in LiveKit).
 * Recording fakes for :class:`lk_baton.floor.FloorClient` (:class:`FakeSender`,
   :class:`FakeEffects`) and :func:`b`, a control envelope from baton.
-* A scripted ``llm.LLM`` (:class:`ScriptedLLM`): the only cloud service the tests replace, and
-  a booking service for tools to call (:class:`BookingBackend`).
+* A scripted ``llm.LLM`` (:class:`ScriptedLLM`) and a scripted ``llm.RealtimeModel``
+  (:class:`ScriptedRealtime`): the only cloud services the tests replace, and a booking service
+  for tools to call (:class:`BookingBackend`).
 * Stand-ins for baton's arbiter (:class:`FakeBaton`, :class:`ArbiterBaton`): they answer the
   way crates/baton-floor does for the scenario a test needs, and nothing else.
 """
@@ -19,7 +20,7 @@ import asyncio
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -227,6 +228,183 @@ class ScriptedStream(llm.LLMStream):
             )
             delta = llm.ChoiceDelta(role="assistant", tool_calls=[call])
             self._event_ch.send_nowait(llm.ChatChunk(id=rid, delta=delta))
+
+
+# ---------------------------------------------------------------------------------------------
+# A scripted realtime model: the same kind of script, answering on a realtime session
+
+RealtimeScript = Callable[[llm.ChatContext, str | None], Step]
+"""``script(conversation, instructions)``: the server's conversation when a response is asked
+for, and the response's instructions (``generate_reply(instructions=...)``)."""
+
+
+class ScriptedRealtime(llm.RealtimeModel):
+    """A realtime model whose responses come from a script, on sessions that keep the
+    conversation the way a realtime server does (what livekit-agents' realtime path talks to).
+
+    The conversation holds each item as the server stores it: a ``function_call_output``
+    without ``name`` (the OpenAI realtime format has none; livekit-agents' conversion,
+    ``openai_item_to_livekit_item``, leaves it empty). A response's text and function calls
+    are added to it; a call to a tool named in ``backend_tools`` is run by the server itself
+    (as GPT-Live's backend runs tools), which adds the call and its name-less output and reports
+    both as remote items (``remote_item_added``). Text only: no audio, no turn detection."""
+
+    def __init__(
+        self, script: RealtimeScript, backend_tools: dict[str, Callable[[str], str]] | None = None
+    ) -> None:
+        super().__init__(
+            capabilities=llm.RealtimeCapabilities(
+                message_truncation=False,
+                turn_detection=False,
+                user_transcription=False,
+                auto_tool_reply_generation=False,
+                audio_output=False,
+                manual_function_calls=True,
+                mutable_chat_context=True,
+                mutable_instructions=True,
+                mutable_tools=True,
+            )
+        )
+        self.script = script
+        self.backend_tools = dict(backend_tools or {})
+        self.sessions: list[ScriptedRealtimeSession] = []
+
+    def session(self, *, turn_detection_disabled: bool = False) -> ScriptedRealtimeSession:
+        s = ScriptedRealtimeSession(self)
+        self.sessions.append(s)
+        return s
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _as_server_item(item: llm.ChatItem) -> llm.ChatItem:
+    if item.type == "function_call_output":
+        return llm.FunctionCallOutput(
+            id=item.id, call_id=item.call_id, output=item.output, is_error=item.is_error
+        )
+    return item.model_copy()
+
+
+class ScriptedRealtimeSession(llm.RealtimeSession[Any]):
+    def __init__(self, model: ScriptedRealtime) -> None:
+        super().__init__(model)
+        self.model = model
+        self.items: list[llm.ChatItem] = []
+        """The server's conversation."""
+        self.responses: list[llm.ChatContext] = []
+        """The conversation at each response asked for."""
+        self.instructions = ""
+        self._tools = llm.ToolContext.empty()
+
+    @property
+    def chat_ctx(self) -> llm.ChatContext:
+        return llm.ChatContext([i.model_copy() for i in self.items])
+
+    @property
+    def tools(self) -> llm.ToolContext:
+        return self._tools.copy()
+
+    async def update_instructions(self, instructions: str) -> None:
+        self.instructions = instructions
+
+    async def update_chat_ctx(self, chat_ctx: llm.ChatContext) -> None:
+        kinds = ("message", "function_call", "function_call_output")
+        self.items = [_as_server_item(i) for i in chat_ctx.items if i.type in kinds]
+
+    async def update_tools(self, tools: list[llm.Tool]) -> None:
+        self._tools = llm.ToolContext(tools)
+
+    def update_options(self, *, tool_choice: Any = None) -> None:
+        pass
+
+    def push_audio(self, frame: Any) -> None:
+        pass
+
+    def push_video(self, frame: Any) -> None:
+        pass
+
+    def commit_audio(self) -> None:
+        pass
+
+    def clear_audio(self) -> None:
+        pass
+
+    def interrupt(self) -> None:
+        pass
+
+    def truncate(self, **_: Any) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def _add(self, item: llm.ChatItem, *, report: bool) -> None:
+        prev = self.items[-1].id if self.items else None
+        self.items.append(item)
+        if report:
+            self.emit(
+                "remote_item_added", llm.RemoteItemAddedEvent(previous_item_id=prev, item=item)
+            )
+
+    def generate_reply(
+        self, *, instructions: Any = None, tool_choice: Any = None, tools: Any = None
+    ) -> asyncio.Future[llm.GenerationCreatedEvent]:
+        said = instructions if isinstance(instructions, str) else None
+        self.responses.append(self.chat_ctx)
+        text, calls = self.model.script(self.chat_ctx, said)
+        rid = uuid.uuid4().hex[:8]
+        client_calls: list[llm.FunctionCall] = []
+        for name, args in calls:
+            call = llm.FunctionCall(
+                call_id=f"call_{uuid.uuid4().hex[:8]}", name=name, arguments=json.dumps(args)
+            )
+            run = self.model.backend_tools.get(name)
+            if run is None:
+                self._add(call, report=False)  # the client runs it, and reports the output
+                client_calls.append(call)
+                continue
+            self._add(call, report=True)
+            out = llm.FunctionCallOutput(
+                call_id=call.call_id, output=run(call.arguments), is_error=False
+            )
+            self._add(out, report=True)
+        msg_id = f"msg_{rid}"
+        if text:
+            self._add(llm.ChatMessage(id=msg_id, role="assistant", content=[text]), report=False)
+
+        async def texts() -> AsyncIterator[str]:
+            if text:
+                yield text
+
+        async def no_audio() -> AsyncIterator[Any]:
+            return
+            yield
+
+        async def messages() -> AsyncIterator[llm.MessageGeneration]:
+            modalities: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            modalities.set_result(["text"])
+            yield llm.MessageGeneration(
+                message_id=msg_id,
+                text_stream=texts(),
+                audio_stream=no_audio(),
+                modalities=modalities,
+            )
+
+        async def functions() -> AsyncIterator[llm.FunctionCall]:
+            for call in client_calls:
+                yield call
+
+        fut: asyncio.Future[llm.GenerationCreatedEvent] = asyncio.get_running_loop().create_future()
+        fut.set_result(
+            llm.GenerationCreatedEvent(
+                message_stream=messages(),
+                function_stream=functions(),
+                user_initiated=True,
+                response_id=rid,
+            )
+        )
+        return fut
 
 
 class BookingBackend:

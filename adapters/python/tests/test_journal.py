@@ -240,6 +240,35 @@ def test_sibling_that_finished_first_is_in_the_bundle_with_its_output(batch: lis
     asyncio.run(main())
 
 
+def test_a_transfer_call_already_in_the_context_is_answered_not_in_flight() -> None:
+    """livekit-agents' realtime path records a call in the context when its tool starts, so
+    the transfer call being executed is there, unanswered, when the bundle is built; and a
+    realtime plugin's output may have no name."""
+    ctx = llm.ChatContext.empty()
+    ctx.add_message(role="user", content="billing please", created_at=1.0)
+    out = llm.FunctionCallOutput(call_id="c0", name="", output="ok", is_error=False, created_at=1.2)
+    transfer = llm.FunctionCall(
+        call_id="t1", name="transfer_to_billing", arguments="{}", created_at=1.3
+    )
+    ctx.insert(
+        [
+            llm.FunctionCall(call_id="c0", name="lookup", arguments="{}", created_at=1.1),
+            out,
+            transfer,
+        ]
+    )
+    b = build_handoff_bundle(
+        ctx, from_agent="triage", to_agent="billing", reason="r", current_call=transfer
+    )
+    assert b["tool_calls_in_flight"] == []
+    outs = [i for i in b["chat"]["items"] if i["type"] == "function_call_output"]
+    assert [(o["call_id"], o.get("name")) for o in outs] == [
+        ("c0", "lookup"),
+        ("t1", "transfer_to_billing"),
+    ]
+    assert out.name == "", "the source's own item is left as it was"
+
+
 # ---------------------------------------------------------------------------------------------
 # Receiving side
 
