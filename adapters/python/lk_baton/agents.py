@@ -399,9 +399,7 @@ async def release_call(
     if getattr(run_ctx, "_updates", None):
         return False  # the tool's own ctx.update() closed the call already
     j.release(call_id, cause)
-    await run_ctx.update(
-        released_output(call, cause, target), template=_as_is, silent=True
-    )
+    await run_ctx.update(released_output(call, cause, target), template=_as_is, silent=True)
     return True
 
 
@@ -1287,13 +1285,19 @@ class BatonLink:
         except TypeError as e:
             log.warning("checkpoint without user state: %s", e)
             state = {}
-        journal = [
-            cp.journal_entry(c)
-            for c in self.journal.calls()
-            if c.agent in (None, agent.id) and c.handoff is None
+        calls = [
+            c for c in self.journal.calls() if c.agent in (None, agent.id) and c.handoff is None
         ]
+        journal = [cp.journal_entry(c) for c in calls]
+        items = agent.chat_ctx.items
+        if running := {c.call_id for c in calls if c.running}:
+            # as in a bundle, a running call's own outputs (the "cancelled by barge-in" one, a
+            # progress placeholder) stay out: its journal entry speaks for it until it ends
+            items = [
+                i for i in items if not (i.type == "function_call_output" and i.call_id in running)
+            ]
         return t.build(
-            agent.chat_ctx.items,
+            items,
             user_state=state,
             agent_state=self.agent_state,
             journal=journal,

@@ -628,3 +628,64 @@ def test_barge_in_closes_a_running_call_at_once_and_its_result_follows() -> None
         await s.aclose()
 
     asyncio.run(main())
+
+
+def test_a_checkpoint_leaves_out_the_barge_in_output_of_a_call_still_running() -> None:
+    """A recovery from this checkpoint must see the booking in flight (outcome unknown), not
+    "its result follows": the tool died with the crashed agent."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        backend = BookingBackend(booking_delay=1.0)
+        model = ScriptedLLM(triage_script(["create_reservation"]))
+        s: AgentSession[None] = AgentSession(llm=model)
+        link = await BatonLink.attach(FakeRoom(net, "agent-triage"), s, agent_name="triage")  # type: ignore[arg-type]
+        agent = Triage(backend)
+        await s.start(agent)
+        s.generate_reply(user_input="Book a table for four on Christmas Eve")
+        for _ in range(300):
+            if link.journal.running():
+                break
+            await asyncio.sleep(0.01)
+        [call] = link.journal.running()
+        await s.interrupt()
+        assert any(
+            i.type == "function_call_output" and i.call_id == call.call_id
+            for i in agent.chat_ctx.items
+        ), "closed in the context (cancelled by barge-in)"
+
+        def merged() -> tuple[list[Any], list[Any]]:
+            state = baton.checkpoints["triage"]
+            outs = [
+                i["output"]
+                for i in state.items
+                if i.get("type") == "function_call_output" and i.get("call_id") == call.call_id
+            ]
+            return outs, [e["status"] for e in state.journal if e["call_id"] == call.call_id]
+
+        async def settled() -> None:
+            t = link.checkpoints
+            assert t is not None
+            link.checkpoint_soon()
+            for _ in range(300):
+                await asyncio.sleep(0.01)
+                if t.in_flight is None and not t.pending and not link._checkpoint_scheduled:
+                    return
+            raise AssertionError("checkpoints did not settle")
+
+        await settled()
+        assert call.running and merged() == ([], ["started"])
+        for _ in range(300):
+            if not call.running:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        await settled()
+        outs, status = merged()
+        assert status == ["finished"] and len(outs) == 1
+        assert outs[0].startswith("Cancelled by barge-in")
+        await link.aclose()
+        await s.aclose()
+
+    asyncio.run(main())
