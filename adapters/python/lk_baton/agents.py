@@ -1162,6 +1162,8 @@ class BatonLink:
 
     def _on_participant_connected(self, participant: rtc.RemoteParticipant) -> None:
         if participant.identity == self.baton_identity:
+            if self.checkpoints is not None:
+                self.checkpoints.need_base()  # a restarted baton holds nothing of ours
             self.floor.hello()  # baton came back: it needs our hello before it talks to us
             self.floor.resend_requests()
 

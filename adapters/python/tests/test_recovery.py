@@ -357,6 +357,12 @@ def test_a_refused_checkpoint_or_a_reconnect_makes_the_next_one_a_base() -> None
         await session.run(user_input="after the reconnect")
         await settle(link)
         assert baton.checkpoint_log[m][1]["base"]
+
+        m = len(baton.checkpoint_log)
+        link.room.emit("participant_connected", baton.room.as_participant())  # baton rejoined
+        await session.run(user_input="after baton came back")
+        await settle(link)
+        assert baton.checkpoint_log[m][1]["base"]
         await link.aclose()
         await session.aclose()
 
