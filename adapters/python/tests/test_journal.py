@@ -11,7 +11,16 @@ import json
 from typing import Any
 
 import pytest
-from fakes import BookingBackend, BookingTools, FakeBaton, FakeRoom, Net, ScriptedLLM, Step
+from fakes import (
+    BookingBackend,
+    BookingTools,
+    FakeBaton,
+    FakeRoom,
+    Net,
+    ScriptedLLM,
+    ScriptedRealtime,
+    Step,
+)
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 
 from lk_baton import bundle as bd
@@ -686,6 +695,62 @@ def test_a_checkpoint_leaves_out_the_barge_in_output_of_a_call_still_running() -
         assert status == ["finished"] and len(outs) == 1
         assert outs[0].startswith("Cancelled by barge-in")
         await link.aclose()
+        await s.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_barge_in_on_a_realtime_model_closes_the_running_call_in_its_conversation() -> None:
+    """The realtime path (a scripted stand-in for the model, fakes.ScriptedRealtime): the
+    caller cuts in while the booking runs; the model's conversation gets the call's output at
+    once, so the model is not left with an open call (the deadlock public reports describe),
+    and the booking's result follows there once."""
+
+    def script(conversation: llm.ChatContext, instructions: str | None) -> Step:
+        last = conversation.items[-1] if conversation.items else None
+        if last is not None and last.type == "message" and last.role == "user":
+            return ("One moment.", [("create_reservation", dict(BOOKING))])
+        return ("", [])
+
+    async def main() -> None:
+        backend = BookingBackend(booking_delay=1.0)
+        model = ScriptedRealtime(script)
+        s: AgentSession[None] = AgentSession(llm=model)
+        agent = Triage(backend)
+        await s.start(agent)
+        j = journal_for(s)
+        s.generate_reply(user_input="Book a table for four on Christmas Eve")
+        for _ in range(300):
+            if j.running():
+                break
+            await asyncio.sleep(0.01)
+        [call] = j.running()
+        await s.interrupt()
+        for _ in range(100):
+            conversation = model.sessions[-1].items
+            outs = [
+                i
+                for i in conversation
+                if i.type == "function_call_output" and i.call_id == call.call_id
+            ]
+            if outs:
+                break
+            await asyncio.sleep(0.01)
+        assert call.running, "closed before the tool returned"
+        assert len(outs) == 1 and outs[0].output.startswith("Cancelled by barge-in")
+        for _ in range(300):
+            if not call.running:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        conversation = model.sessions[-1].items
+        finals = [
+            i
+            for i in conversation
+            if i.type == "function_call_output" and i.call_id == f"{call.call_id}_final"
+        ]
+        assert len(finals) == 1 and '"reservation": "R-1"' in finals[0].output
+        assert len(backend.bookings) == 1
         await s.aclose()
 
     asyncio.run(main())
