@@ -590,6 +590,25 @@ def test_a_reply_made_while_the_output_is_off_is_marked_not_heard() -> None:
     asyncio.run(main())
 
 
+async def until(pred: Any, what: str, tries: int = 300) -> None:
+    """Polls ``pred`` every 10 ms, ``tries`` times at most."""
+    for _ in range(tries):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+async def barge_in_on_the_booking(s: AgentSession[None], j: ToolJournal) -> Any:
+    """The caller asks for a booking, then cuts in while its tool runs (``interrupt()``, as the
+    framework's text input does). Returns the booking's journal entry."""
+    s.generate_reply(user_input="Book a table for four on Christmas Eve")
+    await until(lambda: bool(j.running()), "the booking never started")
+    [call] = j.running()
+    await s.interrupt()
+    return call
+
+
 def test_barge_in_closes_a_running_call_at_once_and_its_result_follows() -> None:
     """The caller cuts in while the booking runs: the interruption does not wait for the tool
     (livekit-agents would wait up to 5 s); the agent's context holds the call closed as
@@ -603,14 +622,7 @@ def test_barge_in_closes_a_running_call_at_once_and_its_result_follows() -> None
         agent = Triage(backend)
         s: AgentSession[None] = AgentSession(llm=model)
         await s.start(agent)
-        j = journal_for(s)
-        s.generate_reply(user_input="Book a table for four on Christmas Eve")
-        for _ in range(300):
-            if j.running():
-                break
-            await asyncio.sleep(0.01)
-        [call] = j.running()
-        await s.interrupt()
+        call = await barge_in_on_the_booking(s, journal_for(s))
         assert call.running and call.released == "barge_in", "interrupted, not waited for"
         outs = [
             i
@@ -618,12 +630,11 @@ def test_barge_in_closes_a_running_call_at_once_and_its_result_follows() -> None
             if i.type == "function_call_output" and i.call_id == call.call_id
         ]
         assert len(outs) == 1 and outs[0].output.startswith("Cancelled by barge-in")
-        for _ in range(300):
-            if any(
-                getattr(i, "call_id", None) == f"{call.call_id}_final" for i in model.seen[-1].items
-            ):
-                break
-            await asyncio.sleep(0.01)
+        final = f"{call.call_id}_final"
+        await until(
+            lambda: any(getattr(i, "call_id", None) == final for i in model.seen[-1].items),
+            "the model was never asked about the result",
+        )
         finals = [
             i
             for i in agent.chat_ctx.items
@@ -652,13 +663,7 @@ def test_a_checkpoint_leaves_out_the_barge_in_output_of_a_call_still_running() -
         link = await BatonLink.attach(FakeRoom(net, "agent-triage"), s, agent_name="triage")  # type: ignore[arg-type]
         agent = Triage(backend)
         await s.start(agent)
-        s.generate_reply(user_input="Book a table for four on Christmas Eve")
-        for _ in range(300):
-            if link.journal.running():
-                break
-            await asyncio.sleep(0.01)
-        [call] = link.journal.running()
-        await s.interrupt()
+        call = await barge_in_on_the_booking(s, link.journal)
         assert any(
             i.type == "function_call_output" and i.call_id == call.call_id
             for i in agent.chat_ctx.items
@@ -677,18 +682,15 @@ def test_a_checkpoint_leaves_out_the_barge_in_output_of_a_call_still_running() -
             t = link.checkpoints
             assert t is not None
             link.checkpoint_soon()
-            for _ in range(300):
-                await asyncio.sleep(0.01)
-                if t.in_flight is None and not t.pending and not link._checkpoint_scheduled:
-                    return
-            raise AssertionError("checkpoints did not settle")
+            await asyncio.sleep(0.01)
+            await until(
+                lambda: t.in_flight is None and not t.pending and not link._checkpoint_scheduled,
+                "checkpoints did not settle",
+            )
 
         await settled()
         assert call.running and merged() == ([], ["started"])
-        for _ in range(300):
-            if not call.running:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not call.running, "the booking never ended")
         await asyncio.sleep(0.2)
         await settled()
         outs, status = merged()
@@ -718,30 +720,20 @@ def test_a_barge_in_on_a_realtime_model_closes_the_running_call_in_its_conversat
         s: AgentSession[None] = AgentSession(llm=model)
         agent = Triage(backend)
         await s.start(agent)
-        j = journal_for(s)
-        s.generate_reply(user_input="Book a table for four on Christmas Eve")
-        for _ in range(300):
-            if j.running():
-                break
-            await asyncio.sleep(0.01)
-        [call] = j.running()
-        await s.interrupt()
-        for _ in range(100):
-            conversation = model.sessions[-1].items
-            outs = [
+        call = await barge_in_on_the_booking(s, journal_for(s))
+
+        def closing() -> list[llm.ChatItem]:
+            return [
                 i
-                for i in conversation
+                for i in model.sessions[-1].items
                 if i.type == "function_call_output" and i.call_id == call.call_id
             ]
-            if outs:
-                break
-            await asyncio.sleep(0.01)
+
+        await until(lambda: bool(closing()), "the call stayed open in the conversation", 100)
+        outs = closing()
         assert call.running, "closed before the tool returned"
         assert len(outs) == 1 and outs[0].output.startswith("Cancelled by barge-in")
-        for _ in range(300):
-            if not call.running:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not call.running, "the booking never ended")
         await asyncio.sleep(0.3)
         conversation = model.sessions[-1].items
         finals = [
