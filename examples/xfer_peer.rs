@@ -14,7 +14,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use baton_transfer::{Endpoint, EndpointConfig, Event, Output, TOPIC};
+use baton_transfer::{Endpoint, EndpointConfig, Event, Output, TOPIC, TransferId};
 use clap::Parser;
 use lk_baton::audio::filler::FillerSound;
 use lk_baton::room::{self, Change, Incoming, Outbox, RoomHandler, RoomParams, Roster, TokenSource};
@@ -72,7 +72,7 @@ impl Peer {
         let Some(payload) = self.payload.as_ref() else { return };
         let meta = serde_json::json!({"to": self.to}).to_string();
         self.t0 = Some(clock());
-        if let Err(e) = self.endpoint.send("baton", rand::random(), payload, &meta, now) {
+        if let Err(e) = self.endpoint.send("baton", TransferId::new(rand::random()), payload, &meta, now) {
             self.fail(&e.to_string());
         }
         self.pump(out);

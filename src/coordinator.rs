@@ -180,16 +180,13 @@ impl Coordinator {
                 tracing::debug!(agent = %agent_name, %dispatch_id, "deleting dispatch");
                 self.call(0, ApiCall::DeleteDispatch { dispatch_id }, out);
             }
-            Command::DeliverBundle { transfer_id, to } => match u128::from_str_radix(&transfer_id, 16) {
-                Ok(id) => return self.relay_io(out, |relay, frames| relay.deliver(id, &to, now, frames)),
-                Err(_) => tracing::warn!(%transfer_id, "bundle id is not 32 hex digits; cannot deliver"),
-            },
+            Command::DeliverBundle { transfer_id, to } => {
+                return self.relay_io(out, |relay, frames| relay.deliver(transfer_id, &to, now, frames));
+            }
             Command::CancelTransfer { transfer_id, to } => {
                 // Deliveries have their own ids; the relay cancels every delivery of this
                 // bundle to `to`.
-                if let Ok(id) = u128::from_str_radix(&transfer_id, 16) {
-                    self.relay.cancel_bundle(id, &to, now);
-                }
+                self.relay.cancel_bundle(transfer_id, &to, now);
             }
             Command::RemoveParticipant { identity } => {
                 self.call(0, ApiCall::RemoveParticipant { identity }, out)
@@ -463,18 +460,17 @@ impl RoomHandler for Coordinator {
 /// What the arbiter needs to know of a relay event, if anything.
 fn arbiter_event(event: RelayEvent) -> Option<Event> {
     use RelayEvent as R;
-    let hex = |id: u128| format!("{id:032x}");
     Some(match event {
         // The relay has logged these already.
         R::BundleReceived { from, transfer_id, size, .. } => {
-            Event::BundleReceived { from, transfer_id: hex(transfer_id), bytes: size }
+            Event::BundleReceived { from, transfer_id, bytes: size }
         }
-        R::Delivered { to, transfer_id, .. } => Event::BundleDelivered { to, transfer_id: hex(transfer_id) },
+        R::Delivered { to, transfer_id, .. } => Event::BundleDelivered { to, transfer_id },
         R::DeliveryFailed { to, transfer_id, error, .. } => {
-            Event::TransferFailed { peer: to, transfer_id: hex(transfer_id), reason: error.to_string() }
+            Event::TransferFailed { peer: to, transfer_id, reason: error.to_string() }
         }
         R::ReceiveFailed { from, transfer_id, error } => {
-            Event::TransferFailed { peer: from, transfer_id: hex(transfer_id), reason: error.to_string() }
+            Event::TransferFailed { peer: from, transfer_id, reason: error.to_string() }
         }
         R::Rejected { from, transfer_id, error } => {
             tracing::warn!(%from, ?transfer_id, %error, "transfer frame rejected");
@@ -483,7 +479,7 @@ fn arbiter_event(event: RelayEvent) -> Option<Event> {
         // The arbiter starts a delivery once the bundle is held (BundleReceived).
         R::Receiving { .. } => return None,
         R::Expired { transfer_id } => {
-            tracing::debug!(transfer = %hex(transfer_id), "stored bundle expired");
+            tracing::debug!(%transfer_id, "stored bundle expired");
             return None;
         }
     })
@@ -635,7 +631,9 @@ mod tests {
             deflate: false,
             meta: "{}".into(),
         };
-        baton_transfer::Frame::Open { id, open }.encode().expect("encodes")
+        baton_transfer::Frame::Open { id: baton_transfer::TransferId::new(id), open }
+            .encode()
+            .expect("encodes")
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_transfer::{
-    Endpoint, EndpointConfig, ErrorCode, Event, Frame, Output, ReceiversConfig, TransferError,
+    Endpoint, EndpointConfig, ErrorCode, Event, Frame, Output, ReceiversConfig, TransferError, TransferId,
 };
 
 use crate::room::Outbox;
@@ -88,8 +88,8 @@ pub enum StoreError {
         need: u64,
     },
     /// A bundle with this transfer id is already stored.
-    #[error("a bundle with transfer id {0:032x} is already stored")]
-    Exists(u128),
+    #[error("a bundle with transfer id {0} is already stored")]
+    Exists(TransferId),
     /// The backing storage failed (durable stores).
     #[error("bundle store failed: {0}")]
     Backend(String),
@@ -102,13 +102,13 @@ pub enum StoreError {
 /// task, so an implementation must be fast or buffer internally.
 pub trait BundleStore: Send + fmt::Debug {
     /// Stores a bundle. Fails when full or when the id is taken; never replaces.
-    fn put(&mut self, transfer_id: u128, bundle: StoredBundle) -> Result<(), StoreError>;
+    fn put(&mut self, transfer_id: TransferId, bundle: StoredBundle) -> Result<(), StoreError>;
     /// The bundle, if stored.
-    fn get(&self, transfer_id: u128) -> Option<StoredBundle>;
+    fn get(&self, transfer_id: TransferId) -> Option<StoredBundle>;
     /// The bundle's description, without loading its bytes.
-    fn info(&self, transfer_id: u128) -> Option<BundleInfo>;
+    fn info(&self, transfer_id: TransferId) -> Option<BundleInfo>;
     /// Removes a bundle, returning its description.
-    fn remove(&mut self, transfer_id: u128) -> Option<BundleInfo>;
+    fn remove(&mut self, transfer_id: TransferId) -> Option<BundleInfo>;
     /// Payload bytes currently stored.
     fn used_bytes(&self) -> u64;
     /// Most payload bytes the store will hold.
@@ -126,7 +126,7 @@ pub trait BundleStore: Send + fmt::Debug {
 pub struct MemoryStore {
     capacity: u64,
     used: u64,
-    bundles: HashMap<u128, StoredBundle>,
+    bundles: HashMap<TransferId, StoredBundle>,
 }
 
 impl MemoryStore {
@@ -137,7 +137,7 @@ impl MemoryStore {
 }
 
 impl BundleStore for MemoryStore {
-    fn put(&mut self, transfer_id: u128, bundle: StoredBundle) -> Result<(), StoreError> {
+    fn put(&mut self, transfer_id: TransferId, bundle: StoredBundle) -> Result<(), StoreError> {
         if self.bundles.contains_key(&transfer_id) {
             return Err(StoreError::Exists(transfer_id));
         }
@@ -150,15 +150,15 @@ impl BundleStore for MemoryStore {
         Ok(())
     }
 
-    fn get(&self, transfer_id: u128) -> Option<StoredBundle> {
+    fn get(&self, transfer_id: TransferId) -> Option<StoredBundle> {
         self.bundles.get(&transfer_id).cloned()
     }
 
-    fn info(&self, transfer_id: u128) -> Option<BundleInfo> {
+    fn info(&self, transfer_id: TransferId) -> Option<BundleInfo> {
         self.bundles.get(&transfer_id).map(|b| b.info.clone())
     }
 
-    fn remove(&mut self, transfer_id: u128) -> Option<BundleInfo> {
+    fn remove(&mut self, transfer_id: TransferId) -> Option<BundleInfo> {
         let b = self.bundles.remove(&transfer_id)?;
         self.used -= b.payload.len() as u64;
         Some(b.info)
@@ -217,13 +217,13 @@ impl Default for RelayConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelayError {
     /// No bundle with this id is stored (never received, removed, or expired).
-    #[error("no stored bundle with transfer id {0:032x} (never received, removed or expired)")]
-    UnknownBundle(u128),
+    #[error("no stored bundle with transfer id {0} (never received, removed or expired)")]
+    UnknownBundle(TransferId),
     /// A delivery of this bundle to this participant is already under way.
-    #[error("bundle {transfer_id:032x} is already being delivered to {to}")]
+    #[error("bundle {transfer_id} is already being delivered to {to}")]
     AlreadyDelivering {
         /// The stored bundle.
-        transfer_id: u128,
+        transfer_id: TransferId,
         /// The target.
         to: String,
     },
@@ -241,7 +241,7 @@ pub enum RelayEvent {
         /// The source agent.
         from: String,
         /// The source's transfer id.
-        transfer_id: u128,
+        transfer_id: TransferId,
         /// Payload size announced.
         size: u64,
         /// The OPEN's metadata string.
@@ -253,7 +253,7 @@ pub enum RelayEvent {
         /// The source agent.
         from: String,
         /// The source's transfer id; the key in the store.
-        transfer_id: u128,
+        transfer_id: TransferId,
         /// Payload size.
         size: u64,
         /// The OPEN's metadata string.
@@ -265,7 +265,7 @@ pub enum RelayEvent {
         /// The source.
         from: String,
         /// The source's transfer id.
-        transfer_id: u128,
+        transfer_id: TransferId,
         /// What went wrong.
         error: TransferError,
     },
@@ -274,9 +274,9 @@ pub enum RelayEvent {
         /// The target.
         to: String,
         /// The stored bundle's id (the source's transfer id).
-        transfer_id: u128,
+        transfer_id: TransferId,
         /// The id of this delivery (leg 2).
-        delivery_id: u128,
+        delivery_id: TransferId,
         /// Chunk bytes baton sent for this delivery, retransmissions included.
         bytes_sent: u64,
     },
@@ -285,9 +285,9 @@ pub enum RelayEvent {
         /// The target.
         to: String,
         /// The stored bundle's id.
-        transfer_id: u128,
+        transfer_id: TransferId,
         /// The id of this delivery.
-        delivery_id: u128,
+        delivery_id: TransferId,
         /// What went wrong.
         error: TransferError,
     },
@@ -297,20 +297,20 @@ pub enum RelayEvent {
         /// The packet's server-stamped sender.
         from: String,
         /// The transfer id, when the packet had one.
-        transfer_id: Option<u128>,
+        transfer_id: Option<TransferId>,
         /// Why.
         error: TransferError,
     },
     /// A stored bundle was dropped because its retention ran out.
     Expired {
         /// The stored bundle's id.
-        transfer_id: u128,
+        transfer_id: TransferId,
     },
 }
 
 #[derive(Debug)]
 struct Delivery {
-    transfer_id: u128,
+    transfer_id: TransferId,
     bytes_sent: u64,
 }
 
@@ -334,11 +334,11 @@ pub struct Relay {
     retention: Option<Duration>,
     max_bundle_size: u64,
     /// Incoming transfers the relay let through to the engine, with what they will store.
-    admitted: HashMap<(String, u128), Admitted>,
+    admitted: HashMap<(String, TransferId), Admitted>,
     /// Outgoing deliveries by (target, delivery id).
-    deliveries: HashMap<(String, u128), Delivery>,
+    deliveries: HashMap<(String, TransferId), Delivery>,
     /// Stored bundles by expiry time.
-    expiry: BTreeMap<(Instant, u128), ()>,
+    expiry: BTreeMap<(Instant, TransferId), ()>,
     /// Packets refused from unauthorized senders, per identity (for rate-limited warnings).
     unauthorized: HashMap<String, u64>,
     tx: Vec<(String, Vec<u8>)>,
@@ -387,7 +387,7 @@ impl Relay {
     }
 
     /// Description of a stored bundle.
-    pub fn stored(&self, transfer_id: u128) -> Option<BundleInfo> {
+    pub fn stored(&self, transfer_id: TransferId) -> Option<BundleInfo> {
         self.store.info(transfer_id)
     }
 
@@ -453,7 +453,12 @@ impl Relay {
     /// sent from the store; one still arriving is forwarded chunk by chunk as it arrives
     /// (cut-through), and that delivery fails if the arrival does. The outcome arrives as
     /// [`RelayEvent::Delivered`] or [`RelayEvent::DeliveryFailed`].
-    pub fn deliver(&mut self, transfer_id: u128, to: &str, now: Instant) -> Result<u128, RelayError> {
+    pub fn deliver(
+        &mut self,
+        transfer_id: TransferId,
+        to: &str,
+        now: Instant,
+    ) -> Result<TransferId, RelayError> {
         if self.is_delivering(transfer_id, to) {
             return Err(RelayError::AlreadyDelivering { transfer_id, to: to.to_owned() });
         }
@@ -464,7 +469,7 @@ impl Relay {
             .find(|((_, id), _)| *id == transfer_id)
             .map(|((from, _), a)| (from.clone(), *a));
         let delivery_id = loop {
-            let id: u128 = rand::random();
+            let id = TransferId::new(rand::random());
             if !self.deliveries.contains_key(&(to.to_owned(), id)) {
                 break id;
             }
@@ -486,8 +491,8 @@ impl Relay {
         self.deliveries.insert((to.to_owned(), delivery_id), Delivery { transfer_id, bytes_sent: 0 });
         tracing::info!(
             %to,
-            transfer_id = %format_args!("{transfer_id:032x}"),
-            delivery_id = %format_args!("{delivery_id:032x}"),
+            transfer_id = %format_args!("{transfer_id}"),
+            delivery_id = %delivery_id,
             bytes,
             "{how}"
         );
@@ -496,20 +501,20 @@ impl Relay {
     }
 
     /// Whether a delivery of this bundle to `to` is under way.
-    pub fn is_delivering(&self, transfer_id: u128, to: &str) -> bool {
+    pub fn is_delivering(&self, transfer_id: TransferId, to: &str) -> bool {
         self.deliveries.iter().any(|((t, _), d)| t == to && d.transfer_id == transfer_id)
     }
 
     /// Cancels a delivery (CANCEL `cancelled` to the target). Returns false if it is unknown or
     /// already over. The stored bundle stays.
-    pub fn cancel(&mut self, to: &str, delivery_id: u128, reason: &str, now: Instant) -> bool {
+    pub fn cancel(&mut self, to: &str, delivery_id: TransferId, reason: &str, now: Instant) -> bool {
         let done = self.endpoint.cancel(to, delivery_id, reason, now);
         self.pull_with(now);
         done
     }
 
     /// Drops a stored bundle (the handoff is over). Deliveries under way keep their own copy.
-    pub fn remove(&mut self, transfer_id: u128) -> Option<BundleInfo> {
+    pub fn remove(&mut self, transfer_id: TransferId) -> Option<BundleInfo> {
         let info = self.store.remove(transfer_id)?;
         self.expiry.retain(|(_, id), _| *id != transfer_id);
         Some(info)
@@ -547,7 +552,7 @@ impl Relay {
             }
             self.expiry.remove(&(at, id));
             if self.store.remove(id).is_some() {
-                tracing::info!(transfer_id = %format_args!("{id:032x}"), "stored bundle expired");
+                tracing::info!(transfer_id = %id, "stored bundle expired");
                 self.events.push(RelayEvent::Expired { transfer_id: id });
             }
         }
@@ -564,7 +569,7 @@ impl Relay {
 
     /// Store admission for a new OPEN from an authorized sender. Answers and reports a refusal
     /// itself and returns false; returns true when the engine should see the OPEN.
-    fn admit(&mut self, from: &str, id: u128, open: &baton_transfer::Open) -> bool {
+    fn admit(&mut self, from: &str, id: TransferId, open: &baton_transfer::Open) -> bool {
         if let Some(info) = self.store.info(id) {
             // The bundle is already stored (its COMPLETE was lost and the engine has forgotten
             // the transfer), or another agent reuses the id.
@@ -600,8 +605,8 @@ impl Relay {
         true
     }
 
-    fn refuse(&mut self, from: &str, id: u128, code: ErrorCode, reason: String) {
-        tracing::warn!(%from, transfer_id = %format_args!("{id:032x}"), %code, %reason, "refused bundle");
+    fn refuse(&mut self, from: &str, id: TransferId, code: ErrorCode, reason: String) {
+        tracing::warn!(%from, transfer_id = %id, %code, %reason, "refused bundle");
         self.transmit(from, &Frame::Error { id, code, reason: truncate(&reason) });
         self.events.push(RelayEvent::Rejected {
             from: from.to_owned(),
@@ -685,11 +690,11 @@ impl Relay {
                         if let Some(r) = self.retention {
                             self.expiry.insert((now + r, id), ());
                         }
-                        tracing::info!(%from, transfer_id = %format_args!("{id:032x}"), size, "bundle received and stored");
+                        tracing::info!(%from, transfer_id = %id, size, "bundle received and stored");
                         self.events.push(RelayEvent::BundleReceived { from, transfer_id: id, size, meta });
                     }
                     Err(e) => {
-                        tracing::error!(%from, transfer_id = %format_args!("{id:032x}"), error = %e, "received bundle could not be stored");
+                        tracing::error!(%from, transfer_id = %id, error = %e, "received bundle could not be stored");
                         self.events.push(RelayEvent::ReceiveFailed {
                             from,
                             transfer_id: id,
@@ -704,15 +709,15 @@ impl Relay {
             }
             Event::ReceiveFailed { from, id, error } => {
                 self.admitted.remove(&(from.clone(), id));
-                tracing::warn!(%from, transfer_id = %format_args!("{id:032x}"), %error, "incoming bundle failed");
+                tracing::warn!(%from, transfer_id = %id, %error, "incoming bundle failed");
                 self.events.push(RelayEvent::ReceiveFailed { from, transfer_id: id, error });
             }
             Event::Sent { to, id } => {
                 if let Some(d) = self.deliveries.remove(&(to.clone(), id)) {
                     tracing::info!(
                         %to,
-                        transfer_id = %format_args!("{:032x}", d.transfer_id),
-                        delivery_id = %format_args!("{id:032x}"),
+                        transfer_id = %d.transfer_id,
+                        delivery_id = %id,
                         bytes_sent = d.bytes_sent,
                         "bundle delivered"
                     );
@@ -728,8 +733,8 @@ impl Relay {
                 if let Some(d) = self.deliveries.remove(&(to.clone(), id)) {
                     tracing::warn!(
                         %to,
-                        transfer_id = %format_args!("{:032x}", d.transfer_id),
-                        delivery_id = %format_args!("{id:032x}"),
+                        transfer_id = %d.transfer_id,
+                        delivery_id = %id,
                         %error,
                         "bundle delivery failed"
                     );
@@ -742,7 +747,7 @@ impl Relay {
                 }
             }
             Event::Rejected { peer, id, error } => {
-                tracing::debug!(from = %peer, transfer_id = ?id.map(|i| format!("{i:032x}")), %error, "transfer packet rejected");
+                tracing::debug!(from = %peer, transfer_id = ?id.map(|i| i.to_string()), %error, "transfer packet rejected");
                 self.events.push(RelayEvent::Rejected { from: peer, transfer_id: id, error });
             }
         }
@@ -771,7 +776,7 @@ pub struct Hookup {
     /// everyone else.
     present: HashMap<String, Option<String>>,
     /// Stored bundles waiting for their target: (transfer id, target identity).
-    pending: Vec<(u128, String)>,
+    pending: Vec<(TransferId, String)>,
     /// Agent names allowed to send bundles; empty means any agent-kind participant.
     pub allowed_agents: std::collections::BTreeSet<String>,
     /// Deliver bundles whose meta names a target (`"to"`) by themselves. Off when the floor
@@ -802,8 +807,8 @@ impl Hookup {
     }
 
     /// Cancels every delivery of a stored bundle to `to`.
-    pub fn cancel_bundle(&mut self, transfer_id: u128, to: &str, now: Instant) {
-        let ids: Vec<u128> = self
+    pub fn cancel_bundle(&mut self, transfer_id: TransferId, to: &str, now: Instant) {
+        let ids: Vec<TransferId> = self
             .relay
             .deliveries
             .iter()
@@ -818,7 +823,7 @@ impl Hookup {
     /// Starts delivering a stored bundle (on the floor arbiter's word).
     pub fn deliver(
         &mut self,
-        transfer_id: u128,
+        transfer_id: TransferId,
         to: &str,
         now: Instant,
         out: &mut Outbox,
@@ -944,10 +949,10 @@ fn is_agent(m: &crate::room::Member) -> Option<String> {
         .then(|| m.agent_name().unwrap_or_default().to_string())
 }
 
-fn frame_id(p: &[u8]) -> u128 {
+fn frame_id(p: &[u8]) -> TransferId {
     let mut b = [0u8; 16];
     b.copy_from_slice(&p[4..20]);
-    u128::from_be_bytes(b)
+    TransferId::from_be_bytes(b)
 }
 
 fn sha256(p: &[u8]) -> [u8; 32] {
@@ -971,6 +976,10 @@ fn truncate(s: &str) -> String {
 mod tests {
     use super::*;
     use std::collections::VecDeque;
+
+    fn t(n: u128) -> TransferId {
+        TransferId::new(n)
+    }
 
     /// A source endpoint, the relay and target endpoints, wired back to back through an
     /// in-memory "server" in virtual time. Every packet is addressed to one identity.
@@ -1070,12 +1079,12 @@ mod tests {
             }
         }
 
-        fn send(&mut self, from: &str, id: u128, payload: &[u8], meta: &str) {
+        fn send(&mut self, from: &str, id: TransferId, payload: &[u8], meta: &str) {
             let now = self.now;
             self.peer(from).send("baton", id, payload, meta, now).expect("send");
         }
 
-        fn delivered_to(&self, who: &str) -> Vec<(u128, Vec<u8>, String)> {
+        fn delivered_to(&self, who: &str) -> Vec<(TransferId, Vec<u8>, String)> {
             self.events
                 .iter()
                 .filter(|(n, _)| n == who)
@@ -1086,7 +1095,7 @@ mod tests {
                 .collect()
         }
 
-        fn send_outcome(&self, who: &str, tid: u128) -> Option<Result<(), TransferError>> {
+        fn send_outcome(&self, who: &str, tid: TransferId) -> Option<Result<(), TransferError>> {
             self.events.iter().filter(|(n, _)| n == who).find_map(|(_, e)| match e {
                 Event::Sent { id, .. } if *id == tid => Some(Ok(())),
                 Event::SendFailed { id, error, .. } if *id == tid => Some(Err(error.clone())),
@@ -1107,7 +1116,7 @@ mod tests {
             .collect()
     }
 
-    fn received(events: &[RelayEvent]) -> Vec<(String, u128, u64, String)> {
+    fn received(events: &[RelayEvent]) -> Vec<(String, TransferId, u64, String)> {
         events
             .iter()
             .filter_map(|e| match e {
@@ -1124,22 +1133,22 @@ mod tests {
         let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
         let payload = bundle(5 * 1024 * 1024 + 17, 1);
         let meta = r#"{"to":"b","purpose":"handoff"}"#;
-        net.send("a", 7, &payload, meta);
+        net.send("a", t(7), &payload, meta);
         net.run(Duration::from_secs(5));
         // Leg 1 is acknowledged once the bundle is stored, before any delivery exists.
-        assert_eq!(net.send_outcome("a", 7), Some(Ok(())));
-        assert_eq!(received(&net.relay_events), vec![("a".into(), 7, payload.len() as u64, meta.into())]);
-        let info = net.relay.stored(7).expect("stored");
+        assert_eq!(net.send_outcome("a", t(7)), Some(Ok(())));
+        assert_eq!(received(&net.relay_events), vec![("a".into(), t(7), payload.len() as u64, meta.into())]);
+        let info = net.relay.stored(t(7)).expect("stored");
         assert_eq!(info.from, "a");
         assert_eq!(info.sha256, sha256(&payload));
         assert_eq!(net.relay.store().used_bytes(), payload.len() as u64);
         assert!(net.delivered_to("b").is_empty());
 
-        let did = net.relay.deliver(7, "b", net.now).expect("deliver");
-        assert_ne!(did, 7, "each delivery gets a fresh id");
+        let did = net.relay.deliver(t(7), "b", net.now).expect("deliver");
+        assert_ne!(did, t(7), "each delivery gets a fresh id");
         assert_eq!(
-            net.relay.deliver(7, "b", net.now),
-            Err(RelayError::AlreadyDelivering { transfer_id: 7, to: "b".into() })
+            net.relay.deliver(t(7), "b", net.now),
+            Err(RelayError::AlreadyDelivering { transfer_id: t(7), to: "b".into() })
         );
         net.run(Duration::from_secs(5));
         let got = net.delivered_to("b");
@@ -1157,22 +1166,22 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(delivered, vec![("b".into(), 7, did, payload.len() as u64)]);
+        assert_eq!(delivered, vec![("b".into(), t(7), did, payload.len() as u64)]);
         assert_eq!(net.relay.delivering(), 0);
         // The bundle stays stored (for a fallback) until removed.
-        assert!(net.relay.stored(7).is_some());
-        assert_eq!(net.relay.remove(7).map(|i| i.size), Some(payload.len() as u64));
+        assert!(net.relay.stored(t(7)).is_some());
+        assert_eq!(net.relay.remove(t(7)).map(|i| i.size), Some(payload.len() as u64));
         assert_eq!(net.relay.store().used_bytes(), 0);
-        assert_eq!(net.relay.deliver(7, "b", net.now), Err(RelayError::UnknownBundle(7)));
+        assert_eq!(net.relay.deliver(t(7), "b", net.now), Err(RelayError::UnknownBundle(t(7))));
     }
 
     #[test]
     fn unauthorized_sender_is_refused_and_nothing_is_buffered() {
         let mut net = Net::new(RelayConfig::default(), &["caller", "a"], &["a"]);
         let payload = bundle(200_000, 2);
-        net.send("caller", 9, &payload, r#"{"to":"a"}"#);
+        net.send("caller", t(9), &payload, r#"{"to":"a"}"#);
         net.run(Duration::from_secs(90));
-        let err = net.send_outcome("caller", 9).expect("outcome").expect_err("refused");
+        let err = net.send_outcome("caller", t(9)).expect("outcome").expect_err("refused");
         assert_eq!(err.code, NOT_AUTHORIZED);
         assert!(err.remote);
         assert!(err.reason.contains("not an agent"), "{}", err.reason);
@@ -1187,12 +1196,12 @@ mod tests {
             .count();
         assert!(rejected >= 1);
         // DATA frames from the unauthorized sender get no answer and are not buffered either.
-        let data = Frame::Data { id: 9, index: 0, bytes: vec![1; 300] }.encode().unwrap();
+        let data = Frame::Data { id: t(9), index: 0, bytes: vec![1; 300] }.encode().unwrap();
         net.relay.on_packet("caller", &data, false, net.now);
         let mut out = Outbox::default();
         let ev = net.relay.drain(&mut out);
         assert!(out.data.is_empty());
-        assert!(matches!(&ev[..], [RelayEvent::Rejected { transfer_id: Some(9), .. }]));
+        assert!(matches!(&ev[..], [RelayEvent::Rejected { transfer_id: Some(id), .. }] if *id == t(9)));
         assert_eq!(net.relay.receiving(), 0);
     }
 
@@ -1200,23 +1209,26 @@ mod tests {
     fn store_cap_refuses_before_buffering_and_frees_on_remove() {
         let cfg = RelayConfig { store_bytes: 100_000, ..RelayConfig::default() };
         let mut net = Net::new(cfg, &["a", "b"], &["a", "b"]);
-        net.send("a", 1, &bundle(70_000, 3), "");
+        net.send("a", t(1), &bundle(70_000, 3), "");
         net.run(Duration::from_secs(5));
-        assert_eq!(net.send_outcome("a", 1), Some(Ok(())));
-        net.send("a", 2, &bundle(40_000, 4), "");
+        assert_eq!(net.send_outcome("a", t(1)), Some(Ok(())));
+        net.send("a", t(2), &bundle(40_000, 4), "");
         net.run(Duration::from_secs(5));
-        let err = net.send_outcome("a", 2).expect("outcome").expect_err("full");
+        let err = net.send_outcome("a", t(2)).expect("outcome").expect_err("full");
         assert_eq!(err.code, ErrorCode::BufferFull);
         assert!(err.reason.contains("bundle store"), "{}", err.reason);
         assert_eq!(net.relay.store().len(), 1);
         // Two concurrent transfers that fit one at a time: the second is refused at OPEN,
         // because the first's bytes are reserved while it arrives.
-        net.relay.remove(1);
-        net.send("a", 3, &bundle(60_000, 5), "");
-        net.send("a", 4, &bundle(60_000, 6), "");
+        net.relay.remove(t(1));
+        net.send("a", t(3), &bundle(60_000, 5), "");
+        net.send("a", t(4), &bundle(60_000, 6), "");
         net.run(Duration::from_secs(5));
-        assert_eq!(net.send_outcome("a", 3), Some(Ok(())));
-        assert_eq!(net.send_outcome("a", 4).expect("outcome").expect_err("full").code, ErrorCode::BufferFull);
+        assert_eq!(net.send_outcome("a", t(3)), Some(Ok(())));
+        assert_eq!(
+            net.send_outcome("a", t(4)).expect("outcome").expect_err("full").code,
+            ErrorCode::BufferFull
+        );
         assert_eq!(net.relay.store().used_bytes(), 60_000);
         // The store itself enforces its cap too.
         let mut s = MemoryStore::new(10);
@@ -1230,18 +1242,18 @@ mod tests {
             },
             payload: vec![0u8; n].into(),
         };
-        assert!(s.put(1, b(8)).is_ok());
-        assert_eq!(s.put(1, b(1)), Err(StoreError::Exists(1)));
-        assert!(matches!(s.put(2, b(3)), Err(StoreError::Full { used: 8, capacity: 10, need: 3 })));
+        assert!(s.put(t(1), b(8)).is_ok());
+        assert_eq!(s.put(t(1), b(1)), Err(StoreError::Exists(t(1))));
+        assert!(matches!(s.put(t(2), b(3)), Err(StoreError::Full { used: 8, capacity: 10, need: 3 })));
     }
 
     #[test]
     fn oversized_bundle_refused_with_too_large() {
         let cfg = RelayConfig { max_bundle_size: 50_000, ..RelayConfig::default() };
         let mut net = Net::new(cfg, &["a"], &["a"]);
-        net.send("a", 5, &bundle(50_001, 7), "");
+        net.send("a", t(5), &bundle(50_001, 7), "");
         net.run(Duration::from_secs(5));
-        let err = net.send_outcome("a", 5).expect("outcome").expect_err("too large");
+        let err = net.send_outcome("a", t(5)).expect("outcome").expect_err("too large");
         assert_eq!(err.code, ErrorCode::TooLarge);
         assert!(net.relay.store().is_empty());
         // Only the OPEN (and perhaps the first window) reached baton; nothing was buffered.
@@ -1273,45 +1285,52 @@ mod tests {
     fn a_bundle_still_arriving_is_forwarded_as_it_arrives() {
         let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
         let payload = bundle(600 * 1024 + 5, 4);
-        net.send("a", 7, &payload, r#"{"to":"b"}"#);
+        net.send("a", t(7), &payload, r#"{"to":"b"}"#);
         step_until(&mut net, |n| {
-            n.relay_events.iter().any(|e| matches!(e, RelayEvent::Receiving { transfer_id: 7, .. }))
+            n.relay_events
+                .iter()
+                .any(|e| matches!(e, RelayEvent::Receiving { transfer_id, .. } if *transfer_id == t(7)))
         });
-        assert!(net.relay.stored(7).is_none(), "not stored yet");
-        let did = net.relay.deliver(7, "b", net.now).expect("forwarding starts before the bundle is whole");
+        assert!(net.relay.stored(t(7)).is_none(), "not stored yet");
+        let did =
+            net.relay.deliver(t(7), "b", net.now).expect("forwarding starts before the bundle is whole");
         // b gets chunks while a is still sending: b holds part of the bundle before baton has all of it.
         step_until(&mut net, |n| {
             n.peers["b"].receivers().receiver("baton", did).is_some_and(|r| r.held_chunks().count() > 2)
         });
-        assert!(net.relay.stored(7).is_none(), "b is receiving while leg 1 is still arriving");
+        assert!(net.relay.stored(t(7)).is_none(), "b is receiving while leg 1 is still arriving");
         net.run(Duration::from_secs(5));
-        assert_eq!(net.send_outcome("a", 7), Some(Ok(())));
+        assert_eq!(net.send_outcome("a", t(7)), Some(Ok(())));
         assert_eq!(net.delivered_to("b"), vec![(did, payload.clone(), r#"{"to":"b"}"#.into())]);
         let sent = net.relay_events.iter().find_map(|e| match e {
-            RelayEvent::Delivered { to, transfer_id: 7, delivery_id, bytes_sent } if to == "b" => {
+            RelayEvent::Delivered { to, transfer_id, delivery_id, bytes_sent }
+                if to == "b" && *transfer_id == t(7) =>
+            {
                 Some((*delivery_id, *bytes_sent))
             }
             _ => None,
         });
         assert_eq!(sent, Some((did, payload.len() as u64)), "every chunk forwarded once");
-        assert!(net.relay.stored(7).is_some(), "and kept for a later delivery");
+        assert!(net.relay.stored(t(7)).is_some(), "and kept for a later delivery");
     }
 
     #[test]
     fn a_forward_fails_when_its_source_cancels() {
         let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
         let payload = bundle(2 * 1024 * 1024, 5); // more than one window (32 chunks)
-        net.send("a", 7, &payload, "{}");
+        net.send("a", t(7), &payload, "{}");
         step_until(&mut net, |n| {
-            n.relay_events.iter().any(|e| matches!(e, RelayEvent::Receiving { transfer_id: 7, .. }))
+            n.relay_events
+                .iter()
+                .any(|e| matches!(e, RelayEvent::Receiving { transfer_id, .. } if *transfer_id == t(7)))
         });
-        let did = net.relay.deliver(7, "b", net.now).expect("forward");
+        let did = net.relay.deliver(t(7), "b", net.now).expect("forward");
         step_until(&mut net, |n| n.peers["b"].receivers().receiver("baton", did).is_some());
         let now = net.now;
-        assert!(net.peer("a").cancel("baton", 7, "the caller hung up", now));
+        assert!(net.peer("a").cancel("baton", t(7), "the caller hung up", now));
         net.run(Duration::from_secs(5));
         assert!(net.delivered_to("b").is_empty());
-        assert!(net.relay.stored(7).is_none());
+        assert!(net.relay.stored(t(7)).is_none());
         let failed = net.relay_events.iter().find_map(|e| match e {
             RelayEvent::DeliveryFailed { to, delivery_id, error, .. } if to == "b" && *delivery_id == did => {
                 Some(error.clone())
@@ -1331,9 +1350,9 @@ mod tests {
     fn delivery_resumes_after_target_reconnect_without_restarting() {
         let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
         let payload = bundle(3 * 1024 * 1024, 8);
-        net.send("a", 11, &payload, "");
+        net.send("a", t(11), &payload, "");
         net.run(Duration::from_secs(5));
-        net.relay.deliver(11, "b", net.now).expect("deliver");
+        net.relay.deliver(t(11), "b", net.now).expect("deliver");
         // Let about two thirds through (~2 MB), then cut b off.
         let mut delivered_packets = 0;
         while delivered_packets < 140 {
@@ -1379,9 +1398,9 @@ mod tests {
     fn ack_for_unknown_transfer_answered_and_others_continue() {
         let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
         let payload = bundle(400_000, 9);
-        net.send("a", 21, &payload, "");
+        net.send("a", t(21), &payload, "");
         let ack = Frame::Ack {
-            id: 99,
+            id: t(99),
             ack: baton_transfer::Ack {
                 cumulative: 1,
                 window: 32,
@@ -1396,17 +1415,17 @@ mod tests {
         assert_eq!(out.data.len(), 1);
         assert_eq!(out.data[0].2, vec!["b".to_string()]);
         match Frame::decode(&out.data[0].1).unwrap() {
-            Frame::Cancel { id: 99, code, .. } => assert_eq!(code, ErrorCode::UnknownTransfer),
+            Frame::Cancel { id, code, .. } if id == t(99) => assert_eq!(code, ErrorCode::UnknownTransfer),
             f => panic!("expected CANCEL, got {f:?}"),
         }
-        assert!(matches!(&ev[..], [RelayEvent::Rejected { transfer_id: Some(99), .. }]));
+        assert!(matches!(&ev[..], [RelayEvent::Rejected { transfer_id: Some(id), .. }] if *id == t(99)));
         // Garbage and corrupt frames in the middle of a transfer change nothing.
         for junk in [&b"\xba\x01\x02"[..], b"hello", &[0xba, 9, 1, 0][..]] {
             net.relay.on_packet("a", junk, true, net.now);
         }
         net.run(Duration::from_secs(5));
-        assert_eq!(net.send_outcome("a", 21), Some(Ok(())));
-        assert_eq!(net.relay.stored(21).map(|i| i.size), Some(400_000));
+        assert_eq!(net.send_outcome("a", t(21)), Some(Ok(())));
+        assert_eq!(net.relay.stored(t(21)).map(|i| i.size), Some(400_000));
     }
 
     #[test]
@@ -1420,31 +1439,34 @@ mod tests {
         };
         let mut net = Net::new(cfg, &["a", "b"], &["a", "b"]);
         let payload = bundle(50_000, 10);
-        net.send("a", 31, &payload, "");
+        net.send("a", t(31), &payload, "");
         net.run(Duration::from_secs(5));
         net.now += Duration::from_secs(5); // past the engine's linger
-        net.send("a", 31, &payload, "");
+        net.send("a", t(31), &payload, "");
         net.run(Duration::from_secs(5));
         assert_eq!(received(&net.relay_events).len(), 1, "stored once");
-        let oks =
-            net.events.iter().filter(|(n, e)| n == "a" && matches!(e, Event::Sent { id: 31, .. })).count();
+        let oks = net
+            .events
+            .iter()
+            .filter(|(n, e)| n == "a" && matches!(e, Event::Sent { id, .. } if *id == t(31)))
+            .count();
         assert_eq!(oks, 2);
         // Another agent reusing the id is refused.
-        net.send("b", 31, &bundle(50_000, 11), "");
+        net.send("b", t(31), &bundle(50_000, 11), "");
         net.run(Duration::from_secs(5));
-        assert_eq!(net.send_outcome("b", 31).unwrap().unwrap_err().code, ErrorCode::ConflictingOpen);
+        assert_eq!(net.send_outcome("b", t(31)).unwrap().unwrap_err().code, ErrorCode::ConflictingOpen);
     }
 
     #[test]
     fn stored_bundles_expire_after_retention() {
         let cfg = RelayConfig { retention: Some(Duration::from_secs(60)), ..RelayConfig::default() };
         let mut net = Net::new(cfg, &["a"], &["a"]);
-        net.send("a", 41, &bundle(1000, 12), "");
+        net.send("a", t(41), &bundle(1000, 12), "");
         net.run(Duration::from_secs(5));
-        assert!(net.relay.stored(41).is_some());
+        assert!(net.relay.stored(t(41)).is_some());
         net.run(Duration::from_secs(120));
-        assert!(net.relay.stored(41).is_none());
-        assert!(net.relay_events.contains(&RelayEvent::Expired { transfer_id: 41 }));
+        assert!(net.relay.stored(t(41)).is_none());
+        assert!(net.relay_events.contains(&RelayEvent::Expired { transfer_id: t(41) }));
         assert_eq!(net.relay.poll_timeout(), None);
     }
 }

@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use baton_transfer::TransferId;
+
 use crate::command::{
     ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand,
     MAX_CONTROL_MESSAGE, RefuseReason, SecurityEvent, SecurityReason,
@@ -80,7 +82,7 @@ impl Target {
 struct Bundle {
     /// The source said there is a bundle.
     expected: bool,
-    transfer: Option<String>,
+    transfer: Option<TransferId>,
     held: bool,
     delivering: bool,
     delivered: bool,
@@ -214,7 +216,7 @@ pub struct Arbiter {
     finishing: Option<Finishing>,
     dispatcher: Dispatcher,
     /// Complete bundles baton holds that no handoff has claimed yet: transfer id -> sender.
-    held_bundles: BTreeMap<String, String>,
+    held_bundles: BTreeMap<TransferId, String>,
     /// Released sources and when they are removed if still present.
     releases: BTreeMap<String, Instant>,
     callers_seen: bool,
@@ -370,12 +372,12 @@ impl Arbiter {
             Event::BundleReceived { from, transfer_id, bytes } => {
                 self.on_bundle_received(from, transfer_id, bytes, now)
             }
-            Event::BundleDelivered { to, transfer_id } => self.on_bundle_delivered(&to, &transfer_id, now),
+            Event::BundleDelivered { to, transfer_id } => self.on_bundle_delivered(&to, transfer_id, now),
             Event::TransferProgress { peer, transfer_id, bytes } => {
-                self.on_transfer_progress(&peer, &transfer_id, bytes, now)
+                self.on_transfer_progress(&peer, transfer_id, bytes, now)
             }
             Event::TransferFailed { peer, transfer_id, .. } => {
-                self.on_transfer_failed(&peer, &transfer_id, now)
+                self.on_transfer_failed(&peer, transfer_id, now)
             }
             Event::DispatchCreated { ticket, dispatch_id } => {
                 self.dispatcher.created(ticket, dispatch_id, &mut self.out)
@@ -693,7 +695,7 @@ impl Arbiter {
         if !same {
             // Another process: whatever reached the old identity is lost with it.
             if h.bundle.delivering
-                && let (Some(transfer_id), Some(to)) = (h.bundle.transfer.clone(), old)
+                && let (Some(transfer_id), Some(to)) = (h.bundle.transfer, old)
             {
                 self.out.push_back(Command::CancelTransfer { transfer_id, to });
             }
@@ -736,7 +738,7 @@ impl Arbiter {
         let Some(identity) = h.target.identity.take() else { return };
         if h.bundle.delivering
             && !h.bundle.delivered
-            && let Some(t) = h.bundle.transfer.clone()
+            && let Some(t) = h.bundle.transfer
         {
             self.out.push_back(Command::CancelTransfer { transfer_id: t, to: identity });
         }
@@ -944,7 +946,7 @@ impl Arbiter {
         msg_id: String,
         target: String,
         reason: String,
-        transfer: Option<String>,
+        transfer: Option<TransferId>,
         bundle_follows: bool,
         quiet: bool,
         now: Instant,
@@ -967,7 +969,7 @@ impl Arbiter {
         } else if target == source_name {
             Some(RefuseReason::SameAgent)
         } else {
-            Self::prepare_unsendable(&source_name, &reason, transfer.as_deref(), bundle_follows)
+            Self::prepare_unsendable(&source_name, &reason, transfer, bundle_follows)
         };
         if let Some(reason) = refusal {
             self.send(&from, Some(msg_id), BatonMessage::HandoffRefused { reason });
@@ -1004,10 +1006,10 @@ impl Arbiter {
         let mut bundle = Bundle::default();
         if transfer.is_some() || bundle_follows {
             bundle.expected = true;
-            bundle.transfer = transfer.clone();
-            let already = transfer.as_ref().is_some_and(|t| self.held_bundles.get(t) == Some(&from));
-            if already {
-                self.held_bundles.remove(transfer.as_deref().unwrap_or_default());
+            bundle.transfer = transfer;
+            let already = transfer.filter(|t| self.held_bundles.get(t) == Some(&from));
+            if let Some(t) = already {
+                self.held_bundles.remove(&t);
                 bundle.held = true;
                 let ev = timeline.mark(Phase::BundleReceived, now, None);
                 self.out.push_back(Command::Timeline(ev));
@@ -1258,7 +1260,7 @@ impl Arbiter {
         self.out.push_back(Command::HandoffFinished(Box::new(f.timeline)));
     }
 
-    fn on_bundle_received(&mut self, from: String, transfer_id: String, bytes: u64, now: Instant) {
+    fn on_bundle_received(&mut self, from: String, transfer_id: TransferId, bytes: u64, now: Instant) {
         if let Err(reason) = self.authorize(&from) {
             self.security(from, "bundle", reason);
             return;
@@ -1267,7 +1269,7 @@ impl Arbiter {
             let matches = h.source == from
                 && h.bundle.expected
                 && !h.bundle.held
-                && h.bundle.transfer.as_ref().is_none_or(|t| *t == transfer_id);
+                && h.bundle.transfer.is_none_or(|t| t == transfer_id);
             if matches {
                 h.bundle.transfer = Some(transfer_id);
                 h.bundle.held = true;
@@ -1280,11 +1282,11 @@ impl Arbiter {
         self.held_bundles.insert(transfer_id, from);
     }
 
-    fn on_bundle_delivered(&mut self, to: &str, transfer_id: &str, now: Instant) {
+    fn on_bundle_delivered(&mut self, to: &str, transfer_id: TransferId, now: Instant) {
         let Some(h) = &mut self.handoff else { return };
         if h.target.identity.as_deref() == Some(to)
             && h.bundle.delivering
-            && h.bundle.transfer.as_deref() == Some(transfer_id)
+            && h.bundle.transfer == Some(transfer_id)
         {
             h.bundle.delivered = true;
             h.bundle.delivering = false;
@@ -1301,15 +1303,12 @@ impl Arbiter {
 
     /// A transfer of the handoff's bundle moved: the deadline waiting on it moves with it
     /// (`stall_timeout` past now, never past `max_transfer_time`).
-    fn on_transfer_progress(&mut self, peer: &str, transfer_id: &str, bytes: u64, now: Instant) {
+    fn on_transfer_progress(&mut self, peer: &str, transfer_id: TransferId, bytes: u64, now: Instant) {
         let stall = self.policy.stall_timeout;
         let Some(h) = &mut self.handoff else { return };
         let b = &mut h.bundle;
         // With `bundle_follows` the id is not known yet: any upload of the source counts.
-        let upload = h.source == peer
-            && b.expected
-            && !b.held
-            && b.transfer.as_deref().is_none_or(|t| t == transfer_id);
+        let upload = h.source == peer && b.expected && !b.held && b.transfer.is_none_or(|t| t == transfer_id);
         if upload && bytes > b.uploaded {
             b.uploaded = bytes;
             if let (Some(_), Some(cap)) = (b.deadline, b.upload_cap) {
@@ -1322,9 +1321,8 @@ impl Arbiter {
             }
             return;
         }
-        let delivery = h.target.identity.as_deref() == Some(peer)
-            && b.delivering
-            && b.transfer.as_deref() == Some(transfer_id);
+        let delivery =
+            h.target.identity.as_deref() == Some(peer) && b.delivering && b.transfer == Some(transfer_id);
         if delivery && bytes > b.acknowledged {
             b.acknowledged = bytes;
             let until = h.target.transfer_cap.map_or(now + stall, |cap| (now + stall).min(cap));
@@ -1337,9 +1335,9 @@ impl Arbiter {
         }
     }
 
-    fn on_transfer_failed(&mut self, peer: &str, transfer_id: &str, now: Instant) {
+    fn on_transfer_failed(&mut self, peer: &str, transfer_id: TransferId, now: Instant) {
         let Some(h) = &self.handoff else { return };
-        if h.bundle.transfer.as_deref() != Some(transfer_id) && h.source != peer {
+        if h.bundle.transfer != Some(transfer_id) && h.source != peer {
             return;
         }
         if h.target.identity.as_deref() == Some(peer) && h.bundle.delivering {
@@ -1403,11 +1401,16 @@ impl Arbiter {
             }
         }
         let Some(h) = &mut self.handoff else { return };
-        if h.target.prepared && h.bundle.held && !h.bundle.delivering && !h.bundle.delivered {
+        // A held bundle always has its id: the arrival that made it held named it.
+        if h.target.prepared
+            && h.bundle.held
+            && !h.bundle.delivering
+            && !h.bundle.delivered
+            && let Some(transfer_id) = h.bundle.transfer
+        {
             h.bundle.delivering = true;
             h.bundle.acknowledged = 0;
             h.bundle.delivery_stall = None;
-            let transfer_id = h.bundle.transfer.clone().unwrap_or_default();
             self.out.push_back(Command::DeliverBundle { transfer_id, to: target.clone() });
         }
         let Some(h) = &self.handoff else { return };
@@ -1418,21 +1421,21 @@ impl Arbiter {
 
     /// Whether the `prepare` this request leads to could not be sent: refused up front rather
     /// than accepted and found unsendable with the caller on filler (issue 11 item 2). Sized for
-    /// the longest handoff id baton mints and, when the bundle's id is not known yet, a 32-digit
-    /// transfer id (docs/protocol.md, "Transfer ids in control messages").
+    /// the longest handoff id baton mints and, when the bundle's id is not known yet, a transfer
+    /// id (every one is 32 digits in text, docs/protocol.md, "Transfer ids in control messages").
     fn prepare_unsendable(
         source: &str,
         reason: &str,
-        transfer: Option<&str>,
+        transfer: Option<TransferId>,
         bundle_follows: bool,
     ) -> Option<RefuseReason> {
         let expected = transfer.is_some() || bundle_follows;
-        let transfer = transfer.map(str::to_owned).or_else(|| expected.then(|| "0".repeat(32)));
+        let transfer = transfer.or_else(|| expected.then(TransferId::default));
         let prepare = |reason: &str| BatonMessage::Prepare {
             handoff: format!("h-{}", u64::MAX),
             source: source.to_owned(),
             reason: reason.to_owned(),
-            transfer: transfer.clone(),
+            transfer,
             bundle: expected,
         };
         if prepare(reason).envelope_len(None) <= MAX_CONTROL_MESSAGE {
@@ -1450,7 +1453,7 @@ impl Arbiter {
             handoff: h.id.clone(),
             source: h.source_name.clone(),
             reason: h.reason.clone(),
-            transfer: h.bundle.transfer.clone(),
+            transfer: h.bundle.transfer,
             bundle: h.bundle.expected && !h.bundle.lost,
         }
     }
@@ -1533,7 +1536,7 @@ impl Arbiter {
         };
         if h.bundle.delivering {
             h.bundle.delivering = false;
-            if let Some(transfer_id) = h.bundle.transfer.clone() {
+            if let Some(transfer_id) = h.bundle.transfer {
                 self.out.push_back(Command::CancelTransfer { transfer_id, to: t.clone() });
             }
         }
@@ -1617,7 +1620,7 @@ impl Arbiter {
         if let Some(t) = &h.bundle.transfer {
             // A bundle baton still holds may be handed to a later handoff from the same source.
             if h.bundle.held && h.source_present {
-                self.held_bundles.insert(t.clone(), h.source.clone());
+                self.held_bundles.insert(*t, h.source.clone());
             }
         }
         h.timeline.outcome = Some(outcome);

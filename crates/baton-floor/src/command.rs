@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use baton_transfer::TransferId;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::{Envelope, PROTOCOL_VERSION};
@@ -27,7 +28,9 @@ pub enum RefuseReason {
     /// ([`MAX_CONTROL_MESSAGE`]) because of the request's `reason`: shorten it.
     ReasonTooLong,
     /// The `prepare` baton would forward would not fit one data packet even without the
-    /// `reason` (an oversized `transfer`, or agent names too long).
+    /// `reason`. Agent names (at most 128 bytes) and transfer ids (32 digits) keep every
+    /// `prepare` baton builds today under the limit, so this is a guard, not a code an agent
+    /// should see.
     MessageTooLarge,
 }
 
@@ -152,7 +155,7 @@ pub enum BatonMessage {
         reason: String,
         /// The transfer id of the bundle, when baton knows it already.
         #[serde(skip_serializing_if = "Option::is_none")]
-        transfer: Option<String>,
+        transfer: Option<TransferId>,
         /// Whether a bundle will be delivered at all.
         bundle: bool,
     },
@@ -393,14 +396,14 @@ pub enum Command {
     /// Send the held bundle `transfer_id` to `to` with the transfer engine.
     DeliverBundle {
         /// The transfer id.
-        transfer_id: String,
+        transfer_id: TransferId,
         /// The receiver.
         to: String,
     },
     /// Abort a transfer to `to`.
     CancelTransfer {
         /// The transfer id.
-        transfer_id: String,
+        transfer_id: TransferId,
         /// The receiver.
         to: String,
     },

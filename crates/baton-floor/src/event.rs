@@ -3,6 +3,7 @@
 //! Identities here are the server-stamped ones (the data packet's `participant_identity`, the
 //! participant info from signalling); nothing in a payload is trusted to say who sent it.
 
+use baton_transfer::TransferId;
 use serde::{Deserialize, Serialize};
 
 /// A participant's kind, as LiveKit reports it.
@@ -88,7 +89,7 @@ pub enum AgentMessage {
         reason: String,
         /// The transfer id of a context bundle already sent (or being sent) to baton.
         #[serde(default)]
-        transfer: Option<String>,
+        transfer: Option<TransferId>,
         /// The bundle will be sent after this request; its id is not known yet.
         #[serde(default)]
         bundle_follows: bool,
@@ -199,7 +200,7 @@ pub enum Event {
         /// The sender.
         from: String,
         /// The transfer id.
-        transfer_id: String,
+        transfer_id: TransferId,
         /// The bundle's size in bytes.
         bytes: u64,
     },
@@ -208,7 +209,7 @@ pub enum Event {
         /// The receiver.
         to: String,
         /// The transfer id.
-        transfer_id: String,
+        transfer_id: TransferId,
     },
     /// A transfer to or from `peer` moved: the receiver now holds `bytes` of the bundle
     /// (chunks baton received from a source uploading to it, or chunks a target acknowledged
@@ -220,7 +221,7 @@ pub enum Event {
         /// The other end of the transfer: the source uploading, or the target receiving.
         peer: String,
         /// The bundle's transfer id.
-        transfer_id: String,
+        transfer_id: TransferId,
         /// Bytes the receiver holds so far.
         bytes: u64,
     },
@@ -229,7 +230,7 @@ pub enum Event {
         /// The other end of the transfer.
         peer: String,
         /// The transfer id.
-        transfer_id: String,
+        transfer_id: TransferId,
         /// Why, for the timeline.
         reason: String,
     },
@@ -256,7 +257,7 @@ mod tests {
     #[test]
     fn agent_messages_parse_from_the_envelope() {
         let m: AgentMessage = serde_json::from_str(
-            r#"{"v":1,"type":"handoff","id":"a-1","target":"billing","reason":"refund","transfer":"t-9"}"#,
+            r#"{"v":1,"type":"handoff","id":"a-1","target":"billing","reason":"refund","transfer":"0000000000000000000000000000000f"}"#,
         )
         .unwrap();
         assert_eq!(
@@ -264,7 +265,7 @@ mod tests {
             AgentMessage::Handoff {
                 target: "billing".into(),
                 reason: "refund".into(),
-                transfer: Some("t-9".into()),
+                transfer: Some(TransferId::new(15)),
                 bundle_follows: false,
                 quiet: false,
             }
@@ -276,6 +277,10 @@ mod tests {
             serde_json::from_str(r#"{"v":1,"type":"quiet","id":"a-3","extra":true}"#).unwrap();
         assert_eq!(m, AgentMessage::Quiet { handoff: None });
         assert!(serde_json::from_str::<AgentMessage>(r#"{"v":1,"type":"launch","id":"x"}"#).is_err());
+        // A transfer id is 32 hex digits (docs/protocol.md, "Transfer ids in control messages").
+        let bad_id =
+            r#"{"v":1,"type":"handoff","id":"a-1","target":"billing","reason":"r","transfer":"t-9"}"#;
+        assert!(serde_json::from_str::<AgentMessage>(bad_id).is_err());
     }
 
     #[test]

@@ -40,6 +40,8 @@ mod policy;
 mod timeline;
 
 pub use arbiter::{Arbiter, HandoffStatus};
+/// The transfer engine's id type, re-exported: events and commands name bundles by it.
+pub use baton_transfer::TransferId;
 pub use command::{
     ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand,
     MAX_CONTROL_MESSAGE, MAX_MESSAGE_ID, RefuseReason, SecurityEvent, SecurityReason,

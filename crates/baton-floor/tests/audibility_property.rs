@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use baton_floor::{
     AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, FillerCommand, Outcome,
-    Participant, ParticipantKind, Phase, Policy,
+    Participant, ParticipantKind, Phase, Policy, TransferId,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -77,7 +77,7 @@ fn audio() -> impl Strategy<Value = Option<bool>> {
 fn message() -> impl Strategy<Value = AgentMessage> {
     let name = prop::sample::select(NAMES).prop_map(String::from);
     let handoff_id = (1u8..4).prop_map(|n| format!("h-{n}"));
-    let transfer = prop::option::of((1u8..3).prop_map(|n| format!("t-{n}")));
+    let transfer = prop::option::of((1u128..3).prop_map(TransferId::new));
     prop_oneof![
         3 => name.clone().prop_map(|agent_name| AgentMessage::Hello { agent_name, role: None }),
         3 => (name, transfer, any::<bool>(), any::<bool>()).prop_map(|(target, transfer, bundle_follows, quiet)| {
@@ -89,7 +89,7 @@ fn message() -> impl Strategy<Value = AgentMessage> {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    let transfer = (1u8..3).prop_map(|n| format!("t-{n}"));
+    let transfer = (1u128..3).prop_map(TransferId::new);
     prop_oneof![
         3 => (person(), audio(), prop::option::of(0u8..4))
             .prop_map(|(w, a, d)| Step::Event(Event::ParticipantJoined(participant(w, a, d)))),
@@ -142,21 +142,21 @@ fn skeleton() -> Vec<Step> {
             AgentMessage::Handoff {
                 target: "billing".into(),
                 reason: "r".into(),
-                transfer: Some("t-1".into()),
+                transfer: Some(TransferId::new(1)),
                 bundle_follows: false,
                 quiet: false,
             },
         ),
         Step::Event(Event::BundleReceived {
             from: "agent-triage".into(),
-            transfer_id: "t-1".into(),
+            transfer_id: TransferId::new(1),
             bytes: 9,
         }),
         Step::Advance(200),
         ctl("agent-triage", AgentMessage::Quiet { handoff: None }),
         Step::Event(Event::ParticipantJoined(participant(3, Some(false), None))),
         ctl("agent-billing", hello("billing")),
-        Step::Event(Event::BundleDelivered { to: "agent-billing".into(), transfer_id: "t-1".into() }),
+        Step::Event(Event::BundleDelivered { to: "agent-billing".into(), transfer_id: TransferId::new(1) }),
         ctl("agent-billing", AgentMessage::Ready { handoff: "h-1".into() }),
         Step::Event(Event::SpeakingChanged { identity: "agent-billing".into(), speaking: true }),
         Step::Advance(10_000),

@@ -12,7 +12,7 @@ use support::*;
 
 #[test]
 fn clean_cold_handoff_runs_every_phase_in_order() {
-    let (mut r, out) = cold_request(Some("t-1"));
+    let (mut r, out) = cold_request(Some(tid(1)));
     // Accepted (as a reply), source told to finish its sentence, target dispatched with the
     // handoff named in the metadata.
     let accepted = out.iter().find_map(|c| match c {
@@ -37,7 +37,7 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
     assert!(!filler_started(&out), "source is still finishing its sentence");
     assert_eq!(r.arb.floor_holder(), None);
 
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 12_000 });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 12_000 });
     r.advance(ms(300));
     let out = r.quiet(TRIAGE);
     assert!(filler_started(&out), "filler starts the moment the source is quiet");
@@ -51,13 +51,13 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
         handoff: "h-1".into(),
         source: "triage".into(),
         reason: "caller wants a refund".into(),
-        transfer: Some("t-1".into()),
+        transfer: Some(tid(1)),
         bundle: true,
     }));
-    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
 
     r.advance(ms(200));
-    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: tid(1) });
     assert!(r.arb.filler_on(), "filler stays on until the target is activated");
     r.advance(ms(300));
     let out = r.ready(BILLING, "h-1");
@@ -319,8 +319,8 @@ fn target_leaving_mid_handoff_cancels_transfer_and_hands_back_after_the_rejoin_g
     let mut p = policy();
     p.alternates.clear();
     let mut r = Room::with_triage_active(p);
-    r.request(TRIAGE, "billing", Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 100 });
+    r.request(TRIAGE, "billing", Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 100 });
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
     assert!(out.iter().any(|c| matches!(c, Command::DeliverBundle { .. })));
@@ -330,7 +330,7 @@ fn target_leaving_mid_handoff_cancels_transfer_and_hands_back_after_the_rejoin_g
     let out = r.advance(ms(2999));
     assert!(!out.iter().any(|c| matches!(c, Command::CancelTransfer { .. })), "{out:#?}");
     let out = r.advance(ms(1));
-    assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::CancelTransfer { transfer_id: tid(1), to: BILLING.into() }));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
     assert!(r.arb.filler_on(), "held until triage is heard, at most filler_hold");
     let out = r.advance(ms(1200));
@@ -386,14 +386,14 @@ fn dispatch_api_failure_moves_on_immediately() {
 
 #[test]
 fn source_leaving_mid_handoff_completes_from_the_held_bundle() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 10 });
     let out = r.leave(TRIAGE);
     assert!(filler_started(&out), "a source that leaves is quiet: filler now");
     assert!(!muted(&out, TRIAGE), "nothing to mute on a participant that left");
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: BILLING.into() }));
-    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: tid(1) });
     let out = r.ready(BILLING, "h-1");
     assert!(sent(&out, BILLING, "activate"));
     assert!(!sent(&out, TRIAGE, "release"), "the source is gone");
@@ -448,9 +448,9 @@ fn source_gone_and_target_failing_leaves_floor_vacant_with_filler_stopped() {
 
 #[test]
 fn caller_leaving_cancels_everything() {
-    let (mut r, _) = cold_request(Some("t-1"));
+    let (mut r, _) = cold_request(Some(tid(1)));
     let ticket = ticket_for(&r.log, "billing");
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 10 });
     r.quiet(TRIAGE);
     r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_1".into() });
     let out = r.leave(CALLER);
@@ -472,11 +472,11 @@ fn caller_leaving_cancels_everything() {
 
 #[test]
 fn caller_leaving_during_delivery_cancels_the_transfer() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 10 });
     billing_arrives(&mut r, "AD_1");
     let out = r.leave(CALLER);
-    assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::CancelTransfer { transfer_id: tid(1), to: BILLING.into() }));
     assert!(sent(&out, BILLING, "handoff_cancelled"));
 }
 
@@ -611,7 +611,7 @@ fn filler_limit_forces_a_handback() {
 
 #[test]
 fn bundle_that_never_arrives_hands_back() {
-    let (mut r, _) = cold_request(Some("t-9"));
+    let (mut r, _) = cold_request(Some(tid(9)));
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     let out = r.ready(BILLING, "h-1");
@@ -628,29 +628,26 @@ fn bundle_that_never_arrives_hands_back() {
 #[test]
 fn bundle_sent_before_the_request_is_used() {
     let mut r = Room::with_triage_active(policy());
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-0".into(), bytes: 7 });
-    r.request(TRIAGE, "billing", Some("t-0"));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(0), bytes: 7 });
+    r.request(TRIAGE, "billing", Some(tid(0)));
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-0".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(0), to: BILLING.into() }));
 }
 
 #[test]
 fn delivery_failure_moves_to_the_alternate() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 10 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 10 });
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
-    let out = r.ev(Event::TransferFailed {
-        peer: BILLING.into(),
-        transfer_id: "t-1".into(),
-        reason: "no ack".into(),
-    });
+    let out =
+        r.ev(Event::TransferFailed { peer: BILLING.into(), transfer_id: tid(1), reason: "no ack".into() });
     assert!(sent(&out, BILLING, "handoff_cancelled"));
     assert!(dispatched(&out, "support"));
     r.join(agent(SUPPORT, "support", true));
     let out = r.hello(SUPPORT, "support");
-    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: SUPPORT.into() }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: SUPPORT.into() }));
 }
 
 #[test]
@@ -745,7 +742,7 @@ fn a_target_already_speaking_when_activated_is_heard_at_once() {
 /// `handoff_refused: handoff_in_progress` for its own handoff, and nothing else may happen.
 #[test]
 fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
-    let (mut r, out) = cold_request(Some("t-1"));
+    let (mut r, out) = cold_request(Some(tid(1)));
     let accepted = |cmds: &[Command]| {
         cmds.iter()
             .filter_map(|c| match c {
@@ -765,7 +762,7 @@ fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
     let repeat = AgentMessage::Handoff {
         target: "billing".into(),
         reason: "caller wants a refund".into(),
-        transfer: Some("t-1".into()),
+        transfer: Some(tid(1)),
         bundle_follows: false,
         quiet: false,
     };
@@ -781,10 +778,10 @@ fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
     );
 
     // The handoff goes on as one: billing is dispatched once and takes the floor.
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 1000 });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 1000 });
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
-    r.ev(Event::BundleDelivered { transfer_id: "t-1".into(), to: BILLING.into() });
+    r.ev(Event::BundleDelivered { transfer_id: tid(1), to: BILLING.into() });
     r.ready(BILLING, "h-1");
     r.advance(ms(200));
     assert_eq!(r.arb.floor_holder(), Some(BILLING));
@@ -830,8 +827,8 @@ fn ignored(cmds: &[Command], why: &str) -> bool {
 /// never twice, never from anyone but that handoff's source.
 #[test]
 fn a_late_tool_result_is_forwarded_once_to_the_agent_that_continues_the_call() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 1000 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 1000 });
     r.quiet(TRIAGE);
 
     // Billing is not in the room yet: the result waits for it.
@@ -871,7 +868,7 @@ fn a_late_tool_result_is_forwarded_once_to_the_agent_that_continues_the_call() {
     assert_eq!(forwarded(&out), vec![(BILLING.into(), "call_2".into(), "triage".into())]);
 
     // Completed: to the holder.
-    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: tid(1) });
     r.ready(BILLING, "h-1");
     r.advance(ms(100));
     assert_eq!(r.arb.floor_holder(), Some(BILLING));

@@ -12,7 +12,7 @@ use support::*;
 const MIB5: u64 = 5 * 1024 * 1024;
 
 fn progress(r: &mut Room, peer: &str, bytes: u64) -> Vec<Command> {
-    r.ev(Event::TransferProgress { peer: peer.into(), transfer_id: "t-1".into(), bytes })
+    r.ev(Event::TransferProgress { peer: peer.into(), transfer_id: tid(1), bytes })
 }
 
 /// Reports progress from `peer` every 250 ms for `secs` seconds, evenly up to `total` bytes, and
@@ -35,15 +35,15 @@ fn handed_back(cmds: &[Command]) -> bool {
 /// moving, so the handoff waits for it and completes.
 #[test]
 fn a_slow_but_steady_upload_outlives_the_bundle_timeout() {
-    let (mut r, _) = cold_request(Some("t-1"));
+    let (mut r, _) = cold_request(Some(tid(1)));
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     let out = steady(&mut r, TRIAGE, 12, MIB5);
     assert!(!handed_back(&out), "{out:#?}");
-    let out = r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: MIB5 });
-    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: BILLING.into() }));
+    let out = r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: MIB5 });
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
     r.advance(ms(300));
-    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: tid(1) });
     let out = r.ready(BILLING, "h-1");
     assert!(sent(&out, BILLING, "activate"), "{out:#?}");
 }
@@ -52,7 +52,7 @@ fn a_slow_but_steady_upload_outlives_the_bundle_timeout() {
 /// progress, sooner than `bundle_timeout` alone would have.
 #[test]
 fn a_stalled_upload_fails_stall_timeout_after_its_last_progress() {
-    let (mut r, _) = cold_request(Some("t-1"));
+    let (mut r, _) = cold_request(Some(tid(1)));
     r.quiet(TRIAGE);
     steady(&mut r, TRIAGE, 1, MIB5 / 12);
     let out = r.advance(ms(2_999));
@@ -82,7 +82,7 @@ fn handback_at(r: &mut Room, until: u64) -> Option<u64> {
 /// first report (at 0 ms) holds.
 #[test]
 fn a_repeated_report_is_not_progress() {
-    let (mut r, _) = cold_request(Some("t-1"));
+    let (mut r, _) = cold_request(Some(tid(1)));
     r.quiet(TRIAGE);
     progress(&mut r, TRIAGE, 1000);
     let mut at = None;
@@ -100,11 +100,11 @@ fn a_repeated_report_is_not_progress() {
 /// upload's deadline stays `bundle_timeout` (5 s) after the request.
 #[test]
 fn progress_of_another_transfer_moves_no_deadline() {
-    let (mut r, _) = cold_request(Some("t-1"));
+    let (mut r, _) = cold_request(Some(tid(1)));
     r.quiet(TRIAGE);
     for i in 1..=19 {
         r.advance(ms(250));
-        r.ev(Event::TransferProgress { peer: TRIAGE.into(), transfer_id: "t-other".into(), bytes: i * 1000 });
+        r.ev(Event::TransferProgress { peer: TRIAGE.into(), transfer_id: tid(0xff), bytes: i * 1000 });
         progress(&mut r, BILLING, i * 1000);
     }
     assert_eq!(handback_at(&mut r, 10_000), Some(5_000));
@@ -116,7 +116,7 @@ fn no_upload_outlives_max_transfer_time() {
     let mut p = policy();
     p.max_filler = Duration::from_secs(60);
     let mut r = Room::with_triage_active(p);
-    r.request(TRIAGE, "billing", Some("t-1"));
+    r.request(TRIAGE, "billing", Some(tid(1)));
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     let out = steady(&mut r, TRIAGE, 29, MIB5);
@@ -137,14 +137,14 @@ fn no_upload_outlives_max_transfer_time() {
 /// billing is not failed while the delivery moves, and gets the floor when it says ready.
 #[test]
 fn a_slow_but_steady_delivery_outlives_the_ready_timeout() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: MIB5 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: MIB5 });
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
     let out = steady(&mut r, BILLING, 12, MIB5);
     assert!(!handed_back(&out) && !sent(&out, BILLING, "handoff_cancelled"), "{out:#?}");
-    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: tid(1) });
     // Loading 5 MiB takes the target a moment; it has at least stall_timeout for it.
     r.advance(ms(2_500));
     let out = r.ready(BILLING, "h-1");
@@ -159,8 +159,8 @@ fn a_slow_but_steady_delivery_outlives_the_ready_timeout() {
 /// `delivery_failed`, and is cancelled; the next agent is tried.
 #[test]
 fn a_stalled_delivery_fails_fast() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: MIB5 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: MIB5 });
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     steady(&mut r, BILLING, 1, MIB5 / 12);
@@ -168,7 +168,7 @@ fn a_stalled_delivery_fails_fast() {
     assert!(!sent(&out, BILLING, "handoff_cancelled"), "{out:#?}");
     let out = r.advance(ms(1));
     assert!(sent(&out, BILLING, "handoff_cancelled"), "{out:#?}");
-    assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::CancelTransfer { transfer_id: tid(1), to: BILLING.into() }));
     assert!(dispatched(&out, "support"), "the alternate: {out:#?}");
     let failed = r.log.iter().find_map(|c| match c {
         Command::Timeline(ev) if ev.mark.phase == Phase::TargetFailed => ev.mark.detail.clone(),

@@ -17,7 +17,7 @@ fn prepare() -> BatonMessage {
         handoff: "h-1".into(),
         source: "triage".into(),
         reason: "caller wants a refund".into(),
-        transfer: Some("t-1".into()),
+        transfer: Some(tid(1)),
         bundle: true,
     }
 }
@@ -27,12 +27,12 @@ fn prepare() -> BatonMessage {
 /// the delivery under way is not cancelled (the relay resumes it), and billing gets the floor.
 #[test]
 fn a_target_that_rejoins_within_the_grace_is_prepared_again_and_gets_the_floor() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 5_000_000 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 5_000_000 });
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
     assert!(messages_to(&out, BILLING).contains(&&prepare()));
-    assert!(out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
 
     r.advance(ms(400));
     let out = r.leave(BILLING);
@@ -56,7 +56,7 @@ fn a_target_that_rejoins_within_the_grace_is_prepared_again_and_gets_the_floor()
     // The grace has long passed: nothing fails on its account now.
     let out = r.advance(Duration::from_secs(3));
     assert!(!cancels(&out) && !sent(&out, TRIAGE, "handoff_failed"), "{out:#?}");
-    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: "t-1".into() });
+    r.ev(Event::BundleDelivered { to: BILLING.into(), transfer_id: tid(1) });
     let out = r.ready(BILLING, "h-1");
     assert!(sent(&out, BILLING, "activate"), "{out:#?}");
     assert_eq!(r.arb.floor_holder(), Some(BILLING));
@@ -93,8 +93,8 @@ fn a_rejoined_target_is_activated_only_after_a_new_ready() {
 /// delivered again to the new identity after the old delivery is cancelled.
 #[test]
 fn a_target_from_the_same_dispatch_under_a_new_identity_gets_the_bundle_again() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 100 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 100 });
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     r.leave(BILLING);
@@ -107,13 +107,11 @@ fn a_target_from_the_same_dispatch_under_a_new_identity_gets_the_bundle_again() 
     let mut again = agent("agent-billing-3", "billing", false);
     again.dispatch_id = Some("AD_1".into());
     let out = r.join(again);
-    assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::CancelTransfer { transfer_id: tid(1), to: BILLING.into() }));
     let out = r.hello("agent-billing-3", "billing");
     assert!(sent(&out, "agent-billing-3", "prepare"));
-    assert!(
-        out.contains(&Command::DeliverBundle { transfer_id: "t-1".into(), to: "agent-billing-3".into() })
-    );
-    r.ev(Event::BundleDelivered { to: "agent-billing-3".into(), transfer_id: "t-1".into() });
+    assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: "agent-billing-3".into() }));
+    r.ev(Event::BundleDelivered { to: "agent-billing-3".into(), transfer_id: tid(1) });
     let out = r.ready("agent-billing-3", "h-1");
     assert!(sent(&out, "agent-billing-3", "activate"));
 }
@@ -122,15 +120,15 @@ fn a_target_from_the_same_dispatch_under_a_new_identity_gets_the_bundle_again() 
 /// agent is tried (here support, billing's alternate), as a leave did at once before.
 #[test]
 fn a_target_that_does_not_come_back_fails_when_the_grace_runs_out() {
-    let (mut r, _) = cold_request(Some("t-1"));
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 100 });
+    let (mut r, _) = cold_request(Some(tid(1)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 100 });
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
     r.leave(BILLING);
     let out = r.advance(ms(2_999));
     assert!(!cancels(&out) && !dispatched(&out, "support"), "{out:#?}");
     let out = r.advance(ms(1));
-    assert!(out.contains(&Command::CancelTransfer { transfer_id: "t-1".into(), to: BILLING.into() }));
+    assert!(out.contains(&Command::CancelTransfer { transfer_id: tid(1), to: BILLING.into() }));
     assert!(dispatched(&out, "support"), "{out:#?}");
     // Too late: billing is no longer the target, and gets only a standby answer.
     r.join(agent(BILLING, "billing", false));
@@ -156,7 +154,7 @@ fn a_source_that_rejoins_within_the_grace_keeps_its_part() {
     let mut p = policy();
     p.alternates.clear();
     let mut r = Room::with_triage_active(p);
-    r.request(TRIAGE, "billing", Some("t-1"));
+    r.request(TRIAGE, "billing", Some(tid(1)));
     let out = r.leave(TRIAGE);
     assert!(filler_started(&out), "a source that left is quiet");
     r.advance(ms(150));
@@ -173,7 +171,7 @@ fn a_source_that_rejoins_within_the_grace_keeps_its_part() {
         !r.log.iter().any(|c| matches!(c, Command::Timeline(ev) if ev.mark.phase == Phase::BundleLost)),
         "{out:#?}"
     );
-    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: "t-1".into(), bytes: 100 });
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 100 });
     // Billing never comes: the call goes back to the source, which is here again.
     let out = r.advance(Duration::from_secs(6));
     assert!(sent(&out, TRIAGE, "handoff_failed"), "{out:#?}");
@@ -185,7 +183,7 @@ fn a_source_that_rejoins_within_the_grace_keeps_its_part() {
 /// the target takes over without it.
 #[test]
 fn a_source_that_does_not_come_back_loses_its_unfinished_bundle_when_the_grace_ends() {
-    let (mut r, _) = cold_request(Some("t-1"));
+    let (mut r, _) = cold_request(Some(tid(1)));
     billing_arrives(&mut r, "AD_1");
     r.leave(TRIAGE);
     let out = r.advance(ms(2_999));

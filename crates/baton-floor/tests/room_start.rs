@@ -194,7 +194,7 @@ fn control_from_anyone_but_a_configured_agent_is_a_security_event_and_changes_no
         Some(SecurityReason::NameMismatch { claimed: "triage".into(), actual: "billing".into() })
     );
     // A bundle from the caller is not accepted either.
-    let out = r.ev(Event::BundleReceived { from: CALLER.into(), transfer_id: "t-x".into(), bytes: 1 });
+    let out = r.ev(Event::BundleReceived { from: CALLER.into(), transfer_id: tid(0x78), bytes: 1 });
     assert_eq!(security_reason(&out), Some(SecurityReason::NotAnAgent));
 
     assert!(r.arb.handoff().is_none());

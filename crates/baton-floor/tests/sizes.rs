@@ -6,6 +6,7 @@ mod support;
 
 use baton_floor::{
     AgentMessage, BatonMessage, Command, Event, MAX_CONTROL_MESSAGE, Policy, RefuseReason, ToolCallStatus,
+    TransferId,
 };
 use proptest::prelude::*;
 use serde_json::{Map, Value};
@@ -33,11 +34,11 @@ fn refusal(cmds: &[Command]) -> Option<RefuseReason> {
     })
 }
 
-fn handoff(reason: &str, transfer: Option<&str>, bundle_follows: bool) -> AgentMessage {
+fn handoff(reason: &str, transfer: Option<TransferId>, bundle_follows: bool) -> AgentMessage {
     AgentMessage::Handoff {
         target: "billing".into(),
         reason: reason.into(),
-        transfer: transfer.map(Into::into),
+        transfer,
         bundle_follows,
         quiet: false,
     }
@@ -61,24 +62,26 @@ fn a_handoff_whose_prepare_would_not_fit_is_refused_at_once() {
     assert_eq!(messages_to(&out, TRIAGE).len(), 1, "only the refusal: {out:#?}");
 }
 
-/// Where the line is: with a 32-digit transfer id and short agent names, a reason of 14 000
-/// bytes (as encoded JSON) is always forwarded; past the line the refusal names the reason,
-/// and a request whose other fields are too large (a transfer id of 15 000 bytes) says so.
+/// Where the line is: with a transfer id and short agent names, a reason of 14 000 bytes (as
+/// encoded JSON) is always forwarded; past the line the refusal names the reason. A transfer id
+/// cannot be oversized: anything but 32 hex digits does not parse as a `handoff`.
 #[test]
 fn the_refusal_names_the_field_to_fix() {
-    let transfer = "0c56c9f4e69c014218b81a2db375878c";
+    let transfer = "0c56c9f4e69c014218b81a2db375878c".parse::<TransferId>().ok();
     let mut r = Room::with_triage_active(policy());
-    let out = r.ctl(TRIAGE, handoff(&"é".repeat(7_000), Some(transfer), false));
+    let out = r.ctl(TRIAGE, handoff(&"é".repeat(7_000), transfer, false));
     assert_eq!(refusal(&out), None, "14 000 bytes of reason fit: {out:#?}");
 
     let mut r = Room::with_triage_active(policy());
     // Escaped control characters count as sent: 6 bytes each.
-    let out = r.ctl(TRIAGE, handoff(&"\u{1}".repeat(2_500), Some(transfer), false));
+    let out = r.ctl(TRIAGE, handoff(&"\u{1}".repeat(2_500), transfer, false));
     assert_eq!(refusal(&out), Some(RefuseReason::ReasonTooLong));
 
-    let mut r = Room::with_triage_active(policy());
-    let out = r.ctl(TRIAGE, handoff("refund", Some(&"f".repeat(15_000)), false));
-    assert_eq!(refusal(&out), Some(RefuseReason::MessageTooLarge));
+    let long_id = format!(
+        r#"{{"v":1,"type":"handoff","id":"a","target":"billing","reason":"r","transfer":"{}"}}"#,
+        "f".repeat(15_000)
+    );
+    assert!(serde_json::from_str::<AgentMessage>(&long_id).is_err());
 }
 
 /// A late tool result that would not fit once baton adds `source` and its own id is cut at a
@@ -135,15 +138,14 @@ fn name() -> impl Strategy<Value = String> {
 enum Bundle {
     None,
     Follows,
-    Id(String),
+    Id(TransferId),
 }
 
 fn bundle() -> impl Strategy<Value = Bundle> {
     prop_oneof![
         Just(Bundle::None),
         Just(Bundle::Follows),
-        "[0-9a-f]{32}".prop_map(Bundle::Id),
-        "[ -~]{0,300}".prop_map(Bundle::Id),
+        any::<u128>().prop_map(|n| Bundle::Id(TransferId::new(n))),
     ]
 }
 
@@ -151,8 +153,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Whatever the sizes of a request's fields, the agent names and the request id: either the
-    /// request is refused at once (and only when its `reason` is over 14 000 encoded bytes, or
-    /// another field is oversized), or every message the handoff then produces fits one data
+    /// request is refused at once (and only when its `reason` is over 14 000 encoded bytes), or
+    /// every message the handoff then produces fits one data
     /// packet: acceptance, `prepare` (again after the target rejoins), tool results, activation,
     /// release.
     #[test]
@@ -177,26 +179,24 @@ proptest! {
         let (transfer, follows) = match &bundle {
             Bundle::None => (None, false),
             Bundle::Follows => (None, true),
-            Bundle::Id(id) => (Some(id.clone()), false),
+            Bundle::Id(id) => (Some(*id), false),
         };
         let request = AgentMessage::Handoff {
             target: target.clone(),
             reason: reason.clone(),
-            transfer: transfer.clone(),
+            transfer,
             bundle_follows: follows,
             quiet: false,
         };
         let out = r.ev(Event::Control { from: TRIAGE.into(), id: msg_id, message: request });
         let reason_bytes = serde_json::to_string(&reason).unwrap().len() - 2;
-        let short_fields = transfer.as_ref().is_none_or(|t| t.len() <= 64);
         match refusal(&out) {
             Some(RefuseReason::ReasonTooLong) => prop_assert!(reason_bytes > 14_000, "{reason_bytes}"),
-            Some(RefuseReason::MessageTooLarge) => prop_assert!(!short_fields),
             Some(other) => prop_assert!(false, "refused for {other:?}"),
             None => {
-                let tid = transfer.clone().unwrap_or_else(|| "0c56c9f4e69c014218b81a2db375878c".into());
+                let tid = transfer.unwrap_or(TransferId::new(0x0c56_c9f4_e69c_0142_18b8_1a2d_b375_878c));
                 if transfer.is_some() || follows {
-                    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid.clone(), bytes: 10 });
+                    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid, bytes: 10 });
                 }
                 r.ctl(TRIAGE, AgentMessage::ToolResult {
                     handoff: "h-1".into(),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{ErrorCode, TransferError};
 use crate::frame::{Direction, Frame};
+use crate::id::TransferId;
 use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent};
 use crate::sender::{Sender, SenderConfig, SenderEvent};
 
@@ -50,7 +51,7 @@ pub enum Event {
         /// Server-stamped identity of the sender.
         from: Peer,
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// The verified payload.
         payload: Vec<u8>,
         /// Metadata from the OPEN.
@@ -62,7 +63,7 @@ pub enum Event {
         /// Server-stamped identity of the sender.
         from: Peer,
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// What went wrong.
         error: TransferError,
     },
@@ -71,14 +72,14 @@ pub enum Event {
         /// Identity of the receiver.
         to: Peer,
         /// Transfer id.
-        id: u128,
+        id: TransferId,
     },
     /// An outgoing transfer ended without confirmation.
     SendFailed {
         /// Identity of the receiver.
         to: Peer,
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// What went wrong.
         error: TransferError,
     },
@@ -88,7 +89,7 @@ pub enum Event {
         /// Server-stamped identity of the packet's sender.
         peer: Peer,
         /// Transfer id.
-        id: Option<u128>,
+        id: Option<TransferId>,
         /// What went wrong.
         error: TransferError,
     },
@@ -120,10 +121,10 @@ enum Outcome {
 #[derive(Debug, Default)]
 pub struct Receivers {
     cfg: ReceiversConfig,
-    active: HashMap<(Peer, u128), (Receiver, u64)>,
+    active: HashMap<(Peer, TransferId), (Receiver, u64)>,
     buffered: u64,
-    finished: HashMap<(Peer, u128), (Instant, Outcome)>,
-    finished_order: VecDeque<(Instant, (Peer, u128))>,
+    finished: HashMap<(Peer, TransferId), (Instant, Outcome)>,
+    finished_order: VecDeque<(Instant, (Peer, TransferId))>,
     out: VecDeque<Output>,
 }
 
@@ -275,11 +276,11 @@ impl Receivers {
     }
 
     /// The incoming transfer `id` from `from`, while it is in progress.
-    pub fn receiver(&self, from: &str, id: u128) -> Option<&Receiver> {
+    pub fn receiver(&self, from: &str, id: TransferId) -> Option<&Receiver> {
         self.active.get(&(from.to_owned(), id)).map(|(r, _)| r)
     }
 
-    fn unknown(&mut self, from: &str, id: u128) {
+    fn unknown(&mut self, from: &str, id: TransferId) {
         self.event(Event::Rejected {
             peer: from.to_owned(),
             id: Some(id),
@@ -290,7 +291,7 @@ impl Receivers {
         });
     }
 
-    fn drain(&mut self, key: &(Peer, u128), now: Instant) {
+    fn drain(&mut self, key: &(Peer, TransferId), now: Instant) {
         let Some((r, reserve)) = self.active.get_mut(key) else {
             return;
         };
@@ -385,11 +386,11 @@ pub struct EndpointConfig {
 #[derive(Debug, Default)]
 pub struct Endpoint {
     cfg: EndpointConfig,
-    senders: HashMap<(Peer, u128), Sender>,
+    senders: HashMap<(Peer, TransferId), Sender>,
     receivers: Receivers,
     /// Cut-through: an incoming transfer (from, id) and the outgoing ones (to, id) that
     /// forward its chunks as they arrive.
-    forwards: HashMap<(Peer, u128), Vec<(Peer, u128)>>,
+    forwards: HashMap<(Peer, TransferId), Vec<(Peer, TransferId)>>,
     out: VecDeque<Output>,
 }
 
@@ -409,7 +410,7 @@ impl Endpoint {
     pub fn send(
         &mut self,
         to: &str,
-        id: u128,
+        id: TransferId,
         payload: &[u8],
         meta: &str,
         now: Instant,
@@ -422,7 +423,7 @@ impl Endpoint {
     pub fn send_with(
         &mut self,
         to: &str,
-        id: u128,
+        id: TransferId,
         payload: &[u8],
         meta: &str,
         cfg: SenderConfig,
@@ -443,9 +444,9 @@ impl Endpoint {
     pub fn forward(
         &mut self,
         to: &str,
-        id: u128,
+        id: TransferId,
         from: &str,
-        upstream: u128,
+        upstream: TransferId,
         now: Instant,
     ) -> Result<(), TransferError> {
         let key = self.free_key(to, id)?;
@@ -465,7 +466,7 @@ impl Endpoint {
         Ok(())
     }
 
-    fn free_key(&self, to: &str, id: u128) -> Result<(Peer, u128), TransferError> {
+    fn free_key(&self, to: &str, id: TransferId) -> Result<(Peer, TransferId), TransferError> {
         let key = (to.to_owned(), id);
         if self.senders.contains_key(&key) {
             return Err(TransferError::local(
@@ -477,7 +478,7 @@ impl Endpoint {
     }
 
     /// Cancels an outgoing transfer. Returns false if it is unknown or already finished.
-    pub fn cancel(&mut self, to: &str, id: u128, reason: &str, now: Instant) -> bool {
+    pub fn cancel(&mut self, to: &str, id: TransferId, reason: &str, now: Instant) -> bool {
         let key = (to.to_owned(), id);
         let Some(s) = self.senders.get_mut(&key) else {
             return false;
@@ -614,7 +615,7 @@ impl Endpoint {
     }
 
     /// Hands a chunk of a forwarded incoming transfer to the transfers forwarding it.
-    fn supply_forwards(&mut self, upstream: &(Peer, u128), index: u32, bytes: &[u8]) {
+    fn supply_forwards(&mut self, upstream: &(Peer, TransferId), index: u32, bytes: &[u8]) {
         let Some(downstream) = self.forwards.get_mut(upstream) else { return };
         // A forwarding transfer that finished (or was cancelled) is gone from `senders`.
         downstream.retain(|k| self.senders.contains_key(k));
@@ -654,7 +655,7 @@ impl Endpoint {
         }
     }
 
-    fn drain_sender(&mut self, key: &(Peer, u128)) {
+    fn drain_sender(&mut self, key: &(Peer, TransferId)) {
         let Some(s) = self.senders.get_mut(key) else {
             return;
         };

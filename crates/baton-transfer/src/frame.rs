@@ -10,6 +10,7 @@
 //! remaining bytes and the protocol's bounds.
 
 use crate::error::ErrorCode;
+use crate::id::TransferId;
 use thiserror::Error;
 
 /// First byte of every frame. Lets a receiver tell a transfer frame from stray bytes before
@@ -145,14 +146,14 @@ pub enum Frame {
     /// Announces a transfer.
     Open {
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// The announced parameters.
         open: Open,
     },
     /// One chunk of the wire stream.
     Data {
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// Chunk index, from 0.
         index: u32,
         /// Chunk bytes.
@@ -161,21 +162,21 @@ pub enum Frame {
     /// Receiver state.
     Ack {
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// Acknowledgement state.
         ack: Ack,
     },
     /// The receiver verified this SHA-256 and delivered the payload.
     Complete {
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// SHA-256 of the payload.
         sha256: [u8; 32],
     },
     /// The sender abandons the transfer.
     Cancel {
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// Error code.
         code: ErrorCode,
         /// Human-readable detail.
@@ -184,7 +185,7 @@ pub enum Frame {
     /// The receiver refuses or failed the transfer.
     Error {
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// Error code.
         code: ErrorCode,
         /// Human-readable detail.
@@ -194,7 +195,7 @@ pub enum Frame {
     /// the sender had sent (informational).
     Resume {
         /// Transfer id.
-        id: u128,
+        id: TransferId,
         /// Chunks the sender had sent.
         sent: u32,
     },
@@ -363,7 +364,7 @@ fn check_ack(a: &Ack) -> Result<(), &'static str> {
 
 impl Frame {
     /// The transfer this frame belongs to.
-    pub fn id(&self) -> u128 {
+    pub fn id(&self) -> TransferId {
         match self {
             Frame::Open { id, .. }
             | Frame::Data { id, .. }
@@ -476,7 +477,7 @@ impl Frame {
         let mut r = Reader { buf, pos: 0 };
         let [_, _, kind_b, flags] = r.arr::<4>()?;
         let kind = Kind::from_u8(kind_b).ok_or(DecodeError::UnknownKind(kind_b))?;
-        let id = u128::from_be_bytes(r.arr()?);
+        let id = TransferId::from_be_bytes(r.arr()?);
         let allowed = match kind {
             Kind::Open => OPEN_FLAG_DEFLATE,
             Kind::Ack => ACK_FLAG_RESUME | ACK_FLAG_SOLICITED,
@@ -573,7 +574,7 @@ mod tests {
     fn samples() -> Vec<Frame> {
         vec![
             Frame::Open {
-                id: 7,
+                id: TransferId::new(7),
                 open: Open {
                     payload_size: 100,
                     wire_size: 60,
@@ -583,9 +584,9 @@ mod tests {
                     meta: "{\"a\":1}".into(),
                 },
             },
-            Frame::Data { id: u128::MAX, index: 3, bytes: vec![9; MAX_CHUNK_SIZE as usize] },
+            Frame::Data { id: TransferId::new(u128::MAX), index: 3, bytes: vec![9; MAX_CHUNK_SIZE as usize] },
             Frame::Ack {
-                id: 1,
+                id: TransferId::new(1),
                 ack: Ack {
                     cumulative: 2,
                     window: 32,
@@ -594,10 +595,14 @@ mod tests {
                     solicited: true,
                 },
             },
-            Frame::Complete { id: 2, sha256: [0xab; 32] },
-            Frame::Cancel { id: 3, code: ErrorCode::Cancelled, reason: "user hung up".into() },
-            Frame::Error { id: 4, code: ErrorCode::Other(999), reason: String::new() },
-            Frame::Resume { id: 5, sent: 17 },
+            Frame::Complete { id: TransferId::new(2), sha256: [0xab; 32] },
+            Frame::Cancel {
+                id: TransferId::new(3),
+                code: ErrorCode::Cancelled,
+                reason: "user hung up".into(),
+            },
+            Frame::Error { id: TransferId::new(4), code: ErrorCode::Other(999), reason: String::new() },
+            Frame::Resume { id: TransferId::new(5), sent: 17 },
         ]
     }
 
@@ -623,7 +628,7 @@ mod tests {
 
     #[test]
     fn header_errors_are_typed() {
-        let good = Frame::Resume { id: 1, sent: 0 }.encode().unwrap();
+        let good = Frame::Resume { id: TransferId::new(1), sent: 0 }.encode().unwrap();
         let mut b = good.clone();
         b[0] = 0;
         assert_eq!(Frame::decode(&b), Err(DecodeError::BadMagic(0)));
@@ -656,19 +661,19 @@ mod tests {
             deflate: false,
             meta: String::new(),
         };
-        let f = Frame::Open { id: 1, open: open.clone() };
+        let f = Frame::Open { id: TransferId::new(1), open: open.clone() };
         assert!(f.encode().is_err());
         open.chunk_size = 256;
-        let mut b = Frame::Open { id: 1, open: open.clone() }.encode().unwrap();
+        let mut b = Frame::Open { id: TransferId::new(1), open: open.clone() }.encode().unwrap();
         b[36..40].copy_from_slice(&255u32.to_be_bytes());
         assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid { .. })));
         open.wire_size = 11;
-        assert!(Frame::Open { id: 1, open }.encode().is_err());
+        assert!(Frame::Open { id: TransferId::new(1), open }.encode().is_err());
         let bad_ack = Ack { cumulative: 5, window: 1, ranges: vec![(5, 7)], resume: false, solicited: false };
-        assert!(Frame::Ack { id: 1, ack: bad_ack }.encode().is_err());
+        assert!(Frame::Ack { id: TransferId::new(1), ack: bad_ack }.encode().is_err());
         let adjacent =
             Ack { cumulative: 1, window: 1, ranges: vec![(3, 5), (5, 7)], resume: false, solicited: false };
-        assert!(Frame::Ack { id: 1, ack: adjacent }.encode().is_err());
-        assert!(Frame::Data { id: 1, index: 0, bytes: vec![] }.encode().is_err());
+        assert!(Frame::Ack { id: TransferId::new(1), ack: adjacent }.encode().is_err());
+        assert!(Frame::Data { id: TransferId::new(1), index: 0, bytes: vec![] }.encode().is_err());
     }
 }

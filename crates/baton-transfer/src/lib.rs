@@ -28,12 +28,14 @@
 mod endpoint;
 mod error;
 pub mod frame;
+mod id;
 mod receiver;
 mod sender;
 
 pub use endpoint::{Endpoint, EndpointConfig, Event, Output, Peer, Receivers, ReceiversConfig};
 pub use error::{ErrorCode, TransferError};
 pub use frame::{Ack, DecodeError, Direction, EncodeError, Frame, Kind, Open};
+pub use id::{ParseTransferIdError, TransferId};
 pub use receiver::{Receiver, ReceiverConfig, ReceiverEvent};
 pub use sender::{Sender, SenderConfig, SenderEvent};
 

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ErrorCode, TransferError};
 use crate::frame::{Ack, Frame, MAX_ACK_RANGES, Open};
+use crate::id::TransferId;
 
 /// Tuning for incoming transfers. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
@@ -57,7 +58,7 @@ pub enum ReceiverEvent {
 /// Most callers use [`crate::Receivers`], which also enforces per-peer and per-room limits.
 #[derive(Debug)]
 pub struct Receiver {
-    id: u128,
+    id: TransferId,
     cfg: ReceiverConfig,
     open: Open,
     buf: Vec<u8>,
@@ -78,7 +79,12 @@ pub struct Receiver {
 impl Receiver {
     /// Accepts an OPEN. Fails with `too_large` if the announced size exceeds the limit; the
     /// caller then sends the returned error as an ERROR frame.
-    pub fn new(id: u128, open: Open, cfg: ReceiverConfig, now: Instant) -> Result<Receiver, TransferError> {
+    pub fn new(
+        id: TransferId,
+        open: Open,
+        cfg: ReceiverConfig,
+        now: Instant,
+    ) -> Result<Receiver, TransferError> {
         if open.payload_size > cfg.max_bundle_size || open.wire_size > cfg.max_bundle_size {
             return Err(TransferError::local(
                 ErrorCode::TooLarge,
@@ -116,7 +122,7 @@ impl Receiver {
     }
 
     /// Transfer id.
-    pub fn id(&self) -> u128 {
+    pub fn id(&self) -> TransferId {
         self.id
     }
 
@@ -368,14 +374,19 @@ mod tests {
 
     fn data(index: u32, payload: &[u8]) -> Frame {
         let s = index as usize * 256;
-        Frame::Data { id: 9, index, bytes: payload[s..(s + 256).min(payload.len())].to_vec() }
+        Frame::Data {
+            id: TransferId::new(9),
+            index,
+            bytes: payload[s..(s + 256).min(payload.len())].to_vec(),
+        }
     }
 
     #[test]
     fn out_of_order_with_duplicates_delivers_once() {
         let now = Instant::now();
         let p: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-        let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
+        let mut r =
+            Receiver::new(TransferId::new(9), open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
         for i in [3, 1, 1, 0, 3, 2] {
             r.handle_frame(data(i, &p), now);
         }
@@ -397,7 +408,7 @@ mod tests {
         let now = Instant::now();
         let p = vec![5u8; 256 * 20];
         let cfg = ReceiverConfig { ack_every: 4, ..Default::default() };
-        let mut r = Receiver::new(9, open_for(&p, 256), cfg, now).unwrap();
+        let mut r = Receiver::new(TransferId::new(9), open_for(&p, 256), cfg, now).unwrap();
         for i in 0..3 {
             r.handle_frame(data(i, &p), now);
             assert_eq!(r.poll_frame(), None);
@@ -417,7 +428,7 @@ mod tests {
         assert_eq!(t, now + Duration::from_millis(10));
         r.handle_timeout(t);
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.cumulative == 4));
-        r.handle_frame(Frame::Resume { id: 9, sent: 6 }, t);
+        r.handle_frame(Frame::Resume { id: TransferId::new(9), sent: 6 }, t);
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && ack.solicited));
         r.peer_reconnected(t);
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && !ack.solicited));
@@ -427,7 +438,8 @@ mod tests {
     fn corrupted_chunk_fails_with_hash_mismatch() {
         let now = Instant::now();
         let p = vec![1u8; 300];
-        let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
+        let mut r =
+            Receiver::new(TransferId::new(9), open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
         let mut bad = p.clone();
         bad[0] ^= 1;
         r.handle_frame(data(0, &bad), now);
@@ -442,13 +454,15 @@ mod tests {
     fn wrong_length_and_index_are_protocol_violations() {
         let now = Instant::now();
         let p = vec![1u8; 600];
-        let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
-        r.handle_frame(Frame::Data { id: 9, index: 0, bytes: vec![0; 10] }, now);
+        let mut r =
+            Receiver::new(TransferId::new(9), open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
+        r.handle_frame(Frame::Data { id: TransferId::new(9), index: 0, bytes: vec![0; 10] }, now);
         assert!(
             matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation)
         );
-        let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
-        r.handle_frame(Frame::Data { id: 9, index: 3, bytes: vec![0; 10] }, now);
+        let mut r =
+            Receiver::new(TransferId::new(9), open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
+        r.handle_frame(Frame::Data { id: TransferId::new(9), index: 3, bytes: vec![0; 10] }, now);
         assert!(
             matches!(r.poll_event(), Some(ReceiverEvent::Failed(e)) if e.code == ErrorCode::ProtocolViolation)
         );
@@ -457,7 +471,7 @@ mod tests {
     #[test]
     fn too_large_refused_from_open() {
         let cfg = ReceiverConfig { max_bundle_size: 100, ..Default::default() };
-        let e = Receiver::new(1, open_for(&[0; 101], 256), cfg, Instant::now()).unwrap_err();
+        let e = Receiver::new(TransferId::new(1), open_for(&[0; 101], 256), cfg, Instant::now()).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
     }
 
@@ -477,7 +491,8 @@ mod tests {
     fn idle_timeout_fails_and_tells_sender() {
         let now = Instant::now();
         let p = vec![1u8; 600];
-        let mut r = Receiver::new(9, open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
+        let mut r =
+            Receiver::new(TransferId::new(9), open_for(&p, 256), ReceiverConfig::default(), now).unwrap();
         let _ = r.poll_frame();
         let mut t = now;
         let mut errors = vec![];

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ErrorCode, TransferError};
 use crate::frame::{Ack, Frame, MAX_CHUNK_SIZE, MAX_META_LEN, MIN_CHUNK_SIZE, Open};
+use crate::id::TransferId;
 
 /// Tuning for one outgoing transfer. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
@@ -71,7 +72,7 @@ enum Chunk {
 /// caller should drain it right after that call.
 #[derive(Debug)]
 pub struct Sender {
-    id: u128,
+    id: TransferId,
     cfg: SenderConfig,
     open: Open,
     wire: Vec<u8>,
@@ -101,7 +102,7 @@ impl Sender {
     /// Starts a transfer of `payload` with application metadata `meta` (UTF-8, at most
     /// 4096 bytes, conventionally JSON). `id` must be unique per receiver; use 128 random bits.
     pub fn new(
-        id: u128,
+        id: TransferId,
         payload: &[u8],
         meta: &str,
         cfg: SenderConfig,
@@ -138,7 +139,12 @@ impl Sender {
     /// in order. The receiver verifies the upstream SHA-256 as for any transfer, so a chunk
     /// corrupted upstream fails the transfer instead of being delivered. `cfg.chunk_size`
     /// and `cfg.compress` are ignored: the chunking is upstream's.
-    pub fn forward(id: u128, open: Open, cfg: SenderConfig, now: Instant) -> Result<Sender, TransferError> {
+    pub fn forward(
+        id: TransferId,
+        open: Open,
+        cfg: SenderConfig,
+        now: Instant,
+    ) -> Result<Sender, TransferError> {
         check_start(open.chunk_size, &open.meta)?;
         let wire_size = usize::try_from(open.wire_size)
             .map_err(|_| TransferError::local(ErrorCode::TooLarge, "payload too large"))?;
@@ -148,7 +154,7 @@ impl Sender {
     }
 
     fn start(
-        id: u128,
+        id: TransferId,
         open: Open,
         wire: Vec<u8>,
         supplied: Option<Vec<bool>>,
@@ -211,7 +217,7 @@ impl Sender {
     }
 
     /// Transfer id.
-    pub fn id(&self) -> u128 {
+    pub fn id(&self) -> TransferId {
         self.id
     }
 
@@ -535,13 +541,16 @@ mod tests {
     }
 
     fn ack(cumulative: u32, ranges: Vec<(u32, u32)>, resume: bool) -> Frame {
-        Frame::Ack { id: 1, ack: Ack { cumulative, window: 64, ranges, resume, solicited: resume } }
+        Frame::Ack {
+            id: TransferId::new(1),
+            ack: Ack { cumulative, window: 64, ranges, resume, solicited: resume },
+        }
     }
 
     #[test]
     fn window_limits_in_flight_and_acks_open_it() {
         let now = t0();
-        let mut s = Sender::new(1, &[7u8; 256 * 10], "{}", cfg(4), now).unwrap();
+        let mut s = Sender::new(TransferId::new(1), &[7u8; 256 * 10], "{}", cfg(4), now).unwrap();
         let f = drain(&mut s);
         assert!(matches!(f[0], Frame::Open { .. }));
         assert_eq!(f.len(), 5, "OPEN + 4 chunks");
@@ -560,7 +569,7 @@ mod tests {
     #[test]
     fn selective_ack_and_resume_resend_only_missing() {
         let now = t0();
-        let mut s = Sender::new(1, &[1u8; 256 * 6], "", cfg(8), now).unwrap();
+        let mut s = Sender::new(TransferId::new(1), &[1u8; 256 * 6], "", cfg(8), now).unwrap();
         assert_eq!(drain(&mut s).len(), 7);
         s.peer_reconnected(now);
         let f = drain(&mut s);
@@ -580,7 +589,7 @@ mod tests {
     fn rto_backs_off_and_deadline_fails_with_cancel() {
         let now = t0();
         let c = SenderConfig { deadline: Duration::from_secs(10), ..cfg(4) };
-        let mut s = Sender::new(1, &[1u8; 1000], "", c, now).unwrap();
+        let mut s = Sender::new(TransferId::new(1), &[1u8; 1000], "", c, now).unwrap();
         drain(&mut s);
         let mut fires = vec![];
         while let Some(t) = s.poll_timeout() {
@@ -610,7 +619,7 @@ mod tests {
     #[test]
     fn a_timeout_probes_instead_of_resending_and_resends_only_what_is_missing() {
         let now = t0();
-        let mut s = Sender::new(1, &[3u8; 256 * 6], "", cfg(8), now).unwrap();
+        let mut s = Sender::new(TransferId::new(1), &[3u8; 256 * 6], "", cfg(8), now).unwrap();
         assert_eq!(drain(&mut s).len(), 7, "OPEN + 6 chunks");
         s.handle_frame(ack(0, vec![], false), now); // the OPEN arrived; the receiver is behind
         let rto = s.poll_timeout().unwrap();
@@ -621,7 +630,7 @@ mod tests {
         s.handle_frame(ack(4, vec![(5, 6)], true), rto);
         assert_eq!(data_indices(&drain(&mut s)), vec![4]);
         // A receiver that was merely slow: the answer holds everything, nothing is resent.
-        let mut s = Sender::new(1, &[3u8; 256 * 6], "", cfg(8), now).unwrap();
+        let mut s = Sender::new(TransferId::new(1), &[3u8; 256 * 6], "", cfg(8), now).unwrap();
         drain(&mut s);
         let rto = s.poll_timeout().unwrap();
         s.handle_timeout(rto);
@@ -634,11 +643,19 @@ mod tests {
     #[test]
     fn a_forward_sends_chunks_in_order_as_they_are_supplied() {
         let now = t0();
-        let src = Sender::new(9, &[5u8; 256 * 4 + 10], "{\"to\":\"b\"}", cfg(8), now).unwrap();
+        let src =
+            Sender::new(TransferId::new(9), &[5u8; 256 * 4 + 10], "{\"to\":\"b\"}", cfg(8), now).unwrap();
         let open = src.open().clone();
-        let mut s =
-            Sender::forward(2, open.clone(), SenderConfig { chunk_size: 999, ..cfg(8) }, now).unwrap();
-        assert!(matches!(drain(&mut s).as_slice(), [Frame::Open { id: 2, open: o }] if *o == open));
+        let mut s = Sender::forward(
+            TransferId::new(2),
+            open.clone(),
+            SenderConfig { chunk_size: 999, ..cfg(8) },
+            now,
+        )
+        .unwrap();
+        assert!(
+            matches!(drain(&mut s).as_slice(), [Frame::Open { id, open: o }] if id.get() == 2 && *o == open)
+        );
         assert!(s.supply(1, &[5u8; 256]));
         assert!(drain(&mut s).is_empty(), "chunk 0 first");
         assert!(!s.supply(0, &[5u8; 255]), "wrong length");
@@ -653,15 +670,18 @@ mod tests {
         assert!(!s.supply(5, &[5u8; 10]), "beyond the last chunk");
         assert!(s.supply(4, &[5u8; 10]) && s.supply(2, &[5u8; 256]) && s.supply(3, &[5u8; 256]));
         assert_eq!(data_indices(&drain(&mut s)), vec![2, 3, 4]);
-        assert!(!Sender::new(1, b"x", "", cfg(4), now).unwrap().supply(0, b"x"), "not a forward");
+        assert!(
+            !Sender::new(TransferId::new(1), b"x", "", cfg(4), now).unwrap().supply(0, b"x"),
+            "not a forward"
+        );
     }
 
     #[test]
     fn complete_with_wrong_hash_fails() {
         let now = t0();
-        let mut s = Sender::new(1, b"abc", "", cfg(4), now).unwrap();
+        let mut s = Sender::new(TransferId::new(1), b"abc", "", cfg(4), now).unwrap();
         drain(&mut s);
-        s.handle_frame(Frame::Complete { id: 1, sha256: [0; 32] }, now);
+        s.handle_frame(Frame::Complete { id: TransferId::new(1), sha256: [0; 32] }, now);
         let f = drain(&mut s);
         assert!(matches!(f.as_slice(), [Frame::Cancel { code: ErrorCode::HashMismatch, .. }]));
         assert!(matches!(s.poll_event(), Some(SenderEvent::Failed(e)) if e.code == ErrorCode::HashMismatch));
@@ -670,7 +690,7 @@ mod tests {
     #[test]
     fn bogus_ack_is_a_protocol_violation_not_a_panic() {
         let now = t0();
-        let mut s = Sender::new(1, &[0u8; 300], "", cfg(4), now).unwrap();
+        let mut s = Sender::new(TransferId::new(1), &[0u8; 300], "", cfg(4), now).unwrap();
         drain(&mut s);
         s.handle_frame(ack(99, vec![], false), now);
         assert!(
@@ -682,9 +702,9 @@ mod tests {
     fn compression_only_when_smaller() {
         let now = t0();
         let c = SenderConfig { compress: true, ..cfg(4) };
-        let s = Sender::new(1, &[b'a'; 5000], "", c.clone(), now).unwrap();
+        let s = Sender::new(TransferId::new(1), &[b'a'; 5000], "", c.clone(), now).unwrap();
         assert!(s.open().deflate && s.open().wire_size < 5000);
-        let s = Sender::new(1, b"x", "", c, now).unwrap();
+        let s = Sender::new(TransferId::new(1), b"x", "", c, now).unwrap();
         assert!(!s.open().deflate);
     }
 }

@@ -5,15 +5,15 @@
 
 use std::time::{Duration, Instant};
 
-use baton_transfer::{Endpoint, EndpointConfig, ErrorCode, Event, Frame, Output, SenderConfig};
+use baton_transfer::{Endpoint, EndpointConfig, ErrorCode, Event, Frame, Output, SenderConfig, TransferId};
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 
 const A: &str = "agent-a";
 const R: &str = "baton";
 const B: &str = "agent-b";
-const UP: u128 = 0xa1;
-const DOWN: u128 = 0xb2;
+const UP: TransferId = TransferId::new(0xa1);
+const DOWN: TransferId = TransferId::new(0xb2);
 
 #[derive(Debug, Clone)]
 struct Link {

@@ -5,11 +5,15 @@ use std::time::Instant;
 
 use baton_transfer::{
     Endpoint, EndpointConfig, ErrorCode, Event, Frame, Open, Output, ReceiverConfig, ReceiversConfig,
+    TransferId,
 };
+
+const T77: TransferId = TransferId::new(77);
+const T999: TransferId = TransferId::new(999);
 
 fn open(id: u128, size: u64) -> Vec<u8> {
     Frame::Open {
-        id,
+        id: TransferId::new(id),
         open: Open {
             payload_size: size,
             wire_size: size,
@@ -89,13 +93,17 @@ fn unknown_and_corrupt_frames_reject_without_harming_others() {
     let now = Instant::now();
     let payload = vec![9u8; 3000];
     let mut sender = Endpoint::new(EndpointConfig::default());
-    sender.send("rx", 77, &payload, "m", now).unwrap();
+    sender.send("rx", T77, &payload, "m", now).unwrap();
     let (frames, _) = drain(&mut sender);
     // Garbage, a DATA and a RESUME for unknown transfers, and an ACK for a transfer this side
     // never sent, interleaved with the real transfer.
     ep.handle_packet("tx", b"\x00garbage", now);
-    ep.handle_packet("tx", &Frame::Resume { id: 5, sent: 0 }.encode().unwrap(), now);
-    ep.handle_packet("tx", &Frame::Data { id: 6, index: 0, bytes: vec![1] }.encode().unwrap(), now);
+    ep.handle_packet("tx", &Frame::Resume { id: TransferId::new(5), sent: 0 }.encode().unwrap(), now);
+    ep.handle_packet(
+        "tx",
+        &Frame::Data { id: TransferId::new(6), index: 0, bytes: vec![1] }.encode().unwrap(),
+        now,
+    );
     let (f, e) = drain(&mut ep);
     assert_eq!(error_code(&f), Some(ErrorCode::UnknownTransfer), "RESUME for unknown answered");
     assert_eq!(f.len(), 1, "DATA for unknown is dropped silently");
@@ -111,19 +119,19 @@ fn unknown_and_corrupt_frames_reject_without_harming_others() {
         ep.handle_packet("tx", &fr.encode().unwrap(), now);
     }
     let (f, e) = drain(&mut ep);
-    assert!(f.iter().any(|(_, fr)| matches!(fr, Frame::Complete { id: 77, .. })));
-    assert!(e.iter().any(|ev| matches!(ev, Event::Delivered { id: 77, payload: p, .. } if *p == payload)));
+    assert!(f.iter().any(|(_, fr)| matches!(fr, Frame::Complete { id: T77, .. })));
+    assert!(e.iter().any(|ev| matches!(ev, Event::Delivered { id: T77, payload: p, .. } if *p == payload)));
     // A repeated frame after completion is answered with COMPLETE again, not delivered again.
     ep.handle_packet("tx", &frames[1].1.encode().unwrap(), now);
     let (f, e) = drain(&mut ep);
-    assert!(matches!(&f[..], [(_, Frame::Complete { id: 77, .. })]));
+    assert!(matches!(&f[..], [(_, Frame::Complete { id: T77, .. })]));
     assert!(e.is_empty());
     // Sender side: an ACK for an unknown transfer is rejected and answered with CANCEL.
-    let ack = Frame::Ack { id: 999, ack: Default::default() }.encode().unwrap();
+    let ack = Frame::Ack { id: T999, ack: Default::default() }.encode().unwrap();
     sender.handle_packet("rx", &ack, now);
     let (f, e) = drain(&mut sender);
     assert!(matches!(&f[..], [(_, Frame::Cancel { code: ErrorCode::UnknownTransfer, .. })]));
-    assert!(matches!(&e[..], [Event::Rejected { id: Some(999), .. }]));
+    assert!(matches!(&e[..], [Event::Rejected { id: Some(T999), .. }]));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use baton_transfer::{Endpoint, EndpointConfig, Frame};
+use baton_transfer::{Endpoint, EndpointConfig, Frame, TransferId};
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
@@ -100,7 +100,8 @@ fn endpoint_survives_hostile_packets() {
     let mut rng = Rng(42);
     let t0 = Instant::now();
     let mut ep = Endpoint::new(EndpointConfig::default());
-    ep.send("peer-a", 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, &[7u8; 40_000], "{}", t0).unwrap();
+    ep.send("peer-a", TransferId::new(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210), &[7u8; 40_000], "{}", t0)
+        .unwrap();
     let mut now = t0;
     let mut outputs = 0usize;
     for i in 0..4000 {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use baton_transfer::{
     Endpoint, EndpointConfig, ErrorCode, Event, Frame, Output, ReceiverConfig, ReceiversConfig, SenderConfig,
+    TransferId,
 };
 use dice::Rng;
 use proptest::prelude::*;
@@ -91,7 +92,7 @@ fn run(
         .collect();
     outages.sort();
     let mut out = Outcome { sender: vec![], receiver: vec![], steps: 0, open_corrupted: false };
-    a.send(B, 0xfeed, payload, meta, t0).expect("send accepted");
+    a.send(B, TransferId::new(0xfeed), payload, meta, t0).expect("send accepted");
     let mut now = t0;
     loop {
         out.steps += 1;
@@ -237,7 +238,7 @@ fn check_common(o: &Outcome, payload: &[u8], meta: &str, deadline: Duration) {
             assert_eq!(m.as_str(), meta);
         }
         assert_eq!(from.as_str(), A);
-        assert_eq!(**id, 0xfeed);
+        assert_eq!(**id, TransferId::new(0xfeed));
     }
     let finals: Vec<_> =
         o.sender.iter().filter(|(_, e)| matches!(e, Event::Sent { .. } | Event::SendFailed { .. })).collect();
@@ -335,7 +336,7 @@ fn resume_continues_from_acknowledged() {
     };
     let mut a = Endpoint::new(cfg.clone());
     let mut b = Endpoint::new(cfg);
-    a.send(B, 1, &payload, "", t0).unwrap();
+    a.send(B, TransferId::new(1), &payload, "", t0).unwrap();
     let mut data_frames = 0usize;
     let mut now = t0;
     let mut delivered = None;

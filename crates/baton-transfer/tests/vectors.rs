@@ -6,15 +6,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_transfer::frame::{MAX_FRAME_SIZE, MIN_CHUNK_SIZE};
-use baton_transfer::{Ack, ErrorCode, Frame, Open, Sender, SenderConfig};
+use baton_transfer::{Ack, ErrorCode, Frame, Open, Sender, SenderConfig, TransferId};
 use serde_json::{Value, json};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/vectors/transfer")
 }
 
-fn id_hex(id: u128) -> String {
-    format!("{id:032x}")
+fn id_hex(id: TransferId) -> String {
+    id.to_string()
 }
 
 fn frame_json(f: &Frame) -> Value {
@@ -49,7 +49,7 @@ fn entry(name: &str, f: &Frame) -> Value {
     json!({"name": name, "hex": hex::encode(f.encode().expect("valid")), "frame": frame_json(f)})
 }
 
-const ID: u128 = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
+const ID: TransferId = TransferId::new(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
 
 fn frames_vectors() -> Value {
     let sha = |s: &[u8]| -> [u8; 32] {
@@ -69,7 +69,7 @@ fn frames_vectors() -> Value {
         entry(
             "open_deflate_no_meta",
             &Frame::Open {
-                id: 1,
+                id: TransferId::new(1),
                 open: Open {
                     payload_size: 50_000,
                     wire_size: 321,
@@ -128,7 +128,11 @@ fn frames_vectors() -> Value {
         ),
         entry(
             "error_unknown_code",
-            &Frame::Error { id: u128::MAX, code: ErrorCode::Other(999), reason: String::new() },
+            &Frame::Error {
+                id: TransferId::new(u128::MAX),
+                code: ErrorCode::Other(999),
+                reason: String::new(),
+            },
         ),
         entry("resume", &Frame::Resume { id: ID, sent: 4 }),
     ];
@@ -238,7 +242,7 @@ fn transfer_vectors() -> Value {
     }
     let compressible = vec![b'a'; 3000];
     let zcfg = SenderConfig { chunk_size: 256, window: 64, compress: true, ..Default::default() };
-    let mut z = Sender::new(7, &compressible, "", zcfg, t0 + Duration::ZERO).unwrap();
+    let mut z = Sender::new(TransferId::new(7), &compressible, "", zcfg, t0 + Duration::ZERO).unwrap();
     let mut zframes = vec![];
     while let Some(f) = z.poll_frame() {
         zframes.push(hex::encode(f.encode().unwrap()));

@@ -3,10 +3,16 @@
 
 use std::time::{Duration, Instant};
 
+pub use baton_floor::TransferId;
 use baton_floor::{
     AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, FillerCommand,
     Participant, ParticipantKind, Policy, Timeline,
 };
+
+/// The transfer id `n`.
+pub fn tid(n: u128) -> TransferId {
+    TransferId::new(n)
+}
 
 pub const TRIAGE: &str = "agent-triage";
 pub const BILLING: &str = "agent-billing";
@@ -104,13 +110,13 @@ impl Room {
         self.ctl(from, AgentMessage::Hello { agent_name: name.into(), role: None })
     }
 
-    pub fn request(&mut self, from: &str, target: &str, transfer: Option<&str>) -> Vec<Command> {
+    pub fn request(&mut self, from: &str, target: &str, transfer: Option<TransferId>) -> Vec<Command> {
         self.ctl(
             from,
             AgentMessage::Handoff {
                 target: target.into(),
                 reason: "caller wants a refund".into(),
-                transfer: transfer.map(Into::into),
+                transfer,
                 bundle_follows: false,
                 quiet: false,
             },
@@ -213,7 +219,7 @@ pub fn ms(n: u64) -> Duration {
 }
 
 /// Triage active, billing requested cold; returns the room right after the request.
-pub fn cold_request(transfer: Option<&str>) -> (Room, Vec<Command>) {
+pub fn cold_request(transfer: Option<TransferId>) -> (Room, Vec<Command>) {
     let mut r = Room::with_triage_active(policy());
     let out = r.request(TRIAGE, "billing", transfer);
     (r, out)

@@ -4,13 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use baton_transfer::{Endpoint, EndpointConfig};
+use baton_transfer::{Endpoint, EndpointConfig, TransferId};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
     let mut ep = Endpoint::new(EndpointConfig::default());
-    let _ = ep.send("peer-a", 1, &[7u8; 40_000], "{}", t0);
+    let _ = ep.send("peer-a", TransferId::new(1), &[7u8; 40_000], "{}", t0);
     let mut now = t0;
     for (i, pkt) in data.split(|&b| b == 0xff).enumerate() {
         now += Duration::from_millis(u64::from(pkt.first().copied().unwrap_or(0)));
