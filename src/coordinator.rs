@@ -14,7 +14,7 @@ use baton_floor::{
 use livekit_protocol as proto;
 
 use crate::protocol::{self, control};
-use crate::relay::RelayEvent;
+use crate::relay::{Relay, RelayConfig, RelayEvent, Routing, Transmit};
 use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster};
 use crate::server_api::{ApiCall, ApiReply, ApiResult, ServerApi};
 
@@ -59,7 +59,7 @@ pub struct Coordinator {
     /// news that it joined; such messages wait here briefly instead of being judged unknown.
     early: Vec<(Instant, Incoming)>,
     /// Context transfer (`baton.xfer`): receives, stores and delivers bundles.
-    pub relay: crate::relay::Hookup,
+    pub relay: Relay,
 }
 
 /// How long a message from a not-yet-announced participant waits for the announcement.
@@ -70,11 +70,13 @@ const EARLY_MESSAGE_MAX: usize = 40;
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig, now: Instant) -> Result<Self, baton_floor::PolicyError> {
-        let mut relay = crate::relay::Hookup::default();
-        relay.allowed_agents = cfg.policy.agents.clone();
-        // Without configured agents there is no arbiter to decide deliveries; bundles then go
-        // where their metadata says (`"to"`), still only to agent participants.
-        relay.auto_deliver = cfg.policy.agents.is_empty();
+        let relay = Relay::new(RelayConfig {
+            allowed_agents: cfg.policy.agents.clone(),
+            // Without configured agents there is no arbiter to decide deliveries; bundles then
+            // go where their metadata says (`"to"`), still only to agent participants.
+            routing: if cfg.policy.agents.is_empty() { Routing::MetaTarget } else { Routing::OnCommand },
+            ..RelayConfig::default()
+        });
         let arbiter =
             if cfg.policy.agents.is_empty() { None } else { Some(Arbiter::new(cfg.policy.clone(), now)?) };
         Ok(Self {
@@ -97,18 +99,14 @@ impl Coordinator {
             finished: false,
             members: BTreeMap::new(),
             early: Vec::new(),
-            relay: {
-                let mut relay = crate::relay::Hookup::default();
-                relay.auto_deliver = true;
-                relay
-            },
+            relay: Relay::new(RelayConfig { routing: Routing::MetaTarget, ..RelayConfig::default() }),
         }
     }
 
     /// Hands one event to the arbiter and carries out what follows.
     fn feed(&mut self, event: Event, now: Instant, out: &mut Outbox) {
         self.arbiter_handle(event, now);
-        self.exchange(Vec::new(), now, out);
+        self.exchange(now, out);
     }
 
     /// Hands one event to the arbiter, once it has started: events before the start are
@@ -121,13 +119,19 @@ impl Coordinator {
     }
 
     /// The arbiter ⇄ relay exchange, a loop in the open (as quinn's endpoint and connections
-    /// trade their events): hand the relay's events to the arbiter, carry out the arbiter's
+    /// trade their events): publish the relay's packets (bulk priority, so a bundle on the wire
+    /// never delays a control message), hand its events to the arbiter, carry out the arbiter's
     /// commands (a delivery makes the relay report again), and round again until neither has
-    /// anything new. The two never call each other.
-    fn exchange(&mut self, mut relay_events: Vec<RelayEvent>, now: Instant, out: &mut Outbox) {
+    /// anything new. The two never call each other. Called after every input to either.
+    fn exchange(&mut self, now: Instant, out: &mut Outbox) {
         loop {
-            for event in relay_events.drain(..).filter_map(arbiter_event) {
-                self.arbiter_handle(event, now);
+            while let Some(Transmit { to, payload }) = self.relay.poll_transmit() {
+                out.send_bulk(baton_transfer::TOPIC, payload, &to);
+            }
+            while let Some(event) = self.relay.poll_event() {
+                if let Some(event) = arbiter_event(event) {
+                    self.arbiter_handle(event, now);
+                }
             }
             let commands = match self.arbiter.as_mut().filter(|_| self.started) {
                 Some(arbiter) => arbiter.drain_commands(),
@@ -137,7 +141,7 @@ impl Coordinator {
                 return;
             }
             for command in commands {
-                relay_events.extend(self.execute(command, now, out));
+                self.execute(command, now, out);
             }
         }
     }
@@ -152,8 +156,9 @@ impl Coordinator {
         self.feed(Event::RoomJoined { participants, token_dispatched }, now, out);
     }
 
-    /// Carries out one of the arbiter's commands; returns what the relay reported doing so.
-    fn execute(&mut self, command: Command, now: Instant, out: &mut Outbox) -> Vec<RelayEvent> {
+    /// Carries out one of the arbiter's commands (what the relay does about one, it reports
+    /// through its own queues, which [`exchange`](Self::exchange) polls).
+    fn execute(&mut self, command: Command, now: Instant, out: &mut Outbox) {
         if let Some(event) = crate::observe::Event::from_command(&command) {
             out.events.push(event);
         }
@@ -181,12 +186,14 @@ impl Coordinator {
                 self.call(0, ApiCall::DeleteDispatch { dispatch_id }, out);
             }
             Command::DeliverBundle { transfer_id, to } => {
-                return self.relay_io(out, |relay, frames| relay.deliver(transfer_id, &to, now, frames));
+                if let Err(e) = self.relay.deliver(transfer_id, &to, now) {
+                    tracing::warn!(%to, error = %e, "could not deliver bundle");
+                }
             }
             Command::CancelTransfer { transfer_id, to } => {
                 // Deliveries have their own ids; the relay cancels every delivery of this
                 // bundle to `to`.
-                self.relay.cancel_bundle(transfer_id, &to, now);
+                self.relay.cancel_deliveries(transfer_id, &to, "handoff cancelled", now);
             }
             Command::RemoveParticipant { identity } => {
                 self.call(0, ApiCall::RemoveParticipant { identity }, out)
@@ -218,21 +225,6 @@ impl Coordinator {
                 self.finished = true;
             }
         }
-        Vec::new()
-    }
-
-    /// Runs `f` on the relay. Everything the relay sends is a context transfer frame, which goes
-    /// out at bulk priority so that a bundle on the wire never delays a control message.
-    fn relay_io<T>(
-        &mut self,
-        out: &mut Outbox,
-        f: impl FnOnce(&mut crate::relay::Hookup, &mut Outbox) -> T,
-    ) -> T {
-        let mut frames = Outbox::default();
-        let result = f(&mut self.relay, &mut frames);
-        out.bulk.append(&mut frames.data);
-        out.bulk.append(&mut frames.bulk);
-        result
     }
 
     /// Asks the room task for a server API call, unless there is no server API to call.
@@ -265,9 +257,9 @@ impl Coordinator {
         let held = std::mem::take(&mut self.early);
         for (at, msg) in held {
             if self.members.contains_key(&msg.from) || now.duration_since(at) >= EARLY_MESSAGE_WAIT {
-                if msg.topic == crate::relay::TOPIC {
-                    let events = self.relay_io(out, |relay, frames| relay.on_data(&msg, now, frames));
-                    self.exchange(events, now, out);
+                if msg.topic == baton_transfer::TOPIC {
+                    self.relay.handle_packet(&msg.from, &msg.payload, now);
+                    self.exchange(now, out);
                 } else {
                     self.on_control(&msg, now, out, false);
                 }
@@ -322,15 +314,15 @@ impl RoomHandler for Coordinator {
     fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox) {
         match msg.topic.as_str() {
             protocol::TOPIC_CONTROL => self.on_control(msg, now, out, true),
-            crate::relay::TOPIC => {
+            baton_transfer::TOPIC => {
                 // A transfer can start the moment an agent has joined, before the server has
                 // told baton so; dropped, its OPEN would wait for the sender's 1 s timeout.
                 if !self.members.contains_key(&msg.from) {
                     self.hold_early(msg, now);
                     return;
                 }
-                let events = self.relay_io(out, |relay, frames| relay.on_data(msg, now, frames));
-                self.exchange(events, now, out);
+                self.relay.handle_packet(&msg.from, &msg.payload, now);
+                self.exchange(now, out);
             }
             protocol::TOPIC_ECHO if self.cfg.echo => {
                 out.send(protocol::TOPIC_ECHO, msg.payload.clone(), &msg.from);
@@ -342,8 +334,8 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_change(&mut self, change: &Change, _roster: &Roster, now: Instant, out: &mut Outbox) {
-        let events = self.relay_io(out, |relay, frames| relay.on_change(change, now, frames));
-        self.exchange(events, now, out);
+        self.relay.handle_change(change, now);
+        self.exchange(now, out);
         let state_change = speaking_change(change);
         let event = match change {
             Change::Joined(m) => {
@@ -379,8 +371,8 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_connected(&mut self, roster: &Roster, now: Instant, out: &mut Outbox) {
-        let events = self.relay_io(out, |relay, frames| relay.on_connected(roster, now, frames));
-        self.exchange(events, now, out);
+        self.relay.handle_connected(roster, now);
+        self.exchange(now, out);
         if self.started || self.arbiter.is_none() {
             return;
         }
@@ -402,14 +394,16 @@ impl RoomHandler for Coordinator {
     }
 
     fn on_timeout(&mut self, now: Instant, out: &mut Outbox) {
-        let events = self.relay_io(out, |relay, frames| relay.on_timeout(now, frames));
-        self.exchange(events, now, out);
+        if self.relay.poll_timeout().is_some_and(|t| t <= now) {
+            self.relay.handle_timeout(now);
+        }
+        self.exchange(now, out);
         self.release_early(now, out);
         if let Some(arbiter) = self.arbiter.as_mut().filter(|_| self.started)
             && arbiter.poll_timeout().is_some_and(|t| t <= now)
         {
             arbiter.handle_timeout(now);
-            self.exchange(Vec::new(), now, out);
+            self.exchange(now, out);
         }
     }
 
@@ -643,14 +637,14 @@ mod tests {
         let mut out = Outbox::default();
         let (roster, _) = Roster::new("PA_baton", &[]);
         c.on_connected(&roster, now, &mut out);
-        c.on_data(&incoming("agent-1", crate::relay::TOPIC, &open_frame(7, 300)), now, &mut out);
-        assert_eq!(c.relay.relay.receiving(), 0, "not yet: the sender is unknown");
+        c.on_data(&incoming("agent-1", baton_transfer::TOPIC, &open_frame(7, 300)), now, &mut out);
+        assert_eq!(c.relay.receiving(), 0, "not yet: the sender is unknown");
         let (mut roster, _) = Roster::new("PA_baton", &[]);
         let agent = info("agent-1", proto::participant_info::Kind::Agent, Some("triage"));
         for change in roster.apply(&[agent]) {
             c.on_change(&change, &roster, now, &mut out);
         }
-        assert_eq!(c.relay.relay.receiving(), 1, "the held OPEN reached the relay once the sender joined");
+        assert_eq!(c.relay.receiving(), 1, "the held OPEN reached the relay once the sender joined");
     }
 
     #[test]
@@ -665,10 +659,10 @@ mod tests {
         }
         c.on_connected(&roster, now, &mut out);
         // A caller may not send bundles: the relay answers with an ERROR frame.
-        c.on_data(&incoming("caller", crate::relay::TOPIC, &open_frame(9, 10)), now, &mut out);
+        c.on_data(&incoming("caller", baton_transfer::TOPIC, &open_frame(9, 10)), now, &mut out);
         c.on_data(&incoming("caller", "baton.control", br#"{"v":1,"type":"ping","id":"p"}"#), now, &mut out);
         assert_eq!(out.bulk.len(), 1, "{out:?}");
-        assert_eq!(out.bulk[0].0, crate::relay::TOPIC);
+        assert_eq!(out.bulk[0].0, baton_transfer::TOPIC);
         assert_eq!(out.data.len(), 1, "{out:?}");
         assert_eq!(out.data[0].0, protocol::TOPIC_CONTROL);
     }

@@ -8,7 +8,7 @@
 //! (acknowledged, chunked transfer of context bundles). This crate holds the rest:
 //!
 //! - [`coordinator`]: baton's logic in one room, no IO: arbiter, relay, and the loop between them.
-//! - [`relay`]: context transfer at baton (`baton.xfer`): receive, store and deliver bundles.
+//! - [`relay`]: context transfer at baton (`baton.xfer`), sans-IO: the relay, its `BundleStore`, who may send.
 //! - [`protocol`]: baton's own wire messages: the `baton.control` codec, topics, the packet limit.
 //! - [`room`]: baton as a LiveKit participant: signaling, the str0m peer connection, data, the filler track.
 //! - [`server_api`]: the LiveKit server API calls baton makes (dispatch, mute, remove), as values.

@@ -73,6 +73,9 @@ pub enum Event {
         to: Peer,
         /// Transfer id.
         id: TransferId,
+        /// Chunk bytes sent for this transfer, retransmissions included (compressed bytes when
+        /// it was deflated).
+        bytes_sent: u64,
     },
     /// An outgoing transfer ended without confirmation.
     SendFailed {
@@ -211,7 +214,7 @@ impl Receivers {
                             &Frame::Error {
                                 id,
                                 code: error.code,
-                                reason: crate::sender::truncate(&error.reason),
+                                reason: crate::frame::truncate_reason(&error.reason),
                             },
                         );
                         self.event(Event::Rejected { peer: from.to_owned(), id: Some(id), error });
@@ -668,7 +671,9 @@ impl Endpoint {
         while let Some(ev) = s.poll_event() {
             done = true;
             self.out.push_back(Output::Event(match ev {
-                SenderEvent::Completed => Event::Sent { to: key.0.clone(), id: key.1 },
+                SenderEvent::Completed => {
+                    Event::Sent { to: key.0.clone(), id: key.1, bytes_sent: s.bytes_sent() }
+                }
                 SenderEvent::Failed(error) => Event::SendFailed { to: key.0.clone(), id: key.1, error },
             }));
         }

@@ -74,6 +74,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Which side of a transfer consumes frames of this kind.
+    pub fn direction(self) -> Direction {
+        match self {
+            Kind::Open | Kind::Data | Kind::Cancel | Kind::Resume => Direction::ToReceiver,
+            Kind::Ack | Kind::Complete | Kind::Error => Direction::ToSender,
+        }
+    }
+
     fn from_u8(b: u8) -> Option<Kind> {
         Some(match b {
             1 => Kind::Open,
@@ -317,6 +325,40 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The common header: kind, flags and transfer id, after the size, magic and version checks.
+fn header(buf: &[u8]) -> Result<(Kind, u8, TransferId), DecodeError> {
+    if buf.len() > MAX_FRAME_SIZE {
+        return Err(DecodeError::TooLarge(buf.len()));
+    }
+    // Magic and version are checked before the length so that a frame from a future version
+    // with a different header is reported as a version problem, not truncation.
+    match buf.first() {
+        None => return Err(DecodeError::Truncated { len: 0, need: 1 }),
+        Some(&m) if m != MAGIC => return Err(DecodeError::BadMagic(m)),
+        Some(_) => {}
+    }
+    match buf.get(1) {
+        None => return Err(DecodeError::Truncated { len: 1, need: 2 }),
+        Some(&v) if v != VERSION => return Err(DecodeError::UnsupportedVersion(v)),
+        Some(_) => {}
+    }
+    let mut r = Reader { buf, pos: 0 };
+    let [_, _, kind_b, flags] = r.arr::<4>()?;
+    let kind = Kind::from_u8(kind_b).ok_or(DecodeError::UnknownKind(kind_b))?;
+    let id = TransferId::from_be_bytes(r.arr()?);
+    Ok((kind, flags, id))
+}
+
+/// `reason` cut to at most [`MAX_REASON_LEN`] bytes at a character boundary, so it fits a
+/// CANCEL or ERROR frame.
+pub fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_REASON_LEN);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
 fn invalid(field: &'static str, why: &'static str) -> DecodeError {
     DecodeError::Invalid { field, why }
 }
@@ -391,10 +433,15 @@ impl Frame {
 
     /// Which side of a transfer consumes this frame.
     pub fn direction(&self) -> Direction {
-        match self.kind() {
-            Kind::Open | Kind::Data | Kind::Cancel | Kind::Resume => Direction::ToReceiver,
-            Kind::Ack | Kind::Complete | Kind::Error => Direction::ToSender,
-        }
+        self.kind().direction()
+    }
+
+    /// The kind and transfer id of an encoded frame, read from its common header without
+    /// decoding the body; `None` when the header is not a valid one (too long, wrong magic or
+    /// version, unknown kind, shorter than [`HEADER_LEN`]). The body may still be invalid: only
+    /// [`decode`](Self::decode) says a frame is.
+    pub fn peek(buf: &[u8]) -> Option<(Kind, TransferId)> {
+        header(buf).ok().map(|(kind, _, id)| (kind, id))
     }
 
     /// Encodes the frame. Fails only if the frame violates the protocol's bounds, in which
@@ -459,25 +506,8 @@ impl Frame {
 
     /// Decodes one frame. Never panics; every length is checked before use.
     pub fn decode(buf: &[u8]) -> Result<Frame, DecodeError> {
-        if buf.len() > MAX_FRAME_SIZE {
-            return Err(DecodeError::TooLarge(buf.len()));
-        }
-        // Magic and version are checked before the length so that a frame from a future
-        // version with a different header is reported as a version problem, not truncation.
-        match buf.first() {
-            None => return Err(DecodeError::Truncated { len: 0, need: 1 }),
-            Some(&m) if m != MAGIC => return Err(DecodeError::BadMagic(m)),
-            Some(_) => {}
-        }
-        match buf.get(1) {
-            None => return Err(DecodeError::Truncated { len: 1, need: 2 }),
-            Some(&v) if v != VERSION => return Err(DecodeError::UnsupportedVersion(v)),
-            Some(_) => {}
-        }
-        let mut r = Reader { buf, pos: 0 };
-        let [_, _, kind_b, flags] = r.arr::<4>()?;
-        let kind = Kind::from_u8(kind_b).ok_or(DecodeError::UnknownKind(kind_b))?;
-        let id = TransferId::from_be_bytes(r.arr()?);
+        let (kind, flags, id) = header(buf)?;
+        let mut r = Reader { buf, pos: HEADER_LEN };
         let allowed = match kind {
             Kind::Open => OPEN_FLAG_DEFLATE,
             Kind::Ack => ACK_FLAG_RESUME | ACK_FLAG_SOLICITED,

@@ -335,7 +335,11 @@ impl Receiver {
     fn fail(&mut self, code: ErrorCode, reason: String) {
         self.finished = true;
         self.buf = Vec::new();
-        self.out.push_back(Frame::Error { id: self.id, code, reason: crate::sender::truncate(&reason) });
+        self.out.push_back(Frame::Error {
+            id: self.id,
+            code,
+            reason: crate::frame::truncate_reason(&reason),
+        });
         self.events.push_back(ReceiverEvent::Failed(TransferError::local(code, reason)));
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ErrorCode, TransferError};
-use crate::frame::{Ack, Frame, MAX_CHUNK_SIZE, MAX_META_LEN, MIN_CHUNK_SIZE, Open};
+use crate::frame::{Ack, Frame, MAX_CHUNK_SIZE, MAX_META_LEN, MIN_CHUNK_SIZE, Open, truncate_reason};
 use crate::id::TransferId;
 
 /// Tuning for one outgoing transfer. `Default` gives the documented defaults.
@@ -82,6 +82,8 @@ pub struct Sender {
     chunks: Vec<Chunk>,
     last_tx: Vec<u64>,
     tx_count: u64,
+    /// DATA payload bytes handed out by `poll_frame`, retransmissions included.
+    bytes_sent: u64,
     resume_mark: Option<u64>,
     cum_acked: u32,
     next_new: u32,
@@ -177,6 +179,7 @@ impl Sender {
             chunks: vec![Chunk::Unsent; count],
             last_tx: vec![0; count],
             tx_count: 0,
+            bytes_sent: 0,
             resume_mark: None,
             cum_acked: 0,
             next_new: 0,
@@ -293,7 +296,7 @@ impl Sender {
     pub fn cancel(&mut self, reason: &str, now: Instant) {
         self.now = now;
         if !self.finished {
-            self.fail_and_cancel(ErrorCode::Cancelled, truncate(reason));
+            self.fail_and_cancel(ErrorCode::Cancelled, truncate_reason(reason));
         }
     }
 
@@ -383,7 +386,14 @@ impl Sender {
         let cs = self.cfg.chunk_size as usize;
         let start = index as usize * cs;
         let end = (start + cs).min(self.wire.len());
+        self.bytes_sent += (end - start) as u64;
         Some(Frame::Data { id: self.id, index, bytes: self.wire[start..end].to_vec() })
+    }
+
+    /// Chunk bytes sent so far (DATA payloads, retransmissions included; compressed bytes when
+    /// the transfer is deflated).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
     }
 
     /// The final outcome, once.
@@ -508,14 +518,6 @@ fn check_start(chunk_size: u32, meta: &str) -> Result<(), TransferError> {
         ));
     }
     Ok(())
-}
-
-pub(crate) fn truncate(reason: &str) -> String {
-    let mut end = reason.len().min(crate::frame::MAX_REASON_LEN);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_owned()
 }
 
 fn deflate_bytes(data: &[u8]) -> Option<Vec<u8>> {

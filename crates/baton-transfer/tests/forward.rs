@@ -274,7 +274,7 @@ proptest! {
         prop_assert!(seen.a.iter().any(|e| matches!(e, Event::Sent { .. })), "A confirmed");
         let at_b = delivered(&seen.b);
         prop_assert!(at_b.len() <= 1, "B delivered twice");
-        let r_sent = seen.r.iter().any(|e| matches!(e, Event::Sent { to, id } if to == B && *id == DOWN));
+        let r_sent = seen.r.iter().any(|e| matches!(e, Event::Sent { to, id, .. } if to == B && *id == DOWN));
         if r_sent {
             prop_assert_eq!(at_b.len(), 1, "R confirmed but B has nothing");
         }
