@@ -42,7 +42,7 @@ struct Args {
     receive: bool,
 }
 
-struct Peer {
+struct Agent {
     endpoint: Endpoint,
     present: BTreeSet<String>,
     payload: Option<Vec<u8>>,
@@ -64,7 +64,7 @@ fn hex(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-impl Peer {
+impl Agent {
     fn try_start(&mut self, now: Instant, out: &mut Outbox) {
         if self.t0.is_some() || !self.present.contains("baton") || !self.present.contains(&self.to) {
             return;
@@ -94,7 +94,7 @@ impl Peer {
                     }));
                     self.finished = true;
                 }
-                Output::Event(Event::Delivered { payload, .. }) => {
+                Output::Event(Event::Received { payload, .. }) => {
                     let done = clock();
                     emit(
                         serde_json::json!({ "done": done, "bytes": payload.len(), "sha256": hex(&payload) }),
@@ -110,7 +110,7 @@ impl Peer {
     }
 }
 
-impl RoomHandler for Peer {
+impl RoomHandler for Agent {
     fn on_data(&mut self, msg: &Incoming, now: Instant, out: &mut Outbox) {
         if msg.topic == TOPIC {
             self.endpoint.handle_packet(&msg.from, &msg.payload, now);
@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("give exactly one of --send BYTES (with --to) and --receive");
     }
     let payload = args.send.map(|n| (0..n).map(|_| rand::random::<u8>()).collect::<Vec<u8>>());
-    let peer = Peer {
+    let agent = Agent {
         endpoint: Endpoint::new(EndpointConfig::default()),
         present: BTreeSet::new(),
         payload,
@@ -180,6 +180,6 @@ async fn main() -> anyhow::Result<()> {
         drop_signal: Arc::new(tokio::sync::Notify::new()),
     };
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    room::run(params, Box::new(peer), rx).await?;
+    room::run(params, Box::new(agent), rx).await?;
     Ok(())
 }

@@ -298,7 +298,7 @@ impl Relay {
     /// transfers in both directions from what was acknowledged.
     pub fn handle_change(&mut self, change: &Change, now: Instant) {
         if let Some(identity) = self.members.apply(change) {
-            self.endpoint.peer_reconnected(identity, now);
+            self.endpoint.participant_reconnected(identity, now);
             self.pull(now);
         }
         self.route(now);
@@ -597,7 +597,7 @@ impl Relay {
 
     fn on_engine_event(&mut self, ev: Event, now: Instant) {
         match ev {
-            Event::Delivered { from, id, payload, meta } => self.store_received(from, id, payload, meta, now),
+            Event::Received { from, id, payload, meta } => self.store_received(from, id, payload, meta, now),
             Event::ReceiveFailed { from, id, error } => {
                 self.admitted.remove(&(from.clone(), id));
                 tracing::warn!(%from, transfer_id = %id, %error, "incoming bundle failed");
@@ -615,9 +615,9 @@ impl Relay {
                     self.emit(RelayEvent::DeliveryFailed { to, transfer_id, delivery_id: id, error });
                 }
             }
-            Event::Rejected { peer, id, error } => {
-                tracing::debug!(from = %peer, transfer_id = ?id, %error, "transfer packet rejected");
-                self.emit(RelayEvent::Rejected { from: peer, transfer_id: id, error });
+            Event::Rejected { from, id, error } => {
+                tracing::debug!(%from, transfer_id = ?id, %error, "transfer packet rejected");
+                self.emit(RelayEvent::Rejected { from, transfer_id: id, error });
             }
         }
     }

@@ -25,7 +25,7 @@ fn t(n: u128) -> TransferId {
 struct Net {
     now: Instant,
     relay: Relay,
-    peers: BTreeMap<String, Endpoint>,
+    endpoints: BTreeMap<String, Endpoint>,
     wire: VecDeque<(String, String, Vec<u8>)>,
     /// Identities whose packets (both ways) are lost, as if disconnected.
     offline: Vec<String>,
@@ -50,12 +50,13 @@ fn member(identity: &str, agent: bool) -> Member {
 }
 
 impl Net {
-    /// `peers` are in the room; those in `agents` are agent participants, the others are not.
-    fn new(cfg: RelayConfig, peers: &[&str], agents: &[&str]) -> Net {
+    /// `present` are in the room, each with its own endpoint; those in `agents` are agent
+    /// participants, the others are not.
+    fn new(cfg: RelayConfig, present: &[&str], agents: &[&str]) -> Net {
         let now = Instant::now();
         let mut relay = Relay::new(cfg);
         let mut roster = Roster::default();
-        for p in peers {
+        for p in present {
             let info = proto::ParticipantInfo {
                 sid: format!("PA_{p}"),
                 identity: p.to_string(),
@@ -75,7 +76,10 @@ impl Net {
         Net {
             now,
             relay,
-            peers: peers.iter().map(|p| (p.to_string(), Endpoint::new(EndpointConfig::default()))).collect(),
+            endpoints: present
+                .iter()
+                .map(|p| (p.to_string(), Endpoint::new(EndpointConfig::default())))
+                .collect(),
             wire: VecDeque::new(),
             offline: Vec::new(),
             events: Vec::new(),
@@ -83,12 +87,12 @@ impl Net {
         }
     }
 
-    fn peer(&mut self, id: &str) -> &mut Endpoint {
-        self.peers.get_mut(id).expect("peer")
+    fn endpoint(&mut self, id: &str) -> &mut Endpoint {
+        self.endpoints.get_mut(id).expect("an endpoint")
     }
 
     fn collect(&mut self) {
-        for (name, ep) in self.peers.iter_mut() {
+        for (name, ep) in self.endpoints.iter_mut() {
             while let Some(o) = ep.poll_output() {
                 match o {
                     Output::Transmit { to, payload } => self.wire.push_back((name.clone(), to, payload)),
@@ -115,17 +119,21 @@ impl Net {
                     self.relay.handle_packet(&from, &bytes, self.now);
                 } else {
                     let now = self.now;
-                    self.peer(&to).handle_packet(&from, &bytes, now);
+                    self.endpoint(&to).handle_packet(&from, &bytes, now);
                 }
                 continue;
             }
-            let next =
-                self.peers.values().filter_map(Endpoint::poll_timeout).chain(self.relay.poll_timeout()).min();
+            let next = self
+                .endpoints
+                .values()
+                .filter_map(Endpoint::poll_timeout)
+                .chain(self.relay.poll_timeout())
+                .min();
             match next {
                 Some(t) if t <= end => {
                     self.now = self.now.max(t);
                     let now = self.now;
-                    for ep in self.peers.values_mut() {
+                    for ep in self.endpoints.values_mut() {
                         if ep.poll_timeout().is_some_and(|t| t <= now) {
                             ep.handle_timeout(now);
                         }
@@ -157,7 +165,7 @@ impl Net {
 
     fn send(&mut self, from: &str, id: TransferId, payload: &[u8], meta: &str) {
         let now = self.now;
-        self.peer(from).send("baton", id, payload, meta, now).expect("send");
+        self.endpoint(from).send("baton", id, payload, meta, now).expect("send");
     }
 
     fn delivered_to(&self, who: &str) -> Vec<(TransferId, Vec<u8>, String)> {
@@ -165,7 +173,7 @@ impl Net {
             .iter()
             .filter(|(n, _)| n == who)
             .filter_map(|(_, e)| match e {
-                Event::Delivered { id, payload, meta, .. } => Some((*id, payload.clone(), meta.clone())),
+                Event::Received { id, payload, meta, .. } => Some((*id, payload.clone(), meta.clone())),
                 _ => None,
             })
             .collect()
@@ -332,7 +340,7 @@ fn step_until(net: &mut Net, done: impl Fn(&Net) -> bool) {
         if to == "baton" {
             net.relay.handle_packet(&from, &bytes, now);
         } else {
-            net.peer(&to).handle_packet(&from, &bytes, now);
+            net.endpoint(&to).handle_packet(&from, &bytes, now);
         }
     }
     panic!("condition never held");
@@ -352,7 +360,7 @@ fn a_bundle_still_arriving_is_forwarded_as_it_arrives() {
     let did = net.relay.deliver(t(7), "b", net.now).expect("forwarding starts before the bundle is whole");
     // b gets chunks while a is still sending: b holds part of the bundle before baton has all of it.
     step_until(&mut net, |n| {
-        n.peers["b"].receivers().receiver("baton", did).is_some_and(|r| r.held_chunks().count() > 2)
+        n.endpoints["b"].receivers().receiver("baton", did).is_some_and(|r| r.held_chunks().count() > 2)
     });
     assert!(net.stored(t(7)).is_none(), "b is receiving while leg 1 is still arriving");
     net.run(Duration::from_secs(5));
@@ -381,9 +389,9 @@ fn a_forward_fails_when_its_source_cancels() {
             .any(|e| matches!(e, RelayEvent::Receiving { transfer_id, .. } if *transfer_id == t(7)))
     });
     let did = net.relay.deliver(t(7), "b", net.now).expect("forward");
-    step_until(&mut net, |n| n.peers["b"].receivers().receiver("baton", did).is_some());
+    step_until(&mut net, |n| n.endpoints["b"].receivers().receiver("baton", did).is_some());
     let now = net.now;
-    assert!(net.peer("a").cancel("baton", t(7), "the caller hung up", now));
+    assert!(net.endpoint("a").cancel("baton", t(7), "the caller hung up", now));
     net.run(Duration::from_secs(5));
     assert!(net.delivered_to("b").is_empty());
     assert!(net.stored(t(7)).is_none());
@@ -420,7 +428,7 @@ fn delivery_resumes_after_target_reconnect_without_restarting() {
         if to == "baton" {
             net.relay.handle_packet(&from, &bytes, now);
         } else {
-            net.peer(&to).handle_packet(&from, &bytes, now);
+            net.endpoint(&to).handle_packet(&from, &bytes, now);
             delivered_packets += 1;
         }
     }
@@ -429,7 +437,7 @@ fn delivery_resumes_after_target_reconnect_without_restarting() {
     net.offline.clear();
     let now = net.now;
     net.relay.handle_change(&Change::Joined(member("b", true)), now);
-    net.peer("b").reconnected(now);
+    net.endpoint("b").reconnected(now);
     net.run(Duration::from_secs(30));
     let got = net.delivered_to("b");
     assert_eq!(got.len(), 1);
@@ -532,7 +540,7 @@ fn meta_target_routing_forwards_to_a_present_agent_and_waits_for_an_absent_one()
     // b is in the room: forwarded from the OPEN on, before baton holds the whole bundle.
     let payload = bundle(600 * 1024, 13);
     net.send("a", t(51), &payload, r#"{"to":"b"}"#);
-    step_until(&mut net, |n| n.peers["b"].receivers().active() > 0);
+    step_until(&mut net, |n| n.endpoints["b"].receivers().active() > 0);
     assert!(net.stored(t(51)).is_none(), "b is receiving while leg 1 is still arriving");
     net.run(Duration::from_secs(5));
     assert_eq!(net.delivered_to("b").len(), 1);
@@ -545,7 +553,7 @@ fn meta_target_routing_forwards_to_a_present_agent_and_waits_for_an_absent_one()
     assert!(net.delivered_to("caller").is_empty());
 
     // d is not in the room yet: the bundle waits in the store and goes out when d joins.
-    net.peers.insert("d".into(), Endpoint::new(EndpointConfig::default()));
+    net.endpoints.insert("d".into(), Endpoint::new(EndpointConfig::default()));
     let small = bundle(2000, 15);
     net.send("a", t(53), &small, r#"{"to":"d"}"#);
     net.run(Duration::from_secs(5));
@@ -574,7 +582,7 @@ fn on_command_routing_ignores_the_meta_target_and_delivers_only_to_agents() {
 #[test]
 fn a_sender_the_room_has_not_announced_gets_no_answer() {
     let mut net = Net::new(RelayConfig::default(), &["a"], &["a"]);
-    net.peers.insert("ghost".into(), Endpoint::new(EndpointConfig::default()));
+    net.endpoints.insert("ghost".into(), Endpoint::new(EndpointConfig::default()));
     net.send("ghost", t(71), &bundle(1000, 17), "");
     net.collect();
     let (from, to, open) = net.wire.pop_front().expect("the OPEN");

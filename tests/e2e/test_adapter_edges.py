@@ -103,7 +103,7 @@ def test_agent_refuses_a_bundle_and_control_messages_pushed_by_the_caller(server
                 assert transport.endpoint.receivers.buffered == 0
                 assert not transport._inbox, "nothing from the caller was kept"
                 assert {r.error.name for r in transport.rejected} == {"not_authorized"}
-                assert {r.peer for r in transport.rejected} == {"caller"}
+                assert {r.sender for r in transport.rejected} == {"caller"}
                 assert link.events == floor_events, "the forged control messages changed nothing"
                 assert link.floor.active == active
                 assert agent_room.isconnected(), "a forged release(leave) did not make it leave"

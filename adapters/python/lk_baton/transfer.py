@@ -29,13 +29,13 @@ from .frames import ErrorCode
 
 __all__ = [
     "TOPIC",
-    "BundleDelivered",
-    "Delivered",
+    "BundleReceived",
     "Endpoint",
     "EndpointConfig",
     "Event",
     "Output",
     "ReceiveFailed",
+    "Received",
     "Receiver",
     "ReceiverConfig",
     "Receivers",
@@ -140,7 +140,7 @@ class Sender:
         self._next_new = 0
         self._lost: set[int] = set()
         self._in_flight = 0
-        self._peer_window = max(cfg.window, 1)
+        self._receiver_window = max(cfg.window, 1)
         self._open_acked = False
         self._ctrl: deque[fr.Frame] = deque([self.open])
         self._rto = cfg.initial_rto
@@ -173,7 +173,7 @@ class Sender:
             else:
                 self._finish(TransferError(frame.code, frame.reason, remote=True))
 
-    def peer_reconnected(self, now: float) -> None:
+    def resume(self, now: float) -> None:
         self._now = now
         if self.finished:
             return
@@ -222,7 +222,7 @@ class Sender:
             return self._ctrl.popleft()
         if self.finished:
             return None
-        window = max(min(self.cfg.window, self._peer_window), 1)
+        window = max(min(self.cfg.window, self._receiver_window), 1)
         if self._in_flight >= window:
             return None
         if self._lost:
@@ -270,7 +270,7 @@ class Sender:
             self._cum_acked += 1
         while self._next_new < count and self._chunks[self._next_new] == _ACKED:
             self._next_new += 1
-        self._peer_window = max(ack.window, 1)
+        self._receiver_window = max(ack.window, 1)
         if ack.resume:
             cutoff: int | None
             if ack.solicited and self._resume_mark is not None:
@@ -324,7 +324,7 @@ class ReceiverConfig:
 
 
 @dataclass(frozen=True)
-class Delivered:
+class Received:
     payload: bytes
     meta: str
 
@@ -355,7 +355,7 @@ class Receiver:
         self._last_heard = now
         self.finished = False
         self._out: deque[fr.Frame] = deque()
-        self._events: deque[Delivered | TransferError] = deque()
+        self._events: deque[Received | TransferError] = deque()
         if not self._have:
             self._finalize()
 
@@ -380,7 +380,7 @@ class Receiver:
             self.finished = True
             self._events.append(TransferError(frame.code, frame.reason, remote=True))
 
-    def peer_reconnected(self, now: float) -> None:
+    def resume(self, now: float) -> None:
         if not self.finished:
             self._last_heard = now
             self._ack_now = self._resume_report = True
@@ -418,7 +418,7 @@ class Receiver:
             self._solicited = False
         return self.ack_state(resume, solicited)
 
-    def poll_event(self) -> Delivered | TransferError | None:
+    def poll_event(self) -> Received | TransferError | None:
         return self._events.popleft() if self._events else None
 
     def ack_state(self, resume: bool = False, solicited: bool = False) -> fr.Ack:
@@ -489,7 +489,7 @@ class Receiver:
         self._buf = bytearray()
         self.finished = True
         self._out.append(fr.Complete(self.id, sha))
-        self._events.append(Delivered(payload, self.open.meta))
+        self._events.append(Received(payload, self.open.meta))
 
     def _fail(self, code: int, reason: str) -> None:
         self.finished = True
@@ -521,7 +521,7 @@ def _inflate_bounded(data: bytes, expected: int) -> bytes:
 @dataclass
 class ReceiversConfig:
     transfer: ReceiverConfig = field(default_factory=ReceiverConfig)
-    max_transfers_per_peer: int = 4
+    max_transfers_per_sender: int = 4
     max_buffered_bytes: int = 64 * 1024 * 1024
     finished_linger: float = 120.0
     max_finished: int = 1024
@@ -536,7 +536,7 @@ class Transmit:
 
 
 @dataclass(frozen=True)
-class BundleDelivered:
+class BundleReceived:
     sender: str
     id: int
     payload: bytes
@@ -567,23 +567,23 @@ class SendFailed:
 class Rejected:
     """A packet dropped without affecting any transfer (for logs and metrics)."""
 
-    peer: str
+    sender: str
     id: int | None
     error: TransferError
 
 
-Event = BundleDelivered | ReceiveFailed | Sent | SendFailed | Rejected
+Event = BundleReceived | ReceiveFailed | Sent | SendFailed | Rejected
 Output = Transmit | Event
 
 
 class Receivers:
-    """All incoming transfers of a room keyed by (peer, id), enforcing per-peer and total limits."""
+    """All incoming transfers of a room keyed by (sender, id), with per-sender and total limits."""
 
     def __init__(self, cfg: ReceiversConfig | None = None) -> None:
         self.cfg = cfg or ReceiversConfig()
         self._active: dict[tuple[str, int], tuple[Receiver, int]] = {}
         self.buffered = 0
-        # (peer, id) -> (finished_at, sha256 or error code)
+        # (sender, id) -> (finished_at, sha256 or error code)
         self._finished: dict[tuple[str, int], tuple[float, bytes | int]] = {}
         self._out: deque[Output] = deque()
 
@@ -591,9 +591,9 @@ class Receivers:
     def active(self) -> int:
         return len(self._active)
 
-    def handle_frame(self, peer: str, frame: fr.Frame, now: float) -> None:
+    def handle_frame(self, sender: str, frame: fr.Frame, now: float) -> None:
         self._expire(now)
-        key = (peer, frame.id)
+        key = (sender, frame.id)
         if key in self._active:
             self._active[key][0].handle_frame(frame, now)
             self._drain(key, now)
@@ -606,17 +606,17 @@ class Receivers:
                     if isinstance(verdict, bytes)
                     else fr.Error(frame.id, verdict, "transfer already failed")
                 )
-                self._transmit(peer, reply)
+                self._transmit(sender, reply)
             return
         if isinstance(frame, fr.Open):
-            per_peer = sum(1 for p, _ in self._active if p == peer)
+            per_sender = sum(1 for p, _ in self._active if p == sender)
             reserve = frame.wire_size + (frame.payload_size if frame.deflate else 0)
             try:
-                if per_peer >= self.cfg.max_transfers_per_peer:
+                if per_sender >= self.cfg.max_transfers_per_sender:
                     raise TransferError(
                         ErrorCode.TOO_MANY_TRANSFERS,
-                        f"{per_peer} transfers from this peer already in flight (limit "
-                        f"{self.cfg.max_transfers_per_peer}); wait for one to finish",
+                        f"{per_sender} transfers from this sender already in flight (limit "
+                        f"{self.cfg.max_transfers_per_sender}); wait for one to finish",
                     )
                 if (
                     frame.payload_size <= self.cfg.transfer.max_bundle_size
@@ -629,26 +629,26 @@ class Receivers:
                     )
                 r = Receiver(frame, self.cfg.transfer, now)
             except TransferError as e:
-                self._transmit(peer, fr.Error(frame.id, e.code, _truncate(e.reason)))
-                self._out.append(Rejected(peer, frame.id, e))
+                self._transmit(sender, fr.Error(frame.id, e.code, _truncate(e.reason)))
+                self._out.append(Rejected(sender, frame.id, e))
                 return
             self.buffered += reserve
             self._active[key] = (r, reserve)
             self._drain(key, now)
         elif isinstance(frame, fr.Resume):
             self._transmit(
-                peer,
+                sender,
                 fr.Error(
                     frame.id, ErrorCode.UNKNOWN_TRANSFER, "receiver has no state for this transfer"
                 ),
             )
-            self._unknown(peer, frame.id)
+            self._unknown(sender, frame.id)
         else:
-            self._unknown(peer, frame.id)
+            self._unknown(sender, frame.id)
 
-    def reconnected(self, peer: str | None, now: float) -> None:
-        for key in [k for k in self._active if peer is None or k[0] == peer]:
-            self._active[key][0].peer_reconnected(now)
+    def reconnected(self, identity: str | None, now: float) -> None:
+        for key in [k for k in self._active if identity is None or k[0] == identity]:
+            self._active[key][0].resume(now)
             self._drain(key, now)
 
     def poll_timeout(self) -> float | None:
@@ -667,10 +667,10 @@ class Receivers:
     def poll_output(self) -> Output | None:
         return self._out.popleft() if self._out else None
 
-    def _unknown(self, peer: str, id: int) -> None:
+    def _unknown(self, sender: str, id: int) -> None:
         self._out.append(
             Rejected(
-                peer,
+                sender,
                 id,
                 TransferError(
                     ErrorCode.UNKNOWN_TRANSFER, "frame for a transfer this receiver does not know"
@@ -684,9 +684,9 @@ class Receivers:
             self._transmit(key[0], f)
         outcome: bytes | int | None = None
         while (ev := r.poll_event()) is not None:
-            if isinstance(ev, Delivered):
+            if isinstance(ev, Received):
                 outcome = r.open.sha256
-                self._out.append(BundleDelivered(key[0], key[1], ev.payload, ev.meta))
+                self._out.append(BundleReceived(key[0], key[1], ev.payload, ev.meta))
             else:
                 outcome = ev.code
                 self._out.append(ReceiveFailed(key[0], key[1], ev))
@@ -719,7 +719,7 @@ class Endpoint:
     """Both directions for one room; what the IO glue drives.
 
     Feed :meth:`handle_packet` (with the server-stamped sender identity), :meth:`handle_timeout`
-    at :meth:`poll_timeout`, :meth:`peer_reconnected` / :meth:`reconnected`; after each call
+    at :meth:`poll_timeout`, :meth:`participant_reconnected` / :meth:`reconnected`; after each call
     drain :meth:`poll_output` and act on every :class:`Transmit` and event.
     """
 
@@ -741,7 +741,8 @@ class Endpoint:
         key = (to, id)
         if key in self._senders:
             raise TransferError(
-                ErrorCode.CONFLICTING_OPEN, "a transfer with this id to this peer is in progress"
+                ErrorCode.CONFLICTING_OPEN,
+                "a transfer with this id to this receiver is in progress",
             )
         self._senders[key] = Sender(id, payload, meta, cfg or self.cfg.sender, now)
         self._drain_sender(key)
@@ -808,8 +809,8 @@ class Endpoint:
             self._out.append(Transmit(sender, fr.encode(answer)))
         self._out.append(Rejected(sender, frame.id, error))
 
-    def peer_reconnected(self, peer: str, now: float) -> None:
-        self._resume(peer, now)
+    def participant_reconnected(self, identity: str, now: float) -> None:
+        self._resume(identity, now)
 
     def reconnected(self, now: float) -> None:
         self._resume(None, now)
@@ -840,11 +841,11 @@ class Endpoint:
     def sending(self) -> int:
         return len(self._senders)
 
-    def _resume(self, peer: str | None, now: float) -> None:
-        for key in [k for k in self._senders if peer is None or k[0] == peer]:
-            self._senders[key].peer_reconnected(now)
+    def _resume(self, identity: str | None, now: float) -> None:
+        for key in [k for k in self._senders if identity is None or k[0] == identity]:
+            self._senders[key].resume(now)
             self._drain_sender(key)
-        self.receivers.reconnected(peer, now)
+        self.receivers.reconnected(identity, now)
         self._pull_receivers()
 
     def _pull_receivers(self) -> None:
@@ -880,16 +881,16 @@ class RoomTransport:
     """Runs an :class:`Endpoint` on a ``livekit.rtc.Room``: one per room and process.
 
     Listens to ``data_received`` (topic ``baton.xfer``), ``reconnected`` (our connection
-    resumed: every transfer resumes), ``participant_connected`` (a peer came back: transfers
-    with it resume) and ``disconnected`` (the room is over: :meth:`close`); publishes every
-    frame with ``reliable=True`` to exactly one identity.
+    resumed: every transfer resumes), ``participant_connected`` (a participant came back:
+    transfers with it resume) and ``disconnected`` (the room is over: :meth:`close`);
+    publishes every frame with ``reliable=True`` to exactly one identity.
 
     ``accept_from(participant) -> bool``, when set, decides whose frames reach the engine; the
     rest go to :meth:`Endpoint.refuse_packet` (nothing buffered; OPEN and RESUME answered
     ``not_authorized``). ``BatonLink`` sets it to "baton's participant only". Bundles
-    delivered but not yet taken by :meth:`receive` are kept up to ``max_unclaimed_bytes`` in
+    received but not yet taken by :meth:`receive` are kept up to ``max_unclaimed_bytes`` in
     all (the oldest is dropped first, and logged); the newest is always kept.
-    ``intercept(delivered) -> bool``, when set, sees each verified bundle first and keeps it
+    ``intercept(received) -> bool``, when set, sees each verified bundle first and keeps it
     from :meth:`receive` by returning True (a receiver that routes by meta, as baton routes
     checkpoints).
     """
@@ -906,11 +907,11 @@ class RoomTransport:
         self.room = room
         self.endpoint = Endpoint(cfg)
         self.accept_from = accept_from
-        self.intercept: Callable[[BundleDelivered], bool] | None = None
+        self.intercept: Callable[[BundleReceived], bool] | None = None
         self.max_unclaimed_bytes = max_unclaimed_bytes
         self._clock = clock
         self._send_waiters: dict[tuple[str, int], asyncio.Future[None]] = {}
-        self._inbox: deque[BundleDelivered] = deque()
+        self._inbox: deque[BundleReceived] = deque()
         self._inbox_bytes = 0
         self._inbox_event = asyncio.Event()
         self._wake = asyncio.Event()
@@ -966,7 +967,7 @@ class RoomTransport:
         self._pump()
 
     def _on_participant_connected(self, participant: Any) -> None:
-        self.endpoint.peer_reconnected(participant.identity, self._clock())
+        self.endpoint.participant_reconnected(participant.identity, self._clock())
         self._pump()
 
     # -- engine driving --
@@ -975,7 +976,7 @@ class RoomTransport:
         while (o := self.endpoint.poll_output()) is not None:
             if isinstance(o, Transmit):
                 self._publish(o)
-            elif isinstance(o, BundleDelivered):
+            elif isinstance(o, BundleReceived):
                 self._keep(o)
             elif isinstance(o, Sent | SendFailed):
                 fut = self._send_waiters.pop((o.to, o.id), None)
@@ -990,7 +991,7 @@ class RoomTransport:
                 self.rejected.append(o)
         self._arm_timer()
 
-    def _keep(self, d: BundleDelivered) -> None:
+    def _keep(self, d: BundleReceived) -> None:
         if self.intercept is not None and self.intercept(d):
             return
         self._inbox.append(d)
@@ -1061,8 +1062,8 @@ class RoomTransport:
 
     async def receive(
         self, from_identity: str | None = None, timeout: float | None = None
-    ) -> BundleDelivered:
-        async def wait() -> BundleDelivered:
+    ) -> BundleReceived:
+        async def wait() -> BundleReceived:
             while True:
                 for i, d in enumerate(self._inbox):
                     if from_identity is None or d.sender == from_identity:

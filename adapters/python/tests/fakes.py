@@ -34,7 +34,7 @@ from lk_baton.floor import (
     COORDINATOR_ROLE,
     PARTICIPANT_KIND_AGENT,
 )
-from lk_baton.transfer import BundleDelivered, transport_for
+from lk_baton.transfer import BundleReceived, transport_for
 
 KIND_STANDARD = 0
 BATON_ATTRIBUTES = {COORDINATOR_ATTRIBUTE: COORDINATOR_ROLE}
@@ -471,7 +471,7 @@ class StandInBaton:
         """(sender, checkpoint) per checkpoint received."""
         transport_for(self.room).intercept = self._on_bundle
 
-    def _on_bundle(self, d: BundleDelivered) -> bool:
+    def _on_bundle(self, d: BundleReceived) -> bool:
         """Checkpoints are merged, not kept as bundles (docs/protocol.md section 4.10)."""
         if json.loads(d.meta or "{}").get("purpose") != "checkpoint":
             return False

@@ -10,7 +10,7 @@ import pytest
 
 from lk_baton import frames as fr
 from lk_baton.transfer import (
-    BundleDelivered,
+    BundleReceived,
     Endpoint,
     EndpointConfig,
     ErrorCode,
@@ -85,8 +85,8 @@ def run(payload: bytes, scfg: SenderConfig, rcfg: ReceiverConfig, link: Link, se
             continue
         if down_until is not None and down_until <= now:
             down_until = None
-            a.peer_reconnected(B, now)
-            b.peer_reconnected(A, now)
+            a.participant_reconnected(B, now)
+            b.participant_reconnected(A, now)
             continue
         if flight and flight[0][0] <= now:
             _, _, to_b, data = heapq.heappop(flight)
@@ -100,7 +100,7 @@ def run(payload: bytes, scfg: SenderConfig, rcfg: ReceiverConfig, link: Link, se
 
 
 def check(sender_events, receiver_events, payload: bytes, deadline: float) -> object:
-    delivered = [e for _, e in receiver_events if isinstance(e, BundleDelivered)]
+    delivered = [e for _, e in receiver_events if isinstance(e, BundleReceived)]
     assert len(delivered) <= 1
     if delivered:
         assert delivered[0].payload == payload
@@ -190,13 +190,13 @@ def test_resume_resends_only_what_was_lost() -> None:
             if isinstance(o, Transmit):
                 to_a.append(o.payload)
             else:
-                assert isinstance(o, BundleDelivered), o
+                assert isinstance(o, BundleReceived), o
                 delivered = o.payload
         lost_now = sum(1 for p in to_b if p[2] == fr.Kind.DATA)
         if phase == 0 and data_frames >= 100 and lost_now:
             phase, lost = 1, lost_now
-            a.peer_reconnected(B, now)
-            b.peer_reconnected(A, now)
+            a.participant_reconnected(B, now)
+            b.participant_reconnected(A, now)
             continue
         for p in to_b:
             data_frames += p[2] == fr.Kind.DATA
@@ -217,7 +217,7 @@ def test_limits_and_unknown_frames() -> None:
         EndpointConfig(
             receivers=ReceiversConfig(
                 transfer=ReceiverConfig(max_bundle_size=10_000),
-                max_transfers_per_peer=2,
+                max_transfers_per_sender=2,
                 max_buffered_bytes=15_000,
             )
         )

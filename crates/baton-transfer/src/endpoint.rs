@@ -1,4 +1,4 @@
-//! Many transfers with many peers: the [`Receivers`] manager (limits) and the [`Endpoint`]
+//! Many transfers with many participants: the [`Receivers`] manager (limits) and the [`Endpoint`]
 //! that routes packets to senders and receivers.
 
 use std::collections::{HashMap, VecDeque};
@@ -10,16 +10,13 @@ use crate::id::TransferId;
 use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent};
 use crate::sender::{Sender, SenderConfig, SenderEvent};
 
-/// Identity of a LiveKit participant, as stamped by the server on the packet.
-pub type Peer = String;
-
 /// Limits and tuning for the receiving side of one room.
 #[derive(Debug, Clone)]
 pub struct ReceiversConfig {
     /// Per-transfer tuning and the maximum bundle size.
     pub transfer: ReceiverConfig,
-    /// Transfers one peer may have in flight towards us at once. Default 4.
-    pub max_transfers_per_peer: usize,
+    /// Transfers one sender may have in flight towards us at once. Default 4.
+    pub max_transfers_per_sender: usize,
     /// Bytes reserved for all incoming transfers together (wire size, plus payload size when
     /// compressed, since both exist while inflating). Default 64 MiB.
     pub max_buffered_bytes: u64,
@@ -35,7 +32,7 @@ impl Default for ReceiversConfig {
     fn default() -> Self {
         ReceiversConfig {
             transfer: ReceiverConfig::default(),
-            max_transfers_per_peer: 4,
+            max_transfers_per_sender: 4,
             max_buffered_bytes: 64 * 1024 * 1024,
             finished_linger: Duration::from_secs(120),
             max_finished: 1024,
@@ -47,9 +44,9 @@ impl Default for ReceiversConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A bundle arrived whole and verified. Produced exactly once per transfer.
-    Delivered {
+    Received {
         /// Server-stamped identity of the sender.
-        from: Peer,
+        from: String,
         /// Transfer id.
         id: TransferId,
         /// The verified payload.
@@ -61,7 +58,7 @@ pub enum Event {
     /// out, corrupt).
     ReceiveFailed {
         /// Server-stamped identity of the sender.
-        from: Peer,
+        from: String,
         /// Transfer id.
         id: TransferId,
         /// What went wrong.
@@ -70,7 +67,7 @@ pub enum Event {
     /// The receiver confirmed our bundle (COMPLETE with the right hash).
     Sent {
         /// Identity of the receiver.
-        to: Peer,
+        to: String,
         /// Transfer id.
         id: TransferId,
         /// Chunk bytes sent for this transfer, retransmissions included (compressed bytes when
@@ -80,7 +77,7 @@ pub enum Event {
     /// An outgoing transfer ended without confirmation.
     SendFailed {
         /// Identity of the receiver.
-        to: Peer,
+        to: String,
         /// Transfer id.
         id: TransferId,
         /// What went wrong.
@@ -90,7 +87,7 @@ pub enum Event {
     /// this side does not know. For logs and metrics.
     Rejected {
         /// Server-stamped identity of the packet's sender.
-        peer: Peer,
+        from: String,
         /// Transfer id.
         id: Option<TransferId>,
         /// What went wrong.
@@ -105,7 +102,7 @@ pub enum Output {
     /// `destination_identities = [to]`.
     Transmit {
         /// Identity of the receiver.
-        to: Peer,
+        to: String,
         /// The verified payload.
         payload: Vec<u8>,
     },
@@ -119,15 +116,15 @@ enum Outcome {
     Failed(ErrorCode),
 }
 
-/// All incoming transfers of one room, keyed by (peer identity, transfer id), with the
-/// per-peer and total-buffer limits.
+/// All incoming transfers of one room, keyed by (sender identity, transfer id), with the
+/// per-sender and total-buffer limits.
 #[derive(Debug, Default)]
 pub struct Receivers {
     cfg: ReceiversConfig,
-    active: HashMap<(Peer, TransferId), (Receiver, u64)>,
+    active: HashMap<(String, TransferId), (Receiver, u64)>,
     buffered: u64,
-    finished: HashMap<(Peer, TransferId), (Instant, Outcome)>,
-    finished_order: VecDeque<(Instant, (Peer, TransferId))>,
+    finished: HashMap<(String, TransferId), (Instant, Outcome)>,
+    finished_order: VecDeque<(Instant, (String, TransferId))>,
     out: VecDeque<Output>,
 }
 
@@ -173,14 +170,14 @@ impl Receivers {
         match frame {
             Frame::Open { open, .. } => {
                 let reject = |code, reason: String| TransferError::local(code, reason);
-                let per_peer = self.active.keys().filter(|(p, _)| p == from).count();
+                let per_sender = self.active.keys().filter(|(p, _)| p == from).count();
                 let reserve = open.wire_size.saturating_add(if open.deflate { open.payload_size } else { 0 });
-                let refused = if per_peer >= self.cfg.max_transfers_per_peer {
+                let refused = if per_sender >= self.cfg.max_transfers_per_sender {
                     Some(reject(
                         ErrorCode::TooManyTransfers,
                         format!(
-                            "{per_peer} transfers from this peer already in flight (limit {}); wait for one to finish",
-                            self.cfg.max_transfers_per_peer
+                            "{per_sender} transfers from this sender already in flight (limit {}); wait for one to finish",
+                            self.cfg.max_transfers_per_sender
                         ),
                     ))
                 } else if open.payload_size <= self.cfg.transfer.max_bundle_size
@@ -217,7 +214,7 @@ impl Receivers {
                                 reason: crate::frame::truncate_reason(&error.reason),
                             },
                         );
-                        self.event(Event::Rejected { peer: from.to_owned(), id: Some(id), error });
+                        self.event(Event::Rejected { from: from.to_owned(), id: Some(id), error });
                     }
                 }
             }
@@ -239,13 +236,14 @@ impl Receivers {
         }
     }
 
-    /// A reconnect happened: every incoming transfer from `peer` (or from everyone when
+    /// A reconnect happened: every incoming transfer from `identity` (or from everyone when
     /// `None`, i.e. we reconnected) reports what it holds.
-    pub fn reconnected(&mut self, peer: Option<&str>, now: Instant) {
-        let keys: Vec<_> = self.active.keys().filter(|(p, _)| peer.is_none_or(|x| x == p)).cloned().collect();
+    pub fn reconnected(&mut self, identity: Option<&str>, now: Instant) {
+        let keys: Vec<_> =
+            self.active.keys().filter(|(p, _)| identity.is_none_or(|x| x == p)).cloned().collect();
         for key in keys {
             if let Some((r, _)) = self.active.get_mut(&key) {
-                r.peer_reconnected(now);
+                r.resume(now);
             }
             self.drain(&key, now);
         }
@@ -285,7 +283,7 @@ impl Receivers {
 
     fn unknown(&mut self, from: &str, id: TransferId) {
         self.event(Event::Rejected {
-            peer: from.to_owned(),
+            from: from.to_owned(),
             id: Some(id),
             error: TransferError::local(
                 ErrorCode::UnknownTransfer,
@@ -294,7 +292,7 @@ impl Receivers {
         });
     }
 
-    fn drain(&mut self, key: &(Peer, TransferId), now: Instant) {
+    fn drain(&mut self, key: &(String, TransferId), now: Instant) {
         let Some((r, reserve)) = self.active.get_mut(key) else {
             return;
         };
@@ -307,7 +305,7 @@ impl Receivers {
         let mut events = Vec::new();
         while let Some(ev) = r.poll_event() {
             outcome = Some(match &ev {
-                ReceiverEvent::Delivered { .. } => Outcome::Completed(r.open().sha256),
+                ReceiverEvent::Received { .. } => Outcome::Completed(r.open().sha256),
                 ReceiverEvent::Failed(e) => Outcome::Failed(e.code),
             });
             events.push(ev);
@@ -317,8 +315,8 @@ impl Receivers {
         }
         for ev in events {
             self.event(match ev {
-                ReceiverEvent::Delivered { payload, meta } => {
-                    Event::Delivered { from: key.0.clone(), id: key.1, payload, meta }
+                ReceiverEvent::Received { payload, meta } => {
+                    Event::Received { from: key.0.clone(), id: key.1, payload, meta }
                 }
                 ReceiverEvent::Failed(error) => {
                     Event::ReceiveFailed { from: key.0.clone(), id: key.1, error }
@@ -381,19 +379,19 @@ pub struct EndpointConfig {
 /// 1. On a data packet with topic `baton.xfer`: [`handle_packet`](Self::handle_packet) with
 ///    the server-stamped sender identity.
 /// 2. When [`poll_timeout`](Self::poll_timeout) is reached: [`handle_timeout`](Self::handle_timeout).
-/// 3. When a peer's connection or ours was re-established:
-///    [`peer_reconnected`](Self::peer_reconnected) / [`reconnected`](Self::reconnected).
+/// 3. When another participant's connection or ours was re-established:
+///    [`participant_reconnected`](Self::participant_reconnected) / [`reconnected`](Self::reconnected).
 /// 4. After each of the above and after [`send`](Self::send): drain
 ///    [`poll_output`](Self::poll_output) until `None`; publish every `Transmit` reliably,
 ///    addressed to `to` only; hand `Event`s to the application.
 #[derive(Debug, Default)]
 pub struct Endpoint {
     cfg: EndpointConfig,
-    senders: HashMap<(Peer, TransferId), Sender>,
+    senders: HashMap<(String, TransferId), Sender>,
     receivers: Receivers,
     /// Cut-through: an incoming transfer (from, id) and the outgoing ones (to, id) that
     /// forward its chunks as they arrive.
-    forwards: HashMap<(Peer, TransferId), Vec<(Peer, TransferId)>>,
+    forwards: HashMap<(String, TransferId), Vec<(String, TransferId)>>,
     out: VecDeque<Output>,
 }
 
@@ -456,7 +454,7 @@ impl Endpoint {
         let Some(r) = self.receivers.receiver(from, upstream) else {
             return Err(TransferError::local(
                 ErrorCode::UnknownTransfer,
-                "no incoming transfer in progress with this id from this peer to forward",
+                "no incoming transfer in progress with this id from this sender to forward",
             ));
         };
         let mut s = Sender::forward(id, r.open().clone(), self.cfg.sender.clone(), now)?;
@@ -469,12 +467,12 @@ impl Endpoint {
         Ok(())
     }
 
-    fn free_key(&self, to: &str, id: TransferId) -> Result<(Peer, TransferId), TransferError> {
+    fn free_key(&self, to: &str, id: TransferId) -> Result<(String, TransferId), TransferError> {
         let key = (to.to_owned(), id);
         if self.senders.contains_key(&key) {
             return Err(TransferError::local(
                 ErrorCode::ConflictingOpen,
-                "a transfer with this id to this peer is already in progress",
+                "a transfer with this id to this receiver is already in progress",
             ));
         }
         Ok(key)
@@ -497,7 +495,7 @@ impl Endpoint {
             Ok(f) => f,
             Err(e) => {
                 self.out.push_back(Output::Event(Event::Rejected {
-                    peer: from.to_owned(),
+                    from: from.to_owned(),
                     id: None,
                     error: TransferError::local(e.code(), e.to_string()),
                 }));
@@ -539,7 +537,7 @@ impl Endpoint {
                         }
                     }
                     self.out.push_back(Output::Event(Event::Rejected {
-                        peer: from.to_owned(),
+                        from: from.to_owned(),
                         id: Some(key.1),
                         error: TransferError::local(
                             ErrorCode::UnknownTransfer,
@@ -551,10 +549,10 @@ impl Endpoint {
         }
     }
 
-    /// `peer` reconnected (its participant left and came back, or its connection resumed):
+    /// The participant `identity` reconnected (it left and came back, or its connection resumed):
     /// transfers with it in both directions resume from what was acknowledged.
-    pub fn peer_reconnected(&mut self, peer: &str, now: Instant) {
-        self.resume(Some(peer), now);
+    pub fn participant_reconnected(&mut self, identity: &str, now: Instant) {
+        self.resume(Some(identity), now);
     }
 
     /// Our own connection to the room was re-established: every transfer resumes.
@@ -562,16 +560,16 @@ impl Endpoint {
         self.resume(None, now);
     }
 
-    fn resume(&mut self, peer: Option<&str>, now: Instant) {
+    fn resume(&mut self, identity: Option<&str>, now: Instant) {
         let keys: Vec<_> =
-            self.senders.keys().filter(|(p, _)| peer.is_none_or(|x| x == p)).cloned().collect();
+            self.senders.keys().filter(|(p, _)| identity.is_none_or(|x| x == p)).cloned().collect();
         for key in keys {
             if let Some(s) = self.senders.get_mut(&key) {
-                s.peer_reconnected(now);
+                s.resume(now);
             }
             self.drain_sender(&key);
         }
-        self.receivers.reconnected(peer, now);
+        self.receivers.reconnected(identity, now);
         self.pull_receivers(now);
     }
 
@@ -618,7 +616,7 @@ impl Endpoint {
     }
 
     /// Hands a chunk of a forwarded incoming transfer to the transfers forwarding it.
-    fn supply_forwards(&mut self, upstream: &(Peer, TransferId), index: u32, bytes: &[u8]) {
+    fn supply_forwards(&mut self, upstream: &(String, TransferId), index: u32, bytes: &[u8]) {
         let Some(downstream) = self.forwards.get_mut(upstream) else { return };
         // A forwarding transfer that finished (or was cancelled) is gone from `senders`.
         downstream.retain(|k| self.senders.contains_key(k));
@@ -640,7 +638,7 @@ impl Endpoint {
         while let Some(o) = self.receivers.poll_output() {
             match &o {
                 // Every chunk has been supplied already.
-                Output::Event(Event::Delivered { from, id, .. }) => {
+                Output::Event(Event::Received { from, id, .. }) => {
                     self.forwards.remove(&(from.clone(), *id));
                 }
                 Output::Event(Event::ReceiveFailed { from, id, error }) => {
@@ -658,7 +656,7 @@ impl Endpoint {
         }
     }
 
-    fn drain_sender(&mut self, key: &(Peer, TransferId)) {
+    fn drain_sender(&mut self, key: &(String, TransferId)) {
         let Some(s) = self.senders.get_mut(key) else {
             return;
         };

@@ -15,7 +15,7 @@ pub enum ErrorCode {
     UnknownTransfer,
     /// 4: bundle larger than the receiver's maximum (declared, or found on decompression).
     TooLarge,
-    /// 5: the peer already has the maximum number of transfers in flight to this receiver.
+    /// 5: the sender already has the maximum number of transfers in flight to this receiver.
     TooManyTransfers,
     /// 6: accepting the transfer would exceed the receiver's total buffer budget.
     BufferFull,
@@ -23,7 +23,7 @@ pub enum ErrorCode {
     HashMismatch,
     /// 8: the deflate stream is corrupt or does not inflate to the announced size.
     DecompressionFailed,
-    /// 9: the deadline passed (sender) or the peer went silent for too long (receiver).
+    /// 9: the deadline passed (sender) or the sender went silent for too long (receiver).
     TimedOut,
     /// 10: the application cancelled the transfer.
     Cancelled,
@@ -35,7 +35,7 @@ pub enum ErrorCode {
     /// 13: the sender is not allowed to send bundles here (baton accepts them only from the
     /// agents in its configuration).
     NotAuthorized,
-    /// Any other number: a code from a newer peer; kept so it can be logged and forwarded.
+    /// Any other number: a code from a newer implementation; kept so it can be logged and forwarded.
     Other(u16),
 }
 
@@ -120,7 +120,8 @@ pub struct TransferError {
     pub code: ErrorCode,
     /// Human-readable detail, including what to do next where there is something to do.
     pub reason: String,
-    /// Whether the error was reported by the peer (true) or detected locally (false).
+    /// Whether the error was reported by the other end of the transfer (true) or detected locally
+    /// (false).
     pub remote: bool,
 }
 

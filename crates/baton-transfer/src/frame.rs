@@ -108,7 +108,7 @@ pub enum Direction {
 /// OPEN body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
-    /// Size of the payload the receiver will deliver (after decompression).
+    /// Size of the payload the receiver ends up with (after decompression).
     pub payload_size: u64,
     /// Size of the byte stream carried by DATA frames (equal to `payload_size` unless
     /// `deflate`).
@@ -174,7 +174,7 @@ pub enum Frame {
         /// Acknowledgement state.
         ack: Ack,
     },
-    /// The receiver verified this SHA-256 and delivered the payload.
+    /// The receiver verified this SHA-256 over the whole payload.
     Complete {
         /// Transfer id.
         id: TransferId,
@@ -226,7 +226,7 @@ pub enum DecodeError {
     /// First byte is not [`MAGIC`].
     #[error("not a baton transfer frame (magic 0x{0:02x}, expected 0xba)")]
     BadMagic(u8),
-    /// Version byte is not [`VERSION`]: the peer speaks a format this build does not.
+    /// Version byte is not [`VERSION`]: the sender speaks a format this build does not.
     #[error("unsupported transfer frame version {0} (this build speaks {VERSION}); upgrade the older side")]
     UnsupportedVersion(u8),
     /// Kind byte unknown.
@@ -268,7 +268,7 @@ impl DecodeError {
         }
     }
 
-    /// The error code a peer or the local application sees for this failure.
+    /// The error code the other end or the local application sees for this failure.
     pub fn code(&self) -> ErrorCode {
         match self {
             DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
@@ -445,7 +445,7 @@ impl Frame {
     }
 
     /// Encodes the frame. Fails only if the frame violates the protocol's bounds, in which
-    /// case the peer's decoder would have rejected it anyway.
+    /// case the receiving decoder would have rejected it anyway.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let mut flags = 0u8;
         let mut body = Vec::new();

@@ -19,7 +19,7 @@
 //!
 //! - [`frame`]: the binary codec ([`Frame::encode`], [`Frame::decode`]).
 //! - [`Sender`] / [`Receiver`]: one transfer each, frame in, frame out.
-//! - [`Receivers`]: all incoming transfers of a room with per-peer and total-buffer limits.
+//! - [`Receivers`]: all incoming transfers of a room with per-sender and total-buffer limits.
 //! - [`Endpoint`]: both directions, bytes in, bytes out; what the shell drives.
 
 #![forbid(unsafe_code)]
@@ -32,7 +32,7 @@ mod id;
 mod receiver;
 mod sender;
 
-pub use endpoint::{Endpoint, EndpointConfig, Event, Output, Peer, Receivers, ReceiversConfig};
+pub use endpoint::{Endpoint, EndpointConfig, Event, Output, Receivers, ReceiversConfig};
 pub use error::{ErrorCode, TransferError};
 pub use frame::{Ack, DecodeError, Direction, EncodeError, Frame, Kind, Open};
 pub use id::{ParseTransferIdError, TransferId};

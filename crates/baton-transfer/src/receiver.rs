@@ -43,7 +43,7 @@ impl Default for ReceiverConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiverEvent {
     /// The whole payload, hash verified.
-    Delivered {
+    Received {
         /// The verified payload.
         payload: Vec<u8>,
         /// Metadata from the OPEN.
@@ -55,7 +55,7 @@ pub enum ReceiverEvent {
 
 /// One incoming transfer, sans-IO. Driven like [`crate::Sender`]: `handle_*`, then drain
 /// [`poll_frame`](Self::poll_frame) (send to the sender) and [`poll_event`](Self::poll_event).
-/// Most callers use [`crate::Receivers`], which also enforces per-peer and per-room limits.
+/// Most callers use [`crate::Receivers`], which also enforces per-sender and per-room limits.
 #[derive(Debug)]
 pub struct Receiver {
     id: TransferId,
@@ -180,7 +180,7 @@ impl Receiver {
 
     /// Call after a reconnect of either side: reports what is held (ACK with the resume flag),
     /// so the sender resends only what is missing.
-    pub fn peer_reconnected(&mut self, now: Instant) {
+    pub fn resume(&mut self, now: Instant) {
         if !self.finished {
             self.last_heard = now;
             self.ack_now = true;
@@ -329,7 +329,7 @@ impl Receiver {
         self.buf = Vec::new();
         self.finished = true;
         self.out.push_back(Frame::Complete { id: self.id, sha256: sha });
-        self.events.push_back(ReceiverEvent::Delivered { payload, meta: self.open.meta.clone() });
+        self.events.push_back(ReceiverEvent::Received { payload, meta: self.open.meta.clone() });
     }
 
     fn fail(&mut self, code: ErrorCode, reason: String) {
@@ -386,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn out_of_order_with_duplicates_delivers_once() {
+    fn out_of_order_with_duplicates_is_received_once() {
         let now = Instant::now();
         let p: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
         let mut r =
@@ -397,14 +397,14 @@ mod tests {
         let frames: Vec<Frame> = std::iter::from_fn(|| r.poll_frame()).collect();
         assert!(matches!(frames.last(), Some(Frame::Complete { .. })));
         match r.poll_event() {
-            Some(ReceiverEvent::Delivered { payload, meta }) => {
+            Some(ReceiverEvent::Received { payload, meta }) => {
                 assert_eq!(payload, p);
                 assert_eq!(meta, "{\"purpose\":\"handoff\"}");
             }
             other => panic!("{other:?}"),
         }
         r.handle_frame(data(0, &p), now);
-        assert_eq!(r.poll_event(), None, "delivered only once");
+        assert_eq!(r.poll_event(), None, "received only once");
     }
 
     #[test]
@@ -434,7 +434,7 @@ mod tests {
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.cumulative == 4));
         r.handle_frame(Frame::Resume { id: TransferId::new(9), sent: 6 }, t);
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && ack.solicited));
-        r.peer_reconnected(t);
+        r.resume(t);
         assert!(matches!(r.poll_frame(), Some(Frame::Ack { ack, .. }) if ack.resume && !ack.solicited));
     }
 

@@ -48,7 +48,7 @@ impl Default for SenderConfig {
 /// What a [`Sender`] reports once, when it finishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SenderEvent {
-    /// The receiver reassembled the payload, verified its SHA-256 and delivered it.
+    /// The receiver reassembled the payload and verified its SHA-256.
     Completed,
     /// The transfer is over without confirmation.
     Failed(TransferError),
@@ -89,7 +89,7 @@ pub struct Sender {
     next_new: u32,
     lost: BTreeSet<u32>,
     in_flight: u32,
-    peer_window: u32,
+    receiver_window: u32,
     open_acked: bool,
     ctrl: VecDeque<Frame>,
     rto: Duration,
@@ -139,7 +139,7 @@ impl Sender {
     /// announces `open` unchanged (the upstream transfer's sizes, chunk size, compression,
     /// SHA-256 and meta), and sends each chunk once [`supply`](Self::supply) has provided it,
     /// in order. The receiver verifies the upstream SHA-256 as for any transfer, so a chunk
-    /// corrupted upstream fails the transfer instead of being delivered. `cfg.chunk_size`
+    /// corrupted upstream fails the transfer instead of being received. `cfg.chunk_size`
     /// and `cfg.compress` are ignored: the chunking is upstream's.
     pub fn forward(
         id: TransferId,
@@ -185,7 +185,7 @@ impl Sender {
             next_new: 0,
             lost: BTreeSet::new(),
             in_flight: 0,
-            peer_window: window,
+            receiver_window: window,
             open_acked: false,
             ctrl,
             now,
@@ -274,7 +274,7 @@ impl Sender {
     /// Call after the connection to the receiver was re-established (either side reconnected).
     /// Chunks in flight may be gone: the sender asks the receiver what it holds (RESUME) and
     /// continues from there instead of starting over.
-    pub fn peer_reconnected(&mut self, now: Instant) {
+    pub fn resume(&mut self, now: Instant) {
         self.now = now;
         if self.finished {
             return;
@@ -361,7 +361,7 @@ impl Sender {
         if let Some(f) = self.ctrl.pop_front() {
             return Some(f);
         }
-        let window = self.cfg.window.min(self.peer_window).max(1);
+        let window = self.cfg.window.min(self.receiver_window).max(1);
         if self.in_flight >= window {
             return None;
         }
@@ -440,7 +440,7 @@ impl Sender {
         {
             self.next_new += 1;
         }
-        self.peer_window = ack.window.max(1);
+        self.receiver_window = ack.window.max(1);
         if ack.resume {
             // A report after a reconnect is authoritative for what was sent before it was
             // asked for: what the receiver does not hold is gone, resend it now. Which
@@ -573,7 +573,7 @@ mod tests {
         let now = t0();
         let mut s = Sender::new(TransferId::new(1), &[1u8; 256 * 6], "", cfg(8), now).unwrap();
         assert_eq!(drain(&mut s).len(), 7);
-        s.peer_reconnected(now);
+        s.resume(now);
         let f = drain(&mut s);
         assert!(matches!(f.as_slice(), [Frame::Open { .. }, Frame::Resume { sent: 6, .. }]));
         s.handle_frame(ack(1, vec![(3, 5)], true), now);

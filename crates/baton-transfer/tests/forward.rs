@@ -49,7 +49,7 @@ struct Net {
     seq: u64,
     rng: TestRng,
     /// Packets from A that reached R.
-    up_delivered: usize,
+    up_received: usize,
     /// Corrupt one byte of the n-th DATA frame from A (deterministic upstream corruption).
     corrupt_data: Option<usize>,
     data_seen: usize,
@@ -67,7 +67,7 @@ impl Net {
             flight: Vec::new(),
             seq: 0,
             rng: TestRng::from_seed(RngAlgorithm::ChaCha, &seed),
-            up_delivered: 0,
+            up_received: 0,
             corrupt_data: None,
             data_seen: 0,
         }
@@ -85,7 +85,7 @@ impl Net {
                 match o {
                     Output::Transmit { to, mut payload } => {
                         let to: &'static str =
-                            [A, R, B].into_iter().find(|n| *n == to).expect("addressed to a peer");
+                            [A, R, B].into_iter().find(|n| *n == to).expect("addressed to a participant");
                         let downside = from == B || to == B;
                         assert!(from == R || to == R, "A and B never talk directly");
                         let link = if downside { down } else { up };
@@ -149,7 +149,7 @@ fn run(case: &Case, seed: [u8; 32]) -> Seen {
     for step in 0.. {
         assert!(step < 400_000, "simulation does not terminate");
         let a_done = seen.a.iter().any(|e| matches!(e, Event::Sent { .. } | Event::SendFailed { .. }));
-        if seen.forwarded_at_chunk.is_none() && (net.up_delivered > case.forward_after || a_done) {
+        if seen.forwarded_at_chunk.is_none() && (net.up_received > case.forward_after || a_done) {
             let now = net.now;
             let held = net.ep(R).receivers().receiver(A, UP).map(|r| r.held_chunks().count());
             match held {
@@ -159,7 +159,7 @@ fn run(case: &Case, seed: [u8; 32]) -> Seen {
                 }
                 None => {
                     let stored = seen.r.iter().find_map(|e| match e {
-                        Event::Delivered { payload, .. } => Some(payload.clone()),
+                        Event::Received { payload, .. } => Some(payload.clone()),
                         _ => None,
                     });
                     if let Some(p) = stored {
@@ -197,8 +197,8 @@ fn run(case: &Case, seed: [u8; 32]) -> Seen {
             if broken && e <= now {
                 broken = false;
                 repaired = true;
-                net.ep(R).peer_reconnected(B, now);
-                net.ep(B).peer_reconnected(R, now);
+                net.ep(R).participant_reconnected(B, now);
+                net.ep(B).participant_reconnected(R, now);
                 continue;
             }
         }
@@ -208,7 +208,7 @@ fn run(case: &Case, seed: [u8; 32]) -> Seen {
             let i = net.flight.iter().position(|p| p.seq == s).expect("present");
             let p = net.flight.swap_remove(i);
             if p.from == A {
-                net.up_delivered += 1;
+                net.up_received += 1;
             }
             let (from, to, bytes) = (p.from, p.to, p.bytes);
             net.ep(to).handle_packet(from, &bytes, now);
@@ -221,11 +221,11 @@ fn run(case: &Case, seed: [u8; 32]) -> Seen {
     seen
 }
 
-fn delivered(events: &[Event]) -> Vec<&Vec<u8>> {
+fn received(events: &[Event]) -> Vec<&Vec<u8>> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Delivered { payload, .. } => Some(payload),
+            Event::Received { payload, .. } => Some(payload),
             _ => None,
         })
         .collect()
@@ -254,9 +254,9 @@ proptest! {
 
     /// Whatever the loss, duplication, reordering, the moment R starts forwarding and an
     /// outage of the downstream link, B ends with A's exact bytes (or, rarely, a timeout),
-    /// delivered once, and R's own copy is whole.
+    /// received once, and R's own copy is whole.
     #[test]
-    fn forwarding_while_arriving_delivers_byte_exact(
+    fn forwarding_while_arriving_is_byte_exact(
         payload in payload(),
         (chunk_size, window, compress) in (256u32..2048, 1u32..24, any::<bool>()),
         up in link(),
@@ -268,12 +268,12 @@ proptest! {
         let sender = SenderConfig { chunk_size, window, compress, ..Default::default() };
         let case = Case { payload: payload.clone(), sender, up, down, forward_after, outage, corrupt_data: None };
         let seen = run(&case, seed);
-        let at_r = delivered(&seen.r);
+        let at_r = received(&seen.r);
         prop_assert_eq!(at_r.len(), 1, "R holds the bundle once: {:?}", seen.r.last());
         prop_assert!(at_r[0] == &payload, "R's copy differs");
         prop_assert!(seen.a.iter().any(|e| matches!(e, Event::Sent { .. })), "A confirmed");
-        let at_b = delivered(&seen.b);
-        prop_assert!(at_b.len() <= 1, "B delivered twice");
+        let at_b = received(&seen.b);
+        prop_assert!(at_b.len() <= 1, "B received twice");
         let r_sent = seen.r.iter().any(|e| matches!(e, Event::Sent { to, id, .. } if to == B && *id == DOWN));
         if r_sent {
             prop_assert_eq!(at_b.len(), 1, "R confirmed but B has nothing");
@@ -312,12 +312,12 @@ fn forwarding_overlaps_the_two_legs() {
     };
     let seen = run(&case, [3; 32]);
     assert_eq!(seen.forwarded_at_chunk, Some(Some(0)), "forwarded from the OPEN");
-    assert_eq!(delivered(&seen.b), vec![&case.payload]);
+    assert_eq!(received(&seen.b), vec![&case.payload]);
     assert!(seen.r.iter().any(|e| matches!(e, Event::Sent { to, .. } if to == B)));
 }
 
 /// A chunk corrupted on the way to R: R's copy fails its SHA-256 check and the transfer it
-/// forwards is cancelled; B never delivers the wrong bytes.
+/// forwards is cancelled; B never receives the wrong bytes.
 #[test]
 fn upstream_corruption_cancels_the_forward() {
     let sender = SenderConfig { chunk_size: 1024, window: 4, ..Default::default() };
@@ -331,7 +331,7 @@ fn upstream_corruption_cancels_the_forward() {
         corrupt_data: Some(7),
     };
     let seen = run(&case, [5; 32]);
-    assert!(delivered(&seen.r).is_empty());
+    assert!(received(&seen.r).is_empty());
     assert!(
         seen.r.iter().any(
             |e| matches!(e, Event::ReceiveFailed { error, .. } if error.code == ErrorCode::HashMismatch)
@@ -339,7 +339,7 @@ fn upstream_corruption_cancels_the_forward() {
         "{:?}",
         seen.r
     );
-    assert!(delivered(&seen.b).is_empty(), "B must not deliver corrupted bytes");
+    assert!(received(&seen.b).is_empty(), "B must not receive corrupted bytes");
     let failed = seen.r.iter().find_map(|e| match e {
         Event::SendFailed { to, error, .. } if to == B => Some(error.clone()),
         _ => None,

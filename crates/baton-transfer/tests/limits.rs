@@ -1,5 +1,5 @@
 //! Receiver-side limits and rejects through the public `Endpoint`/`Receivers` API: each gives
-//! a typed error to the peer and the application, and other transfers carry on.
+//! a typed error to the sender and the application, and other transfers carry on.
 
 use std::time::Instant;
 
@@ -49,7 +49,7 @@ fn endpoint() -> Endpoint {
     Endpoint::new(EndpointConfig {
         receivers: ReceiversConfig {
             transfer: ReceiverConfig { max_bundle_size: 10_000, ..Default::default() },
-            max_transfers_per_peer: 2,
+            max_transfers_per_sender: 2,
             max_buffered_bytes: 15_000,
             ..Default::default()
         },
@@ -70,7 +70,7 @@ fn too_large_is_refused_from_open() {
 }
 
 #[test]
-fn per_peer_cap_and_total_buffer_cap() {
+fn per_sender_cap_and_total_buffer_cap() {
     let mut ep = endpoint();
     let now = Instant::now();
     ep.handle_packet("a", &open(1, 5_000), now);
@@ -78,7 +78,7 @@ fn per_peer_cap_and_total_buffer_cap() {
     assert_eq!(error_code(&drain(&mut ep).0), None);
     ep.handle_packet("a", &open(3, 100), now);
     assert_eq!(error_code(&drain(&mut ep).0), Some(ErrorCode::TooManyTransfers));
-    // Another peer is not limited by a's count, but by the room's buffer: 10 000 used of 15 000.
+    // Another sender is not limited by a's count, but by the room's buffer: 10 000 used of 15 000.
     ep.handle_packet("b", &open(1, 6_000), now);
     assert_eq!(error_code(&drain(&mut ep).0), Some(ErrorCode::BufferFull));
     ep.handle_packet("b", &open(1, 4_000), now);
@@ -120,8 +120,8 @@ fn unknown_and_corrupt_frames_reject_without_harming_others() {
     }
     let (f, e) = drain(&mut ep);
     assert!(f.iter().any(|(_, fr)| matches!(fr, Frame::Complete { id: T77, .. })));
-    assert!(e.iter().any(|ev| matches!(ev, Event::Delivered { id: T77, payload: p, .. } if *p == payload)));
-    // A repeated frame after completion is answered with COMPLETE again, not delivered again.
+    assert!(e.iter().any(|ev| matches!(ev, Event::Received { id: T77, payload: p, .. } if *p == payload)));
+    // A repeated frame after completion is answered with COMPLETE again, not received again.
     ep.handle_packet("tx", &frames[1].1.encode().unwrap(), now);
     let (f, e) = drain(&mut ep);
     assert!(matches!(&f[..], [(_, Frame::Complete { id: T77, .. })]));

@@ -100,7 +100,7 @@ fn endpoint_survives_hostile_packets() {
     let mut rng = Rng(42);
     let t0 = Instant::now();
     let mut ep = Endpoint::new(EndpointConfig::default());
-    ep.send("peer-a", TransferId::new(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210), &[7u8; 40_000], "{}", t0)
+    ep.send("agent-a", TransferId::new(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210), &[7u8; 40_000], "{}", t0)
         .unwrap();
     let mut now = t0;
     let mut outputs = 0usize;
@@ -112,10 +112,10 @@ fn endpoint_survives_hostile_packets() {
             mutate(&mut rng, &seeds[k])
         };
         now += Duration::from_millis(rng.below(50) as u64);
-        let from = ["peer-a", "peer-b", "peer-c"][rng.below(3)];
+        let from = ["agent-a", "agent-b", "agent-c"][rng.below(3)];
         ep.handle_packet(from, &pkt, now);
         if i % 97 == 0 {
-            ep.peer_reconnected(from, now);
+            ep.participant_reconnected(from, now);
         }
         if ep.poll_timeout().is_some_and(|t| t <= now) {
             ep.handle_timeout(now);

@@ -2,7 +2,7 @@
 //!
 //! The link loses, duplicates, delays (and so reorders) and optionally corrupts packets, and
 //! suffers reconnects: everything in flight is dropped, the link stays down for a while,
-//! then both sides are told (`peer_reconnected`) and must resume. The clock is an arbitrary
+//! then both sides are told (`participant_reconnected`) and must resume. The clock is an arbitrary
 //! base `Instant` plus offsets; nothing sleeps.
 
 use std::time::{Duration, Instant};
@@ -102,7 +102,7 @@ fn run(
             while let Some(o) = ep.poll_output() {
                 match o {
                     Output::Transmit { to, payload } => {
-                        assert_eq!(to, if to_b { B } else { A }, "addressed to the peer only");
+                        assert_eq!(to, if to_b { B } else { A }, "addressed to the other end only");
                         assert!(payload.len() <= 15_000, "frame fits one packet");
                         if down_until.is_some() || rng.unit() < link.loss {
                             continue;
@@ -163,8 +163,8 @@ fn run(
             && d <= now
         {
             down_until = None;
-            a.peer_reconnected(B, now);
-            b.peer_reconnected(A, now);
+            a.participant_reconnected(B, now);
+            b.participant_reconnected(A, now);
             continue;
         }
         if let Some((at, s)) = next_pkt
@@ -223,17 +223,17 @@ fn configs() -> impl Strategy<Value = (SenderConfig, ReceiverConfig)> {
 }
 
 fn check_common(o: &Outcome, payload: &[u8], meta: &str, deadline: Duration) {
-    let delivered: Vec<_> = o
+    let received: Vec<_> = o
         .receiver
         .iter()
         .filter_map(|(_, e)| match e {
-            Event::Delivered { payload: p, meta: m, from, id } => Some((p, m, from, id)),
+            Event::Received { payload: p, meta: m, from, id } => Some((p, m, from, id)),
             _ => None,
         })
         .collect();
-    assert!(delivered.len() <= 1, "delivered more than once");
-    if let Some((p, m, from, id)) = delivered.first() {
-        assert!(p.as_slice() == payload, "delivered payload differs");
+    assert!(received.len() <= 1, "received more than once");
+    if let Some((p, m, from, id)) = received.first() {
+        assert!(p.as_slice() == payload, "received payload differs");
         if !o.open_corrupted {
             assert_eq!(m.as_str(), meta);
         }
@@ -246,7 +246,7 @@ fn check_common(o: &Outcome, payload: &[u8], meta: &str, deadline: Duration) {
     let (t, e) = finals[0];
     assert!(*t <= deadline, "outcome after the deadline: {t:?}");
     if matches!(e, Event::Sent { .. }) {
-        assert_eq!(delivered.len(), 1, "confirmed but not delivered");
+        assert_eq!(received.len(), 1, "confirmed but not received");
     }
 }
 
@@ -280,10 +280,10 @@ proptest! {
         }
     }
 
-    /// With corruption as well, a payload is never delivered wrong and the sender always gets
+    /// With corruption as well, a payload is never received wrong and the sender always gets
     /// one clear outcome within its deadline.
     #[test]
-    fn corruption_never_delivers_wrong_bytes(
+    fn corruption_never_yields_wrong_bytes(
         payload in payload_strategy(),
         (scfg, rcfg) in configs(),
         link in link_strategy(true),
@@ -293,7 +293,7 @@ proptest! {
         let o = run(&payload, "{}", scfg, rcfg, &link, seed);
         check_common(&o, &payload, "{}", deadline);
         for (_, e) in &o.sender {
-            // A code reported by the peer came in an ERROR frame, which the link may have
+            // A code reported by the other end came in an ERROR frame, which the link may have
             // corrupted too (a flipped bit makes any number); only local verdicts are checked.
             if let Event::SendFailed { error, .. } = e && !error.remote {
                 prop_assert!(matches!(error.code,
@@ -339,7 +339,7 @@ fn resume_continues_from_acknowledged() {
     a.send(B, TransferId::new(1), &payload, "", t0).unwrap();
     let mut data_frames = 0usize;
     let mut now = t0;
-    let mut delivered = None;
+    let mut received = None;
     let mut sent = false;
     // Exchange in lock step until about half has been acknowledged, then cut the link.
     let mut phase = 0;
@@ -358,7 +358,7 @@ fn resume_continues_from_acknowledged() {
         while let Some(o) = b.poll_output() {
             match o {
                 Output::Transmit { payload, .. } => to_a.push(payload),
-                Output::Event(Event::Delivered { payload, .. }) => delivered = Some(payload),
+                Output::Event(Event::Received { payload, .. }) => received = Some(payload),
                 Output::Event(e) => panic!("{e:?}"),
             }
         }
@@ -367,8 +367,8 @@ fn resume_continues_from_acknowledged() {
             // Outage: this round's packets in both directions are lost.
             phase = 1;
             lost = lost_now;
-            a.peer_reconnected(B, now);
-            b.peer_reconnected(A, now);
+            a.participant_reconnected(B, now);
+            b.participant_reconnected(A, now);
             continue;
         }
         for p in to_b {
@@ -384,9 +384,9 @@ fn resume_continues_from_acknowledged() {
         b.handle_timeout(now);
         assert!(now - t0 < Duration::from_secs(30));
     }
-    assert_eq!(delivered.as_deref(), Some(payload.as_slice()));
+    assert_eq!(received.as_deref(), Some(payload.as_slice()));
     assert!(lost > 0, "the outage must have dropped DATA");
-    // Delivered DATA frames: 200 chunks, the lost ones resent once, little else (a restart
+    // DATA frames that arrived: 200 chunks, the lost ones resent once, little else (a restart
     // would be 300 or more).
     assert!(
         (200..=208).contains(&data_frames),

@@ -1,6 +1,6 @@
 //! Golden vectors in `tests/vectors/transfer/` (repository root), shared with the Python
 //! adapter. Regenerate with `BATON_REGEN_VECTORS=1 cargo test -p baton-transfer --test vectors`
-//! after an intentional format change (and bump the version if old peers would misread it).
+//! after an intentional format change (and bump the version if older implementations would misread it).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
