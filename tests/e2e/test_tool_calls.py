@@ -437,6 +437,7 @@ def test_handback_to_a_realtime_triage_finds_no_call_open_and_books_once(server:
                     got["running"] = {c.name: c.released for c in link.journal.running()}
                     outputs = [i for i in triage.chat_ctx.items if i.type == "function_call_output"]
                     got["lookup"] = [o.name for o in outputs if o.output == "available"]
+                    got["responses"] = len(model.sessions[-1].responses)
                     got["handback"] = msg
                 await default_on_activate(link, msg)
 
@@ -450,6 +451,8 @@ def test_handback_to_a_realtime_triage_finds_no_call_open_and_books_once(server:
                 assert got["handback"]["reason"] == "target_not_ready"
                 assert got["running"] == {"create_reservation": "handoff"}, got
                 assert got["open"] == [], "a call still open in the realtime conversation at the handback"
+                # the greeting and the caller's turn: no response asked for while billing had the call
+                assert got["responses"] == 2, got
 
                 await wait_until(lambda: not a.link.journal.running(), 10, "the booking never ended")
                 await asyncio.sleep(1.5)  # the result's reply, and any second booking, have happened
