@@ -543,6 +543,7 @@ fn speaking_change(change: &Change) -> Option<(String, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::room::roster::announced as info;
     use serde_json::Value;
     use std::collections::BTreeSet;
 
@@ -553,25 +554,6 @@ mod tests {
             topic: topic.into(),
             payload: payload.to_vec(),
         }
-    }
-
-    fn info(
-        identity: &str,
-        kind: proto::participant_info::Kind,
-        agent: Option<&str>,
-    ) -> proto::ParticipantInfo {
-        let mut p = proto::ParticipantInfo {
-            sid: format!("PA_{identity}"),
-            identity: identity.into(),
-            state: proto::participant_info::State::Active as i32,
-            kind: kind as i32,
-            version: 1,
-            ..Default::default()
-        };
-        if let Some(a) = agent {
-            p.attributes.insert("lk.agent.name".into(), a.into());
-        }
-        p
     }
 
     fn sent(out: &Outbox) -> Vec<(String, Value)> {

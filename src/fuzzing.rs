@@ -30,18 +30,8 @@ pub fn data_packet(data: &[u8]) {
 
 fn info(identity: &str, agent: Option<&str>, version: u32) -> proto::ParticipantInfo {
     use proto::participant_info::Kind;
-    let mut p = proto::ParticipantInfo {
-        sid: format!("PA_{identity}"),
-        identity: identity.into(),
-        state: proto::participant_info::State::Active as i32,
-        kind: if agent.is_some() { Kind::Agent } else { Kind::Standard } as i32,
-        version,
-        ..Default::default()
-    };
-    if let Some(a) = agent {
-        p.attributes.insert("lk.agent.name".into(), a.into());
-    }
-    p
+    let kind = if agent.is_some() { Kind::Agent } else { Kind::Standard };
+    proto::ParticipantInfo { version, ..crate::room::roster::announced(identity, kind, agent) }
 }
 
 /// Drives a [`Coordinator`] with `data` (packets separated by 0xff; see the module docs).

@@ -92,22 +92,8 @@ fn agent_name(m: &Member) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::room::roster::announced as info;
     use livekit_protocol as proto;
-
-    fn info(identity: &str, kind: Kind, agent: Option<&str>) -> proto::ParticipantInfo {
-        let mut p = proto::ParticipantInfo {
-            sid: format!("PA_{identity}"),
-            identity: identity.into(),
-            state: proto::participant_info::State::Active as i32,
-            kind: kind as i32,
-            version: 1,
-            ..Default::default()
-        };
-        if let Some(a) = agent {
-            p.attributes.insert("lk.agent.name".into(), a.into());
-        }
-        p
-    }
 
     #[test]
     fn only_configured_agents_send_and_only_agents_receive() {

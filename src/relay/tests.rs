@@ -57,19 +57,12 @@ impl Net {
         let mut relay = Relay::new(cfg);
         let mut roster = Roster::default();
         for p in present {
-            let info = proto::ParticipantInfo {
-                sid: format!("PA_{p}"),
-                identity: p.to_string(),
-                state: proto::participant_info::State::Active as i32,
-                kind: if agents.contains(p) {
-                    proto::participant_info::Kind::Agent
-                } else {
-                    proto::participant_info::Kind::Standard
-                } as i32,
-                version: 1,
-                attributes: [("lk.agent.name".to_string(), p.to_string())].into(),
-                ..Default::default()
+            let kind = if agents.contains(p) {
+                proto::participant_info::Kind::Agent
+            } else {
+                proto::participant_info::Kind::Standard
             };
+            let info = crate::room::roster::announced(p, kind, Some(p));
             roster.apply(&[info]);
         }
         relay.handle_connected(&roster, now);
@@ -643,14 +636,7 @@ fn a_bundle_the_store_refuses_is_answered_with_an_error_not_complete() {
     net.relay = Relay::with_store(RelayConfig::default(), Box::new(BrokenStore));
     let (roster, _) = Roster::new(
         "PA_baton",
-        &[proto::ParticipantInfo {
-            sid: "PA_a".into(),
-            identity: "a".into(),
-            state: proto::participant_info::State::Active as i32,
-            kind: proto::participant_info::Kind::Agent as i32,
-            version: 1,
-            ..Default::default()
-        }],
+        &[crate::room::roster::announced("a", proto::participant_info::Kind::Agent, None)],
     );
     net.relay.handle_connected(&roster, net.now);
     net.send("a", t(91), &bundle(40_000, 19), "");

@@ -145,6 +145,22 @@ impl Roster {
     }
 }
 
+/// A participant as the server announces one that has just joined: active, version 1, sid
+/// `PA_<identity>`, and for `agent_name` the agent-name attribute (`lk.agent.name`, see
+/// [`Member::agent_name`]). For tests and fuzz targets, which build rooms without a server.
+#[doc(hidden)]
+pub fn announced(identity: &str, kind: Kind, agent_name: Option<&str>) -> proto::ParticipantInfo {
+    proto::ParticipantInfo {
+        sid: format!("PA_{identity}"),
+        identity: identity.into(),
+        state: State::Active as i32,
+        kind: kind as i32,
+        version: 1,
+        attributes: agent_name.map(|a| ("lk.agent.name".to_string(), a.to_string())).into_iter().collect(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
