@@ -87,3 +87,40 @@ pub fn coordinator_packets(data: &[u8]) -> usize {
     }
     sent
 }
+
+/// Checkpoint payloads into one room's [`Checkpoints`](crate::recovery::checkpoint::Checkpoints),
+/// separated by 0xff. A payload's first byte picks the sender (two `triage` identities, one
+/// `billing`, the caller) and, when its high bit is set, declares that sender stale first; the
+/// rest is the payload. Every merged state then builds its recovery bundle, which must be JSON.
+/// Returns how many checkpoints were applied, so a test can tell the input reached the merge.
+pub fn checkpoint(data: &[u8]) -> usize {
+    use crate::recovery::checkpoint::{Checkpoints, Limits};
+    let mut room = Checkpoints::new(Limits { max_checkpoint_size: 64 << 10, max_state_bytes: 256 << 10 });
+    let senders = [
+        ("agent-1", Some("triage")),
+        ("agent-2", Some("triage")),
+        ("agent-3", Some("billing")),
+        ("caller", None),
+    ];
+    let mut applied = 0;
+    for packet in data.split(|&b| b == 0xff) {
+        let Some((&first, payload)) = packet.split_first() else { continue };
+        let (identity, agent) = senders[usize::from(first & 3)];
+        if first & 0x80 != 0 {
+            room.declare_stale(identity);
+        }
+        if room.apply(identity, agent, payload).is_ok() {
+            applied += 1;
+        }
+    }
+    for agent in ["triage", "billing"] {
+        if let Some(m) = room.get(agent) {
+            let bundle = m.recovery_bundle("recovery after fuzz", None, 1.5);
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(&bundle).is_ok(),
+                "recovery bundle is not JSON"
+            );
+        }
+    }
+    applied
+}

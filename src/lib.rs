@@ -8,6 +8,7 @@
 //! (acknowledged, chunked transfer of context bundles). This crate holds the rest:
 //!
 //! - [`coordinator`]: baton's logic in one room, no IO: arbiter, relay, and the loop between them.
+//! - [`recovery`]: checkpoints agents stream to baton, merged per agent name, and the recovery bundle.
 //! - [`relay`]: context transfer at baton (`baton.xfer`), sans-IO: the relay, its `BundleStore`, who may send.
 //! - [`protocol`]: baton's own wire messages: the `baton.control` codec, topics, the packet limit.
 //! - [`room`]: baton as a LiveKit participant: signaling, the str0m peer connection, data, the filler track.
@@ -28,6 +29,7 @@ pub mod coordinator;
 pub mod fuzzing;
 pub mod observe;
 pub mod protocol;
+pub mod recovery;
 pub mod relay;
 pub mod room;
 pub mod server_api;

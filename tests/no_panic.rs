@@ -63,3 +63,11 @@ fn coordinator_never_panics_on_hostile_packet_sequences() {
     let answered = sent.iter().filter(|&&n| n > 0).count();
     assert!(answered > 300, "only {answered} of {} sequences got an answer", sent.len());
 }
+
+#[test]
+fn checkpoint_merge_never_panics() {
+    let applied = run("checkpoint", 5_000, lk_baton::fuzzing::checkpoint);
+    // Mutations of a valid chain still reach the merge often enough to exercise it.
+    let merged = applied.iter().filter(|&&n| n > 0).count();
+    assert!(merged > 500, "only {merged} of {} inputs applied a checkpoint", applied.len());
+}

@@ -62,6 +62,9 @@ class ErrorCode(IntEnum):
     CONFLICTING_OPEN = 11
     PROTOCOL_VIOLATION = 12
     NOT_AUTHORIZED = 13
+    CHECKPOINT_REJECTED = 14
+    """baton refused a checkpoint; the reason starts with why (``out_of_sequence``, ``no_base``,
+    ``wrong_agent``, ``bad_checkpoint``, ``stale_sender``). Send a base next."""
 
 
 def code_name(code: int) -> str:

@@ -35,13 +35,17 @@ pub enum ErrorCode {
     /// 13: the sender is not allowed to send bundles here (baton accepts them only from the
     /// agents in its configuration).
     NotAuthorized,
+    /// 14: baton refused a checkpoint (`purpose: "checkpoint"`); the reason starts with why
+    /// (`out_of_sequence`, `no_base`, `wrong_agent`, `bad_checkpoint`, `stale_sender`). The
+    /// sender's next checkpoint is a base.
+    CheckpointRejected,
     /// Any other number: a code from a newer implementation; kept so it can be logged and forwarded.
     Other(u16),
 }
 
 impl ErrorCode {
     /// All codes this version defines, in wire order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::UnknownTransfer,
@@ -55,6 +59,7 @@ impl ErrorCode {
         ErrorCode::ConflictingOpen,
         ErrorCode::ProtocolViolation,
         ErrorCode::NotAuthorized,
+        ErrorCode::CheckpointRejected,
     ];
 
     /// Wire value.
@@ -73,6 +78,7 @@ impl ErrorCode {
             ErrorCode::ConflictingOpen => 11,
             ErrorCode::ProtocolViolation => 12,
             ErrorCode::NotAuthorized => 13,
+            ErrorCode::CheckpointRejected => 14,
             ErrorCode::Other(n) => n,
         }
     }
@@ -98,6 +104,7 @@ impl ErrorCode {
             ErrorCode::ConflictingOpen => "conflicting_open",
             ErrorCode::ProtocolViolation => "protocol_violation",
             ErrorCode::NotAuthorized => "not_authorized",
+            ErrorCode::CheckpointRejected => "checkpoint_rejected",
             ErrorCode::Other(_) => "unknown_code",
         }
     }
