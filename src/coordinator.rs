@@ -460,6 +460,14 @@ fn arbiter_event(event: RelayEvent) -> Option<Event> {
             Event::BundleReceived { from, transfer_id, bytes: size }
         }
         R::Delivered { to, transfer_id, .. } => Event::BundleDelivered { to, transfer_id },
+        // Both legs' progress moves the deadlines waiting on the bundle (the floor's
+        // `stall_timeout`), keyed by the bundle's id whichever leg it is.
+        R::UploadProgress { from, transfer_id, bytes } => {
+            Event::TransferProgress { peer: from, transfer_id, bytes }
+        }
+        R::DeliveryProgress { to, transfer_id, bytes, .. } => {
+            Event::TransferProgress { peer: to, transfer_id, bytes }
+        }
         R::DeliveryFailed { to, transfer_id, error, .. } => {
             Event::TransferFailed { peer: to, transfer_id, reason: error.to_string() }
         }

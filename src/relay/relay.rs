@@ -124,6 +124,17 @@ pub enum RelayEvent {
         /// The OPEN's metadata string.
         meta: String,
     },
+    /// More of an incoming bundle arrived: baton now holds `bytes` of it (wire bytes, in whole
+    /// chunks, counted from the start of the transfer). Reported when the count grows, so the
+    /// floor's deadlines can follow a bundle that is still moving.
+    UploadProgress {
+        /// The source agent.
+        from: String,
+        /// The source's transfer id.
+        transfer_id: TransferId,
+        /// Bytes baton holds.
+        bytes: u64,
+    },
     /// An incoming transfer from an authorized sender failed (cancelled, timed out, corrupt,
     /// or could not be stored).
     ReceiveFailed {
@@ -144,6 +155,18 @@ pub enum RelayEvent {
         delivery_id: TransferId,
         /// Chunk bytes baton sent for this delivery, retransmissions included.
         bytes_sent: u64,
+    },
+    /// The target acknowledged more of a delivery: it now holds `bytes` of it (wire bytes, in
+    /// whole chunks, counted from the start of the delivery). Reported when the count grows.
+    DeliveryProgress {
+        /// The target.
+        to: String,
+        /// The bundle's id (the source's transfer id).
+        transfer_id: TransferId,
+        /// The id of this delivery (leg 2).
+        delivery_id: TransferId,
+        /// Bytes the target acknowledged.
+        bytes: u64,
     },
     /// A delivery ended without confirmation.
     DeliveryFailed {
@@ -210,6 +233,9 @@ pub struct Relay {
     admitted: HashMap<(String, TransferId), Admitted>,
     /// Deliveries under way: (target, delivery id) -> the bundle's transfer id.
     deliveries: HashMap<(String, TransferId), TransferId>,
+    /// Bytes last reported as progress, per transfer in the engine: (the other end, the
+    /// engine's transfer id: the source's id of an upload, the delivery id of a delivery).
+    progress: HashMap<(String, TransferId), u64>,
     /// [`Routing::MetaTarget`]: bundles waiting for their target, (transfer id, target).
     pending: Vec<(TransferId, String)>,
     /// Stored bundles by expiry time.
@@ -244,6 +270,7 @@ impl Relay {
             retention: cfg.retention,
             admitted: HashMap::new(),
             deliveries: HashMap::new(),
+            progress: HashMap::new(),
             pending: Vec::new(),
             expiry: BTreeSet::new(),
             unauthorized: HashMap::new(),
@@ -461,7 +488,33 @@ impl Relay {
             return;
         }
         self.endpoint.handle_packet(from, payload, now);
+        if let Some((_, id)) = Frame::peek(payload) {
+            self.report_progress(from, id);
+        }
         self.pull(now);
+    }
+
+    /// Reports the progress a packet from `from` about transfer `id` made, if it made any:
+    /// chunks of an upload baton received, or chunks of a delivery the target acknowledged.
+    fn report_progress(&mut self, from: &str, id: TransferId) {
+        let key = (from.to_owned(), id);
+        let (bytes, event) = if self.admitted.contains_key(&key) {
+            let Some(bytes) = self.endpoint.receivers().receiver(from, id).map(|r| r.held_bytes()) else {
+                return;
+            };
+            (bytes, RelayEvent::UploadProgress { from: from.to_owned(), transfer_id: id, bytes })
+        } else if let Some(&transfer_id) = self.deliveries.get(&key) {
+            let Some(bytes) = self.endpoint.sender(from, id).map(|s| s.acked_bytes()) else { return };
+            let to = from.to_owned();
+            (bytes, RelayEvent::DeliveryProgress { to, transfer_id, delivery_id: id, bytes })
+        } else {
+            return;
+        };
+        let last = self.progress.entry(key).or_insert(0);
+        if bytes > *last {
+            *last = bytes;
+            self.emit(event);
+        }
     }
 
     /// A new OPEN from an authorized sender: admission against the store, then the engine.
@@ -552,6 +605,7 @@ impl Relay {
         {
             // Our own delivery target acknowledging: not a bundle sent to baton.
             self.endpoint.handle_packet(from, payload, now);
+            self.report_progress(from, id);
             self.pull(now);
             return;
         }
@@ -596,6 +650,15 @@ impl Relay {
     }
 
     fn on_engine_event(&mut self, ev: Event, now: Instant) {
+        match &ev {
+            Event::Received { from: who, id, .. }
+            | Event::ReceiveFailed { from: who, id, .. }
+            | Event::Sent { to: who, id, .. }
+            | Event::SendFailed { to: who, id, .. } => {
+                self.progress.remove(&(who.clone(), *id));
+            }
+            Event::Rejected { .. } => {}
+        }
         match ev {
             Event::Received { from, id, payload, meta } => self.store_received(from, id, payload, meta, now),
             Event::ReceiveFailed { from, id, error } => {

@@ -1,7 +1,7 @@
 //! The relay in virtual time: source and target endpoints wired back to back with it through an
 //! in-memory "server".
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use baton_transfer::frame::MAX_CHUNK_SIZE;
@@ -648,4 +648,56 @@ fn a_bundle_the_store_refuses_is_answered_with_an_error_not_complete() {
         |e| matches!(e, RelayEvent::ReceiveFailed { transfer_id, error, .. } if *transfer_id == t(91) && error.reason.contains("disk full"))
     ));
     assert!(received(&net.relay_events).is_empty());
+}
+
+/// (bytes) of each progress event for `transfer_id`, upload (`true`) or delivery, in order.
+fn progress(events: &[RelayEvent], upload: bool, bundle: TransferId) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RelayEvent::UploadProgress { transfer_id, bytes, .. } if upload && *transfer_id == bundle => {
+                Some(*bytes)
+            }
+            RelayEvent::DeliveryProgress { transfer_id, bytes, .. } if !upload && *transfer_id == bundle => {
+                Some(*bytes)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn both_legs_report_growing_progress_under_the_bundles_id() {
+    // The target acknowledges through the authorized path (any agent may send) and through the
+    // unauthorized one (only `a` may send; `b`'s ACKs are for baton's own delivery).
+    for allowed in [BTreeSet::new(), BTreeSet::from(["a".to_string()])] {
+        let cfg = RelayConfig { allowed_agents: allowed.clone(), ..RelayConfig::default() };
+        let mut net = Net::new(cfg, &["a", "b"], &["a", "b"]);
+        let payload = bundle(1024 * 1024, 5);
+        net.send("a", t(21), &payload, "{}");
+        net.run(Duration::from_secs(5));
+        let up = progress(&net.relay_events, true, t(21));
+        assert!(up.len() >= 10, "{allowed:?}: one report per few chunks of a 1 MiB upload, got {up:?}");
+        assert!(up.windows(2).all(|w| w[0] < w[1]), "{allowed:?}: upload progress grows: {up:?}");
+        assert!(*up.last().unwrap() <= payload.len() as u64);
+        let received_at =
+            net.relay_events.iter().position(|e| matches!(e, RelayEvent::BundleReceived { .. }));
+        let last_up = net.relay_events.iter().rposition(|e| matches!(e, RelayEvent::UploadProgress { .. }));
+        assert!(last_up < received_at, "{allowed:?}: progress comes before the bundle is stored");
+
+        let did = net.relay.deliver(t(21), "b", net.now).expect("deliver");
+        net.run(Duration::from_secs(5));
+        let down = progress(&net.relay_events, false, t(21));
+        assert!(down.len() >= 5, "{allowed:?}: the target's ACKs are reported, got {down:?}");
+        assert!(down.windows(2).all(|w| w[0] < w[1]), "{allowed:?}: delivery progress grows: {down:?}");
+        assert!(net.relay_events.iter().any(|e| matches!(
+            e,
+            RelayEvent::DeliveryProgress { to, delivery_id, .. } if to == "b" && *delivery_id == did
+        )));
+        assert!(
+            matches!(net.relay_events.last(), Some(RelayEvent::Delivered { .. })),
+            "{:?}",
+            net.relay_events.last()
+        );
+    }
 }

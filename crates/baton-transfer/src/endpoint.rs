@@ -610,6 +610,11 @@ impl Endpoint {
         self.senders.len()
     }
 
+    /// The outgoing transfer `id` to `to`, while it is in progress.
+    pub fn sender(&self, to: &str, id: TransferId) -> Option<&Sender> {
+        self.senders.get(&(to.to_owned(), id))
+    }
+
     /// The receiving side, for its counters.
     pub fn receivers(&self) -> &Receivers {
         &self.receivers

@@ -136,6 +136,12 @@ impl Receiver {
         self.finished
     }
 
+    /// Wire bytes held so far, counted in whole chunks (the short last chunk as a full one),
+    /// at most the OPEN's `wire_size`. Grows as chunks arrive; what progress reports count.
+    pub fn held_bytes(&self) -> u64 {
+        (u64::from(self.held) * u64::from(self.open.chunk_size)).min(self.open.wire_size)
+    }
+
     /// The chunks held so far, by index, with their (wire) bytes; none once finished. What a
     /// relay forwarding this transfer downstream starts from.
     pub fn held_chunks(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {

@@ -239,6 +239,12 @@ impl Sender {
         self.chunks.iter().filter(|c| **c == Chunk::Acked).count() as u32
     }
 
+    /// Wire bytes the receiver has confirmed, counted in whole chunks (the short last chunk
+    /// as a full one), at most the OPEN's `wire_size`. What progress reports count.
+    pub fn acked_bytes(&self) -> u64 {
+        (u64::from(self.acked_chunks()) * u64::from(self.open.chunk_size)).min(self.open.wire_size)
+    }
+
     /// Handles a frame from the receiver (ACK, COMPLETE, ERROR). Frames meant for a receiver
     /// are ignored.
     pub fn handle_frame(&mut self, frame: Frame, now: Instant) {
