@@ -61,6 +61,16 @@ async def settle(link: BatonLink) -> None:
     raise AssertionError("checkpoints did not settle")
 
 
+async def desk_after_hello() -> tuple[FakeBaton, AgentSession[Caller], BatonLink, Desk]:
+    """A stand-in baton and a linked desk agent after one turn, its checkpoints settled."""
+    net = Net()
+    baton = FakeBaton(net)
+    session, link, agent = await linked_desk(net)
+    await session.run(user_input="hello")
+    await settle(link)
+    return baton, session, link, agent
+
+
 def test_checkpoints_follow_every_turn_and_merge_into_the_agents_context() -> None:
     async def main() -> None:
         net = Net()
@@ -97,11 +107,7 @@ def test_checkpoints_follow_every_turn_and_merge_into_the_agents_context() -> No
 
 def test_no_checkpoints_while_not_holding_the_floor_and_a_base_after_activation() -> None:
     async def main() -> None:
-        net = Net()
-        baton = FakeBaton(net)
-        session, link, _agent = await linked_desk(net)
-        await session.run(user_input="hello")
-        await settle(link)
+        baton, session, link, _agent = await desk_after_hello()
         n = len(baton.checkpoint_log)
         link.floor.handle({"v": 1, "type": "deactivate", "id": "b-x", "reason": "standby"})
         link.checkpoint_soon()
@@ -120,11 +126,7 @@ def test_no_checkpoints_while_not_holding_the_floor_and_a_base_after_activation(
 
 def test_a_lost_checkpoint_is_followed_by_a_base() -> None:
     async def main() -> None:
-        net = Net()
-        baton = FakeBaton(net)
-        session, link, agent = await linked_desk(net)
-        await session.run(user_input="hello")
-        await settle(link)
+        baton, session, link, agent = await desk_after_hello()
         t = link.checkpoints
         assert t is not None
         payload = link.checkpoint_payload()
@@ -332,11 +334,7 @@ def test_a_refused_checkpoint_or_a_reconnect_makes_the_next_one_a_base() -> None
     checkpoint_rejected works the same): the adapter sends a base next. A reconnect too."""
 
     async def main() -> None:
-        net = Net()
-        baton = FakeBaton(net)
-        session, link, agent = await linked_desk(net)
-        await session.run(user_input="hello")
-        await settle(link)
+        baton, session, link, agent = await desk_after_hello()
         t = transport_for(baton.room)
         t.accept_from = lambda p: False  # refuse the next transfer
         n = len(baton.checkpoint_log)
