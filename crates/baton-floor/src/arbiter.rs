@@ -24,6 +24,9 @@ struct Peer {
     /// The adapter said something, so it is listening; messages sent before that could be lost.
     reachable: bool,
     speaking: bool,
+    /// The heartbeat period announced in `hello`, and when the last heartbeat (or that hello)
+    /// arrived. None: the adapter does not send heartbeats.
+    heartbeat: Option<(Duration, Instant)>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +244,11 @@ const ACCEPTED_REQUESTS_KEPT: usize = 16;
 /// calls a few handoffs carry in flight.
 const FORWARDED_RESULTS_KEPT: usize = 256;
 
+/// Bounds on an announced heartbeat period (`hello.heartbeat_ms`), so a hostile or buggy value
+/// can neither flood the arbiter's bookkeeping nor make a dead agent look alive for minutes.
+const MIN_HEARTBEAT_MS: u32 = 50;
+const MAX_HEARTBEAT_MS: u32 = 10_000;
+
 /// The members of an agent's `tool_result`.
 #[derive(Debug)]
 struct ToolResult {
@@ -326,6 +334,13 @@ impl Arbiter {
     /// When [`Arbiter::handle_timeout`] must be called next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.deadlines().into_iter().map(|(at, _)| at).min()
+    }
+
+    /// The heartbeat period `identity` announced in `hello` (clamped to 50 ms..10 s) and when its
+    /// last heartbeat (or that hello) arrived; None when it announced none or is not in the room.
+    /// Crash suspicion on a gap is not built yet (issue 13): this is what it will read.
+    pub fn heartbeat(&self, identity: &str) -> Option<(Duration, Instant)> {
+        self.peers.get(identity).and_then(|p| p.heartbeat)
     }
 
     /// The agent holding the floor (activated or waiting for its `hello`), if any.
@@ -569,8 +584,10 @@ impl Arbiter {
         match self.peers.get_mut(&identity) {
             Some(peer) => peer.info = p.clone(),
             None => {
-                self.peers
-                    .insert(identity.clone(), Peer { info: p.clone(), reachable: false, speaking: false });
+                self.peers.insert(
+                    identity.clone(),
+                    Peer { info: p.clone(), reachable: false, speaking: false, heartbeat: None },
+                );
             }
         }
         if !self.is_managed(&p) {
@@ -810,11 +827,24 @@ impl Arbiter {
                 return;
             }
         }
+        if let AgentMessage::Heartbeat { .. } = message {
+            // Liveness only: it neither makes the adapter reachable (that takes a hello) nor
+            // gets an answer. One from an adapter that announced none is ignored.
+            if let Some((_, last)) = self.peers.get_mut(&from).and_then(|p| p.heartbeat.as_mut()) {
+                *last = now;
+            }
+            return;
+        }
         let was_reachable = self.peers[&from].reachable;
         if let Some(p) = self.peers.get_mut(&from) {
             p.reachable = true;
+            if let AgentMessage::Hello { heartbeat_ms: Some(ms), .. } = &message {
+                let every = Duration::from_millis(u64::from((*ms).clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS)));
+                p.heartbeat = Some((every, now));
+            }
         }
         match message {
+            AgentMessage::Heartbeat { .. } => {}
             AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
             AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet } => {
                 self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, quiet, now)

@@ -79,6 +79,15 @@ pub enum AgentMessage {
         /// Free-form role (e.g. `triage`), for logs only.
         #[serde(default)]
         role: Option<String>,
+        /// The adapter sends a `heartbeat` every this many milliseconds from now on (docs/protocol.md,
+        /// "Checkpoints, heartbeats and recovery"); absent: an older adapter, not watched.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_ms: Option<u32>,
+    },
+    /// The adapter is alive: sent every `heartbeat_ms` (lossy, to baton only), never answered.
+    Heartbeat {
+        /// +1 per heartbeat.
+        seq: u64,
     },
     /// The active agent asks baton to hand the call to `target`.
     Handoff {
@@ -148,6 +157,7 @@ impl AgentMessage {
     pub fn type_name(&self) -> &'static str {
         match self {
             AgentMessage::Hello { .. } => "hello",
+            AgentMessage::Heartbeat { .. } => "heartbeat",
             AgentMessage::Handoff { .. } => "handoff",
             AgentMessage::Ready { .. } => "ready",
             AgentMessage::Quiet { .. } => "quiet",

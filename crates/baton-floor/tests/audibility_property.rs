@@ -79,7 +79,7 @@ fn message() -> impl Strategy<Value = AgentMessage> {
     let handoff_id = (1u8..4).prop_map(|n| format!("h-{n}"));
     let transfer = prop::option::of((1u128..3).prop_map(TransferId::new));
     prop_oneof![
-        3 => name.clone().prop_map(|agent_name| AgentMessage::Hello { agent_name, role: None }),
+        3 => name.clone().prop_map(|agent_name| AgentMessage::Hello { agent_name, role: None, heartbeat_ms: None }),
         3 => (name, transfer, any::<bool>(), any::<bool>()).prop_map(|(target, transfer, bundle_follows, quiet)| {
             AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows, quiet }
         }),
@@ -132,7 +132,7 @@ fn ctl(from: &str, message: AgentMessage) -> Step {
 
 /// The happy path of a cold handoff, which random events then disturb.
 fn skeleton() -> Vec<Step> {
-    let hello = |name: &str| AgentMessage::Hello { agent_name: name.into(), role: None };
+    let hello = |name: &str| AgentMessage::Hello { agent_name: name.into(), role: None, heartbeat_ms: None };
     vec![
         Step::Event(Event::ParticipantJoined(participant(0, Some(false), None))),
         Step::Event(Event::ParticipantJoined(participant(2, Some(false), None))),

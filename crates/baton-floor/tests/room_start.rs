@@ -184,7 +184,8 @@ fn control_from_anyone_but_a_configured_agent_is_a_security_event_and_changes_no
     // Someone not in the room at all.
     assert_eq!(security_reason(&forged(&mut r, "ghost")), Some(SecurityReason::UnknownParticipant));
     // A caller pretending, in the payload, to be triage.
-    let out = r.ctl(CALLER, AgentMessage::Hello { agent_name: "triage".into(), role: None });
+    let out =
+        r.ctl(CALLER, AgentMessage::Hello { agent_name: "triage".into(), role: None, heartbeat_ms: None });
     assert_eq!(security_reason(&out), Some(SecurityReason::NotAnAgent));
     // A configured agent claiming another's name.
     r.join(agent(BILLING, "billing", true));

@@ -107,7 +107,7 @@ impl Room {
     }
 
     pub fn hello(&mut self, from: &str, name: &str) -> Vec<Command> {
-        self.ctl(from, AgentMessage::Hello { agent_name: name.into(), role: None })
+        self.ctl(from, AgentMessage::Hello { agent_name: name.into(), role: None, heartbeat_ms: None })
     }
 
     pub fn request(&mut self, from: &str, target: &str, transfer: Option<TransferId>) -> Vec<Command> {
