@@ -43,17 +43,20 @@ impl Members {
         Members { present: HashMap::new(), allowed: allowed_agents }
     }
 
-    /// Applies one roster change. Returns the identity when it (re)joined, so its transfers
-    /// can resume.
+    /// Applies one roster change. Returns the identity when it (re)joined (a join, or an update
+    /// with a new sid), so its transfers can resume.
     pub fn apply<'c>(&mut self, change: &'c Change) -> Option<&'c str> {
         match change {
             Change::Joined(m) => {
                 self.present.insert(m.identity.clone(), agent_name(m));
                 Some(&m.identity)
             }
-            Change::Updated { after, .. } => {
+            Change::Updated { before, after } => {
                 self.present.insert(after.identity.clone(), agent_name(after));
-                None
+                // The server may report a participant that reconnected under the same identity
+                // as an update with a new session id (sid) instead of a join: a rejoin all the
+                // same, whose transfers resume.
+                (before.sid != after.sid).then_some(after.identity.as_str())
             }
             Change::Left(m) => {
                 self.present.remove(&m.identity);
@@ -139,5 +142,25 @@ mod tests {
             assert_eq!(m.apply(&c), None);
         }
         assert_eq!(m.standing("agent-1"), Standing::Unknown);
+    }
+
+    #[test]
+    fn an_update_with_a_new_sid_is_a_rejoin_and_other_updates_are_not() {
+        let (mut roster, _) = Roster::new("PA_baton", &[]);
+        let mut m = Members::default();
+        for c in roster.apply(&[info("agent-1", Kind::Agent, Some("triage"))]) {
+            assert_eq!(m.apply(&c), Some("agent-1"));
+        }
+        let mut renamed = info("agent-1", Kind::Agent, Some("triage"));
+        renamed.name = "Triage".into();
+        renamed.version = 2;
+        let changes = roster.apply(&[renamed.clone()]);
+        assert!(matches!(&changes[..], [Change::Updated { .. }]), "{changes:?}");
+        assert_eq!(m.apply(&changes[0]), None, "a change of name is not a rejoin");
+        let rejoined = proto::ParticipantInfo { sid: "PA_agent-1_again".into(), version: 1, ..renamed };
+        let changes = roster.apply(&[rejoined]);
+        assert!(matches!(&changes[..], [Change::Updated { .. }]), "{changes:?}");
+        assert_eq!(m.apply(&changes[0]), Some("agent-1"));
+        assert_eq!(m.standing("agent-1"), Standing::Authorized);
     }
 }

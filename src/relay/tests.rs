@@ -405,6 +405,22 @@ fn a_forward_fails_when_its_source_cancels() {
 
 #[test]
 fn delivery_resumes_after_target_reconnect_without_restarting() {
+    delivery_resumes_after(Change::Joined(member("b", true)));
+}
+
+/// LiveKit can report the rejoin as an update of the identity with a new session id (sid)
+/// rather than a join (issue 11 item 6); the delivery resumes all the same.
+#[test]
+fn delivery_resumes_when_the_rejoin_is_an_update_with_a_new_sid() {
+    let mut after = member("b", true);
+    after.sid = "PA_b_rejoined".into();
+    after.version = 2;
+    delivery_resumes_after(Change::Updated { before: member("b", true), after });
+}
+
+/// Delivers 3 MiB to `b`, cuts `b` off two thirds of the way, reports `rejoin` to the relay,
+/// and checks the delivery resumed from what was acknowledged instead of restarting.
+fn delivery_resumes_after(rejoin: Change) {
     let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
     let payload = bundle(3 * 1024 * 1024, 8);
     net.send("a", t(11), &payload, "");
@@ -429,9 +445,10 @@ fn delivery_resumes_after_target_reconnect_without_restarting() {
     net.run(Duration::from_millis(2500)); // RTO fires while b is away: those resends are lost
     net.offline.clear();
     let now = net.now;
-    net.relay.handle_change(&Change::Joined(member("b", true)), now);
+    net.relay.handle_change(&rejoin, now);
     net.endpoint("b").reconnected(now);
-    net.run(Duration::from_secs(30));
+    // Resumed at once on the rejoin, not when the next retransmission timer fires.
+    net.run(Duration::from_millis(300));
     let got = net.delivered_to("b");
     assert_eq!(got.len(), 1);
     assert!(got[0].1 == payload);
