@@ -135,9 +135,10 @@ pub enum CallStatus {
 }
 
 /// One entry of the tool-call journal a checkpoint carries (`lk_baton.checkpoint.journal_entry`
-/// builds it from `lk_baton.journal`). Members beyond these are ignored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JournalEntry {
+/// builds it from `lk_baton.journal`). Members beyond these are ignored. `O` is how `output` is
+/// held: a validated [`Item`] once parsed, the raw object on the wire.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct JournalEntry<O = Item> {
     /// The `function_call` item's `call_id`.
     pub call_id: String,
     /// The tool's name.
@@ -153,26 +154,15 @@ pub struct JournalEntry {
     /// Started, finished or cancelled.
     pub status: CallStatus,
     /// Text for the next agent.
+    #[serde(default)]
     pub note: Option<String>,
     /// The `function_call_output` chat item of an ended call (its `call_id` is this entry's),
     /// None while it runs.
-    pub output: Option<Item>,
+    #[serde(default = "Option::default")]
+    pub output: Option<O>,
 }
 
-#[derive(Deserialize)]
-struct WireEntry {
-    call_id: String,
-    name: String,
-    arguments: String,
-    started_at: f64,
-    idempotency_key: String,
-    rerun: Rerun,
-    status: CallStatus,
-    #[serde(default)]
-    note: Option<String>,
-    #[serde(default)]
-    output: Option<Map<String, Value>>,
-}
+type WireEntry = JournalEntry<Map<String, Value>>;
 
 impl JournalEntry {
     fn cost(&self) -> usize {
@@ -339,30 +329,22 @@ fn journal_entry(n: usize, e: WireEntry) -> Result<JournalEntry, Refusal> {
     if !epoch(e.started_at) {
         return Err(bad(format!("journal[{n}].started_at must be epoch seconds")));
     }
-    let output = match e.output {
+    let JournalEntry { call_id, name, arguments, started_at, idempotency_key, rerun, status, note, output } =
+        e;
+    let output = match output {
         None => None,
         Some(o) => {
             let o = item(n, o).map_err(|r| match r {
                 Refusal::BadCheckpoint(m) => bad(format!("journal[{n}].output: {m}")),
                 r => r,
             })?;
-            if o.kind != 2 || o.call_id.as_deref() != Some(e.call_id.as_str()) {
+            if o.kind != 2 || o.call_id.as_deref() != Some(call_id.as_str()) {
                 return Err(bad(format!("journal[{n}].output must be the call's function_call_output item")));
             }
             Some(o)
         }
     };
-    Ok(JournalEntry {
-        call_id: e.call_id,
-        name: e.name,
-        arguments: e.arguments,
-        started_at: e.started_at,
-        idempotency_key: e.idempotency_key,
-        rerun: e.rerun,
-        status: e.status,
-        note: e.note,
-        output,
-    })
+    Ok(JournalEntry { call_id, name, arguments, started_at, idempotency_key, rerun, status, note, output })
 }
 
 /// Parses and validates a checkpoint payload of at most `max_size` bytes.
