@@ -27,6 +27,7 @@ pub mod config;
 pub mod coordinator;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod logging;
 pub mod observe;
 pub mod protocol;
 pub mod recovery;

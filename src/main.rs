@@ -159,11 +159,14 @@ struct JoinArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("could not start the async runtime: {e}")),
     };
+    // Inside the runtime: the security-log throttle spawns the task that writes its counts.
+    let entered = runtime.enter();
+    lk_baton::logging::init(&cli.log_format);
+    drop(entered);
     let result = runtime.block_on(async {
         match cli.command {
             Command::Join(args) => join(args).await.map(|()| ExitCode::SUCCESS),
@@ -179,23 +182,6 @@ fn fail(msg: &str) -> ExitCode {
     // Not eprintln!: it panics when stderr is a closed pipe, and the exit code says enough.
     let _ = writeln!(std::io::stderr(), "baton: error: {msg}");
     ExitCode::FAILURE
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,livekit_signaling=warn,str0m=warn"));
-    // A log line that cannot be written (the reader of stderr is gone: EPIPE) is dropped. By
-    // default tracing-subscriber reports that with `eprintln!`, which panics on the same closed
-    // pipe, so any log call would take down the task that made it.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .log_internal_errors(false);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn join(args: JoinArgs) -> anyhow::Result<()> {

@@ -18,7 +18,7 @@ from typing import Any
 from harness import LiveKitServer, joined_baton, run, token
 from livekit import rtc
 from livekit.agents import Agent, AgentSession
-from lk_baton import BatonLink, TransferError, bundle, send_bundle, transport_for
+from lk_baton import BatonLink, CoordinatorMissing, TransferError, bundle, send_bundle, transport_for
 from peers import Peer
 
 CONFIG = """
@@ -115,3 +115,58 @@ def test_agent_refuses_a_bundle_and_control_messages_pushed_by_the_caller(server
                 await agent_room.disconnect()
 
         run(scenario(), timeout=120)
+
+
+def test_a_single_hello_right_after_joining_is_answered(server: LiveKitServer) -> None:
+    """Issue 11, item 3: an agent that publishes no track and sends one `hello` right after
+    connecting can be announced to baton up to about 3 s later (the server batches that news).
+    baton holds such a message until the sender is announced (up to 5 s): six agents, one
+    `hello` each and never again, all six answered."""
+    room = f"hello-{uuid.uuid4().hex[:8]}"
+    with joined_baton(server, room, "--config", config_file()):
+
+        async def one(i: int) -> dict[str, Any]:
+            peer = await Peer.join(
+                server, room, f"billing-{i}", kind="agent", attributes={"lk.agent.name": "billing"}
+            )
+            try:
+                hello = {"v": 1, "type": "hello", "id": f"a-{i}", "agent_name": "billing"}
+                await peer.send("baton.control", json.dumps(hello).encode(), ["baton"])
+                answer: dict[str, Any] = json.loads((await peer.next("baton.control", timeout=8)).data)
+                return answer
+            finally:
+                await peer.close()
+
+        async def scenario() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(one(i) for i in range(6))))
+
+        answers = run(scenario())
+        assert isinstance(answers, list) and len(answers) == 6
+        for a in answers:
+            assert a["type"] in ("deactivate", "activate", "prepare"), a
+
+
+def test_attach_in_a_room_without_baton_reports_coordinator_missing(server: LiveKitServer) -> None:
+    """Issue 11, item 5: an agent whose room has no baton learns it within `find_timeout` (5 s
+    by default), as `CoordinatorMissing` with code `coordinator_missing`, not after 10 s."""
+    room = f"nobaton-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> float:
+        lk_room = rtc.Room()
+        attrs = {"lk.agent.name": "triage"}
+        await lk_room.connect(server.url, token("agent-triage", room, kind="agent", attributes=attrs))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            session: AgentSession[None] = AgentSession()
+            try:
+                await BatonLink.attach(lk_room, session, agent_name="triage")
+            except CoordinatorMissing as e:
+                assert e.code == "coordinator_missing" and e.room == room, e
+                return loop.time() - start
+            raise AssertionError("attach succeeded in a room without baton")
+        finally:
+            await lk_room.disconnect()
+
+    waited = run(scenario())
+    assert isinstance(waited, float) and 4.9 <= waited < 7.0, waited

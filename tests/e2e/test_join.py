@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -48,7 +49,7 @@ def test_bad_control_input_is_ignored_and_unknown_version_answered(server: LiveK
     with joined_baton(server, room) as baton:
 
         async def scenario() -> None:
-            alice = await Peer.join(server, room, "alice")
+            alice = await Peer.join(server, room, "alice", kind="agent")
             await alice.wait_participant("baton")
             for junk in [b"\x00\xff not json", b"[]", b'{"v":1}', b'{"v":1,"type":"dance","id":"d1"}', b"{" * 14000]:
                 await alice.send("baton.control", junk, ["baton"])
@@ -62,6 +63,43 @@ def test_bad_control_input_is_ignored_and_unknown_version_answered(server: LiveK
         run(scenario())
         baton.wait_for("rejected control message: malformed")
         baton.wait_for("unknown type `dance`")
+
+
+def test_caller_junk_gets_no_reply_and_rate_limited_logs_with_counts(server: LiveKitServer) -> None:
+    """Issue 11, item 9: a caller's client (not an agent) sends 300 junk control packets and a
+    message of an unsupported version. baton sends it nothing but the answer to its `ping` (a
+    liveness probe anyone may use), writes a handful of security lines instead of 300, and
+    later one line that counts the rest."""
+    room = room_name()
+    with joined_baton(server, room) as baton:
+
+        async def scenario() -> None:
+            caller = await Peer.join(server, room, "caller")
+            await caller.wait_participant("baton")
+            pong, _ = await caller.ping()  # announced to baton, and a probe is answered
+            assert pong["type"] == "pong"
+            await caller.send("baton.control", json.dumps({"v": 9, "type": "ping", "id": "v9"}).encode(), ["baton"])
+            forged = {"v": 1, "type": "hello", "id": "h-1", "agent_name": "triage"}
+            await caller.send("baton.control", json.dumps(forged).encode(), ["baton"])
+            for i in range(300):
+                await caller.send("baton.control", b"\x00junk", ["baton"])
+            await caller.send("baton.control", json.dumps({"v": 1, "type": "ping", "id": "last"}).encode(), ["baton"])
+            # Everything before the last ping was handled before it (one reliable stream): the
+            # only answer is that pong.
+            got = json.loads((await caller.next("baton.control")).data)
+            assert got["type"] == "pong" and got["re"] == "last", got
+            await asyncio.sleep(0.5)
+            assert caller.inbox.empty(), "baton answered the caller's junk"
+            # The count comes in the next summary (every 10 s); the call goes on meanwhile.
+            await asyncio.to_thread(baton.wait_for, r"security: \d+ more like this were not logged.*caller", 25)
+            await caller.close()
+
+        run(scenario())
+        junk = [ln for _, ln in baton.lines if "security: rejected control message: malformed" in ln and "caller" in ln and "more like this" not in ln]
+        assert 1 <= len(junk) <= 5, "\n".join(junk)
+        assert any("control message ignored" in ln and "caller" in ln and "hello" in ln for _, ln in baton.lines)
+        counted = [int(m) for m in re.findall(r"security: (\d+) more like this were not logged", baton.text())]
+        assert sum(counted) >= 300 - len(junk), (counted, baton.text())
 
 
 def test_15000_byte_packets_byte_exact_both_ways_and_misaddressed_unseen(server: LiveKitServer) -> None:

@@ -44,6 +44,7 @@ from .floor import (
     HEARTBEAT_MS,
     HELLO_RETRY,
     BatonError,
+    CoordinatorMissing,
     ControlDecodeError,
     FloorClient,
     FloorEventKind,
@@ -974,7 +975,7 @@ class BatonLink:
         agent_name: str | None = None,
         baton_identity: str | None = None,
         role: str | None = None,
-        find_timeout: float = 10.0,
+        find_timeout: float = 5.0,
         answer_timeout: float = 5.0,
         **options: Any,
     ) -> BatonLink:
@@ -992,8 +993,9 @@ class BatonLink:
         that to one identity. From then on the room's control messages and transfers
         (``baton.xfer``) are taken from that participant only; anyone else's are refused
         without being stored (a transfer OPEN is answered ``not_authorized``) and counted in
-        :attr:`refusals`. Raises :class:`BatonError` when no such participant is in the room
-        after ``find_timeout`` seconds, :class:`MessageTooLarge` when ``agent_name`` or
+        :attr:`refusals`. Raises :class:`CoordinatorMissing` (code ``coordinator_missing``, also logged as an
+        error) when no such participant is in the room after ``find_timeout`` seconds (5 by
+        default: baton joins a room it is dispatched to within about a second), :class:`MessageTooLarge` when ``agent_name`` or
         ``role`` cannot fit a ``hello``. Further keyword ``options`` go to the
         constructor (``on_activate``, ``on_release``, ``on_prepare``, ``user_state_serializer``,
         ``transcription``, ``heartbeat_ms``: milliseconds between heartbeats, sent from the
@@ -1086,12 +1088,9 @@ class BatonLink:
             while (who := look()) is None:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
-                    raise BatonError(
-                        f"baton is not in room {self.room.name!r} after {timeout}s: no participant "
-                        f"of kind agent with attribute {COORDINATOR_ATTRIBUTE}={COORDINATOR_ROLE}"
-                        + (f" and identity {identity!r}" if identity else "")
-                        + "; check that the room dispatches baton"
-                    )
+                    missing = CoordinatorMissing(self.room.name, timeout, identity)
+                    log.error("%s", missing)
+                    raise missing
                 found.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(found.wait(), left)

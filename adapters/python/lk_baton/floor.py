@@ -41,6 +41,7 @@ __all__ = [
     "PARTICIPANT_KIND_AGENT",
     "PROTOCOL_VERSION",
     "BatonError",
+    "CoordinatorMissing",
     "ControlDecodeError",
     "ControlErrorName",
     "ControlSender",
@@ -97,6 +98,29 @@ crash after ``crash_suspect_after`` (1 s) without one, so four may be lost in a 
 
 class BatonError(Exception):
     """Base class for the adapter's errors about baton and its protocol."""
+
+
+class CoordinatorMissing(BatonError):
+    """No baton in the room: no participant of kind agent with ``baton.role = coordinator``
+    (and the given identity, if one was asked for) joined within ``waited`` seconds.
+
+    ``code`` is ``"coordinator_missing"``. The usual cause is a room created before the token
+    that dispatches baton was used: the LiveKit server ignores a token's agent dispatch for a
+    room that already exists. Fix it where rooms are made (``lk_baton.launch.ensure_coordinator``
+    or ``baton ensure``)."""
+
+    code = "coordinator_missing"
+
+    def __init__(self, room: str, waited: float, identity: str | None = None) -> None:
+        who = f"participant {identity!r}" if identity else "participant of kind agent with baton.role=coordinator"
+        super().__init__(
+            f"coordinator_missing: baton is not in room {room!r} after {waited:g} s (no {who}); "
+            "the room may have been created before the token that dispatches baton "
+            "(use lk_baton.launch.ensure_coordinator or `baton ensure`)"
+        )
+        self.room = room
+        self.waited = waited
+        self.identity = identity
 
 
 class HandoffRefused(BatonError):

@@ -29,6 +29,8 @@ from lk_baton.agents import (
 from lk_baton.floor import (
     CONTROL_TOPIC,
     PARTICIPANT_KIND_AGENT,
+    BatonError,
+    CoordinatorMissing,
     HandoffRefused,
     MessageTooLarge,
 )
@@ -645,3 +647,31 @@ def test_link_sends_lossy_heartbeats_to_baton_only_from_hello_until_closed() -> 
         assert len(net.log) == n, "no heartbeat after aclose"
 
     asyncio.run(main())
+
+
+def test_attach_without_baton_raises_coordinator_missing_and_logs_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only an impostor (baton's attribute without kind agent) and another agent are in the
+    room: attach gives up after ``find_timeout`` with ``coordinator_missing``, names the room,
+    and logs it as an error."""
+
+    async def main() -> None:
+        net = Net()
+        FakeRoom(net, "impostor", dict(BATON_ATTRIBUTES))
+        FakeRoom(net, "other-agent", kind=PARTICIPANT_KIND_AGENT)
+        room = FakeRoom(net, "agent-triage")
+        session: AgentSession[None] = AgentSession()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(CoordinatorMissing) as e:
+            await BatonLink.attach(room, session, agent_name="triage", find_timeout=0.3)  # type: ignore[arg-type]
+        waited = loop.time() - start
+        assert 0.3 <= waited < 2.0, waited
+        assert e.value.code == "coordinator_missing" and e.value.room == room.name
+        assert str(e.value).startswith("coordinator_missing: baton is not in room")
+        assert isinstance(e.value, BatonError)
+
+    with caplog.at_level("ERROR", logger="lk_baton.agents"):
+        asyncio.run(main())
+    assert any("coordinator_missing" in r.getMessage() for r in caplog.records), caplog.text
