@@ -81,7 +81,7 @@ def test_caller_junk_gets_no_reply_and_rate_limited_logs_with_counts(server: Liv
             await caller.send("baton.control", json.dumps({"v": 9, "type": "ping", "id": "v9"}).encode(), ["baton"])
             forged = {"v": 1, "type": "hello", "id": "h-1", "agent_name": "triage"}
             await caller.send("baton.control", json.dumps(forged).encode(), ["baton"])
-            for i in range(300):
+            for _ in range(300):
                 await caller.send("baton.control", b"\x00junk", ["baton"])
             await caller.send("baton.control", json.dumps({"v": 1, "type": "ping", "id": "last"}).encode(), ["baton"])
             # Everything before the last ping was handled before it (one reliable stream): the
@@ -95,7 +95,8 @@ def test_caller_junk_gets_no_reply_and_rate_limited_logs_with_counts(server: Liv
             await caller.close()
 
         run(scenario())
-        junk = [ln for _, ln in baton.lines if "security: rejected control message: malformed" in ln and "caller" in ln and "more like this" not in ln]
+        malformed = "security: rejected control message: malformed"
+        junk = [ln for _, ln in baton.lines if malformed in ln and "caller" in ln and "more like this" not in ln]
         assert 1 <= len(junk) <= 5, "\n".join(junk)
         assert any("control message ignored" in ln and "caller" in ln and "hello" in ln for _, ln in baton.lines)
         counted = [int(m) for m in re.findall(r"security: (\d+) more like this were not logged", baton.text())]

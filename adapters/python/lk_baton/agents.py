@@ -39,13 +39,11 @@ from . import bundle as bd
 from . import checkpoint as cp
 from .floor import (
     CONTROL_TOPIC,
-    COORDINATOR_ATTRIBUTE,
-    COORDINATOR_ROLE,
     HEARTBEAT_MS,
     HELLO_RETRY,
     BatonError,
-    CoordinatorMissing,
     ControlDecodeError,
+    CoordinatorMissing,
     FloorClient,
     FloorEventKind,
     HandoffCancelled,
@@ -993,9 +991,10 @@ class BatonLink:
         that to one identity. From then on the room's control messages and transfers
         (``baton.xfer``) are taken from that participant only; anyone else's are refused
         without being stored (a transfer OPEN is answered ``not_authorized``) and counted in
-        :attr:`refusals`. Raises :class:`CoordinatorMissing` (code ``coordinator_missing``, also logged as an
-        error) when no such participant is in the room after ``find_timeout`` seconds (5 by
-        default: baton joins a room it is dispatched to within about a second), :class:`MessageTooLarge` when ``agent_name`` or
+        :attr:`refusals`. Raises :class:`CoordinatorMissing` (code ``coordinator_missing``,
+        also logged as an error) when no such participant is in the room after
+        ``find_timeout`` seconds (5 by default: baton joins a room it is dispatched to within
+        about a second), :class:`MessageTooLarge` when ``agent_name`` or
         ``role`` cannot fit a ``hello``. Further keyword ``options`` go to the
         constructor (``on_activate``, ``on_release``, ``on_prepare``, ``user_state_serializer``,
         ``transcription``, ``heartbeat_ms``: milliseconds between heartbeats, sent from the

@@ -41,10 +41,10 @@ __all__ = [
     "PARTICIPANT_KIND_AGENT",
     "PROTOCOL_VERSION",
     "BatonError",
-    "CoordinatorMissing",
     "ControlDecodeError",
     "ControlErrorName",
     "ControlSender",
+    "CoordinatorMissing",
     "FloorClient",
     "FloorEffects",
     "FloorEventKind",
@@ -112,7 +112,11 @@ class CoordinatorMissing(BatonError):
     code = "coordinator_missing"
 
     def __init__(self, room: str, waited: float, identity: str | None = None) -> None:
-        who = f"participant {identity!r}" if identity else "participant of kind agent with baton.role=coordinator"
+        who = (
+            f"participant {identity!r}"
+            if identity
+            else "participant of kind agent with baton.role=coordinator"
+        )
         super().__init__(
             f"coordinator_missing: baton is not in room {room!r} after {waited:g} s (no {who}); "
             "the room may have been created before the token that dispatches baton "
