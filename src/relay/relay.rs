@@ -240,8 +240,6 @@ pub struct Relay {
     pending: Vec<(TransferId, String)>,
     /// Stored bundles by expiry time.
     expiry: BTreeSet<(Instant, TransferId)>,
-    /// Packets refused from unauthorized senders, per identity (for rate-limited warnings).
-    unauthorized: HashMap<String, u64>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<RelayEvent>,
 }
@@ -273,7 +271,6 @@ impl Relay {
             progress: HashMap::new(),
             pending: Vec::new(),
             expiry: BTreeSet::new(),
-            unauthorized: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -609,16 +606,13 @@ impl Relay {
             self.pull(now);
             return;
         }
-        let n = self.unauthorized.entry(from.to_owned()).or_insert(0);
-        *n += 1;
-        if *n == 1 || n.is_power_of_two() {
-            tracing::warn!(
-                %from,
-                packets = *n,
-                kind = header.map(|(k, _)| format!("{k:?}")).unwrap_or_else(|| "undecodable".into()),
-                "security: transfer frame from a participant that is not an authorized agent; refused"
-            );
-        }
+        // Rate-limited with counts by the log setup (crate::logging), like every security line.
+        tracing::warn!(
+            target: crate::logging::SECURITY_TARGET,
+            %from,
+            kind = header.map(|(k, _)| format!("{k:?}")).unwrap_or_else(|| "undecodable".into()),
+            "security: transfer frame from a participant that is not an authorized agent; refused"
+        );
         let reason = format!(
             "{from} is not an agent in baton's configuration; only configured agents may send bundles"
         );
