@@ -665,19 +665,51 @@ mod tests {
     }
 
     #[test]
-    fn ping_is_answered_to_the_sender_only() {
+    fn ping_waits_for_its_senders_announcement_and_is_answered_to_the_sender_only() {
+        let now = Instant::now();
         let mut c = Coordinator::minimal("r", false);
         let mut out = Outbox::default();
-        c.on_data(
-            &incoming("alice", "baton.control", br#"{"v":1,"type":"ping","id":"x"}"#),
-            Instant::now(),
-            &mut out,
-        );
+        let (roster, _) = Roster::new("PA_baton", &[]);
+        c.on_connected(&roster, now, &mut out);
+        let ping = |id: &str| format!(r#"{{"v":1,"type":"ping","id":"{id}"}}"#).into_bytes();
+        c.on_data(&incoming("alice", "baton.control", &ping("x")), now, &mut out);
+        c.on_data(&incoming("ghost", "baton.control", &ping("g")), now, &mut out);
+        assert!(sent(&out).is_empty(), "held until the senders are announced: {out:?}");
+        let (mut roster, _) = Roster::new("PA_baton", &[]);
+        let alice = info("alice", proto::participant_info::Kind::Standard, None);
+        for change in roster.apply(&[alice]) {
+            c.on_change(&change, &roster, now, &mut out);
+        }
         let msgs = sent(&out);
-        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
         assert_eq!(msgs[0].0, "alice");
         assert_eq!(msgs[0].1["type"], "pong");
         assert_eq!(msgs[0].1["re"], "x");
+        // `ghost` is never announced: after the hold its ping is dropped without an answer.
+        let mut later = Outbox::default();
+        c.on_timeout(now + EARLY_MESSAGE_WAIT, &mut later);
+        assert!(sent(&later).is_empty(), "{later:?}");
+    }
+
+    #[test]
+    fn a_version_error_is_answered_to_agents_only() {
+        let now = Instant::now();
+        let mut c = Coordinator::minimal("r", false);
+        let mut out = Outbox::default();
+        let caller = info("caller", proto::participant_info::Kind::Standard, None);
+        let agent = info("agent-1", proto::participant_info::Kind::Agent, Some("triage"));
+        let (roster, joins) = Roster::new("PA_baton", &[caller, agent]);
+        for change in &joins {
+            c.on_change(change, &roster, now, &mut out);
+        }
+        c.on_connected(&roster, now, &mut out);
+        let v9 = br#"{"v":9,"type":"ping","id":"v9"}"#;
+        c.on_data(&incoming("caller", "baton.control", v9), now, &mut out);
+        c.on_data(&incoming("agent-1", "baton.control", v9), now, &mut out);
+        let msgs = sent(&out);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert_eq!(msgs[0].0, "agent-1");
+        assert_eq!(msgs[0].1["code"], "unsupported_version");
     }
 
     #[test]
