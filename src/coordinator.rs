@@ -81,7 +81,7 @@ impl Coordinator {
         });
         let arbiter =
             if cfg.policy.agents.is_empty() { None } else { Some(Arbiter::new(cfg.policy.clone(), now)?) };
-        Ok(Self {
+        let mut coordinator = Self {
             cfg,
             arbiter,
             started: false,
@@ -89,7 +89,9 @@ impl Coordinator {
             members: BTreeMap::new(),
             early: Vec::new(),
             relay,
-        })
+        };
+        coordinator.sync_uploaders();
+        Ok(coordinator)
     }
 
     /// A coordinator that only answers `ping` (and echoes when asked): no agents, no server API.
@@ -140,12 +142,26 @@ impl Coordinator {
                 None => Vec::new(),
             };
             if commands.is_empty() {
+                self.sync_uploaders();
                 return;
             }
             for command in commands {
                 self.execute(command, now, out);
             }
         }
+    }
+
+    /// Tells the relay who may upload bundles now: the floor holder and the source of the
+    /// handoff under way (nobody before the arbiter starts). Without agents configured there
+    /// is no floor, and every agent may.
+    fn sync_uploaders(&mut self) {
+        let Some(arbiter) = self.arbiter.as_ref() else { return };
+        let mut uploaders = std::collections::BTreeSet::new();
+        if self.started {
+            uploaders.extend(arbiter.floor_holder().map(str::to_owned));
+            uploaders.extend(arbiter.handoff().map(|h| h.source));
+        }
+        self.relay.set_uploaders(Some(uploaders));
     }
 
     fn start(&mut self, token_dispatched: Vec<String>, now: Instant, out: &mut Outbox) {

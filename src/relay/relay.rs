@@ -229,6 +229,10 @@ pub struct Relay {
     routing: Routing,
     retention: Option<Duration>,
     max_bundle_size: u64,
+    /// Who may upload a new bundle besides being an authorized agent: `None` lets every
+    /// authorized agent (a bare relay); `Some` names the floor holder and the source of the
+    /// handoff under way, kept current by the coordinator (`set_uploaders`).
+    uploaders: Option<BTreeSet<String>>,
     /// Incoming transfers admitted to the engine, by (source, transfer id).
     admitted: HashMap<(String, TransferId), Admitted>,
     /// Deliveries under way: (target, delivery id) -> the bundle's transfer id.
@@ -266,6 +270,7 @@ impl Relay {
             members: Members::new(cfg.allowed_agents),
             routing: cfg.routing,
             retention: cfg.retention,
+            uploaders: None,
             admitted: HashMap::new(),
             deliveries: HashMap::new(),
             progress: HashMap::new(),
@@ -274,6 +279,15 @@ impl Relay {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// Limits new uploads (OPEN) to these identities, or lifts the limit with `None`. A new
+    /// OPEN from anyone else is answered ERROR `not_floor_holder` (15) and nothing is stored;
+    /// transfers already admitted carry on. With agents configured the coordinator keeps this
+    /// to the floor holder and the source of the handoff under way, so an agent released after
+    /// a handoff (or a standby) cannot put bundles into baton's store (issue 11, item 4).
+    pub fn set_uploaders(&mut self, uploaders: Option<BTreeSet<String>>) {
+        self.uploaders = uploaders;
     }
 
     // --- getters ---------------------------------------------------------------------------
@@ -562,6 +576,19 @@ impl Relay {
             Err(e) => {
                 return refuse(self, ErrorCode::BufferFull, format!("baton's bundle store failed: {e}"));
             }
+        }
+        if let Some(uploaders) = &self.uploaders
+            && !uploaders.contains(from)
+        {
+            tracing::warn!(
+                target: crate::logging::SECURITY_TARGET,
+                %from,
+                "security: stale_sender: bundle from an agent that neither holds the floor nor is the source of the handoff under way; refused"
+            );
+            let reason = format!(
+                "{from} does not hold the floor and is not the source of the handoff under way; baton takes bundles only from them"
+            );
+            return refuse(self, ErrorCode::NotFloorHolder, reason);
         }
         if open.payload_size > self.max_bundle_size {
             return true; // the engine answers too_large with its own wording

@@ -282,6 +282,29 @@ fn unauthorized_sender_is_refused_and_nothing_is_buffered() {
 }
 
 #[test]
+fn only_the_listed_uploaders_may_open_a_bundle() {
+    let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
+    net.relay.set_uploaders(Some(BTreeSet::from(["a".to_string()])));
+    // `b` is an authorized agent, but neither holds the floor nor is a handoff's source.
+    net.send("b", t(4), &bundle(50_000, 6), "");
+    net.run(Duration::from_secs(10));
+    let err = net.send_outcome("b", t(4)).expect("outcome").expect_err("refused");
+    assert_eq!(err.code, ErrorCode::NotFloorHolder);
+    assert!(err.remote && err.reason.contains("does not hold the floor"), "{}", err.reason);
+    assert_eq!(net.usage().bundles, 0, "nothing of b's is stored");
+    assert_eq!(net.relay.receiving(), 0);
+    net.send("a", t(5), &bundle(50_000, 7), "");
+    net.run(Duration::from_secs(10));
+    assert_eq!(net.send_outcome("a", t(5)), Some(Ok(())));
+    assert_eq!(net.usage().bundles, 1);
+    // Lifting the limit (a bare relay) lets `b` upload again.
+    net.relay.set_uploaders(None);
+    net.send("b", t(6), &bundle(50_000, 8), "");
+    net.run(Duration::from_secs(10));
+    assert_eq!(net.send_outcome("b", t(6)), Some(Ok(())));
+}
+
+#[test]
 fn store_cap_refuses_before_buffering_and_frees_on_remove() {
     let cfg = RelayConfig { store_bytes: 100_000, ..RelayConfig::default() };
     let mut net = Net::new(cfg, &["a", "b"], &["a", "b"]);

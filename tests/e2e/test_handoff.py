@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from harness import API_KEY, API_SECRET, LiveKitServer, Process, joined_baton, run
+from lk_baton import ErrorCode, TransferError, send_bundle
 from peers import Peer, Recorder, audible_grid, longest_run, runs
 from tone_agent import ToneAgent
 
@@ -336,3 +337,37 @@ def test_forged_handoff_from_the_caller_changes_nothing(server: LiveKitServer) -
         assert not a.got("deactivate") and not a.got("handoff_accepted")  # type: ignore[attr-defined]
         baton.wait_for(r"security: control message ignored.*from=caller.*handoff")
         assert "handoff phase" not in baton.text()
+
+
+def test_bundles_only_from_the_floor_holder_or_the_handoffs_source(server: LiveKitServer) -> None:
+    """Issue 11, item 4: after a completed handoff the released source (triage) uploads a bundle
+    to baton; so does billing while it is still a standby. Both are refused with ERROR
+    `not_floor_holder` (15), logged as a stale sender, and nothing is stored; the floor holder's
+    upload is accepted."""
+    room = f"h-{uuid.uuid4().hex[:8]}"
+    meta = json.dumps({"content_type": "application/vnd.baton.bundle+json", "purpose": "handoff"})
+    with joined_baton(server, room, "--config", config_file()) as baton:
+
+        async def scenario() -> None:
+            caller = await Peer.join(server, room, "caller")
+            a = await agent(server, room, "triage", 440)
+            b = await agent(server, room, "billing", 880)
+            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
+            await wait_until(lambda: b.got("deactivate"), 5, "billing should be told to stand by")
+            with pytest.raises(TransferError) as standby:
+                await send_bundle(b.room, b.baton, os.urandom(2000), meta, deadline=10)
+            assert standby.value.code == ErrorCode.NOT_FLOOR_HOLDER and standby.value.remote, standby.value
+            await a.handoff("billing", reason="caller wants a refund", bundle=os.urandom(4000))
+            await wait_until(lambda: b.speaking, 8, "billing never got the floor")
+            await wait_until(lambda: a.got("release"), 5, "triage was not released")
+            with pytest.raises(TransferError) as released:
+                await send_bundle(a.room, a.baton, os.urandom(2000), meta, deadline=10)
+            assert released.value.code == ErrorCode.NOT_FLOOR_HOLDER, released.value
+            await send_bundle(b.room, b.baton, os.urandom(2000), meta, deadline=10)  # the holder's
+            for x in (a, b):
+                await x.close()
+            await caller.close()
+
+        run(scenario())
+        stale = "\n".join(ln for _, ln in baton.lines if "security: stale_sender" in ln)
+        assert "agent-billing" in stale and "agent-triage" in stale, baton.text()

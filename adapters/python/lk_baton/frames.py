@@ -65,6 +65,9 @@ class ErrorCode(IntEnum):
     CHECKPOINT_REJECTED = 14
     """baton refused a checkpoint; the reason starts with why (``out_of_sequence``, ``no_base``,
     ``wrong_agent``, ``bad_checkpoint``, ``stale_sender``). Send a base next."""
+    NOT_FLOOR_HOLDER = 15
+    """baton takes bundles only from the agent holding the floor and the source of the handoff
+    under way; this sender is neither (released after a handoff, or a standby)."""
 
 
 def code_name(code: int) -> str:

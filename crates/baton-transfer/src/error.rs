@@ -39,13 +39,17 @@ pub enum ErrorCode {
     /// (`out_of_sequence`, `no_base`, `wrong_agent`, `bad_checkpoint`, `stale_sender`). The
     /// sender's next checkpoint is a base.
     CheckpointRejected,
+    /// 15: baton takes bundles only from the agent holding the floor and from the source of
+    /// the handoff under way; the sender is neither (an agent released after a handoff, or a
+    /// standby that never held the floor).
+    NotFloorHolder,
     /// Any other number: a code from a newer implementation; kept so it can be logged and forwarded.
     Other(u16),
 }
 
 impl ErrorCode {
     /// All codes this version defines, in wire order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::UnknownTransfer,
@@ -60,6 +64,7 @@ impl ErrorCode {
         ErrorCode::ProtocolViolation,
         ErrorCode::NotAuthorized,
         ErrorCode::CheckpointRejected,
+        ErrorCode::NotFloorHolder,
     ];
 
     /// Wire value.
@@ -79,6 +84,7 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => 12,
             ErrorCode::NotAuthorized => 13,
             ErrorCode::CheckpointRejected => 14,
+            ErrorCode::NotFloorHolder => 15,
             ErrorCode::Other(n) => n,
         }
     }
@@ -105,6 +111,7 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => "protocol_violation",
             ErrorCode::NotAuthorized => "not_authorized",
             ErrorCode::CheckpointRejected => "checkpoint_rejected",
+            ErrorCode::NotFloorHolder => "not_floor_holder",
             ErrorCode::Other(_) => "unknown_code",
         }
     }
