@@ -371,3 +371,47 @@ def test_bundles_only_from_the_floor_holder_or_the_handoffs_source(server: LiveK
         run(scenario())
         stale = "\n".join(ln for _, ln in baton.lines if "security: stale_sender" in ln)
         assert "agent-billing" in stale and "agent-triage" in stale, baton.text()
+
+
+# max_filler (the caller's longest wait on filler) is raised: 5 MiB through a loaded machine with
+# the test agent's small window takes several seconds per leg.
+SLOW_BUNDLE_CONFIG = CONFIG.replace("ready_timeout = 6", 'ready_timeout = "500ms"\nbundle_timeout = "300ms"').replace(
+    "max_filler = 8", "max_filler = 40"
+)
+
+
+def test_deadlines_extend_while_a_large_bundle_keeps_moving(server: LiveKitServer) -> None:
+    """Issue 11, item 7: a 5 MiB bundle takes longer per leg than `bundle_timeout` (300 ms here)
+    and `ready_timeout` (500 ms). The relay reports each chunk as progress, so the deadlines
+    move with it (up to `stall_timeout` past the latest progress) and the handoff completes with
+    the bundle byte for byte, instead of failing while the bytes are still flowing."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(SLOW_BUNDLE_CONFIG)
+    room = f"h-{uuid.uuid4().hex[:8]}"
+    with joined_baton(server, room, "--config", f.name) as baton:
+
+        async def scenario() -> float:
+            caller = await Peer.join(server, room, "caller")
+            a = await agent(server, room, "triage", 440)
+            b = await agent(server, room, "billing", 880)
+            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
+            await wait_until(lambda: b.got("deactivate"), 5, "billing should be told to stand by")
+            payload = os.urandom(5 * 1024 * 1024)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await a.handoff("billing", reason="a long history", bundle=payload)
+            uploaded = loop.time() - t0
+            await wait_until(lambda: b.speaking, 30, "billing never got the floor")
+            assert b.bundle == payload, "billing does not hold the bundle byte for byte"
+            assert not a.got("handoff_failed") and not a.got("handoff_cancelled"), a.received
+            for x in (a, b):
+                await x.close()
+            await caller.close()
+            return uploaded
+
+        uploaded = run(scenario(), timeout=90)
+        assert isinstance(uploaded, float)
+        # The upload alone outlasted bundle_timeout, so a fixed deadline would have failed it.
+        assert uploaded > 0.3, f"the upload took {uploaded:.2f} s: too fast to test the deadline"
+        timeline = json.loads(baton.wait_for(r'^\{"handoff".*"outcome":"completed"', timeout=5)[1])
+        assert timeline["outcome"] == "completed", timeline
