@@ -17,6 +17,7 @@
 //! - [`observe`]: what happens in rooms as an event stream, webhook, metrics, traces and a timeline page.
 //! - [`worker`]: `baton worker`, a LiveKit agent worker running one room task per job.
 //! - [`config`]: `configs/baton.toml` and the worker's options, merged into a floor `Policy`.
+//! - [`logging`]: log setup; security warnings rate-limited with counts.
 //! - [`token`]: access tokens baton mints for itself.
 //! - `fuzzing`: entry points of the fuzz targets and `tests/no_panic.rs` (hidden).
 //!
