@@ -339,6 +339,16 @@ def test_forged_handoff_from_the_caller_changes_nothing(server: LiveKitServer) -
         assert "handoff phase" not in baton.text()
 
 
+async def caller_triage_and_standby_billing(server: LiveKitServer, room: str) -> tuple[Peer, ToneAgent, ToneAgent]:
+    """A caller, triage holding the floor and billing told to stand by."""
+    caller = await Peer.join(server, room, "caller")
+    a = await agent(server, room, "triage", 440)
+    b = await agent(server, room, "billing", 880)
+    await wait_until(lambda: a.speaking, 5, "triage never got the floor")
+    await wait_until(lambda: b.got("deactivate"), 5, "billing should be told to stand by")
+    return caller, a, b
+
+
 def test_bundles_only_from_the_floor_holder_or_the_handoffs_source(server: LiveKitServer) -> None:
     """Issue 11, item 4: after a completed handoff the released source (triage) uploads a bundle
     to baton; so does billing while it is still a standby. Both are refused with ERROR
@@ -349,11 +359,7 @@ def test_bundles_only_from_the_floor_holder_or_the_handoffs_source(server: LiveK
     with joined_baton(server, room, "--config", config_file()) as baton:
 
         async def scenario() -> None:
-            caller = await Peer.join(server, room, "caller")
-            a = await agent(server, room, "triage", 440)
-            b = await agent(server, room, "billing", 880)
-            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
-            await wait_until(lambda: b.got("deactivate"), 5, "billing should be told to stand by")
+            caller, a, b = await caller_triage_and_standby_billing(server, room)
             with pytest.raises(TransferError) as standby:
                 await send_bundle(b.room, b.baton, os.urandom(2000), meta, deadline=10)
             assert standby.value.code == ErrorCode.NOT_FLOOR_HOLDER and standby.value.remote, standby.value
@@ -391,11 +397,7 @@ def test_deadlines_extend_while_a_large_bundle_keeps_moving(server: LiveKitServe
     with joined_baton(server, room, "--config", f.name) as baton:
 
         async def scenario() -> float:
-            caller = await Peer.join(server, room, "caller")
-            a = await agent(server, room, "triage", 440)
-            b = await agent(server, room, "billing", 880)
-            await wait_until(lambda: a.speaking, 5, "triage never got the floor")
-            await wait_until(lambda: b.got("deactivate"), 5, "billing should be told to stand by")
+            caller, a, b = await caller_triage_and_standby_billing(server, room)
             payload = os.urandom(5 * 1024 * 1024)
             loop = asyncio.get_running_loop()
             t0 = loop.time()
