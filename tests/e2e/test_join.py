@@ -355,6 +355,10 @@ def test_unreachable_server_fails_fast_with_one_line(url: str) -> None:
     assert "could not reach" in errors[0], errors[0]
 
 
+# The restarted server binds the same ports; a process in the room (baton's new ICE socket)
+# can take one of them from the ephemeral range meanwhile ("bind: address already in use", seen
+# once in CI on 2026-11-30). A rerun starts a server on fresh ports.
+@pytest.mark.flaky(reruns=2)
 def test_back_in_room_after_server_restart() -> None:
     srv = LiveKitServer()
     srv.start()
