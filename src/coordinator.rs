@@ -501,8 +501,9 @@ fn arbiter_event(event: RelayEvent) -> Option<Event> {
             tracing::warn!(%from, ?transfer_id, %error, "transfer frame rejected");
             return None;
         }
-        // The arbiter starts a delivery once the bundle is held (BundleReceived).
-        R::Receiving { .. } => return None,
+        // The arbiter starts a delivery once the bundle is held (BundleReceived); checkpoints
+        // are the relay's own (the recovery reads them through `recovery_bundle`).
+        R::Receiving { .. } | R::CheckpointApplied { .. } | R::CheckpointRejected { .. } => return None,
         R::Expired { transfer_id } => {
             tracing::debug!(%transfer_id, "stored bundle expired");
             return None;

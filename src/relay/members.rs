@@ -81,6 +81,12 @@ impl Members {
         }
     }
 
+    /// The `lk.agent.name` of `identity` when it is in the room as an agent participant with a
+    /// name (the server stamps it from the token it accepted), else `None`.
+    pub fn agent_name(&self, identity: &str) -> Option<&str> {
+        self.present.get(identity).and_then(Option::as_deref).filter(|n| !n.is_empty())
+    }
+
     /// Whether `identity` is in the room as an agent participant (may receive bundles).
     pub fn is_agent(&self, identity: &str) -> bool {
         self.present.get(identity).is_some_and(Option::is_some)
@@ -119,6 +125,12 @@ mod tests {
         assert_eq!(m.standing("nobody"), Standing::Unknown);
         assert!(m.is_agent("agent-2"));
         assert!(!m.is_agent("caller") && !m.is_agent("forger") && !m.is_agent("nobody"));
+        assert_eq!(m.agent_name("agent-1"), Some("triage"));
+        assert_eq!(m.agent_name("agent-2"), Some("stranger"));
+        assert_eq!(
+            (m.agent_name("forger"), m.agent_name("caller"), m.agent_name("nobody")),
+            (None, None, None)
+        );
 
         // With no configured agents, every agent participant may send.
         let mut open = Members::default();

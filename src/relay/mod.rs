@@ -19,6 +19,13 @@
 //! - The store has a byte cap; an OPEN that would not fit in what the store has left (counting
 //!   transfers already accepted and still arriving) is refused with `buffer_full` before
 //!   anything is buffered.
+//! - A transfer whose OPEN meta says `"purpose":"checkpoint"` is not a bundle: once whole it is
+//!   merged into the room's [`Checkpoints`](crate::recovery::checkpoint::Checkpoints) (any
+//!   configured agent may send one, not only the floor holder), and its COMPLETE means
+//!   "applied"; a refusal replaces the COMPLETE with ERROR 14 `checkpoint_rejected` (6
+//!   `buffer_full` over the room's cap). After a crash, [`Relay::recovery_bundle`] turns an
+//!   agent's merged state into a stored bundle that is delivered like a handoff's
+//!   (`docs/protocol.md`, "Checkpoints, heartbeats and recovery").
 //!
 //! Layout:
 //!

@@ -1,7 +1,7 @@
 //! The relay: one room's transfer endpoint at baton, its bundle store and its membership rules,
 //! as a sans-IO state machine (no sockets, no clock, no tasks; time comes in with every call).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use baton_transfer::frame::truncate_reason;
@@ -12,6 +12,7 @@ use baton_transfer::{
 
 use super::members::{Members, Standing};
 use super::store::{BundleInfo, BundleStore, MemoryStore, StoreError, StoredBundle};
+use crate::recovery::checkpoint::{self, Checkpoints, Limits, Refusal};
 use crate::room::{Change, Roster};
 
 /// Who starts deliveries.
@@ -36,7 +37,8 @@ pub struct RelayConfig {
     pub allowed_agents: BTreeSet<String>,
     /// Who starts deliveries.
     pub routing: Routing,
-    /// Payload bytes the in-memory store of [`Relay::new`] holds. Default 128 MiB.
+    /// Payload bytes the in-memory store of [`Relay::new`] holds. Default 128 MiB. The room's
+    /// merged checkpoints are capped at the store's capacity too (kept apart from it).
     pub store_bytes: u64,
     /// How long a stored bundle is kept after it arrived, delivered or not, so it can be
     /// delivered again (fallback to another agent, hand back). `None` keeps it until
@@ -194,6 +196,41 @@ pub enum RelayEvent {
         /// The bundle's id.
         transfer_id: TransferId,
     },
+    /// A checkpoint (OPEN meta `purpose: "checkpoint"`) arrived whole and was merged into the
+    /// room's state for its agent name; the source is told COMPLETE. Nothing is stored as a
+    /// bundle.
+    CheckpointApplied {
+        /// The source agent's identity.
+        from: String,
+        /// The source's transfer id.
+        transfer_id: TransferId,
+        /// The payload's agent name (the source's `lk.agent.name`).
+        agent: String,
+        /// The checkpoint's `seq`.
+        seq: u64,
+        /// Whether it was a base.
+        base: bool,
+        /// Payload size in bytes.
+        bytes: u64,
+        /// What the room's merged checkpoints (every agent name) take now, in the units of the
+        /// cap ([`Merged::bytes`](crate::recovery::checkpoint::Merged::bytes)).
+        state_bytes: u64,
+    },
+    /// A checkpoint was not applied: refused at OPEN (its sender was declared stale), refused by
+    /// the merge after it arrived (the source gets ERROR instead of COMPLETE), or its transfer
+    /// failed (cancelled, timed out, corrupt, or aborted by [`Relay::declare_stale`]). Refusals
+    /// by the transfer engine's own limits (`too_large`, `too_many_transfers`) come as
+    /// [`RelayEvent::Rejected`], as for any transfer.
+    CheckpointRejected {
+        /// The source's identity.
+        from: String,
+        /// The source's transfer id.
+        transfer_id: TransferId,
+        /// What the source was told: code 14 `checkpoint_rejected` with a reason starting with
+        /// the refusal's token (`out_of_sequence`, `no_base`, `wrong_agent`, `bad_checkpoint`,
+        /// `stale_sender`), code 6 `buffer_full` over the room's cap, or the transfer's failure.
+        error: TransferError,
+    },
 }
 
 /// An incoming transfer the relay let through to the engine, with what it will store.
@@ -206,14 +243,16 @@ struct Admitted {
 /// baton's end of context transfer for one room. See the module docs for what it does; this
 /// is how to drive it.
 ///
-/// - **Getters**: [`store`](Self::store), [`receiving`](Self::receiving),
-///   [`delivering`](Self::delivering), [`is_delivering`](Self::is_delivering).
+/// - **Getters**: [`store`](Self::store), [`checkpoints`](Self::checkpoints),
+///   [`receiving`](Self::receiving), [`delivering`](Self::delivering),
+///   [`is_delivering`](Self::is_delivering).
 /// - **`handle_*`**, what the room reports: [`handle_packet`](Self::handle_packet) for every
 ///   data packet on topic `baton.xfer`, [`handle_change`](Self::handle_change) for every roster
 ///   change, [`handle_connected`](Self::handle_connected) when baton itself (re)joined,
 ///   [`handle_timeout`](Self::handle_timeout) once the instant from `poll_timeout` is reached.
 /// - **Mutators**, what the coordinator decides: [`deliver`](Self::deliver),
-///   [`cancel_deliveries`](Self::cancel_deliveries), [`remove`](Self::remove).
+///   [`cancel_deliveries`](Self::cancel_deliveries), [`remove`](Self::remove),
+///   [`declare_stale`](Self::declare_stale), [`recovery_bundle`](Self::recovery_bundle).
 /// - **`poll_*`**, what comes out: [`poll_transmit`](Self::poll_transmit) (packets to
 ///   publish), [`poll_event`](Self::poll_event) (what happened),
 ///   [`poll_timeout`](Self::poll_timeout) (when to call `handle_timeout`).
@@ -233,8 +272,14 @@ pub struct Relay {
     /// authorized agent (a bare relay); `Some` names the floor holder and the source of the
     /// handoff under way, kept current by the coordinator (`set_uploaders`).
     uploaders: Option<BTreeSet<String>>,
-    /// Incoming transfers admitted to the engine, by (source, transfer id).
+    /// Incoming bundles admitted to the engine, by (source, transfer id).
     admitted: HashMap<(String, TransferId), Admitted>,
+    /// The room's merged checkpoints, one state per agent name (issue 13).
+    checkpoints: Checkpoints,
+    /// Incoming checkpoints admitted to the engine, by (source, transfer id). Kept apart from
+    /// `admitted`: a checkpoint reserves no store bytes, reports no upload progress (the floor
+    /// would take it for a handoff's bundle) and can never be delivered onwards.
+    checkpoints_arriving: HashSet<(String, TransferId)>,
     /// Deliveries under way: (target, delivery id) -> the bundle's transfer id.
     deliveries: HashMap<(String, TransferId), TransferId>,
     /// Bytes last reported as progress, per transfer in the engine: (the other end, the
@@ -261,10 +306,18 @@ impl Relay {
         Relay::with_store(cfg, store)
     }
 
-    /// A relay over any store (the store's own cap applies; `cfg.store_bytes` is ignored).
+    /// A relay over any store (the store's own cap applies; `cfg.store_bytes` is used only when
+    /// the store cannot say its cap). A checkpoint is bounded by the transfer's
+    /// `max_bundle_size`, the room's merged checkpoints by the store's cap.
     pub fn with_store(cfg: RelayConfig, store: Box<dyn BundleStore>) -> Self {
+        let max_bundle_size = cfg.endpoint.receivers.transfer.max_bundle_size;
+        let cap = store.usage().map_or(cfg.store_bytes, |u| u.capacity);
+        let limits = Limits {
+            max_checkpoint_size: usize::try_from(max_bundle_size).unwrap_or(usize::MAX),
+            max_state_bytes: usize::try_from(cap).unwrap_or(usize::MAX),
+        };
         Relay {
-            max_bundle_size: cfg.endpoint.receivers.transfer.max_bundle_size,
+            max_bundle_size,
             endpoint: Endpoint::new(cfg.endpoint),
             store,
             members: Members::new(cfg.allowed_agents),
@@ -272,6 +325,8 @@ impl Relay {
             retention: cfg.retention,
             uploaders: None,
             admitted: HashMap::new(),
+            checkpoints: Checkpoints::new(limits),
+            checkpoints_arriving: HashSet::new(),
             deliveries: HashMap::new(),
             progress: HashMap::new(),
             pending: Vec::new(),
@@ -297,7 +352,12 @@ impl Relay {
         self.store.as_ref()
     }
 
-    /// Incoming transfers under way.
+    /// The room's merged checkpoints (per agent name: owner, last `seq`, items, bytes).
+    pub fn checkpoints(&self) -> &Checkpoints {
+        &self.checkpoints
+    }
+
+    /// Incoming transfers under way (bundles and checkpoints).
     pub fn receiving(&self) -> usize {
         self.endpoint.receivers().active()
     }
@@ -470,6 +530,91 @@ impl Relay {
         Ok(info)
     }
 
+    /// `identity` was declared crashed or replaced (issue 13). Its checkpoints are refused from
+    /// now on (ERROR 14 `stale_sender`), and so are its new bundles (ERROR 15
+    /// `not_floor_holder`); transfers still arriving from it are aborted with the same codes,
+    /// each reported as it ends ([`RelayEvent::CheckpointRejected`], or
+    /// [`RelayEvent::ReceiveFailed`] for a bundle). The merged state it owns stays, for its
+    /// replacement ([`recovery_bundle`](Self::recovery_bundle)). There is no way back: a
+    /// replacement joins under a new identity.
+    pub fn declare_stale(&mut self, identity: &str, now: Instant) {
+        self.checkpoints.declare_stale(identity);
+        let refusal = Refusal::StaleSender { identity: identity.to_owned() };
+        let arriving: Vec<(TransferId, ErrorCode, String)> = self
+            .checkpoints_arriving
+            .iter()
+            .filter(|(from, _)| from == identity)
+            .map(|(_, id)| (*id, refusal.code(), refusal.to_string()))
+            .chain(
+                self.admitted
+                    .keys()
+                    .filter(|(from, _)| from == identity)
+                    .map(|(_, id)| (*id, ErrorCode::NotFloorHolder, stale_bundle_reason(identity))),
+            )
+            .collect();
+        tracing::info!(%identity, aborted = arriving.len(), "declared stale: its checkpoints and bundles are refused from now on");
+        for (id, code, reason) in arriving {
+            self.endpoint.abort_incoming(identity, id, code, &reason, now);
+        }
+        self.pull(now);
+        self.route(now);
+    }
+
+    /// Builds the `baton.bundle/1` that hydrates a replacement for `agent` (an agent name) from
+    /// the room's merged checkpoints ([`Merged::recovery_bundle`]: `"cause":"recovery"`,
+    /// `handoff_id` = `recovery_id`, `reason` (the spec's `"recovery after <signal>"`),
+    /// `created_at` in epoch seconds) and stores it like a received bundle: under a fresh random
+    /// transfer id, with meta `{"content_type":"application/vnd.baton.bundle+json",
+    /// "purpose":"recovery"}`, `from` = the identity that owns the state, and the store's
+    /// retention. [`deliver`](Self::deliver) then sends it to the replacement as it sends a
+    /// handoff's bundle. Returns the id and the size in bytes; `None` (logged) when no
+    /// checkpoint of `agent` was applied or the store refused it. No event: the caller holds
+    /// the answer.
+    ///
+    /// [`Merged::recovery_bundle`]: crate::recovery::checkpoint::Merged::recovery_bundle
+    pub fn recovery_bundle(
+        &mut self,
+        agent: &str,
+        recovery_id: &str,
+        reason: &str,
+        created_at: f64,
+        now: Instant,
+    ) -> Option<(TransferId, u64)> {
+        let Some(merged) = self.checkpoints.get(agent) else {
+            tracing::warn!(%agent, %recovery_id, "no recovery bundle: baton holds no checkpoint of this agent");
+            return None;
+        };
+        let payload = merged.recovery_bundle(reason, Some(recovery_id), created_at);
+        let (owner, seq) = (merged.owner().to_owned(), merged.last_seq());
+        let meta = serde_json::json!({
+            "content_type": checkpoint::BUNDLE_CONTENT_TYPE,
+            "purpose": checkpoint::RECOVERY_PURPOSE,
+        })
+        .to_string();
+        let sha256 = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&payload).into()
+        };
+        let size = payload.len() as u64;
+        // 128 random bits: a collision with a stored or arriving id is not worth a retry loop;
+        // the store's `Exists` would refuse it.
+        let id = TransferId::new(rand::random());
+        let info = BundleInfo { from: owner, meta, size, sha256 };
+        match self.store.put(id, StoredBundle { info, payload: payload.into() }) {
+            Ok(()) => {
+                if let Some(r) = self.retention {
+                    self.expiry.insert((now + r, id));
+                }
+                tracing::info!(%agent, %recovery_id, transfer_id = %id, size, seq, "recovery bundle built and stored");
+                Some((id, size))
+            }
+            Err(e) => {
+                tracing::error!(%agent, %recovery_id, error = %e, "recovery bundle could not be stored");
+                None
+            }
+        }
+    }
+
     // --- poll_* ----------------------------------------------------------------------------
 
     /// The next packet to publish.
@@ -492,7 +637,7 @@ impl Relay {
 
     fn authorized_packet(&mut self, from: &str, payload: &[u8], now: Instant) {
         if let Some((Kind::Open, id)) = Frame::peek(payload)
-            && !self.admitted.contains_key(&(from.to_owned(), id))
+            && !self.arriving(from, id)
             && let Ok(Frame::Open { open, .. }) = Frame::decode(payload)
         {
             self.open(from, id, &open, payload, now);
@@ -528,17 +673,45 @@ impl Relay {
         }
     }
 
-    /// A new OPEN from an authorized sender: admission against the store, then the engine.
-    fn open(&mut self, from: &str, id: TransferId, open: &Open, payload: &[u8], now: Instant) {
-        if !self.admit(from, id, open) {
-            return;
-        }
+    /// Whether transfer `id` from `from` was admitted and is still arriving.
+    fn arriving(&self, from: &str, id: TransferId) -> bool {
         let key = (from.to_owned(), id);
-        self.admitted.insert(key.clone(), Admitted { payload_size: open.payload_size, sha256: open.sha256 });
+        self.admitted.contains_key(&key) || self.checkpoints_arriving.contains(&key)
+    }
+
+    /// A new OPEN from an authorized sender: admission (a checkpoint's, or a bundle's against
+    /// the store), then the engine.
+    fn open(&mut self, from: &str, id: TransferId, open: &Open, payload: &[u8], now: Instant) {
+        let key = (from.to_owned(), id);
+        let checkpoint = meta_member(&open.meta, "purpose").as_deref() == Some(checkpoint::PURPOSE);
+        if checkpoint {
+            // Any configured agent may checkpoint, not only the floor holder: a standby keeps
+            // its own state (docs/protocol.md, "Checkpoints").
+            if self.checkpoints.is_stale(from) {
+                let refusal = Refusal::StaleSender { identity: from.to_owned() };
+                let error =
+                    TransferError { code: refusal.code(), reason: refusal.to_string(), remote: false };
+                self.transmit(
+                    from,
+                    &Frame::Error { id, code: error.code, reason: truncate_reason(&error.reason) },
+                );
+                self.checkpoint_rejected(from.to_owned(), id, error);
+                return;
+            }
+            self.checkpoints_arriving.insert(key.clone());
+        } else {
+            if !self.admit(from, id, open) {
+                return;
+            }
+            self.admitted
+                .insert(key.clone(), Admitted { payload_size: open.payload_size, sha256: open.sha256 });
+        }
         let before = self.endpoint.receivers().active();
         self.endpoint.handle_packet(from, payload, now);
         let accepted = self.endpoint.receivers().active() > before;
-        if accepted {
+        if accepted && checkpoint {
+            tracing::debug!(%from, transfer_id = %id, size = open.payload_size, "receiving checkpoint");
+        } else if accepted {
             self.emit(RelayEvent::Receiving {
                 from: from.to_owned(),
                 transfer_id: id,
@@ -549,8 +722,9 @@ impl Relay {
         self.pull(now);
         if !accepted {
             // Refused by the engine (its limits), which answered; or completed at once (an
-            // empty bundle), already stored by `pull`.
+            // empty payload), already handled by `pull`.
             self.admitted.remove(&key);
+            self.checkpoints_arriving.remove(&key);
         }
     }
 
@@ -576,6 +750,9 @@ impl Relay {
             Err(e) => {
                 return refuse(self, ErrorCode::BufferFull, format!("baton's bundle store failed: {e}"));
             }
+        }
+        if self.checkpoints.is_stale(from) {
+            return refuse(self, ErrorCode::NotFloorHolder, stale_bundle_reason(from));
         }
         if let Some(uploaders) = &self.uploaders
             && !uploaders.contains(from)
@@ -681,7 +858,17 @@ impl Relay {
             Event::Rejected { .. } => {}
         }
         match ev {
+            Event::Received { from, id, payload, .. }
+                if self.checkpoints_arriving.remove(&(from.clone(), id)) =>
+            {
+                self.apply_checkpoint(from, id, &payload)
+            }
             Event::Received { from, id, payload, meta } => self.store_received(from, id, payload, meta, now),
+            Event::ReceiveFailed { from, id, error }
+                if self.checkpoints_arriving.remove(&(from.clone(), id)) =>
+            {
+                self.checkpoint_rejected(from, id, error)
+            }
             Event::ReceiveFailed { from, id, error } => {
                 self.admitted.remove(&(from.clone(), id));
                 tracing::warn!(%from, transfer_id = %id, %error, "incoming bundle failed");
@@ -731,21 +918,67 @@ impl Relay {
                 tracing::error!(%from, transfer_id = %id, error = %e, "received bundle could not be stored");
                 let error =
                     TransferError { code: ErrorCode::BufferFull, reason: e.to_string(), remote: false };
-                let complete = self
-                    .transmits
-                    .iter_mut()
-                    .rev()
-                    .find(|t| t.to == from && Frame::peek(&t.payload) == Some((Kind::Complete, id)));
-                if let Some(t) = complete
-                    && let Ok(p) =
-                        (Frame::Error { id, code: error.code, reason: truncate_reason(&error.reason) })
-                            .encode()
-                {
-                    t.payload = p;
-                }
+                self.overrule_complete(&from, id, &error);
                 self.emit(RelayEvent::ReceiveFailed { from, transfer_id: id, error });
             }
         }
+    }
+
+    /// A transfer arrived whole and verified, and the engine has queued COMPLETE for the
+    /// source, but baton refuses what arrived (the store is full, the checkpoint does not
+    /// merge): that answer becomes an ERROR before anything is published, and a source asking
+    /// again is told the same, so COMPLETE always means "stored" or "applied".
+    fn overrule_complete(&mut self, from: &str, id: TransferId, error: &TransferError) {
+        let complete = self
+            .transmits
+            .iter_mut()
+            .rev()
+            .find(|t| t.to == from && Frame::peek(&t.payload) == Some((Kind::Complete, id)));
+        if let Some(t) = complete
+            && let Ok(p) =
+                (Frame::Error { id, code: error.code, reason: truncate_reason(&error.reason) }).encode()
+        {
+            t.payload = p;
+        }
+        self.endpoint.reject_completed(from, id, error.code);
+    }
+
+    /// A checkpoint arrived whole and verified: merge it, or refuse it in place of the queued
+    /// COMPLETE. The payload's `agent` must be the sender's `lk.agent.name`, which the server
+    /// stamped on the participant (never taken from the packet).
+    fn apply_checkpoint(&mut self, from: String, id: TransferId, payload: &[u8]) {
+        let agent_name = self.members.agent_name(&from).map(str::to_owned);
+        match self.checkpoints.apply(&from, agent_name.as_deref(), payload) {
+            Ok(a) => {
+                let state_bytes = self.checkpoints.bytes() as u64;
+                let bytes = payload.len() as u64;
+                tracing::debug!(
+                    %from, transfer_id = %id, agent = %a.agent, seq = a.seq, base = a.base, bytes,
+                    items = a.items, state_bytes, "checkpoint applied"
+                );
+                let (agent, seq, base) = (a.agent, a.seq, a.base);
+                self.emit(RelayEvent::CheckpointApplied {
+                    from,
+                    transfer_id: id,
+                    agent,
+                    seq,
+                    base,
+                    bytes,
+                    state_bytes,
+                });
+            }
+            Err(refusal) => {
+                let error =
+                    TransferError { code: refusal.code(), reason: refusal.to_string(), remote: false };
+                self.overrule_complete(&from, id, &error);
+                self.checkpoint_rejected(from, id, error);
+            }
+        }
+    }
+
+    fn checkpoint_rejected(&mut self, from: String, id: TransferId, error: TransferError) {
+        tracing::warn!(%from, transfer_id = %id, %error, "checkpoint not applied");
+        self.emit(RelayEvent::CheckpointRejected { from, transfer_id: id, error });
     }
 
     fn emit(&mut self, ev: RelayEvent) {
@@ -799,11 +1032,21 @@ impl Relay {
 
 /// The identity a bundle's meta names as its target (`{"to": "<identity>"}`), if any.
 fn meta_target(meta: &str) -> Option<String> {
+    meta_member(meta, "to")
+}
+
+/// The string member `key` of a transfer's meta, when the meta is a JSON object that has one.
+fn meta_member(meta: &str, key: &str) -> Option<String> {
     match serde_json::from_str(meta) {
-        Ok(serde_json::Value::Object(m)) => match m.get("to") {
-            Some(serde_json::Value::String(to)) => Some(to.clone()),
+        Ok(serde_json::Value::Object(m)) => match m.get(key) {
+            Some(serde_json::Value::String(v)) => Some(v.clone()),
             _ => None,
         },
         _ => None,
     }
+}
+
+/// What a sender declared stale is told about a bundle.
+fn stale_bundle_reason(identity: &str) -> String {
+    format!("{identity} was declared crashed or replaced; baton takes no more bundles from it")
 }

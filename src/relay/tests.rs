@@ -741,3 +741,299 @@ fn both_legs_report_growing_progress_under_the_bundles_id() {
         );
     }
 }
+
+// --- checkpoints (issue 13) ------------------------------------------------------------------
+
+const CHECKPOINT_META: &str =
+    r#"{"content_type":"application/vnd.baton.checkpoint+json","purpose":"checkpoint"}"#;
+
+/// A `baton.checkpoint/1` payload for agent `agent` carrying one user message per id.
+fn checkpoint(agent: &str, seq: u64, base: bool, ids: &[&str]) -> Vec<u8> {
+    let items: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            serde_json::json!({"id": id, "type": "message", "role": "user", "content": [format!("said {id}")],
+                               "created_at": 1796049000.5})
+        })
+        .collect();
+    let mut v = serde_json::json!({"schema": "baton.checkpoint/1", "agent": agent, "seq": seq, "base": base,
+                                   "created_at": 1796049001.0, "items": items, "journal": []});
+    if base {
+        v["user_state"] = serde_json::json!({"account": "A-1001"});
+        v["agent_state"] = serde_json::json!({});
+    }
+    serde_json::to_vec(&v).expect("json")
+}
+
+/// Sends one checkpoint from `from` and runs until it is answered.
+fn send_checkpoint(net: &mut Net, from: &str, id: TransferId, payload: &[u8]) -> Result<(), TransferError> {
+    net.send(from, id, payload, CHECKPOINT_META);
+    net.run(Duration::from_secs(5));
+    net.send_outcome(from, id).expect("the checkpoint was answered")
+}
+
+fn applied(events: &[RelayEvent]) -> Vec<(String, String, u64, bool)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RelayEvent::CheckpointApplied { from, agent, seq, base, .. } => {
+                Some((from.clone(), agent.clone(), *seq, *base))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn rejected_checkpoints(events: &[RelayEvent]) -> Vec<(TransferId, ErrorCode, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RelayEvent::CheckpointRejected { transfer_id, error, .. } => {
+                Some((*transfer_id, error.code, error.reason.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Nothing of a checkpoint looks like a bundle: not stored, not announced, no upload progress
+/// (the floor would take it for a handoff's bundle).
+fn assert_no_bundle_traffic(net: &Net) {
+    assert_eq!(net.usage().bundles, 0, "a checkpoint is never stored as a bundle");
+    let bundle_events: Vec<_> = net
+        .relay_events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                RelayEvent::Receiving { .. }
+                    | RelayEvent::BundleReceived { .. }
+                    | RelayEvent::UploadProgress { .. }
+                    | RelayEvent::ReceiveFailed { .. }
+            )
+        })
+        .collect();
+    assert!(bundle_events.is_empty(), "{bundle_events:?}");
+}
+
+#[test]
+fn a_base_then_deltas_are_applied_and_acknowledged_with_complete() {
+    let mut net = Net::new(RelayConfig::default(), &["a"], &["a"]);
+    assert_eq!(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 0, true, &["u1"])), Ok(()));
+    assert_eq!(send_checkpoint(&mut net, "a", t(2), &checkpoint("a", 1, false, &["u2"])), Ok(()));
+    // An item sent again replaces itself in place.
+    assert_eq!(send_checkpoint(&mut net, "a", t(3), &checkpoint("a", 2, false, &["u1", "u3"])), Ok(()));
+    assert_eq!(
+        applied(&net.relay_events),
+        [
+            ("a".into(), "a".into(), 0, true),
+            ("a".into(), "a".into(), 1, false),
+            ("a".into(), "a".into(), 2, false)
+        ]
+    );
+    let m = net.relay.checkpoints().get("a").expect("merged state");
+    let ids: Vec<&str> = m.items().iter().map(|i| i.id.as_str()).collect();
+    assert_eq!((m.owner(), m.last_seq(), ids), ("a", 2, vec!["u1", "u2", "u3"]));
+    let last = net.relay_events.iter().rev().find_map(|e| match e {
+        RelayEvent::CheckpointApplied { state_bytes, bytes, .. } => Some((*state_bytes, *bytes)),
+        _ => None,
+    });
+    let payload_len = checkpoint("a", 2, false, &["u1", "u3"]).len() as u64;
+    assert_eq!(last, Some((net.relay.checkpoints().bytes() as u64, payload_len)));
+    assert!(rejected_checkpoints(&net.relay_events).is_empty());
+    assert_no_bundle_traffic(&net);
+    assert_eq!(net.relay.receiving(), 0);
+    // A checkpoint cannot be delivered onwards: it is not a bundle.
+    assert_eq!(net.relay.deliver(t(1), "a", net.now), Err(RelayError::UnknownBundle(t(1))));
+}
+
+#[test]
+fn refused_checkpoints_get_error_14_with_the_reason_and_a_base_is_taken_next() {
+    let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
+    let refused = |r: Result<(), TransferError>| {
+        let e = r.expect_err("refused");
+        assert!(e.remote, "the refusal came from baton");
+        (e.code, e.reason)
+    };
+    // A delta before any base.
+    let (code, reason) = refused(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 4, false, &["u1"])));
+    assert_eq!(code, ErrorCode::CheckpointRejected);
+    assert!(reason.starts_with("no_base"), "{reason}");
+    assert_eq!(send_checkpoint(&mut net, "a", t(2), &checkpoint("a", 0, true, &["u1"])), Ok(()));
+    // seq 2 after seq 0.
+    let (code, reason) = refused(send_checkpoint(&mut net, "a", t(3), &checkpoint("a", 2, false, &["u2"])));
+    assert_eq!(
+        (code, reason.as_str()),
+        (ErrorCode::CheckpointRejected, "out_of_sequence: expected seq 1, got 2")
+    );
+    // `a` claims to be `b`: the agent name is the server's, not the packet's.
+    let (code, reason) = refused(send_checkpoint(&mut net, "a", t(4), &checkpoint("b", 0, true, &["x"])));
+    assert!(code == ErrorCode::CheckpointRejected && reason.starts_with("wrong_agent"), "{reason}");
+    let (code, reason) = refused(send_checkpoint(&mut net, "a", t(5), b"{\"schema\":\"baton.bundle/1\"}"));
+    assert!(code == ErrorCode::CheckpointRejected && reason.starts_with("bad_checkpoint"), "{reason}");
+    let (code, reason) = refused(send_checkpoint(&mut net, "a", t(6), b"\xff not json"));
+    assert!(code == ErrorCode::CheckpointRejected && reason.starts_with("bad_checkpoint"), "{reason}");
+    let tokens: Vec<String> = rejected_checkpoints(&net.relay_events)
+        .into_iter()
+        .map(|(_, _, r)| r.split(':').next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(tokens, ["no_base", "out_of_sequence", "wrong_agent", "bad_checkpoint", "bad_checkpoint"]);
+    // The refusals changed nothing; the adapter's next checkpoint, a base, is applied.
+    let m = net.relay.checkpoints().get("a").expect("state");
+    assert_eq!((m.last_seq(), m.items().len()), (0, 1));
+    assert!(net.relay.checkpoints().get("b").is_none());
+    assert_eq!(send_checkpoint(&mut net, "a", t(7), &checkpoint("a", 3, true, &["u1", "u2"])), Ok(()));
+    assert_eq!(net.relay.checkpoints().get("a").map(|m| (m.last_seq(), m.items().len())), Some((3, 2)));
+    // A sender that missed the ERROR and opens the refused transfer again is told the refusal
+    // again, not COMPLETE.
+    let open = Frame::Open {
+        id: t(3),
+        open: baton_transfer::Open {
+            payload_size: 1,
+            wire_size: 1,
+            chunk_size: 1024,
+            sha256: [0; 32],
+            deflate: false,
+            meta: CHECKPOINT_META.into(),
+        },
+    };
+    net.relay.handle_packet("a", &open.encode().expect("encode"), net.now);
+    let (tx, _) = net.drain();
+    let answers: Vec<Frame> = tx.iter().map(|t| Frame::decode(&t.payload).expect("frame")).collect();
+    assert!(
+        matches!(&answers[..], [Frame::Error { id, code: ErrorCode::CheckpointRejected, .. }] if *id == t(3)),
+        "{answers:?}"
+    );
+    assert_no_bundle_traffic(&net);
+}
+
+#[test]
+fn a_standby_may_checkpoint_while_its_bundles_are_refused() {
+    let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
+    // `a` holds the floor; `b` is a configured agent on standby.
+    net.relay.set_uploaders(Some(BTreeSet::from(["a".to_string()])));
+    net.send("b", t(1), &bundle(5_000, 1), r#"{"purpose":"handoff"}"#);
+    net.run(Duration::from_secs(5));
+    let err = net.send_outcome("b", t(1)).expect("outcome").expect_err("a standby's bundle");
+    assert_eq!(err.code, ErrorCode::NotFloorHolder);
+    assert_eq!(send_checkpoint(&mut net, "b", t(2), &checkpoint("b", 0, true, &["s1"])), Ok(()));
+    assert_eq!(send_checkpoint(&mut net, "a", t(3), &checkpoint("a", 0, true, &["h1"])), Ok(()));
+    assert_eq!(
+        applied(&net.relay_events),
+        [("b".into(), "b".into(), 0, true), ("a".into(), "a".into(), 0, true)]
+    );
+    assert_eq!(net.usage().bundles, 0);
+    // Checkpoints still come only from configured agents.
+    let cfg = RelayConfig { allowed_agents: BTreeSet::from(["a".to_string()]), ..RelayConfig::default() };
+    let mut net = Net::new(cfg, &["a", "b"], &["a", "b"]);
+    let err =
+        send_checkpoint(&mut net, "b", t(4), &checkpoint("b", 0, true, &["s1"])).expect_err("not configured");
+    assert_eq!(err.code, ErrorCode::NotAuthorized);
+    assert!(net.relay.checkpoints().get("b").is_none());
+}
+
+#[test]
+fn a_sender_declared_stale_is_refused_and_its_arriving_transfers_aborted() {
+    let mut net = Net::new(RelayConfig::default(), &["a", "b"], &["a", "b"]);
+    assert_eq!(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 0, true, &["u1"])), Ok(()));
+    // A large delta and a bundle are on their way when `a` is declared crashed.
+    // Both are more than one window (32 chunks), so neither can arrive whole at once.
+    let big: Vec<String> = (0..20_000).map(|n| format!("item-{n}")).collect();
+    let big: Vec<&str> = big.iter().map(String::as_str).collect();
+    net.send("a", t(3), &bundle(600_000, 3), "");
+    net.send("a", t(2), &checkpoint("a", 1, false, &big), CHECKPOINT_META);
+    step_until(&mut net, |n| n.relay.receiving() == 2);
+    net.relay.declare_stale("a", net.now);
+    net.run(Duration::from_secs(5));
+    let err = net.send_outcome("a", t(2)).expect("outcome").expect_err("aborted");
+    assert_eq!(err.code, ErrorCode::CheckpointRejected);
+    assert!(err.reason.starts_with("stale_sender"), "{}", err.reason);
+    let err = net.send_outcome("a", t(3)).expect("outcome").expect_err("aborted");
+    assert_eq!(err.code, ErrorCode::NotFloorHolder);
+    assert!(err.reason.contains("declared crashed or replaced"), "{}", err.reason);
+    assert_eq!(net.relay.receiving(), 0);
+    assert!(net.relay_events.iter().any(
+        |e| matches!(e, RelayEvent::ReceiveFailed { transfer_id, error, .. } if *transfer_id == t(3) && error.code == ErrorCode::NotFloorHolder)
+    ));
+    // Later ones are refused at OPEN; the state `a` owned stays for its replacement.
+    let err = send_checkpoint(&mut net, "a", t(4), &checkpoint("a", 0, true, &["u9"])).expect_err("stale");
+    assert!(
+        err.code == ErrorCode::CheckpointRejected && err.reason.starts_with("stale_sender"),
+        "{}",
+        err.reason
+    );
+    net.send("a", t(5), &bundle(1_000, 5), "");
+    net.run(Duration::from_secs(5));
+    assert_eq!(
+        net.send_outcome("a", t(5)).expect("outcome").expect_err("stale").code,
+        ErrorCode::NotFloorHolder
+    );
+    let reasons: Vec<(TransferId, ErrorCode)> =
+        rejected_checkpoints(&net.relay_events).into_iter().map(|(id, code, _)| (id, code)).collect();
+    assert_eq!(reasons, [(t(2), ErrorCode::CheckpointRejected), (t(4), ErrorCode::CheckpointRejected)]);
+    let m = net.relay.checkpoints().get("a").expect("kept");
+    assert_eq!((m.owner(), m.last_seq(), m.items().len()), ("a", 0, 1));
+    assert_eq!(net.usage().bundles, 0);
+    // Others are not affected.
+    assert_eq!(send_checkpoint(&mut net, "b", t(6), &checkpoint("b", 0, true, &["v1"])), Ok(()));
+}
+
+#[test]
+fn merged_checkpoints_over_the_store_cap_are_refused_with_buffer_full() {
+    let cfg = RelayConfig { store_bytes: 2_000, ..RelayConfig::default() };
+    let mut net = Net::new(cfg, &["a"], &["a"]);
+    assert_eq!(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 0, true, &["u1"])), Ok(()));
+    let many: Vec<String> = (0..40).map(|n| format!("item-{n}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err =
+        send_checkpoint(&mut net, "a", t(2), &checkpoint("a", 1, false, &many)).expect_err("over the cap");
+    assert_eq!(err.code, ErrorCode::BufferFull);
+    assert!(err.reason.starts_with("buffer_full"), "{}", err.reason);
+    assert_eq!(net.relay.checkpoints().get("a").map(|m| m.items().len()), Some(1));
+}
+
+#[test]
+fn the_recovery_bundle_is_the_merged_state_stored_and_delivered_like_a_handoff_bundle() {
+    let cfg = RelayConfig { retention: Some(Duration::from_secs(60)), ..RelayConfig::default() };
+    let mut net = Net::new(cfg, &["a", "b"], &["a", "b"]);
+    assert_eq!(net.relay.recovery_bundle("a", "r-0", "recovery after job_failed", 1.0, net.now), None);
+    assert_eq!(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 0, true, &["u1", "a1"])), Ok(()));
+    assert_eq!(send_checkpoint(&mut net, "a", t(2), &checkpoint("a", 1, false, &["u2"])), Ok(()));
+    net.relay.declare_stale("a", net.now);
+    let (reason, at) = ("recovery after job_failed", 1796049010.5);
+    let expected = net.relay.checkpoints().get("a").expect("state").recovery_bundle(reason, Some("r-1"), at);
+    let (id, size) = net.relay.recovery_bundle("a", "r-1", reason, at, net.now).expect("built");
+    assert_eq!(size, expected.len() as u64);
+    let info = net.stored(id).expect("stored like a bundle");
+    let meta = r#"{"content_type":"application/vnd.baton.bundle+json","purpose":"recovery"}"#;
+    assert_eq!((info.from.as_str(), info.meta.as_str(), info.size), ("a", meta, size));
+    let v: serde_json::Value = serde_json::from_slice(&expected).expect("json");
+    let ids: Vec<&str> =
+        v["chat"]["items"].as_array().expect("items").iter().filter_map(|i| i["id"].as_str()).collect();
+    assert_eq!((v["cause"].as_str(), ids), (Some("recovery"), vec!["u1", "a1", "u2"]));
+    // The replacement (`b` here) receives it through an ordinary delivery, byte for byte.
+    let did = net.relay.deliver(id, "b", net.now).expect("deliver");
+    net.run(Duration::from_secs(5));
+    assert_eq!(net.delivered_to("b"), vec![(did, expected, meta.to_string())]);
+    assert!(net.relay_events.iter().any(
+        |e| matches!(e, RelayEvent::Delivered { to, transfer_id, .. } if to == "b" && *transfer_id == id)
+    ));
+    // The store's retention applies to it as to any bundle.
+    net.run(Duration::from_secs(120));
+    assert!(net.stored(id).is_none());
+    assert!(net.relay_events.contains(&RelayEvent::Expired { transfer_id: id }));
+}
+
+#[test]
+fn a_recovery_bundle_the_store_refuses_is_none() {
+    let mut net = Net::new(RelayConfig::default(), &["a"], &["a"]);
+    net.relay = Relay::with_store(RelayConfig::default(), Box::new(BrokenStore));
+    let (roster, _) = Roster::new(
+        "PA_baton",
+        &[crate::room::roster::announced("a", proto::participant_info::Kind::Agent, Some("a"))],
+    );
+    net.relay.handle_connected(&roster, net.now);
+    // Checkpoints are not stored in the bundle store, so a broken store does not refuse them.
+    assert_eq!(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 0, true, &["u1"])), Ok(()));
+    assert_eq!(net.relay.recovery_bundle("a", "r-1", "recovery after job_failed", 1.0, net.now), None);
+}

@@ -281,6 +281,33 @@ impl Receivers {
         self.active.get(&(from.to_owned(), id)).map(|(r, _)| r)
     }
 
+    /// Ends the incoming transfer `id` from `from` while it is in progress: ERROR `code` with
+    /// `reason` to the sender, a [`Event::ReceiveFailed`], and the failure is remembered like
+    /// any other outcome. Returns false when no such transfer is in progress.
+    pub fn abort(&mut self, from: &str, id: TransferId, code: ErrorCode, reason: &str, now: Instant) -> bool {
+        let key = (from.to_owned(), id);
+        let Some((r, _)) = self.active.get_mut(&key) else {
+            return false;
+        };
+        r.abort(code, reason.to_owned());
+        self.drain(&key, now);
+        true
+    }
+
+    /// The application refused a transfer that arrived whole (it could not store it, or it
+    /// refused its content): from now on, repeats of its frames are answered with ERROR `code`
+    /// instead of the COMPLETE remembered for it. Returns false when no completed transfer
+    /// `id` from `from` is remembered.
+    pub fn reject_completed(&mut self, from: &str, id: TransferId, code: ErrorCode) -> bool {
+        match self.finished.get_mut(&(from.to_owned(), id)) {
+            Some((_, outcome @ Outcome::Completed(_))) => {
+                *outcome = Outcome::Failed(code);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn unknown(&mut self, from: &str, id: TransferId) {
         self.event(Event::Rejected {
             from: from.to_owned(),
@@ -547,6 +574,28 @@ impl Endpoint {
                 }
             }
         }
+    }
+
+    /// Ends the incoming transfer `id` from `from` before it arrived whole (ERROR `code` with
+    /// `reason` to the sender, [`Event::ReceiveFailed`] to the application; a forward of it is
+    /// cancelled). Returns false when no such transfer is in progress.
+    pub fn abort_incoming(
+        &mut self,
+        from: &str,
+        id: TransferId,
+        code: ErrorCode,
+        reason: &str,
+        now: Instant,
+    ) -> bool {
+        let aborted = self.receivers.abort(from, id, code, reason, now);
+        self.pull_receivers(now);
+        aborted
+    }
+
+    /// The application refused an incoming transfer after it arrived whole (see
+    /// [`Receivers::reject_completed`]): a sender asking again gets ERROR `code`, not COMPLETE.
+    pub fn reject_completed(&mut self, from: &str, id: TransferId, code: ErrorCode) -> bool {
+        self.receivers.reject_completed(from, id, code)
     }
 
     /// The participant `identity` reconnected (it left and came back, or its connection resumed):

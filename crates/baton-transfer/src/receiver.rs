@@ -184,6 +184,14 @@ impl Receiver {
         }
     }
 
+    /// Ends the transfer from this side before it arrived whole: ERROR `code` with `reason` to
+    /// the sender and a `Failed` outcome, as for any refusal. Does nothing once finished.
+    pub fn abort(&mut self, code: ErrorCode, reason: String) {
+        if !self.finished {
+            self.fail(code, reason);
+        }
+    }
+
     /// Call after a reconnect of either side: reports what is held (ACK with the resume flag),
     /// so the sender resends only what is missing.
     pub fn resume(&mut self, now: Instant) {

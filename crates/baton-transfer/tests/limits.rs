@@ -144,3 +144,39 @@ fn unsupported_version_is_a_typed_reject() {
     assert!(f.is_empty());
     assert!(matches!(&e[..], [Event::Rejected { error, .. }] if error.code == ErrorCode::UnsupportedVersion));
 }
+
+#[test]
+fn the_application_can_abort_an_arrival_and_overrule_a_completion() {
+    let mut ep = endpoint();
+    let now = Instant::now();
+    let mut sender = Endpoint::new(EndpointConfig::default());
+    sender.send("rx", T77, &[7u8; 3000], "m", now).unwrap();
+    let (frames, _) = drain(&mut sender);
+    // Aborted while it arrives: ERROR to the sender, ReceiveFailed here, the buffer freed, and
+    // a repeated frame is answered with the failure.
+    ep.handle_packet("tx", &frames[0].1.encode().unwrap(), now);
+    drain(&mut ep);
+    assert!(ep.abort_incoming("tx", T77, ErrorCode::Cancelled, "sender declared gone", now));
+    let (f, e) = drain(&mut ep);
+    assert!(matches!(&f[..], [(to, Frame::Error { code: ErrorCode::Cancelled, reason, .. })]
+        if to == "tx" && reason == "sender declared gone"));
+    assert!(
+        matches!(&e[..], [Event::ReceiveFailed { id: T77, error, .. }] if error.code == ErrorCode::Cancelled)
+    );
+    assert_eq!((ep.receivers().active(), ep.receivers().buffered_bytes()), (0, 0));
+    assert!(!ep.abort_incoming("tx", T77, ErrorCode::Cancelled, "again", now), "already over");
+    ep.handle_packet("tx", &frames[1].1.encode().unwrap(), now);
+    assert_eq!(error_code(&drain(&mut ep).0), Some(ErrorCode::Cancelled));
+
+    // Completed, then refused by the application: a repeat gets the refusal, not COMPLETE.
+    let t78 = TransferId::new(78);
+    sender.send("rx", t78, &[8u8; 3000], "m", now).unwrap();
+    for (_, fr) in drain(&mut sender).0 {
+        ep.handle_packet("tx", &fr.encode().unwrap(), now);
+    }
+    assert!(drain(&mut ep).0.iter().any(|(_, fr)| matches!(fr, Frame::Complete { id, .. } if *id == t78)));
+    assert!(!ep.reject_completed("tx", T77, ErrorCode::BufferFull), "T77 failed, it did not complete");
+    assert!(ep.reject_completed("tx", t78, ErrorCode::CheckpointRejected));
+    ep.handle_packet("tx", &open(78, 3000), now);
+    assert_eq!(error_code(&drain(&mut ep).0), Some(ErrorCode::CheckpointRejected));
+}
