@@ -49,7 +49,7 @@ pub enum Refusal {
     #[error("bad_checkpoint: {0}")]
     BadCheckpoint(String),
     /// The payload's `agent` is not the sender's `lk.agent.name`.
-    #[error("wrong_agent: the checkpoint is for {claimed:?}, the sender is agent {sender:?}")]
+    #[error("wrong_agent: the checkpoint is for {claimed:?}, the sender is {}", sender_is(.sender.as_deref()))]
     WrongAgent {
         /// The payload's `agent`.
         claimed: String,
@@ -84,6 +84,14 @@ pub enum Refusal {
         /// The cap.
         cap: usize,
     },
+}
+
+/// How a refusal names the sender of a checkpoint for the wrong agent.
+fn sender_is(agent_name: Option<&str>) -> String {
+    match agent_name {
+        Some(name) => format!("agent {name:?}"),
+        None => "not a named agent participant".into(),
+    }
 }
 
 impl Refusal {
@@ -644,7 +652,8 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// 32 MiB per checkpoint, 64 MiB per room: the transfer's and the bundle store's defaults.
+    /// 32 MiB per checkpoint (the transfer's default `max_bundle_size`), 64 MiB per room. The
+    /// relay does not use these: it takes its transfer limit and its bundle store's cap.
     fn default() -> Self {
         Limits { max_checkpoint_size: 32 << 20, max_state_bytes: 64 << 20 }
     }

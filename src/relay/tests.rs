@@ -670,15 +670,21 @@ impl BundleStore for BrokenStore {
     }
 }
 
-#[test]
-fn a_bundle_the_store_refuses_is_answered_with_an_error_not_complete() {
+/// Agent `a` alone in the room with a relay over the [`BrokenStore`].
+fn net_over_a_broken_store() -> Net {
     let mut net = Net::new(RelayConfig::default(), &["a"], &["a"]);
     net.relay = Relay::with_store(RelayConfig::default(), Box::new(BrokenStore));
     let (roster, _) = Roster::new(
         "PA_baton",
-        &[crate::room::roster::announced("a", proto::participant_info::Kind::Agent, None)],
+        &[crate::room::roster::announced("a", proto::participant_info::Kind::Agent, Some("a"))],
     );
     net.relay.handle_connected(&roster, net.now);
+    net
+}
+
+#[test]
+fn a_bundle_the_store_refuses_is_answered_with_an_error_not_complete() {
+    let mut net = net_over_a_broken_store();
     net.send("a", t(91), &bundle(40_000, 19), "");
     net.run(Duration::from_secs(5));
     let err = net.send_outcome("a", t(91)).expect("outcome").expect_err("not stored, so not COMPLETE");
@@ -868,7 +874,10 @@ fn refused_checkpoints_get_error_14_with_the_reason_and_a_base_is_taken_next() {
     );
     // `a` claims to be `b`: the agent name is the server's, not the packet's.
     let (code, reason) = refused(send_checkpoint(&mut net, "a", t(4), &checkpoint("b", 0, true, &["x"])));
-    assert!(code == ErrorCode::CheckpointRejected && reason.starts_with("wrong_agent"), "{reason}");
+    assert_eq!(
+        (code, reason.as_str()),
+        (ErrorCode::CheckpointRejected, r#"wrong_agent: the checkpoint is for "b", the sender is agent "a""#)
+    );
     let (code, reason) = refused(send_checkpoint(&mut net, "a", t(5), b"{\"schema\":\"baton.bundle/1\"}"));
     assert!(code == ErrorCode::CheckpointRejected && reason.starts_with("bad_checkpoint"), "{reason}");
     let (code, reason) = refused(send_checkpoint(&mut net, "a", t(6), b"\xff not json"));
@@ -1026,13 +1035,7 @@ fn the_recovery_bundle_is_the_merged_state_stored_and_delivered_like_a_handoff_b
 
 #[test]
 fn a_recovery_bundle_the_store_refuses_is_none() {
-    let mut net = Net::new(RelayConfig::default(), &["a"], &["a"]);
-    net.relay = Relay::with_store(RelayConfig::default(), Box::new(BrokenStore));
-    let (roster, _) = Roster::new(
-        "PA_baton",
-        &[crate::room::roster::announced("a", proto::participant_info::Kind::Agent, Some("a"))],
-    );
-    net.relay.handle_connected(&roster, net.now);
+    let mut net = net_over_a_broken_store();
     // Checkpoints are not stored in the bundle store, so a broken store does not refuse them.
     assert_eq!(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 0, true, &["u1"])), Ok(()));
     assert_eq!(net.relay.recovery_bundle("a", "r-1", "recovery after job_failed", 1.0, net.now), None);
