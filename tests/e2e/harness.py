@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import random
 import re
 import signal
 import socket
@@ -29,15 +31,61 @@ API_KEY = "devkey"
 API_SECRET = "baton-dev-secret-0123456789abcdef0123456789"
 
 
+# Linux's default when /proc does not say (net.ipv4.ip_local_port_range, kernel docs ip-sysctl).
+_EPHEMERAL_DEFAULT = (32768, 60999)
+_handed_out: set[int] = set()
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's ephemeral (outgoing) port range, inclusive, from /proc or Linux's default."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return low, high
+
+
+def _bindable(port: int, kind: int) -> bool:
+    # Wildcard addresses, because livekit-server binds its ICE ports on every interface; on
+    # Linux a wildcard bind fails if any address holds the port.
+    families = [(socket.AF_INET, "0.0.0.0")]
+    if socket.has_ipv6:
+        families.append((socket.AF_INET6, "::"))
+    for family, host in families:
+        try:
+            with socket.socket(family, kind) as s:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((host, port))
+        except OSError as e:
+            if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue  # no IPv6 on this host: nothing can hold the port there
+            return False
+    return True
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port (TCP for SOCK_STREAM, UDP for SOCK_DGRAM) that is free now and outside the
+    kernel's ephemeral range, so no outgoing connection can take it before or while the program
+    we hand it to binds it (again, after a restart). Never the same port twice in one process."""
+    low, high = ephemeral_port_range()
+    candidates = [*range(1024, low), *range(high + 1, 65536)]
+    for _ in range(200 if candidates else 0):
+        port = random.choice(candidates)
+        if port not in _handed_out and _bindable(port, kind):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port outside the ephemeral range {low}-{high}")
 
 
 @dataclass
 class LiveKitServer:
-    """`livekit-server` with configs/livekit.yaml, on ports nobody else uses."""
+    """`livekit-server` with configs/livekit.yaml, on ports nobody else uses.
+
+    It listens on three ports (`livekit-server` 1.13, no TURN configured): `port` (TCP: HTTP,
+    websocket signal, server API), `udp_port` (ICE/UDP, one muxed port) and `tcp_port`
+    (ICE/TCP). All come from `free_port`, so no outgoing connection takes one between `kill()`
+    and `start()`."""
 
     port: int = field(default_factory=free_port)
     udp_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))

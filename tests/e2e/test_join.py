@@ -355,10 +355,8 @@ def test_unreachable_server_fails_fast_with_one_line(url: str) -> None:
     assert "could not reach" in errors[0], errors[0]
 
 
-# The restarted server binds the same ports; a process in the room (baton's new ICE socket)
-# can take one of them from the ephemeral range meanwhile ("bind: address already in use", seen
-# once in CI on 2026-11-30). A rerun starts a server on fresh ports.
-@pytest.mark.flaky(reruns=2)
+# The restarted server binds the same ports; they lie outside the ephemeral range (harness
+# free_port), so baton's new ICE sockets cannot take one meanwhile (as happened once in CI).
 def test_back_in_room_after_server_restart() -> None:
     srv = LiveKitServer()
     srv.start()
