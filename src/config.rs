@@ -133,6 +133,8 @@ pub struct FileConfig {
     pub agents: Vec<AgentEntry>,
     #[serde(default)]
     pub handoff: HandoffSection,
+    #[serde(default)]
+    pub recovery: RecoverySection,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -231,6 +233,17 @@ pub struct HandoffSection {
     pub release_grace: Option<Secs>,
 }
 
+/// `[recovery]`: crash detection and replacement; names are those of [`baton_floor::Policy`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverySection {
+    pub crash_suspect_after: Option<Secs>,
+    pub crash_confirm_after: Option<Secs>,
+    pub recovery_attempts: Option<u32>,
+    pub recovery_timeout: Option<Secs>,
+    pub recovery_greeting: Option<bool>,
+}
+
 /// A parsed config file and where it came from (for error messages).
 #[derive(Debug, Clone, Default)]
 pub struct LoadedConfig {
@@ -323,6 +336,7 @@ impl FileConfig {
     pub fn to_policy(&self) -> Result<Policy, baton_floor::PolicyError> {
         let d = Policy::default();
         let h = &self.handoff;
+        let r = &self.recovery;
         let dur = |v: Option<Secs>, default: Duration| v.map_or(default, |s| s.0);
         let retry = |r: &Option<RetrySection>, default: Retry| match r {
             None => default,
@@ -362,6 +376,11 @@ impl FileConfig {
                 Some(Release::Standby) => ReleasePolicy::Standby,
             },
             release_grace: dur(h.release_grace, d.release_grace),
+            crash_suspect_after: dur(r.crash_suspect_after, d.crash_suspect_after),
+            crash_confirm_after: dur(r.crash_confirm_after, d.crash_confirm_after),
+            recovery_attempts: r.recovery_attempts.unwrap_or(d.recovery_attempts),
+            recovery_timeout: dur(r.recovery_timeout, d.recovery_timeout),
+            recovery_greeting: r.recovery_greeting.unwrap_or(d.recovery_greeting),
         };
         policy.validate()?;
         Ok(policy)

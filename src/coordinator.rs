@@ -216,6 +216,19 @@ impl Coordinator {
             Command::RemoveParticipant { identity } => {
                 self.call(0, ApiCall::RemoveParticipant { identity }, out)
             }
+            Command::AgentCrashed { identity, agent, recovery, reason } => {
+                tracing::warn!(%identity, %agent, %recovery, %reason, "agent crashed; replacing it from its last checkpoint");
+                self.relay.declare_stale(&identity, now);
+                let created_at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                // None (logged by the relay): the replacement starts without the context.
+                let bundle = self.relay.recovery_bundle(&agent, &recovery, &reason, created_at, now);
+                // The commands still queued were decided before this answer; the arbiter
+                // handles it now and the exchange carries out what follows.
+                self.arbiter_handle(Event::RecoveryBundle { recovery, bundle }, now);
+            }
+            Command::CheckJob { identity } => self.call(0, ApiCall::JobStatus { identity }, out),
             Command::Timeline(ev) => {
                 tracing::info!(
                     handoff = %ev.handoff,
@@ -464,6 +477,12 @@ impl RoomHandler for Coordinator {
                 };
                 self.feed(event, now, out);
             }
+            (ApiCall::JobStatus { identity }, Ok(ApiReply::JobStatus(status))) => {
+                tracing::info!(%identity, status = status.unwrap_or("no job"), "agent job status");
+                if let Some(status) = status.filter(|s| crate::server_api::job_ended(s)) {
+                    self.feed(Event::JobEnded { identity, status: status.to_owned() }, now, out);
+                }
+            }
             (call, Ok(_)) => tracing::debug!("{call}: done"),
             (call, Err(e)) => tracing::warn!(error = %e, "{call}: failed"),
         }
@@ -525,6 +544,12 @@ fn log_alert(alert: &Alert) {
         Alert::FloorVacant { identity } => {
             tracing::warn!(%identity, "the agent holding the floor left; nobody holds it now")
         }
+        Alert::RecoveryFailed { agent, identity, reason } => tracing::error!(
+            %agent,
+            %identity,
+            reason = reason.as_str(),
+            "no replacement of crashed agent `{agent}` could take the call; the caller hears the filler fade, and the next agent of that name to join gets the call"
+        ),
         Alert::IgnoredMessage { from, message_type, why } => {
             tracing::info!(%from, message = message_type, why, "control message ignored")
         }

@@ -61,6 +61,9 @@ pub enum ApiCall {
     MuteTrack { identity: String, track_sid: String, muted: bool },
     /// RoomService.RemoveParticipant.
     RemoveParticipant { identity: String },
+    /// AgentDispatchService.ListDispatch, read for the status of the agent job whose
+    /// participant is `identity` (`state.jobs[].state.participant_identity`): a crash check.
+    JobStatus { identity: String },
 }
 
 impl ApiCall {
@@ -72,6 +75,7 @@ impl ApiCall {
             ApiCall::DeleteDispatch { .. } => "DeleteDispatch",
             ApiCall::MuteTrack { .. } => "MutePublishedTrack",
             ApiCall::RemoveParticipant { .. } => "RemoveParticipant",
+            ApiCall::JobStatus { .. } => "ListDispatch",
         }
     }
 }
@@ -88,6 +92,7 @@ impl std::fmt::Display for ApiCall {
                 write!(f, "{verb} {identity}'s track {track_sid}")
             }
             ApiCall::RemoveParticipant { identity } => write!(f, "remove {identity}"),
+            ApiCall::JobStatus { identity } => write!(f, "read the status of {identity}'s agent job"),
         }
     }
 }
@@ -101,6 +106,10 @@ pub enum ApiReply {
     Dispatched(Vec<String>),
     /// CreateDispatch: the new dispatch's id.
     DispatchCreated { dispatch_id: String },
+    /// JobStatus: the job's status as the server names it (`JS_PENDING`, `JS_RUNNING`,
+    /// `JS_SUCCESS`, `JS_FAILED`), or `None` when no dispatch of the room has a job for that
+    /// participant (an agent that was not dispatched, or a dispatch already deleted).
+    JobStatus(Option<&'static str>),
 }
 
 /// The outcome of one [`ApiCall`], handed back to the logic that asked for it.
@@ -112,6 +121,24 @@ pub struct ApiResult {
     /// The call, as asked.
     pub call: ApiCall,
     pub result: Result<ApiReply, ApiError>,
+}
+
+/// The status of the job whose participant is `identity`, among a room's dispatches. An
+/// unknown status number (a newer server) reads as `None`: no conclusion is drawn from it.
+pub fn job_status(dispatches: &[proto::AgentDispatch], identity: &str) -> Option<&'static str> {
+    dispatches
+        .iter()
+        .filter_map(|d| d.state.as_ref())
+        .flat_map(|s| &s.jobs)
+        .filter_map(|j| j.state.as_ref())
+        .find(|s| s.participant_identity == identity)
+        .and_then(|s| proto::JobStatus::try_from(s.status).ok())
+        .map(|s| s.as_str_name())
+}
+
+/// Whether a job status says the job's process is gone (it failed, or it returned).
+pub fn job_ended(status: &str) -> bool {
+    matches!(status, "JS_FAILED" | "JS_SUCCESS")
 }
 
 /// The HTTP base URL for the server APIs, from a ws(s) or http(s) URL.
@@ -173,6 +200,10 @@ impl ServerApi {
             }
             ApiCall::RemoveParticipant { identity } => {
                 self.remove_participant(room, identity).await.map(|()| ApiReply::Done)
+            }
+            ApiCall::JobStatus { identity } => {
+                let dispatches = self.list_dispatch(room).await?;
+                Ok(ApiReply::JobStatus(job_status(&dispatches, identity)))
             }
         }
     }
@@ -294,6 +325,42 @@ mod tests {
         assert_eq!(http_url("https://x").ok().as_deref(), Some("https://x"));
         assert!(http_url("x").is_err());
         assert!(http_url("udp://x").is_err());
+    }
+
+    #[test]
+    fn a_job_status_is_read_by_its_participant_identity() {
+        let job = |identity: &str, status: proto::JobStatus| proto::Job {
+            state: Some(proto::JobState {
+                status: status as i32,
+                participant_identity: identity.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let dispatch = |jobs: Vec<proto::Job>| proto::AgentDispatch {
+            state: Some(proto::AgentDispatchState { jobs, ..Default::default() }),
+            ..Default::default()
+        };
+        let room = vec![
+            dispatch(vec![job("agent-a", proto::JobStatus::JsFailed)]),
+            dispatch(vec![
+                job("agent-b", proto::JobStatus::JsRunning),
+                job("agent-c", proto::JobStatus::JsSuccess),
+            ]),
+            proto::AgentDispatch::default(),
+        ];
+        assert_eq!(job_status(&room, "agent-a"), Some("JS_FAILED"));
+        assert_eq!(job_status(&room, "agent-b"), Some("JS_RUNNING"));
+        assert_eq!(job_status(&room, "agent-c"), Some("JS_SUCCESS"));
+        assert_eq!(job_status(&room, "agent-x"), None);
+        assert!(job_ended("JS_FAILED") && job_ended("JS_SUCCESS"));
+        assert!(!job_ended("JS_RUNNING") && !job_ended("JS_PENDING"));
+        // An unknown status number from a newer server concludes nothing.
+        let mut odd = job("agent-d", proto::JobStatus::JsRunning);
+        if let Some(s) = odd.state.as_mut() {
+            s.status = 42;
+        }
+        assert_eq!(job_status(&[dispatch(vec![odd])], "agent-d"), None);
     }
 
     #[tokio::test]

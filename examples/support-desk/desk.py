@@ -31,6 +31,7 @@ from livekit.agents import (
     llm,
     tts,
 )
+from lk_baton.agents import remove_crashed_jobs
 
 # ---------------------------------------------------------------------------------------------
 # The caller's state, shared by both agents (travels in the bundle's user_state)
@@ -292,6 +293,9 @@ def run_worker(agent_name: str, entrypoint: Callable[[JobContext], Awaitable[Non
             load_fnc=job_load,
         )
         server.rtc_session(entrypoint, agent_name=name)
+        # a job process that dies is removed from its room at once, so baton replaces it
+        # without waiting for the heartbeats' silence (docs/protocol.md, recovery)
+        remove_crashed_jobs(server)
         server.on("worker_registered", lambda *_: say(agent_name, "registered"))
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()

@@ -30,7 +30,14 @@ from desk import (
     tool_output,
     user_messages,
 )
-from lk_baton import RECOVERY_GREETING, BatonLink, HandoffRefused, chat_item_dict, seed_agent
+from lk_baton import (
+    RECOVERY_GREETING,
+    BatonLink,
+    HandoffRefused,
+    chat_item_dict,
+    default_on_prepare,
+    seed_agent,
+)
 from lk_baton.checkpoint import canonical
 
 AGENT_NAME = "triage"
@@ -147,10 +154,25 @@ class TriageAgent(Agent):
         return None  # no reply: baton's filler covers the gap until billing speaks
 
 
+def report_recovered(agent: Agent) -> None:
+    if REPORT_CHECKPOINTS:
+        items = [[i.id, digest(chat_item_dict(i))] for i in agent.chat_ctx.items]
+        say(AGENT_NAME, f"recovered items={json.dumps(items)}")
+
+
+async def prepared_on_standby(link: BatonLink, msg: dict[str, Any]) -> None:
+    """A standby triage chosen to replace a crashed one: the adapter's default (bundle, seed,
+    ready), then the report of what it recovered."""
+    running = link.session.agent_state != "initializing"  # else the entrypoint prepares itself
+    await default_on_prepare(link, msg)
+    if running:
+        report_recovered(link.session.current_agent)
+
+
 async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     session: AgentSession[Caller] = AgentSession(llm=make_llm(triage_script), tts=make_tts("en-us"), userdata=Caller())
-    baton = await BatonLink.attach(ctx, session, role="triage")
+    baton = await BatonLink.attach(ctx, session, role="triage", on_prepare=prepared_on_standby)
     agent = TriageAgent(baton)
     if baton.preparing:
         # a replacement after a crash (prepare with cause "recovery"): the crashed triage's
@@ -164,9 +186,7 @@ async def entrypoint(ctx: JobContext) -> None:
         agent = await seed_agent(TriageAgent(baton), received)
         if isinstance(received.user_state, Caller):
             session.userdata = received.user_state
-        if REPORT_CHECKPOINTS:
-            items = [[i.id, digest(chat_item_dict(i))] for i in agent.chat_ctx.items]
-            say(AGENT_NAME, f"recovered items={json.dumps(items)}")
+        report_recovered(agent)
     if REPORT_CHECKPOINTS:
         baton.on_checkpoint_acked = report_checkpoint
     session.on(

@@ -168,6 +168,7 @@ impl Event {
 /// The outcome's wire name (as in the timeline's JSON).
 pub fn outcome_name(o: Outcome) -> &'static str {
     match o {
+        Outcome::Cleared => "cleared",
         Outcome::Completed => "completed",
         Outcome::HandedBack => "handed_back",
         Outcome::Failed => "failed",
@@ -178,6 +179,10 @@ pub fn outcome_name(o: Outcome) -> &'static str {
 pub fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::Requested => "requested",
+        Phase::Suspected => "suspected",
+        Phase::SuspectCleared => "suspect_cleared",
+        Phase::Confirmed => "confirmed",
+        Phase::Removed => "removed",
         Phase::SourceQuiet => "source_quiet",
         Phase::FillerOn => "filler_on",
         Phase::TargetDispatched => "target_dispatched",
@@ -299,7 +304,7 @@ mod tests {
         {
             assert_eq!(serde_json::to_value(p).expect("json"), phase_name(p));
         }
-        for o in [Outcome::Completed, Outcome::HandedBack, Outcome::Failed] {
+        for o in [Outcome::Cleared, Outcome::Completed, Outcome::HandedBack, Outcome::Failed] {
             assert_eq!(serde_json::to_value(o).expect("json"), outcome_name(o));
         }
     }

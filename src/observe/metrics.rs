@@ -14,12 +14,18 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::event::{Event, outcome_name, phase_name};
-use baton_floor::{Alert, Outcome, Phase, SecurityReason, Timeline};
+use baton_floor::{Alert, Kind, Outcome, Phase, SecurityReason, Timeline};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandoffLabels {
     source: String,
     target: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecoveryLabels {
+    agent: String,
     outcome: String,
 }
 
@@ -99,6 +105,8 @@ pub struct Metrics {
     rooms_joined: Counter,
     events: Family<EventLabels, Counter>,
     handoffs: Family<HandoffLabels, Counter>,
+    recoveries: Family<RecoveryLabels, Counter>,
+    recovery_to_audible: Histogram,
     handoff_duration: HistogramFamily<OutcomeLabels>,
     phase: HistogramFamily<PhaseLabels>,
     request_to_audible: Histogram,
@@ -128,6 +136,8 @@ impl Metrics {
             rooms_joined: Counter::default(),
             events: Family::default(),
             handoffs: Family::default(),
+            recoveries: Family::default(),
+            recovery_to_audible: seconds_histogram(),
             handoff_duration: Family::new_with_constructor(seconds_histogram),
             phase: Family::new_with_constructor(seconds_histogram),
             request_to_audible: seconds_histogram(),
@@ -150,6 +160,17 @@ impl Metrics {
             "Finished handoffs by source agent, target agent (the last one tried) and outcome",
             m.handoffs.clone(),
         );
+        registry.register(
+            "recoveries",
+            "Finished recoveries of crashed agents by agent name and outcome (completed, failed, cleared: the suspected agent was alive)",
+            m.recoveries.clone(),
+        );
+        registry.register_with_unit(
+            "recovery_last_heartbeat_to_audible",
+            "Crashed agent's last heartbeat to its replacement being heard (completed recoveries that saw it)",
+            Unit::Seconds,
+            m.recovery_to_audible.clone(),
+        );
         registry.register_with_unit(
             "handoff_duration",
             "Handoff request to its end (completed, handed back or failed), by outcome",
@@ -170,7 +191,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "handoff_filler",
-            "Filler played per handoff (filler_on to filler_off)",
+            "Filler played per handoff or recovery (filler_on to filler_off)",
             Unit::Seconds,
             m.filler.clone(),
         );
@@ -234,6 +255,7 @@ impl Metrics {
                     Alert::AgentNoShow { .. } => "agent_no_show",
                     Alert::DispatchFailed { .. } => "dispatch_failed",
                     Alert::FloorVacant { .. } => "floor_vacant",
+                    Alert::RecoveryFailed { .. } => "recovery_failed",
                     Alert::IgnoredMessage { .. } => {
                         self.rejected.get_or_create(&ReasonLabels { reason: "out_of_state".into() }).inc();
                         "ignored_message"
@@ -245,7 +267,25 @@ impl Metrics {
         }
     }
 
+    fn record_recovery(&self, t: &Timeline) {
+        let outcome = t.outcome.map_or("unknown", outcome_name).to_string();
+        self.recoveries.get_or_create(&RecoveryLabels { agent: t.source.clone(), outcome }).inc();
+        if let Some(ms) = t.ms(Phase::TargetAudible).filter(|_| t.outcome == Some(Outcome::Completed)) {
+            self.recovery_to_audible.observe(ms as f64 / 1000.0);
+        }
+        self.record_filler(t);
+    }
+
+    fn record_filler(&self, t: &Timeline) {
+        if let (Some(on), Some(off)) = (t.ms(Phase::FillerOn), t.ms(Phase::FillerOff)) {
+            self.filler.observe(off.saturating_sub(on) as f64 / 1000.0);
+        }
+    }
+
     fn record_handoff(&self, t: &Timeline) {
+        if t.kind == Kind::Recovery {
+            return self.record_recovery(t);
+        }
         let outcome = t.outcome.map_or("unknown", outcome_name).to_string();
         let labels =
             HandoffLabels { source: t.source.clone(), target: t.target.clone(), outcome: outcome.clone() };
@@ -268,9 +308,7 @@ impl Metrics {
         {
             self.request_to_audible.observe(secs(ms));
         }
-        if let (Some(on), Some(off)) = (t.ms(Phase::FillerOn), t.ms(Phase::FillerOff)) {
-            self.filler.observe(secs(off.saturating_sub(on)));
-        }
+        self.record_filler(t);
         if let Some(bytes) = t.bundle_bytes {
             self.bundle.observe(bytes as f64);
         }
@@ -330,6 +368,26 @@ mod tests {
 
     fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
         text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_finished_recovery_is_counted_as_a_recovery_not_a_handoff() {
+        let m = Metrics::new();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut t = Timeline::recovery("r-1", "triage", t0);
+        t.mark(Phase::Suspected, at(800), Some("heartbeat".into()));
+        t.mark(Phase::FillerOn, at(800), None);
+        t.mark(Phase::TargetActivated, at(2_900), None);
+        t.mark(Phase::FillerOff, at(3_400), Some("heard".into()));
+        t.mark(Phase::TargetAudible, at(3_400), None);
+        t.outcome = Some(Outcome::Completed);
+        m.record(&Event::HandoffFinished(Box::new(t)));
+        let text = m.encode();
+        assert_eq!(sample(&text, r#"baton_recoveries_total{agent="triage",outcome="completed"}"#), Some(1.0));
+        assert_eq!(sample(&text, "baton_recovery_last_heartbeat_to_audible_seconds_sum"), Some(3.4));
+        assert_eq!(sample(&text, "baton_handoff_filler_seconds_sum"), Some(2.6));
+        assert!(!text.contains("baton_handoffs_total{"), "{text}");
     }
 
     #[test]

@@ -830,6 +830,20 @@ mod tests {
     }
 
     #[test]
+    fn floats_come_back_exactly_as_the_agent_wrote_them() {
+        // Seen in tests/e2e/test_recovery.py before serde_json's `float_roundtrip`: a
+        // livekit-agents `metrics.stopped_speaking_at` of 1796061985.7692313 came back as
+        // 1796061985.769231, so the replacement's item differed from the checkpointed one.
+        let text = r#"{"content":["One moment."],"created_at":1796061983.3713264,"extra":{},"id":"m1","interrupted":false,"metrics":{"llm_node_ttft":0.0007316419978451449,"stopped_speaking_at":1796061985.7692313},"role":"assistant","type":"message"}"#;
+        let item: Value = serde_json::from_str(text).expect("item");
+        let mut c = room();
+        c.apply("agent-1", Some("triage"), &cp(1, true, vec![item], json!({}))).expect("base");
+        let b = c.get("triage").expect("state").recovery_bundle("r", None, 1.0);
+        let b = String::from_utf8(b).expect("utf-8");
+        assert!(b.contains(text), "{b}");
+    }
+
+    #[test]
     fn base_then_deltas_upsert_items_and_replace_state() {
         let mut c = room();
         let base = cp(

@@ -55,6 +55,7 @@ from .floor import (
     hello_schedule,
     is_coordinator,
 )
+from .job_watch import remove_crashed_jobs
 from .journal import Release, Rerun, ToolCall, ToolJournal, in_flight_output, released_output
 from .transfer import receive_bundle, send_bundle, transport_for
 
@@ -84,12 +85,14 @@ __all__: list[str] = [
     "chat_items_equal",
     "current_tool_call",
     "default_on_activate",
+    "default_on_prepare",
     "default_on_tool_result",
     "journal_for",
     "journaled",
     "pair_in_flight",
     "read_bundle",
     "release_call",
+    "remove_crashed_jobs",
     "restore_output_names",
     "seed_agent",
     "state_from_dict",
@@ -869,6 +872,31 @@ async def default_on_activate(link: BatonLink, msg: dict[str, Any]) -> None:
         link.session.generate_reply()
 
 
+async def default_on_prepare(link: BatonLink, msg: dict[str, Any]) -> None:
+    """A standby whose session already runs is chosen as a target (a warm handoff, or the
+    replacement of a crashed agent of its name): receive the bundle, give the running agent its
+    context (:func:`seed_agent`), take its user state into the session's ``userdata`` (rebuilt
+    as the userdata's own dataclass when it is one), and send ``ready``. A ``prepare`` that
+    comes before the session runs is left to the entrypoint, which calls
+    :meth:`BatonLink.receive_context` and :meth:`BatonLink.ready` itself."""
+    if not link._session_running.is_set():
+        return
+    userdata = link.session.userdata if link.session._userdata is not None else None
+    state_type = type(userdata) if dataclasses.is_dataclass(userdata) else None
+    received = await link.receive_context(timeout=10, user_state_type=state_type)
+    await seed_agent(link.session.current_agent, received)
+    state = received.user_state
+    if state is not None and (state_type is None or isinstance(state, state_type)):
+        link.session.userdata = state
+    await link.ready(received.handoff_id)
+    log.info(
+        "prepared while on standby: %s from %s, %d items",
+        received.cause,
+        received.from_agent,
+        len(received.chat_ctx.items),
+    )
+
+
 async def default_on_tool_result(link: BatonLink, msg: dict[str, Any]) -> None:
     """After a late tool result was appended to the context: when this agent holds the floor,
     let the model tell the caller (the result may answer what the caller is waiting for)."""
@@ -895,7 +923,7 @@ class BatonLink:
         job_ctx: JobContext | None = None,
         on_activate: ActivateHook | None = default_on_activate,
         on_release: EventHook | None = None,
-        on_prepare: EventHook | None = None,
+        on_prepare: EventHook | None = default_on_prepare,
         on_tool_result: EventHook | None = default_on_tool_result,
         user_state_serializer: Callable[[Any], Mapping[str, Any]] | None = None,
         transcription: bool = True,

@@ -4,7 +4,7 @@
 //! gap with filler, and gives it to the target once the target has the context and is ready; on
 //! any failure the floor goes back to the source (or to an alternate) before the filler limit.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use baton_transfer::TransferId;
@@ -16,7 +16,7 @@ use crate::command::{
 use crate::dispatch::{Dispatcher, GaveUp, Purpose};
 use crate::event::{AgentMessage, Event, Participant, ParticipantKind, ToolCallStatus};
 use crate::policy::{Policy, PolicyError, ReleasePolicy};
-use crate::timeline::{Outcome, Phase, Timeline};
+use crate::timeline::{Kind, Outcome, Phase, Timeline};
 
 #[derive(Debug, Clone)]
 struct Peer {
@@ -133,7 +133,36 @@ struct Handoff {
     timeline: Timeline,
     /// Late tool results for the target, held until it has been sent `prepare`.
     tool_results: Vec<BatonMessage>,
+    /// How many more times a target of this agent name that crashes while being prepared is
+    /// replaced by another of the same name (`recovery_attempts`).
+    replacements_left: u32,
+    /// Set when this is not a handoff but the recovery of a crashed floor holder: `source` is
+    /// the crashed identity, `source_name` its agent name, the target its replacement.
+    recovery: Option<Recovery>,
 }
+
+/// What a recovery adds to the [`Handoff`] machinery it runs on (docs/protocol.md, "Checkpoints,
+/// heartbeats and recovery"): the holder as it was, and how sure baton is that it crashed.
+#[derive(Debug, Clone)]
+struct Recovery {
+    /// The holder before the suspicion: it gets the floor back, unchanged, if the suspicion
+    /// clears. None when nobody held the floor (a late agent taking over a vacant call).
+    holder: Option<Holder>,
+    /// The crash is certain: the holder was declared crashed and a replacement is acquired.
+    confirmed: bool,
+    /// If nothing confirms or clears the suspicion first, it is confirmed at this instant
+    /// (`crash_confirm_after` past the last heartbeat).
+    confirm_at: Instant,
+    /// However the replacements go, the recovery fails at this instant: `max_filler` past the
+    /// suspicion, the longest a caller hears the filler in one go.
+    give_up_at: Instant,
+    /// While unconfirmed, the server is asked for the job's status again at this instant.
+    check_job_at: Option<Instant>,
+}
+
+/// How often a suspected agent's job status is read again until the crash is confirmed or
+/// cleared: the server learns of the job's end when the agent's worker reports it.
+const JOB_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// A handoff that is over and whose timeline is still open: it closes once the new holder has
 /// been heard (or given up on) and the filler has stopped, so its marks say when things really
@@ -175,6 +204,12 @@ pub struct HandoffStatus {
     pub target_ready: bool,
     /// Whether the target acknowledged the bundle.
     pub bundle_delivered: bool,
+    /// A handoff, or the recovery of a crashed floor holder (`source` is then the crashed
+    /// identity, `target_name` the agent name of its replacement).
+    pub kind: Kind,
+    /// For a recovery: whether the crash is confirmed (before that, it is only suspected and
+    /// may clear).
+    pub confirmed: bool,
 }
 
 /// How long the filler alone covers the gap after a source is force-muted, before the target is
@@ -195,6 +230,16 @@ enum Due {
     Audible,
     FillerHold,
     Release(String),
+    /// The floor holder's heartbeat gap reached `crash_suspect_after`.
+    Suspect,
+    /// A suspected holder stayed silent until `crash_confirm_after`.
+    Confirm,
+    /// The handoff target's heartbeat gap reached `crash_confirm_after`.
+    TargetCrashed,
+    /// A recovery reached `max_filler`.
+    RecoveryLimit,
+    /// Time to read a suspected agent's job status again.
+    CheckJob,
 }
 
 /// The floor arbiter for one room (the crate docs show a shell driving it).
@@ -233,6 +278,15 @@ pub struct Arbiter {
     /// [`FORWARDED_RESULTS_KEPT`]: each is forwarded once.
     forwarded_results: VecDeque<(String, String)>,
     filler: FillerState,
+    /// Identities declared crashed: never given a role again, their messages ignored, also
+    /// after they left (a process that only froze may come back under the same identity).
+    /// One entry per crash in the call.
+    crashed: BTreeSet<String>,
+    next_recovery: u64,
+    /// The agent name of a crashed holder no replacement could take over from: an agent of
+    /// that name that joins later (a job restarted by LiveKit Cloud, a late worker) is given
+    /// the call with the last checkpoint.
+    vacated_by: Option<String>,
     out: VecDeque<Command>,
 }
 
@@ -317,6 +371,9 @@ impl Arbiter {
             accepted_requests: VecDeque::new(),
             forwarded_results: VecDeque::new(),
             filler: FillerState::default(),
+            crashed: BTreeSet::new(),
+            next_recovery: 1,
+            vacated_by: None,
             out: VecDeque::new(),
         })
     }
@@ -338,7 +395,8 @@ impl Arbiter {
 
     /// The heartbeat period `identity` announced in `hello` (clamped to 50 ms..10 s) and when its
     /// last heartbeat (or that hello) arrived; None when it announced none or is not in the room.
-    /// Crash suspicion on a gap is not built yet (issue 13): this is what it will read.
+    /// A gap of `crash_suspect_after` in the floor holder's heartbeats makes it suspected of a
+    /// crash.
     pub fn heartbeat(&self, identity: &str) -> Option<(Duration, Instant)> {
         self.peers.get(identity).and_then(|p| p.heartbeat)
     }
@@ -358,6 +416,8 @@ impl Arbiter {
             source_quiet: h.quiet,
             target_ready: h.target.ready,
             bundle_delivered: h.bundle.delivered,
+            kind: h.timeline.kind,
+            confirmed: h.recovery.as_ref().is_some_and(|r| r.confirmed),
         })
     }
 
@@ -402,6 +462,8 @@ impl Arbiter {
                     self.on_gave_up(g, now);
                 }
             }
+            Event::RecoveryBundle { recovery, bundle } => self.on_recovery_bundle(&recovery, bundle, now),
+            Event::JobEnded { identity, status } => self.on_job_ended(&identity, &status, now),
         }
         self.settle(now);
     }
@@ -429,6 +491,27 @@ impl Arbiter {
         }
         if let Some(at) = self.dispatcher.next_deadline() {
             d.push((at, Due::Dispatch));
+        }
+        match (&self.handoff, &self.holder) {
+            (None, Some(holder)) if holder.activated => {
+                if let Some((_, last)) = self.peers.get(&holder.identity).and_then(|p| p.heartbeat) {
+                    d.push((last + self.policy.crash_suspect_after, Due::Suspect));
+                }
+            }
+            (Some(h), _) => {
+                if let Some(r) = &h.recovery {
+                    if !r.confirmed {
+                        d.push((r.confirm_at, Due::Confirm));
+                        d.extend(r.check_job_at.map(|at| (at, Due::CheckJob)));
+                    }
+                    d.push((r.give_up_at, Due::RecoveryLimit));
+                }
+                let target = h.target.identity.as_ref().filter(|_| h.target.away_until.is_none());
+                if let Some((_, last)) = target.and_then(|t| self.peers.get(t)).and_then(|p| p.heartbeat) {
+                    d.push((last + self.policy.crash_confirm_after, Due::TargetCrashed));
+                }
+            }
+            _ => {}
         }
         if let Some(h) = &self.handoff {
             let timers = [
@@ -473,10 +556,15 @@ impl Arbiter {
                 }
             }
             Due::FillerLimit => {
-                if let Some(h) = &mut self.handoff {
-                    h.filler_deadline = None;
+                let Some(h) = &mut self.handoff else { return };
+                h.filler_deadline = None;
+                if h.recovery.is_some() {
+                    // A recovery's filler deadline is one replacement's `recovery_timeout`:
+                    // the next one is tried.
+                    self.fail_target(FailReason::TargetNotReady, now);
+                } else {
+                    self.fall_back(FailReason::FillerLimit, now);
                 }
-                self.fall_back(FailReason::FillerLimit, now);
             }
             Due::SourceQuiet => self.source_quiet("forced", now),
             Due::Settle => {
@@ -511,6 +599,17 @@ impl Arbiter {
                     self.out.push_back(Command::RemoveParticipant { identity: who });
                 }
             }
+            Due::Suspect => self.suspect_holder("heartbeat", now),
+            Due::Confirm => self.confirm_crash("silence", now),
+            Due::TargetCrashed => self.target_crashed("heartbeat", now),
+            Due::RecoveryLimit => self.abandon(FailReason::FillerLimit, now),
+            Due::CheckJob => {
+                let Some(h) = &mut self.handoff else { return };
+                let Some(r) = &mut h.recovery else { return };
+                r.check_job_at = Some(now + JOB_CHECK_EVERY);
+                let identity = h.source.clone();
+                self.out.push_back(Command::CheckJob { identity });
+            }
         }
     }
 
@@ -519,7 +618,7 @@ impl Arbiter {
         if self.ended {
             return;
         }
-        self.activate_holder_if_reachable();
+        self.activate_holder_if_reachable(now);
         self.progress(now);
         self.enforce_mutes();
         if self.handoff.is_none() && !self.filler.on {
@@ -569,6 +668,7 @@ impl Arbiter {
             self.is_managed(&p.info)
                 && p.info.agent_name.as_deref() == Some(name)
                 && Some(p.info.identity.as_str()) != except
+                && !self.crashed.contains(&p.info.identity)
         });
         // Prefer one whose adapter already said hello: it can be prepared right away.
         let all: Vec<&Peer> = candidates.by_ref().collect();
@@ -609,12 +709,21 @@ impl Arbiter {
         let purpose = self.dispatcher.joined(&p);
         let name = p.agent_name.clone().unwrap_or_default();
         if let Some(h) = &self.handoff {
-            let for_this = match &purpose {
-                Some(Purpose::Handoff(id)) => id == &h.id,
-                Some(Purpose::Start) => false,
-                None => !h.target.dispatching,
-            };
-            if for_this && h.target.identity.is_none() && h.target.name == name && h.source != identity {
+            // A confirmed recovery takes any agent of the name it needs, whoever dispatched it
+            // (LiveKit Cloud restarting the failed job, a spare worker's job).
+            let recovering = h.recovery.as_ref().is_some_and(|r| r.confirmed);
+            let for_this = recovering
+                || match &purpose {
+                    Some(Purpose::Handoff(id)) => id == &h.id,
+                    Some(Purpose::Start) => false,
+                    None => !h.target.dispatching,
+                };
+            if for_this
+                && h.target.identity.is_none()
+                && h.target.name == name
+                && h.source != identity
+                && !self.crashed.contains(&identity)
+            {
                 let from_dispatch = matches!(purpose, Some(Purpose::Handoff(_)));
                 if let Some(h) = self.handoff.as_mut().filter(|_| from_dispatch) {
                     h.target.dispatch_id = p.dispatch_id.clone();
@@ -622,6 +731,15 @@ impl Arbiter {
                 self.attach_target(identity, false, now);
                 return;
             }
+        }
+        if self.holder.is_none()
+            && self.handoff.is_none()
+            && self.vacated_by.as_deref() == Some(name.as_str())
+        {
+            // Every replacement of a crashed holder failed and nobody took the call since: this
+            // agent of its name gets it, with the last checkpoint.
+            self.vacated_by = None;
+            return self.recover_into(&name, now);
         }
         let wants_start =
             purpose == Some(Purpose::Start) || self.policy.starting_agent.as_deref() == Some(name.as_str());
@@ -653,12 +771,23 @@ impl Arbiter {
         }
         self.close_finished(now);
         if self.holder.as_ref().is_some_and(|h| h.identity == identity) {
-            self.holder = None;
-            self.out.push_back(Command::Alert(Alert::FloorVacant { identity: identity.to_owned() }));
+            // It left without being released: for the caller that is a crash, whatever the
+            // reason. A recovery replaces it.
+            let name = peer.info.agent_name.clone().unwrap_or_default();
+            let last = peer.heartbeat.map_or(now, |(_, last)| last);
+            let holder = self.holder.take();
+            self.suspect(identity.to_owned(), holder, name, "left", last, now);
+            self.confirm_crash("left", now);
+            return;
         }
         let Some(h) = &mut self.handoff else {
             return;
         };
+        if h.source == identity && h.recovery.is_some() {
+            // The crashed holder's participant is gone: removed by baton, or its leave
+            // confirms the crash.
+            return self.confirm_crash("left", now);
+        }
         let grace = self.policy.rejoin_grace;
         if h.source == identity {
             h.source_present = false;
@@ -827,6 +956,18 @@ impl Arbiter {
                 return;
             }
         }
+        if self.crashed.contains(&from) {
+            // Declared crashed and replaced: whatever it says now is stale (a frozen process
+            // that woke up), and must not undo the recovery.
+            return self.ignored(&from, ty, "declared crashed and replaced");
+        }
+        let suspected = self
+            .handoff
+            .as_ref()
+            .is_some_and(|h| h.source == from && h.recovery.as_ref().is_some_and(|r| !r.confirmed));
+        if suspected && matches!(message, AgentMessage::Heartbeat { .. } | AgentMessage::Hello { .. }) {
+            self.clear_suspect(now);
+        }
         if let AgentMessage::Heartbeat { .. } = message {
             // Liveness only: it neither makes the adapter reachable (that takes a hello) nor
             // gets an answer. One from an adapter that announced none is ignored.
@@ -947,7 +1088,7 @@ impl Arbiter {
             }
             if h.target.identity.as_deref() == Some(from) {
                 if h.target.prepared {
-                    let message = Self::prepare_message(h);
+                    let message = Self::prepare_message(h, self.policy.recovery_greeting);
                     self.send(from, None, message);
                 }
                 return;
@@ -956,7 +1097,7 @@ impl Arbiter {
         self.send(from, None, BatonMessage::Deactivate { handoff: None, reason: DeactivateReason::Standby });
     }
 
-    fn activate_holder_if_reachable(&mut self) {
+    fn activate_holder_if_reachable(&mut self, now: Instant) {
         let Some(h) = &self.holder else { return };
         if h.activated || !self.peers.get(&h.identity).is_some_and(|p| p.reachable) {
             return;
@@ -964,6 +1105,7 @@ impl Arbiter {
         let (identity, activation) = (h.identity.clone(), h.activation.clone());
         self.send(&identity, None, activation);
         self.unmute(&identity);
+        self.watch_from(&identity, now);
         if let Some(h) = &mut self.holder {
             h.activated = true;
         }
@@ -1084,6 +1226,8 @@ impl Arbiter {
             bundle,
             timeline,
             tool_results: Vec::new(),
+            replacements_left: self.policy.recovery_attempts,
+            recovery: None,
         });
         if !audible {
             // Nothing of the source reaches the caller: the gap starts now, so must the filler.
@@ -1093,6 +1237,214 @@ impl Arbiter {
             self.source_quiet("quiet", now);
         }
         self.acquire_target(now);
+    }
+
+    // ---- recovery -----------------------------------------------------------------------------
+
+    /// `identity` has just been given a role (the floor, or a handoff's target): its heartbeat
+    /// gaps count from now at the earliest, so a standby that was quiet before is not found
+    /// crashed the instant it is chosen (it gets the whole limit to show it is alive).
+    fn watch_from(&mut self, identity: &str, now: Instant) {
+        if let Some((_, last)) = self.peers.get_mut(identity).and_then(|p| p.heartbeat.as_mut()) {
+            *last = (*last).max(now);
+        }
+    }
+
+    /// The floor holder's heartbeat gap reached `crash_suspect_after`.
+    fn suspect_holder(&mut self, signal: &str, now: Instant) {
+        let Some(holder) = &self.holder else { return };
+        let Some(peer) = self.peers.get(&holder.identity) else { return };
+        let name = peer.info.agent_name.clone().unwrap_or_default();
+        let last = peer.heartbeat.map_or(now, |(_, last)| last);
+        let identity = holder.identity.clone();
+        let holder = self.holder.take();
+        self.suspect(identity.clone(), holder, name, signal, last, now);
+        // The fastest certain signal, if the server has it: the agent's worker saw its job
+        // process die and reported the job's end.
+        self.out.push_back(Command::CheckJob { identity });
+        if let Some(r) = self.handoff.as_mut().and_then(|h| h.recovery.as_mut()) {
+            r.check_job_at = Some(now + JOB_CHECK_EVERY);
+        }
+    }
+
+    /// The agent `identity` (agent name `name`, last heard of at `last`), holding the floor as
+    /// `holder`, may have crashed: the caller hears the filler from now, the agent is muted,
+    /// and a recovery starts, unconfirmed (it clears if the agent shows it is alive).
+    fn suspect(
+        &mut self,
+        identity: String,
+        holder: Option<Holder>,
+        name: String,
+        signal: &str,
+        last: Instant,
+        now: Instant,
+    ) {
+        // A finished handoff still waiting for its target to be heard stops waiting: the
+        // recovery's timeline is the open one from now.
+        self.stop_waiting("suspected", now);
+        let id = format!("r-{}", self.next_recovery);
+        self.next_recovery += 1;
+        let mut timeline = Timeline::recovery(&id, &name, last);
+        let ev = timeline.mark(Phase::Suspected, now, Some(signal.to_owned()));
+        self.out.push_back(Command::Timeline(ev));
+        let mut alternates: VecDeque<String> =
+            std::iter::repeat_n(name.clone(), self.policy.recovery_attempts.saturating_sub(1) as usize)
+                .collect();
+        for alt in self.policy.alternates.get(&name).into_iter().flatten() {
+            if *alt != name && !alternates.contains(alt) {
+                alternates.push_back(alt.clone());
+            }
+        }
+        let mut target = Target::new(name.clone());
+        if self.policy.recovery_attempts == 0 {
+            // No replacement of the same name: the first alternate is the first target.
+            target = Target::new(alternates.pop_front().unwrap_or_default());
+        }
+        self.handoff = Some(Handoff {
+            id,
+            source: identity.clone(),
+            source_name: name,
+            source_present: true,
+            source_away_until: None,
+            reason: "crash suspected".to_owned(),
+            alternates,
+            target,
+            // Nothing of a dead agent's is left to drain at the caller: its audio stopped when
+            // it died, before the suspicion.
+            quiet: true,
+            quiet_deadline: None,
+            settle_until: None,
+            grace_deadline: None,
+            filler_deadline: None,
+            bundle: Bundle::default(),
+            timeline,
+            tool_results: Vec::new(),
+            replacements_left: self.policy.recovery_attempts,
+            recovery: Some(Recovery {
+                holder,
+                confirmed: false,
+                confirm_at: (last + self.policy.crash_confirm_after).max(now),
+                give_up_at: now + self.policy.max_filler,
+                check_job_at: None,
+            }),
+        });
+        // Filler first: it is local and instant, while the mute is a server round trip.
+        self.arm_filler();
+        if !self.filler.on {
+            self.filler.on = true;
+            self.out.push_back(Command::Filler(FillerCommand::On));
+        }
+        self.mark(Phase::FillerOn, now, None);
+        self.mute(&identity);
+    }
+
+    /// The suspected holder is alive (a heartbeat or a hello came before the crash was
+    /// confirmed): it keeps the floor, unmuted, and the filler fades.
+    fn clear_suspect(&mut self, now: Instant) {
+        self.mark(Phase::SuspectCleared, now, None);
+        let Some(mut h) = self.handoff.take() else { return };
+        let Some(holder) = h.recovery.take().and_then(|r| r.holder) else { return };
+        let identity = holder.identity.clone();
+        self.holder = Some(holder);
+        self.unmute(&identity);
+        h.timeline.outcome = Some(Outcome::Cleared);
+        self.finishing = Some(Finishing { timeline: h.timeline, awaiting: None });
+        self.stop_filler(self.policy.filler_fade, "cleared", now);
+        self.close_finished(now);
+    }
+
+    /// The suspected holder crashed for certain (`signal`): it is declared crashed (baton
+    /// refuses its messages and checkpoints and asks the server to remove it), its last
+    /// checkpoint becomes the recovery bundle, and a replacement is acquired.
+    fn confirm_crash(&mut self, signal: &str, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        let Some(r) = h.recovery.as_mut().filter(|r| !r.confirmed) else { return };
+        r.confirmed = true;
+        h.source_present = false;
+        h.reason = format!("recovery after {signal}");
+        h.timeline.reason = h.reason.clone();
+        // baton builds the bundle itself (Event::RecoveryBundle): `prepare` announces one
+        // whose id is not known yet.
+        h.bundle.expected = true;
+        let crashed = h.source.clone();
+        let command = Command::AgentCrashed {
+            identity: crashed.clone(),
+            agent: h.source_name.clone(),
+            recovery: h.id.clone(),
+            reason: h.reason.clone(),
+        };
+        self.mark(Phase::Confirmed, now, Some(signal.to_owned()));
+        if !crashed.is_empty() {
+            self.crashed.insert(crashed.clone());
+        }
+        self.out.push_back(command);
+        if self.peers.contains_key(&crashed) {
+            // A killed agent's participant lingers for about 20 s (issue 13); removed, it
+            // cannot hold a replacement on standby or come back to life mid-call.
+            self.out.push_back(Command::RemoveParticipant { identity: crashed });
+            self.mark(Phase::Removed, now, None);
+        }
+        if self.handoff.as_ref().is_some_and(|h| h.target.name.is_empty()) {
+            // recovery_attempts = 0 and no alternates: nothing can take the call.
+            return self.conclude_failure(FailReason::TargetNoShow, now);
+        }
+        self.acquire_target(now);
+    }
+
+    /// The handoff's (or recovery's) target stopped sending heartbeats for
+    /// `crash_confirm_after`, or its job ended: it crashed while being prepared. It is declared
+    /// crashed and removed, and another agent of the same name gets the same bundle (at most
+    /// `recovery_attempts` times), else the next alternate.
+    fn target_crashed(&mut self, signal: &str, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        let Some(identity) = h.target.identity.clone() else { return };
+        if h.replacements_left > 0 {
+            h.replacements_left -= 1;
+            h.alternates.push_front(h.target.name.clone());
+        }
+        self.crashed.insert(identity.clone());
+        self.mark(Phase::TargetLeft, now, Some(format!("crashed: {signal}")));
+        self.out.push_back(Command::RemoveParticipant { identity });
+        self.target_gone(now);
+    }
+
+    /// baton's recovery bundle is built (or there is no checkpoint to build it from).
+    fn on_recovery_bundle(&mut self, recovery: &str, bundle: Option<(TransferId, u64)>, now: Instant) {
+        let Some(h) = self.handoff.as_mut().filter(|h| h.id == recovery && h.recovery.is_some()) else {
+            return;
+        };
+        match bundle {
+            Some((transfer_id, bytes)) => {
+                h.bundle.transfer = Some(transfer_id);
+                h.bundle.held = true;
+                h.timeline.bundle_bytes = Some(bytes);
+                self.mark(Phase::BundleReceived, now, Some("checkpoint".to_owned()));
+            }
+            // The replacement starts without the context (and is told so if prepared).
+            None => self.bundle_lost(now),
+        }
+    }
+
+    /// The server says `identity`'s agent job ended: a suspected holder or a handoff target
+    /// crashed for certain.
+    fn on_job_ended(&mut self, identity: &str, status: &str, now: Instant) {
+        let Some(h) = &self.handoff else { return };
+        let signal = format!("job_ended:{status}");
+        if h.source == identity && h.recovery.is_some() {
+            self.confirm_crash(&signal, now);
+        } else if h.target.identity.as_deref() == Some(identity) {
+            self.target_crashed(&signal, now);
+        }
+    }
+
+    /// The floor is vacant after a failed recovery of agent `name` and `identity`, an agent of
+    /// that name, has joined: a recovery (already confirmed) gives it the call with the last
+    /// checkpoint.
+    fn recover_into(&mut self, name: &str, now: Instant) {
+        // Nobody is suspected now (the crashed holder is gone): the source is nobody, and the
+        // recovery is confirmed at once; acquiring its target finds the agent that joined.
+        self.suspect(String::new(), None, name.to_owned(), "vacant", now, now);
+        self.confirm_crash("late_join", now);
     }
 
     // ---- the handoff -------------------------------------------------------------------------
@@ -1105,8 +1457,9 @@ impl Arbiter {
     }
 
     fn dispatch_metadata(h: &Handoff) -> String {
+        let purpose = if h.recovery.is_some() { "recovery" } else { "handoff" };
         serde_json::json!({"baton": {
-            "purpose": "handoff",
+            "purpose": purpose,
             "handoff": h.id,
             "source": h.source_name,
         }})
@@ -1115,9 +1468,16 @@ impl Arbiter {
 
     /// Finds the current target in the room (warm) or dispatches it (cold).
     fn acquire_target(&mut self, now: Instant) {
-        let Some(h) = &self.handoff else { return };
+        let timeout = self.policy.recovery_timeout;
+        let Some(h) = &mut self.handoff else { return };
+        if h.recovery.is_some() {
+            // Each replacement gets `recovery_timeout` to become ready.
+            h.filler_deadline = Some(now + timeout);
+        }
         let name = h.target.name.clone();
-        if let Some(identity) = self.find_agent(&name, Some(&h.source)) {
+        let source = h.source.clone();
+        let Some(h) = &self.handoff else { return };
+        if let Some(identity) = self.find_agent(&name, Some(&source)) {
             self.attach_target(identity, true, now);
             return;
         }
@@ -1131,6 +1491,7 @@ impl Arbiter {
     }
 
     fn attach_target(&mut self, identity: String, warm: bool, now: Instant) {
+        self.watch_from(&identity, now);
         let Some(h) = &mut self.handoff else { return };
         h.target.identity = Some(identity);
         h.target.dispatching = false;
@@ -1279,14 +1640,16 @@ impl Arbiter {
         let Some(mut f) = self.finishing.take() else {
             return;
         };
-        let ev = match f.timeline.failure {
-            None => {
+        let ev = match (f.timeline.outcome, f.timeline.failure) {
+            // A cleared suspicion ends with its `suspect_cleared` mark.
+            (Some(Outcome::Cleared), _) => None,
+            (_, None) => {
                 f.timeline.outcome = Some(Outcome::Completed);
-                f.timeline.mark(Phase::Completed, now, None)
+                Some(f.timeline.mark(Phase::Completed, now, None))
             }
-            Some(reason) => f.timeline.mark(Phase::Failed, now, Some(reason.as_str().to_owned())),
+            (_, Some(reason)) => Some(f.timeline.mark(Phase::Failed, now, Some(reason.as_str().to_owned()))),
         };
-        self.out.push_back(Command::Timeline(ev));
+        self.out.extend(ev.map(Command::Timeline));
         self.out.push_back(Command::HandoffFinished(Box::new(f.timeline)));
     }
 
@@ -1419,7 +1782,7 @@ impl Arbiter {
         }
         let reachable = self.peers.get(&target).is_some_and(|p| p.reachable);
         if !h.target.prepared && reachable {
-            let msg = Self::prepare_message(h);
+            let msg = Self::prepare_message(h, self.policy.recovery_greeting);
             self.send(&target, None, msg);
             let mut held = Vec::new();
             if let Some(h) = &mut self.handoff {
@@ -1467,6 +1830,8 @@ impl Arbiter {
             reason: reason.to_owned(),
             transfer,
             bundle: expected,
+            cause: None,
+            greeting: None,
         };
         if prepare(reason).envelope_len(None) <= MAX_CONTROL_MESSAGE {
             None
@@ -1478,13 +1843,16 @@ impl Arbiter {
     }
 
     /// The `prepare` for the current target, from what baton knows now.
-    fn prepare_message(h: &Handoff) -> BatonMessage {
+    fn prepare_message(h: &Handoff, greeting: bool) -> BatonMessage {
+        let recovery = h.recovery.is_some();
         BatonMessage::Prepare {
             handoff: h.id.clone(),
             source: h.source_name.clone(),
             reason: h.reason.clone(),
             transfer: h.bundle.transfer,
             bundle: h.bundle.expected && !h.bundle.lost,
+            cause: recovery.then_some(ActivateCause::Recovery),
+            greeting: recovery.then_some(greeting),
         }
     }
 
@@ -1495,8 +1863,8 @@ impl Arbiter {
             return;
         };
         let id = h.id.clone();
-        let activation =
-            BatonMessage::Activate { handoff: Some(id.clone()), cause: ActivateCause::Handoff, reason: None };
+        let cause = if h.recovery.is_some() { ActivateCause::Recovery } else { ActivateCause::Handoff };
+        let activation = BatonMessage::Activate { handoff: Some(id.clone()), cause, reason: None };
         self.send(&target, None, activation.clone());
         self.unmute(&target);
         self.mark(Phase::TargetActivated, now, None);
@@ -1505,6 +1873,7 @@ impl Arbiter {
         };
         h.timeline.target = h.target.name.clone();
         self.holder = Some(Holder { identity: target.clone(), activated: true, activation });
+        self.watch_from(&target, now);
         if h.source_present {
             self.send(&h.source, None, BatonMessage::Release { handoff: id, mode: self.policy.release });
             if self.policy.release == ReleasePolicy::Leave {
@@ -1544,7 +1913,7 @@ impl Arbiter {
         };
         if let Some(identity) = self.find_agent(&next, None) {
             self.holder = Some(Holder::at_start(identity));
-            self.activate_holder_if_reachable();
+            self.activate_holder_if_reachable(now);
             return;
         }
         let meta = serde_json::json!({"baton": {"purpose": "start", "instead_of": failed}}).to_string();
@@ -1631,8 +2000,25 @@ impl Arbiter {
             self.unmute(&source);
             self.mark(Phase::HandedBack, now, Some(reason.as_str().to_owned()));
             self.holder = Some(Holder { identity: source.clone(), activated: true, activation });
+            self.watch_from(&source, now);
             self.close_failed(Outcome::HandedBack, reason);
             self.floor_changed(&source, now);
+        } else if h.recovery.is_some() {
+            // Nothing could take the call: the caller hears the filler on to its hold limit,
+            // then it fades (never silence without a sign). An agent of this name that joins
+            // later still gets the call and the checkpoint.
+            let agent = h.source_name.clone();
+            self.out.push_back(Command::Alert(Alert::RecoveryFailed {
+                agent: agent.clone(),
+                identity: source.clone(),
+                reason,
+            }));
+            self.vacated_by = Some(agent);
+            if self.filler.on {
+                self.filler.hold = Some((source, now + self.policy.filler_hold));
+            }
+            self.close_failed(Outcome::Failed, reason);
+            self.close_finished(now);
         } else {
             self.stop_filler(self.policy.filler_fade, "no_holder", now);
             self.out.push_back(Command::Alert(Alert::FloorVacant { identity: source }));

@@ -97,6 +97,9 @@ pub enum ActivateCause {
     Handoff,
     /// A handoff it asked for failed; it has the floor again.
     Handback,
+    /// It replaces an agent that crashed, from that agent's last checkpoint (docs/protocol.md,
+    /// "Checkpoints, heartbeats and recovery").
+    Recovery,
 }
 
 /// Why an agent is being deactivated.
@@ -158,6 +161,15 @@ pub enum BatonMessage {
         transfer: Option<TransferId>,
         /// Whether a bundle will be delivered at all.
         bundle: bool,
+        /// `recovery` when the target replaces a crashed agent (its bundle is that agent's last
+        /// checkpoint, `source` is the crashed agent's name, `handoff` the recovery's id);
+        /// absent for a handoff.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<ActivateCause>,
+        /// For a recovery: whether the replacement should say one short sentence that shows it
+        /// still knows the conversation when it is activated (policy `recovery_greeting`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        greeting: Option<bool>,
     },
     /// To the target: the bundle announced in `prepare` will not come (the source left first);
     /// take over with what you have.
@@ -313,11 +325,22 @@ pub enum Alert {
         /// The API error.
         error: String,
     },
-    /// The floor holder left outside a handoff, or a handoff failed with nobody to hand back
-    /// to: no agent is talking to the caller.
+    /// A handoff failed with nobody to hand back to (its source left): no agent is talking to
+    /// the caller. (A floor holder that leaves outside a handoff is replaced by a recovery.)
     FloorVacant {
         /// The agent that left, or the failed handoff's source.
         identity: String,
+    },
+    /// A crashed agent could not be replaced: every replacement (and alternate) failed. The
+    /// caller heard the filler to its hold limit; an agent of that name that joins later gets
+    /// the call with the last checkpoint.
+    RecoveryFailed {
+        /// The crashed agent's name.
+        agent: String,
+        /// The crashed participant.
+        identity: String,
+        /// Why the last replacement failed.
+        reason: FailReason,
     },
     /// An authorised agent sent a message that does not fit the current state.
     IgnoredMessage {
@@ -407,14 +430,37 @@ pub enum Command {
         /// The receiver.
         to: String,
     },
-    /// RoomService.RemoveParticipant (a released source that did not leave).
+    /// An agent was declared crashed (`identity`, agent name `agent`) and the recovery
+    /// `recovery` replaces it: refuse its later checkpoints, build the recovery bundle from its
+    /// agent name's last checkpoint, and report it with
+    /// [`Event::RecoveryBundle`](crate::Event::RecoveryBundle) (with no bundle when baton holds
+    /// no checkpoint for that name).
+    AgentCrashed {
+        /// The crashed participant.
+        identity: String,
+        /// Its agent name.
+        agent: String,
+        /// The recovery id (`r-1`, `r-2`, ... per room).
+        recovery: String,
+        /// `recovery after <signal>`, the bundle's `reason`.
+        reason: String,
+    },
+    /// Ask the server whether `identity`'s agent job is still running (AgentDispatchService
+    /// ListDispatch, the job's `state.participant_identity` and `status`); report a job that
+    /// ended with [`Event::JobEnded`](crate::Event::JobEnded), nothing otherwise.
+    CheckJob {
+        /// The agent participant.
+        identity: String,
+    },
+    /// RoomService.RemoveParticipant (a released source that did not leave, a crashed agent
+    /// that lingers).
     RemoveParticipant {
         /// Who.
         identity: String,
     },
     /// One timeline mark: log as a tracing event.
     Timeline(TimelineEvent),
-    /// A handoff is over: write its timeline as one JSON line.
+    /// A handoff or a recovery is over: write its timeline as one JSON line.
     HandoffFinished(Box<Timeline>),
     /// A security event: log it.
     Security(SecurityEvent),

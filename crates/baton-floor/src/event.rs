@@ -258,6 +258,25 @@ pub enum Event {
         /// The API error, for the alert.
         error: String,
     },
+    /// The answer to [`Command::AgentCrashed`](crate::Command::AgentCrashed): the recovery
+    /// bundle baton built and holds, ready for [`Command::DeliverBundle`](crate::Command::DeliverBundle),
+    /// or `None` when it holds no checkpoint for that agent name (the replacement starts
+    /// without context).
+    RecoveryBundle {
+        /// The recovery id.
+        recovery: String,
+        /// The bundle's transfer id and size in bytes.
+        bundle: Option<(TransferId, u64)>,
+    },
+    /// The agent job of `identity` has ended on the server (its process died or exited): the
+    /// answer to [`Command::CheckJob`](crate::Command::CheckJob) when it found the job ended.
+    JobEnded {
+        /// The agent participant.
+        identity: String,
+        /// The job's status as the server reports it (`JS_FAILED`, `JS_SUCCESS`), for the
+        /// timeline.
+        status: String,
+    },
 }
 
 #[cfg(test)]

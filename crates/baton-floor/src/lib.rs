@@ -51,4 +51,4 @@ pub use event::{
     AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind, ToolCallStatus,
 };
 pub use policy::{MAX_AGENT_NAME, Policy, PolicyError, ReleasePolicy, Retry};
-pub use timeline::{Mark, Outcome, Phase, Timeline, TimelineEvent};
+pub use timeline::{Kind, Mark, Outcome, Phase, Timeline, TimelineEvent};

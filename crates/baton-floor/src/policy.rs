@@ -128,6 +128,25 @@ pub struct Policy {
     pub release: ReleasePolicy,
     /// How long a released source may linger before it is removed (policy `leave`).
     pub release_grace: Duration,
+    /// Crash suspicion: the floor holder's adapter announced heartbeats (`hello.heartbeat_ms`)
+    /// and none has arrived for this long. baton starts the filler and mutes the holder at
+    /// once, and asks the server for the holder's job status. With the adapter's 250 ms period
+    /// this is three heartbeats lost in a row; a caller hears filler at most this long after
+    /// the agent's last sign of life.
+    pub crash_suspect_after: Duration,
+    /// A suspected agent silent this long in all (counted from its last heartbeat) is crashed
+    /// even when no other signal says so (a hung event loop, a network cut). A heartbeat
+    /// before then clears the suspicion: a blip, no replacement. A handoff target that stops
+    /// sending heartbeats this long is crashed too.
+    pub crash_confirm_after: Duration,
+    /// How many replacements of a crashed agent (of the same agent name) are tried before its
+    /// `alternates`; a crashed handoff target is replaced at most this often too.
+    pub recovery_attempts: u32,
+    /// How long one replacement may take from its dispatch to `ready` before the next is tried.
+    pub recovery_timeout: Duration,
+    /// Ask a replacement to say one short sentence that shows it still knows the conversation
+    /// (`prepare.greeting`).
+    pub recovery_greeting: bool,
 }
 
 impl Default for Policy {
@@ -162,6 +181,11 @@ impl Default for Policy {
             },
             release: ReleasePolicy::Leave,
             release_grace: Duration::from_secs(5),
+            crash_suspect_after: Duration::from_millis(800),
+            crash_confirm_after: Duration::from_secs(3),
+            recovery_attempts: 2,
+            recovery_timeout: Duration::from_secs(15),
+            recovery_greeting: true,
         }
     }
 }
@@ -211,6 +235,9 @@ impl Policy {
             ("max_filler", self.max_filler),
             ("audible_timeout", self.audible_timeout),
             ("release_grace", self.release_grace),
+            ("crash_suspect_after", self.crash_suspect_after),
+            ("crash_confirm_after", self.crash_confirm_after),
+            ("recovery_timeout", self.recovery_timeout),
         ];
         for (field, value) in positive {
             if value.is_zero() {

@@ -1,6 +1,7 @@
-//! The record of one handoff: when each phase happened, and how it ended.
+//! The record of one handoff or recovery: when each phase happened, and how it ended.
 //!
-//! Times are milliseconds since the request, measured on the `Instant`s the shell passed in, so
+//! Times are milliseconds since the request (for a recovery: since the last sign of life of the
+//! crashed agent, its last heartbeat), measured on the `Instant`s the shell passed in, so
 //! the same numbers come out of a unit test in virtual time and out of a real call.
 
 use std::time::Instant;
@@ -9,12 +10,23 @@ use serde::Serialize;
 
 use crate::command::FailReason;
 
-/// A phase of a handoff.
+/// A phase of a handoff or a recovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// The source asked for the handoff.
     Requested,
+    /// Recovery: the floor holder's heartbeat stopped for `crash_suspect_after` (filler on and
+    /// its track muted at once), or it left the room (detail: the signal).
+    Suspected,
+    /// Recovery: the suspected agent is alive after all (its heartbeat resumed before the crash
+    /// was confirmed); it keeps the floor.
+    SuspectCleared,
+    /// Recovery: the crash is certain (detail: the signal, `job_ended:<status>`, `left`, or
+    /// `silence` after `crash_confirm_after`).
+    Confirmed,
+    /// Recovery: baton asked the server to remove the crashed participant.
+    Removed,
     /// The source stopped talking (detail: `quiet`, `silence`, `muted`, `no_audio`, `left`,
     /// or `forced` when baton muted it after `source_quiet_timeout`).
     SourceQuiet,
@@ -58,11 +70,13 @@ pub enum Phase {
     Failed,
 }
 
-/// How a handoff ended.
+/// How a handoff or a recovery ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// The target holds the floor.
+    /// Recovery: the crash was not confirmed; the agent kept the floor.
+    Cleared,
+    /// The target (for a recovery: the replacement) holds the floor.
     Completed,
     /// The handoff failed and the source holds the floor again.
     HandedBack,
@@ -92,11 +106,26 @@ pub struct TimelineEvent {
     pub mark: Mark,
 }
 
-/// The whole record of one handoff; [`Timeline::to_json_line`] is what benchmarks read.
+/// What a timeline records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// An agent asked to hand the call on.
+    #[default]
+    Handoff,
+    /// An agent crashed (or was suspected to) and baton replaced it from its last checkpoint.
+    Recovery,
+}
+
+/// The whole record of one handoff or recovery; [`Timeline::to_json_line`] is what benchmarks
+/// read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Timeline {
-    /// The handoff id (`h-1`, `h-2`, ... per room).
+    /// The handoff id (`h-1`, `h-2`, ... per room), or the recovery id (`r-1`, ...).
     pub handoff: String,
+    /// A handoff or a recovery. For a recovery, `source` and `requested_target` are the crashed
+    /// agent's name, and `reason` says which signal confirmed the crash.
+    pub kind: Kind,
     /// The source agent's name.
     pub source: String,
     /// The target the source asked for.
@@ -126,6 +155,7 @@ impl Timeline {
     pub fn new(handoff: &str, source: &str, target: &str, reason: &str, now: Instant) -> Timeline {
         Timeline {
             handoff: handoff.to_owned(),
+            kind: Kind::Handoff,
             source: source.to_owned(),
             requested_target: target.to_owned(),
             target: target.to_owned(),
@@ -137,6 +167,14 @@ impl Timeline {
             phases: Vec::new(),
             started: Some(now),
         }
+    }
+
+    /// A timeline for the recovery `id` of a crashed `agent` (an agent name), whose last sign
+    /// of life (its last heartbeat) was at `since`: the origin of its times.
+    pub fn recovery(id: &str, agent: &str, since: Instant) -> Timeline {
+        let mut t = Timeline::new(id, agent, agent, "crash suspected", since);
+        t.kind = Kind::Recovery;
+        t
     }
 
     /// Records a phase at `now` and returns the event to log.

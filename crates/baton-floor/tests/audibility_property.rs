@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use baton_floor::{
-    AgentMessage, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, FillerCommand, Outcome,
-    Participant, ParticipantKind, Phase, Policy, TransferId,
+    AgentMessage, Alert, Arbiter, AudioTrack, BatonMessage, Command, DispatchTicket, Event, FillerCommand,
+    Kind, Outcome, Participant, ParticipantKind, Phase, Policy, TransferId,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -79,7 +79,10 @@ fn message() -> impl Strategy<Value = AgentMessage> {
     let handoff_id = (1u8..4).prop_map(|n| format!("h-{n}"));
     let transfer = prop::option::of((1u128..3).prop_map(TransferId::new));
     prop_oneof![
-        3 => name.clone().prop_map(|agent_name| AgentMessage::Hello { agent_name, role: None, heartbeat_ms: None }),
+        3 => (name.clone(), prop::option::of(Just(250u32))).prop_map(|(agent_name, heartbeat_ms)| {
+            AgentMessage::Hello { agent_name, role: None, heartbeat_ms }
+        }),
+        3 => (0u64..100).prop_map(|seq| AgentMessage::Heartbeat { seq }),
         3 => (name, transfer, any::<bool>(), any::<bool>()).prop_map(|(target, transfer, bundle_follows, quiet)| {
             AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows, quiet }
         }),
@@ -115,6 +118,13 @@ fn step() -> impl Strategy<Value = Step> {
         }),
         1 => (0u64..8).prop_map(|t| {
             Step::Event(Event::DispatchFailed { ticket: DispatchTicket(t), error: "503".into() })
+        }),
+        1 => (person(), any::<bool>()).prop_map(|(w, failed)| {
+            let status = if failed { "JS_FAILED" } else { "JS_SUCCESS" };
+            Step::Event(Event::JobEnded { identity: PEOPLE[w].0.into(), status: status.into() })
+        }),
+        1 => ((1u64..4), prop::option::of((1u128..4).prop_map(TransferId::new))).prop_map(|(n, t)| {
+            Step::Event(Event::RecoveryBundle { recovery: format!("r-{n}"), bundle: t.map(|t| (t, 500)) })
         }),
         5 => prop_oneof![0u64..500, 0u64..5_000, 0u64..30_000].prop_map(Step::Advance),
     ]
@@ -192,6 +202,8 @@ struct Model {
     /// Whether a handoff was under way after the previous step, and when the last one ended.
     in_handoff: bool,
     handoff_ended: Option<Instant>,
+    /// A recovery failed and its filler plays out its hold with nobody holding the floor.
+    vacant_hold: bool,
 }
 
 #[derive(Default, Debug)]
@@ -200,6 +212,9 @@ struct Coverage {
     completed: usize,
     handed_back: usize,
     failed: usize,
+    cleared: usize,
+    recoveries: usize,
+    recoveries_failed: usize,
     alternates: usize,
     forced_mutes: usize,
     filler_limit: usize,
@@ -295,6 +310,7 @@ impl Model {
                 Command::Filler(FillerCommand::FadeOut(fade)) => {
                     prop_assert!(self.filler_since.is_some(), "filler stopped while off");
                     self.filler_since = None;
+                    self.vacant_hold = false;
                     if *fade == self.policy.filler_tail {
                         cov.holds_heard += 1;
                     }
@@ -304,11 +320,21 @@ impl Model {
                     prop_assert!(self.filler_since.is_none(), "track muted under a playing filler");
                     self.armed = false;
                 }
+                Command::Alert(Alert::RecoveryFailed { .. }) => {
+                    // Nobody could take over from a crashed holder: the filler's hold runs out
+                    // with nobody holding the floor.
+                    cov.recoveries_failed += 1;
+                    self.vacant_hold = self.filler_since.is_some();
+                }
                 Command::HandoffFinished(t) => {
+                    if t.kind == Kind::Recovery {
+                        cov.recoveries += 1;
+                    }
                     match t.outcome {
                         Some(Outcome::Completed) => cov.completed += 1,
                         Some(Outcome::HandedBack) => cov.handed_back += 1,
                         Some(Outcome::Failed) => cov.failed += 1,
+                        Some(Outcome::Cleared) => cov.cleared += 1,
                         None => prop_assert!(false, "finished timeline without outcome"),
                     }
                     prop_assert!(self.filler_since.is_none(), "timeline closed while the filler plays");
@@ -318,8 +344,10 @@ impl Model {
                     prop_assert!(on <= off, "filler_off before filler_on: {:?}", t);
                 }
                 Command::Timeline(ev) => match (ev.mark.phase, ev.mark.detail.as_deref()) {
-                    (Phase::Requested, _) => {
-                        self.requested.insert(ev.handoff.clone(), now);
+                    (Phase::Requested | Phase::Suspected, _) => {
+                        // A recovery's times count from the crashed agent's last heartbeat.
+                        let origin = now - std::time::Duration::from_millis(ev.mark.ms);
+                        self.requested.insert(ev.handoff.clone(), origin);
                     }
                     (Phase::AlternateTried, _) => cov.alternates += 1,
                     (Phase::SourceQuiet, Some("forced")) => cov.forced_mutes += 1,
@@ -382,9 +410,12 @@ impl Model {
         } else if self.filler_since.is_some() {
             // The hold: the floor changed hands and the caller cannot hear the new holder yet.
             let holder = arb.floor_holder();
-            prop_assert!(holder.is_some(), "filler playing outside a handoff with nobody holding the floor");
             prop_assert!(
-                !self.speaking.contains(holder.unwrap()),
+                holder.is_some() || self.vacant_hold,
+                "filler playing outside a handoff with nobody holding the floor"
+            );
+            prop_assert!(
+                holder.is_none_or(|h| !self.speaking.contains(h)),
                 "filler still playing while the new holder {holder:?} is heard"
             );
             let ended = self.handoff_ended.unwrap_or(now);
@@ -414,6 +445,7 @@ fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Resul
         requested: BTreeMap::new(),
         in_handoff: false,
         handoff_ended: None,
+        vacant_hold: false,
     };
     let first = Event::RoomJoined { participants: initial, token_dispatched: vec![] };
     let mut queue = vec![Step::Event(first)];
@@ -506,6 +538,7 @@ fn random_event_sequences_keep_one_voice_and_bounded_filler() {
     eprintln!("coverage: {cov:?}");
     assert!(cov.handed_back > 0, "{cov:?}");
     assert!(cov.failed > 0, "{cov:?}");
+    assert!(cov.recoveries > 0 && cov.recoveries_failed > 0, "{cov:?}");
     assert!(cov.alternates > 0, "{cov:?}");
     assert!(cov.forced_mutes > 0, "{cov:?}");
     assert!(cov.filler_limit > 0, "{cov:?}");

@@ -53,6 +53,8 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
         reason: "caller wants a refund".into(),
         transfer: Some(tid(1)),
         bundle: true,
+        cause: None,
+        greeting: None,
     }));
     assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
 

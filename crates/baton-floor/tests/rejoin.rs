@@ -19,6 +19,8 @@ fn prepare() -> BatonMessage {
         reason: "caller wants a refund".into(),
         transfer: Some(tid(1)),
         bundle: true,
+        cause: None,
+        greeting: None,
     }
 }
 

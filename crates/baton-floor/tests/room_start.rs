@@ -105,14 +105,6 @@ fn starting_agent_no_show_falls_back_to_its_alternate() {
 }
 
 #[test]
-fn holder_leaving_outside_a_handoff_raises_floor_vacant() {
-    let mut r = Room::with_triage_active(policy());
-    let out = r.leave(TRIAGE);
-    assert!(out.contains(&Command::Alert(Alert::FloorVacant { identity: TRIAGE.into() })));
-    assert_eq!(r.arb.floor_holder(), None);
-}
-
-#[test]
 fn a_second_live_agent_is_muted_while_another_holds_the_floor() {
     let mut r = Room::with_triage_active(policy());
     let out = r.join(agent(BILLING, "billing", false));

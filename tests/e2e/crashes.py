@@ -1,0 +1,206 @@
+"""A call with the support desk's triage whose job process is killed mid-call (issue 13): the
+flow `tests/e2e/test_recovery.py` asserts on and `bench/recovery.py` measures.
+
+The triage worker runs its jobs in their own processes (``DESK_JOB_EXECUTOR=process``) and with
+``DESK_REPORT_CHECKPOINTS=1``: it prints every checkpoint baton acknowledged (item ids and
+digests of their canonical JSON) and, as a replacement, the items it recovered, so a comparison
+is made on what each process really held. The caller is the demo's (``demo/run.py`` ``Caller``:
+types on ``lk.chat``, records every subscribed track's level per 10 ms frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness import API_KEY, API_SECRET, ROOT, LiveKitServer, Process, dispatch_token
+from livekit import api
+
+
+def _demo() -> Any:
+    if "demo_run" in sys.modules:
+        return sys.modules["demo_run"]
+    spec = importlib.util.spec_from_file_location("demo_run", ROOT / "demo" / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["demo_run"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+demo = _demo()
+
+FIRST = "Hi, my account is A-1001."
+SECOND = "My internet keeps dropping every evening."
+AUDIBLE = -55.0
+"""dBFS of a 10 ms frame the caller counts as heard."""
+
+
+def last_match(proc: Process, pattern: str) -> re.Match[str] | None:
+    rx = re.compile(pattern)
+    found = None
+    for line in proc.text().splitlines():
+        m = rx.search(line)
+        if m is not None:
+            found = m
+    return found
+
+
+def first_audible(levels: list[tuple[float, float]], after: float, before: float = float("inf")) -> float | None:
+    return next((t for t, level in levels if after < t < before and level > AUDIBLE), None)
+
+
+def last_audible(levels: list[tuple[float, float]], before: float) -> float | None:
+    heard = [t for t, level in levels if t < before and level > AUDIBLE]
+    return heard[-1] if heard else None
+
+
+@dataclass
+class Crash:
+    """What the caller and the agents saw around one kill. Times are on the caller's loop clock
+    (levels on the playout clock of ``demo.Caller``'s recorder)."""
+
+    t_kill: float
+    old_identity: str
+    old_pid: int
+    acked_items: list[list[str]]
+    """The last checkpoint triage's adapter saw acknowledged: [item id, digest] per item."""
+    played: dict[str, list[tuple[float, float]]]
+    baton: str | None
+    greeting: Any | None
+    """The replacement's first transcript line that says the call was cut off, if any."""
+    replacement: str | None
+    """The identity of the triage that spoke after the kill, if any."""
+
+    def kill_to_filler(self) -> float | None:
+        t = first_audible(self.played.get(self.baton or "", []), self.t_kill)
+        return None if t is None else t - self.t_kill
+
+    def kill_to_replacement(self) -> float | None:
+        t = first_audible(self.played.get(self.replacement or "", []), self.t_kill)
+        return None if t is None else t - self.t_kill
+
+    def silence_before_filler(self) -> float | None:
+        """From the crashed triage's last audible frame to baton's first after the kill."""
+        last = last_audible(self.played.get(self.old_identity, []), self.t_kill + 1.0)
+        t = first_audible(self.played.get(self.baton or "", []), self.t_kill)
+        return None if last is None or t is None else t - last
+
+
+def job_pid(worker: Process, room: str, identity: str) -> int:
+    """The pid of the job process serving ``identity`` in ``room``: from the desk's own
+    ``joined`` line, else the worker's only child (the desk runs no idle processes)."""
+    joined = last_match(worker, rf"joined room={re.escape(room)} identity={re.escape(identity)} pid=(\d+)")
+    if joined is not None:
+        return int(joined.group(1))
+    pid = worker.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, f"worker {pid} has job processes {children}, expected one"
+    return int(children[0])
+
+
+async def converse_then_kill(
+    server: LiveKitServer,
+    room: str,
+    triage: Process,
+    *,
+    with_baton: bool = True,
+    agent_name: str = "triage",
+    mid_sentence: bool = False,
+    standby: bool = False,
+    wait: float = 60.0,
+) -> Crash:
+    """A caller says two things to triage, then triage's job process gets SIGKILL: 2 s after its
+    second reply played out (checkpointed), or ``mid_sentence`` 0.4 s into that reply. With
+    ``standby`` a second triage is dispatched into the room first (it waits, muted, as a
+    standby). Waits up to ``wait`` s for another triage to say the call was cut off.
+    ``with_baton=False`` is the reference: the caller's token dispatches ``agent_name`` itself
+    (a worker that needs no baton), and nothing replaces it."""
+    caller = demo.Caller()
+    loop = asyncio.get_running_loop()
+    agents = ["baton"] if with_baton else [agent_name]
+    await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, agents))
+    try:
+        await caller.wait_line(agent_name, r"support desk", timeout=60)
+        if standby:
+            lk = api.LiveKitAPI(server.url, API_KEY, API_SECRET)
+            try:
+                await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name="triage", room=room))
+            finally:
+                await lk.aclose()
+            while sum(1 for line in triage.text().splitlines() if f"joined room={room}" in line) < 2:
+                await asyncio.sleep(0.1)
+        n = len(caller.transcript)
+        await caller.say(FIRST)
+        await caller.wait_line(agent_name, r"What is the problem", timeout=30, after=n)
+        n = len(caller.transcript)
+        old_identity = caller.agent_identity(agent_name)
+        assert old_identity is not None
+        t_said = loop.time()
+        await caller.say(SECOND)
+        if mid_sentence:
+            while first_audible(caller.recorder.played().get(old_identity, []), t_said + 0.05) is None:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.4)
+        else:
+            await caller.wait_line(agent_name, r"What is the problem", timeout=30, after=n)
+            await asyncio.sleep(2.0)  # the reply is committed and checkpointed after it played out
+        pid = job_pid(triage, room, old_identity)
+        acked = last_match(triage, r"triage: checkpoint acked seq=(\d+) items=(.*)$")
+        if with_baton:
+            assert acked is not None, "no checkpoint was acknowledged:\n" + triage.text()[-3000:]
+        baton_id = next(
+            (p.identity for p in caller.room.remote_participants.values() if p.attributes.get("baton.role")),
+            None,
+        )
+        t_kill = loop.time()
+        os.kill(pid, signal.SIGKILL)
+
+        deadline = t_kill + wait
+        greeting = None
+        while greeting is None and loop.time() < deadline:
+            for line in caller.transcript[n:]:
+                if line.who not in (old_identity, demo.CALLER) and re.search(r"cut off", line.text, re.I):
+                    greeting = line
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        return Crash(
+            t_kill=t_kill,
+            old_identity=old_identity,
+            old_pid=pid,
+            acked_items=json.loads(acked.group(2)) if acked is not None else [],
+            played=caller.recorder.played(),
+            baton=baton_id,
+            greeting=greeting,
+            replacement=None if greeting is None else greeting.who,
+        )
+    finally:
+        await caller.recorder.stop()
+        await caller.room.disconnect()
+
+
+def recovered_items(triage: Process) -> list[list[str]] | None:
+    """The items the latest replacement in ``triage``'s worker reported it recovered, or None."""
+    got = None
+    for line in triage.text().splitlines():
+        m = re.search(r"triage: recovered items=(.*)$", line)
+        if m is not None:
+            got = json.loads(m.group(1))
+    return got
+
+
+def context_equal(recovered: list[list[str]] | None, acked: list[list[str]]) -> bool:
+    """The replacement holds the last acknowledged checkpoint item for item (ids, order, content;
+    it may hold more, such as its own greeting)."""
+    if recovered is None:
+        return False
+    ids = {i for i, _ in acked}
+    return [it for it in recovered if it[0] in ids] == acked
