@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from common import loadavg_summary, print_table, summary
-from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_join, free_port, token
+from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_join, free_port, token, wait_until
 from livekit import api
 from peers import audible_grid, longest_run
-from test_handoff import CONFIG, agent, handover_start, wait_until
+from test_handoff import CONFIG, agent, handover_start
 
 E2E = ROOT / "tests" / "e2e"
 SOURCE, WARM_TARGET, BATON = "agent-triage", "agent-billing", "baton"

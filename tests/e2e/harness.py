@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,11 +261,33 @@ def joined_baton(server: LiveKitServer, room: str, *extra: str, ready: str = "jo
         assert baton.stop() == 0, baton.text()
 
 
+# The roster most handoff tests use: triage starts the call, billing can take it. A test's CONFIG
+# appends its [handoff] settings.
+TRIAGE_THEN_BILLING = """
+[[agents]]
+name = "triage"
+start = true
+
+[[agents]]
+name = "billing"
+"""
+
+
 def config_file(text: str) -> str:
     """Writes a baton config (TOML text) to a temporary file; returns its path for `--config`."""
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(text)
     return f.name
+
+
+async def wait_until(pred: Callable[[], object], timeout: float, what: str) -> None:
+    """Polls `pred` every 10 ms; raises TimeoutError(`what`) if it is not true within `timeout` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.01)
 
 
 def run(coro: object, timeout: float = 60.0) -> object:
@@ -277,7 +300,8 @@ def run(coro: object, timeout: float = 60.0) -> object:
 
 
 @contextlib.contextmanager
-def livekit_server() -> object:
+def livekit_server() -> Iterator[LiveKitServer]:
+    """A started `LiveKitServer`, stopped on the way out."""
     srv = LiveKitServer()
     srv.start()
     try:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 import uuid
 from typing import Any
 
-from harness import LiveKitServer, joined_baton, run, token
+from harness import LiveKitServer, config_file, joined_baton, run, token
 from livekit import rtc
 from livekit.agents import Agent, AgentSession
 from lk_baton import BatonLink, CoordinatorMissing, TransferError, bundle, send_bundle, transport_for
@@ -28,12 +27,6 @@ name = "triage"
 [[agents]]
 name = "billing"
 """
-
-
-def config_file() -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(CONFIG)
-    return f.name
 
 
 def valid_bundle(size: int) -> bytes:
@@ -64,7 +57,7 @@ async def adapter_agent(server: LiveKitServer, room: str, name: str) -> tuple[rt
 
 def test_agent_refuses_a_bundle_and_control_messages_pushed_by_the_caller(server: LiveKitServer) -> None:
     room = f"edge-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()):
+    with joined_baton(server, room, "--config", config_file(CONFIG)):
 
         async def scenario() -> None:
             agent_room, link, session = await adapter_agent(server, room, "triage")
@@ -123,7 +116,7 @@ def test_a_single_hello_right_after_joining_is_answered(server: LiveKitServer) -
     baton holds such a message until the sender is announced (up to 5 s): six agents, one
     `hello` each and never again, all six answered."""
     room = f"hello-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()):
+    with joined_baton(server, room, "--config", config_file(CONFIG)):
 
         async def one(i: int) -> dict[str, Any]:
             peer = await Peer.join(

@@ -15,10 +15,10 @@ import uuid
 from typing import Any
 
 import pytest
-from harness import LiveKitServer, joined_baton, run
+from harness import LiveKitServer, config_file, joined_baton, run
 from lk_baton import ErrorCode, TransferError, send_bundle
 from lk_baton import checkpoint as cp
-from test_handoff import caller_triage_and_standby_billing, config_file
+from test_handoff import CONFIG, caller_triage_and_standby_billing
 
 APPLIED = re.compile(r"checkpoint applied.*agent=(\w+) seq=(\d+)")
 
@@ -49,7 +49,7 @@ def test_checkpoints_are_acknowledged_and_an_out_of_sequence_one_is_refused_then
     server: LiveKitServer,
 ) -> None:
     room = f"c-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()) as baton:
+    with joined_baton(server, room, "--config", config_file(CONFIG)) as baton:
 
         async def scenario() -> None:
             caller, a, b = await caller_triage_and_standby_billing(server, room)

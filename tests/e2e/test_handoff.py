@@ -15,25 +15,27 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import API_KEY, API_SECRET, LiveKitServer, Process, joined_baton, run
+from harness import (
+    API_KEY,
+    API_SECRET,
+    TRIAGE_THEN_BILLING,
+    LiveKitServer,
+    Process,
+    config_file,
+    joined_baton,
+    run,
+    wait_until,
+)
 from lk_baton import ErrorCode, TransferError, send_bundle
 from peers import Peer, Recorder, audible_grid, longest_run, runs
 from tone_agent import ToneAgent
 
-CONFIG = """
-[[agents]]
-name = "triage"
-start = true
-
-[[agents]]
-name = "billing"
-
+CONFIG = TRIAGE_THEN_BILLING + """
 [handoff]
 source_quiet_timeout = 2
 join_timeout = 15
@@ -47,13 +49,6 @@ attempts = 1
 """
 
 
-def config_file() -> str:
-    f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-    f.write(CONFIG)
-    f.close()
-    return f.name
-
-
 async def agent(server: LiveKitServer, room: str, name: str, freq: float, **kw: object) -> ToneAgent:
     peer = await Peer.join(server, room, f"agent-{name}", kind="agent", attributes={"lk.agent.name": name})
     a = ToneAgent(peer.room, name, freq, **kw)  # type: ignore[arg-type]
@@ -61,19 +56,10 @@ async def agent(server: LiveKitServer, room: str, name: str, freq: float, **kw: 
     return a
 
 
-async def wait_until(pred: object, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():  # type: ignore[operator]
-        if loop.time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.flaky(reruns=2)
 def test_warm_handoff_source_then_target_without_gap_or_overlap(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()) as baton:
+    with joined_baton(server, room, "--config", config_file(CONFIG)) as baton:
 
         async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float]:
             caller = await Peer.join(server, room, "caller")
@@ -183,7 +169,7 @@ def test_cold_handoff_dispatches_target_and_covers_the_gap_with_filler(server: L
     room = f"h-{uuid.uuid4().hex[:8]}"
     with (
         tone_worker(server, "billing", 880) as worker,
-        joined_baton(server, room, "--config", config_file()) as baton,
+        joined_baton(server, room, "--config", config_file(CONFIG)) as baton,
     ):
 
         async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float, str]:
@@ -238,7 +224,7 @@ def test_handback_when_target_never_gets_ready(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
     with (
         tone_worker(server, "billing", 880, never_ready=True),
-        joined_baton(server, room, "--config", config_file()) as baton,
+        joined_baton(server, room, "--config", config_file(CONFIG)) as baton,
     ):
 
         async def scenario() -> tuple[ToneAgent, dict[str, list[tuple[float, float]]], float, float]:
@@ -278,7 +264,7 @@ def test_handback_when_target_never_gets_ready(server: LiveKitServer) -> None:
 @pytest.mark.flaky(reruns=2)
 def test_source_ignoring_deactivate_is_silenced_by_server_mute(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()) as baton:
+    with joined_baton(server, room, "--config", config_file(CONFIG)) as baton:
 
         async def scenario() -> tuple[dict[str, list[tuple[float, float]]], float, float]:
             caller = await Peer.join(server, room, "caller")
@@ -316,7 +302,7 @@ def test_source_ignoring_deactivate_is_silenced_by_server_mute(server: LiveKitSe
 
 def test_forged_handoff_from_the_caller_changes_nothing(server: LiveKitServer) -> None:
     room = f"h-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()) as baton:
+    with joined_baton(server, room, "--config", config_file(CONFIG)) as baton:
 
         async def scenario() -> ToneAgent:
             caller = await Peer.join(server, room, "caller")
@@ -356,7 +342,7 @@ def test_bundles_only_from_the_floor_holder_or_the_handoffs_source(server: LiveK
     upload is accepted."""
     room = f"h-{uuid.uuid4().hex[:8]}"
     meta = json.dumps({"content_type": "application/vnd.baton.bundle+json", "purpose": "handoff"})
-    with joined_baton(server, room, "--config", config_file()) as baton:
+    with joined_baton(server, room, "--config", config_file(CONFIG)) as baton:
 
         async def scenario() -> None:
             caller, a, b = await caller_triage_and_standby_billing(server, room)
@@ -391,10 +377,8 @@ def test_deadlines_extend_while_a_large_bundle_keeps_moving(server: LiveKitServe
     and `ready_timeout` (500 ms). The relay reports each chunk as progress, so the deadlines
     move with it (up to `stall_timeout` past the latest progress) and the handoff completes with
     the bundle byte for byte, instead of failing while the bytes are still flowing."""
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(SLOW_BUNDLE_CONFIG)
     room = f"h-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", f.name) as baton:
+    with joined_baton(server, room, "--config", config_file(SLOW_BUNDLE_CONFIG)) as baton:
 
         async def scenario() -> float:
             caller, a, b = await caller_triage_and_standby_billing(server, room)

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import API_KEY, API_SECRET, BATON_BIN, LiveKitServer, baton_join, free_port, joined_baton, run
+from harness import (
+    API_KEY,
+    API_SECRET,
+    BATON_BIN,
+    LiveKitServer,
+    baton_join,
+    free_port,
+    joined_baton,
+    livekit_server,
+    run,
+    wait_until,
+)
 from livekit import api, rtc
 from peers import Peer, record, window_levels
 
@@ -132,18 +143,19 @@ def test_15000_byte_packets_byte_exact_both_ways_and_misaddressed_unseen(server:
         run(scenario())
 
 
+async def baton_publication(caller: Peer) -> rtc.RemoteTrackPublication:
+    """baton's track publication (it has one) as `caller` sees it, once there (at most 10 s)."""
+    p = await caller.wait_participant("baton")
+    await wait_until(lambda: bool(p.track_publications), 10, "baton published no track")
+    return next(iter(p.track_publications.values()))
+
+
 def _baton_audio(server: LiveKitServer, room: str, seconds: float) -> tuple[bool, np.ndarray]:
     async def scenario() -> tuple[bool, np.ndarray]:
         caller = await Peer.join(server, room, "caller")
-        p = await caller.wait_participant("baton")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not p.track_publications and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        pub = next(iter(p.track_publications.values()))
-        while pub.track is None and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        assert pub.track is not None, "baton's track was never subscribed"
+        pub = await baton_publication(caller)
+        await wait_until(lambda: pub.track is not None, 10, "baton's track was never subscribed")
+        assert pub.track is not None
         assert pub.kind == rtc.TrackKind.KIND_AUDIO
         muted = pub.muted
         pcm = await record(pub.track, seconds)
@@ -217,12 +229,7 @@ def test_track_starts_muted_and_follows_server_side_mute(server: LiveKitServer) 
 
         async def scenario() -> None:
             caller = await Peer.join(server, room, "caller")
-            p = await caller.wait_participant("baton")
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            while not p.track_publications and loop.time() < deadline:
-                await asyncio.sleep(0.02)
-            pub = next(iter(p.track_publications.values()))
+            pub = await baton_publication(caller)
             assert pub.muted, "baton's track should start muted"
 
             # An admin unmutes it through RoomService (configs/livekit.yaml allows remote unmute),
@@ -231,15 +238,11 @@ def test_track_starts_muted_and_follows_server_side_mute(server: LiveKitServer) 
                 await lk.room.mute_published_track(
                     api.MuteRoomTrackRequest(room=room, identity="baton", track_sid=pub.sid, muted=False)
                 )
-                while pub.muted and loop.time() < deadline:
-                    await asyncio.sleep(0.02)
-                assert not pub.muted
+                await wait_until(lambda: not pub.muted, 10, "the server's unmute never reached the caller")
                 await lk.room.mute_published_track(
                     api.MuteRoomTrackRequest(room=room, identity="baton", track_sid=pub.sid, muted=True)
                 )
-                while not pub.muted and loop.time() < deadline:
-                    await asyncio.sleep(0.02)
-                assert pub.muted
+                await wait_until(lambda: pub.muted, 10, "the server's mute never reached the caller")
             await caller.close()
 
         run(scenario())
@@ -295,54 +298,12 @@ def test_sigterm_leaves_even_when_nobody_reads_the_logs(server: LiveKitServer) -
     assert code == 0
 
 
-def test_bad_credentials_fail_fast_with_one_line() -> None:
-    srv = LiveKitServer()
-    srv.start()
-    try:
-        t0 = time.monotonic()
-        out = subprocess.run(
-            [
-                str(BATON_BIN),
-                "join",
-                "--room",
-                "x",
-                "--url",
-                srv.url,
-                "--api-key",
-                API_KEY,
-                "--api-secret",
-                "wrong-secret-wrong-secret-wrong-secret",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        took = time.monotonic() - t0
-        assert out.returncode != 0
-        assert took < 5.0
-        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("baton: error:")]
-        assert len(errors) == 1, out.stderr
-        assert "credentials" in errors[0] or "401" in errors[0], errors[0]
-    finally:
-        srv.stop()
-
-
-@pytest.mark.parametrize("url", ["ws://127.0.0.1:{port}", "ws://no-such-host.invalid:7880"])
-def test_unreachable_server_fails_fast_with_one_line(url: str) -> None:
+def join_error(url: str, api_secret: str) -> str:
+    """Runs `baton join` against `url`, which must fail within 5 s with one `baton: error:` line;
+    returns that line."""
     t0 = time.monotonic()
     out = subprocess.run(
-        [
-            str(BATON_BIN),
-            "join",
-            "--room",
-            "x",
-            "--url",
-            url.format(port=free_port()),
-            "--api-key",
-            API_KEY,
-            "--api-secret",
-            API_SECRET,
-        ],
+        [str(BATON_BIN), "join", "--room", "x", "--url", url, "--api-key", API_KEY, "--api-secret", api_secret],
         capture_output=True,
         text=True,
         timeout=10,
@@ -352,7 +313,19 @@ def test_unreachable_server_fails_fast_with_one_line(url: str) -> None:
     assert took < 5.0, f"took {took:.1f}s"
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("baton: error:")]
     assert len(errors) == 1, out.stderr
-    assert "could not reach" in errors[0], errors[0]
+    return errors[0]
+
+
+def test_bad_credentials_fail_fast_with_one_line() -> None:
+    with livekit_server() as srv:
+        error = join_error(srv.url, "wrong-secret-wrong-secret-wrong-secret")
+    assert "credentials" in error or "401" in error, error
+
+
+@pytest.mark.parametrize("url", ["ws://127.0.0.1:{port}", "ws://no-such-host.invalid:7880"])
+def test_unreachable_server_fails_fast_with_one_line(url: str) -> None:
+    error = join_error(url.format(port=free_port()), API_SECRET)
+    assert "could not reach" in error, error
 
 
 # The restarted server binds the same ports; they lie outside the ephemeral range (harness

@@ -13,17 +13,10 @@ import asyncio
 import json
 import uuid
 
-from harness import LiveKitServer, config_file, joined_baton, run
+from harness import TRIAGE_THEN_BILLING, LiveKitServer, config_file, joined_baton, run
 from peers import Peer
 
-CONFIG = """
-[[agents]]
-name = "triage"
-start = true
-
-[[agents]]
-name = "billing"
-
+CONFIG = TRIAGE_THEN_BILLING + """
 [handoff.start_dispatch]
 attempts = 1
 """

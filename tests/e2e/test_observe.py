@@ -33,11 +33,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, baton_worker, free_port, joined_baton, run
+from harness import (
+    API_KEY,
+    API_SECRET,
+    ROOT,
+    Baton,
+    LiveKitServer,
+    baton_worker,
+    config_file,
+    free_port,
+    joined_baton,
+    run,
+    wait_until,
+)
 from livekit import api
 from peers import Peer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
-from test_handoff import agent, config_file, wait_until
+from test_handoff import CONFIG, agent
 from tone_agent import ToneAgent
 
 BUNDLE = os.urandom(64 * 1024)
@@ -133,7 +145,7 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 def test_metrics_count_a_handoff_a_refusal_and_a_forgery(server: LiveKitServer) -> None:
     room = f"o-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    with joined_baton(server, room, "--config", config_file(), "--http", f"127.0.0.1:{port}") as baton:
+    with joined_baton(server, room, "--config", config_file(CONFIG), "--http", f"127.0.0.1:{port}") as baton:
         assert http_get(port, "/healthz")[0] == 200
         ready: list[int] = []
         call = run(
@@ -258,7 +270,7 @@ def test_webhook_delivers_every_event_once_across_a_receiver_outage(server: Live
 
     try:
         with joined_baton(
-            server, room, "--config", config_file(), "--webhook-url", url, "--http", f"127.0.0.1:{port}"
+            server, room, "--config", config_file(CONFIG), "--webhook-url", url, "--http", f"127.0.0.1:{port}"
         ) as baton:
 
             async def scenario() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -331,7 +343,7 @@ def page_state(port: int, shot: Path) -> dict[str, Any]:
 
 def test_timeline_page_shows_the_call_while_it_runs_and_after(server: LiveKitServer) -> None:
     port = free_port()
-    worker = baton_worker(server, "--config", config_file(), "--http", f"127.0.0.1:{port}")
+    worker = baton_worker(server, "--config", config_file(CONFIG), "--http", f"127.0.0.1:{port}")
     room = f"o-{uuid.uuid4().hex[:8]}"
     try:
         worker.wait_for("worker registered", 15)
@@ -455,7 +467,7 @@ def test_handoff_trace_reaches_jaeger_with_a_span_per_phase(server: LiveKitServe
     with jaeger() as (otlp, query):
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp}", "OTEL_SERVICE_NAME": f"baton-{room}"}
         baton = Baton(
-            ["join", "--room", room, "--config", config_file()],
+            ["join", "--room", room, "--config", config_file(CONFIG)],
             env={"LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET, **env},
         )
         try:

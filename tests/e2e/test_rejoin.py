@@ -12,19 +12,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from harness import LiveKitServer, config_file, joined_baton, run
+from harness import TRIAGE_THEN_BILLING, LiveKitServer, config_file, joined_baton, run, wait_until
 from peers import Peer
-from test_handoff import agent, wait_until
+from test_handoff import agent
 from tone_agent import ToneAgent
 
-CONFIG = """
-[[agents]]
-name = "triage"
-start = true
-
-[[agents]]
-name = "billing"
-
+CONFIG = TRIAGE_THEN_BILLING + """
 [handoff]
 ready_timeout = 6
 max_filler = 8

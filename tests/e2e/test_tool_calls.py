@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from harness import ROOT, LiveKitServer, joined_baton, run, token
+from harness import ROOT, TRIAGE_THEN_BILLING, LiveKitServer, config_file, joined_baton, run, token, wait_until
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 from lk_baton import BatonLink, HandoffTicket, default_on_activate, seed_agent
@@ -34,14 +33,7 @@ from fakes import (  # the adapter tests' stand-ins
     Step,
 )
 
-CONFIG = """
-[[agents]]
-name = "triage"
-start = true
-
-[[agents]]
-name = "billing"
-
+CONFIG = TRIAGE_THEN_BILLING + """
 [handoff]
 source_quiet_timeout = 2
 join_timeout = 15
@@ -55,12 +47,6 @@ attempts = 1
 
 BOOKING = {"date": "2026-12-24", "party": 4}
 NOTE = {"text": "wants a table by the window"}
-
-
-def config_file(config: str = CONFIG) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(config)
-    return f.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,15 +151,6 @@ async def join(
     return Side(lk_room, session, link, model)
 
 
-async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.02)
-
-
 def said(ctx: llm.ChatContext) -> list[llm.ChatMessage]:
     return [i for i in ctx.items if i.type == "message" and i.role == "assistant"]
 
@@ -238,7 +215,7 @@ async def close(*sides: Side) -> None:
 
 def test_booking_in_the_transfer_batch_reaches_billing_in_flight_then_its_result_once(server: LiveKitServer) -> None:
     room = f"tools-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()):
+    with joined_baton(server, room, "--config", config_file(CONFIG)):
 
         async def main() -> None:
             a, b, triage, billing, backend = await scenario(server, room, ["create_reservation", "transfer_to_billing"])
@@ -289,7 +266,7 @@ def test_booking_in_the_transfer_batch_reaches_billing_in_flight_then_its_result
 @pytest.mark.parametrize("batch", [["transfer_to_billing", "save_note"], ["save_note", "transfer_to_billing"]])
 def test_sibling_that_finished_first_is_in_billings_context_once(server: LiveKitServer, batch: list[str]) -> None:
     room = f"tools-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()):
+    with joined_baton(server, room, "--config", config_file(CONFIG)):
 
         async def main() -> None:
             # save_note (0.5 s) ends 0.7 s before the bundle is built, as in the issue
@@ -320,7 +297,7 @@ def test_barge_in_then_handoff_keeps_the_booking_once(server: LiveKitServer, bar
     billing's context holds each call exactly once (finished with its output, or in flight and
     then its result, forwarded from the journal), and the backend ran each once."""
     room = f"tools-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file()):
+    with joined_baton(server, room, "--config", config_file(CONFIG)):
 
         async def main() -> None:
             seen: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from harness import Baton, LiveKitServer, baton_join, run, token
+from harness import Baton, LiveKitServer, baton_join, run, token, wait_until
 from livekit import rtc
 from lk_baton import frames as fr
 from lk_baton.transfer import TransferError, receive_bundle, send_bundle, transport_for
@@ -39,17 +39,8 @@ async def agent(server: LiveKitServer, room: str, identity: str, kind: str = "ag
     return r
 
 
-async def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.02)
-
-
 async def sees(room: rtc.Room, identity: str, timeout: float = 10.0) -> None:
-    await until(lambda: identity in room.remote_participants, timeout, f"{identity} never joined")
+    await wait_until(lambda: identity in room.remote_participants, timeout, f"{identity} never joined")
 
 
 async def known_to_baton(baton: Baton, identity: str, timeout: float = 10.0) -> None:
@@ -144,7 +135,7 @@ def test_receiver_connection_dropped_mid_transfer_resumes(server: LiveKitServer)
         b.on("reconnected", lambda *_: events.append("reconnected"))
         got = asyncio.ensure_future(receive_bundle(b, from_identity="baton", timeout=60))
         sent = asyncio.ensure_future(send_bundle(a, "baton", payload, {"to": "agent-b"}, deadline=60))
-        await until(lambda: data_frames[0] >= drop_after, 30, "delivery never started")
+        await wait_until(lambda: data_frames[0] >= drop_after, 30, "delivery never started")
         at_drop = data_frames[0]
         held_at_drop.append(at_drop * fr.MAX_CHUNK_SIZE)
         # A full reconnect: the SDK tears down its peer connections and joins again with the
