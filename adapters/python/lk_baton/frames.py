@@ -263,9 +263,15 @@ def encode(frame: Frame) -> bytes:
     return bytes([MAGIC, VERSION, kind_of(frame), flags]) + frame.id.to_bytes(16, "big") + body
 
 
-def _utf8(b: bytes, what: str) -> str:
+def _text(buf: bytes, pos: int, length: int, limit: int, what: str) -> tuple[str, int]:
+    """The UTF-8 field ``what`` of ``length`` bytes (at most ``limit``) at ``pos``, and the
+    position after it; DecodeError if it is too long, cut short or not UTF-8."""
+    if length > limit:
+        raise DecodeError("invalid", f"{what}_len longer than {limit}")
+    if len(buf) < pos + length:
+        raise DecodeError("truncated", what)
     try:
-        return b.decode("utf-8")
+        return bytes(buf[pos : pos + length]).decode("utf-8"), pos + length
     except UnicodeDecodeError:
         raise DecodeError("invalid", f"{what} not UTF-8") from None
 
@@ -320,13 +326,7 @@ def decode(buf: bytes) -> Frame:
         payload_size, wire_size, chunk_size = struct.unpack_from(">QQI", buf, pos)
         sha = bytes(buf[pos + 20 : pos + 52])
         (meta_len,) = struct.unpack_from(">H", buf, pos + 52)
-        pos += 54
-        if meta_len > MAX_META_LEN:
-            raise DecodeError("invalid", "meta_len longer than 4096")
-        if n < pos + meta_len:
-            raise DecodeError("truncated", "meta")
-        meta = _utf8(bytes(buf[pos : pos + meta_len]), "meta")
-        pos += meta_len
+        meta, pos = _text(buf, pos + 54, meta_len, MAX_META_LEN, "meta")
         frame = Open(fid, payload_size, wire_size, chunk_size, sha, bool(flags & 1), meta)
         why = _check_open(frame)
         if why:
@@ -353,13 +353,7 @@ def decode(buf: bytes) -> Frame:
         pos += 32
     elif kind in (Kind.CANCEL, Kind.ERROR):
         code, rlen = struct.unpack_from(">HH", buf, pos)
-        pos += 4
-        if rlen > MAX_REASON_LEN:
-            raise DecodeError("invalid", "reason longer than 1024")
-        if n < pos + rlen:
-            raise DecodeError("truncated", "reason")
-        reason = _utf8(bytes(buf[pos : pos + rlen]), "reason")
-        pos += rlen
+        reason, pos = _text(buf, pos + 4, rlen, MAX_REASON_LEN, "reason")
         frame = Cancel(fid, code, reason) if kind == Kind.CANCEL else Error(fid, code, reason)
     else:
         (sent,) = struct.unpack_from(">I", buf, pos)
