@@ -381,15 +381,23 @@ def naive_billing(ctx: llm.ChatContext) -> Step:
     return ("Your table is booked.", [])
 
 
+async def billing_asked_after_handoff(billing: Agent) -> tuple[AgentSession[None], Agent]:
+    """``billing`` seeded with ``in_flight_bundle()`` (triage's booking in flight, rerun "never")
+    on a session that inherited the call, after the caller asks about the booking; the session
+    and the seeded agent."""
+    received = read_bundle(in_flight_bundle())
+    s: AgentSession[None] = AgentSession(llm=ScriptedLLM(naive_billing))
+    journal_for(s).inherit(received.tool_calls_in_flight, received.from_agent)
+    agent = await seed_agent(billing, received)
+    await s.start(agent)
+    await s.run(user_input="is my table booked?")
+    return s, agent
+
+
 def test_rerun_never_call_is_not_run_again_unchecked() -> None:
     async def main() -> None:
         backend = BookingBackend(booking_delay=0.0)
-        received = read_bundle(in_flight_bundle())
-        s: AgentSession[None] = AgentSession(llm=ScriptedLLM(naive_billing))
-        journal_for(s).inherit(received.tool_calls_in_flight, received.from_agent)
-        agent = await seed_agent(Billing(backend), received)
-        await s.start(agent)
-        await s.run(user_input="is my table booked?")
+        s, agent = await billing_asked_after_handoff(Billing(backend))
         assert backend.bookings == [], "the booking was not run a second time"
         out = [
             i
@@ -425,12 +433,7 @@ def test_verify_hook_decides_and_a_rerun_reuses_the_idempotency_key() -> None:
                     """Book a table."""
                     return await self.backend.create_reservation(date, party)
 
-            received = read_bundle(in_flight_bundle())
-            s: AgentSession[None] = AgentSession(llm=ScriptedLLM(naive_billing))
-            journal_for(s).inherit(received.tool_calls_in_flight, received.from_agent)
-            agent = await seed_agent(Checked(backend), received)
-            await s.start(agent)
-            await s.run(user_input="is my table booked?")
+            s, agent = await billing_asked_after_handoff(Checked(backend))
             assert asked == ["key-1"]
             if verdict is None:
                 assert [k for _, k in backend.bookings] == ["key-1"], (
