@@ -44,18 +44,6 @@ from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, ba
 from livekit import api, rtc
 from peers import Peer
 
-# The triage worker as the tests run it, with one change: livekit-agents' default load function
-# reports the whole machine's CPU, and livekit-server stops dispatching to a worker whose load is at
-# its target. On this shared 2-core machine that happens within a few rooms (the dispatch is then
-# dropped), so the launcher makes it report 0. (baton reports 0.7 x rooms held / --max-rooms: about 0
-# here, where it holds one room at a time.)
-TRIAGE_LAUNCHER = """
-import runpy, sys
-from livekit.agents import worker
-worker._DefaultLoadCalc.get_load = classmethod(lambda cls, w: 0.0)
-runpy.run_path(sys.argv[1], run_name="__main__")
-"""
-
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 AGENT_KIND = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
@@ -478,14 +466,11 @@ def main() -> None:
     try:
         if not args.skip_latency:
             baton = baton_worker(srv, "--config", str(config))
+            # Its load is jobs held / DESK_MAX_JOBS (the desk's run_worker), as baton's is rooms held
+            # / --max-rooms: about 0 for both here, where each holds one room at a time.
             triage = Process(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        TRIAGE_LAUNCHER,
-                        str(ROOT / "tests" / "e2e" / "agents" / "triage_worker.py"),
-                    ],
+                    [sys.executable, str(ROOT / "tests" / "e2e" / "agents" / "triage_worker.py")],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     env={

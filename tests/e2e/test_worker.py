@@ -341,18 +341,6 @@ def test_triage_stand_in_worker_joins_when_dispatched_and_answers_text(server: L
 
 # --- The starting agent's dispatch: retries, the no-show report, and a worker that comes up late ---
 
-# The triage worker with one change, as bench/worker.py runs it: livekit-agents reports the whole
-# machine's CPU as the worker's load, and livekit-server gives a job only to a worker below its
-# target load (JobRequestAffinity: target_load - load), so on this shared 2-core machine a plain
-# triage worker can be registered and still be offered nothing ("no servers available"). That
-# would look like a no-show that baton cannot help; reporting 0 keeps the test about baton.
-TRIAGE_ZERO_LOAD = """
-import runpy, sys
-from livekit.agents import worker
-worker._DefaultLoadCalc.get_load = classmethod(lambda cls, w: 0.0)
-runpy.run_path(sys.argv[1], run_name="__main__")
-"""
-
 DISPATCH_LINE = "dispatching agent agent=triage"
 NO_SHOW = re.compile(r"ERROR .*agent `triage` never joined the room after (\d+) dispatch attempts.* agent=triage ")
 
@@ -415,7 +403,7 @@ def creates_of_triage(server: LiveKitServer, room: str) -> int:
 
 def start_triage_worker(server: LiveKitServer) -> Process:
     proc = subprocess.Popen(
-        [sys.executable, "-c", TRIAGE_ZERO_LOAD, str(ROOT / "tests" / "e2e" / "agents" / "triage_worker.py")],
+        [sys.executable, str(ROOT / "tests" / "e2e" / "agents" / "triage_worker.py")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET},
