@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 use super::event::{Event, outcome_name, phase_name};
 use baton_floor::{Alert, Kind, Outcome, Phase, SecurityReason, Timeline};
@@ -73,6 +73,23 @@ fn bytes_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1024.0, 4.0, 10))
 }
 
+/// Registers `metric` as `name` (prefixed `baton_`, with `unit` appended if any) and returns it:
+/// the registry holds a clone that shares the same atomics, so each metric is made, named and
+/// described in one place.
+fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    metric: M,
+) -> M {
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
+}
+
 /// Why events left the stream unsent; each is a label value of `baton_events_dropped_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
@@ -130,105 +147,118 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric registered, at zero.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("baton");
-        let m = Metrics {
-            rooms: Gauge::default(),
-            rooms_joined: Counter::default(),
-            events: Family::default(),
-            handoffs: Family::default(),
-            recoveries: Family::default(),
-            recovery_to_audible: seconds_histogram(),
-            handoff_duration: Family::new_with_constructor(seconds_histogram),
-            phase: Family::new_with_constructor(seconds_histogram),
-            request_to_audible: seconds_histogram(),
-            filler: seconds_histogram(),
-            bundle: bytes_histogram(),
-            refusals: Family::default(),
-            rejected: Family::default(),
-            alerts: Family::default(),
-            dropped: Family::default(),
-            webhook_delivered: Counter::default(),
-            webhook_failed_attempts: Counter::default(),
-            webhook_queue: Gauge::default(),
-            registry: Registry::default(),
-        };
-        registry.register("rooms", "Rooms baton is in now", m.rooms.clone());
-        registry.register("rooms_joined", "Rooms baton joined", m.rooms_joined.clone());
-        registry.register("events", "Events emitted on the event stream, by event name", m.events.clone());
-        registry.register(
-            "handoffs",
-            "Finished handoffs by source agent, target agent (the last one tried) and outcome",
-            m.handoffs.clone(),
-        );
-        registry.register(
-            "recoveries",
-            "Finished recoveries of crashed agents by agent name and outcome (completed, failed, cleared: the suspected agent was alive)",
-            m.recoveries.clone(),
-        );
-        registry.register_with_unit(
-            "recovery_last_heartbeat_to_audible",
-            "Crashed agent's last heartbeat to its replacement being heard (completed recoveries that saw it)",
-            Unit::Seconds,
-            m.recovery_to_audible.clone(),
-        );
-        registry.register_with_unit(
-            "handoff_duration",
-            "Handoff request to its end (completed, handed back or failed), by outcome",
-            Unit::Seconds,
-            m.handoff_duration.clone(),
-        );
-        registry.register_with_unit(
-            "handoff_phase",
-            "Handoff request to each phase of the handoff timeline, by phase",
-            Unit::Seconds,
-            m.phase.clone(),
-        );
-        registry.register_with_unit(
-            "handoff_request_to_audible",
-            "Handoff request to the target agent being heard (completed handoffs that saw it)",
-            Unit::Seconds,
-            m.request_to_audible.clone(),
-        );
-        registry.register_with_unit(
-            "handoff_filler",
-            "Filler played per handoff or recovery (filler_on to filler_off)",
-            Unit::Seconds,
-            m.filler.clone(),
-        );
-        registry.register_with_unit(
-            "bundle",
-            "Size of the context bundles baton received from handoff sources",
-            Unit::Bytes,
-            m.bundle.clone(),
-        );
-        registry.register("handoff_refusals", "Handoff requests refused, by reason", m.refusals.clone());
-        registry.register(
-            "control_messages_rejected",
-            "Control messages ignored, by reason (the security reasons, or out_of_state)",
-            m.rejected.clone(),
-        );
-        registry.register("alerts", "Operator alerts, by alert", m.alerts.clone());
-        registry.register(
-            "events_dropped",
-            "Events a sink (webhook) never delivered, by sink and reason",
-            m.dropped.clone(),
-        );
-        registry.register(
-            "webhook_events_delivered",
-            "Events the webhook receiver acknowledged (2xx)",
-            m.webhook_delivered.clone(),
-        );
-        registry.register(
-            "webhook_attempts_failed",
-            "Webhook requests that failed and were retried or given up",
-            m.webhook_failed_attempts.clone(),
-        );
-        registry.register(
-            "webhook_queue_events",
-            "Events waiting in the webhook queue",
-            m.webhook_queue.clone(),
-        );
-        Metrics { registry, ..m }
+        let mut r = Registry::with_prefix("baton");
+        Metrics {
+            rooms: registered(&mut r, "rooms", "Rooms baton is in now", None, Gauge::default()),
+            rooms_joined: registered(&mut r, "rooms_joined", "Rooms baton joined", None, Counter::default()),
+            events: registered(
+                &mut r,
+                "events",
+                "Events emitted on the event stream, by event name",
+                None,
+                Family::default(),
+            ),
+            handoffs: registered(
+                &mut r,
+                "handoffs",
+                "Finished handoffs by source agent, target agent (the last one tried) and outcome",
+                None,
+                Family::default(),
+            ),
+            recoveries: registered(
+                &mut r,
+                "recoveries",
+                "Finished recoveries of crashed agents by agent name and outcome (completed, failed, cleared: the suspected agent was alive)",
+                None,
+                Family::default(),
+            ),
+            recovery_to_audible: registered(
+                &mut r,
+                "recovery_last_heartbeat_to_audible",
+                "Crashed agent's last heartbeat to its replacement being heard (completed recoveries that saw it)",
+                Some(Unit::Seconds),
+                seconds_histogram(),
+            ),
+            handoff_duration: registered(
+                &mut r,
+                "handoff_duration",
+                "Handoff request to its end (completed, handed back or failed), by outcome",
+                Some(Unit::Seconds),
+                Family::new_with_constructor(seconds_histogram),
+            ),
+            phase: registered(
+                &mut r,
+                "handoff_phase",
+                "Handoff request to each phase of the handoff timeline, by phase",
+                Some(Unit::Seconds),
+                Family::new_with_constructor(seconds_histogram),
+            ),
+            request_to_audible: registered(
+                &mut r,
+                "handoff_request_to_audible",
+                "Handoff request to the target agent being heard (completed handoffs that saw it)",
+                Some(Unit::Seconds),
+                seconds_histogram(),
+            ),
+            filler: registered(
+                &mut r,
+                "handoff_filler",
+                "Filler played per handoff or recovery (filler_on to filler_off)",
+                Some(Unit::Seconds),
+                seconds_histogram(),
+            ),
+            bundle: registered(
+                &mut r,
+                "bundle",
+                "Size of the context bundles baton received from handoff sources",
+                Some(Unit::Bytes),
+                bytes_histogram(),
+            ),
+            refusals: registered(
+                &mut r,
+                "handoff_refusals",
+                "Handoff requests refused, by reason",
+                None,
+                Family::default(),
+            ),
+            rejected: registered(
+                &mut r,
+                "control_messages_rejected",
+                "Control messages ignored, by reason (the security reasons, or out_of_state)",
+                None,
+                Family::default(),
+            ),
+            alerts: registered(&mut r, "alerts", "Operator alerts, by alert", None, Family::default()),
+            dropped: registered(
+                &mut r,
+                "events_dropped",
+                "Events a sink (webhook) never delivered, by sink and reason",
+                None,
+                Family::default(),
+            ),
+            webhook_delivered: registered(
+                &mut r,
+                "webhook_events_delivered",
+                "Events the webhook receiver acknowledged (2xx)",
+                None,
+                Counter::default(),
+            ),
+            webhook_failed_attempts: registered(
+                &mut r,
+                "webhook_attempts_failed",
+                "Webhook requests that failed and were retried or given up",
+                None,
+                Counter::default(),
+            ),
+            webhook_queue: registered(
+                &mut r,
+                "webhook_queue_events",
+                "Events waiting in the webhook queue",
+                None,
+                Gauge::default(),
+            ),
+            registry: r,
+        }
     }
 
     /// Counts one event.
