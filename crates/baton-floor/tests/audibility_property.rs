@@ -483,34 +483,35 @@ fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Resul
     Ok(())
 }
 
+/// Runs the model over cases drawn from `strategy` (600, or `BATON_PROPTEST_CASES`) and returns
+/// what they reached; panics with proptest's shrunk counterexample if a property fails.
 /// Deterministic by default so the coverage floor cannot flake; `BATON_PROPTEST_RANDOM=1`
 /// explores fresh seeds.
-fn runner(config: Config) -> TestRunner {
-    if std::env::var_os("BATON_PROPTEST_RANDOM").is_some() {
+fn check(strategy: impl Strategy<Value = (Vec<Participant>, Vec<Step>)>) -> Coverage {
+    let cases = std::env::var("BATON_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let config = Config { cases, failure_persistence: None, ..Config::default() };
+    let mut runner = if std::env::var_os("BATON_PROPTEST_RANDOM").is_some() {
         TestRunner::new(config)
     } else {
         TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
-    }
-}
-
-fn cases(default: u32) -> u32 {
-    std::env::var("BATON_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-#[test]
-fn disturbed_happy_paths_keep_one_voice_and_bounded_filler() {
-    let mut runner = runner(Config { cases: cases(600), failure_persistence: None, ..Config::default() });
+    };
     let cov = std::cell::RefCell::new(Coverage::default());
-    let result = runner.run(&disturbed(), |(initial, steps)| {
+    let result = runner.run(&strategy, |(initial, steps)| {
         let mut cov = cov.borrow_mut();
         cov.cases += 1;
         run(initial, steps, &mut cov)
     });
-    let cov = cov.into_inner();
     if let Err(e) = result {
         panic!("{e}");
     }
+    let cov = cov.into_inner();
     eprintln!("coverage: {cov:?}");
+    cov
+}
+
+#[test]
+fn disturbed_happy_paths_keep_one_voice_and_bounded_filler() {
+    let cov = check(disturbed());
     // Most disturbances leave the handoff intact; some must break it; both ends of the hold occur.
     assert!(cov.completed > cov.cases / 4, "{cov:?}");
     assert!(cov.handed_back + cov.failed > 0, "{cov:?}");
@@ -520,22 +521,10 @@ fn disturbed_happy_paths_keep_one_voice_and_bounded_filler() {
 
 #[test]
 fn random_event_sequences_keep_one_voice_and_bounded_filler() {
-    let cases = cases(600);
-    let mut runner = runner(Config { cases, failure_persistence: None, ..Config::default() });
-    let cov = std::cell::RefCell::new(Coverage::default());
-    let result = runner.run(&scenario(), |(initial, steps)| {
-        let mut cov = cov.borrow_mut();
-        cov.cases += 1;
-        run(initial, steps, &mut cov)
-    });
-    let cov = cov.into_inner();
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    let cov = check(scenario());
     // A property that never reaches the interesting states proves nothing: require that the
     // random runs did hand back, fail, try alternates, force mutes and hit the filler limit
     // (completions are rare here; the disturbed happy paths cover them).
-    eprintln!("coverage: {cov:?}");
     assert!(cov.handed_back > 0, "{cov:?}");
     assert!(cov.failed > 0, "{cov:?}");
     assert!(cov.recoveries > 0 && cov.recoveries_failed > 0, "{cov:?}");

@@ -197,9 +197,7 @@ fn warm_handoff_uses_the_standby_agent_without_dispatch() {
 
 #[test]
 fn target_never_joins_hands_back_to_source_with_reason() {
-    let mut p = policy();
-    p.alternates.clear();
-    let mut r = Room::with_triage_active(p);
+    let mut r = Room::with_triage_active(policy_without_alternates());
     r.request(TRIAGE, "billing", None);
     let ticket = ticket_for(&r.log, "billing");
     r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_1".into() });
@@ -284,9 +282,7 @@ fn source_that_says_it_is_already_quiet_gets_the_filler_with_the_acceptance() {
 
 #[test]
 fn target_never_ready_hands_back() {
-    let mut p = policy();
-    p.alternates.clear();
-    let mut r = Room::with_triage_active(p);
+    let mut r = Room::with_triage_active(policy_without_alternates());
     r.request(TRIAGE, "billing", None);
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
@@ -318,9 +314,7 @@ fn target_never_ready_hands_back() {
 
 #[test]
 fn target_leaving_mid_handoff_cancels_transfer_and_hands_back_after_the_rejoin_grace() {
-    let mut p = policy();
-    p.alternates.clear();
-    let mut r = Room::with_triage_active(p);
+    let mut r = Room::with_triage_active(policy_without_alternates());
     r.request(TRIAGE, "billing", Some(tid(1)));
     r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 100 });
     r.quiet(TRIAGE);
@@ -369,9 +363,7 @@ fn alternate_is_tried_when_target_does_not_show_and_completes() {
 
 #[test]
 fn dispatch_api_failure_moves_on_immediately() {
-    let mut p = policy();
-    p.alternates.clear();
-    let mut r = Room::with_triage_active(p);
+    let mut r = Room::with_triage_active(policy_without_alternates());
     r.request(TRIAGE, "billing", None);
     let ticket = ticket_for(&r.log, "billing");
     let out = r.ev(Event::DispatchFailed { ticket, error: "twirp 503".into() });
@@ -434,9 +426,7 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
 
 #[test]
 fn source_gone_and_target_failing_leaves_floor_vacant_with_filler_stopped() {
-    let mut p = policy();
-    p.alternates.clear();
-    let mut r = Room::with_triage_active(p);
+    let mut r = Room::with_triage_active(policy_without_alternates());
     r.request(TRIAGE, "billing", None);
     r.leave(TRIAGE);
     let out = r.advance(Duration::from_secs(8));
@@ -588,8 +578,7 @@ fn source_muting_itself_or_having_no_audio_is_quiet() {
 
 #[test]
 fn filler_limit_forces_a_handback() {
-    let mut p = policy();
-    p.alternates.clear();
+    let mut p = policy_without_alternates();
     p.max_filler = Duration::from_secs(6);
     let mut r = Room::with_triage_active(p);
     r.request(TRIAGE, "billing", None);
@@ -654,9 +643,7 @@ fn delivery_failure_moves_to_the_alternate() {
 
 #[test]
 fn late_dispatch_result_after_handback_is_deleted() {
-    let mut p = policy();
-    p.alternates.clear();
-    let mut r = Room::with_triage_active(p);
+    let mut r = Room::with_triage_active(policy_without_alternates());
     r.request(TRIAGE, "billing", None);
     r.quiet(TRIAGE);
     let ticket = ticket_for(&r.log, "billing");

@@ -153,9 +153,7 @@ fn a_target_that_does_not_come_back_fails_when_the_grace_runs_out() {
 /// hands the call back to it.
 #[test]
 fn a_source_that_rejoins_within_the_grace_keeps_its_part() {
-    let mut p = policy();
-    p.alternates.clear();
-    let mut r = Room::with_triage_active(p);
+    let mut r = Room::with_triage_active(policy_without_alternates());
     r.request(TRIAGE, "billing", Some(tid(1)));
     let out = r.leave(TRIAGE);
     assert!(filler_started(&out), "a source that left is quiet");
@@ -199,9 +197,8 @@ fn a_source_that_does_not_come_back_loses_its_unfinished_bundle_when_the_grace_e
 /// With no grace, a leave fails the target at once, as before.
 #[test]
 fn zero_grace_fails_at_once() {
-    let mut p = policy();
+    let mut p = policy_without_alternates();
     p.rejoin_grace = Duration::ZERO;
-    p.alternates.clear();
     let mut r = Room::with_triage_active(p);
     r.request(TRIAGE, "billing", None);
     r.quiet(TRIAGE);

@@ -28,6 +28,13 @@ pub fn policy() -> Policy {
     p
 }
 
+/// [`policy`] without billing's alternate, so a failing target ends in a handback.
+pub fn policy_without_alternates() -> Policy {
+    let mut p = policy();
+    p.alternates.clear();
+    p
+}
+
 pub fn agent(identity: &str, name: &str, muted: bool) -> Participant {
     Participant {
         identity: identity.into(),
