@@ -56,20 +56,6 @@ FOLLOW_UP = "Yes please, refund it."
 # Facts only triage heard (from the caller or from its own lookup); billing's first sentence must
 # carry them to prove the context arrived.
 FACTS = ("Ada", "A-1001", "Pro", "charged twice for March")
-PHASE_ORDER = (
-    "requested",
-    "source_quiet",
-    "filler_on",
-    "target_dispatched",
-    "target_joined",
-    "bundle_received",
-    "bundle_delivered",
-    "target_ready",
-    "target_activated",
-    "filler_off",
-    "target_audible",
-    "completed",
-)
 
 
 # ---------------------------------------------------------------------------------------------
