@@ -47,15 +47,7 @@ fn clean_cold_handoff_runs_every_phase_in_order() {
     r.advance(ms(1200));
     let out = billing_arrives(&mut r, "AD_1");
     assert!(muted(&out, BILLING), "a target is muted until it is activated");
-    assert!(messages_to(&out, BILLING).contains(&&BatonMessage::Prepare {
-        handoff: "h-1".into(),
-        source: "triage".into(),
-        reason: "caller wants a refund".into(),
-        transfer: Some(tid(1)),
-        bundle: true,
-        cause: None,
-        greeting: None,
-    }));
+    assert!(messages_to(&out, BILLING).contains(&&refund_prepare()));
     assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
 
     r.advance(ms(200));

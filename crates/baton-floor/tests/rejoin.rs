@@ -12,18 +12,6 @@ fn cancels(cmds: &[Command]) -> bool {
     cmds.iter().any(|c| matches!(c, Command::CancelTransfer { .. }))
 }
 
-fn prepare() -> BatonMessage {
-    BatonMessage::Prepare {
-        handoff: "h-1".into(),
-        source: "triage".into(),
-        reason: "caller wants a refund".into(),
-        transfer: Some(tid(1)),
-        bundle: true,
-        cause: None,
-        greeting: None,
-    }
-}
-
 /// The case: billing gets `prepare`, its connection drops, it joins again with the same
 /// identity 150 ms later and says `hello` every second. Its hellos are answered with `prepare`,
 /// the delivery under way is not cancelled (the relay resumes it), and billing gets the floor.
@@ -33,7 +21,7 @@ fn a_target_that_rejoins_within_the_grace_is_prepared_again_and_gets_the_floor()
     r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 5_000_000 });
     r.quiet(TRIAGE);
     let out = billing_arrives(&mut r, "AD_1");
-    assert!(messages_to(&out, BILLING).contains(&&prepare()));
+    assert!(messages_to(&out, BILLING).contains(&&refund_prepare()));
     assert!(out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }));
 
     r.advance(ms(400));
@@ -49,11 +37,11 @@ fn a_target_that_rejoins_within_the_grace_is_prepared_again_and_gets_the_floor()
     assert!(muted(&out, BILLING), "not the holder: its new track is muted");
     assert!(!sent(&out, BILLING, "prepare"), "nothing before its hello");
     let out = r.hello(BILLING, "billing");
-    assert_eq!(messages_to(&out, BILLING), vec![&prepare()], "answered with prepare again");
+    assert_eq!(messages_to(&out, BILLING), vec![&refund_prepare()], "answered with prepare again");
     assert!(!out.iter().any(|c| matches!(c, Command::DeliverBundle { .. })), "the delivery resumes");
     r.advance(ms(1000));
     let out = r.hello(BILLING, "billing");
-    assert_eq!(messages_to(&out, BILLING), vec![&prepare()], "a repeated hello too");
+    assert_eq!(messages_to(&out, BILLING), vec![&refund_prepare()], "a repeated hello too");
 
     // The grace has long passed: nothing fails on its account now.
     let out = r.advance(Duration::from_secs(3));

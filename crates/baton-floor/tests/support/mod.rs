@@ -35,6 +35,19 @@ pub fn policy_without_alternates() -> Policy {
     p
 }
 
+/// The `prepare` billing gets for triage's [`Room::request`] of handoff `h-1` carrying transfer 1.
+pub fn refund_prepare() -> BatonMessage {
+    BatonMessage::Prepare {
+        handoff: "h-1".into(),
+        source: "triage".into(),
+        reason: "caller wants a refund".into(),
+        transfer: Some(tid(1)),
+        bundle: true,
+        cause: None,
+        greeting: None,
+    }
+}
+
 pub fn agent(identity: &str, name: &str, muted: bool) -> Participant {
     Participant {
         identity: identity.into(),
