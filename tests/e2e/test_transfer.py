@@ -53,12 +53,21 @@ async def known_to_baton(baton: Baton, identity: str, timeout: float = 10.0) -> 
     )
 
 
-def delivered_lines(baton: Baton) -> list[dict[str, str]]:
-    out = []
-    for line in baton.text().splitlines():
-        if "bundle delivered" in line:
-            out.append(dict(re.findall(r"(\w+)=(\S+)", line)))
-    return out
+async def agents_a_and_b(server: LiveKitServer, baton: Baton, room: str) -> tuple[rtc.Room, rtc.Room]:
+    """Agents `agent-a` and `agent-b` in `room`, both known to baton."""
+    a = await agent(server, room, "agent-a")
+    b = await agent(server, room, "agent-b")
+    await known_to_baton(baton, "agent-a")
+    await known_to_baton(baton, "agent-b")
+    return a, b
+
+
+def delivered_once(baton: Baton) -> dict[str, str]:
+    """The fields (`key=value`) of baton's one `bundle delivered` log line; fails unless there is
+    exactly one."""
+    lines = [dict(re.findall(r"(\w+)=(\S+)", ln)) for ln in baton.text().splitlines() if "bundle delivered" in ln]
+    assert len(lines) == 1, baton.text()
+    return lines[0]
 
 
 def count_frames(room: rtc.Room, kind: int) -> list[int]:
@@ -89,11 +98,8 @@ def test_5_mib_bundle_from_agent_through_baton_to_agent_byte_exact(server: LiveK
     meta = {"to": "agent-b", "content_type": "application/vnd.baton.bundle+json", "purpose": "handoff"}
 
     async def body(baton: Baton, room: str) -> None:
-        a = await agent(server, room, "agent-a")
-        b = await agent(server, room, "agent-b")
+        a, b = await agents_a_and_b(server, baton, room)
         await sees(a, "baton")
-        await known_to_baton(baton, "agent-a")
-        await known_to_baton(baton, "agent-b")
         got = asyncio.ensure_future(receive_bundle(b, from_identity="baton", timeout=60))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -110,10 +116,9 @@ def test_5_mib_bundle_from_agent_through_baton_to_agent_byte_exact(server: LiveK
         await b.disconnect()
 
     baton = relay_scenario(server, body)
-    lines = delivered_lines(baton)
-    assert len(lines) == 1, baton.text()
-    assert lines[0]["to"] == "agent-b"
-    assert int(lines[0]["bytes_sent"]) == 5 * MIB, "no loss on loopback: every chunk sent once"
+    delivered = delivered_once(baton)
+    assert delivered["to"] == "agent-b"
+    assert int(delivered["bytes_sent"]) == 5 * MIB, "no loss on loopback: every chunk sent once"
     # B was in the room when A's OPEN came, so baton forwarded while the bundle was arriving
     # (docs/protocol.md 4.10, cut-through) instead of after storing it.
     assert "delivering bundle while it arrives (cut-through)" in baton.text(), baton.text()
@@ -125,10 +130,7 @@ def test_receiver_connection_dropped_mid_transfer_resumes(server: LiveKitServer)
     held_at_drop: list[int] = []
 
     async def body(baton: Baton, room: str) -> None:
-        a = await agent(server, room, "agent-a")
-        b = await agent(server, room, "agent-b")
-        await known_to_baton(baton, "agent-a")
-        await known_to_baton(baton, "agent-b")
+        a, b = await agents_a_and_b(server, baton, room)
         data_frames = count_frames(b, int(fr.Kind.DATA))
         events: list[str] = []
         b.on("reconnecting", lambda *_: events.append("reconnecting"))
@@ -150,9 +152,7 @@ def test_receiver_connection_dropped_mid_transfer_resumes(server: LiveKitServer)
         await b.disconnect()
 
     baton = relay_scenario(server, body)
-    lines = delivered_lines(baton)
-    assert len(lines) == 1, baton.text()
-    bytes_sent = int(lines[0]["bytes_sent"])
+    bytes_sent = int(delivered_once(baton)["bytes_sent"])
     print(f"baton sent {bytes_sent} chunk bytes for a {5 * MIB}-byte bundle")
     # A restart would resend the ~2.1 MiB B held before the drop; a resume resends at most what
     # was in flight (a window of 32 chunks, ~0.46 MiB), a few times over at worst.
@@ -183,11 +183,8 @@ def test_abuse_is_rejected_with_documented_errors_while_a_transfer_continues(ser
     payload = os.urandom(3 * MIB)
 
     async def body(baton: Baton, room: str) -> None:
-        a = await agent(server, room, "agent-a")
-        b = await agent(server, room, "agent-b")
+        a, b = await agents_a_and_b(server, baton, room)
         caller = await Peer.join(server, room, "caller")  # kind standard: the caller's client
-        await known_to_baton(baton, "agent-a")
-        await known_to_baton(baton, "agent-b")
         await known_to_baton(baton, "caller")
         inbox: list[bytes] = []
         got = asyncio.ensure_future(receive_bundle(b, from_identity="baton", timeout=60))
@@ -253,5 +250,4 @@ def test_abuse_is_rejected_with_documented_errors_while_a_transfer_continues(ser
         r"security: transfer frame from a participant that is not an authorized agent.*caller|caller.*security", log
     ), log
     assert "bad_frame" in log and "unsupported_version" in log, "corrupted frames were not reported"
-    lines = delivered_lines(baton)
-    assert [ln["to"] for ln in lines] == ["agent-b"], log
+    assert delivered_once(baton)["to"] == "agent-b", log
