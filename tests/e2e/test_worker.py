@@ -5,6 +5,7 @@ starting agent's dispatch retries (a no-show, and a worker that comes up during 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -38,6 +40,17 @@ def room_name(prefix: str = "w") -> str:
 
 def registered(worker: Baton, timeout: float = 15.0, start: int = 0) -> None:
     worker.wait_for(r"worker registered", timeout, start)
+
+
+@contextlib.contextmanager
+def registered_worker(server: LiveKitServer, *flags: str) -> Iterator[Baton]:
+    """`baton worker` with `flags`, registered; on the way out it must exit cleanly (0)."""
+    worker = baton_worker(server, *flags)
+    try:
+        registered(worker)
+        yield worker
+    finally:
+        assert worker.stop() == 0, worker.text()
 
 
 async def joined(worker: Baton, room: str, timeout: float = 15.0) -> None:
@@ -85,9 +98,7 @@ async def ask_then_close(caller: rtc.Room, lk: api.LiveKitAPI, room: str, replie
 
 
 def test_room_config_dispatch_brings_baton_and_room_deletion_ends_the_job(server: LiveKitServer) -> None:
-    worker = baton_worker(server, "--config", CONFIG)
-    try:
-        registered(worker)
+    with registered_worker(server, "--config", CONFIG) as worker:
         room = room_name()
 
         async def scenario() -> None:
@@ -120,14 +131,10 @@ def test_room_config_dispatch_brings_baton_and_room_deletion_ends_the_job(server
         worker.wait_for(rf"job ended.*room={room}", 10)
         worker.wait_for(r"room freed rooms=0", 5)
         assert worker.proc.poll() is None, "the worker must outlive its rooms"
-    finally:
-        assert worker.stop() == 0, worker.text()
 
 
 def test_everyone_leaving_ends_the_job(server: LiveKitServer) -> None:
-    worker = baton_worker(server, "--config", CONFIG)
-    try:
-        registered(worker)
+    with registered_worker(server, "--config", CONFIG) as worker:
         room = room_name()
 
         async def scenario() -> None:
@@ -142,15 +149,11 @@ def test_everyone_leaving_ends_the_job(server: LiveKitServer) -> None:
         # Only agents (dependent participants) left: the server closes the room after
         # departure_timeout (5 s in configs/livekit.yaml) and baton's job ends with it.
         worker.wait_for(rf"job ended.*room={room}", 20)
-    finally:
-        assert worker.stop() == 0, worker.text()
 
 
 def test_twenty_rooms_at_once_each_get_a_baton(server: LiveKitServer) -> None:
-    worker = baton_worker(server, "--config", CONFIG)
     rooms = [room_name("many") for _ in range(20)]
-    try:
-        registered(worker)
+    with registered_worker(server, "--config", CONFIG) as worker:
 
         async def scenario() -> float:
             async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
@@ -177,15 +180,11 @@ def test_twenty_rooms_at_once_each_get_a_baton(server: LiveKitServer) -> None:
         text = worker.text()
         assert text.count("joined the room") == 20
         assert "job failed" not in text
-    finally:
-        assert worker.stop() == 0, worker.text()
 
 
 def test_full_worker_declines_extra_rooms(server: LiveKitServer) -> None:
-    worker = baton_worker(server, "--config", CONFIG, "--max-rooms", "1")
     rooms = [room_name("cap") for _ in range(2)]
-    try:
-        registered(worker)
+    with registered_worker(server, "--config", CONFIG, "--max-rooms", "1") as worker:
 
         async def scenario() -> None:
             async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
@@ -203,8 +202,6 @@ def test_full_worker_declines_extra_rooms(server: LiveKitServer) -> None:
 
         run(scenario())
         assert worker.text().count("job assigned") == 1
-    finally:
-        assert worker.stop() == 0, worker.text()
 
 
 def test_worker_registers_again_after_server_restart_and_takes_new_jobs() -> None:
@@ -305,14 +302,7 @@ def test_invalid_config_is_rejected_with_file_and_line(tmp_path: Path, server: L
 
 def test_triage_stand_in_worker_joins_when_dispatched_and_answers_text(server: LiveKitServer) -> None:
     """The livekit-agents `triage` worker the handoff tests will use: dispatched, joins, answers."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "e2e" / "agents" / "triage_worker.py")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET},
-        start_new_session=True,
-    )
-    triage = Process(proc)
+    triage = start_triage_worker(server)
     room = room_name("tri")
     try:
         triage.wait_for(r"triage: registered", 60)
