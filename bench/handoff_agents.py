@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -185,6 +186,8 @@ async def monolith_entrypoint(ctx: JobContext) -> None:
     )
     _stamp_speaking(session, ctx.room.name)
     await session.start(agent=MonolithTriage(ctx.room.name), room=ctx.room, room_options=RoomOptions(audio_input=False))
+    # which process serves which room: bench/recovery.py kills this job's process
+    desk.say(MONOLITH, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity} pid={os.getpid()}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,7 +288,9 @@ def run_worker(agent_name: str, entrypoint: Callable[[JobContext], Awaitable[Non
     async def main() -> None:
         server = AgentServer(
             job_executor_type=job_executor(),
-            num_idle_processes=0,
+            # none by default (light test machines); livekit-agents' own default keeps warm
+            # processes, which a replacement after a crash starts in (bench/recovery.py)
+            num_idle_processes=int(os.environ.get("DESK_IDLE_PROCESSES", "0")),
             port=0,
             load_fnc=job_load,
         )

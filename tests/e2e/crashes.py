@@ -23,6 +23,7 @@ from typing import Any
 
 from harness import API_KEY, API_SECRET, ROOT, LiveKitServer, Process, dispatch_token
 from livekit import api
+from peers import audible_grid, longest_run
 
 
 def _demo() -> Any:
@@ -58,11 +59,6 @@ def first_audible(levels: list[tuple[float, float]], after: float, before: float
     return next((t for t, level in levels if after < t < before and level > AUDIBLE), None)
 
 
-def last_audible(levels: list[tuple[float, float]], before: float) -> float | None:
-    heard = [t for t, level in levels if t < before and level > AUDIBLE]
-    return heard[-1] if heard else None
-
-
 @dataclass
 class Crash:
     """What the caller and the agents saw around one kill. Times are on the caller's loop clock
@@ -88,23 +84,34 @@ class Crash:
         t = first_audible(self.played.get(self.replacement or "", []), self.t_kill)
         return None if t is None else t - self.t_kill
 
-    def silence_before_filler(self) -> float | None:
-        """From the crashed triage's last audible frame to baton's first after the kill."""
-        last = last_audible(self.played.get(self.old_identity, []), self.t_kill + 1.0)
-        t = first_audible(self.played.get(self.baton or "", []), self.t_kill)
-        return None if last is None or t is None else t - last
+    def longest_silence(self, until: float) -> float:
+        """The longest stretch between the kill and ``until`` in which the caller heard nothing
+        at all (no track above the threshold), in seconds."""
+        grid = audible_grid(self.played, self.t_kill, until)
+        return longest_run(grid, lambda audible: not audible)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def job_pid(worker: Process, room: str, identity: str) -> int:
     """The pid of the job process serving ``identity`` in ``room``: from the desk's own
-    ``joined`` line, else the worker's only child (the desk runs no idle processes)."""
+    ``joined`` line, else the worker's only job process (the desk runs no idle processes; with
+    the ``forkserver`` start method, livekit-agents' default, jobs are the fork server's
+    children)."""
     joined = last_match(worker, rf"joined room={re.escape(room)} identity={re.escape(identity)} pid=(\d+)")
     if joined is not None:
         return int(joined.group(1))
-    pid = worker.proc.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    assert len(children) == 1, f"worker {pid} has job processes {children}, expected one"
-    return int(children[0])
+    jobs = []
+    for child in _children(worker.proc.pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"forkserver" in cmdline:
+            jobs += _children(child)
+        elif b"resource_tracker" not in cmdline:
+            jobs.append(child)
+    assert len(jobs) == 1, f"worker {worker.proc.pid} has job processes {jobs}, expected one"
+    return jobs[0]
 
 
 async def converse_then_kill(
