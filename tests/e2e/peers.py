@@ -125,20 +125,33 @@ class Recorder:
     frames a second, which :func:`played_at` would push back in time by as much as they
     overlapped (issue 13: a filler placed 13 s early). :meth:`played` and :meth:`arrived` give
     the series per identity, each track placed on its own first.
+
+    A track's recording stops when it is unsubscribed: the subscriber's receiver can be reused
+    for the next track, and a stream still reading it heard the next agent under the old
+    identity (a killed triage "audible" 8 s after its death in `./scripts/demo --crash`).
     """
 
     room: rtc.Room
     levels: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _by_sid: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.room.on("track_subscribed", self._on_track)
+        self.room.on("track_unsubscribed", self._on_gone)
 
     def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant) -> None:
         if track.kind == rtc.TrackKind.KIND_AUDIO:
             self.owners[track.sid] = p.identity
-            self._tasks.append(asyncio.ensure_future(self._record(track.sid, track)))
+            task = asyncio.ensure_future(self._record(track.sid, track))
+            self._tasks.append(task)
+            self._by_sid[track.sid] = task
+
+    def _on_gone(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication, _p: rtc.RemoteParticipant) -> None:
+        task = self._by_sid.pop(track.sid, None)
+        if task is not None:
+            task.cancel()
 
     async def _record(self, sid: str, track: rtc.Track) -> None:
         out = self.levels.setdefault(sid, [])
