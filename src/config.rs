@@ -545,6 +545,14 @@ mod tests {
         assert_eq!(policy.filler_fade, d.filler_fade);
         assert_eq!(policy.filler_hold, d.filler_hold);
         assert_eq!(policy.filler_tail, d.filler_tail);
+        assert_eq!(policy.crash_suspect_after, d.crash_suspect_after);
+        assert_eq!(policy.crash_confirm_after, d.crash_confirm_after);
+        assert_eq!(policy.recovery_attempts, d.recovery_attempts);
+        assert_eq!(policy.recovery_timeout, d.recovery_timeout);
+        assert_eq!(policy.recovery_greeting, d.recovery_greeting);
+        // And the section is checked like the others.
+        let bad = format!("{text}\ncrash_suspect_afterr = 1\n");
+        assert!(parse(Path::new("configs/baton.toml"), &bad).is_err(), "unknown [recovery] key accepted");
     }
 
     #[test]

@@ -478,7 +478,7 @@ impl RoomHandler for Coordinator {
                 self.feed(event, now, out);
             }
             (ApiCall::JobStatus { identity }, Ok(ApiReply::JobStatus(status))) => {
-                tracing::info!(%identity, status = status.unwrap_or("no job"), "agent job status");
+                tracing::debug!(%identity, status = status.unwrap_or("no job"), "agent job status");
                 if let Some(status) = status.filter(|s| crate::server_api::job_ended(s)) {
                     self.feed(Event::JobEnded { identity, status: status.to_owned() }, now, out);
                 }
@@ -542,7 +542,7 @@ fn log_alert(alert: &Alert) {
             tracing::warn!(agent = %agent_name, attempt, %error, "dispatch failed")
         }
         Alert::FloorVacant { identity } => {
-            tracing::warn!(%identity, "the agent holding the floor left; nobody holds it now")
+            tracing::warn!(%identity, "a handoff failed and its source is gone; nobody holds the floor")
         }
         Alert::RecoveryFailed { agent, identity, reason } => tracing::error!(
             %agent,
