@@ -8,8 +8,10 @@ Run: ``python billing.py`` with LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SEC
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -38,6 +40,11 @@ BASE_INSTRUCTIONS = (
     "is from the conversation so far (never ask them to repeat it), then solve it. You can "
     "refund duplicate charges with refund_charge. Keep answers short."
 )
+
+
+READY_DELAY = float(os.environ.get("DESK_BILLING_READY_DELAY", "0"))
+"""Seconds a prepared billing waits before it says ``ready``: tests/e2e/test_recovery_kills.py
+kills billing's job in that window (a handoff target dying while it is prepared)."""
 
 
 def billing_instructions(reason: str | None) -> str:
@@ -145,6 +152,11 @@ async def entrypoint(ctx: JobContext) -> None:
     )
     await session.start(agent=agent, room=ctx.room, room_options=baton.room_options(audio_input=False))
     if baton.preparing:
+        say(
+            AGENT_NAME,
+            f"prepared room={ctx.room.name} identity={ctx.room.local_participant.identity} pid={os.getpid()}",
+        )
+        await asyncio.sleep(READY_DELAY)
         await baton.ready()
     say(AGENT_NAME, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity}")
 

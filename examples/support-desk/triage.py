@@ -8,6 +8,7 @@ LIVEKIT_API_KEY and LIVEKIT_API_SECRET set (see README.md).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -35,7 +36,9 @@ from lk_baton import (
     BatonLink,
     HandoffRefused,
     chat_item_dict,
+    current_tool_call,
     default_on_prepare,
+    journaled,
     seed_agent,
 )
 from lk_baton.checkpoint import canonical
@@ -46,7 +49,8 @@ INSTRUCTIONS = (
     "You are the triage agent of a support desk. Greet the caller, ask for their account "
     "number, look the account up with lookup_account, and when the problem is about a bill, a "
     "charge or a refund, say one short sentence and call transfer_to_billing with a one-line "
-    "reason. Keep every answer short."
+    "reason. When the caller asks for a technician, book a visit with book_technician. Keep "
+    "every answer short."
 )
 
 ACCOUNTS: dict[str, dict[str, Any]] = {
@@ -84,6 +88,8 @@ def triage_script(ctx: llm.ChatContext) -> Step:
             "I have noted your problem and they will call you back today.",
             [],
         )
+    if (tech := technician_step(ctx, said[-1], account)) is not None:
+        return tech
     if any(w in text.lower() for w in BILLING_WORDS):
         reason = f"billing problem on account {account['account_id']}: {said[0]}"
         return (
@@ -91,6 +97,31 @@ def triage_script(ctx: llm.ChatContext) -> Step:
             [("transfer_to_billing", {"reason": reason})],
         )
     return ("I see your account. What is the problem?", [])
+
+
+def technician_step(ctx: llm.ChatContext, last_said: str, account: dict[str, Any]) -> Step | None:
+    """The caller's last words ask for a technician: book one, then say how it went (a booking
+    whose outcome is unknown, because the previous triage died while it ran, is not confirmed)."""
+    if "technician" not in last_said.lower():
+        return None
+    asked = max(i for i, it in enumerate(ctx.items) if it.type == "message" and it.role == "user")
+    since = ctx.items[asked + 1 :]
+    out = next(
+        (it for it in reversed(since) if it.type == "function_call_output" and it.name == "book_technician"), None
+    )
+    if out is not None:
+        if '"booked"' in out.output:
+            return ("A technician will visit you tomorrow.", [])
+        return (
+            "I cannot confirm that booking yet, so I will not book a second visit; I will check and call you back.",
+            [],
+        )
+    if any(it.type == "function_call" and it.name == "book_technician" for it in since):
+        return None
+    return (
+        "One moment, I am booking a technician visit.",
+        [("book_technician", {"account_id": account["account_id"]})],
+    )
 
 
 def recovery_greeting(said: list[str], account: dict[str, Any] | None) -> str:
@@ -101,6 +132,10 @@ def recovery_greeting(said: list[str], account: dict[str, Any] | None) -> str:
     who = f"{account['name'].split()[0]}, " if account else ""
     return f'Sorry, we were cut off for a moment. {who}you were saying: "{said[-1].rstrip(".!?")}". Let us carry on.'
 
+
+TECHNICIAN_SECONDS = float(os.environ.get("DESK_TECHNICIAN_SECONDS", "1"))
+"""How long ``book_technician``'s booking takes; tests/e2e/test_recovery_kills.py makes it long
+enough to kill triage's job while the booking runs."""
 
 REPORT_CHECKPOINTS = os.environ.get("DESK_REPORT_CHECKPOINTS") == "1"
 """Print every acknowledged checkpoint's items (id, digest) and the items a replacement
@@ -116,6 +151,8 @@ def report_checkpoint(link: BatonLink) -> None:
     if t is not None:
         items = [[iid, hashlib.sha256(text.encode()).hexdigest()[:16]] for iid, text in t.sent_items()]
         say(AGENT_NAME, f"checkpoint acked seq={t.acked_seq} items={json.dumps(items)}")
+        calls = [[e["name"], e["status"]] for e in t.sent_journal()]
+        say(AGENT_NAME, f"checkpoint journal seq={t.acked_seq} calls={json.dumps(calls)}")
 
 
 class TriageAgent(Agent):
@@ -133,6 +170,15 @@ class TriageAgent(Agent):
         ctx.userdata.name = record["name"]
         ctx.userdata.plan = record["plan"]
         return json.dumps(record)
+
+    @function_tool
+    @journaled("never")
+    async def book_technician(self, account_id: str) -> str:
+        """Book a technician visit for an account. Not read-only: a second run books a second visit."""
+        call = current_tool_call()
+        say(AGENT_NAME, f"book_technician started pid={os.getpid()} key={call.idempotency_key if call else None}")
+        await asyncio.sleep(TECHNICIAN_SECONDS)
+        return json.dumps({"booked": "technician visit", "account_id": account_id, "day": "tomorrow"})
 
     @function_tool
     async def transfer_to_billing(self, ctx: RunContext[Caller], reason: str) -> str | None:
@@ -158,6 +204,8 @@ def report_recovered(agent: Agent) -> None:
     if REPORT_CHECKPOINTS:
         items = [[i.id, digest(chat_item_dict(i))] for i in agent.chat_ctx.items]
         say(AGENT_NAME, f"recovered items={json.dumps(items)}")
+        outputs = [[i.name, i.output] for i in agent.chat_ctx.items if i.type == "function_call_output"]
+        say(AGENT_NAME, f"recovered outputs={json.dumps(outputs)}")
 
 
 async def prepared_on_standby(link: BatonLink, msg: dict[str, Any]) -> None:

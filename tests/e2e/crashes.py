@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class Crash:
     """The replacement's first transcript line that says the call was cut off, if any."""
     replacement: str | None
     """The identity of the triage that spoke after the kill, if any."""
+    transcript: list[Any] = field(default_factory=list)
+    """Everything the caller said and read (``demo.Line``), in order."""
 
     def kill_to_filler(self) -> float | None:
         t = first_audible(self.played.get(self.baton or "", []), self.t_kill)
@@ -93,6 +95,25 @@ class Crash:
 
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def caller_saw(
+    caller: Any, t_kill: float, old_identity: str, old_pid: int, greeting: Any | None, acked: list[list[str]]
+) -> Crash:
+    """The :class:`Crash` as ``caller`` (a ``demo.Caller`` still in the room) saw it; ``greeting``:
+    the replacement's first line of interest, if any."""
+    baton = next((p.identity for p in caller.room.remote_participants.values() if p.attributes.get("baton.role")), None)
+    return Crash(
+        t_kill=t_kill,
+        old_identity=old_identity,
+        old_pid=old_pid,
+        acked_items=acked,
+        played=caller.recorder.played(),
+        baton=baton,
+        greeting=greeting,
+        replacement=None if greeting is None else greeting.who,
+        transcript=list(caller.transcript),
+    )
 
 
 def job_pid(worker: Process, room: str, identity: str) -> int:
@@ -114,6 +135,21 @@ def job_pid(worker: Process, room: str, identity: str) -> int:
     return jobs[0]
 
 
+async def wait_output(proc: Process, pattern: str, start: int, timeout: float) -> tuple[int, re.Match[str]]:
+    """The first line of ``proc``'s output from index ``start`` matching ``pattern``: its index
+    and match. Polls without blocking the caller's event loop."""
+    rx = re.compile(pattern)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        for i, (_, line) in enumerate(list(proc.lines[start:]), start):
+            if (m := rx.search(line)) is not None:
+                return i, m
+        if loop.time() > deadline:
+            raise TimeoutError(f"no line /{pattern}/ within {timeout}s:\n{proc.text()[-3000:]}")
+        await asyncio.sleep(0.02)
+
+
 async def converse_then_kill(
     server: LiveKitServer,
     room: str,
@@ -123,12 +159,22 @@ async def converse_then_kill(
     agent_name: str = "triage",
     mid_sentence: bool = False,
     standby: bool = False,
+    second: str = SECOND,
+    tool: str | None = None,
+    kill_worker: bool = False,
+    then_say: str | None = None,
+    then_expect: str = ".",
     wait: float = 60.0,
 ) -> Crash:
-    """A caller says two things to triage, then triage's job process gets SIGKILL: 2 s after its
-    second reply played out (checkpointed), or ``mid_sentence`` 0.4 s into that reply. With
-    ``standby`` a second triage is dispatched into the room first (it waits, muted, as a
-    standby). Waits up to ``wait`` s for another triage to say the call was cut off.
+    """A caller says two things to triage (the second is ``second``), then triage's job process
+    gets SIGKILL: 2 s after its second reply played out (checkpointed), or ``mid_sentence`` 0.4 s
+    into that reply, or with ``tool`` while that tool runs (once the desk printed
+    ``<tool> started`` and baton acknowledged a checkpoint whose journal holds it as started).
+    ``kill_worker``: the whole triage worker gets SIGKILL too, so nothing can take the call. With ``standby`` a second
+    triage is dispatched into the room first (it waits, muted, as a standby). Waits up to
+    ``wait`` s for another triage to say the call was cut off; then the caller says
+    ``then_say`` (if given) and waits up to 20 s for that triage to say something matching
+    ``then_expect``.
     ``with_baton=False`` is the reference: the caller's token dispatches ``agent_name`` itself
     (a worker that needs no baton), and nothing replaces it."""
     caller = demo.Caller()
@@ -152,8 +198,12 @@ async def converse_then_kill(
         old_identity = caller.agent_identity(agent_name)
         assert old_identity is not None
         t_said = loop.time()
-        await caller.say(SECOND)
-        if mid_sentence:
+        mark = len(triage.lines)
+        await caller.say(second)
+        if tool is not None:
+            at, _ = await wait_output(triage, rf"^triage: {tool} started pid=", mark, 30)
+            await wait_output(triage, rf'^triage: checkpoint journal seq=\d+ calls=.*\["{tool}", "started"\]', at, 5)
+        elif mid_sentence:
             while first_audible(caller.recorder.played().get(old_identity, []), t_said + 0.05) is None:
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.4)
@@ -164,11 +214,9 @@ async def converse_then_kill(
         acked = last_match(triage, r"triage: checkpoint acked seq=(\d+) items=(.*)$")
         if with_baton:
             assert acked is not None, "no checkpoint was acknowledged:\n" + triage.text()[-3000:]
-        baton_id = next(
-            (p.identity for p in caller.room.remote_participants.values() if p.attributes.get("baton.role")),
-            None,
-        )
         t_kill = loop.time()
+        if kill_worker:  # first, so it neither removes its dead job's participant nor takes a dispatch
+            os.kill(triage.proc.pid, signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
 
         deadline = t_kill + wait
@@ -178,17 +226,48 @@ async def converse_then_kill(
                 if line.who not in (old_identity, demo.CALLER) and re.search(r"cut off", line.text, re.I):
                     greeting = line
             await asyncio.sleep(0.1)
+        if then_say is not None and greeting is not None:
+            m, until = len(caller.transcript), loop.time() + 20
+            await caller.say(then_say)
+            while loop.time() < until and not any(
+                x.who == greeting.who and re.search(then_expect, x.text) for x in caller.transcript[m:]
+            ):
+                await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
-        return Crash(
-            t_kill=t_kill,
-            old_identity=old_identity,
-            old_pid=pid,
-            acked_items=json.loads(acked.group(2)) if acked is not None else [],
-            played=caller.recorder.played(),
-            baton=baton_id,
-            greeting=greeting,
-            replacement=None if greeting is None else greeting.who,
+        acked_items = json.loads(acked.group(2)) if acked is not None else []
+        return caller_saw(caller, t_kill, old_identity, pid, greeting, acked_items)
+    finally:
+        await caller.recorder.stop()
+        await caller.room.disconnect()
+
+
+async def handoff_then_kill_target(server: LiveKitServer, room: str, billing: Process, wait: float = 45.0) -> Crash:
+    """The demo's call: the caller tells triage the problem (``demo.PROBLEM``), triage hands off
+    to billing, and billing's job process gets SIGKILL once billing printed ``prepared`` (it has
+    the bundle, and waits ``DESK_BILLING_READY_DELAY`` s before it says ready). Waits up to
+    ``wait`` s for a billing of another identity to speak (``Crash.greeting``: its first line)."""
+    caller = demo.Caller()
+    loop = asyncio.get_running_loop()
+    await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, ["baton"]))
+    try:
+        await caller.wait_line("triage", r"support desk", timeout=60)
+        n = len(caller.transcript)
+        await caller.say(demo.PROBLEM)
+        _, prepared = await wait_output(
+            billing, rf"^billing: prepared room={re.escape(room)} identity=(\S+) pid=(\d+)", 0, 45
         )
+        old_identity, pid = prepared.group(1), int(prepared.group(2))
+        t_kill = loop.time()
+        os.kill(pid, signal.SIGKILL)
+        first = None
+        while first is None and loop.time() < t_kill + wait:
+            triage_id = caller.agent_identity("triage")
+            first = next(
+                (x for x in caller.transcript[n:] if x.who not in (old_identity, triage_id, demo.CALLER)), None
+            )
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        return caller_saw(caller, t_kill, old_identity, pid, first, [])
     finally:
         await caller.recorder.stop()
         await caller.room.disconnect()

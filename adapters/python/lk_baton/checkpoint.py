@@ -278,6 +278,11 @@ class CheckpointTracker:
         acknowledged."""
         return [(iid, self._items[iid][1]) for iid in self._ids]
 
+    def sent_journal(self) -> list[dict[str, Any]]:
+        """Every journal entry (:func:`journal_entry`) in the state the last checkpoint built
+        carried, in the order first sent: what baton holds once it is acknowledged."""
+        return [json.loads(text) for text in self._journal.values()]
+
     def acked(self) -> None:
         """baton acknowledged the checkpoint in flight (its transfer COMPLETE)."""
         if self.in_flight is not None:

@@ -161,12 +161,14 @@ def test_journal_entries_are_sent_when_they_change() -> None:
         }
     ]
     t.acked()
+    assert t.sent_journal() == doc["journal"]
     assert build(t, [msg(0)], journal=[journal_entry(c) for c in j.calls()]) is None
     j.finished("c1", "refunded", now=T0 + 2)
     doc = build(t, [msg(0)], journal=[journal_entry(c) for c in j.calls()])
     assert doc is not None and doc["items"] == []
     (e,) = doc["journal"]
     assert e["status"] == "finished"
+    assert [x["status"] for x in t.sent_journal()] == ["finished"]
     assert e["output"] == {
         "id": "c1_journal_output",
         "type": "function_call_output",

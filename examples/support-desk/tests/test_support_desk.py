@@ -99,6 +99,29 @@ def test_triage_script_asks_for_the_account_first() -> None:
     assert "account number" in text and calls == []
 
 
+def test_triage_books_a_technician_once_and_confirms_only_a_booking_it_knows() -> None:
+    from livekit.agents import llm
+
+    ctx = llm.ChatContext.empty()
+    ctx.add_message(role="user", content="Hi, my account is A-1001.")
+    record = json.dumps(triage.ACCOUNTS["A-1001"])
+    ctx.insert(llm.FunctionCall(call_id="c1", name="lookup_account", arguments='{"account_id":"A-1001"}'))
+    ctx.insert(llm.FunctionCallOutput(call_id="c1", name="lookup_account", output=record, is_error=False))
+    ctx.add_message(role="user", content="Please send a technician.")
+    text, calls = triage.triage_script(ctx)
+    assert calls == [("book_technician", {"account_id": "A-1001"})], (text, calls)
+    ctx.insert(llm.FunctionCall(call_id="c2", name="book_technician", arguments='{"account_id":"A-1001"}'))
+    assert triage.triage_script(ctx) == ("I see your account. What is the problem?", [])  # no second call
+    unknown = "Not run: triage already started book_technician ... outcome is still unknown."
+    ctx.insert(llm.FunctionCallOutput(call_id="c2", name="book_technician", output=unknown, is_error=False))
+    text, calls = triage.triage_script(ctx)
+    assert "not book a second visit" in text and calls == []
+    ctx.items[-1] = llm.FunctionCallOutput(
+        call_id="c2", name="book_technician", output='{"booked": "technician visit"}', is_error=False
+    )
+    assert triage.triage_script(ctx) == ("A technician will visit you tomorrow.", [])
+
+
 def test_wav_parsing() -> None:
     hdr = b"RIFF\xff\xff\xff\x7fWAVEfmt " + (16).to_bytes(4, "little") + bytes(16)
     wav = hdr + b"data\xff\xff\xff\x7f" + b"\x01\x00\x02\x00\x03"
