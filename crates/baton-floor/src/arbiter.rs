@@ -875,13 +875,20 @@ impl Arbiter {
         }
     }
 
-    /// The target left and did not come back within `rejoin_grace`: cancel what baton was
-    /// delivering to it and try the next agent.
+    /// The target left and did not come back within `rejoin_grace`, or crashed: cancel what
+    /// baton was delivering to it, and give the same bundle to another agent of its name (at
+    /// most `recovery_attempts` times per handoff), then the next alternate. A target that
+    /// leaves before it is ready has crashed for the caller, whatever the reason (its worker
+    /// removes a dead job's participant, `lk_baton.remove_crashed_jobs`).
     fn target_gone(&mut self, now: Instant) {
         let Some(h) = &mut self.handoff else { return };
         h.target.away_until = None;
         // Nothing to tell the target: it is gone.
         let Some(identity) = h.target.identity.take() else { return };
+        if h.replacements_left > 0 {
+            h.replacements_left -= 1;
+            h.alternates.push_front(h.target.name.clone());
+        }
         if h.bundle.delivering
             && !h.bundle.delivered
             && let Some(t) = h.bundle.transfer
@@ -1398,10 +1405,7 @@ impl Arbiter {
     fn target_crashed(&mut self, signal: &str, now: Instant) {
         let Some(h) = &mut self.handoff else { return };
         let Some(identity) = h.target.identity.clone() else { return };
-        if h.replacements_left > 0 {
-            h.replacements_left -= 1;
-            h.alternates.push_front(h.target.name.clone());
-        }
+        // Still in the room (lingering, or frozen): never to be chosen again.
         self.crashed.insert(identity.clone());
         self.mark(Phase::TargetLeft, now, Some(format!("crashed: {signal}")));
         self.out.push_back(Command::RemoveParticipant { identity });

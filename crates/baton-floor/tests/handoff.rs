@@ -306,7 +306,10 @@ fn target_never_ready_hands_back() {
 
 #[test]
 fn target_leaving_mid_handoff_cancels_transfer_and_hands_back_after_the_rejoin_grace() {
-    let mut r = Room::with_triage_active(policy_without_alternates());
+    // No replacement of the same name either (recovery.rs has the replacement).
+    let mut p = policy_without_alternates();
+    p.recovery_attempts = 0;
+    let mut r = Room::with_triage_active(p);
     r.request(TRIAGE, "billing", Some(tid(1)));
     r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 100 });
     r.quiet(TRIAGE);

@@ -327,3 +327,31 @@ fn a_handoff_target_that_crashes_while_prepared_is_replaced_with_the_same_bundle
     let out = heartbeat_hello(&mut r, BILLING, "billing");
     assert!(!sent(&out, BILLING, "prepare") && !sent(&out, BILLING, "activate"), "{out:?}");
 }
+
+#[test]
+fn a_handoff_target_that_leaves_and_does_not_come_back_is_replaced_with_the_same_bundle() {
+    // Its worker removed the dead job's participant (lk_baton.remove_crashed_jobs): a leave,
+    // which the rejoin grace waits out as it would a dropped connection.
+    let (mut r, _) = cold_request(Some(tid(4)));
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(4), bytes: 900 });
+    r.quiet(TRIAGE);
+    billing_arrives(&mut r, "AD_b");
+    r.leave(BILLING);
+    let out = r.advance(ms(2_999));
+    assert!(!dispatched(&out, "billing"), "{out:?}");
+    let out = r.advance(ms(1));
+    assert!(dispatched(&out, "billing") && !dispatched(&out, "support"), "{out:?}");
+    let billing2 = "agent-billing-2";
+    let ticket = ticket_for(&out, "billing");
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_b2".into() });
+    r.join(agent(billing2, "billing", false));
+    let out = heartbeat_hello(&mut r, billing2, "billing");
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::DeliverBundle { transfer_id, to } if *transfer_id == tid(4) && to == billing2)),
+        "{out:?}"
+    );
+    r.ev(Event::BundleDelivered { to: billing2.into(), transfer_id: tid(4) });
+    let out = r.ready(billing2, "h-1");
+    assert!(sent(&out, billing2, "activate"), "{out:?}");
+}

@@ -110,7 +110,11 @@ fn a_target_from_the_same_dispatch_under_a_new_identity_gets_the_bundle_again() 
 /// agent is tried (here support, billing's alternate), as a leave did at once before.
 #[test]
 fn a_target_that_does_not_come_back_fails_when_the_grace_runs_out() {
-    let (mut r, _) = cold_request(Some(tid(1)));
+    // No replacement of the same name (recovery.rs has that case): the alternate comes next.
+    let mut p = policy();
+    p.recovery_attempts = 0;
+    let mut r = Room::with_triage_active(p);
+    r.request(TRIAGE, "billing", Some(tid(1)));
     r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 100 });
     r.quiet(TRIAGE);
     billing_arrives(&mut r, "AD_1");
@@ -187,6 +191,7 @@ fn a_source_that_does_not_come_back_loses_its_unfinished_bundle_when_the_grace_e
 fn zero_grace_fails_at_once() {
     let mut p = policy_without_alternates();
     p.rejoin_grace = Duration::ZERO;
+    p.recovery_attempts = 0;
     let mut r = Room::with_triage_active(p);
     r.request(TRIAGE, "billing", None);
     r.quiet(TRIAGE);
