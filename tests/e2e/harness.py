@@ -110,10 +110,14 @@ class LiveKitServer:
         self.proc = subprocess.Popen(
             [
                 str(binary),
-                "--config", str(ROOT / "configs" / "livekit.yaml"),
-                "--port", str(self.port),
-                "--udp-port", str(self.udp_port),
-                "--rtc.tcp_port", str(self.tcp_port),
+                "--config",
+                str(ROOT / "configs" / "livekit.yaml"),
+                "--port",
+                str(self.port),
+                "--udp-port",
+                str(self.udp_port),
+                "--rtc.tcp_port",
+                str(self.tcp_port),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

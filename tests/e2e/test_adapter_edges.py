@@ -119,9 +119,7 @@ def test_a_single_hello_right_after_joining_is_answered(server: LiveKitServer) -
     with joined_baton(server, room, "--config", config_file(CONFIG)):
 
         async def one(i: int) -> dict[str, Any]:
-            peer = await Peer.join(
-                server, room, f"billing-{i}", kind="agent", attributes={"lk.agent.name": "billing"}
-            )
+            peer = await Peer.join(server, room, f"billing-{i}", kind="agent", attributes={"lk.agent.name": "billing"})
             try:
                 hello = {"v": 1, "type": "hello", "id": f"a-{i}", "agent_name": "billing"}
                 await peer.send("baton.control", json.dumps(hello).encode(), ["baton"])

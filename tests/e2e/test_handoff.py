@@ -35,7 +35,9 @@ from lk_baton import ErrorCode, TransferError, send_bundle
 from peers import Peer, Recorder, audible_grid, longest_run, runs
 from tone_agent import ToneAgent
 
-CONFIG = TRIAGE_THEN_BILLING + """
+CONFIG = (
+    TRIAGE_THEN_BILLING
+    + """
 [handoff]
 source_quiet_timeout = 2
 join_timeout = 15
@@ -47,6 +49,7 @@ release = "standby"
 [handoff.start_dispatch]
 attempts = 1
 """
+)
 
 
 async def agent(server: LiveKitServer, room: str, name: str, freq: float, **kw: object) -> ToneAgent:

@@ -16,10 +16,13 @@ import uuid
 from harness import TRIAGE_THEN_BILLING, LiveKitServer, config_file, joined_baton, run
 from peers import Peer
 
-CONFIG = TRIAGE_THEN_BILLING + """
+CONFIG = (
+    TRIAGE_THEN_BILLING
+    + """
 [handoff.start_dispatch]
 attempts = 1
 """
+)
 
 
 async def control(peer: Peer, timeout: float) -> dict[str, object]:

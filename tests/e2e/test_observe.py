@@ -293,8 +293,16 @@ def test_webhook_delivers_every_event_once_across_a_receiver_outage(server: Live
     got = receiver.snapshot()
     assert receiver.bad == [], receiver.bad
     names = [e["event"] for e in sent]
-    for needed in ("room_joined", "floor_granted", "security_rejected", "handoff_refused", "handoff_phase",
-                   "handoff_finished", "session_ended", "room_left"):
+    for needed in (
+        "room_joined",
+        "floor_granted",
+        "security_rejected",
+        "handoff_refused",
+        "handoff_phase",
+        "handoff_finished",
+        "session_ended",
+        "room_left",
+    ):
         assert needed in names, names
     ids = [e["id"] for e in got]
     assert len(ids) == len(set(ids)), "an event arrived twice"
@@ -315,8 +323,15 @@ def chromium(url: str, *args: str) -> str:
         raise RuntimeError("chromium missing: run ./scripts/setup")
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         cmd = [
-            binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", "--virtual-time-budget=4000", *args, url,
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=4000",
+            *args,
+            url,
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -357,7 +372,9 @@ def test_timeline_page_shows_the_call_while_it_runs_and_after(server: LiveKitSer
             # The tone agents say hello once, when they start: baton must be in the room by then.
             await asyncio.to_thread(worker.wait_for, rf"joined the room.*room={room}", 20)
             call = await call_with_handoffs(
-                server, room, worker,
+                server,
+                room,
+                worker,
                 after_handoff=lambda: pages.update(live=page_state(port, SHOTS / f"baton-timeline-{room}-live.png")),
             )
             return call
@@ -378,7 +395,8 @@ def test_timeline_page_shows_the_call_while_it_runs_and_after(server: LiveKitSer
         assert page["identities"] >= {"agent-triage", "agent-billing"}, (when, page["identities"])
         assert (handoff, "completed") in page["handoffs"], (when, page["handoffs"])
         assert {"requested", "source_quiet", "filler_on", "target_ready", "target_audible"} <= page["phases"], (
-            when, page["phases"],
+            when,
+            page["phases"],
         )
         assert page["fillers"] >= 1, when
         assert {"refused", "security"} <= page["markers"], (when, page["markers"])
@@ -498,7 +516,8 @@ def test_handoff_trace_reaches_jaeger_with_a_span_per_phase(server: LiveKitServe
     logged = [f["value"] for log in root[0]["logs"] for f in log["fields"] if f["key"] == "event"]
     assert logged == [p["phase"] for p in t["phases"]], logged
     children = {
-        s["operationName"]: s for s in spans
+        s["operationName"]: s
+        for s in spans
         if any(ref["refType"] == "CHILD_OF" and ref["spanID"] == root_id for ref in s["references"])
     }
     expected = {p["phase"] for p in t["phases"]} - {"requested"}

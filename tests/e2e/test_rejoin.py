@@ -17,7 +17,9 @@ from peers import Peer
 from test_handoff import agent
 from tone_agent import ToneAgent
 
-CONFIG = TRIAGE_THEN_BILLING + """
+CONFIG = (
+    TRIAGE_THEN_BILLING
+    + """
 [handoff]
 ready_timeout = 6
 max_filler = 8
@@ -26,6 +28,7 @@ release = "standby"
 [handoff.start_dispatch]
 attempts = 1
 """
+)
 
 
 def test_a_target_that_rejoins_150ms_later_keeps_the_handoff(server: LiveKitServer) -> None:

@@ -33,7 +33,9 @@ from fakes import (  # the adapter tests' stand-ins
     Step,
 )
 
-CONFIG = TRIAGE_THEN_BILLING + """
+CONFIG = (
+    TRIAGE_THEN_BILLING
+    + """
 [handoff]
 source_quiet_timeout = 2
 join_timeout = 15
@@ -44,6 +46,7 @@ release = "standby"
 [handoff.start_dispatch]
 attempts = 1
 """
+)
 
 BOOKING = {"date": "2026-12-24", "party": 4}
 NOTE = {"text": "wants a table by the window"}
@@ -303,9 +306,7 @@ def test_barge_in_then_handoff_keeps_the_booking_once(server: LiveKitServer, bar
             seen: dict[str, Any] = {}
 
             def snapshot(a: Side, triage: Triage) -> None:
-                outs = {
-                    i.name: i.output for i in triage.chat_ctx.items if i.type == "function_call_output"
-                }
+                outs = {i.name: i.output for i in triage.chat_ctx.items if i.type == "function_call_output"}
                 seen["outs"] = outs
                 seen["running"] = {c.name: c.released for c in a.link.journal.running()}
 

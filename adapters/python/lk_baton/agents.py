@@ -442,9 +442,9 @@ async def _check_rerun(
         return await r if inspect.isawaitable(r) else r
     return (
         f"Not run: {prior.from_agent or 'the previous agent'} already started {prior.name} with "
-        f"these arguments before the handoff (idempotency key {prior.idempotency_key}) and its "
-        "outcome is still unknown. Check whether it took effect before running it again; its "
-        "result may still arrive."
+        "these arguments before the call came to you "
+        f"(idempotency key {prior.idempotency_key}) and its outcome is still unknown. Check "
+        "whether it took effect before running it again; its result may still arrive."
     )
 
 

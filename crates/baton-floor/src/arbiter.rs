@@ -133,6 +133,8 @@ struct Handoff {
     timeline: Timeline,
     /// Late tool results for the target, held until it has been sent `prepare`.
     tool_results: Vec<BatonMessage>,
+    /// Targets that failed in this handoff and are still in the room: not chosen again.
+    failed_targets: Vec<String>,
     /// How many more times a target of this agent name that crashes while being prepared is
     /// replaced by another of the same name (`recovery_attempts`).
     replacements_left: u32,
@@ -639,7 +641,7 @@ impl Arbiter {
         let Some(start) = self.policy.starting_agent.clone() else {
             return;
         };
-        if self.holder.is_some() || self.find_agent(&start, None).is_some() {
+        if self.holder.is_some() || self.find_agent(&start, &[]).is_some() {
             return;
         }
         if token.contains(&start) {
@@ -662,12 +664,12 @@ impl Arbiter {
             && p.agent_name.as_ref().is_some_and(|n| self.policy.agents.contains(n))
     }
 
-    /// A present configured agent with this name, other than `except`.
-    fn find_agent(&self, name: &str, except: Option<&str>) -> Option<String> {
+    /// A present configured agent with this name, none of `except`.
+    fn find_agent(&self, name: &str, except: &[String]) -> Option<String> {
         let mut candidates = self.peers.values().filter(|p| {
             self.is_managed(&p.info)
                 && p.info.agent_name.as_deref() == Some(name)
-                && Some(p.info.identity.as_str()) != except
+                && !except.contains(&p.info.identity)
                 && !self.crashed.contains(&p.info.identity)
         });
         // Prefer one whose adapter already said hello: it can be prepared right away.
@@ -1233,6 +1235,7 @@ impl Arbiter {
             bundle,
             timeline,
             tool_results: Vec::new(),
+            failed_targets: Vec::new(),
             replacements_left: self.policy.recovery_attempts,
             recovery: None,
         });
@@ -1326,6 +1329,7 @@ impl Arbiter {
             bundle: Bundle::default(),
             timeline,
             tool_results: Vec::new(),
+            failed_targets: Vec::new(),
             replacements_left: self.policy.recovery_attempts,
             recovery: Some(Recovery {
                 holder,
@@ -1479,9 +1483,12 @@ impl Arbiter {
             h.filler_deadline = Some(now + timeout);
         }
         let name = h.target.name.clone();
-        let source = h.source.clone();
+        // Not the source, nor a target that already failed in this handoff (a standby that was
+        // not ready in time is not chosen again: a new one is dispatched).
+        let except: Vec<String> =
+            std::iter::once(h.source.clone()).chain(h.failed_targets.iter().cloned()).collect();
         let Some(h) = &self.handoff else { return };
-        if let Some(identity) = self.find_agent(&name, Some(&source)) {
+        if let Some(identity) = self.find_agent(&name, &except) {
             self.attach_target(identity, true, now);
             return;
         }
@@ -1915,7 +1922,7 @@ impl Arbiter {
         else {
             return;
         };
-        if let Some(identity) = self.find_agent(&next, None) {
+        if let Some(identity) = self.find_agent(&next, &[]) {
             self.holder = Some(Holder::at_start(identity));
             self.activate_holder_if_reachable(now);
             return;
@@ -1937,6 +1944,7 @@ impl Arbiter {
         let Some(t) = h.target.identity.take() else {
             return;
         };
+        h.failed_targets.push(t.clone());
         if h.bundle.delivering {
             h.bundle.delivering = false;
             if let Some(transfer_id) = h.bundle.transfer {

@@ -355,3 +355,25 @@ fn a_handoff_target_that_leaves_and_does_not_come_back_is_replaced_with_the_same
     let out = r.ready(billing2, "h-1");
     assert!(sent(&out, billing2, "activate"), "{out:?}");
 }
+
+#[test]
+fn a_standby_that_fails_as_replacement_is_not_chosen_again() {
+    let mut p = policy();
+    p.ready_timeout = ms(2_000);
+    let mut r = triage_beating(p);
+    r.join(agent(TRIAGE2, "triage", true));
+    heartbeat_hello(&mut r, TRIAGE2, "triage");
+    r.advance(ms(100));
+    r.leave(TRIAGE);
+    r.ev(Event::RecoveryBundle { recovery: "r-1".into(), bundle: Some((tid(6), 10)) });
+    assert_eq!(r.arb.handoff().and_then(|h| h.target_identity), Some(TRIAGE2.into()));
+    // The standby keeps beating but never says ready: after ready_timeout a new triage is
+    // dispatched rather than the same standby prepared again.
+    let mut out = Vec::new();
+    for seq in 0..9 {
+        out.extend(r.advance(ms(250)));
+        out.extend(r.ctl(TRIAGE2, AgentMessage::Heartbeat { seq }));
+    }
+    assert!(dispatched(&out, "triage"), "{out:?}");
+    assert_ne!(r.arb.handoff().and_then(|h| h.target_identity), Some(TRIAGE2.into()));
+}
