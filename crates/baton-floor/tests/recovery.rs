@@ -293,6 +293,23 @@ fn when_no_replacement_comes_the_filler_fades_and_a_late_agent_still_gets_the_ca
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE3));
 }
 
+/// The billing dispatched (in `out`) to replace a crashed target joins, gets the handoff's
+/// same bundle `bundle`, and takes the call.
+fn replacement_billing_takes_the_call(r: &mut Room, out: &[Command], bundle: TransferId) {
+    let billing2 = "agent-billing-2";
+    let ticket = ticket_for(out, "billing");
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_b2".into() });
+    r.join(agent(billing2, "billing", false));
+    let out = heartbeat_hello(r, billing2, "billing");
+    assert!(
+        out.iter().any(|c| matches!(c, Command::DeliverBundle { transfer_id, to } if *transfer_id == bundle && to == billing2)),
+        "{out:?}"
+    );
+    r.ev(Event::BundleDelivered { to: billing2.into(), transfer_id: bundle });
+    let out = r.ready(billing2, "h-1");
+    assert!(sent(&out, billing2, "activate"), "{out:?}");
+}
+
 #[test]
 fn a_handoff_target_that_crashes_while_prepared_is_replaced_with_the_same_bundle() {
     let (mut r, _) = cold_request(Some(tid(3)));
@@ -309,20 +326,7 @@ fn a_handoff_target_that_crashes_while_prepared_is_replaced_with_the_same_bundle
     assert!(out.iter().any(|c| matches!(c, Command::CancelTransfer { to, .. } if to == BILLING)), "{out:?}");
     assert!(dispatched(&out, "billing"), "another billing, not the alternate yet: {out:?}");
     assert!(!dispatched(&out, "support"), "{out:?}");
-    // The replacement gets the same bundle and takes the call.
-    let billing2 = "agent-billing-2";
-    let ticket = ticket_for(&out, "billing");
-    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_b2".into() });
-    r.join(agent(billing2, "billing", false));
-    let out = heartbeat_hello(&mut r, billing2, "billing");
-    assert!(
-        out.iter()
-            .any(|c| matches!(c, Command::DeliverBundle { transfer_id, to } if *transfer_id == tid(3) && to == billing2)),
-        "{out:?}"
-    );
-    r.ev(Event::BundleDelivered { to: billing2.into(), transfer_id: tid(3) });
-    let out = r.ready(billing2, "h-1");
-    assert!(sent(&out, billing2, "activate"), "{out:?}");
+    replacement_billing_takes_the_call(&mut r, &out, tid(3));
     // The crashed one is never given a role, whatever it says.
     let out = heartbeat_hello(&mut r, BILLING, "billing");
     assert!(!sent(&out, BILLING, "prepare") && !sent(&out, BILLING, "activate"), "{out:?}");
@@ -341,19 +345,7 @@ fn a_handoff_target_that_leaves_and_does_not_come_back_is_replaced_with_the_same
     assert!(!dispatched(&out, "billing"), "{out:?}");
     let out = r.advance(ms(1));
     assert!(dispatched(&out, "billing") && !dispatched(&out, "support"), "{out:?}");
-    let billing2 = "agent-billing-2";
-    let ticket = ticket_for(&out, "billing");
-    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_b2".into() });
-    r.join(agent(billing2, "billing", false));
-    let out = heartbeat_hello(&mut r, billing2, "billing");
-    assert!(
-        out.iter()
-            .any(|c| matches!(c, Command::DeliverBundle { transfer_id, to } if *transfer_id == tid(4) && to == billing2)),
-        "{out:?}"
-    );
-    r.ev(Event::BundleDelivered { to: billing2.into(), transfer_id: tid(4) });
-    let out = r.ready(billing2, "h-1");
-    assert!(sent(&out, billing2, "activate"), "{out:?}");
+    replacement_billing_takes_the_call(&mut r, &out, tid(4));
 }
 
 #[test]
