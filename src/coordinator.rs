@@ -13,6 +13,7 @@ use baton_floor::{
 };
 use livekit_protocol as proto;
 
+use crate::observe::TraceParent;
 use crate::protocol::{self, control};
 use crate::relay::{Relay, RelayConfig, RelayEvent, Routing, Transmit};
 use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster};
@@ -32,7 +33,14 @@ pub struct CoordinatorConfig {
     pub api: Option<Arc<ServerApi>>,
     /// Echo `baton.echo` packets back to their sender (a data-path check for adapters).
     pub echo: bool,
+    /// Send each handoff's trace ids to the agents (`traceparent`): set while baton exports
+    /// traces, so the adapters' spans have a parent that exists.
+    pub trace_context: bool,
 }
+
+/// How many handoffs' trace ids a room keeps at once: one runs at a time, and an entry whose
+/// handoff never finished (baton left mid-handoff) must not pile up.
+const TRACE_PARENTS_KEPT: usize = 4;
 
 /// The per-room coordinator: the room task's [`RoomHandler`], with no IO of its own.
 ///
@@ -60,6 +68,8 @@ pub struct Coordinator {
     early: Vec<(Instant, Incoming)>,
     /// Context transfer (`baton.xfer`): receives, stores and delivers bundles.
     pub relay: Relay,
+    /// The trace ids of the handoffs under way (oldest first), by handoff id.
+    trace_parents: std::collections::VecDeque<(String, TraceParent)>,
 }
 
 /// How long a message from a not-yet-announced participant waits for the announcement. The
@@ -89,6 +99,7 @@ impl Coordinator {
             members: BTreeMap::new(),
             early: Vec::new(),
             relay,
+            trace_parents: std::collections::VecDeque::new(),
         };
         coordinator.sync_uploaders();
         Ok(coordinator)
@@ -97,13 +108,20 @@ impl Coordinator {
     /// A coordinator that only answers `ping` (and echoes when asked): no agents, no server API.
     pub fn minimal(room: &str, echo: bool) -> Self {
         Self {
-            cfg: CoordinatorConfig { room: room.to_string(), policy: Policy::default(), api: None, echo },
+            cfg: CoordinatorConfig {
+                room: room.to_string(),
+                policy: Policy::default(),
+                api: None,
+                echo,
+                trace_context: false,
+            },
             arbiter: None,
             started: false,
             finished: false,
             members: BTreeMap::new(),
             early: Vec::new(),
             relay: Relay::new(RelayConfig { routing: Routing::MetaTarget, ..RelayConfig::default() }),
+            trace_parents: std::collections::VecDeque::new(),
         }
     }
 
@@ -164,6 +182,17 @@ impl Coordinator {
         self.relay.set_uploaders(Some(uploaders));
     }
 
+    /// The trace ids of a handoff under way (chosen at its first timeline mark).
+    fn trace_parent(&self, handoff: &str) -> Option<TraceParent> {
+        self.trace_parents.iter().find(|(h, _)| h == handoff).map(|(_, t)| *t)
+    }
+
+    /// The trace ids of a handoff that just finished; they are not sent again.
+    fn take_trace_parent(&mut self, handoff: &str) -> Option<TraceParent> {
+        let at = self.trace_parents.iter().position(|(h, _)| h == handoff)?;
+        self.trace_parents.remove(at).map(|(_, t)| t)
+    }
+
     fn start(&mut self, token_dispatched: Vec<String>, now: Instant, out: &mut Outbox) {
         if self.started || self.arbiter.is_none() {
             return;
@@ -177,13 +206,17 @@ impl Coordinator {
     /// Carries out one of the arbiter's commands (what the relay does about one, it reports
     /// through its own queues, which [`exchange`](Self::exchange) polls).
     fn execute(&mut self, command: Command, now: Instant, out: &mut Outbox) {
-        if let Some(event) = crate::observe::Event::from_command(&command) {
+        if let Some(mut event) = crate::observe::Event::from_command(&command) {
+            if let crate::observe::Event::HandoffFinished(t, trace) = &mut event {
+                *trace = self.take_trace_parent(&t.handoff);
+            }
             out.events.push(event);
         }
         match command {
             Command::Send { to, re, message } => {
                 tracing::debug!(%to, kind = message.type_name(), "control message to agent");
-                if let Some(payload) = control::encode(&message, re.as_deref()) {
+                let traceparent = message.handoff().and_then(|h| self.trace_parent(h)).map(|t| t.to_string());
+                if let Some(payload) = control::encode(&message, re.as_deref(), traceparent) {
                     out.send(protocol::TOPIC_CONTROL, payload, &to);
                 }
             }
@@ -230,6 +263,12 @@ impl Coordinator {
             }
             Command::CheckJob { identity } => self.call(0, ApiCall::JobStatus { identity }, out),
             Command::Timeline(ev) => {
+                if self.cfg.trace_context && self.trace_parent(&ev.handoff).is_none() {
+                    if self.trace_parents.len() == TRACE_PARENTS_KEPT {
+                        self.trace_parents.pop_front();
+                    }
+                    self.trace_parents.push_back((ev.handoff.clone(), TraceParent::random()));
+                }
                 tracing::info!(
                     handoff = %ev.handoff,
                     phase = ?ev.mark.phase,
@@ -313,7 +352,7 @@ impl Coordinator {
         // on a participant that does not speak the protocol.
         let is_agent = kind == Some(ParticipantKind::Agent);
         let answer = |reply: &Reply, re: &str, out: &mut Outbox| {
-            if let Some(payload) = control::encode(reply, Some(re)) {
+            if let Some(payload) = control::encode(reply, Some(re), None) {
                 out.send(protocol::TOPIC_CONTROL, payload, &msg.from);
             }
         };
@@ -627,8 +666,11 @@ mod tests {
             starting_agent: Some("triage".into()),
             ..Policy::default()
         };
-        Coordinator::new(CoordinatorConfig { room: "r".into(), policy, api: None, echo: false }, now)
-            .expect("policy")
+        Coordinator::new(
+            CoordinatorConfig { room: "r".into(), policy, api: None, echo: false, trace_context: false },
+            now,
+        )
+        .expect("policy")
     }
 
     #[test]
@@ -768,7 +810,13 @@ mod tests {
         // Nothing listens on port 9; no call is made here, the results are handed in by hand.
         let api = ServerApi::new("ws://127.0.0.1:9", "k", "secret-secret-secret-secret-secret").expect("url");
         let policy = Policy::with_agents(["triage", "billing"]);
-        let cfg = CoordinatorConfig { room: "r".into(), policy, api: Some(Arc::new(api)), echo: false };
+        let cfg = CoordinatorConfig {
+            room: "r".into(),
+            policy,
+            api: Some(Arc::new(api)),
+            echo: false,
+            trace_context: false,
+        };
         Coordinator::new(cfg, now).expect("policy")
     }
 
@@ -873,5 +921,89 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.data.len(), before);
+    }
+    /// A warm handoff triage -> billing with no bundle, driven to its end; returns every control
+    /// message sent and the finished handoff's trace ids.
+    fn warm_handoff(trace_context: bool) -> (Vec<(String, Value)>, Option<TraceParent>) {
+        use proto::participant_info::Kind;
+        let t0 = Instant::now();
+        let policy = Policy::with_agents(["triage", "billing"]);
+        let cfg = CoordinatorConfig { room: "r".into(), policy, api: None, echo: false, trace_context };
+        let mut c = Coordinator::new(cfg, t0).expect("policy");
+        let (roster, _) = Roster::new(
+            "PA_baton",
+            &[
+                info("caller", Kind::Standard, None),
+                info("agent-1", Kind::Agent, Some("triage")),
+                info("agent-2", Kind::Agent, Some("billing")),
+            ],
+        );
+        let mut out = Outbox::default();
+        c.on_connected(&roster, t0, &mut out);
+        for (who, msg) in [
+            ("agent-1", r#"{"v":1,"type":"hello","id":"a-1","agent_name":"triage"}"#),
+            ("agent-2", r#"{"v":1,"type":"hello","id":"b-1","agent_name":"billing"}"#),
+            (
+                "agent-1",
+                r#"{"v":1,"type":"handoff","id":"a-2","target":"billing","reason":"bill","quiet":true}"#,
+            ),
+        ] {
+            c.on_data(&incoming(who, "baton.control", msg.as_bytes()), t0, &mut out);
+        }
+        let prepare = sent(&out).into_iter().find(|(_, m)| m["type"] == "prepare").expect("prepare");
+        let ready = format!(
+            r#"{{"v":1,"type":"ready","id":"b-2","handoff":"{}"}}"#,
+            prepare.1["handoff"].as_str().unwrap_or("")
+        );
+        c.on_data(&incoming("agent-2", "baton.control", ready.as_bytes()), t0, &mut out);
+        let mut finished = None;
+        for _ in 0..200 {
+            finished = out.events.iter().find_map(|e| match e {
+                crate::observe::Event::HandoffFinished(_, trace) => Some(*trace),
+                _ => None,
+            });
+            if finished.is_some() {
+                break;
+            }
+            let Some(at) = c.poll_timeout() else { break };
+            c.on_timeout(at, &mut out);
+        }
+        (sent(&out), finished.expect("the handoff finished"))
+    }
+
+    #[test]
+    fn a_handoffs_messages_carry_its_trace_ids_and_its_span_gets_them() {
+        let (msgs, trace) = warm_handoff(true);
+        let trace = trace.expect("trace ids for the finished handoff").to_string();
+        let shape = |t: &str| {
+            t.len() == baton_floor::TRACEPARENT_LEN
+                && t.starts_with("00-")
+                && t.ends_with("-01")
+                && t[3..35].chars().all(|c| c.is_ascii_hexdigit())
+        };
+        assert!(shape(&trace), "{trace}");
+        let of = |kind: &str| {
+            msgs.iter()
+                .filter(|(_, m)| m["type"] == kind)
+                .map(|(_, m)| m["traceparent"].clone())
+                .collect::<Vec<_>>()
+        };
+        // Every message about the handoff, to either agent, names the same trace; the start
+        // activate and the standby deactivate belong to no handoff and carry none.
+        for kind in ["handoff_accepted", "prepare", "release"] {
+            assert_eq!(of(kind), vec![Value::from(trace.clone())], "{kind}");
+        }
+        let activates = of("activate");
+        assert_eq!(activates, vec![Value::Null, Value::from(trace.clone())], "start, then the handoff's");
+        assert!(of("deactivate").contains(&Value::from(trace.clone())), "{:?}", of("deactivate"));
+        assert!(of("deactivate").contains(&Value::Null), "billing's standby");
+    }
+
+    #[test]
+    fn without_trace_export_no_message_carries_trace_ids() {
+        let (msgs, trace) = warm_handoff(false);
+        assert_eq!(trace, None);
+        assert!(msgs.iter().all(|(_, m)| m.get("traceparent").is_none()), "{msgs:?}");
+        assert!(msgs.iter().any(|(_, m)| m["type"] == "prepare"), "the handoff ran");
     }
 }

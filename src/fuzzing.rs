@@ -39,7 +39,7 @@ fn info(identity: &str, agent: Option<&str>, version: u32) -> proto::Participant
 pub fn coordinator_packets(data: &[u8]) -> usize {
     let t0 = Instant::now();
     let policy = baton_floor::Policy::with_agents(["triage", "billing"]);
-    let cfg = CoordinatorConfig { room: "fuzz".into(), policy, api: None, echo: true };
+    let cfg = CoordinatorConfig { room: "fuzz".into(), policy, api: None, echo: true, trace_context: true };
     let Ok(mut c) = Coordinator::new(cfg, t0) else { return 0 };
     let mut sent = 0;
     let people = [("agent-1", Some("triage")), ("agent-2", Some("billing")), ("caller", None)];

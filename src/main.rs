@@ -203,8 +203,13 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     let observer =
         start_observer(&args.observe, &args.server.api_key, &args.server.api_secret, Readiness::InRoom)
             .await?;
-    let cfg =
-        CoordinatorConfig { room: args.room.clone(), policy, api: Some(Arc::new(api)), echo: args.echo };
+    let cfg = CoordinatorConfig {
+        room: args.room.clone(),
+        policy,
+        api: Some(Arc::new(api)),
+        echo: args.echo,
+        trace_context: observer.exports_traces(),
+    };
     let coordinator = Box::new(Coordinator::new(cfg, std::time::Instant::now())?);
     let handler = Box::new(Observed::new(coordinator, observer.clone(), &args.room));
     let filler = FillerSound::configured(args.filler_clip.as_deref(), args.filler_gain_db, args.noise_dbfs)?;

@@ -72,15 +72,16 @@ fn encode_cases() {
         let text = case["text"].as_str().expect("text");
         let id = case["id"].as_str().expect("id").to_string();
         let re = case["re"].as_str().map(str::to_string);
+        let traceparent = case["traceparent"].as_str().map(str::to_string);
         match case["by"].as_str() {
             Some("baton") => {
                 by_baton += 1;
                 let message = case["message"].clone();
                 let bytes = match serde_json::from_value::<BatonMessage>(message.clone()) {
-                    Ok(m) => Envelope { v: 1, id, re, message: m }.encode(),
+                    Ok(m) => Envelope { v: 1, id, re, traceparent, message: m }.encode(),
                     Err(_) => {
                         let reply: Reply = serde_json::from_value(message).expect("a baton message or reply");
-                        Envelope { v: 1, id, re, message: reply }.encode()
+                        Envelope { v: 1, id, re, traceparent, message: reply }.encode()
                     }
                 };
                 assert_eq!(String::from_utf8(bytes.expect("encodes")).expect("UTF-8"), text, "{name}");
@@ -103,8 +104,8 @@ fn encode_cases() {
 
 #[test]
 fn encode_mints_fresh_ids_through_the_same_envelope() {
-    let a = control::encode(&Reply::Pong, Some("p-1")).expect("encodes");
-    let b = control::encode(&Reply::Pong, Some("p-1")).expect("encodes");
+    let a = control::encode(&Reply::Pong, Some("p-1"), None).expect("encodes");
+    let b = control::encode(&Reply::Pong, Some("p-1"), None).expect("encodes");
     assert_ne!(a, b, "each message gets its own id");
     let env: Envelope<Value> = serde_json::from_slice(&a).expect("an envelope");
     assert_eq!(env.message["type"], "pong");

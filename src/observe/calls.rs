@@ -62,7 +62,7 @@ impl CallLog {
             Event::RoomJoined => call.joined_unix_ms = call.joined_unix_ms.or(Some(time_unix_ms)),
             Event::RoomLeft => call.left_unix_ms = Some(time_unix_ms),
             Event::FloorGranted(f) => call.holder = Some(f.identity.clone()),
-            Event::HandoffFinished(_) => call.handoffs += 1,
+            Event::HandoffFinished(..) => call.handoffs += 1,
             _ => {}
         }
         if call.events.len() == EVENTS_PER_CALL {

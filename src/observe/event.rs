@@ -13,6 +13,8 @@ use baton_floor::{
 };
 use serde::Serialize;
 
+use super::trace::TraceParent;
+
 /// The event schema version, the `v` of every line. Adding a field or an event keeps it;
 /// renaming or removing one, or changing a meaning, bumps it (`docs/events.md`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -29,8 +31,9 @@ pub enum Event {
     /// A handoff reached a phase (one timeline mark).
     HandoffPhase(TimelineEvent),
     /// A handoff ended; its whole timeline. The fields are those of the timeline line baton
-    /// printed before the event stream had a schema.
-    HandoffFinished(Box<Timeline>),
+    /// printed before the event stream had a schema. The trace ids are those the handoff's
+    /// control messages carried (`traceparent`), when baton exports traces; not in the line.
+    HandoffFinished(Box<Timeline>, Option<TraceParent>),
     /// A handoff request was refused; nothing changed.
     HandoffRefused(HandoffRefused),
     /// A control message or bundle from someone not allowed to send it was ignored.
@@ -95,7 +98,7 @@ impl Event {
     pub fn from_command(cmd: &Command) -> Option<Event> {
         Some(match cmd {
             Command::Timeline(ev) => Event::HandoffPhase(ev.clone()),
-            Command::HandoffFinished(timeline) => Event::HandoffFinished(timeline.clone()),
+            Command::HandoffFinished(timeline) => Event::HandoffFinished(timeline.clone(), None),
             Command::Security(ev) => Event::SecurityRejected(ev.clone()),
             Command::Alert(alert) => Event::Alert(alert.clone()),
             Command::SessionEnded => Event::SessionEnded,
@@ -120,7 +123,7 @@ impl Event {
             Event::RoomLeft => "room_left",
             Event::FloorGranted(_) => "floor_granted",
             Event::HandoffPhase(_) => "handoff_phase",
-            Event::HandoffFinished(_) => "handoff_finished",
+            Event::HandoffFinished(..) => "handoff_finished",
             Event::HandoffRefused(_) => "handoff_refused",
             Event::SecurityRejected(_) => "security_rejected",
             Event::Alert(_) => "alert",
@@ -135,7 +138,7 @@ impl Event {
             Event::RoomJoined | Event::RoomLeft | Event::SessionEnded => self.line(&Empty {}, envelope),
             Event::FloorGranted(data) => self.line(data, envelope),
             Event::HandoffPhase(data) => self.line(data, envelope),
-            Event::HandoffFinished(data) => self.line(data.as_ref(), envelope),
+            Event::HandoffFinished(data, _) => self.line(data.as_ref(), envelope),
             Event::HandoffRefused(data) => self.line(data, envelope),
             Event::SecurityRejected(data) => self.line(data, envelope),
             Event::Alert(data) => self.line(data, envelope),
@@ -230,7 +233,7 @@ mod tests {
         t.mark(Phase::Requested, t0, None);
         t.mark(Phase::Completed, t0 + Duration::from_millis(900), None);
         t.outcome = Some(Outcome::Completed);
-        let line = Event::HandoffFinished(Box::new(t.clone())).to_json_line(envelope());
+        let line = Event::HandoffFinished(Box::new(t.clone()), None).to_json_line(envelope());
         assert!(line.starts_with(r#"{"handoff":"h-1","#), "{line}");
         let v = parse(&line);
         let old: Value = serde_json::from_str(&t.to_json_line()).expect("json");

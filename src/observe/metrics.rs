@@ -272,7 +272,7 @@ impl Metrics {
             Event::RoomLeft => {
                 self.rooms.dec();
             }
-            Event::HandoffFinished(t) => self.record_handoff(t),
+            Event::HandoffFinished(t, _) => self.record_handoff(t),
             Event::HandoffRefused(r) => {
                 self.refusals.get_or_create(&ReasonLabels { reason: r.reason.as_str().into() }).inc();
             }
@@ -412,7 +412,7 @@ mod tests {
         t.mark(Phase::FillerOff, at(3_400), Some("heard".into()));
         t.mark(Phase::TargetAudible, at(3_400), None);
         t.outcome = Some(Outcome::Completed);
-        m.record(&Event::HandoffFinished(Box::new(t)));
+        m.record(&Event::HandoffFinished(Box::new(t), None));
         let text = m.encode();
         assert_eq!(sample(&text, r#"baton_recoveries_total{agent="triage",outcome="completed"}"#), Some(1.0));
         assert_eq!(sample(&text, "baton_recovery_last_heartbeat_to_audible_seconds_sum"), Some(3.4));
@@ -434,7 +434,7 @@ mod tests {
         t.outcome = Some(Outcome::Completed);
         t.bundle_bytes = Some(5_000);
         m.record(&Event::RoomJoined);
-        m.record(&Event::HandoffFinished(Box::new(t)));
+        m.record(&Event::HandoffFinished(Box::new(t), None));
         m.record(&Event::HandoffRefused(HandoffRefused {
             from: "agent-a".into(),
             reason: baton_floor::RefuseReason::SameAgent,

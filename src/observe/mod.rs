@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use event::{Event, SCHEMA_VERSION};
+pub use trace::TraceParent;
 pub use webhook::WebhookConfig;
 
 use crate::room::{Change, Incoming, Outbox, RoomHandler, Roster};
@@ -139,8 +140,8 @@ impl Observer {
         if let Some(webhook) = &self.webhook {
             webhook.enqueue(&line);
         }
-        if let (Some(traces), Event::HandoffFinished(timeline)) = (&self.traces, event) {
-            traces.handoff(room, timeline, time);
+        if let (Some(traces), Event::HandoffFinished(timeline, parent)) = (&self.traces, event) {
+            traces.handoff(room, timeline, time, *parent);
         }
     }
 
@@ -157,6 +158,12 @@ impl Observer {
     /// The `/api/calls` document, with events for the `detailed` most recent calls.
     pub fn calls_json(&self, detailed: usize) -> String {
         self.call_log().to_json(unix_ms(SystemTime::now()), detailed)
+    }
+
+    /// Whether handoffs are exported as traces (then their control messages carry
+    /// `traceparent`: [`CoordinatorConfig::trace_context`](crate::coordinator::CoordinatorConfig)).
+    pub fn exports_traces(&self) -> bool {
+        self.traces.is_some()
     }
 
     /// The metrics.

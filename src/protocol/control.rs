@@ -160,10 +160,12 @@ pub fn next_id() -> String {
 }
 
 /// Encodes one message baton sends (a [`BatonMessage`](baton_floor::BatonMessage) or a
-/// [`Reply`]) under a fresh id, answering `re` if given. `None` only for a message that does not
-/// serialise to a JSON object, which none of baton's does; the caller then sends nothing.
-pub fn encode<M: Serialize>(message: &M, re: Option<&str>) -> Option<Vec<u8>> {
-    let envelope = Envelope { v: PROTOCOL_VERSION, id: next_id(), re: re.map(str::to_owned), message };
+/// [`Reply`]) under a fresh id, answering `re` if given, with the `traceparent` of the handoff
+/// it belongs to if given. `None` only for a message that does not serialise to a JSON object,
+/// which none of baton's does; the caller then sends nothing.
+pub fn encode<M: Serialize>(message: &M, re: Option<&str>, traceparent: Option<String>) -> Option<Vec<u8>> {
+    let envelope =
+        Envelope { v: PROTOCOL_VERSION, id: next_id(), re: re.map(str::to_owned), traceparent, message };
     match envelope.encode() {
         Ok(bytes) => Some(bytes),
         Err(e) => {
@@ -185,7 +187,7 @@ mod tests {
     fn ping_decodes_and_its_pong_names_it() {
         let ping = decode(br#"{"v":1,"type":"ping","id":"p-1"}"#).expect("ping");
         assert_eq!(ping.message, Inbound::Ping);
-        let v = json(&encode(&Reply::Pong, Some(&ping.id)).expect("encodes"));
+        let v = json(&encode(&Reply::Pong, Some(&ping.id), None).expect("encodes"));
         assert_eq!(v["type"], "pong");
         assert_eq!(v["re"], "p-1");
         assert_eq!(v["v"], 1);
@@ -212,7 +214,7 @@ mod tests {
             let err = decode(input).expect_err("version 2");
             assert_eq!(err, DecodeError::UnsupportedVersion { id: "p-3".into(), version: 2 });
         }
-        let v = json(&encode(&Reply::unsupported_version(2), Some("p-3")).expect("encodes"));
+        let v = json(&encode(&Reply::unsupported_version(2), Some("p-3"), None).expect("encodes"));
         assert_eq!(v["type"], "error");
         assert_eq!(v["code"], "unsupported_version");
         assert_eq!(v["re"], "p-3");

@@ -82,7 +82,7 @@ pub enum WorkerError {
 /// The per-room logic the worker runs in every room it is dispatched to.
 ///
 /// Kept in one place on purpose: this is where the floor arbiter will be built per room.
-pub fn room_handler(job: &JobStart, opts: &WorkerOptions) -> Box<dyn RoomHandler> {
+pub fn room_handler(job: &JobStart, opts: &WorkerOptions, trace_context: bool) -> Box<dyn RoomHandler> {
     let api = match ServerApi::new(&opts.url, &opts.api_key, &opts.api_secret) {
         Ok(api) => Some(Arc::new(api)),
         Err(e) => {
@@ -90,7 +90,13 @@ pub fn room_handler(job: &JobStart, opts: &WorkerOptions) -> Box<dyn RoomHandler
             None
         }
     };
-    let cfg = CoordinatorConfig { room: job.room.clone(), policy: opts.policy.clone(), api, echo: false };
+    let cfg = CoordinatorConfig {
+        room: job.room.clone(),
+        policy: opts.policy.clone(),
+        api,
+        echo: false,
+        trace_context,
+    };
     match Coordinator::new(cfg, StdInstant::now()) {
         Ok(c) => Box::new(c),
         Err(e) => {
@@ -385,7 +391,12 @@ impl Worker {
         let joined = self.events_tx.clone();
         let joined_id = job.job_id.clone();
         let handler = Box::new(
-            Observed::new(room_handler(&job, &self.opts), self.observer.clone(), &job.room).on_joined(
+            Observed::new(
+                room_handler(&job, &self.opts, self.observer.exports_traces()),
+                self.observer.clone(),
+                &job.room,
+            )
+            .on_joined(
                 // When baton is first in the room the job counts as running.
                 move || {
                     let _ = joined.send(RoomEvent::Joined { job_id: joined_id });

@@ -526,3 +526,79 @@ def test_handoff_trace_reaches_jaeger_with_a_span_per_phase(server: LiveKitServe
     filler_us = children["filler"]["duration"]
     assert abs(filler_us - (phases["filler_off"] - phases["filler_on"]) * 1000) <= 1000, filler_us
     assert abs(root[0]["duration"] - max(phases.values()) * 1000) <= 1000
+
+
+def test_the_agents_spans_land_under_batons_handoff_span(server: LiveKitServer) -> None:
+    """Two real livekit-agents sessions linked by the Python adapter (test_tool_calls' triage and
+    a warm billing) export their spans through livekit-agents' tracer; baton sends each
+    handoff's `traceparent`, so one trace in Jaeger holds baton's handoff and the agents' parts."""
+    import test_tool_calls as tc
+    from livekit.agents.telemetry import set_tracer_provider
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    room = f"o-{uuid.uuid4().hex[:8]}"
+    with jaeger() as (otlp, query):
+        provider = TracerProvider(resource=Resource.create({"service.name": f"agents-{room}"}))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{otlp}/v1/traces")))
+        set_tracer_provider(provider)
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp}", "OTEL_SERVICE_NAME": f"baton-{room}"}
+        baton = Baton(
+            ["join", "--room", room, "--config", config_file(tc.CONFIG)],
+            env={"LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET, **env},
+        )
+        try:
+            baton.wait_for("joined: data channel open", 15)
+
+            async def main() -> None:
+                a, b, *_ = await tc.scenario(server, room, ["transfer_to_billing"])
+                await tc.close(a, b)
+
+            run(main(), timeout=90)
+        finally:
+            set_tracer_provider(otel_trace.NoOpTracerProvider())
+            provider.force_flush(10_000)
+            provider.shutdown()
+            assert baton.stop() == 0, baton.text()
+        url = f"http://127.0.0.1:{query}/api/traces?service=baton-{room}&limit=20"
+        deadline = time.monotonic() + 20
+        spans: list[dict[str, Any]] = []
+        processes: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                traces = json.load(r).get("data") or []
+            if len(traces) == 1:
+                spans, processes = traces[0]["spans"], traces[0]["processes"]
+                if {"baton.agent.prepare", "baton.agent.quiet"} <= {s["operationName"] for s in spans}:
+                    break
+            time.sleep(0.5)
+    assert spans, "no trace of the handoff in Jaeger"
+    root = [s for s in spans if s["operationName"] == "baton.handoff"]
+    assert len(root) == 1, [s["operationName"] for s in spans]
+    service = {s["spanID"]: processes[s["processID"]]["serviceName"] for s in spans}
+    assert service[root[0]["spanID"]] == f"baton-{room}"
+
+    def under_root(name: str) -> list[dict[str, Any]]:
+        return [
+            s
+            for s in spans
+            if s["operationName"] == name
+            and any(ref["refType"] == "CHILD_OF" and ref["spanID"] == root[0]["spanID"] for ref in s["references"])
+        ]
+
+    prepare, quiet = under_root("baton.agent.prepare"), under_root("baton.agent.quiet")
+    assert len(prepare) == 1 and len(quiet) == 1, sorted(s["operationName"] for s in spans)
+    assert service[prepare[0]["spanID"]] == service[quiet[0]["spanID"]] == f"agents-{room}"
+    tags = {t["key"]: t["value"] for t in prepare[0]["tags"]}
+    assert (tags["baton.agent.name"], tags["baton.handoff.source"]) == ("billing", "triage")
+    assert {t["key"]: t["value"] for t in quiet[0]["tags"]}["baton.agent.name"] == "triage"
+    # billing's activate span too: it ends at its first speech or, in these audio-less sessions,
+    # when the adapter closes
+    assert len(under_root("baton.agent.activate")) == 1
+    # the agents' parts lie within baton's handoff (1 ms of clock rounding)
+    start, end = root[0]["startTime"], root[0]["startTime"] + root[0]["duration"]
+    for s in prepare + quiet:
+        assert start - 1000 <= s["startTime"] <= end + 1000, (s["operationName"], s["startTime"] - start)

@@ -57,6 +57,7 @@ from .floor import (
 )
 from .job_watch import remove_crashed_jobs
 from .journal import Release, Rerun, ToolCall, ToolJournal, in_flight_output, released_output
+from .spans import HandoffSpans
 from .transfer import receive_bundle, send_bundle, transport_for
 
 if TYPE_CHECKING:
@@ -944,6 +945,8 @@ class BatonLink:
             listener=self._on_floor_event,
             heartbeat_ms=heartbeat_ms,
         )
+        self.spans = HandoffSpans(agent_name)
+        """This agent's spans of each handoff, under baton's (see :mod:`lk_baton.spans`)."""
         self.heartbeat = HeartbeatSender(heartbeat_ms) if heartbeat_ms else None
         """The heartbeat to baton (None: not sent, and ``hello`` does not announce it)."""
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -1076,6 +1079,7 @@ class BatonLink:
 
     async def aclose(self) -> None:
         self._closed = True
+        self.spans.end_all(error="adapter closed")
         room_events: list[tuple[EventTypes, Callable[..., None]]] = [
             ("data_received", self._on_data),
             ("reconnected", self._on_reconnected),
@@ -1196,6 +1200,8 @@ class BatonLink:
     def _on_agent_state(self, ev: AgentStateChangedEvent) -> None:
         if ev.new_state != "initializing":
             self._session_running.set()
+        if ev.new_state == "speaking":
+            self.spans.end("activate")  # the first speech after the activation
         self.floor.speaking_changed(ev.new_state == "speaking")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -1210,6 +1216,7 @@ class BatonLink:
 
     def _on_floor_event(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
         self.events.append((time.time(), kind, msg))
+        self._trace_floor_event(kind, msg)
         if kind in ("activated", "deactivated", "prepare"):
             self._answered.set()
         if kind == "bundle_unavailable":
@@ -1237,6 +1244,23 @@ class BatonLink:
         }.get(kind)
         if hook is not None:
             self._spawn(self._run_hook(hook, msg, after_start=kind == "activated"))
+
+    def _trace_floor_event(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
+        handoff = msg.get("handoff") if isinstance(msg.get("handoff"), str) else None
+        if kind == "prepare":
+            self.spans.start("prepare", msg)
+        elif kind == "deactivated":
+            self.spans.end("activate", error="deactivated before speaking")
+            if msg.get("reason") == "handoff":
+                self.spans.start("quiet", msg)
+        elif kind == "quiet" and handoff is not None:
+            self.spans.end("quiet", handoff)
+        elif kind == "activated":
+            self.spans.end("prepare", handoff)
+            self.spans.start("activate", msg)
+        elif kind in ("handoff_cancelled", "release") and handoff is not None:
+            self.spans.end("prepare", handoff, error=str(msg.get("reason") or kind))
+            self.spans.end("quiet", handoff)
 
     async def _run_hook(self, hook: EventHook, msg: dict[str, Any], *, after_start: bool) -> None:
         if after_start:
@@ -1644,6 +1668,13 @@ class BatonLink:
             user_state_deserializer=user_state_deserializer,
         )
         self.journal.inherit(received.tool_calls_in_flight, received.from_agent)
+        self.spans.event(
+            "prepare",
+            hid,
+            "bundle_received",
+            bytes=len(payload),
+            items=len(received.chat_ctx.items),
+        )
         return received
 
     async def ready(self, handoff_id: str | None = None) -> None:
@@ -1654,6 +1685,7 @@ class BatonLink:
                 raise BatonError("ready() without a handoff: baton has not sent prepare")
             hid = str(self.floor.prepare.get("handoff"))
         self.floor.ready(hid)
+        self.spans.end("prepare", hid)
 
     async def wait_active(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait until baton activates this agent; returns the ``activate``."""

@@ -59,6 +59,8 @@ def test_encode(case: dict[str, Any]) -> None:
     envelope: dict[str, Any] = {"v": 1, "type": message.pop("type"), "id": case["id"]}
     if case["re"] is not None:
         envelope["re"] = case["re"]
+    if case.get("traceparent") is not None:
+        envelope["traceparent"] = case["traceparent"]
     envelope |= message
     text = case["text"].encode("utf-8")
     if case["by"] == "agent":

@@ -236,14 +236,38 @@ impl BatonMessage {
     /// The size in bytes of this message as one `baton.control` envelope
     /// (`{"v":1,"type":...,"id":...,"re":...,<members>}`, compact JSON, non-ASCII as UTF-8), with
     /// the longest `id` the protocol allows ([`MAX_MESSAGE_ID`]), so an upper bound of what
-    /// the shell sends whatever id it mints. The arbiter never emits a message for which this is
+    /// the shell sends whatever id it mints, and with a `traceparent` (which the shell adds to
+    /// a handoff's messages while it exports traces). The arbiter never emits a message for which this is
     /// over [`MAX_CONTROL_MESSAGE`]: it refuses a `handoff` whose `prepare` would be
     /// ([`RefuseReason::ReasonTooLong`]), cuts a forwarded `tool_result`'s `output`, and keeps
     /// configured agent names short ([`MAX_AGENT_NAME`](crate::policy::MAX_AGENT_NAME)).
     pub fn envelope_len(&self, re: Option<&str>) -> usize {
         let id = "i".repeat(MAX_MESSAGE_ID);
-        let envelope = Envelope { v: PROTOCOL_VERSION, id, re: re.map(str::to_owned), message: self };
+        let envelope = Envelope {
+            v: PROTOCOL_VERSION,
+            id,
+            re: re.map(str::to_owned),
+            traceparent: Some("0".repeat(crate::envelope::TRACEPARENT_LEN)),
+            message: self,
+        };
         envelope.encode().map_or(usize::MAX, |bytes| bytes.len())
+    }
+
+    /// The handoff (or recovery) this message is about, if any.
+    pub fn handoff(&self) -> Option<&str> {
+        match self {
+            BatonMessage::Activate { handoff, .. } | BatonMessage::Deactivate { handoff, .. } => {
+                handoff.as_deref()
+            }
+            BatonMessage::HandoffAccepted { handoff, .. }
+            | BatonMessage::Prepare { handoff, .. }
+            | BatonMessage::BundleUnavailable { handoff }
+            | BatonMessage::HandoffCancelled { handoff, .. }
+            | BatonMessage::HandoffFailed { handoff, .. }
+            | BatonMessage::Release { handoff, .. }
+            | BatonMessage::ToolResult { handoff, .. } => Some(handoff),
+            BatonMessage::HandoffRefused { .. } => None,
+        }
     }
 
     /// The envelope `type` of this message.

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this crate speaks (the envelope's `v`).
 pub const PROTOCOL_VERSION: u64 = 1;
 
+/// The length of a version-00 `traceparent` value (W3C Trace Context, section 3.2:
+/// `00-` + 32 hex digits + `-` + 16 hex digits + `-` + 2 hex digits).
+pub const TRACEPARENT_LEN: usize = 55;
+
 /// One control message as it travels, e.g. `{"v":1,"id":"b-7","re":"a-3","type":"activate",...}`.
 ///
 /// `M` is a message enum tagged by `type` ([`BatonMessage`](crate::BatonMessage) out,
@@ -23,6 +27,12 @@ pub struct Envelope<M> {
     /// The `id` of the message this one answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub re: Option<String>,
+    /// The W3C Trace Context `traceparent` of the handoff or recovery this message belongs to
+    /// (`00-<32 hex trace id>-<16 hex span id>-01`, [`TRACEPARENT_LEN`] bytes), so an adapter
+    /// can put its own spans under baton's. baton sets it only while it exports traces; it
+    /// ignores the member on what it receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// The message, with its `type`.
     #[serde(flatten)]
     pub message: M,

@@ -46,7 +46,7 @@ pub use command::{
     ActivateCause, Alert, BatonMessage, Command, DeactivateReason, FailReason, FillerCommand,
     MAX_CONTROL_MESSAGE, MAX_MESSAGE_ID, RefuseReason, SecurityEvent, SecurityReason,
 };
-pub use envelope::{Envelope, PROTOCOL_VERSION};
+pub use envelope::{Envelope, PROTOCOL_VERSION, TRACEPARENT_LEN};
 pub use event::{
     AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind, ToolCallStatus,
 };
