@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_floor::{Policy, ReleasePolicy, Retry};
+use baton_floor::{Policy, ReleasePolicy, Retry, Standby, StandbyFrom};
 use serde::Deserialize;
 
 use crate::worker::{StateConfig, WorkerOptions};
@@ -176,6 +176,11 @@ pub struct AgentEntry {
     pub start: bool,
     /// Agents to try, in order, when this one cannot take the call.
     pub alternate: Option<OneOrMany>,
+    /// Idle instances kept in the room as muted standbys ([`baton_floor::Standby`]).
+    #[serde(default)]
+    pub standby: u32,
+    /// From when they are kept: `start` (default) or `hint`.
+    pub standby_from: Option<baton_floor::StandbyFrom>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,6 +236,8 @@ pub struct HandoffSection {
     pub handoff_dispatch: Option<RetrySection>,
     pub release: Option<Release>,
     pub release_grace: Option<Secs>,
+    pub hint_timeout: Option<Secs>,
+    pub hint_interval: Option<Secs>,
 }
 
 /// `[recovery]`: crash detection and replacement; names are those of [`baton_floor::Policy`].
@@ -381,6 +388,17 @@ impl FileConfig {
             recovery_attempts: r.recovery_attempts.unwrap_or(d.recovery_attempts),
             recovery_timeout: dur(r.recovery_timeout, d.recovery_timeout),
             recovery_greeting: r.recovery_greeting.unwrap_or(d.recovery_greeting),
+            standby: self
+                .agents
+                .iter()
+                .filter(|a| a.standby > 0 || a.standby_from == Some(StandbyFrom::Hint))
+                .map(|a| {
+                    let from = a.standby_from.unwrap_or_default();
+                    (a.name.get_ref().clone(), Standby { count: a.standby, from })
+                })
+                .collect(),
+            hint_timeout: dur(h.hint_timeout, d.hint_timeout),
+            hint_interval: dur(h.hint_interval, d.hint_interval),
         };
         policy.validate()?;
         Ok(policy)
@@ -556,6 +574,34 @@ mod tests {
     }
 
     #[test]
+    fn standbys_and_hints_reach_the_policy() {
+        let text = r#"
+[[agents]]
+name = "triage"
+start = true
+[[agents]]
+name = "billing"
+standby = 1
+[[agents]]
+name = "support"
+standby = 2
+standby_from = "hint"
+[handoff]
+hint_timeout = "12s"
+"#;
+        let policy = parse(p(), text).expect("parse").to_policy().expect("policy");
+        assert_eq!(policy.standby.get("billing"), Some(&Standby { count: 1, from: StandbyFrom::Start }));
+        assert_eq!(policy.standby.get("support"), Some(&Standby { count: 2, from: StandbyFrom::Hint }));
+        assert_eq!(policy.standby.get("triage"), None);
+        assert_eq!(policy.hint_timeout, Duration::from_secs(12));
+        assert_eq!(policy.hint_interval, Policy::default().hint_interval);
+        let bad = text.replace("\"hint\"", "\"later\"");
+        assert!(parse(p(), &bad).is_err(), "unknown standby_from accepted");
+        let many = text.replace("standby = 2", "standby = 9");
+        assert!(parse(p(), &many).expect("parse").to_policy().is_err(), "standby beyond the limit accepted");
+    }
+
+    #[test]
     fn policy_values_and_alternates_map() {
         let text = r#"
 [[agents]]
@@ -580,6 +626,7 @@ attempts = 5
         assert_eq!(policy.start_dispatch.attempts, 5);
         assert_eq!(policy.start_dispatch.backoff_max, Policy::default().start_dispatch.backoff_max);
         assert_eq!(policy.alternates.get("billing"), Some(&vec!["billing-backup".to_string()]));
+        assert!(policy.standby.is_empty(), "no standby unless asked for");
         let zero = parse(p(), "[handoff]\nready_timeout = 0\n").expect("parse").to_policy();
         assert!(zero.is_err());
     }

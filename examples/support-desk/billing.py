@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from livekit.agents import Agent, AgentSession, JobContext, RunContext, function_tool, llm
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from desk import (
     Caller,
     Step,
+    item_summary,
     make_llm,
     make_tts,
     run_worker,
@@ -30,7 +32,7 @@ from desk import (
     tool_output,
     user_messages,
 )
-from lk_baton import RECOVERY_GREETING, BatonLink, seed_agent
+from lk_baton import RECOVERY_GREETING, BatonLink, chat_item_dict, default_on_prepare, seed_agent
 
 AGENT_NAME = "billing"
 
@@ -124,10 +126,27 @@ class BillingAgent(Agent):
         return json.dumps({"refunded": amount, "month": month, "account": ctx.userdata.account_id})
 
 
+REPORT_ITEMS = os.environ.get("DESK_REPORT_CHECKPOINTS") == "1"
+"""Print the items a billing prepared on standby holds (``item_summary``), so a test can compare
+them with the bundle triage sent (tests/e2e/test_standby.py)."""
+
+
+async def prepared_on_standby(link: BatonLink, msg: dict[str, Any]) -> None:
+    """A standby billing chosen as the target (a warm handoff): the adapter's default (bundle,
+    seed into the running agent, ready), then, if asked, the report of what it holds."""
+    running = link.session.agent_state != "initializing"  # else the entrypoint prepares itself
+    await default_on_prepare(link, msg)
+    if running:
+        say(AGENT_NAME, f"prepared on standby room={link.room.name} identity={link.room.local_participant.identity}")
+        if REPORT_ITEMS:
+            items = [item_summary(chat_item_dict(i)) for i in link.session.current_agent.chat_ctx.items]
+            say(AGENT_NAME, f"standby items={json.dumps(items)}")
+
+
 async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     session: AgentSession[Caller] = AgentSession(llm=make_llm(billing_script), tts=make_tts("en-gb"), userdata=Caller())
-    baton = await BatonLink.attach(ctx, session, role="billing")
+    baton = await BatonLink.attach(ctx, session, role="billing", on_prepare=prepared_on_standby)
     agent = BillingAgent()
     if not baton.preparing and dispatched_for_handoff(ctx.job.metadata):
         # baton dispatched us for a handoff but its prepare is not here yet: wait for it
@@ -158,7 +177,7 @@ async def entrypoint(ctx: JobContext) -> None:
         )
         await asyncio.sleep(READY_DELAY)
         await baton.ready()
-    say(AGENT_NAME, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity}")
+    say(AGENT_NAME, f"joined room={ctx.room.name} identity={ctx.room.local_participant.identity} pid={os.getpid()}")
 
 
 if __name__ == "__main__":

@@ -259,6 +259,18 @@ def say(agent: str, line: str) -> None:
 MAX_JOBS = int(os.environ.get("DESK_MAX_JOBS", "10"))
 
 
+def item_summary(item: dict[str, Any]) -> list[str]:
+    """A chat item (as a bundle holds it: ``lk_baton.chat_item_dict``) in one comparable line:
+    ``[id, type, role or tool name, text]``. Printed by triage at a handoff and by billing once
+    seeded, so a test can check billing holds what triage sent."""
+    content = item.get("content")
+    if isinstance(content, list):
+        text = " ".join(c for c in content if isinstance(c, str))
+    else:
+        text = str(item.get("output") or item.get("arguments") or "")
+    return [str(item.get("id")), str(item.get("type")), str(item.get("role") or item.get("name") or ""), text]
+
+
 def job_load(server: AgentServer) -> float:
     """The worker's load as the share of ``DESK_MAX_JOBS`` it runs (default 10).
 

@@ -24,6 +24,7 @@ from desk import (
     ACCOUNT_RE,
     Caller,
     Step,
+    item_summary,
     make_llm,
     make_tts,
     run_worker,
@@ -97,6 +98,28 @@ def triage_script(ctx: llm.ChatContext) -> Step:
             [("transfer_to_billing", {"reason": reason})],
         )
     return ("I see your account. What is the problem?", [])
+
+
+HINT = os.environ.get("DESK_HINT", "") == "1"
+"""``DESK_HINT=1``: hint baton about billing as soon as the caller's words are about a bill
+(:func:`hint_billing_on_words`), so billing is in the room, warm, when the transfer comes."""
+
+
+def hint_billing_on_words(baton: BatonLink, session: AgentSession[Caller]) -> None:
+    """A rule on the caller's words: a user turn about a bill, a charge or a refund makes a
+    handoff to billing likely, so tell baton now (``BatonLink.hint``), while the model still
+    looks the account up and talks. baton refuses a repeat within its ``hint_interval``, and a
+    hint from an agent not holding the floor, so this needs no bookkeeping of its own."""
+
+    def on_item(ev: Any) -> None:
+        item = ev.item
+        if item.type != "message" or item.role != "user" or not baton.floor.active:
+            return
+        if any(w in (item.text_content or "").lower() for w in BILLING_WORDS):
+            baton.hint("billing")
+            say(AGENT_NAME, f"hinted billing room={baton.room.name}")
+
+    session.on("conversation_item_added", on_item)
 
 
 def technician_step(ctx: llm.ChatContext, last_said: str, account: dict[str, Any]) -> Step | None:
@@ -197,6 +220,9 @@ class TriageAgent(Agent):
         except HandoffRefused as e:
             return f"The transfer to billing failed ({e.reason}); tell the caller and keep helping."
         say(AGENT_NAME, f"handoff accepted id={ticket.handoff_id} bundle_bytes={ticket.bundle_bytes}")
+        if REPORT_CHECKPOINTS:
+            items = [item_summary(i) for i in ticket.bundle["chat"]["items"]]
+            say(AGENT_NAME, f"handoff items={json.dumps(items)}")
         return None  # no reply: baton's filler covers the gap until billing speaks
 
 
@@ -237,6 +263,8 @@ async def entrypoint(ctx: JobContext) -> None:
         report_recovered(agent)
     if REPORT_CHECKPOINTS:
         baton.on_checkpoint_acked = report_checkpoint
+    if HINT:
+        hint_billing_on_words(baton, session)
     session.on(
         "conversation_item_added",
         lambda ev: (

@@ -1677,6 +1677,15 @@ class BatonLink:
         )
         return received
 
+    def hint(self, target: str) -> None:
+        """Tell baton a handoff to ``target`` (an agent name) is likely soon: baton dispatches
+        it now as a muted standby, so the handoff, if it comes within baton's ``hint_timeout``,
+        is a switch instead of a cold start; without one, baton removes it. Call it when the
+        model first considers a transfer (e.g. from the transfer tool's first mention, or a rule
+        on the caller's words). Cheap and never answered; a hint baton refuses (not the floor
+        holder, unknown target, too soon after the last one) is only logged by baton."""
+        self.floor.hint(target)
+
     async def ready(self, handoff_id: str | None = None) -> None:
         """Tell baton we are ready to take the floor (send after ``session.start``)."""
         hid = handoff_id

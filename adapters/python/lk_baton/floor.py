@@ -559,6 +559,13 @@ class FloorClient:
         """Tell baton this target has loaded the context and started its pipeline."""
         return self._send("ready", handoff=handoff)
 
+    def hint(self, target: str) -> dict[str, Any]:
+        """Tell baton a handoff to ``target`` is likely soon, so it brings an instance of it
+        into the room as a muted standby (docs/protocol.md, ``hint``). Never answered; baton
+        ignores it (and logs why) unless this agent holds the floor, ``target`` is another
+        configured agent, and the previous hint is ``hint_interval`` old."""
+        return self._send("hint", target=target)
+
     def tool_result(
         self,
         handoff: str,

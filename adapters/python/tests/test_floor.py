@@ -138,6 +138,19 @@ def test_target_prepare_ready_activate() -> None:
     assert [k for k, _ in ev] == ["prepare", "activated"]
 
 
+def test_hint_is_one_unanswered_message_naming_the_target() -> None:
+    f, s, _, _ = floor()
+    f.handle(b("activate", cause="start"))
+    msg = f.hint("billing")
+    assert s.sent[-1] == msg
+    assert {k: v for k, v in msg.items() if k != "id"} == {
+        "v": 1,
+        "type": "hint",
+        "target": "billing",
+    }
+    assert f.resend_requests() == [], "a hint is not a request: nothing waits for an answer"
+
+
 def test_cancel_failure_release_and_junk() -> None:
     f, _s, e, ev = floor()
     f.handle(b("prepare", handoff="h-1", source="triage", reason="r", bundle=False))

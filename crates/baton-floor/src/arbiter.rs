@@ -15,7 +15,7 @@ use crate::command::{
 };
 use crate::dispatch::{Dispatcher, GaveUp, Purpose};
 use crate::event::{AgentMessage, Event, Participant, ParticipantKind, ToolCallStatus};
-use crate::policy::{Policy, PolicyError, ReleasePolicy};
+use crate::policy::{Policy, PolicyError, ReleasePolicy, StandbyFrom};
 use crate::timeline::{Kind, Outcome, Phase, Timeline};
 
 #[derive(Debug, Clone)]
@@ -240,6 +240,10 @@ enum Due {
     TargetCrashed,
     /// A recovery reached `max_filler`.
     RecoveryLimit,
+    /// The hint for this agent name ran out (`hint_timeout`).
+    HintExpired(String),
+    /// This idle standby's heartbeat gap reached `crash_confirm_after`.
+    StandbyCrashed(String),
     /// Time to read a suspected agent's job status again.
     CheckJob,
 }
@@ -289,8 +293,23 @@ pub struct Arbiter {
     /// that name that joins later (a job restarted by LiveKit Cloud, a late worker) is given
     /// the call with the last checkpoint.
     vacated_by: Option<String>,
+    /// Standbys baton dispatched (for `standby` or a hint), identity -> agent name: the only
+    /// idle agents baton removes when they are no longer wanted.
+    standbys: BTreeMap<String, String>,
+    /// Standby dispatches so far per agent name, bounded by [`STANDBY_DISPATCHES_PER_SLOT`].
+    standby_dispatches: BTreeMap<String, u32>,
+    next_standby: u64,
+    /// Open hints: agent name -> when the hint runs out (`hint_timeout`).
+    hints: BTreeMap<String, Instant>,
+    /// When each sender's last hint was accepted (`hint_interval`).
+    last_hint: BTreeMap<String, Instant>,
     out: VecDeque<Command>,
 }
+
+/// How often one standby place of an agent (its `standby` count, or 1 for a hint) may be
+/// dispatched in one call: a standby that crashes is replaced, one that keeps crashing (a broken
+/// worker) is not replaced forever.
+const STANDBY_DISPATCHES_PER_SLOT: u32 = 3;
 
 /// How many accepted handoff requests the arbiter remembers for answering a repeat: a room has
 /// a handful of handoffs, and a resend follows its original within seconds.
@@ -376,6 +395,11 @@ impl Arbiter {
             crashed: BTreeSet::new(),
             next_recovery: 1,
             vacated_by: None,
+            standbys: BTreeMap::new(),
+            standby_dispatches: BTreeMap::new(),
+            next_standby: 1,
+            hints: BTreeMap::new(),
+            last_hint: BTreeMap::new(),
             out: VecDeque::new(),
         })
     }
@@ -547,6 +571,14 @@ impl Arbiter {
         for (who, at) in &self.releases {
             d.push((*at, Due::Release(who.clone())));
         }
+        for (name, at) in &self.hints {
+            d.push((*at, Due::HintExpired(name.clone())));
+        }
+        for identity in self.standbys.keys().filter(|i| self.is_idle(i)) {
+            if let Some((_, last)) = self.peers.get(identity).and_then(|p| p.heartbeat) {
+                d.push((last + self.policy.crash_confirm_after, Due::StandbyCrashed(identity.clone())));
+            }
+        }
         d
     }
 
@@ -605,6 +637,10 @@ impl Arbiter {
             Due::Confirm => self.confirm_crash("silence", now),
             Due::TargetCrashed => self.target_crashed("heartbeat", now),
             Due::RecoveryLimit => self.abandon(FailReason::FillerLimit, now),
+            Due::HintExpired(name) => {
+                self.hints.remove(&name);
+            }
+            Due::StandbyCrashed(identity) => self.standby_crashed(&identity),
             Due::CheckJob => {
                 let Some(h) = &mut self.handoff else { return };
                 let Some(r) = &mut h.recovery else { return };
@@ -622,6 +658,7 @@ impl Arbiter {
         }
         self.activate_holder_if_reachable(now);
         self.progress(now);
+        self.keep_standbys(now);
         self.enforce_mutes();
         if self.handoff.is_none() && !self.filler.on {
             self.disarm_filler();
@@ -671,6 +708,7 @@ impl Arbiter {
                 && p.info.agent_name.as_deref() == Some(name)
                 && !except.contains(&p.info.identity)
                 && !self.crashed.contains(&p.info.identity)
+                && !self.releases.contains_key(&p.info.identity)
         });
         // Prefer one whose adapter already said hello: it can be prepared right away.
         let all: Vec<&Peer> = candidates.by_ref().collect();
@@ -710,6 +748,9 @@ impl Arbiter {
         }
         let purpose = self.dispatcher.joined(&p);
         let name = p.agent_name.clone().unwrap_or_default();
+        if matches!(purpose, Some(Purpose::Standby(_))) {
+            self.standbys.insert(identity.clone(), name.clone());
+        }
         if let Some(h) = &self.handoff {
             // A confirmed recovery takes any agent of the name it needs, whoever dispatched it
             // (LiveKit Cloud restarting the failed job, a spare worker's job).
@@ -718,7 +759,7 @@ impl Arbiter {
                 || match &purpose {
                     Some(Purpose::Handoff(id)) => id == &h.id,
                     Some(Purpose::Start) => false,
-                    None => !h.target.dispatching,
+                    Some(Purpose::Standby(_)) | None => !h.target.dispatching,
                 };
             if for_this
                 && h.target.identity.is_none()
@@ -730,7 +771,8 @@ impl Arbiter {
                 if let Some(h) = self.handoff.as_mut().filter(|_| from_dispatch) {
                     h.target.dispatch_id = p.dispatch_id.clone();
                 }
-                self.attach_target(identity, false, now);
+                let standby = matches!(purpose, Some(Purpose::Standby(_)));
+                self.attach_target(identity, standby, now);
                 return;
             }
         }
@@ -756,6 +798,7 @@ impl Arbiter {
             return;
         };
         self.releases.remove(identity);
+        self.standbys.remove(identity);
         if peer.info.kind.is_caller() {
             let callers_left = self.peers.values().any(|p| p.info.kind.is_caller());
             if self.callers_seen && !callers_left {
@@ -999,6 +1042,7 @@ impl Arbiter {
             AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet } => {
                 self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, quiet, now)
             }
+            AgentMessage::Hint { target } => self.on_hint(&from, target, now),
             AgentMessage::Ready { handoff } => {
                 let Some(h) = &mut self.handoff else {
                     return self.ignored(&from, ty, "no handoff under way");
@@ -1157,6 +1201,9 @@ impl Arbiter {
             return;
         }
         self.stop_waiting("next_handoff", now);
+        // The hint came true: the instance it brought in is the target now (or failed), and is
+        // not kept beyond what `standby` asks for.
+        self.hints.remove(&target);
         let id = format!("h-{}", self.next_handoff);
         self.next_handoff += 1;
         let mut timeline = Timeline::new(&id, &source_name, &target, &reason, now);
@@ -1247,6 +1294,143 @@ impl Arbiter {
             self.source_quiet("quiet", now);
         }
         self.acquire_target(now);
+    }
+
+    // ---- standbys and hints -------------------------------------------------------------------
+
+    /// The floor holder's `hint`: keep an instance of `target` in the room for `hint_timeout`.
+    /// Refused (logged, never answered) unless the sender holds the floor with no handoff under
+    /// way, `target` is another configured agent, and its previous hint is `hint_interval` old.
+    fn on_hint(&mut self, from: &str, target: String, now: Instant) {
+        let own = self.peers.get(from).and_then(|p| p.info.agent_name.as_deref());
+        let why = if self.handoff.is_some() {
+            Some("a handoff is under way")
+        } else if !self.holder.as_ref().is_some_and(|h| h.identity == from && h.activated) {
+            Some("not the floor holder")
+        } else if !self.policy.agents.contains(&target) {
+            Some("target is not a configured agent")
+        } else if own == Some(target.as_str()) {
+            Some("target is the sender's own agent name")
+        } else if self.last_hint.get(from).is_some_and(|at| now < *at + self.policy.hint_interval) {
+            Some("rate limited: hint_interval since the previous hint")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return self.ignored(from, "hint", why);
+        }
+        self.last_hint.insert(from.to_owned(), now);
+        self.hints.insert(target, now + self.policy.hint_timeout);
+    }
+
+    /// Whether `identity` is a configured agent in the room with no part in the call: not
+    /// holding the floor, not a handoff's source or target, not released, not crashed. Only
+    /// such agents are standbys.
+    fn is_idle(&self, identity: &str) -> bool {
+        let Some(p) = self.peers.get(identity) else { return false };
+        let busy = self.holder.as_ref().is_some_and(|h| h.identity == identity)
+            || self
+                .handoff
+                .as_ref()
+                .is_some_and(|h| h.source == identity || h.target.identity.as_deref() == Some(identity));
+        self.is_managed(&p.info)
+            && !busy
+            && !self.releases.contains_key(identity)
+            && !self.crashed.contains(identity)
+    }
+
+    /// How many idle instances of `name` the call wants now: its `standby` count (from the
+    /// start, or while a hint for it is open), at least one while a hint is open, none while an
+    /// agent of that name holds the floor.
+    fn standbys_wanted(&self, name: &str) -> usize {
+        let holder = self.holder.as_ref().and_then(|h| self.peers.get(&h.identity));
+        if holder.is_some_and(|p| p.info.agent_name.as_deref() == Some(name)) {
+            return 0;
+        }
+        let spec = self.policy.standby.get(name);
+        let from_start = spec.filter(|s| s.from == StandbyFrom::Start).map_or(0, |s| s.count);
+        let hinted = if self.hints.contains_key(name) { spec.map_or(1, |s| s.count.max(1)) } else { 0 };
+        from_start.max(hinted) as usize
+    }
+
+    /// Brings the idle instances of every agent with standbys (or an open hint) to what the
+    /// call wants: dispatches the missing ones (not while a handoff is under way: the switch
+    /// must not share the host with a cold start), removes the ones baton dispatched that are
+    /// no longer wanted (a hint that ran out), those it did not dispatch are left alone.
+    fn keep_standbys(&mut self, now: Instant) {
+        if !self.room_joined || self.ended {
+            return;
+        }
+        // Also the names of standbys whose hint ran out: they may have to go.
+        let names: BTreeSet<String> = self
+            .policy
+            .standby
+            .keys()
+            .chain(self.hints.keys())
+            .chain(self.standbys.values())
+            .cloned()
+            .collect();
+        for name in names {
+            let want = self.standbys_wanted(&name);
+            let mut idle: Vec<(bool, String)> = self
+                .peers
+                .values()
+                .filter(|p| {
+                    p.info.agent_name.as_deref() == Some(name.as_str()) && self.is_idle(&p.info.identity)
+                })
+                .map(|p| (p.reachable, p.info.identity.clone()))
+                .collect();
+            let have = idle.len() + self.dispatcher.standbys_in_flight(&name);
+            if self.handoff.is_none() {
+                for _ in have..want {
+                    self.dispatch_standby(&name, now);
+                }
+            }
+            if idle.len() > want {
+                // Those that cannot be prepared yet go first.
+                idle.sort();
+                let surplus = idle.len() - want;
+                let removable: Vec<String> = idle
+                    .into_iter()
+                    .map(|(_, identity)| identity)
+                    .filter(|identity| self.standbys.contains_key(identity))
+                    .take(surplus)
+                    .collect();
+                for identity in removable {
+                    self.remove_standby(identity, now);
+                }
+            }
+        }
+    }
+
+    /// Dispatches one standby of `name`, unless its dispatches in this call are used up.
+    fn dispatch_standby(&mut self, name: &str, now: Instant) {
+        let slots = self.policy.standby.get(name).map_or(1, |s| s.count.max(1));
+        let used = self.standby_dispatches.entry(name.to_owned()).or_default();
+        if *used >= slots * STANDBY_DISPATCHES_PER_SLOT {
+            return;
+        }
+        *used += 1;
+        let purpose = Purpose::Standby(self.next_standby);
+        self.next_standby += 1;
+        let meta = serde_json::json!({"baton": {"purpose": "standby"}}).to_string();
+        self.dispatcher.request(name, purpose, self.policy.handoff_dispatch, meta, now, &mut self.out);
+    }
+
+    /// Removes a standby baton dispatched; until it has left it counts as released (no role,
+    /// not chosen as a target), and it is removed again after `release_grace` if it lingers.
+    fn remove_standby(&mut self, identity: String, now: Instant) {
+        self.standbys.remove(&identity);
+        self.releases.insert(identity.clone(), now + self.policy.release_grace);
+        self.out.push_back(Command::RemoveParticipant { identity });
+    }
+
+    /// An idle standby went silent for `crash_confirm_after`: it is crashed (never given a
+    /// role) and removed; [`keep_standbys`](Self::keep_standbys) dispatches another.
+    fn standby_crashed(&mut self, identity: &str) {
+        self.standbys.remove(identity);
+        self.crashed.insert(identity.to_owned());
+        self.out.push_back(Command::RemoveParticipant { identity: identity.to_owned() });
     }
 
     // ---- recovery -----------------------------------------------------------------------------
@@ -1490,6 +1674,12 @@ impl Arbiter {
         let Some(h) = &self.handoff else { return };
         if let Some(identity) = self.find_agent(&name, &except) {
             self.attach_target(identity, true, now);
+            return;
+        }
+        if self.dispatcher.standbys_in_flight(&name) > 0 {
+            // A standby (a hint's, usually) is on its way and further along than a new
+            // dispatch: it is the target when it joins, or a dispatch follows if it gives up.
+            self.mark(Phase::TargetDispatched, now, Some(format!("{name}: standby on its way")));
             return;
         }
         let purpose = Purpose::Handoff(h.id.clone());
@@ -1902,6 +2092,11 @@ impl Arbiter {
             return;
         }
         let Some(h) = &mut self.handoff else { return };
+        let waiting = h.target.identity.is_none() && !h.target.dispatching && h.target.name == g.agent;
+        if matches!(g.purpose, Purpose::Standby(_)) && waiting && h.target.away_until.is_none() {
+            // The standby the handoff waited for never came: dispatch the target itself.
+            return self.acquire_target(now);
+        }
         if g.purpose == Purpose::Handoff(h.id.clone()) && h.target.name == g.agent {
             h.target.dispatching = false;
             let reason = if g.api_failed { FailReason::DispatchFailed } else { FailReason::TargetNoShow };

@@ -19,6 +19,8 @@ pub(crate) enum Purpose {
     Start,
     /// The target of handoff `id`.
     Handoff(String),
+    /// A standby (number `n` of the call, so several of one agent can be in flight at once).
+    Standby(u64),
 }
 
 /// A dispatch that ran out of attempts.
@@ -67,6 +69,11 @@ impl Dispatcher {
     }
 
     /// Whether a dispatch for `agent` and `purpose` is in flight.
+    /// How many standbys of `agent` are in flight.
+    pub(crate) fn standbys_in_flight(&self, agent: &str) -> usize {
+        self.entries.iter().filter(|e| e.agent == agent && matches!(e.purpose, Purpose::Standby(_))).count()
+    }
+
     pub(crate) fn in_flight(&self, agent: &str, purpose: &Purpose) -> bool {
         self.entries.iter().any(|e| e.agent == agent && &e.purpose == purpose)
     }

@@ -107,6 +107,14 @@ pub enum AgentMessage {
         #[serde(default)]
         quiet: bool,
     },
+    /// The floor holder expects to hand the call to `target` soon (its model considers a
+    /// transfer): baton gets an instance of `target` into the room as a muted standby, so the
+    /// handoff, if it comes within `hint_timeout`, is warm. Never answered; a refused hint is
+    /// logged by baton (docs/protocol.md, `hint`).
+    Hint {
+        /// The configured agent name the call will likely go to.
+        target: String,
+    },
     /// The target has loaded the bundle and its pipeline is running; it can speak.
     Ready {
         /// The handoff id from `prepare`.
@@ -159,6 +167,7 @@ impl AgentMessage {
             AgentMessage::Hello { .. } => "hello",
             AgentMessage::Heartbeat { .. } => "heartbeat",
             AgentMessage::Handoff { .. } => "handoff",
+            AgentMessage::Hint { .. } => "hint",
             AgentMessage::Ready { .. } => "ready",
             AgentMessage::Quiet { .. } => "quiet",
             AgentMessage::ToolResult { .. } => "tool_result",

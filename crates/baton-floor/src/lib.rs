@@ -50,5 +50,7 @@ pub use envelope::{Envelope, PROTOCOL_VERSION, TRACEPARENT_LEN};
 pub use event::{
     AgentMessage, AudioTrack, DispatchTicket, Event, Participant, ParticipantKind, ToolCallStatus,
 };
-pub use policy::{MAX_AGENT_NAME, Policy, PolicyError, ReleasePolicy, Retry};
+pub use policy::{
+    MAX_AGENT_NAME, MAX_STANDBY, Policy, PolicyError, ReleasePolicy, Retry, Standby, StandbyFrom,
+};
 pub use timeline::{Kind, Mark, Outcome, Phase, Timeline, TimelineEvent};

@@ -19,6 +19,33 @@ pub enum ReleasePolicy {
     Standby,
 }
 
+/// From when an agent's standbys are kept in the room ([`Standby::from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StandbyFrom {
+    /// From the start of the call (baton joining the room) to its end.
+    #[default]
+    Start,
+    /// From a `hint` naming the agent until [`Policy::hint_timeout`] passes without a handoff
+    /// to it.
+    Hint,
+}
+
+/// How many idle instances of one agent baton keeps in the room as muted standbys, so a handoff
+/// to it is a switch instead of a cold start (docs/protocol.md, "Standbys and hints").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standby {
+    /// Idle instances kept (at most [`MAX_STANDBY`]). None is kept while an agent of this name
+    /// holds the floor (a handoff to the same agent is refused).
+    pub count: u32,
+    /// From when they are kept.
+    pub from: StandbyFrom,
+}
+
+/// The most standbys of one agent a policy may ask for: each is a job, a participant and a
+/// running session for the whole call.
+pub const MAX_STANDBY: u32 = 4;
+
 /// How often and how patiently an agent is dispatched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retry {
@@ -147,6 +174,16 @@ pub struct Policy {
     /// Ask a replacement to say one short sentence that shows it still knows the conversation
     /// (`prepare.greeting`).
     pub recovery_greeting: bool,
+    /// Standbys per agent name (absent: none, except while a hint for it is open).
+    pub standby: BTreeMap<String, Standby>,
+    /// How long after the floor holder's `hint` naming an agent baton keeps an instance of it in
+    /// the room (dispatched if none is idle) for the handoff the hint announced; without a
+    /// handoff to it by then, the instance baton dispatched is removed. 20 s: a caller's
+    /// answer and the model's next turn, with margin.
+    pub hint_timeout: Duration,
+    /// A floor holder's hints closer together than this are refused (`rate_limited`): each may
+    /// cost a dispatch.
+    pub hint_interval: Duration,
 }
 
 impl Default for Policy {
@@ -186,6 +223,9 @@ impl Default for Policy {
             recovery_attempts: 2,
             recovery_timeout: Duration::from_secs(15),
             recovery_greeting: true,
+            standby: BTreeMap::new(),
+            hint_timeout: Duration::from_secs(20),
+            hint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -225,6 +265,14 @@ impl Policy {
                 }
             }
         }
+        for (name, s) in &self.standby {
+            if !self.agents.contains(name) {
+                return Err(PolicyError::UnknownAgent { field: "standby", name: name.clone() });
+            }
+            if s.count > MAX_STANDBY {
+                return Err(PolicyError::TooManyStandbys { name: name.clone(), count: s.count });
+            }
+        }
         let positive = [
             ("source_quiet_timeout", self.source_quiet_timeout),
             ("bundle_timeout", self.bundle_timeout),
@@ -238,6 +286,7 @@ impl Policy {
             ("crash_suspect_after", self.crash_suspect_after),
             ("crash_confirm_after", self.crash_confirm_after),
             ("recovery_timeout", self.recovery_timeout),
+            ("hint_timeout", self.hint_timeout),
         ];
         for (field, value) in positive {
             if value.is_zero() {
@@ -280,6 +329,14 @@ pub enum PolicyError {
     ZeroDuration {
         /// The offending field.
         field: &'static str,
+    },
+    /// More standbys of one agent than [`MAX_STANDBY`].
+    #[error("standby = {count} for agent `{name}`: at most {MAX_STANDBY}")]
+    TooManyStandbys {
+        /// The agent name.
+        name: String,
+        /// The count asked for.
+        count: u32,
     },
     /// A dispatch needs at least one attempt.
     #[error("{field} must be at least 1")]
@@ -324,6 +381,12 @@ mod tests {
         let long = "a".repeat(MAX_AGENT_NAME + 1);
         let p = Policy::with_agents(["triage".to_string(), long.clone()]);
         assert_eq!(p.validate(), Err(PolicyError::NameTooLong { name: long }));
+        let mut p = Policy::with_agents(["triage"]);
+        p.standby.insert("billing".into(), Standby { count: 1, from: StandbyFrom::Start });
+        assert_eq!(p.validate(), Err(PolicyError::UnknownAgent { field: "standby", name: "billing".into() }));
+        let mut p = Policy::with_agents(["triage", "billing"]);
+        p.standby.insert("billing".into(), Standby { count: MAX_STANDBY + 1, from: StandbyFrom::Hint });
+        assert!(matches!(p.validate(), Err(PolicyError::TooManyStandbys { .. })));
         let mut p = Policy::with_agents(["triage"]);
         p.handoff_dispatch.attempts = 0;
         assert!(matches!(p.validate(), Err(PolicyError::ZeroAttempts { .. })));
