@@ -116,6 +116,8 @@ async def call_with_standby(server: LiveKitServer, room: str, billing: Process, 
             _, again = await wait_output(billing, other, 0, 45)
             out["standby"] = again.group(1)
         await wait_for(lambda: out["standby"] in billings(caller), 10, "the standby in the caller's view")
+        # The caller names agents by the first identity it saw: billing is the standby now.
+        caller.agents["billing"] = out["standby"]
         await asyncio.sleep(0.3)
         n = len(caller.transcript)
         await caller.say(demo.PROBLEM)
