@@ -1,14 +1,19 @@
 """`./scripts/bench handoff --agents`: the support desk's real livekit-agents agents handing a call
 over through baton, against the same agents in one worker handing over in-process.
 
-One local livekit-server and a fresh room per handoff. Two kinds, interleaved so drift in the
-machine's load hits both alike:
+One local livekit-server and a fresh room per handoff. Four kinds, interleaved so drift in the
+machine's load hits all alike:
 
-  - baton: `baton worker` (configs/baton.toml) and the workers of examples/support-desk:
+  - cold: `baton worker` (configs/baton.toml) and the workers of examples/support-desk:
     `triage.py` and `billing.py`, each its own process, as in the demo. baton dispatches triage
     when the caller's room is created; triage's `transfer_to_billing` tool calls
     `BatonLink.handoff("billing", ...)`; baton dispatches billing (cold: a new job in the
     billing worker), relays the context and activates billing, which speaks first.
+  - hinted: the same, and triage hints billing (`BatonLink.hint`) as soon as the caller's words
+    are about a bill (`triage.hint_billing_on_words`, the rule `DESK_HINT=1` turns on): baton
+    dispatches billing as a muted standby while triage looks the account up and talks.
+  - standby: a second baton worker (agent name `baton-standby`) whose configuration keeps one
+    billing standby from the call's start (`standby = 1`); the handoff is a switch to it.
   - monolith (the reference, no baton): one livekit-agents worker whose job runs one
     `AgentSession` with the same `TriageAgent` and `BillingAgent` (same scripted models, same
     espeak-ng voices). Its `transfer_to_billing` waits for the sentence before the tool call to
@@ -28,6 +33,16 @@ of the caller's event loop): `tool_call` when `transfer_to_billing` starts, `req
 sentence before it has been played out and the handoff itself starts (baton: right before the
 adapter builds the bundle and sends `handoff`; monolith: right before seeding billing and
 `update_agent`), `speaking` when a session's first audio frame of a reply is played out.
+
+Where the time goes (`phases`, ms from `request`): baton's timeline (dispatch, billing joined,
+bundle delivered, ready, activated, audible at baton) and billing's own stamps: `job_start` (its
+job's entrypoint runs), `connected` (joined the room), `attached` (baton answered its hello),
+`ready` (it sent ready), `speaking` (its first audio frame played out).
+
+Standby cost per call: the billing worker's CPU seconds during each call (its jobs run as
+threads of that one process, and calls run one at a time), its RSS after the call, and the
+seconds billing spent in the room before the request (participant time a cold handoff does not
+pay).
 
 Per handoff:
   - request -> billing audible: from `request` to billing's first 10 ms frame above -55 dBFS
@@ -50,6 +65,7 @@ import hashlib
 import json
 import os
 import re
+import statistics
 import sys
 import time
 import traceback
@@ -73,6 +89,9 @@ from livekit.agents.voice.room_io import RoomOptions  # noqa: E402
 from lk_baton import ReceivedContext, seed_agent  # noqa: E402
 from lk_baton.agents import wait_not_speaking  # noqa: E402
 
+KINDS = ("cold", "hinted", "standby", "monolith")
+BATON_STANDBY = "baton-standby"
+"""The agent name of the baton worker that keeps a billing standby."""
 MONOLITH = "desk-monolith"
 """The agent name the reference worker registers as."""
 THRESHOLD = -55.0
@@ -110,8 +129,17 @@ def run_baton_agent(name: str) -> None:
 
     async def attach_stamped(cls: type[lk.BatonLink], ctx: Any, session: Any, **kw: Any) -> lk.BatonLink:
         link: lk.BatonLink = await attach(cls, ctx, session, **kw)
+        stamp("attached", link.room.name)
         _stamp_speaking(session, link.room.name)
+        if name == "triage" and link.room.name.startswith("ba-h-"):
+            triage.hint_billing_on_words(link, session)
         return link
+
+    ready = lk.BatonLink.ready
+
+    async def ready_stamped(self: lk.BatonLink, handoff_id: str | None = None) -> None:
+        stamp("ready", self.room.name)
+        await ready(self, handoff_id)
 
     handoff = lk.BatonLink.handoff
 
@@ -128,10 +156,23 @@ def run_baton_agent(name: str) -> None:
     lk.BatonLink.attach = classmethod(attach_stamped)  # type: ignore[method-assign, assignment]
     lk.BatonLink.handoff = handoff_stamped  # type: ignore[method-assign]
     lk.BatonLink._wait_not_speaking = wait_stamped  # type: ignore[method-assign]
-    if name == "triage":
-        desk.run_worker(triage.AGENT_NAME, triage.entrypoint)
-    else:
-        desk.run_worker(billing.AGENT_NAME, billing.entrypoint)
+    lk.BatonLink.ready = ready_stamped  # type: ignore[method-assign]
+    entrypoint = triage.entrypoint if name == "triage" else billing.entrypoint
+
+    async def entrypoint_stamped(ctx: JobContext) -> None:
+        room = ctx.job.room.name
+        stamp("job_start", room)
+        connect = ctx.connect
+
+        async def connect_stamped(*a: Any, **kw: Any) -> Any:
+            r = await connect(*a, **kw)
+            stamp("connected", room)
+            return r
+
+        ctx.connect = connect_stamped  # type: ignore[method-assign]
+        await entrypoint(ctx)
+
+    desk.run_worker(triage.AGENT_NAME if name == "triage" else billing.AGENT_NAME, entrypoint_stamped)
 
 
 class MonolithBilling(billing.BillingAgent):
@@ -197,9 +238,35 @@ async def monolith_entrypoint(ctx: JobContext) -> None:
 @dataclass
 class Workers:
     baton: Any
+    baton_standby: Any
     triage: Any
     billing: Any
     monolith: Any
+
+
+def standby_config(path: Path) -> Path:
+    """configs/baton.toml with one billing standby from the call's start."""
+    from run import CONFIG
+
+    text, n = re.subn(r'(\nname = "billing"\nrole = "billing"\n)', r"\1standby = 1\n", CONFIG.read_text())
+    if n != 1:
+        raise SystemExit("configs/baton.toml's billing entry changed: update bench/handoff_agents.py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def start_worker(server: Any, kind: str) -> Any:
@@ -225,10 +292,11 @@ async def one_call(server: Any, room: str, kind: str) -> Any:
     from harness import dispatch_token
     from run import CALLER, PROBLEM, Caller, CallResult
 
-    first, second = ("triage", "billing") if kind == "baton" else (MONOLITH, MONOLITH)
+    first, second = ("triage", "billing") if kind != "monolith" else (MONOLITH, MONOLITH)
     caller = Caller()
     loop = asyncio.get_running_loop()
-    await caller.room.connect(server.url, dispatch_token(CALLER, room, ["baton" if kind == "baton" else MONOLITH]))
+    dispatch = {"cold": "baton", "hinted": "baton", "standby": BATON_STANDBY, "monolith": MONOLITH}[kind]
+    await caller.room.connect(server.url, dispatch_token(CALLER, room, [dispatch]))
     t_start = loop.time()
     try:
         await caller.wait_line(first, r"support desk", timeout=45)
@@ -238,14 +306,15 @@ async def one_call(server: Any, room: str, kind: str) -> Any:
         await caller.wait_line(second, r"this is billing", timeout=45, after=n)
         await asyncio.sleep(1.0)
         ids = {a: caller.agent_identity(a) or "" for a in (first, second)}
-        return CallResult(dict(caller.recorder.levels), list(caller.transcript), t_start, loop.time(), ids)
+        # per identity, each track placed on the playout clock on its own (peers.Recorder)
+        return CallResult(caller.recorder.played(), list(caller.transcript), t_start, loop.time(), ids)
     finally:
         await caller.recorder.stop()
         await caller.room.disconnect()
 
 
 def analyse(res: Any, kind: str, st: dict[str, list[float]]) -> dict[str, Any]:
-    from peers import audible_grid, longest_run, played_at, runs
+    from peers import audible_grid, longest_run, runs
     from run import FACTS
 
     r: dict[str, Any] = {}
@@ -253,9 +322,9 @@ def analyse(res: Any, kind: str, st: dict[str, list[float]]) -> dict[str, Any]:
         r["error"] = f"missing stamps: {sorted(st)}"
         return r
     t_tool, t_req = st["tool_call"][0], st["request"][0]
-    first, second = ("triage", "billing") if kind == "baton" else (MONOLITH, MONOLITH)
+    first, second = ("triage", "billing") if kind != "monolith" else (MONOLITH, MONOLITH)
     src, tgt = res.identities.get(first, ""), res.identities.get(second, "")
-    levels = {who: played_at(series) for who, series in res.levels.items()}
+    levels = res.levels  # already on the playout clock (one_call)
     grid = audible_grid(levels, res.t_start, res.t_end, threshold=THRESHOLD, step=STEP)
 
     def slot(t: float) -> int:
@@ -268,7 +337,7 @@ def analyse(res: Any, kind: str, st: dict[str, list[float]]) -> dict[str, Any]:
     speaking = [t for t in st.get("speaking", []) if t >= t_req]
     t_speaking = speaking[0] if speaking else None
     from_slot = slot(t_req)
-    if kind != "baton":
+    if kind == "monolith":
         quiet = 0
         while from_slot < len(grid) and quiet < TAIL_GAP:
             quiet = quiet + 1 if tgt not in grid[from_slot] else 0
@@ -298,7 +367,7 @@ def analyse(res: Any, kind: str, st: dict[str, list[float]]) -> dict[str, Any]:
         r["filler_ms"] = sum(1 for c in window if "baton" in c) * STEP * 1000
     # the levels the numbers come from, around the request and around billing's first sound
     # (ms from the request, dBFS per 10 ms frame on the playout clock), to check them by eye
-    names = {v: k for k, v in res.identities.items()} if kind == "baton" else {}
+    names = {v: k for k, v in res.identities.items()} if kind != "monolith" else {}
     near = [(t_req - 0.3, t_req + 0.5), (t_heard - 0.5, t_heard + 0.3)]
     r["levels_near"] = {
         names.get(who, who): [
@@ -322,23 +391,42 @@ def baton_timeline(baton: Any, start: int) -> dict[str, Any] | None:
 
 
 async def one_handoff(server: Any, w: Workers, kind: str) -> dict[str, Any]:
-    room = f"ba-{'b' if kind == 'baton' else 'm'}-{uuid.uuid4().hex[:8]}"
-    agent_procs = (w.triage, w.billing) if kind == "baton" else (w.monolith,)
+    room = f"ba-{kind[0]}-{uuid.uuid4().hex[:8]}"
+    agent_procs = (w.triage, w.billing) if kind != "monolith" else (w.monolith,)
     starts = [len(p.lines) for p in agent_procs]
-    n_baton = len(w.baton.lines)
+    baton = w.baton_standby if kind == "standby" else w.baton
+    n_baton = len(baton.lines)
+    billing_pid = w.billing.proc.pid
+    cpu0 = cpu_seconds(billing_pid)
     res = await one_call(server, room, kind)
+    billing_cpu = cpu_seconds(billing_pid) - cpu0
     st: dict[str, list[float]] = {}
     for p, n in zip(agent_procs, starts, strict=True):
         for k, v in stamps(p, room, n).items():
             st.setdefault(k, []).extend(v)
-    if kind == "baton":
-        # triage's own `speaking` stamps are not billing's: keep billing's only
-        st["speaking"] = stamps(w.billing, room, starts[1]).get("speaking", [])
+    if kind != "monolith":
+        # triage's own stamps are not billing's: keep billing's only
+        own = stamps(w.billing, room, starts[1])
+        for k in ("speaking", "job_start", "connected", "attached", "ready"):
+            st[k] = own.get(k, [])
     r = analyse(res, kind, st)
     r["room"] = room
-    if kind == "baton":
+    if kind != "monolith":
+        t_req = st["request"][0] if st.get("request") else None
+        if t_req is not None:
+            # billing's own stamps, ms from the request (negative: before it, as a standby's)
+            r["billing_ms"] = {
+                k: round((st[k][0] - t_req) * 1000) for k in ("job_start", "connected", "attached") if st.get(k)
+            }
+            late = [t for t in st.get("ready", []) if t >= t_req - 0.001]
+            if late:
+                r["billing_ms"]["ready"] = round((late[0] - t_req) * 1000)
+            if st.get("connected"):
+                r["billing_in_room_before_request_s"] = max(0.0, t_req - st["connected"][0])
+        r["billing_cpu_s"] = billing_cpu
+        r["billing_rss_mb"] = rss_mb(billing_pid)
         for _ in range(100):  # baton prints the timeline when the handoff is completed
-            tl = baton_timeline(w.baton, n_baton)
+            tl = baton_timeline(baton, n_baton)
             if tl is not None:
                 break
             await asyncio.sleep(0.1)
@@ -372,30 +460,35 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "sha256": hashlib.sha256(BATON_BIN.read_bytes()).hexdigest()[:16],
     }
     procs = Procs()
-    results: dict[str, list[dict[str, Any]]] = {"baton": [], "monolith": []}
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     loads = [loadavg()]
     t_run = time.monotonic()
     try:
         procs.server = LiveKitServer()
         procs.server.start()
+        standby_cfg = standby_config(args.logs / "baton-standby.toml")
         w = Workers(
             baton=baton_worker(procs.server, "--config", str(CONFIG)),
+            baton_standby=baton_worker(procs.server, "--config", str(standby_cfg), "--agent-name", BATON_STANDBY),
             triage=start_worker(procs.server, "triage"),
             billing=start_worker(procs.server, "billing"),
             monolith=start_worker(procs.server, "monolith"),
         )
-        procs.children += [("baton", w.baton), ("triage", w.triage), ("billing", w.billing)]
+        procs.children += [("baton", w.baton), ("baton-standby", w.baton_standby)]
+        procs.children += [("triage", w.triage), ("billing", w.billing)]
         procs.children.append(("monolith", w.monolith))
         wait_all(
             [
                 ("baton worker", w.baton, r"worker registered"),
+                ("baton-standby worker", w.baton_standby, r"worker registered"),
                 ("triage worker", w.triage, r"^triage: registered"),
                 ("billing worker", w.billing, r"^billing: registered"),
                 ("monolith worker", w.monolith, rf"^{MONOLITH}: registered"),
             ],
             timeout=60,
         )
-        order = [k for _ in range(args.handoffs) for k in ("baton", "monolith")]
+        kinds = [k for k in KINDS if k in args.kinds]
+        order = [k for _ in range(args.handoffs) for k in kinds]
 
         async def run_all() -> None:
             for i, kind in enumerate(order):
@@ -430,13 +523,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 (args.logs / "livekit-server.log").write_text(procs.server.log_path.read_text(errors="replace"))
                 procs.server.log_path.unlink()
         print(f"worker logs in {args.logs}", file=sys.stderr)
-    from common import loadavg_summary
+    from common import loadavg_summary, summary
 
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": f"./scripts/bench handoff --agents --handoffs {args.handoffs}"
-        + ("" if args.json == RESULTS else f" --json {args.json}"),
-        "args": {"handoffs": args.handoffs},
+        + ("" if args.json == RESULTS else f" --json {args.json}")
+        + ("" if set(args.kinds) == set(KINDS) else f" --kinds {','.join(args.kinds)}"),
+        "args": {"handoffs": args.handoffs, "kinds": list(args.kinds)},
         "baton_binary": binary,
         "run_seconds": time.monotonic() - t_run,
         "loadavg": loadavg_summary(loads),
@@ -444,6 +538,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "runs": results,
     }
     for kind, rs in results.items():
+        if not rs:
+            continue
         ok = [r for r in rs if r.get("outcome") == "completed" and "request_to_audible_ms" in r and "error" not in r]
         report["summary"][kind] = {
             "n": len(rs),
@@ -456,15 +552,32 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "speaking_to_audible_ms": summarise(ok, "speaking_to_audible_ms"),
             "tool_call_to_request_ms": summarise(ok, "tool_call_to_request_ms"),
             "silence_ms": summarise(ok, "silence_ms"),
+            "warm": sum(1 for r in ok if r.get("warm")),
         }
+        if kind != "monolith":
+            k = report["summary"][kind]
+            k["billing_cpu_s"] = summarise(ok, "billing_cpu_s")
+            k["billing_rss_mb"] = summarise(ok, "billing_rss_mb")
+            k["billing_in_room_before_request_s"] = summarise(ok, "billing_in_room_before_request_s")
+            phases: dict[str, list[float]] = {}
+            for r in ok:
+                for p, ms in (r.get("phases_ms") or {}).items():
+                    phases.setdefault(f"baton:{p}", []).append(ms)
+                for p, ms in (r.get("billing_ms") or {}).items():
+                    phases.setdefault(f"billing:{p}", []).append(ms)
+                for key in ("request_to_speaking_ms", "request_to_audible_ms"):
+                    if r.get(key) is not None:
+                        phases.setdefault(key, []).append(r[key])
+            k["phases_ms"] = {p: summary(v) for p, v in sorted(phases.items(), key=lambda kv: statistics.median(kv[1]))}
     s = report["summary"]
     ratio: dict[str, float] = {}
-    for key in ("request_to_audible_ms", "tool_call_to_audible_ms"):
-        b, m = s["baton"][key], s["monolith"][key]
-        if b and m:
-            ratio[f"{key}_p50"] = b["p50"] / m["p50"]
-            ratio[f"{key}_p95"] = b["p95"] / m["p95"]
-    report["ratio_baton_over_monolith"] = ratio
+    for kind in ("cold", "hinted", "standby"):
+        for key in ("request_to_audible_ms", "tool_call_to_audible_ms"):
+            b, m = s.get(kind, {}).get(key), s.get("monolith", {}).get(key)
+            if b and m:
+                ratio[f"{kind}:{key}_p50"] = b["p50"] / m["p50"]
+                ratio[f"{kind}:{key}_p95"] = b["p95"] / m["p95"]
+    report["ratio_over_monolith"] = ratio
     return report
 
 
@@ -482,10 +595,10 @@ def print_report(report: dict[str, Any]) -> None:
     from common import print_table
 
     s, la = report["summary"], report["loadavg"]
+    kinds = [k for k in KINDS if k in s]
     print(
-        f"\nhandoffs: {s['baton']['n']} through baton (cold billing) + {s['monolith']['n']} in-process "
-        f"(update_agent); {report['run_seconds'] / 60:.1f} min; load avg start {la['start'][0]} "
-        f"mean {la['mean1']:.2f} max {la['max1']}"
+        f"\nhandoffs: {', '.join(str(s[k]['n']) + ' ' + k for k in kinds)}; {report['run_seconds'] / 60:.1f} min; "
+        f"load avg start {la['start'][0]} mean {la['mean1']:.2f} max {la['max1']}"
     )
     rows = [
         ("request -> billing audible", "request_to_audible_ms"),
@@ -495,22 +608,42 @@ def print_report(report: dict[str, Any]) -> None:
         ("tool call -> request", "tool_call_to_request_ms"),
         ("longest silence heard", "silence_ms"),
     ]
-    print_table(s, ["baton", "monolith"], rows)
-    for kind in ("baton", "monolith"):
+    print_table(s, kinds, rows)
+    for kind in kinds:
         k = s[kind]
         print(
-            f"{kind}: ok {k['ok']}/{k['n']}, billing's first sentence with the facts {k['facts_ok']},"
-            f" failed: {k['failed']}"
+            f"{kind}: ok {k['ok']}/{k['n']} (warm {k['warm']}), billing's first sentence with the facts "
+            f"{k['facts_ok']}, failed: {k['failed']}"
         )
-    for key, v in report["ratio_baton_over_monolith"].items():
-        print(f"ratio baton/monolith {key}: {v:.2f}")
+    for kind in kinds:
+        if "phases_ms" not in s[kind]:
+            continue
+        print(
+            f"\n{kind}: where the time goes, ms from the request (p50 / p95); billing CPU per call "
+            f"{_q(s[kind]['billing_cpu_s'], 's')}, billing worker RSS {_q(s[kind]['billing_rss_mb'], 'MB')}, "
+            f"billing in the room before the request {_q(s[kind]['billing_in_room_before_request_s'], 's')}"
+        )
+        for p, v in s[kind]["phases_ms"].items():
+            print(f"  {p:<34} {v['p50']:8.0f} {v['p95']:8.0f}")
+    for key, v in report["ratio_over_monolith"].items():
+        print(f"ratio over monolith {key}: {v:.2f}")
+
+
+def _q(d: dict[str, float] | None, unit: str) -> str:
+    return f"{d['p50']:.2f} / {d['p95']:.2f} {unit}" if d else "-"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="bench/handoff.py --agents", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--handoffs", type=int, default=20, help="handoffs of each kind (baton, monolith)")
+    ap.add_argument("--handoffs", type=int, default=20, help="handoffs of each kind")
+    ap.add_argument(
+        "--kinds",
+        type=lambda v: [k for k in v.split(",") if k],
+        default=list(KINDS),
+        help=f"comma-separated subset of {','.join(KINDS)} (default all)",
+    )
     ap.add_argument("--json", type=Path, default=RESULTS, help=f"write results here (default {RESULTS})")
     ap.add_argument(
         "--logs", type=Path, default=ROOT / "out" / "bench-handoff-agents", help="worker logs (default %(default)s)"

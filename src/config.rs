@@ -574,34 +574,6 @@ mod tests {
     }
 
     #[test]
-    fn standbys_and_hints_reach_the_policy() {
-        let text = r#"
-[[agents]]
-name = "triage"
-start = true
-[[agents]]
-name = "billing"
-standby = 1
-[[agents]]
-name = "support"
-standby = 2
-standby_from = "hint"
-[handoff]
-hint_timeout = "12s"
-"#;
-        let policy = parse(p(), text).expect("parse").to_policy().expect("policy");
-        assert_eq!(policy.standby.get("billing"), Some(&Standby { count: 1, from: StandbyFrom::Start }));
-        assert_eq!(policy.standby.get("support"), Some(&Standby { count: 2, from: StandbyFrom::Hint }));
-        assert_eq!(policy.standby.get("triage"), None);
-        assert_eq!(policy.hint_timeout, Duration::from_secs(12));
-        assert_eq!(policy.hint_interval, Policy::default().hint_interval);
-        let bad = text.replace("\"hint\"", "\"later\"");
-        assert!(parse(p(), &bad).is_err(), "unknown standby_from accepted");
-        let many = text.replace("standby = 2", "standby = 9");
-        assert!(parse(p(), &many).expect("parse").to_policy().is_err(), "standby beyond the limit accepted");
-    }
-
-    #[test]
     fn policy_values_and_alternates_map() {
         let text = r#"
 [[agents]]
@@ -610,12 +582,16 @@ start = true
 [[agents]]
 name = "billing"
 alternate = ["billing-backup"]
+standby = 1
 [[agents]]
 name = "billing-backup"
+standby = 2
+standby_from = "hint"
 [handoff]
 join_timeout = 3
 silence_grace = "250ms"
 release = "standby"
+hint_timeout = "12s"
 [handoff.start_dispatch]
 attempts = 5
 "#;
@@ -626,7 +602,15 @@ attempts = 5
         assert_eq!(policy.start_dispatch.attempts, 5);
         assert_eq!(policy.start_dispatch.backoff_max, Policy::default().start_dispatch.backoff_max);
         assert_eq!(policy.alternates.get("billing"), Some(&vec!["billing-backup".to_string()]));
-        assert!(policy.standby.is_empty(), "no standby unless asked for");
+        assert_eq!(policy.standby.get("billing"), Some(&Standby { count: 1, from: StandbyFrom::Start }));
+        assert_eq!(policy.standby.get("billing-backup"), Some(&Standby { count: 2, from: StandbyFrom::Hint }));
+        assert_eq!(policy.standby.get("triage"), None, "no standby unless asked for");
+        assert_eq!(policy.hint_timeout, Duration::from_secs(12));
+        assert_eq!(policy.hint_interval, Policy::default().hint_interval);
+        let bad = text.replace("\"hint\"", "\"later\"");
+        assert!(parse(p(), &bad).is_err(), "unknown standby_from accepted");
+        let many = text.replace("standby = 2", "standby = 9");
+        assert!(parse(p(), &many).expect("parse").to_policy().is_err(), "standby beyond the limit accepted");
         let zero = parse(p(), "[handoff]\nready_timeout = 0\n").expect("parse").to_policy();
         assert!(zero.is_err());
     }
