@@ -603,7 +603,10 @@ attempts = 5
         assert_eq!(policy.start_dispatch.backoff_max, Policy::default().start_dispatch.backoff_max);
         assert_eq!(policy.alternates.get("billing"), Some(&vec!["billing-backup".to_string()]));
         assert_eq!(policy.standby.get("billing"), Some(&Standby { count: 1, from: StandbyFrom::Start }));
-        assert_eq!(policy.standby.get("billing-backup"), Some(&Standby { count: 2, from: StandbyFrom::Hint }));
+        assert_eq!(
+            policy.standby.get("billing-backup"),
+            Some(&Standby { count: 2, from: StandbyFrom::Hint })
+        );
         assert_eq!(policy.standby.get("triage"), None, "no standby unless asked for");
         assert_eq!(policy.hint_timeout, Duration::from_secs(12));
         assert_eq!(policy.hint_interval, Policy::default().hint_interval);
