@@ -107,14 +107,6 @@ pub enum AgentMessage {
         #[serde(default)]
         quiet: bool,
     },
-    /// The floor holder expects to hand the call to `target` soon (its model considers a
-    /// transfer): baton gets an instance of `target` into the room as a muted standby, so the
-    /// handoff, if it comes within `hint_timeout`, is warm. Never answered; a refused hint is
-    /// logged by baton (docs/protocol.md, `hint`).
-    Hint {
-        /// The configured agent name the call will likely go to.
-        target: String,
-    },
     /// The target has loaded the bundle and its pipeline is running; it can speak.
     Ready {
         /// The handoff id from `prepare`.
@@ -146,6 +138,16 @@ pub enum AgentMessage {
         /// The sender cut `output` to fit one packet.
         #[serde(default)]
         truncated: bool,
+    },
+    // Last: serde also accepts an internally tagged variant's index as its tag (`"type":5`), and
+    // the control vectors pin what those decode to; a new variant goes at the end.
+    /// The floor holder expects to hand the call to `target` soon (its model considers a
+    /// transfer): baton gets an instance of `target` into the room as a muted standby, so the
+    /// handoff, if it comes within `hint_timeout`, is warm. Never answered; a refused hint is
+    /// logged by baton (docs/protocol.md, `hint`).
+    Hint {
+        /// The configured agent name the call will likely go to.
+        target: String,
     },
 }
 
