@@ -480,6 +480,26 @@ exporters:
         os.unlink(f.name)
 
 
+def jaeger_traces(query: int, service: str, wanted: set[str], timeout: float = 20) -> list[dict[str, Any]]:
+    """The traces Jaeger's query API holds for `service`, read until there is one trace with a
+    span of every name in `wanted` (export is batched) or `timeout` passes; the last read."""
+    url = f"http://127.0.0.1:{query}/api/traces?service={service}&limit=20"
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            traces: list[dict[str, Any]] = json.load(r).get("data") or []
+        if len(traces) == 1 and wanted <= {s["operationName"] for s in traces[0]["spans"]}:
+            return traces
+        if time.monotonic() >= deadline:
+            return traces
+        time.sleep(0.5)
+
+
+def children_of(spans: list[dict[str, Any]], parent: str) -> list[dict[str, Any]]:
+    """The spans whose parent (a CHILD_OF reference) is the span `parent`."""
+    return [s for s in spans if any(r["refType"] == "CHILD_OF" and r["spanID"] == parent for r in s["references"])]
+
+
 def test_handoff_trace_reaches_jaeger_with_a_span_per_phase(server: LiveKitServer) -> None:
     room = f"o-{uuid.uuid4().hex[:8]}"
     with jaeger() as (otlp, query):
@@ -493,14 +513,7 @@ def test_handoff_trace_reaches_jaeger_with_a_span_per_phase(server: LiveKitServe
             call = run(call_with_handoffs(server, room, baton))
         finally:
             assert baton.stop() == 0, baton.text()  # exit exports what the batch holds
-        url = f"http://127.0.0.1:{query}/api/traces?service=baton-{room}&limit=20"
-        deadline = time.monotonic() + 20
-        traces: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and not traces:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                traces = json.load(r).get("data") or []
-            if not traces:
-                time.sleep(0.5)
+        traces = jaeger_traces(query, f"baton-{room}", {"baton.handoff"})
     assert len(traces) == 1, f"one handoff, one trace: {traces}"
     spans = traces[0]["spans"]
     root = [s for s in spans if s["operationName"] == "baton.handoff"]
@@ -515,11 +528,7 @@ def test_handoff_trace_reaches_jaeger_with_a_span_per_phase(server: LiveKitServe
     # Every phase is an event on the root span and a child span of it, as long as the timeline says.
     logged = [f["value"] for log in root[0]["logs"] for f in log["fields"] if f["key"] == "event"]
     assert logged == [p["phase"] for p in t["phases"]], logged
-    children = {
-        s["operationName"]: s
-        for s in spans
-        if any(ref["refType"] == "CHILD_OF" and ref["spanID"] == root_id for ref in s["references"])
-    }
+    children = {s["operationName"]: s for s in children_of(spans, root_id)}
     expected = {p["phase"] for p in t["phases"]} - {"requested"}
     assert expected | {"filler"} == set(children), sorted(children)
     phases = {p["phase"]: p["ms"] for p in t["phases"]}
@@ -563,31 +572,16 @@ def test_the_agents_spans_land_under_batons_handoff_span(server: LiveKitServer) 
             provider.force_flush(10_000)
             provider.shutdown()
             assert baton.stop() == 0, baton.text()
-        url = f"http://127.0.0.1:{query}/api/traces?service=baton-{room}&limit=20"
-        deadline = time.monotonic() + 20
-        spans: list[dict[str, Any]] = []
-        processes: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                traces = json.load(r).get("data") or []
-            if len(traces) == 1:
-                spans, processes = traces[0]["spans"], traces[0]["processes"]
-                if {"baton.agent.prepare", "baton.agent.quiet"} <= {s["operationName"] for s in spans}:
-                    break
-            time.sleep(0.5)
-    assert spans, "no trace of the handoff in Jaeger"
+        traces = jaeger_traces(query, f"baton-{room}", {"baton.handoff", "baton.agent.prepare", "baton.agent.quiet"})
+    assert len(traces) == 1, f"one handoff, one trace: {traces}"
+    spans, processes = traces[0]["spans"], traces[0]["processes"]
     root = [s for s in spans if s["operationName"] == "baton.handoff"]
     assert len(root) == 1, [s["operationName"] for s in spans]
     service = {s["spanID"]: processes[s["processID"]]["serviceName"] for s in spans}
     assert service[root[0]["spanID"]] == f"baton-{room}"
 
     def under_root(name: str) -> list[dict[str, Any]]:
-        return [
-            s
-            for s in spans
-            if s["operationName"] == name
-            and any(ref["refType"] == "CHILD_OF" and ref["spanID"] == root[0]["spanID"] for ref in s["references"])
-        ]
+        return [s for s in children_of(spans, root[0]["spanID"]) if s["operationName"] == name]
 
     prepare, quiet = under_root("baton.agent.prepare"), under_root("baton.agent.quiet")
     assert len(prepare) == 1 and len(quiet) == 1, sorted(s["operationName"] for s in spans)
