@@ -70,7 +70,25 @@ pub struct Coordinator {
     pub relay: Relay,
     /// The trace ids of the handoffs under way (oldest first), by handoff id.
     trace_parents: std::collections::VecDeque<(String, TraceParent)>,
+    /// The room's durable state, when the worker has a state store (issue 14).
+    durable: Option<Durable>,
 }
+
+/// What the coordinator keeps to write the room's state to the store: the last record it
+/// wrote, and the checkpoints whose COMPLETE waits for their write.
+struct Durable {
+    client: crate::store::RoomStoreClient,
+    /// The record as last written (compared without its time stamp).
+    written: crate::store::RoomRecord,
+    /// The record as it is now: floor, handoff and its last phase, timeline.
+    current: crate::store::RoomRecord,
+    /// Store write tag -> the checkpoint (source, transfer id) whose COMPLETE waits for it.
+    acks: std::collections::HashMap<u64, (String, baton_transfer::TransferId)>,
+    next_tag: u64,
+}
+
+/// Tag of store writes nobody waits on (the room record, forgetting the room).
+const UNTRACKED_WRITE: u64 = 0;
 
 /// How long a message from a not-yet-announced participant waits for the announcement. The
 /// server batches its news of a participant that publishes no track for up to about 3 s
@@ -100,6 +118,7 @@ impl Coordinator {
             early: Vec::new(),
             relay,
             trace_parents: std::collections::VecDeque::new(),
+            durable: None,
         };
         coordinator.sync_uploaders();
         Ok(coordinator)
@@ -122,7 +141,110 @@ impl Coordinator {
             early: Vec::new(),
             relay: Relay::new(RelayConfig { routing: Routing::MetaTarget, ..RelayConfig::default() }),
             trace_parents: std::collections::VecDeque::new(),
+            durable: None,
         }
+    }
+
+    /// Keeps the room's state in `client`'s store from now on, starting from `restored` (what
+    /// the store held when this baton joined: the merged checkpoints are applied again, as
+    /// from their owners, so a later handoff or recovery carries turns from before this baton
+    /// came). From then on each checkpoint's COMPLETE goes to the agent only once its merged
+    /// state is durable, and the room record (floor, handoff, timeline) is written when it
+    /// changes.
+    pub fn with_store(
+        mut self,
+        client: crate::store::RoomStoreClient,
+        restored: crate::store::Snapshot,
+    ) -> Self {
+        for (agent, (owner, payload)) in &restored.checkpoints {
+            match self.relay.restore_checkpoint(owner, agent, payload) {
+                Ok(()) => {
+                    tracing::info!(room = %self.cfg.room, %agent, %owner, bytes = payload.len(), "checkpoint restored from the state store")
+                }
+                Err(e) => {
+                    tracing::warn!(room = %self.cfg.room, %agent, error = %e, "stored checkpoint does not apply; dropped")
+                }
+            }
+        }
+        let mut current = restored.record.unwrap_or_default();
+        if let Some(floor) = &current.floor {
+            tracing::info!(room = %self.cfg.room, holder = %floor.identity, agent = %floor.agent, "state store: the floor was held by this agent");
+        }
+        current.written_by = client.holder.clone();
+        self.relay.hold_checkpoint_acks(true);
+        self.durable = Some(Durable {
+            client,
+            written: current.clone(),
+            current,
+            acks: std::collections::HashMap::new(),
+            next_tag: UNTRACKED_WRITE + 1,
+        });
+        self
+    }
+
+    /// Asks for the merged state of `agent` to be written; its COMPLETE to `from` waits for it.
+    fn store_checkpoint(
+        &mut self,
+        from: String,
+        id: baton_transfer::TransferId,
+        agent: &str,
+        out: &mut Outbox,
+    ) {
+        let Some(d) = self.durable.as_mut() else { return };
+        let Some(merged) = self.relay.checkpoints().get(agent) else { return };
+        let write = crate::store::Write::Checkpoint {
+            agent: agent.to_owned(),
+            owner: merged.owner().to_owned(),
+            payload: merged.base_checkpoint(),
+        };
+        let tag = d.next_tag;
+        d.next_tag += 1;
+        d.acks.insert(tag, (from, id));
+        out.store.push((tag, write));
+    }
+
+    /// Writes the room record when the floor, the handoff or the timeline changed.
+    fn sync_record(&mut self, out: &mut Outbox) {
+        if self.finished {
+            return; // forgotten: nothing is written after the session ended
+        }
+        let Some(d) = self.durable.as_mut() else { return };
+        if let Some(arbiter) = self.arbiter.as_ref().filter(|_| self.started) {
+            d.current.floor = arbiter.floor_holder().map(|identity| crate::store::FloorRecord {
+                identity: identity.to_owned(),
+                agent: self.members.get(identity).and_then(|p| p.agent_name.clone()).unwrap_or_default(),
+            });
+            let phase = d.current.handoff.as_ref().map(|h| h.phase.clone());
+            d.current.handoff = arbiter.handoff().map(|h| crate::store::HandoffRecord {
+                phase: phase
+                    .clone()
+                    .filter(|_| d.current.handoff.as_ref().is_some_and(|o| o.id == h.id))
+                    .unwrap_or_else(|| "requested".into()),
+                id: h.id,
+                source: h.source,
+                target: h.target_name,
+                target_identity: h.target_identity,
+            });
+        }
+        let mut stamped = d.current.clone();
+        stamped.updated_at_ms = d.written.updated_at_ms;
+        if stamped == d.written {
+            return;
+        }
+        d.current.updated_at_ms = crate::store::epoch_ms();
+        d.written = d.current.clone();
+        out.store.push((UNTRACKED_WRITE, crate::store::Write::Record(d.current.clone())));
+    }
+
+    /// Notes a timeline mark in the room record.
+    fn note_timeline(&mut self, handoff: &str, phase: Option<String>, line: String) {
+        let Some(d) = self.durable.as_mut() else { return };
+        if let (Some(h), Some(phase)) = (d.current.handoff.as_mut(), phase)
+            && h.id == handoff
+        {
+            h.phase = phase;
+        }
+        d.current.push_timeline(line);
     }
 
     /// Hands one event to the arbiter and carries out what follows.
@@ -151,6 +273,9 @@ impl Coordinator {
                 out.send_bulk(baton_transfer::TOPIC, payload, &to);
             }
             while let Some(event) = self.relay.poll_event() {
+                if let RelayEvent::CheckpointApplied { from, transfer_id, agent, .. } = &event {
+                    self.store_checkpoint(from.clone(), *transfer_id, agent, out);
+                }
                 if let Some(event) = arbiter_event(event) {
                     self.arbiter_handle(event, now);
                 }
@@ -161,6 +286,7 @@ impl Coordinator {
             };
             if commands.is_empty() {
                 self.sync_uploaders();
+                self.sync_record(out);
                 return;
             }
             for command in commands {
@@ -269,6 +395,12 @@ impl Coordinator {
                     }
                     self.trace_parents.push_back((ev.handoff.clone(), TraceParent::random()));
                 }
+                if self.durable.is_some() {
+                    let phase =
+                        serde_json::to_value(ev.mark.phase).ok().and_then(|v| v.as_str().map(str::to_owned));
+                    let line = serde_json::to_string(&ev).unwrap_or_default();
+                    self.note_timeline(&ev.handoff, phase, line);
+                }
                 tracing::info!(
                     handoff = %ev.handoff,
                     phase = ?ev.mark.phase,
@@ -292,6 +424,10 @@ impl Coordinator {
             Command::Alert(alert) => log_alert(&alert),
             Command::SessionEnded => {
                 tracing::info!(room = %self.cfg.room, "session ended");
+                if self.durable.is_some() {
+                    // Nothing of a call that is over should outlive it, nor bring a baton back.
+                    out.store.push((UNTRACKED_WRITE, crate::store::Write::Forget));
+                }
                 self.finished = true;
             }
         }
@@ -484,6 +620,26 @@ impl RoomHandler for Coordinator {
 
     fn server_api(&self) -> Option<Arc<ServerApi>> {
         self.cfg.api.clone()
+    }
+
+    fn state_store(&self) -> Option<crate::store::RoomStoreClient> {
+        self.durable.as_ref().map(|d| d.client.clone())
+    }
+
+    fn on_store_result(&mut self, tag: u64, result: crate::store::Reply, now: Instant, out: &mut Outbox) {
+        let waiting = self.durable.as_mut().and_then(|d| d.acks.remove(&tag));
+        match (waiting, result) {
+            (Some((from, id)), Ok(())) => {
+                self.relay.release_ack(&from, id);
+            }
+            (Some((from, id)), Err(e)) => {
+                tracing::warn!(room = %self.cfg.room, %from, transfer_id = %id, error = %e, "checkpoint not stored durably; refused");
+                self.relay.refuse_ack(&from, id, &e.to_string());
+            }
+            (None, Ok(())) => {}
+            (None, Err(e)) => tracing::warn!(room = %self.cfg.room, error = %e, "room state not stored"),
+        }
+        self.exchange(now, out);
     }
 
     fn on_api_result(&mut self, done: ApiResult, now: Instant, out: &mut Outbox) {

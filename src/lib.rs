@@ -12,6 +12,7 @@
 //! - [`relay`]: context transfer at baton (`baton.xfer`), sans-IO: the relay, its `BundleStore`, who may send.
 //! - [`protocol`]: baton's own wire messages: the `baton.control` codec, topics, the packet limit.
 //! - [`room`]: baton as a LiveKit participant: signaling, the str0m peer connection, data, the filler track.
+//! - [`store`]: durable room state (floor, handoff, checkpoints, lease) in a redb file or Redis, behind one trait.
 //! - [`server_api`]: the LiveKit server API calls baton makes (dispatch, mute, remove), as values.
 //! - [`audio`]: the filler sound: comfort noise or a clip, encoded to Opus once and looped.
 //! - [`observe`]: what happens in rooms as an event stream, webhook, metrics, traces and a timeline page.
@@ -35,5 +36,6 @@ pub mod recovery;
 pub mod relay;
 pub mod room;
 pub mod server_api;
+pub mod store;
 pub mod token;
 pub mod worker;

@@ -283,6 +283,13 @@ impl RoomHandler for Observed {
         self.inner.on_api_result(result, now, out);
         self.pass(out);
     }
+    fn state_store(&self) -> Option<crate::store::RoomStoreClient> {
+        self.inner.state_store()
+    }
+    fn on_store_result(&mut self, tag: u64, result: crate::store::Reply, now: Instant, out: &mut Outbox) {
+        self.inner.on_store_result(tag, result, now, out);
+        self.pass(out);
+    }
     fn finished(&self) -> bool {
         self.inner.finished()
     }

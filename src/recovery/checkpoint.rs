@@ -545,6 +545,26 @@ impl Merged {
             + self.agent_state.len();
     }
 
+    /// This state as one base `baton.checkpoint/1` payload (`seq` = [`last_seq`](Self::last_seq),
+    /// canonical JSON): what the state store keeps, and what [`Checkpoints::apply`] turns back
+    /// into this state (same items, journal, states and `seq`, so the owner's next delta
+    /// applies) when a baton comes back to the room.
+    pub fn base_checkpoint(&self) -> Vec<u8> {
+        let items: Vec<&str> = self.items.iter().map(|it| it.json.as_str()).collect();
+        let journal: Vec<String> = self.journal.iter().map(journal_json).collect();
+        let mut body: BTreeMap<&str, String> = BTreeMap::new();
+        body.insert("agent", json_str(&self.agent));
+        body.insert("agent_state", self.agent_state.clone());
+        body.insert("base", "true".into());
+        body.insert("created_at", json_f64(self.created_at));
+        body.insert("items", format!("[{}]", items.join(",")));
+        body.insert("journal", format!("[{}]", journal.join(",")));
+        body.insert("schema", json_str(SCHEMA));
+        body.insert("seq", self.last_seq.to_string());
+        body.insert("user_state", self.user_state.clone());
+        object(&body).into_bytes()
+    }
+
     /// The `baton.bundle/1` a replacement is hydrated from (docs/bundle.md, "Recovery bundles"),
     /// canonical JSON (keys sorted, no whitespace) with `summary` computed over the canonical
     /// encoding without it, as `lk_baton.bundle` does.
@@ -622,6 +642,38 @@ fn object(members: &BTreeMap<&str, String>) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
+/// A journal entry as the checkpoint wire carries it (status and output included).
+fn journal_json(e: &JournalEntry) -> String {
+    let mut m: BTreeMap<&str, String> = BTreeMap::new();
+    m.insert("arguments", json_str(&e.arguments));
+    m.insert("call_id", json_str(&e.call_id));
+    m.insert("idempotency_key", json_str(&e.idempotency_key));
+    m.insert("name", json_str(&e.name));
+    if let Some(n) = &e.note {
+        m.insert("note", json_str(n));
+    }
+    if let Some(o) = &e.output {
+        m.insert("output", o.json.clone());
+    }
+    m.insert("rerun", json_str(rerun_name(e.rerun)));
+    m.insert("started_at", json_f64(e.started_at));
+    let status = match e.status {
+        CallStatus::Started => "started",
+        CallStatus::Finished => "finished",
+        CallStatus::Cancelled => "cancelled",
+    };
+    m.insert("status", json_str(status));
+    object(&m)
+}
+
+fn rerun_name(r: Rerun) -> &'static str {
+    match r {
+        Rerun::Never => "never",
+        Rerun::IfIdempotent => "if_idempotent",
+        Rerun::Safe => "safe",
+    }
+}
+
 fn in_flight_entry(e: &JournalEntry) -> String {
     let mut m: BTreeMap<&str, String> = BTreeMap::new();
     m.insert("arguments", json_str(&e.arguments));
@@ -631,12 +683,7 @@ fn in_flight_entry(e: &JournalEntry) -> String {
     if let Some(n) = &e.note {
         m.insert("note", json_str(n));
     }
-    let rerun = match e.rerun {
-        Rerun::Never => "never",
-        Rerun::IfIdempotent => "if_idempotent",
-        Rerun::Safe => "safe",
-    };
-    m.insert("rerun", json_str(rerun));
+    m.insert("rerun", json_str(rerun_name(e.rerun)));
     m.insert("started_at", json_f64(e.started_at));
     object(&m)
 }
@@ -874,6 +921,28 @@ mod tests {
             .expect("base");
         assert_eq!(ids(&bundle(&c)), ["x"]);
         assert_eq!(c.get("triage").map(|m| m.user_state()), Some("{}"));
+    }
+
+    #[test]
+    fn a_base_checkpoint_of_the_merged_state_restores_it_and_the_next_delta_applies() {
+        let mut c = room();
+        let base = cp(4, true, vec![msg("u1", "user", "hi", 1.0)], json!({"user_state": {"a": 1}}));
+        c.apply("agent-1", Some("triage"), &base).expect("base");
+        let journal = json!({"journal": [entry("c1", "finished", Some("ok")), entry("c2", "started", None)]});
+        c.apply("agent-1", Some("triage"), &cp(5, false, vec![msg("a1", "assistant", "yes", 2.0)], journal))
+            .expect("delta");
+        let stored = c.get("triage").expect("state").base_checkpoint();
+        // A baton that comes back applies what the store kept, as from the same owner.
+        let mut back = room();
+        back.apply("agent-1", Some("triage"), &stored).expect("stored base applies");
+        let (was, is) = (c.get("triage").expect("state"), back.get("triage").expect("restored"));
+        assert_eq!((is.owner(), is.last_seq()), ("agent-1", 5));
+        assert_eq!(is.items(), was.items());
+        assert_eq!(is.journal(), was.journal());
+        assert_eq!((is.user_state(), is.agent_state()), (was.user_state(), was.agent_state()));
+        assert_eq!(is.recovery_bundle("r", None, 1.0), was.recovery_bundle("r", None, 1.0));
+        let next = cp(6, false, vec![msg("u2", "user", "more", 3.0)], json!({}));
+        assert_eq!(back.apply("agent-1", Some("triage"), &next).map(|a| a.items), Ok(3));
     }
 
     #[test]

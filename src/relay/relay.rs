@@ -291,6 +291,11 @@ pub struct Relay {
     expiry: BTreeSet<(Instant, TransferId)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<RelayEvent>,
+    /// Hold each checkpoint's COMPLETE until [`release_ack`](Self::release_ack): set when the
+    /// room's state goes to a durable store, so COMPLETE means "stored durably" (issue 14).
+    hold_acks: bool,
+    /// COMPLETEs held for checkpoints applied in memory, by (source, transfer id).
+    held_acks: HashMap<(String, TransferId), Transmit>,
 }
 
 impl Default for Relay {
@@ -333,6 +338,8 @@ impl Relay {
             expiry: BTreeSet::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            hold_acks: false,
+            held_acks: HashMap::new(),
         }
     }
 
@@ -343,6 +350,48 @@ impl Relay {
     /// a handoff (or a standby) cannot put bundles into baton's store (issue 11, item 4).
     pub fn set_uploaders(&mut self, uploaders: Option<BTreeSet<String>>) {
         self.uploaders = uploaders;
+    }
+
+    /// Holds the COMPLETE of every applied checkpoint until [`release_ack`](Self::release_ack)
+    /// (or [`refuse_ack`](Self::refuse_ack)): for a room whose merged state goes to a durable
+    /// store, so the agent's COMPLETE means the state survives baton.
+    pub fn hold_checkpoint_acks(&mut self, hold: bool) {
+        self.hold_acks = hold;
+    }
+
+    /// Sends the held COMPLETE of checkpoint `id` from `from` (its state is durable now).
+    /// Returns false when none was held.
+    pub fn release_ack(&mut self, from: &str, id: TransferId) -> bool {
+        match self.held_acks.remove(&(from.to_owned(), id)) {
+            Some(t) => {
+                self.transmits.push_back(t);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Answers checkpoint `id` from `from` with ERROR `buffer_full` instead of its held COMPLETE
+    /// (the store refused the state: over the room's cap, or the room's lease is lost). The
+    /// merged state in memory stays; the agent's next checkpoint is a base.
+    pub fn refuse_ack(&mut self, from: &str, id: TransferId, reason: &str) -> bool {
+        if self.held_acks.remove(&(from.to_owned(), id)).is_none() {
+            return false;
+        }
+        let reason = format!("baton could not store the checkpoint durably: {reason}");
+        self.transmit(
+            from,
+            &Frame::Error { id, code: ErrorCode::BufferFull, reason: truncate_reason(&reason) },
+        );
+        true
+    }
+
+    /// Applies a merged state a durable store kept (a base checkpoint from
+    /// [`Merged::base_checkpoint`](crate::recovery::checkpoint::Merged::base_checkpoint)) as
+    /// if `owner` had sent it, when a baton comes back to a room. Errors: the payload does not
+    /// apply (see [`Refusal`]).
+    pub fn restore_checkpoint(&mut self, owner: &str, agent: &str, payload: &[u8]) -> Result<(), Refusal> {
+        self.checkpoints.apply(owner, Some(agent), payload).map(|_| ())
     }
 
     // --- getters ---------------------------------------------------------------------------
@@ -957,6 +1006,15 @@ impl Relay {
                     items = a.items, state_bytes, "checkpoint applied"
                 );
                 let (agent, seq, base) = (a.agent, a.seq, a.base);
+                if self.hold_acks
+                    && let Some(at) = self
+                        .transmits
+                        .iter()
+                        .rposition(|t| t.to == from && Frame::peek(&t.payload) == Some((Kind::Complete, id)))
+                    && let Some(complete) = self.transmits.remove(at)
+                {
+                    self.held_acks.insert((from.clone(), id), complete);
+                }
                 self.emit(RelayEvent::CheckpointApplied {
                     from,
                     transfer_id: id,

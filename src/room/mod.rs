@@ -80,6 +80,10 @@ pub struct Outbox {
     /// Events for the event stream, metrics and traces ([`crate::observe`]); the room's
     /// [`crate::observe::Observed`] wrapper hands them to the observer.
     pub events: Vec<crate::observe::Event>,
+    /// Writes to the room's state store with the handler's tag for each, carried out by the
+    /// worker's store task; each answer comes back through [`RoomHandler::on_store_result`]
+    /// once the write is durable (or refused).
+    pub store: Vec<(u64, crate::store::Write)>,
 }
 
 impl Outbox {
@@ -124,6 +128,13 @@ pub trait RoomHandler: Send {
     }
     /// A call from [`Outbox::call`] finished.
     fn on_api_result(&mut self, _result: ApiResult, _now: Instant, _out: &mut Outbox) {}
+    /// The room's state store, asked once at join; `None` drops [`Outbox::store`] writes.
+    fn state_store(&self) -> Option<crate::store::RoomStoreClient> {
+        None
+    }
+    /// A write from [`Outbox::store`] is durable (`Ok`) or was refused.
+    fn on_store_result(&mut self, _tag: u64, _result: crate::store::Reply, _now: Instant, _out: &mut Outbox) {
+    }
     /// Whether the handler considers the session over (baton should leave the room).
     fn finished(&self) -> bool {
         false

@@ -114,9 +114,14 @@ pub(super) struct RoomTask {
     calls: FuturesUnordered<ApiCallFuture>,
     /// What runs the handler's server API calls.
     api: Option<Arc<ServerApi>>,
+    /// Store writes under way (their answers go to the handler).
+    store_writes: FuturesUnordered<StoreFuture>,
+    /// Where the handler's store writes go.
+    store: Option<crate::store::RoomStoreClient>,
 }
 
 type ApiCallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult> + Send>>;
+type StoreFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, crate::store::Reply)> + Send>>;
 
 impl RoomTask {
     pub(super) async fn join(
@@ -159,8 +164,11 @@ impl RoomTask {
             audio_tick: 0,
             calls: FuturesUnordered::new(),
             api: None,
+            store_writes: FuturesUnordered::new(),
+            store: None,
         };
         task.api = task.handler.server_api();
+        task.store = task.handler.state_store();
         // Report the people already present as joins, so the handler sees one consistent stream.
         let mut out = Outbox::default();
         let (roster, changes) = Roster::new(&own.sid, &join.other_participants);
@@ -202,6 +210,11 @@ impl RoomTask {
                     Some(SignalEvent::Close(why)) => return Err(ConnectError::Signal(why.into_owned())),
                     None => return Err(ConnectError::Signal("signal connection closed".into())),
                 },
+                Some((tag, result)) = self.store_writes.next(), if !self.store_writes.is_empty() => {
+                    let mut out = Outbox::default();
+                    self.handler.on_store_result(tag, result, Instant::now(), &mut out);
+                    self.execute(out).await;
+                }
                 _ = sleep_until(wake.into()) => {
                     if Instant::now() >= deadline {
                         return Err(ConnectError::PeerTimeout(CONNECT_TIMEOUT));
@@ -482,6 +495,18 @@ impl RoomTask {
                 };
                 ApiResult { tag, call, result }
             }));
+        }
+        for (tag, write) in out.store {
+            match &self.store {
+                // The room does not wait: the store task answers once the write is durable.
+                Some(client) => {
+                    let client = client.clone();
+                    self.store_writes.push(Box::pin(async move {
+                        (tag, client.handle.write(&client.room, client.token, write).await)
+                    }));
+                }
+                None => tracing::debug!(key = %write.key(), "no state store: write dropped"),
+            }
         }
         for filler in out.filler {
             self.set_filler(filler, now).await;

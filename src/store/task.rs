@@ -1,0 +1,326 @@
+//! The worker's store task: the one place that talks to the [`StateStore`]; rooms send it
+//! requests and get answers as messages, so no room task ever waits on store IO.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Acquired, Lease, RETRY_EVERY, Snapshot, StateError, StateStore, Write};
+
+/// What a room asks of the store task.
+#[derive(Debug)]
+pub enum Request {
+    /// Apply a write with the room's lease token; answered once it is durable (or refused).
+    Write {
+        /// The room.
+        room: String,
+        /// The writer's lease token.
+        token: u64,
+        /// The write.
+        write: Write,
+        /// Where the answer goes.
+        reply: Option<oneshot::Sender<Reply>>,
+    },
+    /// Everything stored about a room.
+    Load {
+        /// The room.
+        room: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Snapshot, StateError>>,
+    },
+    /// Take or renew a room's lease.
+    Acquire {
+        /// The room.
+        room: String,
+        /// The holder (unique per baton job).
+        holder: String,
+        /// How long the lease lasts unless renewed.
+        ttl: Duration,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Acquired, StateError>>,
+    },
+    /// Let go of a lease.
+    Release {
+        /// The room.
+        room: String,
+        /// The holder.
+        holder: String,
+        /// Its token.
+        token: u64,
+    },
+    /// Rooms with stored state.
+    Rooms {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Vec<(String, Option<Lease>)>, StateError>>,
+    },
+}
+
+/// The answer to a write: `Ok` once durable; an error the store task will not retry
+/// ([`StateError::Fenced`], [`StateError::Full`]). A write that failed with
+/// [`StateError::Unavailable`] is not answered until a retry succeeds.
+pub type Reply = Result<(), StateError>;
+
+/// Whether the store is taking writes, and how many failures it has seen.
+#[derive(Debug, Default)]
+pub struct StoreStatus {
+    degraded: AtomicBool,
+    errors: AtomicU64,
+    pending: AtomicU64,
+}
+
+impl StoreStatus {
+    /// True while writes wait for the backend to come back.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+    /// Failed backend calls since start (`baton_store_errors_total`).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+    /// Writes waiting for a retry.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// A cheap, cloneable way to reach the store task.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    tx: mpsc::UnboundedSender<Request>,
+    status: Arc<StoreStatus>,
+}
+
+fn gone() -> StateError {
+    StateError::Unavailable("the store task has stopped".into())
+}
+
+impl StoreHandle {
+    /// The store's health, shared with the store task.
+    pub fn status(&self) -> &Arc<StoreStatus> {
+        &self.status
+    }
+
+    /// Sends a request; a stopped store task drops it (its reply channel then closes).
+    pub fn send(&self, request: Request) {
+        let _ = self.tx.send(request);
+    }
+
+    /// Writes and waits until durable (or refused).
+    pub async fn write(&self, room: &str, token: u64, write: Write) -> Reply {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Write { room: room.into(), token, write, reply: Some(reply) });
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Everything stored about `room`.
+    pub async fn load(&self, room: &str) -> Result<Snapshot, StateError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Load { room: room.into(), reply });
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Takes or renews `room`'s lease for `holder`.
+    pub async fn acquire(&self, room: &str, holder: &str, ttl: Duration) -> Result<Acquired, StateError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Acquire { room: room.into(), holder: holder.into(), ttl, reply });
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Lets go of `room`'s lease (fire and forget).
+    pub fn release(&self, room: &str, holder: &str, token: u64) {
+        self.send(Request::Release { room: room.into(), holder: holder.into(), token });
+    }
+
+    /// Rooms with stored state, and their live leases.
+    pub async fn rooms(&self) -> Result<Vec<(String, Option<Lease>)>, StateError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Rooms { reply });
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+/// One room's access to the store: its name, its lease, the handle.
+#[derive(Debug, Clone)]
+pub struct RoomStoreClient {
+    /// The store task.
+    pub handle: StoreHandle,
+    /// The room.
+    pub room: String,
+    /// This baton's lease holder id.
+    pub holder: String,
+    /// The lease token writes carry (0: no lease was had, the store was down at join).
+    pub token: u64,
+}
+
+/// A write that waits for the backend: the newest state of its key, and everyone waiting on it.
+struct Pending {
+    room: String,
+    token: u64,
+    write: Write,
+    replies: Vec<oneshot::Sender<Reply>>,
+}
+
+/// Starts the store task on the current tokio runtime and returns its handle. `on_change` is
+/// told every backend failure (`error = true`) and every change of the degraded state
+/// (`degraded`), for logs and metrics.
+pub fn spawn<S: StateStore>(store: S, on_change: Arc<dyn Fn(StoreSignal) + Send + Sync>) -> StoreHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let status = Arc::new(StoreStatus::default());
+    tokio::spawn(run(store, rx, status.clone(), on_change));
+    StoreHandle { tx, status }
+}
+
+/// What the store task reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSignal {
+    /// A backend call failed.
+    Error(String),
+    /// The store became degraded (true) or caught up (false).
+    Degraded(bool),
+}
+
+async fn run<S: StateStore>(
+    store: S,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    status: Arc<StoreStatus>,
+    on_change: Arc<dyn Fn(StoreSignal) + Send + Sync>,
+) {
+    // (room, key) -> the newest write waiting for the backend; `order` keeps first-failed first.
+    let mut pending: BTreeMap<(String, String), Pending> = BTreeMap::new();
+    let mut order: VecDeque<(String, String)> = VecDeque::new();
+    let mut retry = tokio::time::interval(RETRY_EVERY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let fail = |e: &StateError| {
+        status.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "state store call failed");
+        on_change(StoreSignal::Error(e.to_string()));
+    };
+    let set_degraded = |d: bool, pending: usize| {
+        status.pending.store(pending as u64, Ordering::Relaxed);
+        if status.degraded.swap(d, Ordering::Relaxed) != d {
+            if d {
+                tracing::error!(
+                    "state store unavailable: rooms keep coordinating from memory; writes wait and are retried"
+                );
+            } else {
+                tracing::info!("state store back: pending writes caught up");
+            }
+            on_change(StoreSignal::Degraded(d));
+        }
+    };
+    loop {
+        tokio::select! {
+            request = rx.recv() => {
+                let Some(request) = request else { break };
+                match request {
+                    Request::Write { room, token, write, reply } => {
+                        let k = (room.clone(), write.key());
+                        if let Some(p) = pending.get_mut(&k) {
+                            // Newest state wins; everyone who waited on the key waits on it.
+                            p.write = write;
+                            p.token = token;
+                            p.replies.extend(reply);
+                            continue;
+                        }
+                        if !pending.is_empty() {
+                            // Degraded: queue behind the others rather than probe on every write.
+                            order.push_back(k.clone());
+                            pending.insert(k, Pending { room, token, write, replies: reply.into_iter().collect() });
+                            set_degraded(true, pending.len());
+                            continue;
+                        }
+                        match store.write(&room, token, &write).await {
+                            Err(StateError::Unavailable(e)) => {
+                                fail(&StateError::Unavailable(e));
+                                order.push_back(k.clone());
+                                pending.insert(k, Pending { room, token, write, replies: reply.into_iter().collect() });
+                                set_degraded(true, pending.len());
+                            }
+                            result => {
+                                if let Err(e) = &result {
+                                    fail(e);
+                                }
+                                if let Some(reply) = reply {
+                                    let _ = reply.send(result);
+                                }
+                            }
+                        }
+                    }
+                    Request::Load { room, reply } => {
+                        let mut result = store.load(&room).await;
+                        if let Err(e) = &result {
+                            fail(e);
+                        } else if let Ok(snapshot) = result.as_mut() {
+                            overlay_pending(snapshot, &room, &pending);
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Request::Acquire { room, holder, ttl, reply } => {
+                        let result = store.acquire(&room, &holder, ttl).await;
+                        if let Err(e) = &result {
+                            fail(e);
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Request::Release { room, holder, token } => {
+                        if let Err(e) = store.release(&room, &holder, token).await {
+                            fail(&e);
+                        }
+                    }
+                    Request::Rooms { reply } => {
+                        let result = store.rooms().await;
+                        if let Err(e) = &result {
+                            fail(e);
+                        }
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+            _ = retry.tick(), if !pending.is_empty() => {
+                while let Some(k) = order.front().cloned() {
+                    let Some(p) = pending.get(&k) else {
+                        order.pop_front();
+                        continue;
+                    };
+                    match store.write(&p.room, p.token, &p.write).await {
+                        Err(StateError::Unavailable(e)) => {
+                            fail(&StateError::Unavailable(e));
+                            break;
+                        }
+                        result => {
+                            if let Err(e) = &result {
+                                fail(e);
+                            }
+                            order.pop_front();
+                            if let Some(p) = pending.remove(&k) {
+                                for reply in p.replies {
+                                    let _ = reply.send(result.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+                set_degraded(!pending.is_empty(), pending.len());
+            }
+        }
+    }
+}
+
+/// A load while writes wait: the room's pending writes are newer than what the backend holds.
+fn overlay_pending(snapshot: &mut Snapshot, room: &str, pending: &BTreeMap<(String, String), Pending>) {
+    for ((r, _), p) in pending {
+        if r != room {
+            continue;
+        }
+        match &p.write {
+            Write::Record(record) => snapshot.record = Some(record.clone()),
+            Write::Checkpoint { agent, owner, payload } => {
+                snapshot.checkpoints.insert(agent.clone(), (owner.clone(), payload.clone()));
+            }
+            Write::Forget => *snapshot = Snapshot::default(),
+        }
+    }
+}
