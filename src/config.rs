@@ -60,6 +60,14 @@ pub struct WorkerArgs {
     /// [file: worker.rejoin_timeout; default: 60]
     #[arg(long, env = "BATON_REJOIN_TIMEOUT", value_name = "SECONDS")]
     pub rejoin_timeout: Option<f64>,
+    /// Directory of the embedded room-state store (a redb file, `state.redb`), so a restarted
+    /// worker recovers its rooms. [file: store.path; default: .baton-state]
+    #[arg(long, env = "BATON_STORE_PATH", value_name = "DIR")]
+    pub store_path: Option<PathBuf>,
+    /// Redis URL of a room-state store shared by many workers (`redis://host:6379/0`); replaces
+    /// the embedded store. [file: store.url]
+    #[arg(long, env = "BATON_STORE_URL", value_name = "URL")]
+    pub store_url: Option<String>,
 }
 
 /// Why the configuration cannot be used. Every message names the file (and line) or the option.
@@ -135,6 +143,27 @@ pub struct FileConfig {
     pub handoff: HandoffSection,
     #[serde(default)]
     pub recovery: RecoverySection,
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[store]`: where room state is kept (issue 14).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `embedded` (default), `redis` (implied by `url`) or `memory` (nothing durable).
+    pub kind: Option<String>,
+    /// Directory of the embedded store, relative to the config file.
+    pub path: Option<PathBuf>,
+    /// Redis URL.
+    pub url: Option<String>,
+    /// Most bytes stored per room.
+    pub room_bytes: Option<u64>,
+    /// How long a room's state outlives its last write.
+    pub ttl: Option<Secs>,
+    /// How long a baton's lease on a room lasts without renewal: after a crash, another baton
+    /// may take the room over once it lapses.
+    pub lease_ttl: Option<Secs>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -473,7 +502,48 @@ pub fn resolve(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<WorkerOptions
         reconnect_max: secs(w.reconnect_max, Duration::from_secs(15)),
         drain_timeout: secs(w.drain_timeout, Duration::from_secs(10)),
         policy,
+        store: store_config(args, loaded)?,
+        lease_ttl: secs(f.store.lease_ttl, DEFAULT_LEASE_TTL),
     })
+}
+
+/// Default `[store] lease_ttl`: short, because a crashed baton's rooms wait this long at most for
+/// a successor; renewed every third of it.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// `[store]` and `--store-path` / `--store-url`.
+fn store_config(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<crate::store::StoreConfig, ConfigError> {
+    use crate::store::{DEFAULT_ROOM_BYTES, DEFAULT_TTL, StoreConfig};
+    let s = &loaded.file.store;
+    let room_bytes = s.room_bytes.unwrap_or(DEFAULT_ROOM_BYTES);
+    let ttl = s.ttl.map_or(DEFAULT_TTL, |t| t.0);
+    let url = args.store_url.clone().or_else(|| s.url.clone()).filter(|u| !u.is_empty());
+    let kind = match (s.kind.as_deref(), &url, &args.store_path) {
+        (_, Some(_), _) => "redis",
+        (_, None, Some(_)) => "embedded",
+        (Some(k), None, None) => k,
+        (None, None, None) => "embedded",
+    };
+    match kind {
+        "memory" => Ok(StoreConfig::Memory),
+        "redis" => match url {
+            Some(url) => Ok(StoreConfig::Redis { url, room_bytes, ttl }),
+            None => {
+                Err(ConfigError::Value("[store] kind = \"redis\" needs url = \"redis://host:port\"".into()))
+            }
+        },
+        "embedded" => {
+            let dir = args.store_path.clone().unwrap_or_else(|| {
+                let dir = s.path.clone().unwrap_or_else(|| PathBuf::from(".baton-state"));
+                let base = loaded.path.as_ref().and_then(|p| p.parent()).filter(|_| dir.is_relative());
+                base.map_or_else(|| dir.clone(), |b| b.join(&dir))
+            });
+            Ok(StoreConfig::Embedded { dir, room_bytes, ttl })
+        }
+        other => Err(ConfigError::Value(format!(
+            "[store] kind = {other:?}: use \"embedded\", \"redis\" or \"memory\""
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -182,6 +182,28 @@ impl Coordinator {
         self
     }
 
+    /// A baton that comes back to a room gives the floor to whoever the store says held it, if
+    /// that agent is still in the room. A handoff the previous baton left unfinished fails
+    /// cleanly: its source gets the floor back (or, when the source is gone, its target); the
+    /// other is told to stand by when it says hello.
+    fn restore_floor(&mut self, participants: &[Participant]) {
+        let (Some(d), Some(arbiter)) = (self.durable.as_ref(), self.arbiter.as_mut()) else { return };
+        let record = &d.current;
+        let mut candidates: Vec<&str> = Vec::new();
+        candidates.extend(record.floor.as_ref().map(|f| f.identity.as_str()));
+        if let Some(h) = &record.handoff {
+            candidates.push(h.source.as_str());
+            candidates.extend(h.target_identity.as_deref());
+        }
+        for identity in candidates {
+            if arbiter.restore_holder(identity, participants) {
+                let unfinished = record.handoff.as_ref().map(|h| h.id.as_str());
+                tracing::info!(room = %self.cfg.room, %identity, ?unfinished, "floor restored from the state store");
+                return;
+            }
+        }
+    }
+
     /// Asks for the merged state of `agent` to be written; its COMPLETE to `from` waits for it.
     fn store_checkpoint(
         &mut self,
@@ -324,7 +346,8 @@ impl Coordinator {
             return;
         }
         self.started = true;
-        let participants = self.members.values().cloned().collect();
+        let participants: Vec<Participant> = self.members.values().cloned().collect();
+        self.restore_floor(&participants);
         tracing::info!(room = %self.cfg.room, ?token_dispatched, "floor arbiter started");
         self.feed(Event::RoomJoined { participants, token_dispatched }, now, out);
     }
@@ -1043,6 +1066,120 @@ mod tests {
         assert_eq!(activate.1["v"], 1);
         assert_eq!(activate.1["cause"], "start");
         assert!(activate.1["id"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+
+    fn stored_client() -> crate::store::RoomStoreClient {
+        let (handle, _) = crate::store::StoreHandle::detached();
+        crate::store::RoomStoreClient { handle, room: "r".into(), holder: "test".into(), token: 1 }
+    }
+
+    fn records(out: &Outbox) -> Vec<crate::store::RoomRecord> {
+        out.store
+            .iter()
+            .filter_map(|(_, w)| match w {
+                crate::store::Write::Record(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_returning_baton_gives_the_floor_to_the_stored_holder_not_the_starting_agent() {
+        use proto::participant_info::Kind;
+        let now = Instant::now();
+        let mut snapshot = crate::store::Snapshot::default();
+        snapshot.record = Some(crate::store::RoomRecord {
+            floor: Some(crate::store::FloorRecord { identity: "agent-2".into(), agent: "billing".into() }),
+            ..Default::default()
+        });
+        let mut c = coordinator_with_api(now).with_store(stored_client(), snapshot);
+        let (roster, joins) = Roster::new(
+            "PA_baton",
+            &[
+                info("caller", Kind::Standard, None),
+                info("agent-1", Kind::Agent, Some("triage")),
+                info("agent-2", Kind::Agent, Some("billing")),
+            ],
+        );
+        let mut out = Outbox::default();
+        for change in &joins {
+            c.on_change(change, &roster, now, &mut out);
+        }
+        c.on_connected(&roster, now, &mut out);
+        let listed = ApiResult {
+            tag: 0,
+            call: ApiCall::ListDispatch,
+            result: Ok(ApiReply::Dispatched(vec!["triage".into()])),
+        };
+        let mut out = Outbox::default();
+        c.on_api_result(listed, now, &mut out);
+        for (agent, id) in [("agent-1", "t-1"), ("agent-2", "b-1")] {
+            let name = if agent == "agent-1" { "triage" } else { "billing" };
+            let hello = format!(r#"{{"v":1,"type":"hello","id":"{id}","agent_name":"{name}"}}"#);
+            c.on_data(&incoming(agent, "baton.control", hello.as_bytes()), now, &mut out);
+        }
+        let msgs = sent(&out);
+        let activated: Vec<&str> =
+            msgs.iter().filter(|(_, m)| m["type"] == "activate").map(|(to, _)| to.as_str()).collect();
+        assert_eq!(activated, ["agent-2"], "{msgs:?}");
+        assert!(
+            msgs.iter().any(|(to, m)| to == "agent-1" && m["type"] == "deactivate"),
+            "the config's starting agent stands by: {msgs:?}"
+        );
+        assert!(
+            !out.calls.iter().any(|(_, c)| matches!(c, ApiCall::CreateDispatch { .. })),
+            "{:?}",
+            out.calls
+        );
+        // The record still names billing (unchanged, so nothing is rewritten).
+        let floor = |r: &crate::store::RoomRecord| r.floor.clone().map(|f| (f.identity, f.agent));
+        let billing = Some(("agent-2".to_string(), "billing".to_string()));
+        assert!(records(&out).iter().all(|r| floor(r) == billing), "{:?}", records(&out));
+        assert_eq!(c.durable.as_ref().map(|d| floor(&d.current)), Some(billing));
+    }
+
+    #[test]
+    fn a_stored_holder_that_left_does_not_get_the_floor_and_the_session_end_forgets_the_room() {
+        use proto::participant_info::Kind;
+        let now = Instant::now();
+        let mut snapshot = crate::store::Snapshot::default();
+        snapshot.record = Some(crate::store::RoomRecord {
+            floor: Some(crate::store::FloorRecord { identity: "gone".into(), agent: "billing".into() }),
+            ..Default::default()
+        });
+        let mut c = coordinator_with_api(now).with_store(stored_client(), snapshot);
+        let (roster, joins) = Roster::new("PA_baton", &[info("caller", Kind::Standard, None)]);
+        let mut out = Outbox::default();
+        for change in &joins {
+            c.on_change(change, &roster, now, &mut out);
+        }
+        c.on_connected(&roster, now, &mut out);
+        let listed =
+            ApiResult { tag: 0, call: ApiCall::ListDispatch, result: Ok(ApiReply::Dispatched(vec![])) };
+        let mut out = Outbox::default();
+        c.on_api_result(listed, now, &mut out);
+        assert!(
+            out.calls.iter().any(
+                |(_, c)| matches!(c, ApiCall::CreateDispatch { agent_name, .. } if agent_name == "triage")
+            ),
+            "with the stored holder gone, the starting agent is dispatched: {:?}",
+            out.calls
+        );
+        let mut out = Outbox::default();
+        let (mut roster, _) = Roster::new("PA_baton", &[info("caller", Kind::Standard, None)]);
+        let mut left = info("caller", Kind::Standard, None);
+        left.state = proto::participant_info::State::Disconnected as i32;
+        left.version = 2;
+        for change in roster.apply(&[left]) {
+            c.on_change(&change, &roster, now, &mut out);
+        }
+        assert!(c.finished(), "the caller left: the session is over");
+        assert_eq!(
+            out.store.last().map(|(_, w)| w.clone()),
+            Some(crate::store::Write::Forget),
+            "{:?}",
+            out.store
+        );
     }
 
     #[test]

@@ -136,6 +136,8 @@ pub struct Metrics {
     webhook_delivered: Counter,
     webhook_failed_attempts: Counter,
     webhook_queue: Gauge,
+    store_errors: Counter,
+    store_degraded: Gauge,
 }
 
 impl Default for Metrics {
@@ -257,6 +259,20 @@ impl Metrics {
                 None,
                 Gauge::default(),
             ),
+            store_errors: registered(
+                &mut r,
+                "store_errors",
+                "Failed calls to the room-state store (Redis unreachable, disk error, refused write)",
+                None,
+                Counter::default(),
+            ),
+            store_degraded: registered(
+                &mut r,
+                "store_degraded",
+                "1 while the room-state store does not take writes (rooms coordinate from memory, writes wait), else 0",
+                None,
+                Gauge::default(),
+            ),
             registry: r,
         }
     }
@@ -362,6 +378,16 @@ impl Metrics {
     /// The webhook queue's length now.
     pub fn webhook_queue(&self, len: usize) {
         self.webhook_queue.set(i64::try_from(len).unwrap_or(i64::MAX));
+    }
+
+    /// A call to the room-state store failed.
+    pub fn store_error(&self) {
+        self.store_errors.inc();
+    }
+
+    /// The room-state store became degraded (true) or caught up (false).
+    pub fn store_degraded(&self, degraded: bool) {
+        self.store_degraded.set(i64::from(degraded));
     }
 
     /// Rooms held now.

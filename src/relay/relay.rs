@@ -383,6 +383,7 @@ impl Relay {
             from,
             &Frame::Error { id, code: ErrorCode::BufferFull, reason: truncate_reason(&reason) },
         );
+        self.endpoint.reject_completed(from, id, ErrorCode::BufferFull);
         true
     }
 
@@ -890,7 +891,18 @@ impl Relay {
     fn pull(&mut self, now: Instant) {
         while let Some(o) = self.endpoint.poll_output() {
             match o {
-                Output::Transmit { to, payload } => self.transmits.push_back(Transmit { to, payload }),
+                Output::Transmit { to, payload } => {
+                    // The engine answers a sender that asks again about a finished transfer
+                    // with the COMPLETE it remembers; for a held checkpoint that answer waits
+                    // for `release_ack` too.
+                    if !self.held_acks.is_empty()
+                        && let Some((Kind::Complete, id)) = Frame::peek(&payload)
+                        && self.held_acks.contains_key(&(to.clone(), id))
+                    {
+                        continue;
+                    }
+                    self.transmits.push_back(Transmit { to, payload })
+                }
                 Output::Event(ev) => self.on_engine_event(ev, now),
             }
         }
@@ -1006,14 +1018,19 @@ impl Relay {
                     items = a.items, state_bytes, "checkpoint applied"
                 );
                 let (agent, seq, base) = (a.agent, a.seq, a.base);
-                if self.hold_acks
-                    && let Some(at) = self
-                        .transmits
-                        .iter()
-                        .rposition(|t| t.to == from && Frame::peek(&t.payload) == Some((Kind::Complete, id)))
-                    && let Some(complete) = self.transmits.remove(at)
-                {
-                    self.held_acks.insert((from.clone(), id), complete);
+                if self.hold_acks {
+                    // Whether the engine queued its COMPLETE yet or not, the one that goes out
+                    // is this, at `release_ack`; `pull` drops the engine's.
+                    self.transmits
+                        .retain(|t| !(t.to == from && Frame::peek(&t.payload) == Some((Kind::Complete, id))));
+                    let sha256 = {
+                        use sha2::Digest;
+                        sha2::Sha256::digest(payload).into()
+                    };
+                    if let Ok(complete) = (Frame::Complete { id, sha256 }).encode() {
+                        self.held_acks
+                            .insert((from.clone(), id), Transmit { to: from.clone(), payload: complete });
+                    }
                 }
                 self.emit(RelayEvent::CheckpointApplied {
                     from,

@@ -1040,3 +1040,31 @@ fn a_recovery_bundle_the_store_refuses_is_none() {
     assert_eq!(send_checkpoint(&mut net, "a", t(1), &checkpoint("a", 0, true, &["u1"])), Ok(()));
     assert_eq!(net.relay.recovery_bundle("a", "r-1", "recovery after job_failed", 1.0, net.now), None);
 }
+
+// --- durable acknowledgements (issue 14) -----------------------------------------------------
+
+#[test]
+fn a_held_checkpoint_ack_goes_out_only_when_released_and_a_refused_one_becomes_an_error() {
+    let mut net = Net::new(RelayConfig::default(), &["a"], &["a"]);
+    net.relay.hold_checkpoint_acks(true);
+    net.send("a", t(1), &checkpoint("a", 0, true, &["u1"]), CHECKPOINT_META);
+    // Long enough for the sender's retransmissions: none of them gets a COMPLETE either.
+    net.run(Duration::from_secs(3));
+    assert_eq!(applied(&net.relay_events).len(), 1, "applied in memory at once");
+    assert_eq!(net.send_outcome("a", t(1)), None, "no COMPLETE before the state is durable");
+    assert!(net.relay.release_ack("a", t(1)), "the COMPLETE was held");
+    net.run(Duration::from_secs(5));
+    assert_eq!(net.send_outcome("a", t(1)), Some(Ok(())));
+    assert!(!net.relay.release_ack("a", t(1)), "released once");
+
+    net.send("a", t(2), &checkpoint("a", 1, false, &["u2"]), CHECKPOINT_META);
+    net.run(Duration::from_millis(200));
+    assert_eq!(net.send_outcome("a", t(2)), None);
+    assert!(net.relay.refuse_ack("a", t(2), "room over its cap"));
+    net.run(Duration::from_secs(5));
+    let outcome = net.send_outcome("a", t(2)).expect("answered");
+    assert!(
+        matches!(&outcome, Err(e) if e.code == ErrorCode::BufferFull && e.reason.contains("durably")),
+        "{outcome:?}"
+    );
+}

@@ -84,6 +84,9 @@ impl EmbeddedStore {
                 }
             }
             drop(touched);
+            // redb locks the file: no other process holds these rooms. The leases left are
+            // those of a worker that died; this one takes their rooms over.
+            txn.open_table(LEASES).map_err(unavailable)?.retain(|_, _| false).map_err(unavailable)?;
             for room in expired {
                 tracing::info!(%room, "room state expired; dropped");
                 forget(&txn, &room)?;

@@ -142,6 +142,14 @@ impl StoreHandle {
     }
 }
 
+impl StoreHandle {
+    /// A handle with no store task behind it: requests wait in the returned receiver (tests).
+    pub fn detached() -> (StoreHandle, mpsc::UnboundedReceiver<Request>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (StoreHandle { tx, status: Arc::default() }, rx)
+    }
+}
+
 /// One room's access to the store: its name, its lease, the handle.
 #[derive(Debug, Clone)]
 pub struct RoomStoreClient {
@@ -180,7 +188,12 @@ pub enum StoreSignal {
     Error(String),
     /// The store became degraded (true) or caught up (false).
     Degraded(bool),
+    /// Another baton holds the lease of a room this worker was coordinating.
+    LeaseLost(String),
 }
+
+/// How often held leases are looked at (each is renewed once a third of its TTL has passed).
+const RENEW_TICK: Duration = Duration::from_millis(250);
 
 async fn run<S: StateStore>(
     store: S,
@@ -191,6 +204,10 @@ async fn run<S: StateStore>(
     // (room, key) -> the newest write waiting for the backend; `order` keeps first-failed first.
     let mut pending: BTreeMap<(String, String), Pending> = BTreeMap::new();
     let mut order: VecDeque<(String, String)> = VecDeque::new();
+    // Leases this worker's rooms hold: room -> (holder, token, ttl, renewed at).
+    let mut held: BTreeMap<String, (String, u64, Duration, tokio::time::Instant)> = BTreeMap::new();
+    let mut renew = tokio::time::interval(RENEW_TICK);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry = tokio::time::interval(RETRY_EVERY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let fail = |e: &StateError| {
@@ -217,6 +234,12 @@ async fn run<S: StateStore>(
                 let Some(request) = request else { break };
                 match request {
                     Request::Write { room, token, write, reply } => {
+                        // The room's lease as renewed here: a lease that lapsed while the
+                        // store was down and was taken again has a newer token.
+                        let token = held.get(&room).map_or(token, |h| h.1);
+                        if write == Write::Forget {
+                            held.remove(&room);
+                        }
                         let k = (room.clone(), write.key());
                         if let Some(p) = pending.get_mut(&k) {
                             // Newest state wins; everyone who waited on the key waits on it.
@@ -260,12 +283,17 @@ async fn run<S: StateStore>(
                     }
                     Request::Acquire { room, holder, ttl, reply } => {
                         let result = store.acquire(&room, &holder, ttl).await;
-                        if let Err(e) = &result {
-                            fail(e);
+                        match &result {
+                            Err(e) => fail(e),
+                            Ok(Acquired::Held(lease)) => {
+                                held.insert(room, (holder, lease.token, ttl, tokio::time::Instant::now()));
+                            }
+                            Ok(Acquired::Busy(_)) => {}
                         }
                         let _ = reply.send(result);
                     }
                     Request::Release { room, holder, token } => {
+                        held.remove(&room);
                         if let Err(e) = store.release(&room, &holder, token).await {
                             fail(&e);
                         }
@@ -279,13 +307,43 @@ async fn run<S: StateStore>(
                     }
                 }
             }
+            _ = renew.tick(), if !held.is_empty() => {
+                let now = tokio::time::Instant::now();
+                let due: Vec<String> = held
+                    .iter()
+                    .filter(|(_, (_, _, ttl, at))| now.duration_since(*at) >= *ttl / 3)
+                    .map(|(room, _)| room.clone())
+                    .collect();
+                for room in due {
+                    let Some((holder, token, ttl, _)) = held.get(&room).cloned() else { continue };
+                    match store.acquire(&room, &holder, ttl).await {
+                        Ok(Acquired::Held(lease)) if lease.token == token => {
+                            held.insert(room, (holder, token, ttl, now));
+                        }
+                        Ok(Acquired::Held(lease)) => {
+                            // Ours lapsed (the store was down longer than the lease) and no one
+                            // took it: the new token is ours, but writes carry the old one.
+                            tracing::warn!(%room, old = token, new = lease.token, "room lease lapsed and was taken again; writes with the old token are fenced");
+                            held.insert(room, (holder, lease.token, ttl, now));
+                        }
+                        Ok(Acquired::Busy(lease)) => {
+                            tracing::error!(%room, holder = %lease.holder, token = lease.token, "room lease lost to another baton: this one no longer coordinates the room");
+                            on_change(StoreSignal::LeaseLost(room.clone()));
+                            held.remove(&room);
+                        }
+                        // Down: keep trying; the rooms keep running from memory.
+                        Err(e) => fail(&e),
+                    }
+                }
+            }
             _ = retry.tick(), if !pending.is_empty() => {
                 while let Some(k) = order.front().cloned() {
                     let Some(p) = pending.get(&k) else {
                         order.pop_front();
                         continue;
                     };
-                    match store.write(&p.room, p.token, &p.write).await {
+                    let token = held.get(&p.room).map_or(p.token, |h| h.1);
+                    match store.write(&p.room, token, &p.write).await {
                         Err(StateError::Unavailable(e)) => {
                             fail(&StateError::Unavailable(e));
                             break;

@@ -29,6 +29,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::observe::{Observed, Observer};
 use crate::room::{self, RoomEnd, RoomHandler, RoomParams, TokenSource};
 use crate::server_api::ServerApi;
+use crate::store::{Acquired, RoomStoreClient, Snapshot, StoreConfig, StoreHandle, StoreSignal};
 pub use state::{Action, Backoff, JobStart, StateConfig, WorkerState};
 
 /// The `/agent` websocket protocol version this worker speaks.
@@ -60,6 +61,10 @@ pub struct WorkerOptions {
     pub drain_timeout: Duration,
     /// The floor arbiter's policy for every room (agents, starting agent, timeouts).
     pub policy: baton_floor::Policy,
+    /// Where room state is kept (`[store]`).
+    pub store: crate::store::StoreConfig,
+    /// How long a room's lease lasts without renewal.
+    pub lease_ttl: Duration,
 }
 
 /// Why the worker could not run at all. Trouble after the first registration is never fatal:
@@ -83,6 +88,16 @@ pub enum WorkerError {
 ///
 /// Kept in one place on purpose: this is where the floor arbiter will be built per room.
 pub fn room_handler(job: &JobStart, opts: &WorkerOptions, trace_context: bool) -> Box<dyn RoomHandler> {
+    room_handler_with(job, opts, trace_context, None)
+}
+
+/// [`room_handler`] with the room's state store and what it held when this baton joined.
+pub fn room_handler_with(
+    job: &JobStart,
+    opts: &WorkerOptions,
+    trace_context: bool,
+    durable: Option<(RoomStoreClient, Snapshot)>,
+) -> Box<dyn RoomHandler> {
     let api = match ServerApi::new(&opts.url, &opts.api_key, &opts.api_secret) {
         Ok(api) => Some(Arc::new(api)),
         Err(e) => {
@@ -98,7 +113,10 @@ pub fn room_handler(job: &JobStart, opts: &WorkerOptions, trace_context: bool) -
         trace_context,
     };
     match Coordinator::new(cfg, StdInstant::now()) {
-        Ok(c) => Box::new(c),
+        Ok(c) => match durable {
+            Some((client, snapshot)) => Box::new(c.with_store(client, snapshot)),
+            None => Box::new(c),
+        },
         Err(e) => {
             // The policy was validated at start-up, so this is not expected; answering pings
             // beats failing the job.
@@ -184,6 +202,10 @@ struct Worker {
     events: mpsc::UnboundedReceiver<RoomEvent>,
     shutdown: watch::Receiver<bool>,
     draining: bool,
+    /// The worker's store task (None: `[store] kind = "memory"`, or the store could not open).
+    store: Option<StoreHandle>,
+    /// Unique per worker process: the prefix of its lease holder ids.
+    instance: String,
 }
 
 /// Why the connected loop ended.
@@ -215,7 +237,20 @@ async fn run_local(
         .map_err(|e| WorkerError::Filler(e.to_string()))?;
     tracing::info!(filler = %filler.description, "filler ready");
     let (events_tx, events) = mpsc::unbounded_channel();
+    let store = start_store(&opts.store, &observer);
+    let instance =
+        format!("{}-{}-{:08x}", opts.protocol.agent_name, std::process::id(), rand::random::<u32>());
+    if let Some(store) = &store {
+        tokio::task::spawn_local(adopt_rooms(
+            store.clone(),
+            opts.clone(),
+            instance.clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut w = Worker {
+        store,
+        instance,
         state: WorkerState::new(opts.protocol.clone()),
         opts,
         observer,
@@ -390,28 +425,44 @@ impl Worker {
         };
         let joined = self.events_tx.clone();
         let joined_id = job.job_id.clone();
-        let handler = Box::new(
-            Observed::new(
-                room_handler(&job, &self.opts, self.observer.exports_traces()),
-                self.observer.clone(),
-                &job.room,
-            )
-            .on_joined(
-                // When baton is first in the room the job counts as running.
-                move || {
-                    let _ = joined.send(RoomEvent::Joined { job_id: joined_id });
-                },
-            ),
-        );
         tracing::info!(job_id = %job.job_id, room = %job.room, dispatch_id = %job.dispatch_id, "job assigned; joining");
         let events = self.events_tx.clone();
         let job_id = job.job_id.clone();
+        let (opts, observer, store) = (self.opts.clone(), self.observer.clone(), self.store.clone());
+        let trace_context = self.observer.exports_traces();
+        let holder = format!("{}/{}", self.instance, job.job_id);
+        let job_key = job.job_id.clone();
         tokio::task::spawn_local(async move {
+            let durable = match before_join(&job, &opts, store, &holder).await {
+                Ok(durable) => durable,
+                Err(why) => {
+                    // Another baton coordinates the room: joining with the same identity would
+                    // evict it (DuplicateIdentity) in the middle of its call.
+                    tracing::warn!(job_id = %job.job_id, room = %job.room, %why, "not joining: the room has a live baton");
+                    let _ = events.send(RoomEvent::Ended { job_id, result: Ok(RoomEnd::Left) });
+                    return;
+                }
+            };
+            let lease = durable.as_ref().map(|(client, _)| client.clone());
+            let handler = Box::new(
+                Observed::new(room_handler_with(&job, &opts, trace_context, durable), observer, &job.room)
+                    .on_joined(
+                        // When baton is first in the room the job counts as running.
+                        move || {
+                            let _ = joined.send(RoomEvent::Joined { job_id: joined_id });
+                        },
+                    ),
+            );
             let result = room::run(params, handler, stop_rx).await.map_err(|e| e.to_string());
+            // Left or removed: the room's state stays (a call still going gets another baton,
+            // see `adopt_rooms`), the lease goes at once rather than after its TTL.
+            if let Some(client) = lease {
+                client.handle.release(&client.room, &client.holder, client.token);
+            }
             let _ = events.send(RoomEvent::Ended { job_id, result });
         });
-        self.assigned_at.insert(job.job_id.clone(), Instant::now());
-        self.rooms.insert(job.job_id, stop_tx);
+        self.assigned_at.insert(job_key.clone(), Instant::now());
+        self.rooms.insert(job_key, stop_tx);
     }
 
     async fn on_room_event(&mut self, ev: RoomEvent, sink: Option<&mut SplitSink<Ws, Message>>) {
@@ -472,6 +523,178 @@ impl Worker {
         }
     }
 }
+
+/// How long the checks before a join may take (lease, stored state) before the baton joins
+/// without them: the call matters more than the store.
+const BEFORE_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Before joining a room: takes its lease and loads what the store holds about it. `Ok(None)`:
+/// join without a store (none configured); `Err`: another baton holds the room, do not join.
+/// A store that is down or slow does not keep baton out: it joins with token 0 and an empty
+/// snapshot, and its writes wait for the store.
+async fn before_join(
+    job: &JobStart,
+    opts: &WorkerOptions,
+    store: Option<StoreHandle>,
+    holder: &str,
+) -> Result<Option<(RoomStoreClient, Snapshot)>, String> {
+    let Some(handle) = store else {
+        return live_baton_in_room(job, opts).await.map(|()| None);
+    };
+    let steps = async {
+        let lease = handle.acquire(&job.room, holder, opts.lease_ttl).await?;
+        let snapshot = handle.load(&job.room).await?;
+        Ok::<_, crate::store::StateError>((lease, snapshot))
+    };
+    let client = |token| RoomStoreClient {
+        handle: handle.clone(),
+        room: job.room.clone(),
+        holder: holder.to_owned(),
+        token,
+    };
+    match tokio::time::timeout(BEFORE_JOIN_TIMEOUT, steps).await {
+        Ok(Ok((Acquired::Held(lease), snapshot))) => {
+            tracing::info!(room = %job.room, token = lease.token, floor = ?snapshot.record.as_ref().and_then(|r| r.floor.as_ref()).map(|f| &f.identity), checkpoints = snapshot.checkpoints.len(), "room lease taken");
+            Ok(Some((client(lease.token), snapshot)))
+        }
+        Ok(Ok((Acquired::Busy(lease), _))) => Err(format!(
+            "lease held by {} (token {}) for {} ms more",
+            lease.holder,
+            lease.token,
+            lease.expires_at_ms.saturating_sub(crate::store::epoch_ms())
+        )),
+        Ok(Err(e)) => {
+            tracing::error!(room = %job.room, error = %e, "state store unavailable at join: joining without its lease and state");
+            Ok(Some((client(0), Snapshot::default())))
+        }
+        Err(_) => {
+            tracing::error!(room = %job.room, "state store too slow at join: joining without its lease and state");
+            Ok(Some((client(0), Snapshot::default())))
+        }
+    }
+}
+
+/// Without a store there is no lease: ask the server whether a participant with baton's
+/// identity is already in the room. An error of the server API lets baton join.
+async fn live_baton_in_room(job: &JobStart, opts: &WorkerOptions) -> Result<(), String> {
+    let Ok(api) = ServerApi::new(&opts.url, &opts.api_key, &opts.api_secret) else { return Ok(()) };
+    match tokio::time::timeout(BEFORE_JOIN_TIMEOUT, api.list_participants(&job.room)).await {
+        Ok(Ok(participants)) => match participants.iter().find(|p| p.identity == opts.protocol.identity) {
+            Some(p) => Err(format!("participant {} ({}) is in the room", p.identity, p.sid)),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Opens the configured store and starts its task; `None` for `memory`, or (logged) when the
+/// store cannot be opened: baton then runs without durable state rather than not at all.
+fn start_store(config: &StoreConfig, observer: &Arc<Observer>) -> Option<StoreHandle> {
+    let observer = observer.clone();
+    let signals: Arc<dyn Fn(StoreSignal) + Send + Sync> = Arc::new(move |s| match s {
+        StoreSignal::Error(_) => observer.metrics().store_error(),
+        StoreSignal::Degraded(d) => observer.metrics().store_degraded(d),
+        StoreSignal::LeaseLost(_) => {}
+    });
+    match config {
+        StoreConfig::Memory => {
+            tracing::info!(
+                "room state in memory only ([store] kind = \"memory\"): a restarted baton starts rooms afresh"
+            );
+            None
+        }
+        StoreConfig::Embedded { dir, room_bytes, ttl } => {
+            match crate::store::EmbeddedStore::open(dir, *room_bytes, *ttl) {
+                Ok(store) => {
+                    tracing::info!(dir = %dir.display(), "room state in the embedded store");
+                    Some(crate::store::spawn(store, signals))
+                }
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot open the embedded state store (one worker per directory: set [store] path or --store-path); running without durable room state");
+                    None
+                }
+            }
+        }
+        StoreConfig::Redis { url, room_bytes, ttl } => {
+            match crate::store::RedisStore::new(url, *room_bytes, *ttl) {
+                Ok(store) => {
+                    tracing::info!("room state in Redis");
+                    Some(crate::store::spawn(store, signals))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "invalid [store] url; running without durable room state");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Rooms the store holds state for but no live baton coordinates (their baton was killed, its
+/// lease lapsed): once at start and then every lease TTL, dispatch baton (CreateDispatch of this
+/// worker's agent name) into each such room that still has people in it, and forget the state
+/// of rooms that are gone. Several workers sharing Redis may all see the same room: a short
+/// claim (a lease on `<room>#adopt`) lets one of them dispatch, and the room's lease lets one
+/// baton join.
+async fn adopt_rooms(
+    store: StoreHandle,
+    opts: WorkerOptions,
+    instance: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Ok(api) = ServerApi::new(&opts.url, &opts.api_key, &opts.api_secret) else { return };
+    let mut attempts: HashMap<String, u32> = HashMap::new();
+    // The first look comes after the worker had a moment to register, so the server has a
+    // worker to give the dispatch to.
+    let every = opts.lease_ttl.max(Duration::from_millis(500));
+    let mut tick = tokio::time::interval_at(Instant::now() + ADOPT_FIRST_LOOK, every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let Ok(rooms) = store.rooms().await else { continue };
+        for (room, lease) in rooms {
+            if lease.is_some() || room.ends_with(ADOPT_SUFFIX) {
+                continue;
+            }
+            let n = attempts.entry(room.clone()).or_insert(0);
+            if *n >= ADOPT_ATTEMPTS {
+                continue;
+            }
+            *n += 1;
+            // The embedded store has one worker; Redis may have many looking at the same room.
+            let shared = matches!(opts.store, StoreConfig::Redis { .. });
+            let claim = format!("{room}{ADOPT_SUFFIX}");
+            if shared && !matches!(store.acquire(&claim, &instance, ADOPT_CLAIM).await, Ok(Acquired::Held(_)))
+            {
+                continue;
+            }
+            match api.list_participants(&room).await {
+                Ok(people) if people.iter().any(|p| p.identity != opts.protocol.identity) => {
+                    tracing::warn!(%room, attempt = *n, "room has state but no live baton (its baton died); dispatching baton into it");
+                    if let Err(e) = api.create_dispatch(&room, &opts.protocol.agent_name, "").await {
+                        tracing::warn!(%room, error = %e, "could not dispatch baton into the room");
+                    }
+                }
+                Ok(_) => {
+                    tracing::info!(%room, "room with stored state is gone or empty; forgetting its state");
+                    let _ = store.write(&room, 0, crate::store::Write::Forget).await;
+                }
+                Err(e) => tracing::warn!(%room, error = %e, "cannot list the room's participants"),
+            }
+        }
+    }
+}
+
+/// When [`adopt_rooms`] first looks, after the worker started.
+const ADOPT_FIRST_LOOK: Duration = Duration::from_secs(1);
+/// The claim key suffix of [`adopt_rooms`].
+const ADOPT_SUFFIX: &str = "#adopt";
+/// How long one worker's claim to dispatch baton into a room lasts.
+const ADOPT_CLAIM: Duration = Duration::from_secs(10);
+/// Dispatches into one room per worker process before leaving it to the state's TTL.
+const ADOPT_ATTEMPTS: u32 = 3;
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {

@@ -315,13 +315,16 @@ def livekit_server() -> Iterator[LiveKitServer]:
 
 
 def baton_worker(server: LiveKitServer, *extra: str, env: dict[str, str] | None = None) -> Baton:
-    """`baton worker` registered on `server` with the dev credentials (extra flags appended)."""
+    """`baton worker` registered on `server` with the dev credentials (extra flags appended).
+    Its embedded room-state store is a fresh directory of its own unless ``BATON_STORE_PATH`` (or
+    ``--store-path``) says otherwise, so no test finds another's rooms."""
     return Baton(
         ["worker", *extra],
         env={
             "LIVEKIT_URL": server.url,
             "LIVEKIT_API_KEY": API_KEY,
             "LIVEKIT_API_SECRET": API_SECRET,
+            "BATON_STORE_PATH": tempfile.mkdtemp(prefix="baton-state-"),
             **(env or {}),
         },
     )

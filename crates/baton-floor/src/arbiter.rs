@@ -432,6 +432,23 @@ impl Arbiter {
         self.holder.as_ref().map(|h| h.identity.as_str())
     }
 
+    /// Gives the floor to `identity` before [`Event::RoomJoined`], for a baton that comes back
+    /// to a room whose state it kept (issue 14): the floor is the room's, not the policy's
+    /// starting agent's. The agent is activated (cause `start`, which an adapter that holds the
+    /// floor already ignores) and unmuted once it says `hello`; every other configured agent is
+    /// muted as usual. Ignored once the room was joined, or when `identity` is not a configured
+    /// agent present in `participants` (an agent that left meanwhile does not hold the floor).
+    pub fn restore_holder(&mut self, identity: &str, participants: &[Participant]) -> bool {
+        if self.room_joined || self.holder.is_some() {
+            return false;
+        }
+        if !participants.iter().any(|p| p.identity == identity && self.is_managed(p)) {
+            return false;
+        }
+        self.holder = Some(Holder::at_start(identity.to_owned()));
+        true
+    }
+
     /// The handoff under way, if any.
     pub fn handoff(&self) -> Option<HandoffStatus> {
         self.handoff.as_ref().map(|h| HandoffStatus {

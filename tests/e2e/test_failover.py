@@ -1,0 +1,135 @@
+"""baton survives itself (issue 14), end to end: a real LiveKit server, ``baton worker`` with the
+repository's configuration and an embedded room-state store, the support desk's workers
+(livekit-agents) and a caller typing to them; real processes get SIGKILL.
+
+* ``baton worker`` is killed mid-call and started again on the same store: a baton is back in
+  the room (the restarted worker dispatches itself into the rooms its store holds), triage keeps
+  the floor (from the store and the room, not from the config's starting agent), and the
+  handoff afterwards carries what the caller said before the kill.
+* The room is dispatched baton a second time while a baton coordinates it (a launcher retrying):
+  the second job finds the room's lease held and does not join, so the running baton is not
+  evicted (``DuplicateIdentity``) and the call goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import tempfile
+import uuid
+
+import pytest
+from crashes import FIRST, demo
+from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_worker, dispatch_token, run
+from livekit import api
+
+CONFIG = ROOT / "configs" / "baton.toml"
+
+
+def desk(server: LiveKitServer) -> tuple[Process, Process]:
+    """The desk's triage and billing workers, registered."""
+    triage = demo.agent_worker(server, "triage.py")
+    billing = demo.agent_worker(server, "billing.py")
+    triage.wait_for(r"^triage: registered", 60)
+    billing.wait_for(r"^billing: registered", 60)
+    return triage, billing
+
+
+def stop_all(*procs: Process) -> None:
+    for p in procs:
+        demo._stop_group("agent", p.proc)
+
+
+async def handoff_to_billing(caller: demo.Caller, n: int) -> str:
+    """The caller states a billing problem; returns billing's first line."""
+    await caller.say(demo.PROBLEM)
+    line = await caller.wait_line("billing", r".", timeout=60, after=n)
+    return line.text
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_of_baton_mid_call_a_restarted_worker_takes_the_room_back_and_triage_keeps_the_floor(
+    server: LiveKitServer,
+) -> None:
+    store = tempfile.mkdtemp(prefix="baton-state-")
+    env = {"BATON_STORE_PATH": store}
+    first = baton_worker(server, "--config", str(CONFIG), env=env)
+    triage, billing = desk(server)
+    first.wait_for(r"worker registered", 30)
+    room = f"failover-{uuid.uuid4().hex[:6]}"
+    second: Baton | None = None
+
+    async def call() -> tuple[str, str, str | None, str]:
+        nonlocal second
+        caller = demo.Caller()
+        await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, ["baton"]))
+        try:
+            await caller.wait_line("triage", r"support desk", timeout=60)
+            holder = caller.agent_identity("triage")
+            assert holder is not None
+            n = len(caller.transcript)
+            await caller.say(FIRST)
+            await caller.wait_line("triage", r"What is the problem", timeout=30, after=n)
+            # The checkpoint of that turn was acknowledged, so it is durable in the store.
+            await asyncio.sleep(2.0)
+            os.kill(first.proc.pid, signal.SIGKILL)
+            first.proc.wait()
+            await asyncio.sleep(1.0)
+            second = baton_worker(server, "--config", str(CONFIG), env=env)
+            await asyncio.to_thread(second.wait_for, r"floor restored from the state store", 45)
+            n = len(caller.transcript)
+            text = await handoff_to_billing(caller, n)
+            return holder, text, caller.agent_identity("triage"), "\n".join(x.text for x in caller.transcript)
+        finally:
+            await caller.room.disconnect()
+
+    try:
+        holder, billing_line, triage_after, transcript = run(call(), timeout=160)
+    finally:
+        stop_all(triage, billing)
+        first.stop()
+        if second is not None:
+            second.stop()
+    log = f"\nbaton (restarted):\n{second.text()[-5000:] if second else ''}\ntranscript:\n{transcript}"
+    assert second is not None
+    restored = re.search(r"floor restored from the state store.*identity=(\S+)", second.text())
+    assert restored is not None and restored.group(1) == holder, "the floor went back to triage" + log
+    assert triage_after == holder, "no other triage took the call" + log
+    assert "dispatching baton into it" in second.text(), "the restarted worker dispatched itself" + log
+    assert "A-1001" in billing_line, f"billing's first line carries what the caller said before the kill: {billing_line!r}" + log
+    assert "charged twice" in billing_line, billing_line + log
+
+
+@pytest.mark.timeout(180)
+def test_a_second_dispatch_of_baton_into_a_coordinated_room_leaves_the_call_undisturbed(server: LiveKitServer) -> None:
+    baton = baton_worker(server, "--config", str(CONFIG))
+    triage, billing = desk(server)
+    baton.wait_for(r"worker registered", 30)
+    room = f"twice-{uuid.uuid4().hex[:6]}"
+
+    async def call() -> str:
+        caller = demo.Caller()
+        await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, ["baton"]))
+        try:
+            await caller.wait_line("triage", r"support desk", timeout=60)
+            lk = api.LiveKitAPI(server.url, API_KEY, API_SECRET)
+            try:
+                await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name="baton", room=room))
+            finally:
+                await lk.aclose()
+            await asyncio.to_thread(baton.wait_for, r"not joining: the room has a live baton", 30)
+            return await handoff_to_billing(caller, len(caller.transcript))
+        finally:
+            await caller.room.disconnect()
+
+    try:
+        billing_line = run(call(), timeout=160)
+    finally:
+        stop_all(triage, billing)
+        baton.stop()
+    log = "\nbaton:\n" + baton.text()[-5000:]
+    assert "DuplicateIdentity" not in baton.text() and "removed from the room" not in baton.text(), log
+    assert "A-1001" in billing_line, f"the handoff after the second dispatch works: {billing_line!r}" + log
+    assert len(re.findall(rf"joined the room.*{room}|room={room}.*joined the room", baton.text())) <= 1, log
