@@ -210,11 +210,6 @@ impl RoomTask {
                     Some(SignalEvent::Close(why)) => return Err(ConnectError::Signal(why.into_owned())),
                     None => return Err(ConnectError::Signal("signal connection closed".into())),
                 },
-                Some((tag, result)) = self.store_writes.next(), if !self.store_writes.is_empty() => {
-                    let mut out = Outbox::default();
-                    self.handler.on_store_result(tag, result, Instant::now(), &mut out);
-                    self.execute(out).await;
-                }
                 _ = sleep_until(wake.into()) => {
                     if Instant::now() >= deadline {
                         return Err(ConnectError::PeerTimeout(CONNECT_TIMEOUT));
@@ -288,6 +283,11 @@ impl RoomTask {
                 Some(result) = self.calls.next(), if !self.calls.is_empty() => {
                     let mut out = Outbox::default();
                     self.handler.on_api_result(result, Instant::now(), &mut out);
+                    self.execute(out).await;
+                }
+                Some((tag, result)) = self.store_writes.next(), if !self.store_writes.is_empty() => {
+                    let mut out = Outbox::default();
+                    self.handler.on_store_result(tag, result, Instant::now(), &mut out);
                     self.execute(out).await;
                 }
                 _ = sleep_until(wake.into()) => {
