@@ -1087,11 +1087,16 @@ mod tests {
     fn a_returning_baton_gives_the_floor_to_the_stored_holder_not_the_starting_agent() {
         use proto::participant_info::Kind;
         let now = Instant::now();
-        let mut snapshot = crate::store::Snapshot::default();
-        snapshot.record = Some(crate::store::RoomRecord {
-            floor: Some(crate::store::FloorRecord { identity: "agent-2".into(), agent: "billing".into() }),
+        let snapshot = crate::store::Snapshot {
+            record: Some(crate::store::RoomRecord {
+                floor: Some(crate::store::FloorRecord {
+                    identity: "agent-2".into(),
+                    agent: "billing".into(),
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         let mut c = coordinator_with_api(now).with_store(stored_client(), snapshot);
         let (roster, joins) = Roster::new(
             "PA_baton",
@@ -1142,11 +1147,13 @@ mod tests {
     fn a_stored_holder_that_left_does_not_get_the_floor_and_the_session_end_forgets_the_room() {
         use proto::participant_info::Kind;
         let now = Instant::now();
-        let mut snapshot = crate::store::Snapshot::default();
-        snapshot.record = Some(crate::store::RoomRecord {
-            floor: Some(crate::store::FloorRecord { identity: "gone".into(), agent: "billing".into() }),
+        let snapshot = crate::store::Snapshot {
+            record: Some(crate::store::RoomRecord {
+                floor: Some(crate::store::FloorRecord { identity: "gone".into(), agent: "billing".into() }),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         let mut c = coordinator_with_api(now).with_store(stored_client(), snapshot);
         let (roster, joins) = Roster::new("PA_baton", &[info("caller", Kind::Standard, None)]);
         let mut out = Outbox::default();

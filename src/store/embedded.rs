@@ -214,7 +214,7 @@ impl EmbeddedStore {
         txn.commit().map_err(unavailable)
     }
 
-    fn rooms_now(&self) -> Result<Vec<(String, Option<Lease>)>, StateError> {
+    fn rooms_now(&self) -> Result<super::RoomLeases, StateError> {
         let txn = self.db.begin_read().map_err(unavailable)?;
         let touched = txn.open_table(TOUCHED).map_err(unavailable)?;
         let leases = txn.open_table(LEASES).map_err(unavailable)?;
@@ -309,7 +309,7 @@ impl StateStore for EmbeddedStore {
         self.blocking(move |s| s.release_now(&room, &holder, token)).await
     }
 
-    async fn rooms(&self) -> Result<Vec<(String, Option<Lease>)>, StateError> {
+    async fn rooms(&self) -> Result<super::RoomLeases, StateError> {
         self.blocking(|s| s.rooms_now()).await
     }
 }

@@ -239,7 +239,7 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Rooms with stored state and who last held each (`None`: no live lease), for a worker
     /// that comes back and looks for the rooms it held.
-    fn rooms(&self) -> impl Future<Output = Result<Vec<(String, Option<Lease>)>, StateError>> + Send;
+    fn rooms(&self) -> impl Future<Output = Result<RoomLeases, StateError>> + Send;
 }
 
 /// A stored checkpoint's value: owner length (4 bytes, little endian), owner, payload.
@@ -258,6 +258,9 @@ fn decode_checkpoint(v: &[u8]) -> Option<(String, Vec<u8>)> {
     let owner = std::str::from_utf8(v.get(4..4usize.checked_add(len)?)?).ok()?.to_owned();
     Some((owner, v.get(4 + len..)?.to_vec()))
 }
+
+/// Rooms with stored state and the live lease of each, as [`StateStore::rooms`] answers.
+pub type RoomLeases = Vec<(String, Option<Lease>)>;
 
 /// Unix epoch milliseconds now.
 pub fn epoch_ms() -> u64 {

@@ -201,14 +201,14 @@ impl StateStore for RedisStore {
 
     async fn load(&self, room: &str) -> Result<Snapshot, StateError> {
         let mut conn = self.conn.clone();
-        let (record, ckpt, lease): (Option<Vec<u8>>, BTreeMap<String, Vec<u8>>, Option<String>) =
-            redis::pipe()
-                .get(key(room, "record"))
-                .hgetall(key(room, "ckpt"))
-                .get(key(room, "lease"))
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+        type Stored = (Option<Vec<u8>>, BTreeMap<String, Vec<u8>>, Option<String>);
+        let (record, ckpt, lease): Stored = redis::pipe()
+            .get(key(room, "record"))
+            .hgetall(key(room, "ckpt"))
+            .get(key(room, "lease"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
         let corrupt = |reason: String| StateError::Corrupt { room: room.into(), reason };
         let record = match record {
             Some(v) => {
@@ -261,7 +261,7 @@ impl StateStore for RedisStore {
         Ok(())
     }
 
-    async fn rooms(&self) -> Result<Vec<(String, Option<Lease>)>, StateError> {
+    async fn rooms(&self) -> Result<super::RoomLeases, StateError> {
         let mut conn = self.conn.clone();
         let cutoff = epoch_ms().saturating_sub(ms(self.ttl));
         let (rooms,): (Vec<String>,) = redis::pipe()

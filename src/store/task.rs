@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Acquired, Lease, RETRY_EVERY, Snapshot, StateError, StateStore, Write};
+use super::{Acquired, RETRY_EVERY, Snapshot, StateError, StateStore, Write};
 
 /// What a room asks of the store task.
 #[derive(Debug)]
@@ -54,7 +54,7 @@ pub enum Request {
     /// Rooms with stored state.
     Rooms {
         /// Where the answer goes.
-        reply: oneshot::Sender<Result<Vec<(String, Option<Lease>)>, StateError>>,
+        reply: oneshot::Sender<Result<super::RoomLeases, StateError>>,
     },
 }
 
@@ -135,7 +135,7 @@ impl StoreHandle {
     }
 
     /// Rooms with stored state, and their live leases.
-    pub async fn rooms(&self) -> Result<Vec<(String, Option<Lease>)>, StateError> {
+    pub async fn rooms(&self) -> Result<super::RoomLeases, StateError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Rooms { reply });
         rx.await.unwrap_or_else(|_| Err(gone()))
