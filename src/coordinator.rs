@@ -1037,11 +1037,7 @@ mod tests {
         let mut c = coordinator_with_api(now);
         let mut out = Outbox::default();
         c.on_connected(&Roster::default(), now, &mut out);
-        let listed = ApiResult {
-            tag: 0,
-            call: ApiCall::ListDispatch,
-            result: Ok(ApiReply::Dispatched(vec!["triage".into()])),
-        };
+        let listed = dispatch_list(&["triage"]);
         let mut out = Outbox::default();
         c.on_api_result(listed, now, &mut out);
         assert!(out.calls.is_empty(), "{:?}", out.calls);
@@ -1068,6 +1064,22 @@ mod tests {
         assert!(activate.1["id"].as_str().is_some_and(|s| !s.is_empty()));
     }
 
+    /// The server's answer to ListDispatch naming `agents`.
+    fn dispatch_list(agents: &[&str]) -> ApiResult {
+        let names = agents.iter().map(|a| a.to_string()).collect();
+        ApiResult { tag: 0, call: ApiCall::ListDispatch, result: Ok(ApiReply::Dispatched(names)) }
+    }
+
+    /// A caller, triage (`agent-1`) and billing (`agent-2`).
+    fn caller_triage_billing() -> Vec<proto::ParticipantInfo> {
+        use proto::participant_info::Kind;
+        vec![
+            info("caller", Kind::Standard, None),
+            info("agent-1", Kind::Agent, Some("triage")),
+            info("agent-2", Kind::Agent, Some("billing")),
+        ]
+    }
+
     fn stored_client() -> crate::store::RoomStoreClient {
         let (handle, _) = crate::store::StoreHandle::detached();
         crate::store::RoomStoreClient { handle, room: "r".into(), holder: "test".into(), token: 1 }
@@ -1085,7 +1097,6 @@ mod tests {
 
     #[test]
     fn a_returning_baton_gives_the_floor_to_the_stored_holder_not_the_starting_agent() {
-        use proto::participant_info::Kind;
         let now = Instant::now();
         let snapshot = crate::store::Snapshot {
             record: Some(crate::store::RoomRecord {
@@ -1098,24 +1109,13 @@ mod tests {
             ..Default::default()
         };
         let mut c = coordinator_with_api(now).with_store(stored_client(), snapshot);
-        let (roster, joins) = Roster::new(
-            "PA_baton",
-            &[
-                info("caller", Kind::Standard, None),
-                info("agent-1", Kind::Agent, Some("triage")),
-                info("agent-2", Kind::Agent, Some("billing")),
-            ],
-        );
+        let (roster, joins) = Roster::new("PA_baton", &caller_triage_billing());
         let mut out = Outbox::default();
         for change in &joins {
             c.on_change(change, &roster, now, &mut out);
         }
         c.on_connected(&roster, now, &mut out);
-        let listed = ApiResult {
-            tag: 0,
-            call: ApiCall::ListDispatch,
-            result: Ok(ApiReply::Dispatched(vec!["triage".into()])),
-        };
+        let listed = dispatch_list(&["triage"]);
         let mut out = Outbox::default();
         c.on_api_result(listed, now, &mut out);
         for (agent, id) in [("agent-1", "t-1"), ("agent-2", "b-1")] {
@@ -1161,8 +1161,7 @@ mod tests {
             c.on_change(change, &roster, now, &mut out);
         }
         c.on_connected(&roster, now, &mut out);
-        let listed =
-            ApiResult { tag: 0, call: ApiCall::ListDispatch, result: Ok(ApiReply::Dispatched(vec![])) };
+        let listed = dispatch_list(&[]);
         let mut out = Outbox::default();
         c.on_api_result(listed, now, &mut out);
         assert!(
@@ -1225,19 +1224,11 @@ mod tests {
     /// A warm handoff triage -> billing with no bundle, driven to its end; returns every control
     /// message sent and the finished handoff's trace ids.
     fn warm_handoff(trace_context: bool) -> (Vec<(String, Value)>, Option<TraceParent>) {
-        use proto::participant_info::Kind;
         let t0 = Instant::now();
         let policy = Policy::with_agents(["triage", "billing"]);
         let cfg = CoordinatorConfig { room: "r".into(), policy, api: None, echo: false, trace_context };
         let mut c = Coordinator::new(cfg, t0).expect("policy");
-        let (roster, _) = Roster::new(
-            "PA_baton",
-            &[
-                info("caller", Kind::Standard, None),
-                info("agent-1", Kind::Agent, Some("triage")),
-                info("agent-2", Kind::Agent, Some("billing")),
-            ],
-        );
+        let (roster, _) = Roster::new("PA_baton", &caller_triage_billing());
         let mut out = Outbox::default();
         c.on_connected(&roster, t0, &mut out);
         for (who, msg) in [

@@ -644,6 +644,22 @@ fn object(members: &BTreeMap<&str, String>) -> String {
 
 /// A journal entry as the checkpoint wire carries it (status and output included).
 fn journal_json(e: &JournalEntry) -> String {
+    let mut m = entry_members(e);
+    if let Some(o) = &e.output {
+        m.insert("output", o.json.clone());
+    }
+    let status = match e.status {
+        CallStatus::Started => "started",
+        CallStatus::Finished => "finished",
+        CallStatus::Cancelled => "cancelled",
+    };
+    m.insert("status", json_str(status));
+    object(&m)
+}
+
+/// The members a journal entry has both on the checkpoint wire and in a bundle's
+/// `tool_calls_in_flight`.
+fn entry_members(e: &JournalEntry) -> BTreeMap<&'static str, String> {
     let mut m: BTreeMap<&str, String> = BTreeMap::new();
     m.insert("arguments", json_str(&e.arguments));
     m.insert("call_id", json_str(&e.call_id));
@@ -652,18 +668,9 @@ fn journal_json(e: &JournalEntry) -> String {
     if let Some(n) = &e.note {
         m.insert("note", json_str(n));
     }
-    if let Some(o) = &e.output {
-        m.insert("output", o.json.clone());
-    }
     m.insert("rerun", json_str(rerun_name(e.rerun)));
     m.insert("started_at", json_f64(e.started_at));
-    let status = match e.status {
-        CallStatus::Started => "started",
-        CallStatus::Finished => "finished",
-        CallStatus::Cancelled => "cancelled",
-    };
-    m.insert("status", json_str(status));
-    object(&m)
+    m
 }
 
 fn rerun_name(r: Rerun) -> &'static str {
@@ -675,17 +682,7 @@ fn rerun_name(r: Rerun) -> &'static str {
 }
 
 fn in_flight_entry(e: &JournalEntry) -> String {
-    let mut m: BTreeMap<&str, String> = BTreeMap::new();
-    m.insert("arguments", json_str(&e.arguments));
-    m.insert("call_id", json_str(&e.call_id));
-    m.insert("idempotency_key", json_str(&e.idempotency_key));
-    m.insert("name", json_str(&e.name));
-    if let Some(n) = &e.note {
-        m.insert("note", json_str(n));
-    }
-    m.insert("rerun", json_str(rerun_name(e.rerun)));
-    m.insert("started_at", json_f64(e.started_at));
-    object(&m)
+    object(&entry_members(e))
 }
 
 /// Size limits of a room's checkpoints.
