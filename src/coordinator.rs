@@ -13,7 +13,7 @@ use baton_floor::{
 };
 use livekit_protocol as proto;
 
-use crate::observe::TraceParent;
+use crate::observe::{Stat, TraceParent};
 use crate::protocol::{self, control};
 use crate::relay::{Relay, RelayConfig, RelayEvent, Routing, Transmit};
 use crate::room::{Change, Incoming, Member, Outbox, RoomHandler, Roster};
@@ -298,6 +298,7 @@ impl Coordinator {
                 if let RelayEvent::CheckpointApplied { from, transfer_id, agent, .. } = &event {
                     self.store_checkpoint(from.clone(), *transfer_id, agent, out);
                 }
+                out.stats.extend(relay_stat(&event));
                 if let Some(event) = arbiter_event(event) {
                     self.arbiter_handle(event, now);
                 }
@@ -523,7 +524,10 @@ impl Coordinator {
             Err(DecodeError::UnsupportedVersion { id, version }) if is_agent => {
                 return answer(&Reply::unsupported_version(version), &id, out);
             }
-            Err(e) => return refuse(&format!("rejected control message: {e}")),
+            Err(e) => {
+                out.stats.push(Stat::ControlUndecodable(e.name()));
+                return refuse(&format!("rejected control message: {e}"));
+            }
         };
         let message = match env.message {
             Inbound::Ping if kind.is_some() => return answer(&Reply::Pong, &env.id, out),
@@ -709,6 +713,21 @@ impl RoomHandler for Coordinator {
     fn finished(&self) -> bool {
         self.finished
     }
+}
+
+/// What the metrics count of a relay event, if anything.
+fn relay_stat(event: &RelayEvent) -> Option<Stat> {
+    Some(match event {
+        RelayEvent::CheckpointApplied { bytes, state_bytes, .. } => {
+            Stat::CheckpointApplied { bytes: *bytes, state_bytes: *state_bytes }
+        }
+        RelayEvent::CheckpointRejected { .. } => Stat::CheckpointRejected,
+        RelayEvent::Delivered { bytes_sent, bytes_resent, .. } => {
+            Stat::BundleDelivered { bytes_sent: *bytes_sent, bytes_resent: *bytes_resent }
+        }
+        RelayEvent::Rejected { .. } => Stat::TransferFrameRejected,
+        _ => return None,
+    })
 }
 
 /// What the arbiter needs to know of a relay event, if anything.

@@ -114,6 +114,47 @@ impl Dropped {
     }
 }
 
+/// Something the metrics count that is not an event of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stat {
+    /// A checkpoint was merged into the room's state: its payload size, and what the room's
+    /// merged checkpoints take after it (bytes).
+    CheckpointApplied { bytes: u64, state_bytes: u64 },
+    /// A checkpoint was refused or its transfer failed.
+    CheckpointRejected,
+    /// baton delivered a bundle: chunk bytes sent, and of those the bytes sent again.
+    BundleDelivered { bytes_sent: u64, bytes_resent: u64 },
+    /// A context-transfer frame was refused (undecodable, unknown transfer, over a limit,
+    /// unauthorized sender).
+    TransferFrameRejected,
+    /// A control message was dropped before the floor arbiter saw it, by the decoder's reason
+    /// (`too_large`, `malformed`, `unsupported_version`, `unknown_type`, `invalid`).
+    ControlUndecodable(&'static str),
+}
+
+/// Bucket bounds of `baton_handoff_caller_gap_seconds` (s): fine around the 60 ms a caller
+/// starts to notice, coarse beyond.
+const GAP_BUCKETS: [f64; 9] = [0.0, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0, 2.0];
+
+/// The longest silence (ms) baton saw between a completed handoff's source and its target, from
+/// the timeline's marks: the source quiet before the filler came on, the filler gone before the
+/// target was heard, or, with no filler, quiet to heard. `None` when a mark it needs is missing
+/// (no `source_quiet` or `target_audible`: a failed handoff or one never heard). The marks come
+/// from speaking signals (the agent's `lk.agent.state`, the SFU's active speakers), so this is
+/// a lower bound on what the caller hears: the network and the caller's jitter buffer add to it.
+pub fn caller_gap_ms(t: &Timeline) -> Option<u64> {
+    if t.outcome != Some(Outcome::Completed) {
+        return None;
+    }
+    let quiet = t.ms(Phase::SourceQuiet)?;
+    let heard = t.ms(Phase::TargetAudible)?;
+    Some(match (t.ms(Phase::FillerOn), t.ms(Phase::FillerOff)) {
+        (Some(on), Some(off)) => on.saturating_sub(quiet).max(heard.saturating_sub(off)),
+        (Some(on), None) => on.saturating_sub(quiet),
+        _ => heard.saturating_sub(quiet),
+    })
+}
+
 /// baton's metrics. Cheap to update from any thread (atomics); [`Metrics::encode`] renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -128,6 +169,7 @@ pub struct Metrics {
     phase: HistogramFamily<PhaseLabels>,
     request_to_audible: Histogram,
     filler: Histogram,
+    caller_gap: Histogram,
     bundle: Histogram,
     refusals: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
@@ -138,6 +180,12 @@ pub struct Metrics {
     webhook_queue: Gauge,
     store_errors: Counter,
     store_degraded: Gauge,
+    checkpoints: Family<OutcomeLabels, Counter>,
+    checkpoint_bytes: Histogram,
+    checkpoint_state: Histogram,
+    delivered_bytes: Counter,
+    resent_bytes: Counter,
+    transfer_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -209,6 +257,13 @@ impl Metrics {
                 Some(Unit::Seconds),
                 seconds_histogram(),
             ),
+            caller_gap: registered(
+                &mut r,
+                "handoff_caller_gap",
+                "Longest silence between the source and the target that baton saw in a completed handoff: source quiet to filler on, or filler off to the target heard (from speaking signals; network and jitter-buffer delay are not in it)",
+                Some(Unit::Seconds),
+                Histogram::new(GAP_BUCKETS.iter().copied()),
+            ),
             bundle: registered(
                 &mut r,
                 "bundle",
@@ -273,7 +328,73 @@ impl Metrics {
                 None,
                 Gauge::default(),
             ),
+            checkpoints: registered(
+                &mut r,
+                "checkpoints",
+                "Checkpoints from agents holding the floor, by outcome (applied, rejected)",
+                None,
+                Family::default(),
+            ),
+            checkpoint_bytes: registered(
+                &mut r,
+                "checkpoint",
+                "Payload size of the checkpoints baton applied",
+                Some(Unit::Bytes),
+                bytes_histogram(),
+            ),
+            checkpoint_state: registered(
+                &mut r,
+                "checkpoint_state",
+                "What a room's merged checkpoints take, sampled after each applied checkpoint",
+                Some(Unit::Bytes),
+                bytes_histogram(),
+            ),
+            delivered_bytes: registered(
+                &mut r,
+                "bundle_delivered",
+                "Chunk bytes baton sent delivering bundles to targets, retransmissions included",
+                Some(Unit::Bytes),
+                Counter::default(),
+            ),
+            resent_bytes: registered(
+                &mut r,
+                "transfer_retransmitted",
+                "Chunk bytes baton sent again in its deliveries (chunks a RESUME found missing)",
+                Some(Unit::Bytes),
+                Counter::default(),
+            ),
+            transfer_rejected: registered(
+                &mut r,
+                "transfer_frames_rejected",
+                "Context-transfer frames refused (undecodable, unknown transfer, over a limit, unauthorized sender)",
+                None,
+                Counter::default(),
+            ),
             registry: r,
+        }
+    }
+
+    /// Counts one [`Stat`].
+    pub fn count(&self, stat: &Stat) {
+        match stat {
+            Stat::CheckpointApplied { bytes, state_bytes } => {
+                self.checkpoints.get_or_create(&OutcomeLabels { outcome: "applied".into() }).inc();
+                self.checkpoint_bytes.observe(*bytes as f64);
+                self.checkpoint_state.observe(*state_bytes as f64);
+            }
+            Stat::CheckpointRejected => {
+                self.checkpoints.get_or_create(&OutcomeLabels { outcome: "rejected".into() }).inc();
+            }
+            Stat::BundleDelivered { bytes_sent, bytes_resent } => {
+                self.delivered_bytes.inc_by(*bytes_sent);
+                self.resent_bytes.inc_by(*bytes_resent);
+            }
+            Stat::TransferFrameRejected => {
+                self.transfer_rejected.inc();
+            }
+            Stat::ControlUndecodable(reason) => {
+                self.rejected.get_or_create(&ReasonLabels { reason: (*reason).to_string() }).inc();
+            }
         }
     }
 
@@ -355,6 +476,9 @@ impl Metrics {
             self.request_to_audible.observe(secs(ms));
         }
         self.record_filler(t);
+        if let Some(ms) = caller_gap_ms(t) {
+            self.caller_gap.observe(secs(ms));
+        }
         if let Some(bytes) = t.bundle_bytes {
             self.bundle.observe(bytes as f64);
         }
@@ -453,6 +577,7 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         let mut t = Timeline::new("h-1", "triage", "billing", "refund", t0);
         t.mark(Phase::Requested, t0, None);
+        t.mark(Phase::SourceQuiet, at(260), Some("quiet".into()));
         t.mark(Phase::FillerOn, at(300), None);
         t.mark(Phase::FillerOff, at(1_500), None);
         t.mark(Phase::TargetAudible, at(1_450), None);
@@ -476,11 +601,73 @@ mod tests {
         assert_eq!(sample(&text, r#"baton_handoff_phase_seconds_sum{phase="filler_on"}"#), Some(0.3));
         assert_eq!(sample(&text, "baton_handoff_request_to_audible_seconds_sum"), Some(1.45));
         assert_eq!(sample(&text, "baton_handoff_filler_seconds_sum"), Some(1.2));
+        // Quiet at 260, filler at 300: 40 ms; the filler outlasts the target's first words.
+        assert_eq!(sample(&text, "baton_handoff_caller_gap_seconds_sum"), Some(0.04));
+        assert_eq!(sample(&text, r#"baton_handoff_caller_gap_seconds_bucket{le="0.04"}"#), Some(1.0));
+        assert_eq!(sample(&text, r#"baton_handoff_caller_gap_seconds_bucket{le="0.02"}"#), Some(0.0));
         assert_eq!(sample(&text, r#"baton_bundle_bytes_bucket{le="16384.0"}"#), Some(1.0));
         assert_eq!(sample(&text, r#"baton_bundle_bytes_bucket{le="4096.0"}"#), Some(0.0));
         assert_eq!(sample(&text, r#"baton_handoff_refusals_total{reason="same_agent"}"#), Some(1.0));
         assert_eq!(sample(&text, r#"baton_events_total{event="handoff_finished"}"#), Some(1.0));
         m.record(&Event::RoomLeft);
         assert_eq!(sample(&m.encode(), "baton_rooms"), Some(0.0));
+    }
+
+    fn handoff(marks: &[(Phase, u64)], outcome: Outcome) -> Timeline {
+        let t0 = Instant::now();
+        let mut t = Timeline::new("h-1", "triage", "billing", "refund", t0);
+        for (phase, ms) in marks {
+            t.mark(*phase, t0 + Duration::from_millis(*ms), None);
+        }
+        t.outcome = Some(outcome);
+        t
+    }
+
+    #[test]
+    fn the_caller_gap_is_the_longer_silence_at_either_end_of_the_filler() {
+        use Phase::{FillerOff, FillerOn, Requested, SourceQuiet, TargetAudible};
+        let done = Outcome::Completed;
+        // Filler before the source went quiet, target heard 90 ms after the filler stopped.
+        let t = handoff(
+            &[(Requested, 0), (FillerOn, 10), (SourceQuiet, 400), (FillerOff, 900), (TargetAudible, 990)],
+            done,
+        );
+        assert_eq!(caller_gap_ms(&t), Some(90));
+        // 150 ms of nothing before the filler, none after.
+        let t = handoff(&[(SourceQuiet, 100), (FillerOn, 250), (TargetAudible, 800), (FillerOff, 810)], done);
+        assert_eq!(caller_gap_ms(&t), Some(150));
+        // No filler at all: quiet to heard.
+        let t = handoff(&[(SourceQuiet, 100), (TargetAudible, 170)], done);
+        assert_eq!(caller_gap_ms(&t), Some(70));
+        // Unknown without a quiet source or a heard target, and for a failed handoff.
+        assert_eq!(caller_gap_ms(&handoff(&[(FillerOn, 10), (TargetAudible, 500)], done)), None);
+        assert_eq!(caller_gap_ms(&handoff(&[(SourceQuiet, 10), (FillerOn, 20)], done)), None);
+        let t = handoff(&[(SourceQuiet, 100), (TargetAudible, 170)], Outcome::Failed);
+        assert_eq!(caller_gap_ms(&t), None);
+    }
+
+    #[test]
+    fn stats_count_checkpoints_transfer_bytes_and_undecodable_messages() {
+        let m = Metrics::new();
+        m.count(&Stat::CheckpointApplied { bytes: 2_000, state_bytes: 9_000 });
+        m.count(&Stat::CheckpointApplied { bytes: 500, state_bytes: 9_400 });
+        m.count(&Stat::CheckpointRejected);
+        m.count(&Stat::BundleDelivered { bytes_sent: 70_000, bytes_resent: 14_000 });
+        m.count(&Stat::BundleDelivered { bytes_sent: 1_000, bytes_resent: 0 });
+        m.count(&Stat::TransferFrameRejected);
+        m.count(&Stat::ControlUndecodable("malformed"));
+        m.count(&Stat::ControlUndecodable("malformed"));
+        m.count(&Stat::ControlUndecodable("too_large"));
+        let text = m.encode();
+        assert_eq!(sample(&text, r#"baton_checkpoints_total{outcome="applied"}"#), Some(2.0), "{text}");
+        assert_eq!(sample(&text, r#"baton_checkpoints_total{outcome="rejected"}"#), Some(1.0));
+        assert_eq!(sample(&text, "baton_checkpoint_bytes_sum"), Some(2_500.0));
+        assert_eq!(sample(&text, "baton_checkpoint_bytes_count"), Some(2.0));
+        assert_eq!(sample(&text, "baton_checkpoint_state_bytes_sum"), Some(18_400.0));
+        assert_eq!(sample(&text, "baton_bundle_delivered_bytes_total"), Some(71_000.0));
+        assert_eq!(sample(&text, "baton_transfer_retransmitted_bytes_total"), Some(14_000.0));
+        assert_eq!(sample(&text, "baton_transfer_frames_rejected_total"), Some(1.0));
+        assert_eq!(sample(&text, r#"baton_control_messages_rejected_total{reason="malformed"}"#), Some(2.0));
+        assert_eq!(sample(&text, r#"baton_control_messages_rejected_total{reason="too_large"}"#), Some(1.0));
     }
 }

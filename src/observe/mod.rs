@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use event::{Event, SCHEMA_VERSION};
+pub use metrics::Stat;
 pub use trace::TraceParent;
 pub use webhook::WebhookConfig;
 
@@ -241,6 +242,9 @@ impl Observed {
     fn pass(&self, out: &mut Outbox) {
         for event in out.events.drain(..) {
             self.emit(&event);
+        }
+        for stat in out.stats.drain(..) {
+            self.observer.metrics().count(&stat);
         }
     }
 }

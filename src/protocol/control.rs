@@ -80,14 +80,20 @@ impl DecodeError {
 }
 
 /// Decodes a payload received on `baton.control`: a payload over [`MAX_PACKET_PAYLOAD`] is
-/// refused unread; the rest is read once into the typed [`Envelope`]. Only a payload that fails
-/// is looked at again, to say precisely why (and to answer an unknown version even when its
+/// refused unread; the rest is parsed once into a JSON value, whose `type` must be a string, and
+/// read from it into the typed [`Envelope`]. Only a payload that fails is looked at again, to say precisely why (and to answer an unknown version even when its
 /// members are not this version's).
 pub fn decode(payload: &[u8]) -> Result<Envelope<Inbound>, DecodeError> {
     if payload.len() > MAX_PACKET_PAYLOAD {
         return Err(DecodeError::TooLarge(payload.len()));
     }
-    let envelope: Envelope<Inbound> = serde_json::from_slice(payload).map_err(|_| explain(payload))?;
+    let value: Value = serde_json::from_slice(payload).map_err(|_| explain(payload))?;
+    // serde takes an internally tagged enum's tag by its variant index too (`"type": 4` would
+    // decode as the fifth message), so the tag must be seen to be a string first.
+    if !matches!(value.get("type"), Some(Value::String(_))) {
+        return Err(explain(payload));
+    }
+    let envelope = Envelope::<Inbound>::deserialize(&value).map_err(|_| explain(payload))?;
     if envelope.id.is_empty() || envelope.id.len() > MAX_MESSAGE_ID {
         return Err(DecodeError::Malformed(format!("`id` must be 1 to {MAX_MESSAGE_ID} characters")));
     }

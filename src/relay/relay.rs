@@ -157,6 +157,8 @@ pub enum RelayEvent {
         delivery_id: TransferId,
         /// Chunk bytes baton sent for this delivery, retransmissions included.
         bytes_sent: u64,
+        /// Of `bytes_sent`, the bytes of chunks sent more than once.
+        bytes_resent: u64,
     },
     /// The target acknowledged more of a delivery: it now holds `bytes` of it (wire bytes, in
     /// whole chunks, counted from the start of the delivery). Reported when the count grows.
@@ -935,10 +937,16 @@ impl Relay {
                 tracing::warn!(%from, transfer_id = %id, %error, "incoming bundle failed");
                 self.emit(RelayEvent::ReceiveFailed { from, transfer_id: id, error });
             }
-            Event::Sent { to, id, bytes_sent } => {
+            Event::Sent { to, id, bytes_sent, bytes_resent } => {
                 if let Some(transfer_id) = self.deliveries.remove(&(to.clone(), id)) {
-                    tracing::info!(%to, %transfer_id, delivery_id = %id, bytes_sent, "bundle delivered");
-                    self.emit(RelayEvent::Delivered { to, transfer_id, delivery_id: id, bytes_sent });
+                    tracing::info!(%to, %transfer_id, delivery_id = %id, bytes_sent, bytes_resent, "bundle delivered");
+                    self.emit(RelayEvent::Delivered {
+                        to,
+                        transfer_id,
+                        delivery_id: id,
+                        bytes_sent,
+                        bytes_resent,
+                    });
                 }
             }
             Event::SendFailed { to, id, error } => {

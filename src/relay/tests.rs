@@ -237,7 +237,7 @@ fn source_to_relay_to_target_byte_exact() {
         .relay_events
         .iter()
         .filter_map(|e| match e {
-            RelayEvent::Delivered { to, transfer_id, delivery_id, bytes_sent } => {
+            RelayEvent::Delivered { to, transfer_id, delivery_id, bytes_sent, .. } => {
                 Some((to.clone(), *transfer_id, *delivery_id, *bytes_sent))
             }
             _ => None,
@@ -383,7 +383,7 @@ fn a_bundle_still_arriving_is_forwarded_as_it_arrives() {
     assert_eq!(net.send_outcome("a", t(7)), Some(Ok(())));
     assert_eq!(net.delivered_to("b"), vec![(did, payload.clone(), r#"{"to":"b"}"#.into())]);
     let sent = net.relay_events.iter().find_map(|e| match e {
-        RelayEvent::Delivered { to, transfer_id, delivery_id, bytes_sent }
+        RelayEvent::Delivered { to, transfer_id, delivery_id, bytes_sent, .. }
             if to == "b" && *transfer_id == t(7) =>
         {
             Some((*delivery_id, *bytes_sent))

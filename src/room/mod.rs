@@ -84,6 +84,9 @@ pub struct Outbox {
     /// worker's store task; each answer comes back through [`RoomHandler::on_store_result`]
     /// once the write is durable (or refused).
     pub store: Vec<(u64, crate::store::Write)>,
+    /// Counts for the metrics alone (transfers, checkpoints, undecodable messages): too
+    /// frequent or too internal for the event stream. The same wrapper hands them on.
+    pub stats: Vec<crate::observe::Stat>,
 }
 
 impl Outbox {

@@ -15,10 +15,11 @@ import uuid
 from typing import Any
 
 import pytest
-from harness import LiveKitServer, config_file, joined_baton, run
+from harness import LiveKitServer, config_file, free_port, joined_baton, run
 from lk_baton import ErrorCode, TransferError, send_bundle
 from lk_baton import checkpoint as cp
 from test_handoff import CONFIG, caller_triage_and_standby_billing
+from test_observe import scrape, value
 
 APPLIED = re.compile(r"checkpoint applied.*agent=(\w+) seq=(\d+)")
 
@@ -49,7 +50,8 @@ def test_checkpoints_are_acknowledged_and_an_out_of_sequence_one_is_refused_then
     server: LiveKitServer,
 ) -> None:
     room = f"c-{uuid.uuid4().hex[:8]}"
-    with joined_baton(server, room, "--config", config_file(CONFIG)) as baton:
+    port = free_port()
+    with joined_baton(server, room, "--config", config_file(CONFIG), "--http", f"127.0.0.1:{port}") as baton:
 
         async def scenario() -> None:
             caller, a, b = await caller_triage_and_standby_billing(server, room)
@@ -97,6 +99,7 @@ def test_checkpoints_are_acknowledged_and_an_out_of_sequence_one_is_refused_then
             await caller.close()
 
         run(scenario())
+        metrics = scrape(port)
         applied = [ln for _, ln in baton.lines if "checkpoint applied" in ln]
         by_agent = [(m.group(1), m.group(2)) for ln in applied if (m := APPLIED.search(ln))]
         assert by_agent == [("billing", "0"), ("billing", "1"), ("billing", "4"), ("triage", "0")], baton.text()
@@ -105,3 +108,9 @@ def test_checkpoints_are_acknowledged_and_an_out_of_sequence_one_is_refused_then
         assert "out_of_sequence" in refused_lines[0] and "wrong_agent" in refused_lines[1], refused_lines
         # Nothing of it went into the bundle store.
         assert "bundle received and stored" not in baton.text(), baton.text()
+        # The metrics count the same: four applied (their payload sizes observed), two refused.
+        assert value(metrics, "baton_checkpoints_total", outcome="applied") == 4, metrics
+        assert value(metrics, "baton_checkpoints_total", outcome="rejected") == 2
+        assert value(metrics, "baton_checkpoint_bytes_count") == 4
+        assert (value(metrics, "baton_checkpoint_bytes_sum") or 0) > 4 * 100
+        assert value(metrics, "baton_checkpoint_state_bytes_count") == 4

@@ -93,6 +93,7 @@ async def call_with_handoffs(
         await asyncio.to_thread(before_forgery)
     forged = {"v": 1, "type": "handoff", "id": "evil-1", "target": "billing", "reason": "forged"}
     await caller.send("baton.control", json.dumps(forged).encode(), ["baton"])
+    await caller.send("baton.control", b'{"v":1,"type":', ["baton"])
     # The server may tell baton about a caller that publishes nothing after its packet arrives;
     # baton holds such a packet up to 2 s and then judges it from an unknown participant.
     await asyncio.to_thread(baton.wait_for, r'"event":"security_rejected"', 5)
@@ -180,6 +181,16 @@ def test_metrics_count_a_handoff_a_refusal_and_a_forgery(server: LiveKitServer) 
     filler = (phases["filler_off"] - phases["filler_on"]) / 1000
     assert value(m, "baton_handoff_filler_seconds_sum") == filler and filler > 0.5, filler
     assert value(m, "baton_bundle_bytes_sum") == len(BUNDLE) == t["bundle_bytes"]
+    # baton delivered the bundle to billing: its chunks, framing included, in whole.
+    delivered = value(m, "baton_bundle_delivered_bytes_total") or 0
+    assert len(BUNDLE) <= delivered < 2 * len(BUNDLE), delivered
+    resent = value(m, "baton_transfer_retransmitted_bytes_total")
+    assert resent is not None and 0 <= resent <= delivered, resent
+    assert value(m, "baton_control_messages_rejected_total", reason="malformed") == 1, rejected
+    # The caller-heard gap baton saw: quiet -> filler on, or filler off -> billing heard.
+    gap = max(phases["filler_on"] - phases["source_quiet"], phases["target_audible"] - phases["filler_off"], 0)
+    assert value(m, "baton_handoff_caller_gap_seconds_count") == 1
+    assert value(m, "baton_handoff_caller_gap_seconds_sum") == gap / 1000, (gap, phases)
     assert value(m, "baton_bundle_bytes_bucket", le="65536.0") == 1
     assert value(m, "baton_bundle_bytes_bucket", le="16384.0") == 0
     assert value(m, "baton_handoff_duration_seconds_count", outcome="completed") == 1

@@ -139,8 +139,6 @@ pub enum AgentMessage {
         #[serde(default)]
         truncated: bool,
     },
-    // Last: serde also accepts an internally tagged variant's index as its tag (`"type":5`), and
-    // the control vectors pin what those decode to; a new variant goes at the end.
     /// The floor holder expects to hand the call to `target` soon (its model considers a
     /// transfer): baton gets an instance of `target` into the room as a muted standby, so the
     /// handoff, if it comes within `hint_timeout`, is warm. Never answered; a refused hint is

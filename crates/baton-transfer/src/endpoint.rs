@@ -73,6 +73,8 @@ pub enum Event {
         /// Chunk bytes sent for this transfer, retransmissions included (compressed bytes when
         /// it was deflated).
         bytes_sent: u64,
+        /// Of `bytes_sent`, the bytes of chunks sent more than once (retransmissions).
+        bytes_resent: u64,
     },
     /// An outgoing transfer ended without confirmation.
     SendFailed {
@@ -723,9 +725,12 @@ impl Endpoint {
         while let Some(ev) = s.poll_event() {
             done = true;
             self.out.push_back(Output::Event(match ev {
-                SenderEvent::Completed => {
-                    Event::Sent { to: key.0.clone(), id: key.1, bytes_sent: s.bytes_sent() }
-                }
+                SenderEvent::Completed => Event::Sent {
+                    to: key.0.clone(),
+                    id: key.1,
+                    bytes_sent: s.bytes_sent(),
+                    bytes_resent: s.bytes_resent(),
+                },
                 SenderEvent::Failed(error) => Event::SendFailed { to: key.0.clone(), id: key.1, error },
             }));
         }

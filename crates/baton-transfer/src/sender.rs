@@ -84,6 +84,8 @@ pub struct Sender {
     tx_count: u64,
     /// DATA payload bytes handed out by `poll_frame`, retransmissions included.
     bytes_sent: u64,
+    /// Of `bytes_sent`, those of chunks sent again (found missing by a RESUME or a gap).
+    bytes_resent: u64,
     resume_mark: Option<u64>,
     cum_acked: u32,
     next_new: u32,
@@ -180,6 +182,7 @@ impl Sender {
             last_tx: vec![0; count],
             tx_count: 0,
             bytes_sent: 0,
+            bytes_resent: 0,
             resume_mark: None,
             cum_acked: 0,
             next_new: 0,
@@ -371,6 +374,7 @@ impl Sender {
         if self.in_flight >= window {
             return None;
         }
+        let resend = !self.lost.is_empty();
         let index = if let Some(i) = self.lost.pop_first() {
             i
         } else if (self.next_new as usize) < self.chunks.len()
@@ -393,7 +397,15 @@ impl Sender {
         let start = index as usize * cs;
         let end = (start + cs).min(self.wire.len());
         self.bytes_sent += (end - start) as u64;
+        if resend {
+            self.bytes_resent += (end - start) as u64;
+        }
         Some(Frame::Data { id: self.id, index, bytes: self.wire[start..end].to_vec() })
+    }
+
+    /// Of [`bytes_sent`](Self::bytes_sent), the bytes of chunks sent more than once.
+    pub fn bytes_resent(&self) -> u64 {
+        self.bytes_resent
     }
 
     /// Chunk bytes sent so far (DATA payloads, retransmissions included; compressed bytes when
@@ -591,6 +603,7 @@ mod tests {
             })
             .collect();
         assert_eq!(idx, vec![1, 2, 5]);
+        assert_eq!((s.bytes_sent(), s.bytes_resent()), (9 * 256, 3 * 256), "six first sends, three resends");
     }
 
     #[test]
