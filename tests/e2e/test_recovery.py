@@ -35,7 +35,8 @@ from crashes import (
     last_match,
     recovered_items,
 )
-from harness import ROOT, Baton, LiveKitServer, Process, baton_worker, run
+from harness import ROOT, Baton, LiveKitServer, Process, baton_worker, free_port, run
+from test_observe import scrape, value
 
 CONFIG = ROOT / "configs" / "baton.toml"
 
@@ -47,10 +48,10 @@ def desk_triage(server: LiveKitServer, monkeypatch: pytest.MonkeyPatch) -> Proce
 
 
 def baton_and_triage(
-    server: LiveKitServer, monkeypatch: pytest.MonkeyPatch, config: Path = CONFIG
+    server: LiveKitServer, monkeypatch: pytest.MonkeyPatch, config: Path = CONFIG, *args: str
 ) -> tuple[Baton, Process]:
-    """``baton worker --config config`` and the desk's triage worker, both registered."""
-    baton = baton_worker(server, "--config", str(config))
+    """``baton worker --config config [args]`` and the desk's triage worker, both registered."""
+    baton = baton_worker(server, "--config", str(config), *args)
     triage = desk_triage(server, monkeypatch)
     try:
         baton.wait_for(r"worker registered", 30)
@@ -67,10 +68,13 @@ def baton_and_triage(
 def test_sigkill_of_the_triage_job_mid_call_is_replaced_from_its_checkpoint(
     server: LiveKitServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, standby: bool
 ) -> None:
-    baton, triage = baton_and_triage(server, monkeypatch)
+    port = free_port()
+    baton, triage = baton_and_triage(server, monkeypatch, CONFIG, "--http", f"127.0.0.1:{port}")
     room = f"recovery-{uuid.uuid4().hex[:6]}"
     try:
         crash = run(converse_then_kill(server, room, triage, standby=standby), timeout=150)
+        baton.wait_for(r'"kind":"recovery".*"outcome":"completed"|"outcome":"completed".*"kind":"recovery"', 15)
+        metrics = scrape(port)
     finally:
         demo._stop_group("triage", triage.proc)
         baton.stop()
@@ -97,6 +101,12 @@ def test_sigkill_of_the_triage_job_mid_call_is_replaced_from_its_checkpoint(
     # participant and recorded the recovery's timeline.
     assert "agent crashed; replacing it from its last checkpoint" in baton.text(), log
     assert '"kind":"recovery"' in baton.text() and '"outcome":"completed"' in baton.text(), log
+    # /metrics counts it as a recovery (not a handoff), with the checkpoints it was made from.
+    assert value(metrics, "baton_recoveries_total", agent="triage", outcome="completed") == 1, metrics
+    assert value(metrics, "baton_recovery_last_heartbeat_to_audible_seconds_count") == 1
+    assert not [k for k in metrics if k[0] == "baton_handoffs_total"]
+    assert (value(metrics, "baton_checkpoints_total", outcome="applied") or 0) >= 2
+    assert (value(metrics, "baton_bundle_delivered_bytes_total") or 0) > 0
 
 
 def keep_logs(tmp_path: Path, **procs: Baton) -> str:
