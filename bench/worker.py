@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -31,12 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import rss_kib, summary  # puts tests/e2e on sys.path
+from common import redis_server, rss_kib, summary  # puts tests/e2e on sys.path
 
 # isort: split
 import harness
@@ -273,13 +275,71 @@ def sample_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
     return out
 
 
+class Scraper:
+    """Scrapes baton's `/metrics` once a second, as Prometheus would, for as long as it runs:
+    the scrapes' cost is part of what the capacity run measures."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.ms: list[float] = []
+        self.failed = 0
+        self.last = ""
+        self.task: asyncio.Task[None] | None = None
+
+    def fetch(self) -> str:
+        with urllib.request.urlopen(self.url, timeout=5) as r:
+            return r.read().decode()
+
+    async def loop(self) -> None:
+        while True:
+            t = time.perf_counter()
+            try:
+                self.last = await asyncio.to_thread(self.fetch)
+                self.ms.append((time.perf_counter() - t) * 1000)
+            except OSError:
+                self.failed += 1
+            await asyncio.sleep(1.0)
+
+    def gauge(self, name: str) -> float | None:
+        for line in self.last.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+
+def redis_used_memory(url: str) -> int:
+    port = url.rsplit(":", 1)[1].strip("/")
+    out = subprocess.run(["redis-cli", "-p", port, "info", "memory"], capture_output=True, text=True).stdout
+    return next(int(x.split(":")[1]) for x in out.splitlines() if x.startswith("used_memory:"))
+
+
 async def capacity(
-    srv: LiveKitServer, config: Path, rooms: int, batch: int, idle_seconds: float, perf: Path | None
+    srv: LiveKitServer,
+    config: Path,
+    rooms: int,
+    batch: int,
+    idle_seconds: float,
+    perf: Path | None,
+    *,
+    http: bool = False,
+    store_url: str | None = None,
 ) -> dict[str, Any]:
     assert srv.proc is not None
-    worker = baton_worker(srv, "--config", str(config), "--max-rooms", str(rooms + 20), env={"BATON_LOG": "info"})
-    res: dict[str, Any] = {"target_rooms": rooms, "batch": batch}
+    extra: list[str] = []
+    scraper: Scraper | None = None
+    if http:
+        port = harness.free_port()
+        extra += ["--http", f"127.0.0.1:{port}"]
+        scraper = Scraper(port)
+    if store_url:
+        extra += ["--store-url", store_url]
+    worker = baton_worker(
+        srv, "--config", str(config), "--max-rooms", str(rooms + 20), *extra, env={"BATON_LOG": "info"}
+    )
+    res: dict[str, Any] = {"target_rooms": rooms, "batch": batch, "http": http, "store": store_url or "embedded"}
     names: list[str] = []
+    if store_url:
+        res["redis_used_memory_before"] = redis_used_memory(store_url)
     try:
         worker.wait_for(r"worker registered", 15)
         pid, spid = worker.proc.pid, srv.proc.pid
@@ -288,6 +348,8 @@ async def capacity(
         res["idle_rss_kib"] = idle_rss
         res["server_rss_kib_before"] = rss_kib(spid)
         res["cpu_empty_worker_pct"] = sample_cpu({"baton": pid, "server": spid}, 10)
+        if scraper:
+            scraper.task = asyncio.create_task(scraper.loop())
         steps: list[dict[str, float]] = []
         cpu0 = cpu_s(pid)
         t_ramp = time.monotonic()
@@ -335,6 +397,16 @@ async def capacity(
             res["cpu_idle_rooms_pct"] = sample_cpu({"baton": pid, "server": spid}, idle_seconds)
             res["idle_seconds"] = idle_seconds
             res["log_lines_while_idle"] = len(worker.lines) - lines_before
+            if store_url:
+                used = redis_used_memory(store_url)
+                res["redis_used_memory"] = used
+                res["redis_bytes_per_room"] = (used - res["redis_used_memory_before"]) / max(held, 1)
+            if scraper:
+                res["scrapes"] = summary(scraper.ms) if scraper.ms else None
+                res["scrapes_failed"] = scraper.failed
+                res["metrics_rooms"] = scraper.gauge("baton_rooms")
+                res["metrics_store_degraded"] = scraper.gauge("baton_store_degraded")
+                res["metrics_store_errors"] = scraper.gauge("baton_store_errors_total")
             if perf:
                 top = subprocess.run(
                     [
@@ -419,6 +491,10 @@ async def capacity(
         res["job_failed_lines"] = text.count("job failed")
         res["rss_after_rooms_freed_kib"] = rss_kib(pid)
     finally:
+        if scraper and scraper.task:
+            scraper.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scraper.task
         res["worker_exit"] = worker.stop(timeout=20)
         log = Path(tempfile.mkstemp(prefix="bench-worker-baton-", suffix=".log")[1])
         log.write_text(worker.text())
@@ -444,6 +520,13 @@ def main() -> None:
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-capacity", action="store_true")
     ap.add_argument("--perf", type=Path, help="also `perf record` the loaded worker 10 s; report written here")
+    ap.add_argument("--http", action="store_true", help="capacity: baton worker --http, /metrics scraped every second")
+    ap.add_argument(
+        "--store",
+        choices=["embedded", "redis", "memory"],
+        default="embedded",
+        help="capacity: the room-state store (redis: a redis-server this script starts)",
+    )
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args()
 
@@ -505,9 +588,14 @@ def main() -> None:
                 baton.stop()
         if not args.skip_capacity:
             print(f"concurrent rooms on one baton worker, up to {args.rooms}", flush=True)
-            results["capacity"] = asyncio.run(
-                capacity(srv, config, args.rooms, args.batch, args.idle_seconds, args.perf)
-            )
+            if args.store == "memory":
+                config.write_text(BENCH_CONFIG + '[store]\nkind = "memory"\n')
+            with redis_server() if args.store == "redis" else contextlib.nullcontext() as url:
+                results["capacity"] = asyncio.run(
+                    capacity(
+                        srv, config, args.rooms, args.batch, args.idle_seconds, args.perf, http=args.http, store_url=url
+                    )
+                )
     finally:
         if triage is not None:
             triage.stop()
@@ -563,6 +651,18 @@ def main() -> None:
         e = c["cpu_empty_worker_pct"]
         print(f"  CPU with no room: baton {e['baton']:.2f}%, server {e['server']:.1f}%")
         print(f"  join CPU per room (baton): {c['join_cpu_ms_per_room']:.1f} ms; job failures: {c['job_failed_lines']}")
+        print(f"  store: {c['store']}", end="")
+        if "redis_bytes_per_room" in c:
+            print(f", Redis used_memory per room {c['redis_bytes_per_room'] / 1024:.1f} KiB", end="")
+        print()
+        if c.get("http"):
+            sc = c.get("scrapes") or {}
+            print(
+                f"  /metrics scraped every 1 s: {sc.get('n', 0)} scrapes, p50 {sc.get('p50', float('nan')):.1f} ms, "
+                f"p95 {sc.get('p95', float('nan')):.1f} ms, {c['scrapes_failed']} failed; baton_rooms "
+                f"{c['metrics_rooms']}, store degraded {c['metrics_store_degraded']}, "
+                f"store errors {c['metrics_store_errors']}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 
