@@ -394,7 +394,10 @@ async def capacity(
             res["server_rss_kib"] = rss_kib(spid)
             res["server_rss_per_room_kib"] = (res["server_rss_kib"] - res["server_rss_kib_before"]) / max(held, 1)
             lines_before = len(worker.lines)
-            res["cpu_idle_rooms_pct"] = sample_cpu({"baton": pid, "server": spid}, idle_seconds)
+            # In a thread: the scraper keeps scraping on this loop meanwhile.
+            res["cpu_idle_rooms_pct"] = await asyncio.to_thread(
+                sample_cpu, {"baton": pid, "server": spid}, idle_seconds
+            )
             res["idle_seconds"] = idle_seconds
             res["log_lines_while_idle"] = len(worker.lines) - lines_before
             if store_url:
