@@ -360,6 +360,7 @@ def page_state(port: int, shot: Path) -> dict[str, Any]:
         "dom": dom,
         "identities": set(re.findall(r'class="seg floor-seg"[^>]*data-identity="([^"]+)"', dom)),
         "handoffs": re.findall(r'<tr class="handoff" data-handoff="([^"]+)" data-outcome="([^"]+)"', dom),
+        "kinds": dict(re.findall(r'<tr class="handoff" data-handoff="([^"]+)" data-outcome="[^"]+" data-kind="([^"]*)"', dom)),  # noqa: E501
         "phases": set(re.findall(r'class="phase" data-phase="([^"]+)"', dom)),
         "fillers": len(re.findall(r'class="seg filler-seg"', dom)),
         "markers": set(re.findall(r'class="marker [a-z]+" data-event="([a-z]+)"', dom)),
@@ -387,7 +388,15 @@ def test_timeline_page_shows_the_call_while_it_runs_and_after(server: LiveKitSer
                 room,
                 worker,
                 after_handoff=lambda: pages.update(live=page_state(port, SHOTS / f"baton-timeline-{room}-live.png")),
+                leave=False,
             )
+            # billing, holding the floor, vanishes without a word: baton starts a recovery,
+            # which the call's end cuts short (nothing replaces billing here).
+            start = len(worker.lines)
+            await call.billing.close()
+            await asyncio.to_thread(worker.wait_for, r'"phase":"suspected"', 10, start)
+            await asyncio.sleep(1.0)
+            await call.leave()
             return call
 
         call = run(scenario(), timeout=120)
@@ -411,6 +420,12 @@ def test_timeline_page_shows_the_call_while_it_runs_and_after(server: LiveKitSer
         )
         assert page["fillers"] >= 1, when
         assert {"refused", "security"} <= page["markers"], (when, page["markers"])
+    # After the call: billing's recovery, started when it vanished, ended with the call.
+    after = pages["after"]
+    recoveries = [h for h, kind in after["kinds"].items() if kind == "recovery"]
+    assert len(recoveries) == 1 and after["kinds"][handoff] == "handoff", after["kinds"]
+    assert (recoveries[0], "failed") in after["handoffs"], after["handoffs"]
+    assert {"suspected", "confirmed"} <= after["phases"], after["phases"]
     assert pages["live"]["states"][0] == "live"
     assert pages["after"]["states"][0] == "ended"
 

@@ -1,6 +1,6 @@
 // The call timeline page: polls api/calls every second and draws each call on a time axis
-// (who held the floor, the filler, every handoff with its phases, refusals, security
-// rejections and alerts). The event lines it reads are documented in docs/events.md.
+// (who held the floor, the filler, every handoff and recovery with its phases, refusals,
+// security rejections and alerts). The event lines it reads are documented in docs/events.md.
 // Everything from the events is inserted as text, never as HTML: agent names and reasons come
 // from the network.
 "use strict";
@@ -82,7 +82,7 @@ function model(call, now) {
         const last = Math.max(0, ...ev.phases.map((p) => p.ms));
         const h = handoff(ev.handoff, t, last);
         Object.assign(h, {
-          source: ev.source, target: ev.target, reason: ev.reason, warm: ev.warm,
+          kind: ev.kind, source: ev.source, target: ev.target, reason: ev.reason, warm: ev.warm,
           outcome: ev.outcome, failure: ev.failure, bundle: ev.bundle_bytes,
           phases: ev.phases, from: t - last, to: t,
         });
@@ -155,9 +155,10 @@ function drawCall(call, now) {
   }
   const handoffLane = lane("handoffs", "handoff-lane");
   for (const h of m.handoffs) {
-    const s = place(el("div", `seg handoff-seg ${h.outcome || "running"}`, h.id), m, h.from, h.to || m.end);
+    const kind = h.kind || "handoff";
+    const s = place(el("div", `seg handoff-seg ${kind} ${h.outcome || "running"}`, h.id), m, h.from, h.to || m.end);
     s.dataset.handoff = h.id;
-    s.title = `${h.id}: ${h.source || "?"} → ${h.target || "?"} ${h.outcome || "running"}`;
+    s.title = `${kind} ${h.id}: ${h.source || "?"} → ${h.target || "?"} ${h.outcome || "running"}`;
     handoffLane.append(s);
   }
   const markerLane = lane("events", "marker-lane");
@@ -175,13 +176,16 @@ function drawCall(call, now) {
   if (m.handoffs.length) {
     const table = el("table", "handoffs");
     const head = el("tr");
-    for (const h of ["handoff", "from → to", "outcome", "took", "phases (ms after the request)"]) head.append(el("th", null, h));
+    for (const h of ["handoff", "kind", "from → to", "outcome", "took", "phases (ms after the request or the suspicion)"]) head.append(el("th", null, h));
     table.append(head);
     for (const h of m.handoffs) {
       const row = el("tr", "handoff");
       row.dataset.handoff = h.id;
       row.dataset.outcome = h.outcome || "running";
+      // A recovery's kind is only known when it finishes (its phases alone do not say).
+      row.dataset.kind = h.kind || (h.outcome ? "handoff" : "");
       row.append(el("td", null, h.id));
+      row.append(el("td", "kind", h.kind || (h.outcome ? "handoff" : "…")));
       row.append(el("td", null, `${h.source || "?"} → ${h.target || "?"}`));
       const failure = h.failure ? ` (${h.failure})` : "";
       row.append(el("td", `outcome ${h.outcome || "running"}`, (h.outcome || "running") + failure));
