@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import loadavg_summary, summary  # noqa: E402
+from common import loadavg_summary, redis_server, summary  # noqa: E402
 from crashes import demo  # noqa: E402
 from harness import ROOT, Baton, LiveKitServer, baton_worker, dispatch_token, run  # noqa: E402
 
@@ -80,15 +79,7 @@ def one_kill(server: LiveKitServer, store: str, baton: Baton) -> tuple[Baton, di
 
 
 def store_latency(writes: int, size: int) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    redis = subprocess.Popen(
-        ["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
+    with redis_server() as url:
         out = subprocess.run(
             [
                 "cargo",
@@ -103,16 +94,13 @@ def store_latency(writes: int, size: int) -> list[dict[str, Any]]:
                 "--bytes",
                 str(size),
                 "--redis-url",
-                f"redis://127.0.0.1:{port}/",
+                url,
             ],
             cwd=ROOT,
             check=True,
             capture_output=True,
             text=True,
         ).stdout
-    finally:
-        redis.kill()
-        redis.wait()
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
