@@ -670,21 +670,65 @@ async fn adopt_rooms(
             {
                 continue;
             }
-            match api.list_participants(&room).await {
-                Ok(people) if people.iter().any(|p| p.identity != opts.protocol.identity) => {
+            let people = match api.list_participants(&room).await {
+                Ok(people) => people,
+                Err(e) => {
+                    tracing::warn!(%room, error = %e, "cannot list the room's participants");
+                    continue;
+                }
+            };
+            let identity = &opts.protocol.identity;
+            match adopt_step(people.iter().map(|p| p.identity.as_str()), identity) {
+                AdoptStep::Forget => {
+                    tracing::info!(%room, "room with stored state is gone or empty; forgetting its state");
+                    let _ = store.write(&room, 0, crate::store::Write::Forget).await;
+                }
+                AdoptStep::Dispatch { remove_stale_baton } => {
                     tracing::warn!(%room, attempt = *n, "room has state but no live baton (its baton died); dispatching baton into it");
+                    if remove_stale_baton {
+                        // The dead baton's participant is still in the room until the server
+                        // notices (about 5 s after a SIGKILL). livekit-server (1.13.5,
+                        // pkg/rtc/room.go) maps a participant identity to the newest job that
+                        // uses it, so when that stale participant is dropped after the new job
+                        // was assigned and before it joined, the server terminates the *new* job
+                        // (AGENT_LEFT_ROOM). Removing it first closes that race.
+                        match api.remove_participant(&room, identity).await {
+                            Ok(()) => tracing::info!(%room, %identity, "removed the dead baton's participant"),
+                            Err(e) => tracing::info!(%room, error = %e, "could not remove the dead baton's participant"),
+                        }
+                    }
                     if let Err(e) = api.create_dispatch(&room, &opts.protocol.agent_name, "").await {
                         tracing::warn!(%room, error = %e, "could not dispatch baton into the room");
                     }
                 }
-                Ok(_) => {
-                    tracing::info!(%room, "room with stored state is gone or empty; forgetting its state");
-                    let _ = store.write(&room, 0, crate::store::Write::Forget).await;
-                }
-                Err(e) => tracing::warn!(%room, error = %e, "cannot list the room's participants"),
             }
         }
     }
+}
+
+/// What [`adopt_rooms`] does with a room whose stored lease lapsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdoptStep {
+    /// Nobody but (maybe) a stale baton is in the room: the call is over, drop its state.
+    Forget,
+    /// People are still in the call: dispatch baton into it, removing first the participant a
+    /// dead baton left behind (`remove_stale_baton`).
+    Dispatch { remove_stale_baton: bool },
+}
+
+/// The step for a room whose lease lapsed, from the identities in it and baton's identity. A
+/// participant with baton's identity in such a room is a baton that no longer renews its lease
+/// (killed, or cut off from the store longer than a lease TTL).
+fn adopt_step<'a>(identities: impl IntoIterator<Item = &'a str>, baton: &str) -> AdoptStep {
+    let (mut others, mut stale) = (false, false);
+    for identity in identities {
+        if identity == baton {
+            stale = true;
+        } else {
+            others = true;
+        }
+    }
+    if others { AdoptStep::Dispatch { remove_stale_baton: stale } } else { AdoptStep::Forget }
 }
 
 /// When [`adopt_rooms`] first looks, after the worker started.
@@ -721,6 +765,20 @@ mod tests {
         assert!(agent_url("ftp://h").is_err());
         assert!(agent_url("127.0.0.1:7880").is_err());
         assert!(agent_url("ws://h/?x=1").is_err());
+    }
+
+    #[test]
+    fn a_room_whose_lease_lapsed_gets_baton_back_only_while_people_are_in_it() {
+        assert_eq!(adopt_step([], "baton"), AdoptStep::Forget);
+        assert_eq!(adopt_step(["baton"], "baton"), AdoptStep::Forget);
+        assert_eq!(
+            adopt_step(["caller", "agent-1"], "baton"),
+            AdoptStep::Dispatch { remove_stale_baton: false }
+        );
+        assert_eq!(
+            adopt_step(["caller", "baton", "agent-1"], "baton"),
+            AdoptStep::Dispatch { remove_stale_baton: true }
+        );
     }
 
     #[test]

@@ -352,3 +352,73 @@ class Process(Baton):
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+@dataclass
+class RedisServer:
+    """Debian's ``redis-server`` on a free loopback port with a working directory of its own and
+    no persistence; ``kill()`` and ``start()`` again reuse the port, as a restarted Redis would."""
+
+    port: int = field(default_factory=free_port)
+    dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="redis-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = Path("/usr/bin/redis-server")
+        if not binary.exists():
+            raise RuntimeError(f"{binary} missing: apt-get install redis-server")
+        log = (self.dir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), *NO_PERSISTENCE],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text(errors='replace')}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server not ready in {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: Redis vanishes at once, with everything it held (no persistence)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    """A started `RedisServer`, killed on the way out."""
+    srv = RedisServer()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+async def holder_of(room: str, workers: list[Baton], timeout: float) -> Baton:
+    """The `baton worker` (of `workers`) whose baton took `room`'s lease (its `room lease taken`
+    log line)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        for w in workers:
+            if any(f"room={room}" in x and "room lease taken" in x for x in w.text().splitlines()):
+                return w
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"no worker took the lease of {room}")

@@ -6,6 +6,9 @@ repository's configuration and an embedded room-state store, the support desk's 
   the room (the restarted worker dispatches itself into the rooms its store holds), triage keeps
   the floor (from the store and the room, not from the config's starting agent), and the
   handoff afterwards carries what the caller said before the kill.
+* Two ``baton worker`` processes share one real ``redis-server``: the one whose baton holds the
+  room gets SIGKILL; once the room's lease lapses the other worker dispatches baton into the room
+  and takes it over (the floor from Redis, the turn said before the kill in the next handoff).
 * The room is dispatched baton a second time while a baton coordinates it (a launcher retrying):
   the second job finds the room's lease held and does not join, so the running baton is not
   evicted (``DuplicateIdentity``) and the call goes on.
@@ -19,14 +22,35 @@ import re
 import signal
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from crashes import FIRST, demo
-from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_worker, dispatch_token, run
+from harness import (
+    API_KEY,
+    API_SECRET,
+    ROOT,
+    Baton,
+    LiveKitServer,
+    Process,
+    RedisServer,
+    baton_worker,
+    dispatch_token,
+    holder_of,
+    redis_server,
+    run,
+)
 from livekit import api
 
 CONFIG = ROOT / "configs" / "baton.toml"
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    """A real ``redis-server`` of the test's own (free port, temporary directory)."""
+    with redis_server() as srv:
+        yield srv
 
 
 def desk(server: LiveKitServer) -> tuple[Process, Process]:
@@ -106,6 +130,69 @@ def test_sigkill_of_baton_mid_call_a_restarted_worker_takes_the_room_back_and_tr
     assert 'you said: "Hi, my account is A-1001"' in billing_line, (
         f"billing's first line carries what the caller said before the kill: {billing_line!r}" + log
     )
+
+
+@pytest.mark.timeout(180)
+def test_two_workers_sharing_redis_the_survivor_takes_over_the_room_of_the_killed_one(
+    server: LiveKitServer, redis: RedisServer, tmp_path: Path
+) -> None:
+    env = {"BATON_STORE_URL": redis.url}
+    workers = [baton_worker(server, "--config", str(CONFIG), env=env) for _ in range(2)]
+    for w in workers:
+        w.wait_for(r"worker registered", 30)
+        w.wait_for(r"room state in Redis", 5)
+    triage, billing = desk(server)
+    room = f"shared-{uuid.uuid4().hex[:6]}"
+    marks: dict[str, object] = {}
+
+    async def call() -> tuple[str, str, str | None, str]:
+        caller = demo.Caller()
+        await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, ["baton"]))
+        try:
+            await caller.wait_line("triage", r"support desk", timeout=60)
+            holder = caller.agent_identity("triage")
+            assert holder is not None
+            first = await holder_of(room, workers, 10)
+            survivor = workers[1 - workers.index(first)]
+            marks["survivor"] = survivor
+            n = len(caller.transcript)
+            await caller.say(FIRST)
+            await caller.wait_line("triage", r"What is the problem", timeout=30, after=n)
+            await asyncio.sleep(2.0)  # the turn's checkpoint is acknowledged, so it is in Redis
+            marks["start"] = len(survivor.lines)
+            os.kill(first.proc.pid, signal.SIGKILL)
+            first.proc.wait()
+            await asyncio.to_thread(survivor.wait_for, r"floor restored from the state store", 45, marks["start"])
+            text = await handoff_to_billing(caller, len(caller.transcript))
+            return holder, text, caller.agent_identity("triage"), "\n".join(x.text for x in caller.transcript)
+        finally:
+            await caller.room.disconnect()
+
+    try:
+        holder, billing_line, triage_after, transcript = run(call(), timeout=160)
+    finally:
+        stop_all(triage, billing)
+        for i, w in enumerate(workers):
+            w.stop()
+            (tmp_path / f"baton-{i}.log").write_text(w.text())
+    survivor = marks["survivor"]
+    assert isinstance(survivor, Baton)
+    after = "\n".join(line for _, line in survivor.lines[int(str(marks["start"])) :])
+    log = f"\nsurvivor's log after the kill:\n{after[-6000:]}\ntranscript:\n{transcript}"
+    assert any(f"room={room}" in x for x in after.splitlines() if "dispatching baton into it" in x), (
+        "the survivor dispatched baton" + log
+    )
+    tokens = [re.search(r"token=(\d+)", x) for x in after.splitlines() if "room lease taken" in x and room in x]
+    assert tokens and tokens[0] is not None and int(tokens[0].group(1)) >= 2, (
+        "a new token, after the killed one's" + log
+    )
+    restored = re.search(r"floor restored from the state store.*identity=(\S+)", after)
+    assert restored is not None and restored.group(1) == holder, "the floor went back to triage" + log
+    assert triage_after == holder, "no other triage took the call" + log
+    assert 'you said: "Hi, my account is A-1001"' in billing_line, (
+        f"billing's first line carries what the caller said before the kill: {billing_line!r}" + log
+    )
+    assert "panicked" not in after, log
 
 
 @pytest.mark.timeout(180)

@@ -963,6 +963,7 @@ class BatonLink:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
         self._answered = asyncio.Event()
+        self._answer_timeout = 5.0
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._bundle_unavailable: set[str] = set()
@@ -1041,6 +1042,7 @@ class BatonLink:
         link = cls(room, session, agent_name=agent_name, role=role, job_ctx=job_ctx, **options)
         # capture bundles from now on (a bundle may arrive right after prepare), from baton only
         transport_for(room).accept_from = link._accepts_transfer_from
+        link._answer_timeout = answer_timeout
         link._listen()
         link.baton_identity = await link._find_baton(baton_identity, find_timeout)
         if link.heartbeat is not None:
@@ -1174,6 +1176,9 @@ class BatonLink:
         except ControlDecodeError as e:
             log.warning("rejected control message from baton: %s", e)
             return
+        if msg.get("type") in ("activate", "deactivate", "prepare"):
+            # an answer to hello, also when FloorClient ignores it as a repeat
+            self._answered.set()
         self.floor.handle(msg)
 
     def _accepts_transfer_from(self, participant: rtc.RemoteParticipant | None) -> bool:
@@ -1194,7 +1199,12 @@ class BatonLink:
         if participant.identity == self.baton_identity:
             if self.checkpoints is not None:
                 self.checkpoints.need_base()  # a restarted baton holds nothing of ours
-            self.floor.hello()  # baton came back: it needs our hello before it talks to us
+            # baton came back (restarted, or another worker's baton took the room over): it
+            # needs our hello before it talks to us, and the first hello can overtake the news
+            # of our participant at the new baton and be dropped, so say it again on
+            # hello_schedule until baton answers, as attach does.
+            self._answered.clear()
+            self._spawn(self._greet(self._answer_timeout))
             self.floor.resend_requests()
 
     def _on_agent_state(self, ev: AgentStateChangedEvent) -> None:

@@ -304,3 +304,32 @@ def test_reconnect_hello_does_not_rerun_the_activate_hook() -> None:
         await session.aclose()
 
     run_virtual(main)
+
+
+def test_a_baton_that_comes_back_is_greeted_until_it_answers() -> None:
+    """baton's participant connects again (a restarted baton, or another worker's taking the
+    room over) and learns of the agent 2.5 s later: the agent says hello again on the same
+    schedule as at attach until the new baton answers, and the answer (``activate(start)`` to
+    the floor holder) runs no second activation."""
+
+    async def main() -> None:
+        net = Net()
+        baton = ArbiterBaton(net)
+        activations, hook = activate_counter()
+        link, session = await attach(net, "triage", on_activate=hook)
+        await started(session)
+        await settle()
+        assert link.floor.active and len(activations) == 1
+        n = len(baton.hellos)
+        t0 = now()
+        baton.knows_at = t0 + 2.5
+        link.room.emit("participant_connected", baton.room.as_participant())
+        await settle(10)
+        again = baton.hellos[n:]
+        assert [round(t - DELIVERY - t0, 3) for t, _ in again] == [0.0, 1.0, 2.0, 3.0]
+        assert [heard for _, heard in again] == [False, False, False, True]
+        assert link.floor.active and len(activations) == 1, "no second activation"
+        await link.aclose()
+        await session.aclose()
+
+    run_virtual(main)
