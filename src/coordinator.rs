@@ -225,6 +225,28 @@ impl Coordinator {
         out.store.push((tag, write));
     }
 
+    /// After a store outage during which this room held its lease, the backend may have lost
+    /// the room's state (a Redis restarted without persistence comes back empty): the record
+    /// and every merged checkpoint are written again, so a baton that takes the room over
+    /// later restores it from the store rather than from the config.
+    fn resync_if_lost(&mut self, out: &mut Outbox) {
+        let Some(d) = self.durable.as_mut() else { return };
+        if self.finished || !d.client.handle.status().take_lost(&d.client.room) {
+            return;
+        }
+        tracing::info!(room = %self.cfg.room, "writing the room's whole state to the store again after its outage");
+        d.written = crate::store::RoomRecord::default(); // sync_record writes the record again
+        for agent in self.relay.checkpoints().agents() {
+            let Some(merged) = self.relay.checkpoints().get(agent) else { continue };
+            let write = crate::store::Write::Checkpoint {
+                agent: agent.to_owned(),
+                owner: merged.owner().to_owned(),
+                payload: merged.base_checkpoint(),
+            };
+            out.store.push((UNTRACKED_WRITE, write));
+        }
+    }
+
     /// Writes the room record when the floor, the handoff or the timeline changed.
     fn sync_record(&mut self, out: &mut Outbox) {
         if self.finished {
@@ -309,6 +331,7 @@ impl Coordinator {
             };
             if commands.is_empty() {
                 self.sync_uploaders();
+                self.resync_if_lost(out);
                 self.sync_record(out);
                 return;
             }
@@ -1159,7 +1182,19 @@ mod tests {
         let floor = |r: &crate::store::RoomRecord| r.floor.clone().map(|f| (f.identity, f.agent));
         let billing = Some(("agent-2".to_string(), "billing".to_string()));
         assert!(records(&out).iter().all(|r| floor(r) == billing), "{:?}", records(&out));
-        assert_eq!(c.durable.as_ref().map(|d| floor(&d.current)), Some(billing));
+        assert_eq!(c.durable.as_ref().map(|d| floor(&d.current)), Some(billing.clone()));
+
+        // The store was unreachable while the room held its lease and came back (maybe empty):
+        // the next exchange writes the record again although it did not change, once.
+        let status = c.durable.as_ref().map(|d| d.client.handle.status().clone()).expect("durable");
+        status.mark_lost([&"r".to_string()]);
+        let hello = r#"{"v":1,"type":"hello","id":"b-2","agent_name":"billing"}"#;
+        let mut out = Outbox::default();
+        c.on_data(&incoming("agent-2", "baton.control", hello.as_bytes()), now, &mut out);
+        assert_eq!(records(&out).iter().map(floor).collect::<Vec<_>>(), [billing], "{:?}", out.store);
+        let mut out = Outbox::default();
+        c.on_data(&incoming("agent-2", "baton.control", hello.as_bytes()), now, &mut out);
+        assert!(records(&out).is_empty(), "written again once: {:?}", out.store);
     }
 
     #[test]

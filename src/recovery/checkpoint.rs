@@ -811,6 +811,11 @@ impl Checkpoints {
         self.agents.get(agent)
     }
 
+    /// The agent names with a merged checkpoint, in name order.
+    pub fn agents(&self) -> impl Iterator<Item = &str> {
+        self.agents.keys().map(String::as_str)
+    }
+
     /// Forgets `agent`'s state.
     pub fn remove(&mut self, agent: &str) -> Option<Merged> {
         self.agents.remove(agent)

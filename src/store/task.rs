@@ -69,6 +69,9 @@ pub struct StoreStatus {
     degraded: AtomicBool,
     errors: AtomicU64,
     pending: AtomicU64,
+    /// Rooms whose stored state may be gone: the backend was unreachable while they held a
+    /// lease (a Redis restarted without persistence comes back empty).
+    lost: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl StoreStatus {
@@ -83,6 +86,17 @@ impl StoreStatus {
     /// Writes waiting for a retry.
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Relaxed)
+    }
+    /// True once after the backend came back from an outage during which `room` held a lease:
+    /// the room should write its whole state again, since the backend may have lost it.
+    pub fn take_lost(&self, room: &str) -> bool {
+        self.lost.lock().map(|mut lost| lost.remove(room)).unwrap_or(false)
+    }
+    /// Marks `rooms` as lost (see [`StoreStatus::take_lost`]).
+    pub(crate) fn mark_lost<'a>(&self, rooms: impl IntoIterator<Item = &'a String>) {
+        if let Ok(mut lost) = self.lost.lock() {
+            lost.extend(rooms.into_iter().cloned());
+        }
     }
 }
 
@@ -210,9 +224,24 @@ async fn run<S: StateStore>(
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry = tokio::time::interval(RETRY_EVERY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set by a failure of the backend, cleared by the next call it answers: the rooms held
+    // meanwhile are then marked lost.
+    let outage = AtomicBool::new(false);
+    let back = |held: &BTreeMap<String, (String, u64, Duration, tokio::time::Instant)>| {
+        if outage.swap(false, Ordering::Relaxed) {
+            tracing::info!(rooms = held.len(), "state store reachable again: its rooms write their whole state again");
+            status.mark_lost(held.keys());
+        }
+    };
     let fail = |e: &StateError| {
+        let repeated = matches!(e, StateError::Unavailable(_)) && outage.swap(true, Ordering::Relaxed);
         status.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(error = %e, "state store call failed");
+        if repeated {
+            // Every lease renewal fails while the backend is down: one warning per outage.
+            tracing::debug!(error = %e, "state store call failed");
+        } else {
+            tracing::warn!(error = %e, "state store call failed");
+        }
         on_change(StoreSignal::Error(e.to_string()));
     };
     let set_degraded = |d: bool, pending: usize| {
@@ -316,7 +345,11 @@ async fn run<S: StateStore>(
                     .collect();
                 for room in due {
                     let Some((holder, token, ttl, _)) = held.get(&room).cloned() else { continue };
-                    match store.acquire(&room, &holder, ttl).await {
+                    let result = store.acquire(&room, &holder, ttl).await;
+                    if result.is_ok() {
+                        back(&held);
+                    }
+                    match result {
                         Ok(Acquired::Held(lease)) if lease.token == token => {
                             held.insert(room, (holder, token, ttl, now));
                         }
@@ -352,6 +385,7 @@ async fn run<S: StateStore>(
                             if let Err(e) = &result {
                                 fail(e);
                             }
+                            back(&held);
                             order.pop_front();
                             if let Some(p) = pending.remove(&k) {
                                 for reply in p.replies {

@@ -248,6 +248,8 @@ fn redis_store_down_fails_fast_and_the_task_catches_up_when_it_returns() {
         assert_eq!(answers.0.expect("join"), Ok(()));
         assert_eq!(answers.1.expect("join"), Ok(()));
         assert!(!handle.status().degraded(), "caught up");
+        assert!(handle.status().take_lost("r"), "the room held its lease through the outage");
+        assert!(!handle.status().take_lost("r"), "told once");
         // Redis restarted empty (no persistence in this test): the newest state was written.
         let fresh = RedisStore::new(&server.url(), 1 << 20, Duration::from_secs(60)).expect("client");
         let snap = fresh.load("r").await.expect("load");

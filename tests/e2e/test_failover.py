@@ -9,6 +9,12 @@ repository's configuration and an embedded room-state store, the support desk's 
 * Two ``baton worker`` processes share one real ``redis-server``: the one whose baton holds the
   room gets SIGKILL; once the room's lease lapses the other worker dispatches baton into the room
   and takes it over (the floor from Redis, the turn said before the kill in the next handoff).
+* Redis is killed mid-call (no persistence: it comes back empty) and started again on the same
+  port 8 s later: meanwhile a turn is said and checkpointed, baton keeps coordinating from memory,
+  logs the degraded store and reports ``baton_store_degraded`` 1 on ``/metrics``; when Redis is
+  back the waiting writes go in (the metric goes back to 0, the room's record and triage's
+  checkpoint are in Redis again) and the handoff afterwards carries the turn said during the
+  outage.
 * The room is dispatched baton a second time while a baton coordinates it (a launcher retrying):
   the second job finds the room's lease held and does not join, so the running baton is not
   evicted (``DuplicateIdentity``) and the call goes on.
@@ -20,6 +26,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -37,11 +44,13 @@ from harness import (
     RedisServer,
     baton_worker,
     dispatch_token,
+    free_port,
     holder_of,
     redis_server,
     run,
 )
 from livekit import api
+from test_observe import scrape, value
 
 CONFIG = ROOT / "configs" / "baton.toml"
 
@@ -193,6 +202,85 @@ def test_two_workers_sharing_redis_the_survivor_takes_over_the_room_of_the_kille
         f"billing's first line carries what the caller said before the kill: {billing_line!r}" + log
     )
     assert "panicked" not in after, log
+
+
+def degraded(port: int) -> float | None:
+    return value(scrape(port), "baton_store_degraded")
+
+
+async def until_degraded(port: int, want: float, timeout: float) -> float:
+    """Polls ``baton_store_degraded`` until it is `want`; returns the seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while (got := await asyncio.to_thread(degraded, port)) != want:
+        if loop.time() - start > timeout:
+            raise TimeoutError(f"baton_store_degraded stayed {got}, not {want}, for {timeout} s")
+        await asyncio.sleep(0.2)
+    return loop.time() - start
+
+
+def redis_cli(redis: RedisServer, *args: str) -> str:
+    return subprocess.run(
+        ["/usr/bin/redis-cli", "-p", str(redis.port), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.mark.timeout(180)
+def test_redis_down_and_back_mid_call_baton_coordinates_from_memory_and_catches_up(
+    server: LiveKitServer, redis: RedisServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    baton = baton_worker(
+        server, "--config", str(CONFIG), "--http", f"127.0.0.1:{port}", env={"BATON_STORE_URL": redis.url}
+    )
+    triage, billing = desk(server)
+    baton.wait_for(r"worker registered", 30)
+    room = f"redis-down-{uuid.uuid4().hex[:6]}"
+    seen: dict[str, object] = {}
+
+    async def call() -> tuple[str, str]:
+        caller = demo.Caller()
+        await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, ["baton"]))
+        try:
+            await caller.wait_line("triage", r"support desk", timeout=60)
+            holder = caller.agent_identity("triage")
+            assert holder is not None
+            seen["before"] = await asyncio.to_thread(degraded, port)
+            loop = asyncio.get_running_loop()
+            t_kill = loop.time()
+            redis.kill()
+            n = len(caller.transcript)
+            await caller.say(FIRST)  # a turn, and its checkpoint, while Redis is down
+            await caller.wait_line("triage", r"What is the problem", timeout=30, after=n)
+            seen["to_degraded_s"] = await until_degraded(port, 1, 15)
+            await asyncio.sleep(max(0.0, 8.0 - (loop.time() - t_kill)))  # an 8 s outage
+            seen["during"] = await asyncio.to_thread(degraded, port)
+            redis.start()
+            seen["to_caught_up_s"] = await until_degraded(port, 0, 15)
+            seen["record"] = redis_cli(redis, "GET", f"baton:{{{room}}}:record")
+            seen["ckpt"] = redis_cli(redis, "HKEYS", f"baton:{{{room}}}:ckpt")
+            line = await handoff_to_billing(caller, len(caller.transcript))
+            return holder, line
+        finally:
+            await caller.room.disconnect()
+
+    try:
+        holder, billing_line = run(call(), timeout=160)
+    finally:
+        stop_all(triage, billing)
+        baton.stop()
+        (tmp_path / "baton.log").write_text(baton.text())
+    text = baton.text()
+    log = f"\nseen: {seen}\nbaton:\n{text[-6000:]}"
+    assert seen["before"] == 0 and seen["during"] == 1, log
+    assert "state store unavailable: rooms keep coordinating from memory" in text, log
+    assert "state store back: pending writes caught up" in text, log
+    assert holder in str(seen["record"]), "the room's record (floor: triage) is in Redis again" + log
+    assert "triage" in str(seen["ckpt"]).split(), "triage's checkpoint is in Redis again" + log
+    assert 'you said: "Hi, my account is A-1001"' in billing_line, (
+        f"billing's first line carries what the caller said while Redis was down: {billing_line!r}" + log
+    )
+    assert "panicked" not in text, log
 
 
 @pytest.mark.timeout(180)
