@@ -1,25 +1,33 @@
 """`./scripts/bench failover`: baton itself killed mid-call (issue 14).
 
 1. kill -> back: one local livekit-server, the support desk's triage worker, and `baton worker`
-   (configs/baton.toml, an embedded room-state store in a temporary directory). Per kill, a fresh
-   room: a caller joins (its token dispatches baton), triage greets it, then `baton worker` gets
-   SIGKILL and is started again at once on the same store. Measured from the kill:
+   (configs/baton.toml). Per kill, a fresh room: a caller joins (its token dispatches baton),
+   triage greets it, then the worker whose baton holds the room gets SIGKILL. Measured from the
+   kill:
      - back in the room: the new baton's `joined: data channel open`;
      - coordinating: its `floor restored from the state store` (the floor went back to triage).
-   Both include starting the process, registering, the worker's look at its store (1 s after it
-   starts) and the dispatch it issues for the room.
+   `--store embedded` (default): one worker, an embedded store in a temporary directory; the
+   killed worker is started again at once on the same store (process start, registration, its
+   first look at the store 1 s after it starts, and the dispatch it issues are included).
+   `--store redis --workers 2`: the workers share a `redis-server` this script starts; the
+   survivor takes the room over once the killed baton's lease lapses (lease TTL 3 s, the
+   survivor looks at the store every lease TTL). A replacement worker is started after each
+   kill.
 2. checkpoint write latency: `examples/store_bench.rs`, a 20 kB checkpoint written through the
    store task until durable, to the embedded store and to a `redis-server` this script starts.
 
-    .venv/bin/python bench/failover.py [--kills 10] [--writes 200] [--bytes 20000] [--json PATH]
+    .venv/bin/python bench/failover.py [--kills 10] [--store embedded|redis] [--workers N]
+                                       [--writes 200] [--bytes 20000] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,9 +40,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import loadavg_summary, redis_server, summary  # noqa: E402
+from common import loadavg_summary, summary  # noqa: E402
 from crashes import demo  # noqa: E402
-from harness import ROOT, Baton, LiveKitServer, baton_worker, dispatch_token, run  # noqa: E402
+from harness import ROOT, Baton, LiveKitServer, baton_worker, dispatch_token, holder_of, redis_server, run  # noqa: E402
 
 RESULTS = HERE / "results" / "failover.json"
 CONFIG = ROOT / "configs" / "baton.toml"
@@ -45,27 +53,46 @@ def loadavg() -> tuple[float, float, float]:
     return float(a), float(b), float(c)
 
 
-def one_kill(server: LiveKitServer, store: str, baton: Baton) -> tuple[Baton, dict[str, Any]]:
-    """One call, one SIGKILL of `baton`; returns the restarted worker and the timings (ms)."""
+def one_kill(
+    server: LiveKitServer, workers: list[Baton], env: dict[str, str], shared: bool, n_workers: int
+) -> dict[str, Any]:
+    """One call, one SIGKILL of the worker whose baton holds the room. Embedded store (`shared`
+    false): that worker is started again at once on the same store and the new one is watched.
+    Redis (`shared`): the other workers are watched, and a replacement is started once the room
+    is coordinated again, so every kill finds as many workers. `workers` is updated in place;
+    returns the timings (ms from the kill)."""
     room = f"failover-{uuid.uuid4().hex[:6]}"
-    env = {"BATON_STORE_PATH": store}
     result: dict[str, Any] = {"room": room}
-    new: Baton | None = None
+
+    async def first(watch: list[Baton], pattern: str, starts: dict[int, int], timeout: float) -> float:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for w in watch:
+                for at, line in w.lines[starts.get(id(w), 0) :]:
+                    if rx.search(line) and room in line:
+                        return at
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"no {pattern!r} for {room}")
 
     async def call() -> None:
-        nonlocal new
         caller = demo.Caller()
         await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, ["baton"]))
         try:
             await caller.wait_line("triage", r"support desk", timeout=60)
+            holder = await holder_of(room, workers, 10)
             await asyncio.sleep(1.0)
+            others = [w for w in workers if w is not holder]
+            starts = {id(w): len(w.lines) for w in others}
             t_kill = time.monotonic()
-            os.kill(baton.proc.pid, signal.SIGKILL)
-            baton.proc.wait()
-            new = baton_worker(server, "--config", str(CONFIG), env=env)
-            at, _ = await asyncio.to_thread(new.wait_for, r"joined: data channel open", 60)
-            result["back_ms"] = (at - t_kill) * 1000
-            at, _ = await asyncio.to_thread(new.wait_for, r"floor restored from the state store", 30)
+            os.kill(holder.proc.pid, signal.SIGKILL)
+            holder.proc.wait()
+            workers.remove(holder)
+            if not shared:
+                workers.append(baton_worker(server, "--config", str(CONFIG), env=env))
+            watch = workers if not shared else others
+            result["back_ms"] = (await first(watch, r"joined: data channel open", starts, 60) - t_kill) * 1000
+            at = await first(watch, r"floor restored from the state store", starts, 30)
             result["coordinating_ms"] = (at - t_kill) * 1000
         finally:
             await caller.room.disconnect()
@@ -74,12 +101,13 @@ def one_kill(server: LiveKitServer, store: str, baton: Baton) -> tuple[Baton, di
         run(call(), timeout=120)
     except Exception as e:
         result["error"] = repr(e)
-    assert new is not None or "error" in result
-    return (new or baton_worker(server, "--config", str(CONFIG), env=env)), result
+    while len(workers) < n_workers:
+        workers.append(baton_worker(server, "--config", str(CONFIG), env=env))
+    return result
 
 
 def store_latency(writes: int, size: int) -> list[dict[str, Any]]:
-    with redis_server() as url:
+    with redis_server() as redis:
         out = subprocess.run(
             [
                 "cargo",
@@ -94,7 +122,7 @@ def store_latency(writes: int, size: int) -> list[dict[str, Any]]:
                 "--bytes",
                 str(size),
                 "--redis-url",
-                url,
+                redis.url,
             ],
             cwd=ROOT,
             check=True,
@@ -107,12 +135,21 @@ def store_latency(writes: int, size: int) -> list[dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--writes", type=int, default=200)
+    p.add_argument("--store", choices=("embedded", "redis"), default="embedded")
+    p.add_argument("--workers", type=int, default=None, help="baton workers (default 1 embedded, 2 redis)")
+    p.add_argument("--writes", type=int, default=200, help="checkpoint writes timed per store (0: skip)")
     p.add_argument("--bytes", type=int, default=20000)
-    p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    shared = args.store == "redis"
+    n_workers = args.workers or (2 if shared else 1)
+    if shared and n_workers < 2:
+        p.error("--store redis needs --workers 2 or more (a survivor takes the room over)")
+    if not shared and n_workers != 1:
+        p.error("the embedded store has one worker per directory: --workers 1")
+    out = args.json or (RESULTS.with_name("failover-redis.json") if shared else RESULTS)
     loads = [loadavg()]
-    latency = store_latency(args.writes, args.bytes)
+    latency = store_latency(args.writes, args.bytes) if args.writes > 0 else []
     for row in latency:
         print(
             f"checkpoint write {row['store']:>8}: p50 {row['p50_ms']:.2f} ms, p95 {row['p95_ms']:.2f} ms "
@@ -120,26 +157,34 @@ def main() -> None:
         )
     server = LiveKitServer()
     server.start()
-    store = tempfile.mkdtemp(prefix="baton-state-")
+    stack = contextlib.ExitStack()
+    if shared:
+        env = {"BATON_STORE_URL": stack.enter_context(redis_server()).url}
+    else:
+        env = {"BATON_STORE_PATH": tempfile.mkdtemp(prefix="baton-state-")}
     triage = demo.agent_worker(server, "triage.py")
-    baton = baton_worker(server, "--config", str(CONFIG), env={"BATON_STORE_PATH": store})
+    workers = [baton_worker(server, "--config", str(CONFIG), env=env) for _ in range(n_workers)]
     kills: list[dict[str, Any]] = []
     try:
         triage.wait_for(r"^triage: registered", 60)
-        baton.wait_for(r"worker registered", 30)
         for n in range(args.kills):
-            baton, r = one_kill(server, store, baton)
+            for w in workers:
+                w.wait_for(r"worker registered", 30)
+            r = one_kill(server, workers, env, shared, n_workers)
             loads.append(loadavg())
             kills.append(r)
             print(f"kill {n + 1}: {r}", flush=True)
-            baton.wait_for(r"worker registered", 30)
     finally:
         demo._stop_group("triage", triage.proc)
-        baton.stop()
+        for w in workers:
+            w.stop()
         server.stop()
+        stack.close()
     ok = [k for k in kills if "error" not in k]
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "store": args.store,
+        "workers": n_workers,
         "kills": len(kills),
         "failed": len(kills) - len(ok),
         "back_ms": summary([k["back_ms"] for k in ok]) if ok else None,
@@ -153,8 +198,8 @@ def main() -> None:
         if s:
             stats = f"p50 {s['p50']:.0f} ms, p95 {s['p95']:.0f} ms, max {s['max']:.0f} ms (n={s['n']})"
             print(f"kill -> {key[:-3]:>12}: {stats}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
