@@ -82,7 +82,12 @@ def triage_script(ctx: llm.ChatContext) -> Step:
         if m is None:
             return ("Could you tell me your account number, please?", [])
         return ("One moment, let me look up your account.", [("lookup_account", {"account_id": m.group(1)})])
-    if any(i.type == "function_call" and i.name == "transfer_to_billing" for i in ctx.items):
+    transfers = sum(1 for i in ctx.items if i.type == "function_call" and i.name == "transfer_to_billing")
+    if transfers == 1 and "again" in said[-1].lower():
+        # the caller asks for billing once more after a handback ("please try billing again")
+        reason = f"billing problem on account {account['account_id']}, second try: {said[0]}"
+        return ("Let me try our billing team again.", [("transfer_to_billing", {"reason": reason})])
+    if transfers:
         # baton handed the call back (billing never came): do not loop on transfers
         return (
             "I am sorry, our billing team is not available right now. "

@@ -15,6 +15,12 @@ repository's configuration and an embedded room-state store, the support desk's 
   back the waiting writes go in (the metric goes back to 0, the room's record and triage's
   checkpoint are in Redis again) and the handoff afterwards carries the turn said during the
   outage.
+* ``baton worker`` is killed in the middle of a handoff (triage -> billing accepted, billing
+  dispatched, not yet activated) and started again on the same store: the unfinished handoff fails
+  back to triage, exactly one agent's track is unmuted (triage's), and the handoff asked again
+  afterwards ("please try billing again") reaches billing with the context. What the caller
+  heard between the kill and the restored floor is measured and printed (baton's filler is
+  baton's own track: it dies with it).
 * The room is dispatched baton a second time while a baton coordinates it (a launcher retrying):
   the second job finds the room's lease held and does not join, so the running baton is not
   evicted (``DuplicateIdentity``) and the call goes on.
@@ -50,6 +56,7 @@ from harness import (
     run,
 )
 from livekit import api
+from peers import audible_grid, longest_run
 from test_observe import scrape, value
 
 CONFIG = ROOT / "configs" / "baton.toml"
@@ -202,6 +209,98 @@ def test_two_workers_sharing_redis_the_survivor_takes_over_the_room_of_the_kille
         f"billing's first line carries what the caller said before the kill: {billing_line!r}" + log
     )
     assert "panicked" not in after, log
+
+
+async def unmuted_agents(server: LiveKitServer, room: str) -> set[str]:
+    """Agents (participant kind AGENT, baton excepted) with an audio track the server does not
+    hold muted: the ones the caller can hear."""
+    async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+        res = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+    return {
+        p.identity
+        for p in res.participants
+        if p.kind == api.ParticipantInfo.Kind.AGENT
+        and p.identity != "baton"
+        and any(t.type == api.TrackType.AUDIO and not t.muted for t in p.tracks)
+    }
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_of_baton_mid_handoff_a_restarted_baton_leaves_one_audible_agent_and_a_later_handoff_works(
+    server: LiveKitServer, tmp_path: Path
+) -> None:
+    env = {"BATON_STORE_PATH": tempfile.mkdtemp(prefix="baton-state-")}
+    first = baton_worker(server, "--config", str(CONFIG), env=env)
+    triage, billing = desk(server)
+    first.wait_for(r"worker registered", 30)
+    room = f"midhandoff-{uuid.uuid4().hex[:6]}"
+    second: Baton | None = None
+    seen: dict[str, object] = {}
+
+    async def call() -> tuple[str, str]:
+        nonlocal second
+        loop = asyncio.get_running_loop()
+        caller = demo.Caller()
+        await caller.room.connect(server.url, dispatch_token(demo.CALLER, room, ["baton"]))
+        try:
+            await caller.wait_line("triage", r"support desk", timeout=60)
+            holder = caller.agent_identity("triage")
+            assert holder is not None
+            n = len(caller.transcript)
+            await caller.say(FIRST)
+            await caller.wait_line("triage", r"What is the problem", timeout=30, after=n)
+            await asyncio.sleep(2.0)  # its checkpoint is durable
+            start = len(first.lines)
+            await caller.say(demo.PROBLEM)  # triage hands off to billing
+            await asyncio.to_thread(first.wait_for, r"handoff phase.*phase=TargetDispatched", 30, start)
+            t_kill = loop.time()
+            os.kill(first.proc.pid, signal.SIGKILL)
+            first.proc.wait()
+            seen["killed_after"] = [x for _, x in first.lines[start:] if "handoff phase" in x][-1][-120:]
+            second = baton_worker(server, "--config", str(CONFIG), env=env)
+            await asyncio.to_thread(second.wait_for, r"floor restored from the state store", 45)
+            t_restored = loop.time()
+            await asyncio.sleep(5.0)
+            seen["unmuted_after_restore"] = await unmuted_agents(server, room)
+            levels = caller.recorder.arrived()
+            grid = audible_grid(levels, t_kill, t_restored)
+            seen["kill_to_restored_s"] = round(t_restored - t_kill, 2)
+            seen["silent_s_kill_to_restored"] = round(longest_run(grid, lambda a: not a), 2)
+            seen["heard_kill_to_restored"] = sorted({w for cell in grid for w in cell})
+            after = audible_grid(levels, t_restored, loop.time())
+            seen["heard_after_restored"] = sorted({w for cell in after for w in cell})
+            n = len(caller.transcript)
+            # The desk's triage does not transfer twice unless asked again (after a handback).
+            await caller.say("Please try billing again.")
+            line = await caller.wait_line("billing", r".", timeout=60, after=n)
+            await asyncio.sleep(3.0)
+            seen["unmuted_after_handoff"] = await unmuted_agents(server, room)
+            seen["billing"] = caller.agent_identity("billing")
+            return holder, line.text
+        finally:
+            await caller.room.disconnect()
+
+    try:
+        holder, billing_line = run(call(), timeout=170)
+    finally:
+        stop_all(triage, billing)
+        first.stop()
+        if second is not None:
+            second.stop()
+        (tmp_path / "baton-killed.log").write_text(first.text())
+        (tmp_path / "baton-restarted.log").write_text(second.text() if second else "")
+    print("mid-handoff kill:", seen)
+    assert second is not None
+    text = second.text()
+    log = f"\nseen: {seen}\nbaton (restarted):\n{text[-6000:]}"
+    restored = re.search(r"floor restored from the state store.*identity=(\S+) unfinished=Some\(\"(h-\d+)\"\)", text)
+    assert restored is not None and restored.group(1) == holder, "triage got the floor back" + log
+    assert seen["unmuted_after_restore"] == {holder}, "exactly one audible agent: triage" + log
+    assert 'you said: "Hi, my account is A-1001"' in billing_line, (
+        f"the later handoff reached billing with the context: {billing_line!r}" + log
+    )
+    assert seen["unmuted_after_handoff"] == {seen["billing"]}, "exactly one audible agent: billing" + log
+    assert "panicked" not in text, log
 
 
 def degraded(port: int) -> float | None:
