@@ -118,6 +118,8 @@ pub(super) struct RoomTask {
     store_writes: FuturesUnordered<StoreFuture>,
     /// Where the handler's store writes go.
     store: Option<crate::store::RoomStoreClient>,
+    /// Callers missing after a rejoin, awaited before they count as gone.
+    callers_back: super::callers_back::CallersBack,
 }
 
 type ApiCallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult> + Send>>;
@@ -166,6 +168,7 @@ impl RoomTask {
             api: None,
             store_writes: FuturesUnordered::new(),
             store: None,
+            callers_back: Default::default(),
         };
         task.api = task.handler.server_api();
         task.store = task.handler.state_store();
@@ -245,6 +248,10 @@ impl RoomTask {
             if let Some(due) = handler_due {
                 wake = wake.min(due);
             }
+            let callers_due = self.callers_back.next_deadline();
+            if let Some(due) = callers_due {
+                wake = wake.min(due);
+            }
             let mut lost: Option<String> = None;
             let drop_signal = self.params.drop_signal.clone();
             tokio::select! {
@@ -296,6 +303,13 @@ impl RoomTask {
                     if self.mute_after_fade && self.envelope.silent_from(self.audio_tick + 1) {
                         self.mute_after_fade = false;
                         self.set_muted(true).await;
+                    }
+                    if callers_due.is_some_and(|due| due <= now) {
+                        let mut out = Outbox::default();
+                        for c in self.callers_back.due(now) {
+                            self.handler.on_change(&c, &self.roster, now, &mut out);
+                        }
+                        self.execute(out).await;
                     }
                     if handler_due.is_some_and(|due| due <= now) {
                         let mut out = Outbox::default();
@@ -543,6 +557,7 @@ impl RoomTask {
             }
             Resp::Update(u) => {
                 let changes = self.roster.apply(&u.participants);
+                self.callers_back.seen(&changes);
                 let mut out = Outbox::default();
                 for c in &changes {
                     log_change(c);
@@ -691,11 +706,11 @@ impl RoomTask {
         let (roster, joined) = Roster::new(&own.sid, &join.other_participants);
         self.roster = roster;
         let mut out = Outbox::default();
-        for m in before {
-            if self.roster.get(&m.identity).is_none() {
-                self.handler.on_change(&super::Change::Left(m), &self.roster, Instant::now(), &mut out);
-            }
+        let missing = before.into_iter().filter(|m| self.roster.get(&m.identity).is_none()).collect();
+        for c in self.callers_back.after_rejoin(missing, Instant::now()) {
+            self.handler.on_change(&c, &self.roster, Instant::now(), &mut out);
         }
+        self.callers_back.seen(&joined);
         for c in &joined {
             self.handler.on_change(c, &self.roster, Instant::now(), &mut out);
         }

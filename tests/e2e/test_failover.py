@@ -21,6 +21,10 @@ repository's configuration and an embedded room-state store, the support desk's 
   afterwards ("please try billing again") reaches billing with the context. What the caller
   heard between the kill and the restored floor is measured and printed (baton's filler is
   baton's own track: it dies with it).
+* livekit-server is SIGKILLed mid-call and started again on the same ports: baton, the agents
+  and the caller come back to the room; baton does not end the session if it is back before the
+  caller (it waits for the caller, bounded), triage keeps the floor and the handoff afterwards
+  carries the turn said before the restart.
 * The room is dispatched baton a second time while a baton coordinates it (a launcher retrying):
   the second job finds the room's lease held and does not join, so the running baton is not
   evicted (``DuplicateIdentity``) and the call goes on.
@@ -301,6 +305,66 @@ def test_sigkill_of_baton_mid_handoff_a_restarted_baton_leaves_one_audible_agent
     )
     assert seen["unmuted_after_handoff"] == {seen["billing"]}, "exactly one audible agent: billing" + log
     assert "panicked" not in text, log
+
+
+@pytest.mark.timeout(180)
+def test_livekit_server_restart_mid_call_the_call_goes_on_and_a_later_handoff_works(tmp_path: Path) -> None:
+    srv = LiveKitServer()
+    srv.start()
+    baton = baton_worker(srv, "--config", str(CONFIG))
+    triage, billing = desk(srv)
+    baton.wait_for(r"worker registered", 30)
+    room = f"restart-{uuid.uuid4().hex[:6]}"
+    seen: dict[str, object] = {}
+
+    async def call() -> tuple[str, str]:
+        caller = demo.Caller()
+        reconnected = asyncio.Event()
+        caller.room.on("reconnected", lambda *_: reconnected.set())
+        await caller.room.connect(srv.url, dispatch_token(demo.CALLER, room, ["baton"]))
+        try:
+            await caller.wait_line("triage", r"support desk", timeout=60)
+            holder = caller.agent_identity("triage")
+            assert holder is not None
+            n = len(caller.transcript)
+            await caller.say(FIRST)
+            await caller.wait_line("triage", r"What is the problem", timeout=30, after=n)
+            await asyncio.sleep(2.0)
+            mark = len(baton.lines)
+            seen["mark"] = mark
+            srv.kill()
+            await asyncio.sleep(1.0)
+            srv.start()
+            await asyncio.to_thread(baton.wait_for, r"rejoined", 45, mark)
+            await asyncio.wait_for(reconnected.wait(), 45)
+            # The agents' workers register again and their jobs rejoin: triage must be back
+            # and activated before it can hand off.
+            await asyncio.to_thread(baton.wait_for, rf"kind=\"activate\"|floor_granted.*{holder}", 45, mark)
+            await asyncio.sleep(2.0)
+            n = len(caller.transcript)
+            await caller.say(demo.PROBLEM)
+            line = await caller.wait_line("billing", r".", timeout=60, after=n)
+            return holder, line.text
+        finally:
+            await caller.room.disconnect()
+
+    try:
+        holder, billing_line = run(call(), timeout=170)
+    finally:
+        stop_all(triage, billing)
+        baton.stop()
+        srv.stop()
+        (tmp_path / "baton.log").write_text(baton.text())
+    after = "\n".join(x for _, x in baton.lines[int(str(seen.get("mark", 0))) :])
+    log = f"\nbaton after the restart:\n{after[-6000:]}"
+    print("baton waited for the caller:", "waiting for it" in after, "| caller back:", "caller back" in after)
+    assert f'to={holder} kind="activate"' in after, "triage keeps the floor after the restart" + log
+    ended = [x for x in after.splitlines() if "session ended" in x]
+    assert not ended or after.index("session ended") > after.index("handoff phase"), "no early session end" + log
+    assert 'you said: "Hi, my account is A-1001"' in billing_line, (
+        f"billing's first line carries what the caller said before the restart: {billing_line!r}" + log
+    )
+    assert "panicked" not in baton.text(), log
 
 
 def degraded(port: int) -> float | None:

@@ -1,0 +1,129 @@
+//! Waiting for the callers after a rejoin (issue 14: the server restarts).
+//!
+//! When livekit-server restarts, every participant has to join its new incarnation of the room,
+//! and baton may get there first. The rooms it finds then lacks the caller, and a caller who
+//! left means the session is over. So after a rejoin, a caller (a standard or SIP participant)
+//! missing from the new room is not reported as gone at once: it is awaited for
+//! [`CALLERS_BACK_WAIT`], and reported as gone only if it has not joined again by then. Agents
+//! missing after a rejoin are reported at once (the floor arbiter has its own grace for an agent
+//! that rejoins). Pure bookkeeping, driven by the room task with the current time.
+
+use std::time::{Duration, Instant};
+
+use livekit_protocol::participant_info::Kind;
+
+use super::roster::{Change, Member};
+
+/// How long callers missing after a rejoin are awaited before they count as gone. The server's
+/// own rejoin takes about 2 s (docs/BENCHMARKS.md); a caller's SDK retries for longer.
+pub const CALLERS_BACK_WAIT: Duration = Duration::from_secs(20);
+
+/// The callers awaited after a rejoin, each with the moment it counts as gone.
+#[derive(Debug, Default)]
+pub struct CallersBack {
+    awaited: Vec<(Member, Instant)>,
+}
+
+fn is_caller(m: &Member) -> bool {
+    matches!(m.kind, Kind::Standard | Kind::Sip)
+}
+
+impl CallersBack {
+    /// After a rejoin: of the members known before (`missing`, those not in the new room), the
+    /// agents are gone now (returned as `Left`), the callers are awaited until `now` +
+    /// [`CALLERS_BACK_WAIT`].
+    pub fn after_rejoin(&mut self, missing: Vec<Member>, now: Instant) -> Vec<Change> {
+        let mut gone = Vec::new();
+        for m in missing {
+            if is_caller(&m) {
+                tracing::info!(identity = %m.identity, wait_s = CALLERS_BACK_WAIT.as_secs(), "caller not in the room after the rejoin; waiting for it");
+                self.awaited.retain(|(a, _)| a.identity != m.identity);
+                self.awaited.push((m, now + CALLERS_BACK_WAIT));
+            } else {
+                gone.push(Change::Left(m));
+            }
+        }
+        gone
+    }
+
+    /// Notes the room's changes: an awaited caller that joined again is no longer awaited.
+    pub fn seen(&mut self, changes: &[Change]) {
+        for c in changes {
+            if let Change::Joined(m) = c
+                && let Some(i) = self.awaited.iter().position(|(a, _)| a.identity == m.identity)
+            {
+                self.awaited.swap_remove(i);
+                tracing::info!(identity = %m.identity, "caller back after the rejoin");
+            }
+        }
+    }
+
+    /// The awaited callers whose wait ended by `now`, as `Left`.
+    pub fn due(&mut self, now: Instant) -> Vec<Change> {
+        let (gone, kept): (Vec<_>, Vec<_>) = self.awaited.drain(..).partition(|(_, at)| *at <= now);
+        self.awaited = kept;
+        gone.into_iter()
+            .map(|(m, _)| {
+                tracing::info!(identity = %m.identity, "caller did not come back after the rejoin");
+                Change::Left(m)
+            })
+            .collect()
+    }
+
+    /// When the next awaited caller counts as gone.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.awaited.iter().map(|(_, at)| *at).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livekit_protocol::participant_info::State;
+
+    fn member(identity: &str, kind: Kind) -> Member {
+        Member {
+            sid: format!("PA_{identity}"),
+            identity: identity.into(),
+            name: identity.into(),
+            kind,
+            state: State::Active,
+            attributes: Default::default(),
+            tracks: Vec::new(),
+            version: 1,
+        }
+    }
+
+    fn left(changes: &[Change]) -> Vec<&str> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Left(m) => Some(m.identity.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_caller_missing_after_a_rejoin_is_awaited_and_gone_only_after_the_wait() {
+        let t0 = Instant::now();
+        let mut w = CallersBack::default();
+        let now_gone = w.after_rejoin(vec![member("caller", Kind::Standard), member("agent-1", Kind::Agent)], t0);
+        assert_eq!(left(&now_gone), ["agent-1"], "agents are reported at once");
+        assert_eq!(w.next_deadline(), Some(t0 + CALLERS_BACK_WAIT));
+        assert!(w.due(t0 + CALLERS_BACK_WAIT - Duration::from_millis(1)).is_empty());
+        assert_eq!(left(&w.due(t0 + CALLERS_BACK_WAIT)), ["caller"]);
+        assert_eq!(w.next_deadline(), None);
+        assert!(w.due(t0 + CALLERS_BACK_WAIT * 2).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn a_caller_that_joins_again_in_time_is_never_reported_gone() {
+        let t0 = Instant::now();
+        let mut w = CallersBack::default();
+        w.after_rejoin(vec![member("caller", Kind::Standard), member("phone", Kind::Sip)], t0);
+        w.seen(&[Change::Joined(member("caller", Kind::Standard)), Change::Joined(member("agent-2", Kind::Agent))]);
+        assert_eq!(left(&w.due(t0 + CALLERS_BACK_WAIT)), ["phone"], "only the SIP caller stayed away");
+        assert!(w.due(t0 + CALLERS_BACK_WAIT * 2).is_empty());
+    }
+}
