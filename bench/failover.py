@@ -13,11 +13,15 @@
    survivor takes the room over once the killed baton's lease lapses (lease TTL 3 s, the
    survivor looks at the store every lease TTL). A replacement worker is started after each
    kill.
-2. checkpoint write latency: `examples/store_bench.rs`, a 20 kB checkpoint written through the
+2. rooms recovered per second (`--rooms N`, only this): N rooms, each with a caller and no
+   agents, coordinated by one worker on an embedded store; the worker gets SIGKILL and is started
+   again at once; timed from the kill until its baton is back in every room.
+3. checkpoint write latency: `examples/store_bench.rs`, a 20 kB checkpoint written through the
    store task until durable, to the embedded store and to a `redis-server` this script starts.
 
     .venv/bin/python bench/failover.py [--kills 10] [--store embedded|redis] [--workers N]
                                        [--writes 200] [--bytes 20000] [--json PATH]
+    .venv/bin/python bench/failover.py --rooms 30
 """
 
 from __future__ import annotations
@@ -106,6 +110,75 @@ def one_kill(
     return result
 
 
+def rooms_recovery(n: int) -> dict[str, Any]:
+    """Rooms recovered by one restarted worker: `n` rooms, each with a caller (a LiveKit SDK
+    participant whose token dispatches baton; no agents), coordinated by one `baton worker` on an
+    embedded store; it gets SIGKILL once baton is in every room and is started again at once on
+    the same store. Times (s from the kill) at which the new worker's baton is back in each room
+    (`joined: data channel open`)."""
+    server = LiveKitServer()
+    server.start()
+    env = {"BATON_STORE_PATH": tempfile.mkdtemp(prefix="baton-state-")}
+    first = baton_worker(server, "--config", str(CONFIG), env=env)
+    second: Baton | None = None
+    rooms = [f"many-{uuid.uuid4().hex[:6]}-{i}" for i in range(n)]
+    result: dict[str, Any] = {"rooms": n}
+
+    def joined(worker: Baton, start: int = 0) -> dict[str, float]:
+        at: dict[str, float] = {}
+        for t, line in worker.lines[start:]:
+            if "joined: data channel open" in line and (m := re.search(r"room=(\S+)", line)):
+                at.setdefault(m.group(1), t)
+        return at
+
+    async def scenario() -> None:
+        nonlocal second
+        from livekit import rtc
+
+        callers = [rtc.Room() for _ in rooms]
+        try:
+            for room, caller in zip(rooms, callers, strict=True):
+                await caller.connect(server.url, dispatch_token("caller", room, ["baton"]))
+            deadline = time.monotonic() + 120
+            while len(set(rooms) & set(joined(first))) < n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"baton joined {len(set(rooms) & set(joined(first)))} of {n} rooms")
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(3.0)  # every room's state written, leases renewed
+            t_kill = time.monotonic()
+            os.kill(first.proc.pid, signal.SIGKILL)
+            first.proc.wait()
+            second = baton_worker(server, "--config", str(CONFIG), env=env)
+            deadline = time.monotonic() + 180
+            while len(back := {r: t for r, t in joined(second).items() if r in rooms}) < n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"baton back in {len(back)} of {n} rooms")
+                await asyncio.sleep(0.1)
+            times = sorted(t - t_kill for t in back.values())
+            looked = second.wait_for(r"dispatching baton into it", 1)[0] - t_kill
+            result.update(
+                kill_to_first_s=times[0],
+                kill_to_all_s=times[-1],
+                first_look_s=looked,
+                rooms_per_s=n / (times[-1] - looked) if times[-1] > looked else None,
+                back_s=summary(times),
+            )
+        finally:
+            for caller in callers:
+                await caller.disconnect()
+
+    try:
+        run(scenario(), timeout=400)
+    except Exception as e:
+        result["error"] = repr(e)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        server.stop()
+    return result
+
+
 def store_latency(writes: int, size: int) -> list[dict[str, Any]]:
     with redis_server() as redis:
         out = subprocess.run(
@@ -140,7 +213,18 @@ def main() -> None:
     p.add_argument("--writes", type=int, default=200, help="checkpoint writes timed per store (0: skip)")
     p.add_argument("--bytes", type=int, default=20000)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rooms", type=int, default=0, help="only measure rooms recovered per second, with N rooms")
     args = p.parse_args()
+    if args.rooms > 0:
+        loads = [loadavg()]
+        r = rooms_recovery(args.rooms)
+        loads.append(loadavg())
+        r = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **r, "load": loadavg_summary(loads)}
+        print(json.dumps(r, indent=2))
+        out = args.json or RESULTS.with_name(f"failover-rooms-{args.rooms}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=2))
+        return
     shared = args.store == "redis"
     n_workers = args.workers or (2 if shared else 1)
     if shared and n_workers < 2:
