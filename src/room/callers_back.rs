@@ -108,7 +108,8 @@ mod tests {
     fn a_caller_missing_after_a_rejoin_is_awaited_and_gone_only_after_the_wait() {
         let t0 = Instant::now();
         let mut w = CallersBack::default();
-        let now_gone = w.after_rejoin(vec![member("caller", Kind::Standard), member("agent-1", Kind::Agent)], t0);
+        let now_gone =
+            w.after_rejoin(vec![member("caller", Kind::Standard), member("agent-1", Kind::Agent)], t0);
         assert_eq!(left(&now_gone), ["agent-1"], "agents are reported at once");
         assert_eq!(w.next_deadline(), Some(t0 + CALLERS_BACK_WAIT));
         assert!(w.due(t0 + CALLERS_BACK_WAIT - Duration::from_millis(1)).is_empty());
@@ -122,7 +123,10 @@ mod tests {
         let t0 = Instant::now();
         let mut w = CallersBack::default();
         w.after_rejoin(vec![member("caller", Kind::Standard), member("phone", Kind::Sip)], t0);
-        w.seen(&[Change::Joined(member("caller", Kind::Standard)), Change::Joined(member("agent-2", Kind::Agent))]);
+        w.seen(&[
+            Change::Joined(member("caller", Kind::Standard)),
+            Change::Joined(member("agent-2", Kind::Agent)),
+        ]);
         assert_eq!(left(&w.due(t0 + CALLERS_BACK_WAIT)), ["phone"], "only the SIP caller stayed away");
         assert!(w.due(t0 + CALLERS_BACK_WAIT * 2).is_empty());
     }

@@ -229,7 +229,10 @@ async fn run<S: StateStore>(
     let outage = AtomicBool::new(false);
     let back = |held: &BTreeMap<String, (String, u64, Duration, tokio::time::Instant)>| {
         if outage.swap(false, Ordering::Relaxed) {
-            tracing::info!(rooms = held.len(), "state store reachable again: its rooms write their whole state again");
+            tracing::info!(
+                rooms = held.len(),
+                "state store reachable again: its rooms write their whole state again"
+            );
             status.mark_lost(held.keys());
         }
     };

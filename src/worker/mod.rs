@@ -693,8 +693,12 @@ async fn adopt_rooms(
                         // was assigned and before it joined, the server terminates the *new* job
                         // (AGENT_LEFT_ROOM). Removing it first closes that race.
                         match api.remove_participant(&room, identity).await {
-                            Ok(()) => tracing::info!(%room, %identity, "removed the dead baton's participant"),
-                            Err(e) => tracing::info!(%room, error = %e, "could not remove the dead baton's participant"),
+                            Ok(()) => {
+                                tracing::info!(%room, %identity, "removed the dead baton's participant")
+                            }
+                            Err(e) => {
+                                tracing::info!(%room, error = %e, "could not remove the dead baton's participant")
+                            }
                         }
                     }
                     if let Err(e) = api.create_dispatch(&room, &opts.protocol.agent_name, "").await {
