@@ -79,6 +79,13 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     raise RuntimeError(f"no free port outside the ephemeral range {low}-{high}")
 
 
+def spawn_logged(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Starts `args` in a session of its own (so it can be killed with its children), stdout and
+    stderr appended to `log_path`."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @dataclass
 class LiveKitServer:
     """`livekit-server` with configs/livekit.yaml, on ports nobody else uses.
@@ -106,8 +113,7 @@ class LiveKitServer:
         binary = TOOLS / "livekit-server"
         if not binary.exists():
             raise RuntimeError(f"{binary} missing: run ./scripts/setup")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn_logged(
             [
                 str(binary),
                 "--config",
@@ -119,9 +125,7 @@ class LiveKitServer:
                 "--rtc.tcp_port",
                 str(self.tcp_port),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.log_path,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -374,13 +378,8 @@ class RedisServer:
         binary = Path("/usr/bin/redis-server")
         if not binary.exists():
             raise RuntimeError(f"{binary} missing: apt-get install redis-server")
-        log = (self.dir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), *NO_PERSISTENCE],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        args = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), *NO_PERSISTENCE]
+        self.proc = spawn_logged(args, self.dir / "redis.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
