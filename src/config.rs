@@ -508,8 +508,9 @@ pub fn resolve(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<WorkerOptions
 }
 
 /// Default `[store] lease_ttl`: short, because a crashed baton's rooms wait this long at most for
-/// a successor; renewed every third of it.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+/// a successor (the goal is a baton back within 3 s of a kill); renewed every third of
+/// it, which leaves a baton more than a second of store trouble before it loses its rooms.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// `[store]` and `--store-path` / `--store-url`.
 fn store_config(args: &WorkerArgs, loaded: &LoadedConfig) -> Result<crate::store::StoreConfig, ConfigError> {

@@ -631,7 +631,7 @@ fn start_store(config: &StoreConfig, observer: &Arc<Observer>) -> Option<StoreHa
 }
 
 /// Rooms the store holds state for but no live baton coordinates (their baton was killed, its
-/// lease lapsed): once at start and then every lease TTL, dispatch baton (CreateDispatch of this
+/// lease lapsed): once at start and then every quarter of the lease TTL, dispatch baton (CreateDispatch of this
 /// worker's agent name) into each such room that still has people in it, and forget the state
 /// of rooms that are gone. Several workers sharing Redis may all see the same room: a short
 /// claim (a lease on `<room>#adopt`) lets one of them dispatch, and the room's lease lets one
@@ -646,7 +646,10 @@ async fn adopt_rooms(
     let mut attempts: HashMap<String, u32> = HashMap::new();
     // The first look comes after the worker had a moment to register, so the server has a
     // worker to give the dispatch to.
-    let every = opts.lease_ttl.max(Duration::from_millis(500));
+    // A quarter of the lease TTL: a lapsed lease is seen within that, so a dead baton's rooms
+    // wait at most the TTL and a quarter of it (one store scan per look; cheap next to the
+    // renewals every third of the TTL).
+    let every = (opts.lease_ttl / 4).max(Duration::from_millis(250));
     let mut tick = tokio::time::interval_at(Instant::now() + ADOPT_FIRST_LOOK, every);
     loop {
         tokio::select! {
