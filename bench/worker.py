@@ -32,17 +32,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import redis_server, rss_kib, summary  # puts tests/e2e on sys.path
+from common import rss_kib, summary  # puts tests/e2e on sys.path
 
 # isort: split
 import harness
-from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_worker, token
+from harness import API_KEY, API_SECRET, ROOT, Baton, LiveKitServer, Process, baton_worker, redis_server, token
 from livekit import api, rtc
 from peers import Peer
 
@@ -308,7 +309,7 @@ class Scraper:
 
 
 def redis_used_memory(url: str) -> int:
-    port = url.rsplit(":", 1)[1].strip("/")
+    port = str(urllib.parse.urlsplit(url).port)
     out = subprocess.run(["redis-cli", "-p", port, "info", "memory"], capture_output=True, text=True).stdout
     return next(int(x.split(":")[1]) for x in out.splitlines() if x.startswith("used_memory:"))
 
@@ -593,10 +594,17 @@ def main() -> None:
             print(f"concurrent rooms on one baton worker, up to {args.rooms}", flush=True)
             if args.store == "memory":
                 config.write_text(BENCH_CONFIG + '[store]\nkind = "memory"\n')
-            with redis_server() if args.store == "redis" else contextlib.nullcontext() as url:
+            with redis_server() if args.store == "redis" else contextlib.nullcontext() as redis:
                 results["capacity"] = asyncio.run(
                     capacity(
-                        srv, config, args.rooms, args.batch, args.idle_seconds, args.perf, http=args.http, store_url=url
+                        srv,
+                        config,
+                        args.rooms,
+                        args.batch,
+                        args.idle_seconds,
+                        args.perf,
+                        http=args.http,
+                        store_url=redis.url if redis else None,
                     )
                 )
     finally:
