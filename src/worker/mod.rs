@@ -681,9 +681,10 @@ async fn adopt_rooms(
                 }
             };
             let identity = &opts.protocol.identity;
-            match adopt_step(people.iter().map(|p| p.identity.as_str()), identity) {
+            let present = people.iter().map(|p| (p.identity.as_str(), is_caller_kind(p.kind)));
+            match adopt_step(present, identity) {
                 AdoptStep::Forget => {
-                    tracing::info!(%room, "room with stored state is gone or empty; forgetting its state");
+                    tracing::info!(%room, "room with stored state is gone or has no caller left; forgetting its state");
                     let _ = store.write(&room, 0, crate::store::Write::Forget).await;
                 }
                 AdoptStep::Dispatch { remove_stale_baton } => {
@@ -716,26 +717,36 @@ async fn adopt_rooms(
 /// What [`adopt_rooms`] does with a room whose stored lease lapsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AdoptStep {
-    /// Nobody but (maybe) a stale baton is in the room: the call is over, drop its state.
+    /// No caller is in the room: the call is over (its agents may still be on their way out),
+    /// drop its state.
     Forget,
-    /// People are still in the call: dispatch baton into it, removing first the participant a
+    /// A caller is still in the call: dispatch baton into it, removing first the participant a
     /// dead baton left behind (`remove_stale_baton`).
     Dispatch { remove_stale_baton: bool },
 }
 
-/// The step for a room whose lease lapsed, from the identities in it and baton's identity. A
-/// participant with baton's identity in such a room is a baton that no longer renews its lease
-/// (killed, or cut off from the store longer than a lease TTL).
-fn adopt_step<'a>(identities: impl IntoIterator<Item = &'a str>, baton: &str) -> AdoptStep {
-    let (mut others, mut stale) = (false, false);
-    for identity in identities {
+/// Whether a participant of this kind is a caller (a person on the web or on the phone), as
+/// baton's session counts them: agents, egress and ingress do not keep a call going.
+fn is_caller_kind(kind: i32) -> bool {
+    use livekit_protocol::participant_info::Kind;
+    kind == Kind::Standard as i32 || kind == Kind::Sip as i32
+}
+
+/// The step for a room whose lease lapsed, from (identity, is a caller) of those in it and
+/// baton's identity. A participant with baton's identity in such a room is a baton that no
+/// longer renews its lease (killed, or cut off from the store longer than a lease TTL). Only a
+/// caller brings baton back: a baton that ended its session when the caller left releases its
+/// lease while the agents are still leaving, and must not be dispatched again.
+fn adopt_step<'a>(present: impl IntoIterator<Item = (&'a str, bool)>, baton: &str) -> AdoptStep {
+    let (mut caller, mut stale) = (false, false);
+    for (identity, is_caller) in present {
         if identity == baton {
             stale = true;
-        } else {
-            others = true;
+        } else if is_caller {
+            caller = true;
         }
     }
-    if others { AdoptStep::Dispatch { remove_stale_baton: stale } } else { AdoptStep::Forget }
+    if caller { AdoptStep::Dispatch { remove_stale_baton: stale } } else { AdoptStep::Forget }
 }
 
 /// When [`adopt_rooms`] first looks, after the worker started.
@@ -775,17 +786,22 @@ mod tests {
     }
 
     #[test]
-    fn a_room_whose_lease_lapsed_gets_baton_back_only_while_people_are_in_it() {
+    fn a_room_whose_lease_lapsed_gets_baton_back_only_while_a_caller_is_in_it() {
         assert_eq!(adopt_step([], "baton"), AdoptStep::Forget);
-        assert_eq!(adopt_step(["baton"], "baton"), AdoptStep::Forget);
+        assert_eq!(adopt_step([("baton", false)], "baton"), AdoptStep::Forget);
+        // The caller left and the agents are on their way out: the call is over.
+        assert_eq!(adopt_step([("agent-1", false), ("agent-2", false)], "baton"), AdoptStep::Forget);
         assert_eq!(
-            adopt_step(["caller", "agent-1"], "baton"),
+            adopt_step([("caller", true), ("agent-1", false)], "baton"),
             AdoptStep::Dispatch { remove_stale_baton: false }
         );
         assert_eq!(
-            adopt_step(["caller", "baton", "agent-1"], "baton"),
+            adopt_step([("caller", true), ("baton", false), ("agent-1", false)], "baton"),
             AdoptStep::Dispatch { remove_stale_baton: true }
         );
+        assert!(is_caller_kind(livekit_protocol::participant_info::Kind::Sip as i32));
+        assert!(!is_caller_kind(livekit_protocol::participant_info::Kind::Agent as i32));
+        assert!(!is_caller_kind(livekit_protocol::participant_info::Kind::Egress as i32));
     }
 
     #[test]
