@@ -331,7 +331,7 @@ impl Metrics {
             checkpoints: registered(
                 &mut r,
                 "checkpoints",
-                "Checkpoints from agents holding the floor, by outcome (applied, rejected)",
+                "Checkpoints from agents, by outcome (applied, rejected)",
                 None,
                 Family::default(),
             ),
