@@ -10,8 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use livekit_protocol::participant_info::Kind;
-
 use super::roster::{Change, Member};
 
 /// How long callers missing after a rejoin are awaited before they count as gone. The server's
@@ -24,10 +22,6 @@ pub struct CallersBack {
     awaited: Vec<(Member, Instant)>,
 }
 
-fn is_caller(m: &Member) -> bool {
-    matches!(m.kind, Kind::Standard | Kind::Sip)
-}
-
 impl CallersBack {
     /// After a rejoin: of the members known before (`missing`, those not in the new room), the
     /// agents are gone now (returned as `Left`), the callers are awaited until `now` +
@@ -35,7 +29,7 @@ impl CallersBack {
     pub fn after_rejoin(&mut self, missing: Vec<Member>, now: Instant) -> Vec<Change> {
         let mut gone = Vec::new();
         for m in missing {
-            if is_caller(&m) {
+            if super::roster::is_caller(m.kind) {
                 tracing::info!(identity = %m.identity, wait_s = CALLERS_BACK_WAIT.as_secs(), "caller not in the room after the rejoin; waiting for it");
                 self.awaited.retain(|(a, _)| a.identity != m.identity);
                 self.awaited.push((m, now + CALLERS_BACK_WAIT));
@@ -79,7 +73,7 @@ impl CallersBack {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use livekit_protocol::participant_info::State;
+    use livekit_protocol::participant_info::{Kind, State};
 
     fn member(identity: &str, kind: Kind) -> Member {
         Member {

@@ -145,6 +145,12 @@ impl Roster {
     }
 }
 
+/// Whether a participant of `kind` is a caller (a person on the web or on the phone), as baton's
+/// session counts them: agents, egress and ingress do not keep a call going.
+pub fn is_caller(kind: Kind) -> bool {
+    matches!(kind, Kind::Standard | Kind::Sip)
+}
+
 /// A participant as the server announces one that has just joined: active, version 1, sid
 /// `PA_<identity>`, and for `agent_name` the agent-name attribute (`lk.agent.name`, see
 /// [`Member::agent_name`]). For tests and fuzz targets, which build rooms without a server.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant as StdInstant};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use livekit_api::access_token::{AccessToken, VideoGrants};
+use livekit_protocol::participant_info::Kind as ParticipantKind;
 use prost::Message as _;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -681,7 +682,12 @@ async fn adopt_rooms(
                 }
             };
             let identity = &opts.protocol.identity;
-            let present = people.iter().map(|p| (p.identity.as_str(), is_caller_kind(p.kind)));
+            let present = people.iter().map(|p| {
+                (
+                    p.identity.as_str(),
+                    ParticipantKind::try_from(p.kind).is_ok_and(crate::room::roster::is_caller),
+                )
+            });
             match adopt_step(present, identity) {
                 AdoptStep::Forget => {
                     tracing::info!(%room, "room with stored state is gone or has no caller left; forgetting its state");
@@ -723,13 +729,6 @@ enum AdoptStep {
     /// A caller is still in the call: dispatch baton into it, removing first the participant a
     /// dead baton left behind (`remove_stale_baton`).
     Dispatch { remove_stale_baton: bool },
-}
-
-/// Whether a participant of this kind is a caller (a person on the web or on the phone), as
-/// baton's session counts them: agents, egress and ingress do not keep a call going.
-fn is_caller_kind(kind: i32) -> bool {
-    use livekit_protocol::participant_info::Kind;
-    kind == Kind::Standard as i32 || kind == Kind::Sip as i32
 }
 
 /// The step for a room whose lease lapsed, from (identity, is a caller) of those in it and
@@ -799,9 +798,9 @@ mod tests {
             adopt_step([("caller", true), ("baton", false), ("agent-1", false)], "baton"),
             AdoptStep::Dispatch { remove_stale_baton: true }
         );
-        assert!(is_caller_kind(livekit_protocol::participant_info::Kind::Sip as i32));
-        assert!(!is_caller_kind(livekit_protocol::participant_info::Kind::Agent as i32));
-        assert!(!is_caller_kind(livekit_protocol::participant_info::Kind::Egress as i32));
+        assert!(crate::room::roster::is_caller(ParticipantKind::Sip));
+        assert!(!crate::room::roster::is_caller(ParticipantKind::Agent));
+        assert!(!crate::room::roster::is_caller(ParticipantKind::Egress));
     }
 
     #[test]
