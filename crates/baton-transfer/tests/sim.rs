@@ -254,7 +254,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
 
     /// Loss, duplication, reordering and reconnects never lose or corrupt the payload; below
-    /// 15 % loss the transfer completes, above it it completes or reports `timed_out`.
+    /// 15 % loss a transfer of up to 8 windows completes; otherwise it completes or reports
+    /// `timed_out`.
     #[test]
     fn lossy_link_with_reconnects_completes_byte_exact(
         payload in payload_strategy(),
@@ -264,15 +265,23 @@ proptest! {
     ) {
         let meta = "{\"content_type\":\"application/json\",\"purpose\":\"handoff\"}";
         let deadline = scfg.deadline;
+        let (scfg_chunk, scfg_window) = (scfg.chunk_size as usize, scfg.window as usize);
         let o = run(&payload, meta, scfg, rcfg, &link, seed);
         check_common(&o, &payload, meta, deadline);
         let sent = o.sender.iter().any(|(_, e)| matches!(e, Event::Sent { .. }));
-        if link.loss < 0.15 {
+        // A chunk lost at the head of the window stalls the sender for a whole RTO (>= 1 s,
+        // doubling while probes are lost too), so the time a lossy transfer needs grows with
+        // the number of windows it spans: 235 windows (256-byte chunks, window 1, 60 kB) at
+        // 14.9 % loss take more than the 60 s deadline (CI, 2026-12-01). Up to 8 windows, 1,017
+        // measured cases below 15 % loss all finished within 27 s. With the defaults (14 KiB
+        // chunks, window 32) a 3 MiB bundle is 7 windows.
+        let windows = payload.len().div_ceil(scfg_chunk).max(1).div_ceil(scfg_window);
+        if link.loss < 0.15 && windows <= 8 {
             // Each retransmission round fails with probability 1 - (1 - loss)^2 (chunk or its
             // confirmation lost); below 15 % loss, ~9 rounds in 60 s make failure < 1e-5.
             prop_assert!(sent, "did not complete: {:?} link {:?}", o.sender.last().map(|x| &x.1), link);
         } else if !sent {
-            // At up to 30 % loss an unlucky run (about 0.2 %, measured) may exhaust the
+            // At up to 30 % loss, or over many windows, an unlucky run (about 0.2 %, measured) may exhaust the
             // deadline; then it must say so.
             let timed_out = o.sender.iter().any(|(_, e)| matches!(e,
                 Event::SendFailed { error, .. } if error.code == ErrorCode::TimedOut));
