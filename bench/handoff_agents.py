@@ -1,14 +1,18 @@
 """`./scripts/bench handoff --agents`: the support desk's real livekit-agents agents handing a call
 over through baton, against the same agents in one worker handing over in-process.
 
-One local livekit-server and a fresh room per handoff. Four kinds, interleaved so drift in the
+One local livekit-server and a fresh room per handoff. Five kinds, interleaved so drift in the
 machine's load hits all alike:
 
   - cold: `baton worker` (configs/baton.toml) and the workers of examples/support-desk:
     `triage.py` and `billing.py`, each its own process, as in the demo. baton dispatches triage
     when the caller's room is created; triage's `transfer_to_billing` tool calls
-    `BatonLink.handoff("billing", ...)`; baton dispatches billing (cold: a new job in the
-    billing worker), relays the context and activates billing, which speaks first.
+    `BatonLink.handoff("billing", ..., hint=False)`; baton dispatches billing at the request
+    (cold: a new job in the billing worker), relays the context and activates billing, which
+    speaks first.
+  - tool-hinted: the same with the adapter's default `hint=True`: `BatonLink.handoff` hints
+    billing when the tool is called, so billing is dispatched while triage's sentence before
+    the tool call plays out (about 4 s here).
   - hinted: the same, and triage hints billing (`BatonLink.hint`) as soon as the caller's words
     are about a bill (`triage.hint_billing_on_words`, the rule `DESK_HINT=1` turns on): baton
     dispatches billing as a muted standby while triage looks the account up and talks.
@@ -89,7 +93,7 @@ from livekit.agents.voice.room_io import RoomOptions  # noqa: E402
 from lk_baton import ReceivedContext, seed_agent  # noqa: E402
 from lk_baton.agents import wait_not_speaking  # noqa: E402
 
-KINDS = ("cold", "hinted", "standby", "monolith")
+KINDS = ("cold", "tool-hinted", "hinted", "standby", "monolith")
 BATON_STANDBY = "baton-standby"
 """The agent name of the baton worker that keeps a billing standby."""
 MONOLITH = "desk-monolith"
@@ -119,6 +123,10 @@ def _stamp_speaking(session: Any, room: str) -> None:
     session.on("agent_state_changed", changed)
 
 
+ROOM_OF: dict[int, str] = {}
+"""A floor client's room name (its link's), for stamps made where only the client is at hand."""
+
+
 def run_baton_agent(name: str) -> None:
     """examples/support-desk/{triage,billing}.py unchanged, with time stamps added around the
     adapter: `tool_call` (BatonLink.handoff entered), `request` (the sentence played out, the
@@ -129,6 +137,7 @@ def run_baton_agent(name: str) -> None:
 
     async def attach_stamped(cls: type[lk.BatonLink], ctx: Any, session: Any, **kw: Any) -> lk.BatonLink:
         link: lk.BatonLink = await attach(cls, ctx, session, **kw)
+        ROOM_OF[id(link.floor)] = link.room.name
         stamp("attached", link.room.name)
         _stamp_speaking(session, link.room.name)
         if name == "triage" and link.room.name.startswith("ba-h-"):
@@ -145,6 +154,9 @@ def run_baton_agent(name: str) -> None:
 
     async def handoff_stamped(self: lk.BatonLink, target: str, **kw: Any) -> lk.HandoffTicket:
         stamp("tool_call", self.room.name)
+        # cold: the adapter's hint at the tool call (its default) is off, so billing is
+        # dispatched at the request; every other kind keeps the default.
+        kw.setdefault("hint", not self.room.name.startswith("ba-c-"))
         return await handoff(self, target, **kw)
 
     wait = lk.BatonLink._wait_not_speaking
@@ -153,6 +165,24 @@ def run_baton_agent(name: str) -> None:
         await wait(self, timeout)
         stamp("request", self.room.name)
 
+    on_floor_event = lk.BatonLink._on_floor_event
+
+    def on_floor_event_stamped(self: lk.BatonLink, kind: Any, msg: dict[str, Any]) -> None:
+        if kind == "activated":
+            stamp("activated", self.room.name)
+        on_floor_event(self, kind, msg)
+
+    from lk_baton import floor as lk_floor
+
+    request_handoff = lk_floor.FloorClient.request_handoff
+
+    def request_stamped(self: Any, *a: Any, **kw: Any) -> Any:
+        out = request_handoff(self, *a, **kw)
+        stamp("handoff_sent", ROOM_OF.get(id(self), "?"))
+        return out
+
+    lk.BatonLink._on_floor_event = on_floor_event_stamped  # type: ignore[method-assign]
+    lk_floor.FloorClient.request_handoff = request_stamped  # type: ignore[method-assign]
     lk.BatonLink.attach = classmethod(attach_stamped)  # type: ignore[method-assign, assignment]
     lk.BatonLink.handoff = handoff_stamped  # type: ignore[method-assign]
     lk.BatonLink._wait_not_speaking = wait_stamped  # type: ignore[method-assign]
@@ -295,7 +325,13 @@ async def one_call(server: Any, room: str, kind: str) -> Any:
     first, second = ("triage", "billing") if kind != "monolith" else (MONOLITH, MONOLITH)
     caller = Caller()
     loop = asyncio.get_running_loop()
-    dispatch = {"cold": "baton", "hinted": "baton", "standby": BATON_STANDBY, "monolith": MONOLITH}[kind]
+    dispatch = {
+        "cold": "baton",
+        "tool-hinted": "baton",
+        "hinted": "baton",
+        "standby": BATON_STANDBY,
+        "monolith": MONOLITH,
+    }[kind]
     await caller.room.connect(server.url, dispatch_token(CALLER, room, [dispatch]))
     t_start = loop.time()
     try:
@@ -407,7 +443,7 @@ async def one_handoff(server: Any, w: Workers, kind: str) -> dict[str, Any]:
     if kind != "monolith":
         # triage's own stamps are not billing's: keep billing's only
         own = stamps(w.billing, room, starts[1])
-        for k in ("speaking", "job_start", "connected", "attached", "ready"):
+        for k in ("speaking", "job_start", "connected", "attached", "ready", "activated"):
             st[k] = own.get(k, [])
     r = analyse(res, kind, st)
     r["room"] = room
@@ -418,9 +454,13 @@ async def one_handoff(server: Any, w: Workers, kind: str) -> dict[str, Any]:
             r["billing_ms"] = {
                 k: round((st[k][0] - t_req) * 1000) for k in ("job_start", "connected", "attached") if st.get(k)
             }
-            late = [t for t in st.get("ready", []) if t >= t_req - 0.001]
-            if late:
-                r["billing_ms"]["ready"] = round((late[0] - t_req) * 1000)
+            for k in ("ready", "activated"):
+                late = [t for t in st.get(k, []) if t >= t_req - 0.001]
+                if late:
+                    r["billing_ms"][k] = round((late[0] - t_req) * 1000)
+            # triage's: the handoff request handed to the floor client (bundle built)
+            if st.get("handoff_sent"):
+                r["billing_ms"]["handoff_sent"] = round((st["handoff_sent"][0] - t_req) * 1000)
             if st.get("connected"):
                 r["billing_in_room_before_request_s"] = max(0.0, t_req - st["connected"][0])
         r["billing_cpu_s"] = billing_cpu

@@ -58,7 +58,7 @@ from .floor import (
 from .job_watch import remove_crashed_jobs
 from .journal import Release, Rerun, ToolCall, ToolJournal, in_flight_output, released_output
 from .spans import HandoffSpans
-from .transfer import receive_bundle, send_bundle, transport_for
+from .transfer import new_transfer_id, receive_bundle, send_bundle, transport_for
 
 if TYPE_CHECKING:
     from livekit import rtc
@@ -1499,22 +1499,34 @@ class BatonLink:
         tool_calls_in_flight: Sequence[bd.ToolCallInFlight] | None = None,
         timeout: float = 5.0,
         compress: bool = False,
+        hint: bool = True,
     ) -> HandoffTicket:
         """Hand the call to ``target``. Call from a ``function_tool`` (pass its ``RunContext``)
         and return ``None`` from the tool so the LLM does not speak again.
+
+        With ``hint`` (the default) it first tells baton the handoff is coming (:meth:`hint`),
+        before the sentence said with the tool call has played out: baton brings ``target`` in
+        as a muted standby meanwhile (unless one is there) and primes its filler, so the
+        handoff that follows is a switch rather than a cold start when the sentence is long
+        enough (the support desk's ~4 s one is). ``hint=False`` keeps the old, cold order.
 
         Lets the current sentence finish (``run_ctx.wait_for_playout()``, which is safe inside
         the tool, then waits while the agent is speaking), builds the bundle from the agent's
         own chat context plus the call being executed, the session's ``userdata`` (or
         ``user_state``) through the serializer, ``tried``/``outcome``/``data``, and the tool
-        calls in flight; sends ``handoff`` with ``bundle_follows`` (and ``quiet`` when the agent
-        is no longer speaking); on ``handoff_accepted`` closes the calls the bundle carries in
-        flight in this agent's own context (cancelled by handoff, :func:`release_call`: their
-        tools keep running, their results go to ``target``), starts the bundle upload to baton
-        and returns. Raises :class:`HandoffRefused`, and
+        calls in flight; sends ``handoff`` naming the bundle's ``transfer`` id (and ``quiet``
+        when the agent is no longer speaking) and starts the bundle's upload to baton right
+        behind it, without waiting for the answer (baton holds a bundle that arrives first,
+        and a refused handoff's upload is cancelled); on ``handoff_accepted`` closes the calls
+        the bundle carries in flight in this agent's own context (cancelled by handoff,
+        :func:`release_call`: their tools keep running, their results go to ``target``) and
+        returns. Raises :class:`HandoffRefused`, and
         :class:`~lk_baton.floor.MessageTooLarge` (nothing sent) when ``target`` or ``reason``
         cannot fit a control message.
         """
+        if hint and self.floor.active:
+            self.floor.check_handoff(target, reason)  # a request that cannot fit: no hint either
+            self.hint(target)
         t0 = time.monotonic()
         if run_ctx is not None:
             try:
@@ -1549,27 +1561,40 @@ class BatonLink:
             "journal": self.journal,
             "agent_id": the_agent.id,
         }
-        draft = build_handoff_bundle(the_agent.chat_ctx, **common)  # fail before asking baton
+        # Built once, before asking baton: a bundle that cannot be built fails the handoff with
+        # nothing sent. It carries no handoff_id (the optional field's id is not known yet; the
+        # target takes the id from `prepare`).
+        bundle = build_handoff_bundle(the_agent.chat_ctx, **common)
+        payload = bd.encode_bundle(bundle)
         # The sentence has played out: say so, and the caller hears baton's filler a round trip
         # sooner (baton still sends `deactivate`, which the floor client obeys as usual).
         quiet = self.session.agent_state != "speaking"
-        # baton takes the next transfer this agent completes after a bundle_follows request as
-        # the handoff's bundle: no checkpoint may be in flight or start until it is sent.
+        # A checkpoint upload in flight would hold the bundle up behind it on the data channel,
+        # and none may start until the bundle is sent.
         await self._checkpoints_quiet(timeout=2.0)
-        msg, fut = self.floor.request_handoff(target, reason, bundle_follows=True, quiet=quiet)
+        dest = self.baton_identity
+        assert dest is not None
+        tid = new_transfer_id()
+        msg, fut = self.floor.request_handoff(target, reason, transfer=f"{tid:032x}", quiet=quiet)
+        # The upload goes right behind the request instead of after baton's answer: the bundle
+        # reaches baton (and a standby target) a round trip and a rebuild sooner.
+        upload = asyncio.ensure_future(
+            send_bundle(self.room, dest, payload, bd.META, compress=compress, transfer_id=tid)
+        )
+        self._tasks.add(upload)
+        upload.add_done_callback(self._upload_done)
         try:
             answer = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             self.floor.forget_request(msg["id"])
+            upload.cancel()
             self._resume_checkpoints()
             raise HandoffRefused("timeout", target) from None
         if answer["type"] == "handoff_refused":
+            upload.cancel()
             self._resume_checkpoints()
             raise HandoffRefused(str(answer.get("reason", "unknown")), target)
         hid = str(answer.get("handoff") or "")
-        bundle = (
-            build_handoff_bundle(the_agent.chat_ctx, handoff_id=hid, **common) if hid else draft
-        )
         if hid:
             # from here on, a result of these calls is owed to the target (_on_call_ended)
             self.journal.handed_over((c["call_id"] for c in bundle["tool_calls_in_flight"]), hid)
@@ -1577,14 +1602,6 @@ class BatonLink:
             # and this agent's model must not be left with them open (a realtime model would
             # wait on them after a handback): closed as cancelled by the handoff
             await release_call(self.session, c["call_id"], "handoff", target=target)
-        payload = bd.encode_bundle(bundle)
-        dest = self.baton_identity
-        assert dest is not None
-        upload = asyncio.ensure_future(
-            send_bundle(self.room, dest, payload, bd.META, compress=compress)
-        )
-        self._tasks.add(upload)
-        upload.add_done_callback(self._upload_done)
         return HandoffTicket(hid, str(answer.get("target") or target), bundle, len(payload), upload)
 
     def _upload_done(self, task: asyncio.Task[Any]) -> None:
@@ -1677,6 +1694,8 @@ class BatonLink:
             user_state_type=user_state_type,
             user_state_deserializer=user_state_deserializer,
         )
+        # The id is prepare's: a source that uploads its bundle with its request cannot know it.
+        received = dataclasses.replace(received, handoff_id=hid)
         self.journal.inherit(received.tool_calls_in_flight, received.from_agent)
         self.spans.event(
             "prepare",

@@ -546,6 +546,23 @@ class FloorClient:
         self._unanswered[msg["id"]] = msg
         return msg, fut
 
+    def check_handoff(self, target: str, reason: str) -> None:
+        """Raise :class:`MessageTooLarge` if a ``handoff`` request for ``target`` and ``reason``
+        could not fit one packet, without sending anything: checked with the longest id this
+        client could give it (20 digits), naming a bundle and ``quiet``, so a request that
+        passes always fits (a reason of at most 14 000 bytes always passes)."""
+        encode_control(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": "handoff",
+                "id": f"{self._prefix}-{'9' * 20}",
+                "target": target,
+                "reason": reason,
+                "transfer": "f" * 32,
+                "quiet": True,
+            }
+        )
+
     def resend_requests(self) -> list[dict[str, Any]]:
         """Send every ``handoff`` request baton has not answered yet again, unchanged (same
         ``id``): after a reconnect the answer may have been lost, and baton answers a repeated

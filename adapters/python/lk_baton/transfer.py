@@ -1057,7 +1057,15 @@ class RoomTransport:
             self._send_waiters.pop((to_identity, tid), None)
             raise
         self._pump()
-        await fut
+        try:
+            await fut
+        except asyncio.CancelledError:
+            # The caller gave up on it (a refused handoff): tell the receiver (CANCEL) rather
+            # than leave the transfer running to its end.
+            if self.endpoint.cancel(to_identity, tid, "cancelled by the sender", self._clock()):
+                self._pump()
+            self._send_waiters.pop((to_identity, tid), None)
+            raise
         return tid
 
     async def receive(

@@ -405,13 +405,18 @@ def test_link_source_and_target_through_a_scripted_baton() -> None:
         await s1.start(triage)
         await s1.run(user_input="I was charged twice this month")
         assert triage.ticket is not None and triage.ticket.handoff_id == "h-1"
-        assert triage.ticket.bundle["handoff_id"] == "h-1"
+        # The bundle went out with the request, before baton named the handoff.
+        assert "handoff_id" not in triage.ticket.bundle
         await asyncio.wait_for(triage.ticket.upload, 5)
         await asyncio.sleep(0.02)
-        assert baton.types_from("agent-triage") == ["hello", "handoff", "quiet"]
+        # The hint went first, when the tool was called (hint=True, the default).
+        assert baton.types_from("agent-triage") == ["hello", "hint", "handoff", "quiet"]
         # Asked after its sentence played out: it tells baton it is already quiet.
         request = next(m for w, m in baton.got if w == "agent-triage" and m["type"] == "handoff")
         assert request.get("quiet") is True, request
+        # It names the bundle it uploads: the transfer id the upload resolved to.
+        assert "bundle_follows" not in request, request
+        assert request["transfer"] == f"{triage.ticket.upload.result():032x}", request
         assert not link_a.floor.active
         assert (s1.output.audio_enabled, s1.input.audio_enabled) == (False, False)
         payload, meta = await receive_bundle(baton.room, "agent-triage", timeout=1)

@@ -269,8 +269,9 @@ pub struct Arbiter {
     handoff: Option<Handoff>,
     finishing: Option<Finishing>,
     dispatcher: Dispatcher,
-    /// Complete bundles baton holds that no handoff has claimed yet: transfer id -> sender.
-    held_bundles: BTreeMap<TransferId, String>,
+    /// Complete bundles baton holds that no handoff has claimed yet (transfer id, sender),
+    /// oldest first; at most [`HELD_BUNDLES_MAX`].
+    held_bundles: VecDeque<(TransferId, String)>,
     /// Released sources and when they are removed if still present.
     releases: BTreeMap<String, Instant>,
     callers_seen: bool,
@@ -314,6 +315,10 @@ const STANDBY_DISPATCHES_PER_SLOT: u32 = 3;
 /// How many accepted handoff requests the arbiter remembers for answering a repeat: a room has
 /// a handful of handoffs, and a resend follows its original within seconds.
 const ACCEPTED_REQUESTS_KEPT: usize = 16;
+
+/// How many complete bundles no handoff has claimed baton keeps ids of (a source's upload that
+/// overtook its request, a failed handoff's bundle for a retry); the oldest goes first.
+const HELD_BUNDLES_MAX: usize = 16;
 
 /// How many forwarded tool results the arbiter remembers to drop a repeat: far more than the
 /// calls a few handoffs carry in flight.
@@ -383,7 +388,7 @@ impl Arbiter {
             holder: None,
             handoff: None,
             finishing: None,
-            held_bundles: BTreeMap::new(),
+            held_bundles: VecDeque::new(),
             releases: BTreeMap::new(),
             callers_seen: false,
             ended: false,
@@ -678,7 +683,14 @@ impl Arbiter {
         self.keep_standbys(now);
         self.enforce_mutes();
         if self.handoff.is_none() && !self.filler.on {
-            self.disarm_filler();
+            // While a hint is open a handoff is likely: baton's track streams encoded silence,
+            // so the caller's receiver already plays it and the filler, when the source goes
+            // quiet, is heard one path delay later instead of after a restarted stream.
+            if self.hints.is_empty() {
+                self.disarm_filler();
+            } else {
+                self.arm_filler();
+            }
         }
     }
 
@@ -1252,9 +1264,10 @@ impl Arbiter {
         if transfer.is_some() || bundle_follows {
             bundle.expected = true;
             bundle.transfer = transfer;
-            let already = transfer.filter(|t| self.held_bundles.get(t) == Some(&from));
-            if let Some(t) = already {
-                self.held_bundles.remove(&t);
+            let already =
+                transfer.and_then(|t| self.held_bundles.iter().position(|h| h.0 == t && h.1 == from));
+            if let Some(i) = already {
+                self.held_bundles.remove(i);
                 bundle.held = true;
                 let ev = timeline.mark(Phase::BundleReceived, now, None);
                 self.out.push_back(Command::Timeline(ev));
@@ -1890,7 +1903,17 @@ impl Arbiter {
                 return;
             }
         }
-        self.held_bundles.insert(transfer_id, from);
+        self.hold_bundle(transfer_id, from);
+    }
+
+    /// Keeps an unclaimed bundle's id for a handoff that may name it later (a source uploads
+    /// its bundle right behind its request, which may arrive after it). The oldest is forgotten
+    /// beyond [`HELD_BUNDLES_MAX`], so a sender of stray transfers cannot grow the list.
+    fn hold_bundle(&mut self, transfer_id: TransferId, from: String) {
+        if self.held_bundles.len() >= HELD_BUNDLES_MAX {
+            self.held_bundles.pop_front();
+        }
+        self.held_bundles.push_back((transfer_id, from));
     }
 
     fn on_bundle_delivered(&mut self, to: &str, transfer_id: TransferId, now: Instant) {
@@ -2260,7 +2283,8 @@ impl Arbiter {
         if let Some(t) = &h.bundle.transfer {
             // A bundle baton still holds may be handed to a later handoff from the same source.
             if h.bundle.held && h.source_present {
-                self.held_bundles.insert(*t, h.source.clone());
+                let (t, source) = (*t, h.source.clone());
+                self.hold_bundle(t, source);
             }
         }
         h.timeline.outcome = Some(outcome);

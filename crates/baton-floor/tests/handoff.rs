@@ -880,3 +880,32 @@ fn a_tool_result_from_a_source_that_holds_the_floor_again_is_not_forwarded() {
     let out = r.ctl(TRIAGE, tool_result("call_1", "R-1"));
     assert!(forwarded(&out).is_empty() && ignored(&out, "the source holds the floor again"), "{out:#?}");
 }
+
+/// The Python adapter uploads its bundle right behind its request, naming it (`transfer`): the
+/// bundle may be complete before the request is read. It is claimed at once; and a sender of
+/// stray transfers cannot make baton keep more than 16 unclaimed ones.
+#[test]
+fn a_bundle_that_overtook_its_request_is_claimed_and_stray_ones_are_bounded() {
+    let mut r = Room::with_triage_active(policy());
+    r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 10 });
+    let out = r.request(TRIAGE, "billing", Some(tid(1)));
+    assert!(sent(&out, TRIAGE, "handoff_accepted"));
+    r.quiet(TRIAGE);
+    let out = billing_arrives(&mut r, "AD_1");
+    assert!(
+        out.contains(&Command::DeliverBundle { transfer_id: tid(1), to: BILLING.into() }),
+        "the bundle baton already held goes to the target at once"
+    );
+
+    let mut r = Room::with_triage_active(policy());
+    for i in 100..117 {
+        r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(i), bytes: 10 });
+    }
+    r.request(TRIAGE, "billing", Some(tid(100)));
+    r.quiet(TRIAGE);
+    let out = billing_arrives(&mut r, "AD_1");
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::DeliverBundle { .. })),
+        "the 17th stray bundle pushed out the first: the request waits for its upload"
+    );
+}

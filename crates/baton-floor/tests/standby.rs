@@ -7,8 +7,8 @@ mod support;
 use std::time::Duration;
 
 use baton_floor::{
-    AgentMessage, Alert, BatonMessage, Command, DeactivateReason, Event, Participant, Phase, Policy, Standby,
-    StandbyFrom,
+    AgentMessage, Alert, BatonMessage, Command, DeactivateReason, Event, FillerCommand, Participant, Phase,
+    Policy, Standby, StandbyFrom,
 };
 use support::*;
 
@@ -136,6 +136,11 @@ fn a_hint_brings_the_target_in_and_it_is_removed_when_no_handoff_comes() {
     assert_eq!(meta.len(), 1, "{out:#?}");
     assert_eq!(meta[0]["baton"]["purpose"], "standby");
     assert!(messages_to(&out, TRIAGE).is_empty(), "a hint is never answered");
+    assert!(
+        out.contains(&Command::Filler(FillerCommand::Arm)),
+        "the filler track is armed (streams silence) while the hint is open"
+    );
+    assert!(!out.contains(&Command::Filler(FillerCommand::On)), "armed, not playing");
 
     r.advance(ms(1500));
     let out = standby_arrives(&mut r, BILLING, "AD_h1");
@@ -150,6 +155,7 @@ fn a_hint_brings_the_target_in_and_it_is_removed_when_no_handoff_comes() {
     assert!(!removed(&out, BILLING));
     let out = r.advance(ms(200));
     assert!(removed(&out, BILLING), "{out:#?}");
+    assert!(out.contains(&Command::Filler(FillerCommand::Off)), "the hint is over: disarmed");
     assert!(!dispatched(&out, "billing"));
     assert_eq!(r.arb.floor_holder(), Some(TRIAGE));
     // Never audible at any point.
