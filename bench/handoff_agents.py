@@ -156,7 +156,8 @@ def run_baton_agent(name: str) -> None:
         stamp("tool_call", self.room.name)
         # cold: the adapter's hint at the tool call (its default) is off, so billing is
         # dispatched at the request; every other kind keeps the default.
-        kw.setdefault("hint", not self.room.name.startswith("ba-c-"))
+        if self.room.name.startswith("ba-c-"):
+            kw["hint"] = False
         return await handoff(self, target, **kw)
 
     wait = lk.BatonLink._wait_not_speaking

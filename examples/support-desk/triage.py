@@ -105,6 +105,9 @@ def triage_script(ctx: llm.ChatContext) -> Step:
     return ("I see your account. What is the problem?", [])
 
 
+TOOL_HINT = os.environ.get("DESK_TOOL_HINT", "1") != "0"
+"""``DESK_TOOL_HINT=0``: ``BatonLink.handoff(..., hint=False)``, so billing is dispatched at the
+request (a cold handoff) instead of when the transfer tool is called (the adapter's default)."""
 HINT = os.environ.get("DESK_HINT", "") == "1"
 """``DESK_HINT=1``: hint baton about billing as soon as the caller's words are about a bill
 (:func:`hint_billing_on_words`), so billing is in the room, warm, when the transfer comes."""
@@ -221,6 +224,7 @@ class TriageAgent(Agent):
                 run_ctx=ctx,
                 tried=[{"action": "looked up account", "outcome": str(ctx.userdata.account_id)}],
                 outcome="billing issue, needs the billing team",
+                hint=TOOL_HINT,
             )
         except HandoffRefused as e:
             return f"The transfer to billing failed ({e.reason}); tell the caller and keep helping."

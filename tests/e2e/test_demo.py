@@ -21,7 +21,8 @@ REQUIRED_PHASES = (
     "requested",
     "source_quiet",
     "filler_on",
-    "target_dispatched",
+    # No target_dispatched: triage's adapter hints billing when the transfer tool is called, so
+    # billing is dispatched (as a standby) while triage's sentence plays out.
     "target_joined",
     "bundle_received",
     "target_ready",
@@ -64,7 +65,7 @@ def test_demo_hands_the_call_to_billing_with_context_and_no_dead_air(tmp_path: P
     """The whole desk, checked against limits.
 
     Handoff completed with every phase; billing's first sentence carries what only triage heard;
-    never two agents at once; filler covered the cold handoff; the bundle is small; billing is
+    never two agents at once; filler covered the handoff; the bundle is small; billing is
     heard within 12 s of the request.
 
     Silence: the longest stretch with nothing audible (-55 dBFS per 10 ms frame) between triage's
@@ -99,6 +100,12 @@ def test_demo_hands_the_call_to_billing_with_context_and_no_dead_air(tmp_path: P
     phases = [p["phase"] for p in tl["phases"]]
     for phase in REQUIRED_PHASES:
         assert phase in phases, (phase, phases)
+    # The hint at the tool call brought billing in before the request: it was a standby in the
+    # room (warm), or on its way there (the handoff waited for it instead of dispatching).
+    on_its_way = any(
+        p["phase"] == "target_dispatched" and "standby on its way" in str(p.get("detail")) for p in tl["phases"]
+    )
+    assert tl.get("warm") is True or on_its_way, tl
 
     first = report["billing_first"]
     for fact in FACTS:
@@ -107,7 +114,7 @@ def test_demo_hands_the_call_to_billing_with_context_and_no_dead_air(tmp_path: P
     assert said and said[0]["text"] == first
 
     assert report["overlap_ms"] == 0, "triage and billing were heard at the same time"
-    assert report["filler_heard_ms"] > 0, "nothing covered the cold handoff"
+    assert report["filler_heard_ms"] > 0, "nothing covered the handoff"
     assert report["silence_handoff_ms"] <= SILENCE_LIMIT_MS, (
         f"the caller heard {report['silence_handoff_ms']} ms of silence during the handoff"
     )

@@ -1535,6 +1535,7 @@ class BatonLink:
                 log.info("handoff to %s: nothing to wait for (%s)", target, e)
         t1 = time.monotonic()
         await self._wait_not_speaking(timeout=10.0)
+        t_quiet = time.monotonic()
         log.info(
             "handoff to %s: sentence played out after %.0f ms, then %.0f ms until not speaking",
             target,
@@ -1575,7 +1576,13 @@ class BatonLink:
         dest = self.baton_identity
         assert dest is not None
         tid = new_transfer_id()
-        msg, fut = self.floor.request_handoff(target, reason, transfer=f"{tid:032x}", quiet=quiet)
+        msg, fut = self.floor.request_handoff(
+            target,
+            reason,
+            transfer=f"{tid:032x}",
+            quiet=quiet,
+            quiet_ms=round((time.monotonic() - t_quiet) * 1000),
+        )
         # The upload goes right behind the request instead of after baton's answer: the bundle
         # reaches baton (and a standby target) a round trip and a rebuild sooner.
         upload = asyncio.ensure_future(

@@ -525,12 +525,14 @@ class FloorClient:
         bundle_follows: bool = False,
         transfer: str | None = None,
         quiet: bool = False,
+        quiet_ms: int | None = None,
     ) -> tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]:
         """Send ``handoff``; the future resolves with baton's ``handoff_accepted`` or
         ``handoff_refused`` (whichever answers this request's id). Needs a running loop.
 
         ``quiet``: the agent has already finished speaking, so baton may start its filler at
-        once rather than after the ``deactivate`` -> ``quiet`` round trip. Raises
+        once rather than after the ``deactivate`` -> ``quiet`` round trip; ``quiet_ms``: for
+        how long it has been (baton's settle before the switch counts from then). Raises
         :class:`MessageTooLarge` (nothing sent) when ``reason`` or ``target`` cannot fit."""
         loop = asyncio.get_running_loop()
         msg = self._send(
@@ -540,6 +542,7 @@ class FloorClient:
             transfer=transfer,
             bundle_follows=True if bundle_follows else None,
             quiet=True if quiet else None,
+            quiet_ms=max(0, int(quiet_ms)) if quiet and quiet_ms is not None else None,
         )
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._requests[msg["id"]] = fut

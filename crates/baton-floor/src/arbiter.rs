@@ -622,13 +622,13 @@ impl Arbiter {
                     self.fall_back(FailReason::FillerLimit, now);
                 }
             }
-            Due::SourceQuiet => self.source_quiet("forced", now),
+            Due::SourceQuiet => self.source_quiet("forced", Duration::ZERO, now),
             Due::Settle => {
                 if let Some(h) = &mut self.handoff {
                     h.settle_until = None;
                 }
             }
-            Due::SilenceGrace => self.source_quiet("silence", now),
+            Due::SilenceGrace => self.source_quiet("silence", Duration::ZERO, now),
             Due::Bundle => self.on_bundle_timeout(now),
             Due::DeliveryStall => {
                 if let Some(h) = &mut self.handoff {
@@ -770,7 +770,7 @@ impl Arbiter {
             && !p.audio_live()
         {
             let detail = if p.audio.is_some() { "muted" } else { "no_audio" };
-            self.source_quiet(detail, now);
+            self.source_quiet(detail, Duration::ZERO, now);
         }
         if !is_new || self.rejoined(&p, now) {
             return;
@@ -873,7 +873,7 @@ impl Arbiter {
                 // Its upload may resume when it is back.
                 h.source_away_until = Some(now + grace);
             }
-            self.source_quiet("left", now);
+            self.source_quiet("left", Duration::ZERO, now);
         } else if h.target.identity.as_deref() == Some(identity) {
             if !grace.is_zero() {
                 // Keep the identity, the delivery and the prepared state: a rejoin resumes them.
@@ -1068,7 +1068,8 @@ impl Arbiter {
         match message {
             AgentMessage::Heartbeat { .. } => {}
             AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
-            AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet } => {
+            AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet, quiet_ms } => {
+                let quiet = quiet.then(|| Duration::from_millis(quiet_ms.unwrap_or(0).into()));
                 self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, quiet, now)
             }
             AgentMessage::Hint { target } => self.on_hint(&from, target, now),
@@ -1088,7 +1089,7 @@ impl Arbiter {
             }
             AgentMessage::Quiet { .. } => {
                 if self.handoff.as_ref().is_some_and(|h| h.source == from && !h.quiet) {
-                    self.source_quiet("quiet", now);
+                    self.source_quiet("quiet", Duration::ZERO, now);
                 } else {
                     self.ignored(&from, ty, "not a source finishing its turn");
                 }
@@ -1202,7 +1203,7 @@ impl Arbiter {
         reason: String,
         transfer: Option<TransferId>,
         bundle_follows: bool,
-        quiet: bool,
+        quiet: Option<Duration>,
         now: Instant,
     ) {
         if let Some(a) = self.accepted_requests.iter().find(|a| a.from == from && a.msg_id == msg_id) {
@@ -1318,10 +1319,10 @@ impl Arbiter {
         });
         if !audible {
             // Nothing of the source reaches the caller: the gap starts now, so must the filler.
-            self.source_quiet("no_audio", now);
-        } else if quiet {
+            self.source_quiet("no_audio", Duration::ZERO, now);
+        } else if let Some(since) = quiet {
             // The source finished its sentence before asking: no need to wait for `quiet`.
-            self.source_quiet("quiet", now);
+            self.source_quiet("quiet", since, now);
         }
         self.acquire_target(now);
     }
@@ -1735,7 +1736,9 @@ impl Arbiter {
         self.mark(Phase::TargetJoined, now, Some(detail.to_owned()));
     }
 
-    fn source_quiet(&mut self, detail: &str, now: Instant) {
+    /// The source is quiet, and has been for `since` (what its request said); `detail` says
+    /// how baton knows.
+    fn source_quiet(&mut self, detail: &str, since: Duration, now: Instant) {
         let Some(h) = &mut self.handoff else { return };
         if h.quiet {
             return;
@@ -1747,7 +1750,10 @@ impl Arbiter {
             "forced" => Some(now + MUTE_SETTLE),
             // Nothing of the source was reaching the caller: nothing to let drain.
             "no_audio" => None,
-            _ => Some(now + self.policy.quiet_settle).filter(|_| !self.policy.quiet_settle.is_zero()),
+            _ => {
+                let settle = self.policy.quiet_settle.saturating_sub(since);
+                Some(now + settle).filter(|_| !settle.is_zero())
+            }
         };
         h.filler_deadline = Some(now + self.policy.max_filler);
         let source = h.source.clone();

@@ -106,6 +106,11 @@ pub enum AgentMessage {
         /// and the filler can start at once instead of a `deactivate` → `quiet` round trip later.
         #[serde(default)]
         quiet: bool,
+        /// With `quiet`: how long the source had been quiet when it sent the request, ms (it
+        /// builds its bundle in between). The settle before the switch
+        /// ([`Policy::quiet_settle`](crate::Policy::quiet_settle)) counts from then.
+        #[serde(default)]
+        quiet_ms: Option<u32>,
     },
     /// The target has loaded the bundle and its pipeline is running; it can speak.
     Ready {
@@ -306,6 +311,7 @@ mod tests {
                 transfer: Some(TransferId::new(15)),
                 bundle_follows: false,
                 quiet: false,
+                quiet_ms: None,
             }
         );
         let m: AgentMessage =

@@ -84,7 +84,7 @@ fn message() -> impl Strategy<Value = AgentMessage> {
         }),
         3 => (0u64..100).prop_map(|seq| AgentMessage::Heartbeat { seq }),
         3 => (name, transfer, any::<bool>(), any::<bool>()).prop_map(|(target, transfer, bundle_follows, quiet)| {
-            AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows, quiet }
+            AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows, quiet, quiet_ms: None }
         }),
         3 => handoff_id.prop_map(|handoff| AgentMessage::Ready { handoff }),
         2 => Just(AgentMessage::Quiet { handoff: None }),
@@ -155,6 +155,7 @@ fn skeleton() -> Vec<Step> {
                 transfer: Some(TransferId::new(1)),
                 bundle_follows: false,
                 quiet: false,
+                quiet_ms: None,
             },
         ),
         Step::Event(Event::BundleReceived {

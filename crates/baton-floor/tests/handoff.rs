@@ -251,6 +251,42 @@ fn warm_target_is_switched_in_only_after_the_quiet_settle() {
     assert!(unmuted(&out, BILLING));
 }
 
+/// A request that says how long its source has been quiet (`quiet_ms`, the time it spent
+/// building its bundle) shortens the settle by as much: the source's last words left it then.
+#[test]
+fn the_settle_counts_from_when_the_source_went_quiet() {
+    let mut p = policy();
+    p.quiet_settle = ms(60);
+    let mut r = Room::with_triage_active(p);
+    r.join(agent(BILLING, "billing", true));
+    r.hello(BILLING, "billing");
+    let quiet_request = |quiet_ms| AgentMessage::Handoff {
+        target: "billing".into(),
+        reason: "refund".into(),
+        transfer: None,
+        bundle_follows: false,
+        quiet: true,
+        quiet_ms,
+    };
+    r.ctl(TRIAGE, quiet_request(Some(40)));
+    let out = r.ready(BILLING, "h-1");
+    assert!(!sent(&out, BILLING, "activate"), "20 ms of the settle are left");
+    let out = r.advance(ms(19));
+    assert!(!sent(&out, BILLING, "activate"));
+    let out = r.advance(ms(1));
+    assert!(sent(&out, BILLING, "activate"), "60 ms after the source went quiet");
+
+    // Quiet for longer than the settle: the switch is at once.
+    let mut p = policy();
+    p.quiet_settle = ms(60);
+    let mut r = Room::with_triage_active(p);
+    r.join(agent(BILLING, "billing", true));
+    r.hello(BILLING, "billing");
+    r.ctl(TRIAGE, quiet_request(Some(500)));
+    let out = r.ready(BILLING, "h-1");
+    assert!(sent(&out, BILLING, "activate"));
+}
+
 #[test]
 fn source_that_says_it_is_already_quiet_gets_the_filler_with_the_acceptance() {
     let mut r = Room::with_triage_active(policy());
@@ -262,6 +298,7 @@ fn source_that_says_it_is_already_quiet_gets_the_filler_with_the_acceptance() {
             transfer: None,
             bundle_follows: false,
             quiet: true,
+            quiet_ms: None,
         },
     );
     assert!(sent(&out, TRIAGE, "handoff_accepted"));
@@ -403,6 +440,7 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
             transfer: None,
             bundle_follows: true,
             quiet: false,
+            quiet_ms: None,
         },
     );
     let out = billing_arrives(&mut r, "AD_1");
@@ -749,6 +787,7 @@ fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
         transfer: Some(tid(1)),
         bundle_follows: false,
         quiet: false,
+        quiet_ms: None,
     };
     let again = r.ev(Event::Control { from: TRIAGE.into(), id: "m-2".into(), message: repeat.clone() });
     assert_eq!(accepted(&again), first, "the same answer");

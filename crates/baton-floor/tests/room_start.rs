@@ -133,6 +133,7 @@ fn forged(r: &mut Room, from: &str) -> Vec<Command> {
             transfer: None,
             bundle_follows: false,
             quiet: false,
+            quiet_ms: None,
         },
     )
 }

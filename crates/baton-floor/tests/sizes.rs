@@ -41,6 +41,7 @@ fn handoff(reason: &str, transfer: Option<TransferId>, bundle_follows: bool) -> 
         transfer,
         bundle_follows,
         quiet: false,
+        quiet_ms: None,
     }
 }
 
@@ -186,7 +187,7 @@ proptest! {
             reason: reason.clone(),
             transfer,
             bundle_follows: follows,
-            quiet: false,
+            quiet: false, quiet_ms: None,
         };
         let out = r.ev(Event::Control { from: TRIAGE.into(), id: msg_id, message: request });
         let reason_bytes = serde_json::to_string(&reason).unwrap().len() - 2;

@@ -139,6 +139,7 @@ impl Room {
                 transfer,
                 bundle_follows: false,
                 quiet: false,
+                quiet_ms: None,
             },
         )
     }
