@@ -1366,15 +1366,6 @@ class BatonLink:
             now=time.time() if now is None else now,
         )
 
-    async def _checkpoints_quiet(self, timeout: float) -> None:
-        """Hold new checkpoints and wait (up to ``timeout``) for the one in flight to end."""
-        self._checkpoint_hold = True
-        t = self.checkpoints
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while t is not None and t.in_flight is not None and loop.time() < end:
-            await asyncio.sleep(0.005)
-
     def _resume_checkpoints(self) -> None:
         self._checkpoint_hold = False
         self.checkpoint_soon()
@@ -1524,8 +1515,36 @@ class BatonLink:
         :class:`~lk_baton.floor.MessageTooLarge` (nothing sent) when ``target`` or ``reason``
         cannot fit a control message.
         """
+
+        def bundle_now() -> bd.Bundle:
+            the_agent = agent if agent is not None else self.session.current_agent
+            state = user_state
+            if state is dataclasses.MISSING:
+                try:
+                    state = self.session.userdata
+                except ValueError:
+                    state = None
+            return build_handoff_bundle(
+                the_agent.chat_ctx,
+                from_agent=self.agent_name,
+                to_agent=target,
+                reason=reason,
+                user_state=state_to_dict(state, self.user_state_serializer),
+                tried=list(tried or []),
+                outcome=outcome,
+                data=data,
+                current_call=run_ctx.function_call if run_ctx is not None else None,
+                tool_calls_in_flight=tool_calls_in_flight,
+                journal=self.journal,
+                agent_id=the_agent.id,
+            )
+
+        # Fail before anything is sent: a request that cannot fit one packet, a bundle that
+        # cannot be built (user state the serializer refuses). This draft is also the bundle
+        # sent if building it again after the sentence fails.
+        self.floor.check_handoff(target, reason)
+        draft = bundle_now()
         if hint and self.floor.active:
-            self.floor.check_handoff(target, reason)  # a request that cannot fit: no hint either
             self.hint(target)
         t0 = time.monotonic()
         if run_ctx is not None:
@@ -1536,43 +1555,14 @@ class BatonLink:
         t1 = time.monotonic()
         await self._wait_not_speaking(timeout=10.0)
         t_quiet = time.monotonic()
-        log.info(
-            "handoff to %s: sentence played out after %.0f ms, then %.0f ms until not speaking",
-            target,
-            (t1 - t0) * 1000,
-            (time.monotonic() - t1) * 1000,
-        )
-        the_agent = agent if agent is not None else self.session.current_agent
-        if user_state is dataclasses.MISSING:
-            try:
-                user_state = self.session.userdata
-            except ValueError:
-                user_state = None
-        state = state_to_dict(user_state, self.user_state_serializer)
-        common: dict[str, Any] = {
-            "from_agent": self.agent_name,
-            "to_agent": target,
-            "reason": reason,
-            "user_state": state,
-            "tried": list(tried or []),
-            "outcome": outcome,
-            "data": data,
-            "current_call": run_ctx.function_call if run_ctx is not None else None,
-            "tool_calls_in_flight": tool_calls_in_flight,
-            "journal": self.journal,
-            "agent_id": the_agent.id,
-        }
-        # Built once, before asking baton: a bundle that cannot be built fails the handoff with
-        # nothing sent. It carries no handoff_id (the optional field's id is not known yet; the
-        # target takes the id from `prepare`).
-        bundle = build_handoff_bundle(the_agent.chat_ctx, **common)
-        payload = bd.encode_bundle(bundle)
         # The sentence has played out: say so, and the caller hears baton's filler a round trip
-        # sooner (baton still sends `deactivate`, which the floor client obeys as usual).
+        # sooner (baton still sends `deactivate`, which the floor client obeys as usual). The
+        # request goes before the bundle is built: the filler and the settle before the switch
+        # start on it.
         quiet = self.session.agent_state != "speaking"
-        # A checkpoint upload in flight would hold the bundle up behind it on the data channel,
-        # and none may start until the bundle is sent.
-        await self._checkpoints_quiet(timeout=2.0)
+        # No checkpoint may start until the bundle is out (one in flight is left to finish: the
+        # bundle is named by its transfer id, so baton cannot take one for the other).
+        self._checkpoint_hold = True
         dest = self.baton_identity
         assert dest is not None
         tid = new_transfer_id()
@@ -1583,8 +1573,27 @@ class BatonLink:
             quiet=quiet,
             quiet_ms=round((time.monotonic() - t_quiet) * 1000),
         )
+        try:
+            bundle = bundle_now()
+        except Exception:
+            log.warning(
+                "handoff to %s: the bundle could not be built again; "
+                "sending the one built at the tool call",
+                target,
+                exc_info=True,
+            )
+            bundle = draft
+        payload = bd.encode_bundle(bundle)
+        log.info(
+            "handoff to %s: sentence played out after %.0f ms, then %.0f ms until not speaking; "
+            "bundle %d bytes",
+            target,
+            (t1 - t0) * 1000,
+            (t_quiet - t1) * 1000,
+            len(payload),
+        )
         # The upload goes right behind the request instead of after baton's answer: the bundle
-        # reaches baton (and a standby target) a round trip and a rebuild sooner.
+        # reaches baton (and a standby target) a round trip sooner.
         upload = asyncio.ensure_future(
             send_bundle(self.room, dest, payload, bd.META, compress=compress, transfer_id=tid)
         )

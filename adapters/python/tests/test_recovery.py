@@ -148,10 +148,10 @@ def test_a_lost_checkpoint_is_followed_by_a_base() -> None:
     asyncio.run(main())
 
 
-def test_no_checkpoint_travels_between_a_handoff_request_and_its_bundle() -> None:
-    """baton takes the next transfer the source completes after a ``bundle_follows`` request as
-    the handoff's bundle (docs/protocol.md section 4.10): the adapter lets the checkpoint in
-    flight finish first and starts none until the bundle is on its way."""
+def test_no_checkpoint_starts_between_a_handoff_request_and_its_bundle() -> None:
+    """The adapter names its bundle in the request (``transfer``), so baton cannot take a
+    checkpoint for it, and starts no checkpoint between the request and the bundle's upload:
+    the next transfer it opens after ``handoff`` is the bundle, with the id the request named."""
     from test_agents import LinkedTriage, linked_triage
 
     from lk_baton import frames as fr
@@ -170,20 +170,20 @@ def test_no_checkpoint_travels_between_a_handoff_request_and_its_bundle() -> Non
         await asyncio.sleep(0.05)
         assert baton.checkpoint_log, "the turns before the handoff were checkpointed"
 
-        order: list[str] = []  # what went between triage and baton, in order
+        order: list[tuple[str, int | None]] = []  # what triage sent baton, in order
+        named: int | None = None
         for p in net.log:
+            if p.src != "agent-triage":
+                continue
             if p.topic == CONTROL_TOPIC and b'"type":"handoff"' in p.payload:
-                order.append("handoff")
+                named = int(json.loads(p.payload)["transfer"], 16)
+                order.append(("handoff", None))
             elif p.topic == TOPIC:
                 f = fr.decode(p.payload)
                 if isinstance(f, fr.Open):
-                    order.append(json.loads(f.meta)["purpose"] + "_open")
-                elif isinstance(f, fr.Complete) and p.src == "baton-1":
-                    order.append("complete")
-        at = order.index("handoff")
-        assert order[at + 1] == "handoff_open", order
-        before = order[:at]
-        assert before.count("checkpoint_open") == before.count("complete"), order
+                    order.append((json.loads(f.meta)["purpose"] + "_open", f.id))
+        at = order.index(("handoff", None))
+        assert order[at + 1] == ("handoff_open", named), order
         await link.aclose()
         await session.aclose()
 
