@@ -63,6 +63,10 @@ struct Target {
     /// However the delivery to it moves, neither its `ready_deadline` nor the delivery's
     /// stall deadline is pushed past this (`max_transfer_time` from its join).
     transfer_cap: Option<Instant>,
+    /// It was sent `activate` while the settle still ran (ready before the source's last words
+    /// had reached the caller): it starts its reply now, its track stays muted until the
+    /// settle is over.
+    activated: bool,
 }
 
 impl Target {
@@ -77,6 +81,7 @@ impl Target {
             dispatch_id: None,
             away_until: None,
             transfer_cap: None,
+            activated: false,
         }
     }
 }
@@ -929,6 +934,7 @@ impl Arbiter {
         // ready only when it says so again.
         t.prepared = false;
         t.ready = false;
+        t.activated = false;
         t.ready_deadline = Some(now + self.policy.ready_timeout);
         t.transfer_cap = Some(now + self.policy.max_transfer_time);
         if let Some(stall) = &mut h.bundle.delivery_stall {
@@ -957,8 +963,17 @@ impl Arbiter {
     fn target_gone(&mut self, now: Instant) {
         let Some(h) = &mut self.handoff else { return };
         h.target.away_until = None;
-        // Nothing to tell the target: it is gone.
+        let activated = std::mem::take(&mut h.target.activated);
         let Some(identity) = h.target.identity.take() else { return };
+        let id = h.id.clone();
+        if activated && self.peers.contains_key(&identity) {
+            // Its job ended but its participant is still there: whatever is left of it must
+            // not keep the floor it was given before the settle's end.
+            let deactivate =
+                BatonMessage::Deactivate { handoff: Some(id), reason: DeactivateReason::Standby };
+            self.send(&identity, None, deactivate);
+        }
+        let Some(h) = &mut self.handoff else { return };
         if h.replacements_left > 0 {
             h.replacements_left -= 1;
             h.alternates.push_front(h.target.name.clone());
@@ -2054,9 +2069,31 @@ impl Arbiter {
             self.out.push_back(Command::DeliverBundle { transfer_id, to: target.clone() });
         }
         let Some(h) = &self.handoff else { return };
-        if h.quiet && h.settle_until.is_none_or(|t| now >= t) && h.target.ready && h.bundle.settled() {
-            self.switch(now);
+        if h.quiet && h.target.ready && h.bundle.settled() {
+            if h.settle_until.is_none_or(|t| now >= t) {
+                self.switch(now);
+            } else if !h.target.activated {
+                self.activate_early(now);
+            }
         }
+    }
+
+    /// The target is ready but the settle still runs: tell it to take the floor now, so the
+    /// time its reply takes to start (model, speech synthesis) runs during the settle; its
+    /// track stays muted server-side until [`switch`](Self::switch) at the settle's end, so
+    /// nothing of it can reach the caller before the source's last words have.
+    fn activate_early(&mut self, now: Instant) {
+        let Some(h) = &mut self.handoff else { return };
+        let Some(target) = h.target.identity.clone() else { return };
+        h.target.activated = true;
+        let activation = Self::activation(h);
+        self.send(&target, None, activation);
+        self.mark(Phase::TargetActivated, now, Some("muted until the settle ends".to_owned()));
+    }
+
+    fn activation(h: &Handoff) -> BatonMessage {
+        let cause = if h.recovery.is_some() { ActivateCause::Recovery } else { ActivateCause::Handoff };
+        BatonMessage::Activate { handoff: Some(h.id.clone()), cause, reason: None }
     }
 
     /// Whether the `prepare` this request leads to could not be sent: refused up front rather
@@ -2110,11 +2147,12 @@ impl Arbiter {
             return;
         };
         let id = h.id.clone();
-        let cause = if h.recovery.is_some() { ActivateCause::Recovery } else { ActivateCause::Handoff };
-        let activation = BatonMessage::Activate { handoff: Some(id.clone()), cause, reason: None };
-        self.send(&target, None, activation.clone());
+        let activation = Self::activation(h);
+        if !h.target.activated {
+            self.send(&target, None, activation.clone());
+            self.mark(Phase::TargetActivated, now, None);
+        }
         self.unmute(&target);
-        self.mark(Phase::TargetActivated, now, None);
         let Some(mut h) = self.handoff.take() else {
             return;
         };
@@ -2130,6 +2168,11 @@ impl Arbiter {
         let awaiting = Some((target.clone(), now + self.policy.audible_timeout));
         self.finishing = Some(Finishing { timeline: h.timeline, awaiting });
         self.floor_changed(&target, now);
+        if self.peers.get(&target).is_some_and(|p| p.speaking) {
+            // Activated before the settle's end, it is speaking already: its words reach the
+            // caller from the unmute on.
+            self.heard(&target, now);
+        }
     }
 
     fn on_gave_up(&mut self, g: GaveUp, now: Instant) {
@@ -2182,6 +2225,7 @@ impl Arbiter {
         }
         let Some(h) = &mut self.handoff else { return };
         h.target.ready_deadline = None;
+        let activated = std::mem::take(&mut h.target.activated);
         let Some(t) = h.target.identity.take() else {
             return;
         };
@@ -2196,6 +2240,12 @@ impl Arbiter {
             h.bundle.delivered = false;
         }
         if self.peers.contains_key(&t) {
+            if activated {
+                // It was told to take the floor before the settle's end: take it back first.
+                let deactivate =
+                    BatonMessage::Deactivate { handoff: Some(id.clone()), reason: DeactivateReason::Standby };
+                self.send(&t, None, deactivate);
+            }
             self.send(&t, None, BatonMessage::HandoffCancelled { handoff: id, reason });
             self.mute(&t);
         }

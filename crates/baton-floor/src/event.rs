@@ -109,7 +109,7 @@ pub enum AgentMessage {
         /// With `quiet`: how long the source had been quiet when it sent the request, ms (it
         /// builds its bundle in between). The settle before the switch
         /// ([`Policy::quiet_settle`](crate::Policy::quiet_settle)) counts from then.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         quiet_ms: Option<u32>,
     },
     /// The target has loaded the bundle and its pipeline is running; it can speak.

@@ -243,12 +243,44 @@ fn warm_target_is_switched_in_only_after_the_quiet_settle() {
     r.ready(BILLING, "h-1");
     let out = r.quiet(TRIAGE);
     assert!(filler_started(&out), "the filler covers the settle");
-    assert!(!sent(&out, BILLING, "activate"), "the source's last words are still reaching the caller");
-    let out = r.advance(ms(59));
-    assert!(!sent(&out, BILLING, "activate"));
-    let out = r.advance(ms(1));
+    // Ready during the settle: activated now, so its reply starts while the source's last
+    // words are still reaching the caller, but heard only once they have.
     assert!(sent(&out, BILLING, "activate"));
+    assert!(!unmuted(&out, BILLING), "the source's last words are still reaching the caller");
+    assert_eq!(r.arb.floor_holder(), None);
+    let out = r.advance(ms(59));
+    assert!(!unmuted(&out, BILLING));
+    let out = r.advance(ms(1));
     assert!(unmuted(&out, BILLING));
+    assert!(!sent(&out, BILLING, "activate"), "activated once");
+    assert_eq!(r.arb.floor_holder(), Some(BILLING));
+    let t = r.advance(Duration::from_secs(5));
+    let t = finished(&t).unwrap();
+    let activated: Vec<_> = t.phases.iter().filter(|m| m.phase == Phase::TargetActivated).collect();
+    assert_eq!(activated.len(), 1, "{:?}", t.phases);
+    assert_eq!(activated[0].ms, t.phases.iter().find(|m| m.phase == Phase::SourceQuiet).unwrap().ms);
+}
+
+/// A target activated before the settle's end whose handoff then fails is told to stop
+/// (`deactivate`) before it hears `handoff_cancelled`, and it was never unmuted.
+#[test]
+fn a_target_activated_during_the_settle_is_deactivated_when_the_handoff_fails() {
+    let mut p = policy();
+    p.quiet_settle = ms(60);
+    let mut r = Room::with_triage_active(p);
+    r.join(agent(BILLING, "billing", true));
+    r.hello(BILLING, "billing");
+    r.request(TRIAGE, "billing", None);
+    r.ready(BILLING, "h-1");
+    let out = r.quiet(TRIAGE);
+    assert!(sent(&out, BILLING, "activate"));
+    // The caller hangs up within the settle.
+    let out = r.leave("caller");
+    let to_billing: Vec<_> = messages_to(&out, BILLING);
+    let deactivate = to_billing.iter().position(|m| matches!(m, BatonMessage::Deactivate { .. }));
+    let cancelled = to_billing.iter().position(|m| matches!(m, BatonMessage::HandoffCancelled { .. }));
+    assert!(deactivate.is_some() && cancelled.is_some() && deactivate < cancelled, "{to_billing:?}");
+    assert!(!r.log.iter().any(|c| matches!(c, Command::UnmuteTrack { identity, .. } if identity == BILLING)));
 }
 
 /// A request that says how long its source has been quiet (`quiet_ms`, the time it spent
@@ -270,11 +302,11 @@ fn the_settle_counts_from_when_the_source_went_quiet() {
     };
     r.ctl(TRIAGE, quiet_request(Some(40)));
     let out = r.ready(BILLING, "h-1");
-    assert!(!sent(&out, BILLING, "activate"), "20 ms of the settle are left");
+    assert!(!unmuted(&out, BILLING), "20 ms of the settle are left");
     let out = r.advance(ms(19));
-    assert!(!sent(&out, BILLING, "activate"));
+    assert!(!unmuted(&out, BILLING));
     let out = r.advance(ms(1));
-    assert!(sent(&out, BILLING, "activate"), "60 ms after the source went quiet");
+    assert!(unmuted(&out, BILLING), "60 ms after the source went quiet");
 
     // Quiet for longer than the settle: the switch is at once.
     let mut p = policy();
@@ -284,7 +316,7 @@ fn the_settle_counts_from_when_the_source_went_quiet() {
     r.hello(BILLING, "billing");
     r.ctl(TRIAGE, quiet_request(Some(500)));
     let out = r.ready(BILLING, "h-1");
-    assert!(sent(&out, BILLING, "activate"));
+    assert!(sent(&out, BILLING, "activate") && unmuted(&out, BILLING));
 }
 
 #[test]
@@ -557,11 +589,9 @@ fn source_ignoring_deactivate_is_muted_at_source_quiet_timeout() {
     billing_arrives(&mut r, "AD_1");
     let at_ready = r.ready(BILLING, "h-1");
     // What was already on its way from the muted source still plays at the caller for a few
-    // frames: the target waits for it under the filler instead of talking over it.
-    assert!(
-        !at_ready.iter().any(|c| matches!(c, Command::Send { message: BatonMessage::Activate { .. }, .. })),
-        "target activated the instant a force-muted source went quiet"
-    );
+    // frames: the target's reply may start, but its track stays muted under the filler.
+    assert!(sent(&at_ready, BILLING, "activate"), "activated at once, to start its reply");
+    assert!(!unmuted(&at_ready, BILLING), "target unmuted the instant a force-muted source went quiet");
     let t = finished(&r.advance(Duration::from_millis(3_300))).unwrap();
     assert_eq!(
         t.phases.iter().find(|m| m.phase == Phase::SourceQuiet).unwrap().detail.as_deref(),
