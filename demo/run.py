@@ -261,6 +261,13 @@ class Report:
     on the caller's playout clock (:func:`played_at`)."""
     silence_handoff_arrival_ms: float
     """The same on the caller process's arrival clock (inflated when that process stalls)."""
+    silence_start_ms: float | None
+    """Of that window, the part before baton's filler is first heard: triage's trailing
+    silence (its speech ends before its audio does) plus the filler's one audio path from the
+    request to the caller's ear. None when no filler was heard."""
+    silence_after_filler_ms: float | None
+    """The longest silence from the filler's first sound to billing's first: baton's switch
+    (filler under the handoff, then the target). None when no filler was heard."""
     silence_call_ms: float
     overlap_ms: float
     filler_heard_ms: float
@@ -316,6 +323,9 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         f = next((i for i, c in enumerate(window) if "baton" in c), None)
         if f is not None:
             heard["filler_first"] = (slot_time(last_triage + 1 + f) - t_request) * 1000
+    first_filler = next((i for i, c in enumerate(window) if "baton" in c), None)
+    silence_start = None if first_filler is None else first_filler * step
+    silence_after_filler = None if first_filler is None else longest_run(window[first_filler:], lambda c: not c)
     filler = sum(1 for c in window if "baton" in c) * step
     overlap = longest_run(grid, lambda c: triage in c and billing in c)
     filler_under_billing = None
@@ -343,6 +353,8 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         facts_in_billing_first={f: f.lower() in first.lower() for f in FACTS},
         silence_handoff_ms=round(silence_handoff * 1000, 1),
         silence_handoff_arrival_ms=round(silence_handoff_raw * 1000, 1),
+        silence_start_ms=None if silence_start is None else round(silence_start * 1000, 1),
+        silence_after_filler_ms=None if silence_after_filler is None else round(silence_after_filler * 1000, 1),
         silence_call_ms=round(silence_call * 1000, 1),
         overlap_ms=round(overlap * 1000, 1),
         filler_heard_ms=round(filler * 1000, 1),
@@ -440,6 +452,11 @@ def print_report(r: Report) -> None:
         f"  (on the caller process's arrival clock, which stalls on this busy machine: "
         f"{r.silence_handoff_arrival_ms:.0f} ms)"
     )
+    if r.silence_start_ms is not None:
+        print(
+            f"  of which before the filler was heard: {r.silence_start_ms:.0f} ms; "
+            f"after it, until billing: {r.silence_after_filler_ms:.0f} ms"
+        )
     h = r.heard_ms
     print(
         f"at the caller (ms from the request): triage's last sound {h['triage_last']}, filler from "

@@ -707,9 +707,7 @@ impl RoomTask {
         self.roster = roster;
         let mut out = Outbox::default();
         let missing = before.into_iter().filter(|m| self.roster.get(&m.identity).is_none()).collect();
-        for c in self.callers_back.after_rejoin(missing, Instant::now()) {
-            self.handler.on_change(&c, &self.roster, Instant::now(), &mut out);
-        }
+        self.callers_back.after_rejoin(missing, Instant::now());
         self.callers_back.seen(&joined);
         for c in &joined {
             self.handler.on_change(c, &self.roster, Instant::now(), &mut out);
