@@ -5,7 +5,7 @@
 //! audio clock in a single `select!`, feeding the sans-IO peer connection and the
 //! [`RoomHandler`] that holds baton's own logic.
 
-mod callers_back;
+mod back_after_rejoin;
 pub mod data;
 pub mod peer;
 pub mod roster;

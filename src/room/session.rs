@@ -119,7 +119,7 @@ pub(super) struct RoomTask {
     /// Where the handler's store writes go.
     store: Option<crate::store::RoomStoreClient>,
     /// Callers missing after a rejoin, awaited before they count as gone.
-    callers_back: super::callers_back::CallersBack,
+    back_after_rejoin: super::back_after_rejoin::BackAfterRejoin,
 }
 
 type ApiCallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult> + Send>>;
@@ -168,7 +168,7 @@ impl RoomTask {
             api: None,
             store_writes: FuturesUnordered::new(),
             store: None,
-            callers_back: Default::default(),
+            back_after_rejoin: Default::default(),
         };
         task.api = task.handler.server_api();
         task.store = task.handler.state_store();
@@ -248,8 +248,8 @@ impl RoomTask {
             if let Some(due) = handler_due {
                 wake = wake.min(due);
             }
-            let callers_due = self.callers_back.next_deadline();
-            if let Some(due) = callers_due {
+            let rejoin_due = self.back_after_rejoin.next_deadline();
+            if let Some(due) = rejoin_due {
                 wake = wake.min(due);
             }
             let mut lost: Option<String> = None;
@@ -304,9 +304,9 @@ impl RoomTask {
                         self.mute_after_fade = false;
                         self.set_muted(true).await;
                     }
-                    if callers_due.is_some_and(|due| due <= now) {
+                    if rejoin_due.is_some_and(|due| due <= now) {
                         let mut out = Outbox::default();
-                        for c in self.callers_back.due(now) {
+                        for c in self.back_after_rejoin.due(now) {
                             self.handler.on_change(&c, &self.roster, now, &mut out);
                         }
                         self.execute(out).await;
@@ -557,7 +557,7 @@ impl RoomTask {
             }
             Resp::Update(u) => {
                 let changes = self.roster.apply(&u.participants);
-                self.callers_back.seen(&changes);
+                self.back_after_rejoin.seen(&changes);
                 let mut out = Outbox::default();
                 for c in &changes {
                     log_change(c);
@@ -707,8 +707,8 @@ impl RoomTask {
         self.roster = roster;
         let mut out = Outbox::default();
         let missing = before.into_iter().filter(|m| self.roster.get(&m.identity).is_none()).collect();
-        self.callers_back.after_rejoin(missing, Instant::now());
-        self.callers_back.seen(&joined);
+        self.back_after_rejoin.after_rejoin(missing, Instant::now());
+        self.back_after_rejoin.seen(&joined);
         for c in &joined {
             self.handler.on_change(c, &self.roster, Instant::now(), &mut out);
         }

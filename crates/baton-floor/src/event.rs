@@ -106,8 +106,8 @@ pub enum AgentMessage {
         /// and the filler can start at once instead of a `deactivate` → `quiet` round trip later.
         #[serde(default)]
         quiet: bool,
-        /// With `quiet`: how long the source had been quiet when it sent the request, ms (it
-        /// builds its bundle in between). The settle before the switch
+        /// With `quiet`: how long the source had been quiet when it sent the request, ms. The
+        /// settle before the switch
         /// ([`Policy::quiet_settle`](crate::Policy::quiet_settle)) counts from then.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         quiet_ms: Option<u32>,

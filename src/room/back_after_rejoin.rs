@@ -1,4 +1,4 @@
-//! Waiting for the callers after a rejoin (issue 14: the server restarts).
+//! Waiting for the callers and agents missing after a rejoin (issue 14: the server restarts).
 //!
 //! When livekit-server restarts, every participant has to join its new incarnation of the room,
 //! and baton may get there first. The rooms it finds then lacks the caller, and a caller who
@@ -23,13 +23,13 @@ pub const CALLERS_BACK_WAIT: Duration = Duration::from_secs(20);
 /// (a recovery) this much later than a crash seen in a running room.
 pub const AGENTS_BACK_WAIT: Duration = Duration::from_secs(5);
 
-/// The callers awaited after a rejoin, each with the moment it counts as gone.
+/// The participants awaited after a rejoin, each with the moment it counts as gone.
 #[derive(Debug, Default)]
-pub struct CallersBack {
+pub struct BackAfterRejoin {
     awaited: Vec<(Member, Instant)>,
 }
 
-impl CallersBack {
+impl BackAfterRejoin {
     /// After a rejoin: the members known before that are not in the new room (`missing`) are
     /// awaited, callers until `now` + [`CALLERS_BACK_WAIT`], everyone else (agents) until `now`
     /// + [`AGENTS_BACK_WAIT`]. Nothing is gone yet: [`due`](Self::due) reports who stayed away.
@@ -46,7 +46,7 @@ impl CallersBack {
         }
     }
 
-    /// Notes the room's changes: an awaited caller that joined again is no longer awaited.
+    /// Notes the room's changes: an awaited participant that joined again is no longer awaited.
     pub fn seen(&mut self, changes: &[Change]) {
         for c in changes {
             if let Change::Joined(m) = c
@@ -58,7 +58,7 @@ impl CallersBack {
         }
     }
 
-    /// The awaited callers whose wait ended by `now`, as `Left`.
+    /// The awaited participants whose wait ended by `now`, as `Left`.
     pub fn due(&mut self, now: Instant) -> Vec<Change> {
         let (gone, kept): (Vec<_>, Vec<_>) = self.awaited.drain(..).partition(|(_, at)| *at <= now);
         self.awaited = kept;
@@ -70,7 +70,7 @@ impl CallersBack {
             .collect()
     }
 
-    /// When the next awaited caller counts as gone.
+    /// When the next awaited participant counts as gone.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.awaited.iter().map(|(_, at)| *at).min()
     }
@@ -107,7 +107,7 @@ mod tests {
     #[test]
     fn a_caller_missing_after_a_rejoin_is_awaited_and_gone_only_after_the_wait() {
         let t0 = Instant::now();
-        let mut w = CallersBack::default();
+        let mut w = BackAfterRejoin::default();
         w.after_rejoin(vec![member("caller", Kind::Standard), member("agent-1", Kind::Agent)], t0);
         assert_eq!(w.next_deadline(), Some(t0 + AGENTS_BACK_WAIT));
         assert!(w.due(t0 + AGENTS_BACK_WAIT - Duration::from_millis(1)).is_empty(), "nobody gone at once");
@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn a_caller_that_joins_again_in_time_is_never_reported_gone() {
         let t0 = Instant::now();
-        let mut w = CallersBack::default();
+        let mut w = BackAfterRejoin::default();
         w.after_rejoin(
             vec![
                 member("caller", Kind::Standard),
