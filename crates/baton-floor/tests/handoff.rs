@@ -232,13 +232,19 @@ fn target_never_joins_hands_back_to_source_with_reason() {
     assert!(sent(&out, TRIAGE, "handoff_accepted"));
 }
 
-#[test]
-fn warm_target_is_switched_in_only_after_the_quiet_settle() {
+/// Triage holds the floor, a billing standby said hello, and `quiet_settle` is 60 ms.
+fn standby_billing_with_a_60_ms_settle() -> Room {
     let mut p = policy();
     p.quiet_settle = ms(60);
     let mut r = Room::with_triage_active(p);
     r.join(agent(BILLING, "billing", true));
     r.hello(BILLING, "billing");
+    r
+}
+
+#[test]
+fn warm_target_is_switched_in_only_after_the_quiet_settle() {
+    let mut r = standby_billing_with_a_60_ms_settle();
     r.request(TRIAGE, "billing", None);
     r.ready(BILLING, "h-1");
     let out = r.quiet(TRIAGE);
@@ -265,11 +271,7 @@ fn warm_target_is_switched_in_only_after_the_quiet_settle() {
 /// (`deactivate`) before it hears `handoff_cancelled`, and it was never unmuted.
 #[test]
 fn a_target_activated_during_the_settle_is_deactivated_when_the_handoff_fails() {
-    let mut p = policy();
-    p.quiet_settle = ms(60);
-    let mut r = Room::with_triage_active(p);
-    r.join(agent(BILLING, "billing", true));
-    r.hello(BILLING, "billing");
+    let mut r = standby_billing_with_a_60_ms_settle();
     r.request(TRIAGE, "billing", None);
     r.ready(BILLING, "h-1");
     let out = r.quiet(TRIAGE);
@@ -287,11 +289,7 @@ fn a_target_activated_during_the_settle_is_deactivated_when_the_handoff_fails() 
 /// building its bundle) shortens the settle by as much: the source's last words left it then.
 #[test]
 fn the_settle_counts_from_when_the_source_went_quiet() {
-    let mut p = policy();
-    p.quiet_settle = ms(60);
-    let mut r = Room::with_triage_active(p);
-    r.join(agent(BILLING, "billing", true));
-    r.hello(BILLING, "billing");
+    let mut r = standby_billing_with_a_60_ms_settle();
     let quiet_request = |quiet_ms| AgentMessage::Handoff {
         target: "billing".into(),
         reason: "refund".into(),
@@ -309,11 +307,7 @@ fn the_settle_counts_from_when_the_source_went_quiet() {
     assert!(unmuted(&out, BILLING), "60 ms after the source went quiet");
 
     // Quiet for longer than the settle: the switch is at once.
-    let mut p = policy();
-    p.quiet_settle = ms(60);
-    let mut r = Room::with_triage_active(p);
-    r.join(agent(BILLING, "billing", true));
-    r.hello(BILLING, "billing");
+    let mut r = standby_billing_with_a_60_ms_settle();
     r.ctl(TRIAGE, quiet_request(Some(500)));
     let out = r.ready(BILLING, "h-1");
     assert!(sent(&out, BILLING, "activate") && unmuted(&out, BILLING));
