@@ -816,7 +816,8 @@ fn log_alert(alert: &Alert) {
     }
 }
 
-/// How the arbiter sees a room member.
+/// How the arbiter sees a room member; its audio is its voice: the first audio track not
+/// named [`FILLER_TRACK_NAME`](crate::room::FILLER_TRACK_NAME).
 fn participant(m: &Member) -> Participant {
     use proto::participant_info::Kind;
     let kind = match m.kind {
@@ -830,7 +831,7 @@ fn participant(m: &Member) -> Participant {
     let audio = m
         .tracks
         .iter()
-        .find(|t| t.kind == proto::TrackType::Audio)
+        .find(|t| t.kind == proto::TrackType::Audio && t.name != crate::room::FILLER_TRACK_NAME)
         .map(|t| AudioTrack { sid: t.sid.clone(), muted: t.muted });
     Participant {
         identity: m.identity.clone(),
@@ -915,6 +916,36 @@ mod tests {
         assert_eq!(speaking_change(&updated(Some("speaking"), None)), Some(("a".into(), false)), "removed");
         assert_eq!(speaking_change(&updated(None, Some("listening"))), None);
         assert_eq!(speaking_change(&updated(Some("speaking"), Some("speaking"))), None);
+    }
+
+    /// A source's own filler track (published first here, as an adapter that publishes it at
+    /// the tool call may) is not its voice: baton mutes the voice, never the filler.
+    #[test]
+    fn the_voice_track_is_the_first_audio_track_not_named_baton_filler() {
+        let track = |sid: &str, name: &str, kind| crate::room::roster::TrackState {
+            sid: sid.into(),
+            name: name.into(),
+            kind,
+            source: proto::TrackSource::Unknown,
+            muted: false,
+        };
+        let mut m = crate::room::Member {
+            sid: "PA_a".into(),
+            identity: "a".into(),
+            name: String::new(),
+            kind: proto::participant_info::Kind::Agent,
+            state: proto::participant_info::State::Active,
+            attributes: Default::default(),
+            tracks: vec![
+                track("TR_v", "video", proto::TrackType::Video),
+                track("TR_f", crate::room::FILLER_TRACK_NAME, proto::TrackType::Audio),
+                track("TR_a", "roomio_audio", proto::TrackType::Audio),
+            ],
+            version: 1,
+        };
+        assert_eq!(participant(&m).audio.map(|a| a.sid).as_deref(), Some("TR_a"));
+        m.tracks.truncate(2);
+        assert_eq!(participant(&m).audio, None, "a filler alone is no voice");
     }
 
     /// The OPEN of a transfer of `size` bytes.

@@ -18,6 +18,11 @@ use tokio::sync::watch;
 
 use crate::audio::filler::FillerSound;
 use crate::server_api::{ApiCall, ApiResult, ServerApi};
+/// The name of a filler track: baton's own, and the one a handoff source may publish for the
+/// filler it plays itself (docs/protocol.md, "The source's filler"). Never an agent's voice:
+/// baton neither mutes it nor counts it as what the caller hears of the agent.
+pub const FILLER_TRACK_NAME: &str = "baton-filler";
+
 pub use data::Incoming;
 pub use roster::{Change, Member, Roster};
 pub use session::{ConnectError, RoomEnd, RoomError};

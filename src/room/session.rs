@@ -31,7 +31,6 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(4);
 /// Frames written at once when the audio clock fell behind; beyond this, frames are skipped
 /// rather than burst, since a burst only adds delay at the receiver.
 const MAX_AUDIO_CATCH_UP: u64 = 3;
-const TRACK_NAME: &str = "baton-filler";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -773,7 +772,7 @@ async fn connect(
     signal
         .send(Req::AddTrack(proto::AddTrackRequest {
             cid: cid.clone(),
-            name: TRACK_NAME.into(),
+            name: super::FILLER_TRACK_NAME.into(),
             r#type: proto::TrackType::Audio as i32,
             source: proto::TrackSource::Microphone as i32,
             muted,

@@ -192,6 +192,9 @@ struct FillerState {
     /// The floor changed hands while the filler played: it plays on until this agent is heard,
     /// at most until this instant (`filler_hold`).
     hold: Option<(String, Instant)>,
+    /// A handoff source that said it plays a filler of its own (`filler` in its request):
+    /// its identity and the handoff id. It is told `filler_stop` when baton's filler stops.
+    source: Option<(String, String)>,
 }
 
 /// A read-only view of the handoff under way.
@@ -369,6 +372,18 @@ fn fit_tool_result(mut message: BatonMessage) -> Option<BatonMessage> {
         output.truncate(keep);
         *truncated = true;
     }
+}
+
+/// What a `handoff` request asks (its message, `quiet` already turned into how long ago).
+struct Request {
+    target: String,
+    reason: String,
+    transfer: Option<TransferId>,
+    bundle_follows: bool,
+    /// The source is quiet, since this long before the request.
+    quiet: Option<Duration>,
+    /// The source plays a filler of its own until `filler_stop`.
+    filler: bool,
 }
 
 /// A `handoff` request baton accepted: who sent it with which message id, and the answer.
@@ -1083,9 +1098,10 @@ impl Arbiter {
         match message {
             AgentMessage::Heartbeat { .. } => {}
             AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
-            AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet, quiet_ms } => {
+            AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet, quiet_ms, filler } => {
                 let quiet = quiet.then(|| Duration::from_millis(quiet_ms.unwrap_or(0).into()));
-                self.on_handoff_request(from, id, target, reason, transfer, bundle_follows, quiet, now)
+                let request = Request { target, reason, transfer, bundle_follows, quiet, filler };
+                self.on_handoff_request(from, id, request, now)
             }
             AgentMessage::Hint { target } => self.on_hint(&from, target, now),
             AgentMessage::Ready { handoff } => {
@@ -1209,18 +1225,8 @@ impl Arbiter {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_handoff_request(
-        &mut self,
-        from: String,
-        msg_id: String,
-        target: String,
-        reason: String,
-        transfer: Option<TransferId>,
-        bundle_follows: bool,
-        quiet: Option<Duration>,
-        now: Instant,
-    ) {
+    fn on_handoff_request(&mut self, from: String, msg_id: String, request: Request, now: Instant) {
+        let Request { target, reason, transfer, bundle_follows, quiet, filler } = request;
         if let Some(a) = self.accepted_requests.iter().find(|a| a.from == from && a.msg_id == msg_id) {
             // The same request again (the adapter resent it after a reconnect and never saw the
             // answer): answer it the same way, and change nothing.
@@ -1275,6 +1281,11 @@ impl Arbiter {
             BatonMessage::Deactivate { handoff: Some(id.clone()), reason: DeactivateReason::Handoff },
         );
         self.holder = None;
+        if filler {
+            // A filler still held from an earlier handoff belongs to that one's source.
+            self.stop_source_filler(self.policy.filler_fade);
+            self.filler.source = Some((from.clone(), id.clone()));
+        }
 
         let mut bundle = Bundle::default();
         if transfer.is_some() || bundle_follows {
@@ -1827,6 +1838,7 @@ impl Arbiter {
     /// Fades the filler out and marks `filler_off` (detail: why) in the open timeline: the
     /// handoff's, or the finished one's.
     fn stop_filler(&mut self, fade: Duration, why: &str, now: Instant) {
+        self.stop_source_filler(fade);
         if !self.filler.on {
             return;
         }
@@ -1841,6 +1853,15 @@ impl Arbiter {
         if let Some(t) = timeline {
             let ev = t.mark(Phase::FillerOff, now, Some(why.to_owned()));
             self.out.push_back(Command::Timeline(ev));
+        }
+    }
+
+    /// Tells the source playing a filler of its own to fade it out over `fade`, as baton's own.
+    fn stop_source_filler(&mut self, fade: Duration) {
+        let Some((source, handoff)) = self.filler.source.take() else { return };
+        if self.peers.contains_key(&source) {
+            let fade_ms = u32::try_from(fade.as_millis()).unwrap_or(u32::MAX);
+            self.send(&source, None, BatonMessage::FillerStop { handoff, fade_ms });
         }
     }
 

@@ -148,6 +148,14 @@ pub enum BatonMessage {
         /// Why.
         reason: RefuseReason,
     },
+    /// To a handoff source that plays a filler of its own (`filler` in its request): fade it
+    /// out over `fade_ms` and stop; baton's own filler fades the same way at the same moment.
+    FillerStop {
+        /// The handoff the filler covered.
+        handoff: String,
+        /// The fade-out, ms (0: stop at once).
+        fade_ms: u32,
+    },
     /// To the target: you are taking over this call; load the bundle and send `ready`.
     Prepare {
         /// The handoff id.
@@ -265,6 +273,7 @@ impl BatonMessage {
             | BatonMessage::HandoffCancelled { handoff, .. }
             | BatonMessage::HandoffFailed { handoff, .. }
             | BatonMessage::Release { handoff, .. }
+            | BatonMessage::FillerStop { handoff, .. }
             | BatonMessage::ToolResult { handoff, .. } => Some(handoff),
             BatonMessage::HandoffRefused { .. } => None,
         }
@@ -277,6 +286,7 @@ impl BatonMessage {
             BatonMessage::Deactivate { .. } => "deactivate",
             BatonMessage::HandoffAccepted { .. } => "handoff_accepted",
             BatonMessage::HandoffRefused { .. } => "handoff_refused",
+            BatonMessage::FillerStop { .. } => "filler_stop",
             BatonMessage::Prepare { .. } => "prepare",
             BatonMessage::BundleUnavailable { .. } => "bundle_unavailable",
             BatonMessage::HandoffCancelled { .. } => "handoff_cancelled",

@@ -83,8 +83,18 @@ fn message() -> impl Strategy<Value = AgentMessage> {
             AgentMessage::Hello { agent_name, role: None, heartbeat_ms }
         }),
         3 => (0u64..100).prop_map(|seq| AgentMessage::Heartbeat { seq }),
+        // A source that plays its own filler whenever it says it is quiet, as the Python
+        // adapter does (one draw fewer: the sequences, and so the coverage, stay as they were).
         3 => (name, transfer, any::<bool>(), any::<bool>()).prop_map(|(target, transfer, bundle_follows, quiet)| {
-            AgentMessage::Handoff { target, reason: "because".into(), transfer, bundle_follows, quiet, quiet_ms: None }
+            AgentMessage::Handoff {
+                target,
+                reason: "because".into(),
+                transfer,
+                bundle_follows,
+                quiet,
+                quiet_ms: None,
+                filler: quiet,
+            }
         }),
         3 => handoff_id.prop_map(|handoff| AgentMessage::Ready { handoff }),
         2 => Just(AgentMessage::Quiet { handoff: None }),
@@ -156,6 +166,7 @@ fn skeleton() -> Vec<Step> {
                 bundle_follows: false,
                 quiet: false,
                 quiet_ms: None,
+                filler: true,
             },
         ),
         Step::Event(Event::BundleReceived {
@@ -205,6 +216,13 @@ struct Model {
     handoff_ended: Option<Instant>,
     /// A recovery failed and its filler plays out its hold with nobody holding the floor.
     vacant_hold: bool,
+    /// The sender of the control message being handled, and whether it was a `handoff` asking
+    /// for a filler of its own.
+    asking: Option<(String, bool)>,
+    /// Handoffs accepted from a source that plays its own filler: handoff id → source.
+    source_fillers: BTreeMap<String, String>,
+    /// The handoffs whose source was told `filler_stop`.
+    source_fillers_stopped: BTreeSet<String>,
 }
 
 #[derive(Default, Debug)]
@@ -231,6 +249,13 @@ impl Model {
     }
 
     fn observe(&mut self, e: &Event) {
+        self.asking = match e {
+            Event::Control { from, message: AgentMessage::Handoff { filler, .. }, .. } => {
+                Some((from.clone(), *filler))
+            }
+            Event::Control { from, .. } => Some((from.clone(), false)),
+            _ => None,
+        };
         match e {
             Event::RoomJoined { participants, .. } => {
                 for p in participants {
@@ -277,6 +302,24 @@ impl Model {
                         "control message to a non-agent or absent participant {to}: {message:?}"
                     );
                     match message {
+                        BatonMessage::HandoffAccepted { handoff, .. }
+                            if self.asking.as_ref().is_some_and(|(from, filler)| from == to && *filler) =>
+                        {
+                            self.source_fillers.entry(handoff.clone()).or_insert_with(|| to.clone());
+                        }
+                        BatonMessage::FillerStop { handoff, .. } => {
+                            prop_assert_eq!(
+                                self.source_fillers.get(handoff),
+                                Some(to),
+                                "filler_stop to a participant that is not the source of {} with a filler",
+                                handoff
+                            );
+                            prop_assert!(
+                                self.source_fillers_stopped.insert(handoff.clone()),
+                                "filler_stop sent twice for {}",
+                                handoff
+                            );
+                        }
                         BatonMessage::Activate { .. } => {
                             prop_assert!(self.configured(p.unwrap()), "activated an unconfigured agent");
                             self.active.insert(to.clone());
@@ -447,6 +490,9 @@ fn run(initial: Vec<Participant>, steps: Vec<Step>, cov: &mut Coverage) -> Resul
         in_handoff: false,
         handoff_ended: None,
         vacant_hold: false,
+        asking: None,
+        source_fillers: BTreeMap::new(),
+        source_fillers_stopped: BTreeSet::new(),
     };
     let first = Event::RoomJoined { participants: initial, token_dispatched: vec![] };
     let mut queue = vec![Step::Event(first)];

@@ -297,6 +297,7 @@ fn the_settle_counts_from_when_the_source_went_quiet() {
         bundle_follows: false,
         quiet: true,
         quiet_ms,
+        filler: false,
     };
     r.ctl(TRIAGE, quiet_request(Some(40)));
     let out = r.ready(BILLING, "h-1");
@@ -325,6 +326,7 @@ fn source_that_says_it_is_already_quiet_gets_the_filler_with_the_acceptance() {
             bundle_follows: false,
             quiet: true,
             quiet_ms: None,
+            filler: false,
         },
     );
     assert!(sent(&out, TRIAGE, "handoff_accepted"));
@@ -467,6 +469,7 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
             bundle_follows: true,
             quiet: false,
             quiet_ms: None,
+            filler: false,
         },
     );
     let out = billing_arrives(&mut r, "AD_1");
@@ -812,6 +815,7 @@ fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
         bundle_follows: false,
         quiet: false,
         quiet_ms: None,
+        filler: false,
     };
     let again = r.ev(Event::Control { from: TRIAGE.into(), id: "m-2".into(), message: repeat.clone() });
     assert_eq!(accepted(&again), first, "the same answer");

@@ -134,6 +134,7 @@ fn forged(r: &mut Room, from: &str) -> Vec<Command> {
             bundle_follows: false,
             quiet: false,
             quiet_ms: None,
+            filler: false,
         },
     )
 }

@@ -42,6 +42,7 @@ fn handoff(reason: &str, transfer: Option<TransferId>, bundle_follows: bool) -> 
         bundle_follows,
         quiet: false,
         quiet_ms: None,
+        filler: false,
     }
 }
 
@@ -187,7 +188,7 @@ proptest! {
             reason: reason.clone(),
             transfer,
             bundle_follows: follows,
-            quiet: false, quiet_ms: None,
+            quiet: false, quiet_ms: None, filler: false,
         };
         let out = r.ev(Event::Control { from: TRIAGE.into(), id: msg_id, message: request });
         let reason_bytes = serde_json::to_string(&reason).unwrap().len() - 2;

@@ -140,6 +140,7 @@ impl Room {
                 bundle_follows: false,
                 quiet: false,
                 quiet_ms: None,
+                filler: false,
             },
         )
     }
