@@ -351,7 +351,7 @@ async def one_call(server: Any, room: str, kind: str) -> Any:
 
 
 def analyse(res: Any, kind: str, st: dict[str, list[float]]) -> dict[str, Any]:
-    from peers import audible_grid, longest_run, runs
+    from peers import audible_grid, is_filler, longest_run, runs
     from run import FACTS
 
     r: dict[str, Any] = {}
@@ -401,7 +401,7 @@ def analyse(res: Any, kind: str, st: dict[str, list[float]]) -> dict[str, Any]:
             [round(r["source_last_ms"] + i * STEP * 1000), n * STEP * 1000]
             for i, n in runs(window, lambda c: not c, min_len=2)
         ]
-        r["filler_ms"] = sum(1 for c in window if "baton" in c) * STEP * 1000
+        r["filler_ms"] = sum(1 for c in window if any(is_filler(w) for w in c)) * STEP * 1000
     # the levels the numbers come from, around the request and around billing's first sound
     # (ms from the request, dBFS per 10 ms frame on the playout clock), to check them by eye
     names = {v: k for k, v in res.identities.items()} if kind != "monolith" else {}

@@ -46,7 +46,7 @@ from harness import (  # noqa: E402
     dispatch_token,
 )
 from livekit import rtc  # noqa: E402
-from peers import Recorder, audible_grid, longest_run  # noqa: E402
+from peers import Recorder, audible_grid, is_filler, longest_run  # noqa: E402
 
 DESK = ROOT / "examples" / "support-desk"
 CONFIG = ROOT / "configs" / "baton.toml"
@@ -262,12 +262,12 @@ class Report:
     silence_handoff_arrival_ms: float
     """The same on the caller process's arrival clock (inflated when that process stalls)."""
     silence_start_ms: float | None
-    """Of that window, the part before baton's filler is first heard: triage's trailing
-    silence (its speech ends before its audio does) plus the filler's one audio path from the
-    request to the caller's ear. None when no filler was heard."""
+    """Of that window, the part before a filler is first heard: triage's trailing silence (its
+    speech ends before its audio does), then triage's own filler starts on its second track
+    (baton's, one hop later, when triage plays none). None when no filler was heard."""
     silence_after_filler_ms: float | None
-    """The longest silence from the filler's first sound to billing's first: baton's switch
-    (filler under the handoff, then the target). None when no filler was heard."""
+    """The longest silence from the first filler sound to billing's first: the switch (filler
+    under the handoff, then the target). None when no filler was heard."""
     silence_call_ms: float
     overlap_ms: float
     filler_heard_ms: float
@@ -276,9 +276,10 @@ class Report:
     plot: str | None
     identities: dict[str, str]
     heard_ms: dict[str, float | None]
-    """At the caller, ms from the request: triage's last sound, first filler, billing's first sound."""
+    """At the caller, ms from the request: triage's last sound, the first filler (either), triage's
+    own filler, baton's filler, billing's first sound."""
     filler_under_billing_ms: int | None
-    """How long after billing's first sound the caller still heard baton's filler."""
+    """How long after billing's first sound the caller still heard a filler."""
     recorded_after_billing_ms: int | None
 
 
@@ -316,21 +317,35 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
     raw = audible_grid(res.levels, res.t_start, res.t_end, step=step)
     raw_window = raw[last_triage + 1 : billing_first_slot] if billing_first_slot is not None else raw[req_slot:]
     silence_handoff_raw = longest_run(raw_window, lambda c: not c)
-    heard: dict[str, float | None] = {"triage_last": None, "filler_first": None, "billing_first": None}
+    def has_filler(c: set[str]) -> bool:
+        return any(is_filler(w) for w in c)
+
+    heard: dict[str, float | None] = {
+        "triage_last": None,
+        "filler_first": None,
+        "source_filler_first": None,
+        "baton_filler_first": None,
+        "billing_first": None,
+    }
     if billing_first_slot is not None:
         heard["triage_last"] = (slot_time(last_triage) - t_request) * 1000
         heard["billing_first"] = (slot_time(billing_first_slot) - t_request) * 1000
-        f = next((i for i, c in enumerate(window) if "baton" in c), None)
-        if f is not None:
-            heard["filler_first"] = (slot_time(last_triage + 1 + f) - t_request) * 1000
-    first_filler = next((i for i, c in enumerate(window) if "baton" in c), None)
+        for key, pred in (
+            ("filler_first", has_filler),
+            ("source_filler_first", lambda c: any(is_filler(w) and w != "baton" for w in c)),
+            ("baton_filler_first", lambda c: "baton" in c),
+        ):
+            f = next((i for i, c in enumerate(window) if pred(c)), None)
+            if f is not None:
+                heard[key] = (slot_time(last_triage + 1 + f) - t_request) * 1000
+    first_filler = next((i for i, c in enumerate(window) if has_filler(c)), None)
     silence_start = None if first_filler is None else first_filler * step
     silence_after_filler = None if first_filler is None else longest_run(window[first_filler:], lambda c: not c)
-    filler = sum(1 for c in window if "baton" in c) * step
+    filler = sum(1 for c in window if has_filler(c)) * step
     overlap = longest_run(grid, lambda c: triage in c and billing in c)
     filler_under_billing = None
     if billing_first_slot is not None:
-        last_filler = max((i for i, c in enumerate(grid) if "baton" in c), default=billing_first_slot)
+        last_filler = max((i for i, c in enumerate(grid) if has_filler(c)), default=billing_first_slot)
         filler_under_billing = max(0, last_filler - billing_first_slot) * step * 1000
     # The whole call, from triage's first sound: includes pauses inside and between sentences and
     # the time the caller spends "typing"; informative, not a handoff number.
@@ -388,9 +403,10 @@ def plot_levels(res: CallResult, timeline: dict[str, Any], t_request: float, pat
         return None
     fig, (ax, zoom) = plt.subplots(2, 1, figsize=(12, 7), height_ratios=[1, 1])
     names = {v: k for k, v in res.identities.items() if v}
-    colours = {"triage": "tab:blue", "billing": "tab:green", "baton": "tab:gray"}
+    colours = {"triage": "tab:blue", "billing": "tab:green", "baton": "tab:gray", "triage/filler": "tab:olive"}
     for who, series in sorted(res.played.items()):
-        label = names.get(who, who)
+        base, _, own = who.partition("/")
+        label = names.get(base, base) + (f"/{own}" if own else "")
         xs = [t - res.t_start for t, _ in series]
         ys = [max(level, -90.0) if math.isfinite(level) else -90.0 for _, level in series]
         for a in (ax, zoom):
@@ -460,7 +476,8 @@ def print_report(r: Report) -> None:
     h = r.heard_ms
     print(
         f"at the caller (ms from the request): triage's last sound {h['triage_last']}, filler from "
-        f"{h['filler_first']}, billing's first sound {h['billing_first']}"
+        f"{h['filler_first']} (triage's own {h['source_filler_first']}, baton's {h['baton_filler_first']}), "
+        f"billing's first sound {h['billing_first']}"
     )
     print(f"filler heard during the handoff: {r.filler_heard_ms:.0f} ms; triage/billing overlap: {r.overlap_ms:.0f} ms")
     if r.request_to_billing_audio_ms is not None:

@@ -108,6 +108,10 @@ def triage_script(ctx: llm.ChatContext) -> Step:
 TOOL_HINT = os.environ.get("DESK_TOOL_HINT", "1") != "0"
 """``DESK_TOOL_HINT=0``: ``BatonLink.handoff(..., hint=False)``, so billing is dispatched at the
 request (a cold handoff) instead of when the transfer tool is called (the adapter's default)."""
+SOURCE_FILLER = os.environ.get("DESK_SOURCE_FILLER", "1") != "0"
+"""``DESK_SOURCE_FILLER=0``: ``BatonLink.attach(..., source_filler=False)``, so triage plays no
+filler of its own on a ``baton-filler`` track at a handoff and the caller hears baton's alone
+(the adapter's default is to play both)."""
 HINT = os.environ.get("DESK_HINT", "") == "1"
 """``DESK_HINT=1``: hint baton about billing as soon as the caller's words are about a bill
 (:func:`hint_billing_on_words`), so billing is in the room, warm, when the transfer comes."""
@@ -232,7 +236,7 @@ class TriageAgent(Agent):
         if REPORT_CHECKPOINTS:
             items = [item_summary(i) for i in ticket.bundle["chat"]["items"]]
             say(AGENT_NAME, f"handoff items={json.dumps(items)}")
-        return None  # no reply: baton's filler covers the gap until billing speaks
+        return None  # no reply: our own filler and baton's cover the gap until billing speaks
 
 
 def report_recovered(agent: Agent) -> None:
@@ -255,7 +259,9 @@ async def prepared_on_standby(link: BatonLink, msg: dict[str, Any]) -> None:
 async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     session: AgentSession[Caller] = AgentSession(llm=make_llm(triage_script), tts=make_tts("en-us"), userdata=Caller())
-    baton = await BatonLink.attach(ctx, session, role="triage", on_prepare=prepared_on_standby)
+    baton = await BatonLink.attach(
+        ctx, session, role="triage", on_prepare=prepared_on_standby, source_filler=SOURCE_FILLER
+    )
     agent = TriageAgent(baton)
     if baton.preparing:
         # a replacement after a crash (prepare with cause "recovery"): the crashed triage's

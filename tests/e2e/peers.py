@@ -112,6 +112,30 @@ def window_levels(pcm: np.ndarray, ms: int = 20) -> list[float]:
     return [rms_dbfs(pcm[i : i + n]) for i in range(0, pcm.size - n + 1, n)]
 
 
+FILLER_TRACK = "baton-filler"
+"""The name of a filler track: baton's own, and the one a handoff source plays its own filler on
+(docs/protocol.md, "The source's filler")."""
+
+SOURCE_FILLER = "/filler"
+"""The label suffix of a source's filler track: ``agent-triage/filler``."""
+
+
+def track_label(p: rtc.RemoteParticipant, track_name: str) -> str:
+    """Whose sound a track is, for the caller's analysis: the participant's identity, except a
+    source's own filler track (named ``baton-filler``, published by an agent that is not baton,
+    the participant with ``baton.role = coordinator``), labelled ``<identity>/filler`` so an
+    agent's filler never counts as the agent speaking."""
+    is_baton = p.attributes.get("baton.role") == "coordinator"
+    if track_name == FILLER_TRACK and not is_baton:
+        return p.identity + SOURCE_FILLER
+    return p.identity
+
+
+def is_filler(label: str, baton: str = "baton") -> bool:
+    """Whether a :class:`Recorder` label is filler: baton's track or a source's own."""
+    return label == baton or label.endswith(SOURCE_FILLER)
+
+
 @dataclass
 class Recorder:
     """Records every audio track the caller subscribes to, separately, with arrival times.
@@ -141,9 +165,9 @@ class Recorder:
         self.room.on("track_subscribed", self._on_track)
         self.room.on("track_unsubscribed", self._on_gone)
 
-    def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant) -> None:
+    def _on_track(self, track: rtc.Track, pub: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant) -> None:
         if track.kind == rtc.TrackKind.KIND_AUDIO:
-            self.owners[track.sid] = p.identity
+            self.owners[track.sid] = track_label(p, pub.name)
             task = asyncio.ensure_future(self._record(track.sid, track))
             self._tasks.append(task)
             self._by_sid[track.sid] = task

@@ -60,10 +60,14 @@ from harness import (
     run,
 )
 from livekit import api
-from peers import audible_grid, longest_run
+from peers import FILLER_TRACK, SOURCE_FILLER, audible_grid, longest_run
 from test_observe import scrape, value
 
 CONFIG = ROOT / "configs" / "baton.toml"
+# The longest silence the caller may hear while no baton runs in the middle of a handoff (the
+# source's own filler plays on): the handoff benchmark's gap limit (docs/BENCHMARKS.md 4),
+# measured on the caller's arrival clock in 10 ms slots.
+KILL_SILENCE_LIMIT_S = 0.06
 
 
 @pytest.fixture
@@ -223,8 +227,9 @@ def test_two_workers_sharing_redis_the_survivor_takes_over_the_room_of_the_kille
 
 
 async def unmuted_agents(server: LiveKitServer, room: str) -> set[str]:
-    """Agents (participant kind AGENT, baton excepted) with an audio track the server does not
-    hold muted: the ones the caller can hear."""
+    """Agents (participant kind AGENT, baton excepted) whose voice (an audio track not named
+    ``baton-filler``: that is a source's own filler) the server does not hold muted: the ones the
+    caller can hear speak."""
     async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
         res = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
     return {
@@ -232,7 +237,7 @@ async def unmuted_agents(server: LiveKitServer, room: str) -> set[str]:
         for p in res.participants
         if p.kind == api.ParticipantInfo.Kind.AGENT
         and p.identity != "baton"
-        and any(t.type == api.TrackType.AUDIO and not t.muted for t in p.tracks)
+        and any(t.type == api.TrackType.AUDIO and t.name != FILLER_TRACK and not t.muted for t in p.tracks)
     }
 
 
@@ -303,6 +308,10 @@ def test_sigkill_of_baton_mid_handoff_a_restarted_baton_leaves_one_audible_agent
     restored = re.search(r"floor restored from the state store.*identity=(\S+) unfinished=Some\(\"(h-\d+)\"\)", text)
     assert restored is not None and restored.group(1) == holder, "triage got the floor back" + log
     assert seen["unmuted_after_restore"] == {holder}, "exactly one audible agent: triage" + log
+    # Nothing of baton ran between the kill and the restore: triage's own filler covered it
+    # (docs/protocol.md, "The source's filler").
+    assert f"{holder}{SOURCE_FILLER}" in seen["heard_kill_to_restored"], "triage's filler was heard" + log
+    assert seen["silent_s_kill_to_restored"] <= KILL_SILENCE_LIMIT_S, "silence while baton was down" + log
     assert 'you said: "Hi, my account is A-1001"' in billing_line, (
         f"the later handoff reached billing with the context: {billing_line!r}" + log
     )

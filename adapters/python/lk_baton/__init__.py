@@ -1,10 +1,12 @@
 """lk-baton: the agent-side adapter for baton (see docs/protocol.md).
 
-The package re-exports the public names of four modules, each listed once in its module's
+The package re-exports the public names of five modules, each listed once in its module's
 ``__all__``:
 
 * :mod:`lk_baton.floor`: the control protocol without any SDK (codec, ``FloorClient``, who may
-  speak to an agent);
+  speak to an agent, ``FILLER_TRACK_NAME``);
+* :mod:`lk_baton.filler`: ``SourceFiller``, the handing-off agent's own filler track (it
+  imports ``livekit.rtc`` and numpy on first use only);
 * :mod:`lk_baton.transfer`: the chunked transfer (``baton.xfer``) and its ``livekit.rtc`` glue;
 * :mod:`lk_baton.launch`: ``ensure_coordinator``, making sure a room has its baton;
 * :mod:`lk_baton.agents`: the livekit-agents integration (``BatonLink``, ``seed_agent``, ...),
@@ -19,9 +21,11 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING
 
+from . import filler as _filler
 from . import floor as _floor
 from . import launch as _launch
 from . import transfer as _transfer
+from .filler import *  # noqa: F403
 from .floor import *  # noqa: F403
 from .frames import DecodeError, ErrorCode
 from .launch import *  # noqa: F403
@@ -29,6 +33,7 @@ from .transfer import *  # noqa: F403
 
 __all__ = ["DecodeError", "ErrorCode"]
 __all__ += _floor.__all__
+__all__ += _filler.__all__
 __all__ += _transfer.__all__
 __all__ += _launch.__all__
 

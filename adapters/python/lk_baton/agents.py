@@ -11,8 +11,9 @@ This module adds what needs livekit-agents:
 * :class:`SessionEffects`: the floor's effects on an ``AgentSession``.
 * :class:`BatonLink`: glue for a ``livekit.rtc.Room`` + ``AgentSession``: finds baton, says
   ``hello``, obeys ``activate``/``deactivate``, sends ``quiet``, takes control messages and
-  transfers from baton's participant only, and offers :meth:`BatonLink.handoff`,
-  :meth:`BatonLink.receive_context` and :meth:`BatonLink.ready`.
+  transfers from baton's participant only, and offers :meth:`BatonLink.handoff` (with the
+  source filler of :mod:`lk_baton.filler`), :meth:`BatonLink.receive_context` and
+  :meth:`BatonLink.ready`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from livekit.agents.voice.events import RunContext
 
 from . import bundle as bd
 from . import checkpoint as cp
+from .filler import FILLER_HOLD_S, FILLER_STOP_FADE_MS, SourceFiller
 from .floor import (
     CONTROL_TOPIC,
     HEARTBEAT_MS,
@@ -52,6 +54,7 @@ from .floor import (
     RefusalLog,
     decode_control,
     encode_control,
+    filler_fade_ms,
     hello_schedule,
     is_coordinator,
 )
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
     from livekit.agents import Agent, AgentSession, JobContext
     from livekit.agents.voice.events import (
         AgentStateChangedEvent,
+        CloseEvent,
         ConversationItemAddedEvent,
         FunctionToolsExecutedEvent,
         ToolExecutionUpdatedEvent,
@@ -930,6 +934,7 @@ class BatonLink:
         transcription: bool = True,
         heartbeat_ms: int | None = HEARTBEAT_MS,
         checkpoints: bool = True,
+        source_filler: bool = True,
     ) -> None:
         self.room = room
         self.session = session
@@ -993,6 +998,10 @@ class BatonLink:
         self._checkpoint_hold = False
         self.on_checkpoint_acked: Callable[[BatonLink], None] | None = None
         """Called after baton acknowledged a checkpoint (``self.checkpoints.acked_seq``)."""
+        self.filler = SourceFiller(room, speaking=self.effects.speaking) if source_filler else None
+        """This agent's own filler on its ``baton-filler`` track (:mod:`lk_baton.filler`),
+        played from the end of a handoff's sentence until baton's ``filler_stop``. None: off
+        (``source_filler=False``). Nothing is published before the first handoff."""
 
     # -- construction --
 
@@ -1030,7 +1039,8 @@ class BatonLink:
         ``role`` cannot fit a ``hello``. Further keyword ``options`` go to the
         constructor (``on_activate``, ``on_release``, ``on_prepare``, ``user_state_serializer``,
         ``transcription``, ``heartbeat_ms``: milliseconds between heartbeats, sent from the
-        first ``hello`` on, or None for none).
+        first ``hello`` on, or None for none; ``checkpoints``; ``source_filler``: False for
+        no filler track of this agent's own, see :meth:`handoff`).
         """
         room, job_ctx = _room_and_job(ctx_or_room)
         if agent_name is None:
@@ -1074,6 +1084,7 @@ class BatonLink:
         self.session.on("function_tools_executed", self._on_tools_executed)
         self.session.on("conversation_item_added", self._on_item_added)
         self.session.on("tool_execution_updated", self._on_tool_update)
+        self.session.on("close", self._on_session_close)
         self.journal.listeners.append(self._on_call_ended)
         link = weakref.ref(self)
         _MAY_REPLY[self.session] = lambda: (it := link()) is None or it.floor.active
@@ -1095,12 +1106,16 @@ class BatonLink:
             self.session.off("function_tools_executed", self._on_tools_executed)
             self.session.off("conversation_item_added", self._on_item_added)
             self.session.off("tool_execution_updated", self._on_tool_update)
+            self.session.off("close", self._on_session_close)
         with contextlib.suppress(ValueError):
             self.journal.listeners.remove(self._on_call_ended)
         _MAY_REPLY.pop(self.session, None)
         for t in [self._writer, self._heartbeat_task, *self._tasks]:
             if t is not None:
                 t.cancel()
+        if self.filler is not None:
+            # its own tasks are cancelled; the track is unpublished if the room is still there
+            await self.filler.aclose()
 
     async def _find_baton(self, identity: str | None, timeout: float) -> str:
         def look() -> str | None:
@@ -1214,6 +1229,11 @@ class BatonLink:
             self.spans.end("activate")  # the first speech after the activation
         self.floor.speaking_changed(ev.new_state == "speaking")
 
+    def _on_session_close(self, ev: CloseEvent) -> None:
+        # the session (and with it the job's audio) is over: no filler may outlive it
+        if self.filler is not None:
+            self._spawn(self.filler.aclose())
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -1229,6 +1249,11 @@ class BatonLink:
         self._trace_floor_event(kind, msg)
         if kind in ("activated", "deactivated", "prepare"):
             self._answered.set()
+        if kind == "activated" and self.filler is not None:
+            # the floor is ours again (a handback): the filler covers until we are heard
+            self.filler.hold_until_speaking(FILLER_HOLD_S)
+        elif kind == "filler_stop" and self.filler is not None:
+            self.filler.stop(filler_fade_ms(msg), why="filler_stop")
         if kind == "bundle_unavailable":
             self._bundle_unavailable.add(str(msg.get("handoff")))
         elif kind == "handoff_cancelled":
@@ -1491,6 +1516,7 @@ class BatonLink:
         timeout: float = 5.0,
         compress: bool = False,
         hint: bool = True,
+        filler: bool = True,
     ) -> HandoffTicket:
         """Hand the call to ``target``. Call from a ``function_tool`` (pass its ``RunContext``)
         and return ``None`` from the tool so the LLM does not speak again.
@@ -1500,6 +1526,18 @@ class BatonLink:
         as a muted standby meanwhile (unless one is there) and primes its filler, so the
         handoff that follows is a switch rather than a cold start when the sentence is long
         enough (the support desk's ~4 s one is). ``hint=False`` keeps the old, cold order.
+
+        With ``filler`` (the default; nothing happens when the link was made with
+        ``source_filler=False``) this agent plays its own filler (:mod:`lk_baton.filler`): at
+        once it publishes its ``baton-filler`` track (first handoff only, in the background:
+        nothing waits for it) and streams silence on it; the instant the sentence has played
+        out it starts comfort noise there, and the request says ``filler: true``, but only if
+        the track is published by then. The caller so hears an open line from the end of the
+        sentence, not the gap until baton's filler (a network hop later) arrives, nor silence
+        if baton dies. A refused or timed-out request, or any error or cancellation before the
+        accept, fades it out over 250 ms; after an accept it plays on when this returns, until
+        baton's ``filler_stop``, an ``activate`` (then until this agent speaks, at most
+        1.2 s), or 20 s.
 
         Lets the current sentence finish (``run_ctx.wait_for_playout()``, which is safe inside
         the tool, then waits while the agent is speaking), builds the bundle from the agent's
@@ -1546,6 +1584,42 @@ class BatonLink:
         draft = bundle_now()
         if hint and self.floor.active:
             self.hint(target)
+        fill = self.filler if filler and not self._closed else None
+        if fill is not None:
+            fill.arm()  # publication and pre-roll run meanwhile; nothing below waits for them
+        filling = False
+        try:
+            t0, t1, t_quiet = await self._sentence_played_out(target, run_ctx)
+            # The sentence has played out: our own filler starts now, with nothing in between
+            # (baton's is a request and a network hop away). Not while another request of ours
+            # is unanswered (a transfer tool called twice): that one owns the filler, and this
+            # one, refused, must not stop it.
+            if fill is not None and not self.floor.requests_pending:
+                filling = fill.start()
+            answer, bundle, size, upload = await self._ask_handoff(
+                target, reason, bundle_now, draft, filling, (t0, t1, t_quiet), timeout, compress
+            )
+        except BaseException:
+            # refused, timed out, failed or cancelled before baton accepted: baton owes this
+            # filler no filler_stop, so it ends here (or its pre-roll does)
+            if fill is not None and (filling or fill.mode == "armed"):
+                fill.stop(FILLER_STOP_FADE_MS, why="not_accepted")
+            raise
+        hid = str(answer.get("handoff") or "")
+        if hid:
+            # from here on, a result of these calls is owed to the target (_on_call_ended)
+            self.journal.handed_over((c["call_id"] for c in bundle["tool_calls_in_flight"]), hid)
+        for c in bundle["tool_calls_in_flight"]:
+            # and this agent's model must not be left with them open (a realtime model would
+            # wait on them after a handback): closed as cancelled by the handoff
+            await release_call(self.session, c["call_id"], "handoff", target=target)
+        return HandoffTicket(hid, str(answer.get("target") or target), bundle, size, upload)
+
+    async def _sentence_played_out(
+        self, target: str, run_ctx: RunContext[Any] | None
+    ) -> tuple[float, float, float]:
+        """Wait for the sentence said with the tool call, then while the agent is speaking;
+        returns ``time.monotonic()`` at the start, when the playout ended, and when quiet."""
         t0 = time.monotonic()
         if run_ctx is not None:
             try:
@@ -1554,7 +1628,24 @@ class BatonLink:
                 log.info("handoff to %s: nothing to wait for (%s)", target, e)
         t1 = time.monotonic()
         await self._wait_not_speaking(timeout=10.0)
-        t_quiet = time.monotonic()
+        return t0, t1, time.monotonic()
+
+    async def _ask_handoff(
+        self,
+        target: str,
+        reason: str,
+        bundle_now: Callable[[], bd.Bundle],
+        draft: bd.Bundle,
+        filling: bool,
+        times: tuple[float, float, float],
+        timeout: float,
+        compress: bool,
+    ) -> tuple[dict[str, Any], bd.Bundle, int, asyncio.Task[int]]:
+        """:meth:`handoff` from the end of the sentence (``times``: see
+        :meth:`_sentence_played_out`) to baton's accept: returns the ``handoff_accepted``, the
+        bundle, its encoded size and its upload; raises otherwise. ``filling``: our own filler
+        started, and the request says so."""
+        t0, t1, t_quiet = times
         # The sentence has played out: say so, and the caller hears baton's filler a round trip
         # sooner (baton still sends `deactivate`, which the floor client obeys as usual). The
         # request goes before the bundle is built: the filler and the settle before the switch
@@ -1572,6 +1663,7 @@ class BatonLink:
             transfer=f"{tid:032x}",
             quiet=quiet,
             quiet_ms=round((time.monotonic() - t_quiet) * 1000),
+            filler=filling,
         )
         try:
             bundle = bundle_now()
@@ -1586,11 +1678,12 @@ class BatonLink:
         payload = bd.encode_bundle(bundle)
         log.info(
             "handoff to %s: sentence played out after %.0f ms, then %.0f ms until not speaking; "
-            "bundle %d bytes",
+            "bundle %d bytes; own filler %s",
             target,
             (t1 - t0) * 1000,
             (t_quiet - t1) * 1000,
             len(payload),
+            "on" if filling else "off",
         )
         # The upload goes right behind the request instead of after baton's answer: the bundle
         # reaches baton (and a standby target) a round trip sooner.
@@ -1610,15 +1703,7 @@ class BatonLink:
             upload.cancel()
             self._resume_checkpoints()
             raise HandoffRefused(str(answer.get("reason", "unknown")), target)
-        hid = str(answer.get("handoff") or "")
-        if hid:
-            # from here on, a result of these calls is owed to the target (_on_call_ended)
-            self.journal.handed_over((c["call_id"] for c in bundle["tool_calls_in_flight"]), hid)
-        for c in bundle["tool_calls_in_flight"]:
-            # and this agent's model must not be left with them open (a realtime model would
-            # wait on them after a handback): closed as cancelled by the handoff
-            await release_call(self.session, c["call_id"], "handoff", target=target)
-        return HandoffTicket(hid, str(answer.get("target") or target), bundle, len(payload), upload)
+        return answer, bundle, len(payload), upload
 
     def _upload_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

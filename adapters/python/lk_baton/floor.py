@@ -33,8 +33,10 @@ __all__ = [
     "CONTROL_TOPIC",
     "COORDINATOR_ATTRIBUTE",
     "COORDINATOR_ROLE",
+    "FILLER_TRACK_NAME",
     "HEARTBEAT_MS",
     "HELLO_RETRY",
+    "MAX_FILLER_FADE_MS",
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
     "MAX_TOOL_RESULT_SIZE",
@@ -58,6 +60,7 @@ __all__ = [
     "decode_control",
     "encode_control",
     "envelope_problem",
+    "filler_fade_ms",
     "hello_schedule",
     "is_coordinator",
 ]
@@ -66,6 +69,16 @@ log = logging.getLogger("lk_baton.floor")
 
 CONTROL_TOPIC = "baton.control"
 """The data packet topic of control messages (docs/protocol.md section 1)."""
+FILLER_TRACK_NAME = "baton-filler"
+"""The name of the second audio track an agent publishes for its own filler (the *source
+filler*, see :mod:`lk_baton.filler`; docs/protocol.md, "The source's filler"). It is the name of
+baton's own filler track too: baton takes an agent's voice to be its first audio track not so
+named, so it never mutes this one nor counts it as the agent speaking. A ``handoff`` request
+with ``filler: true`` says it is playing."""
+MAX_FILLER_FADE_MS = 5000
+"""The longest fade of a ``filler_stop`` the adapter obeys, in milliseconds: a larger
+``fade_ms`` is clamped to it (a filler still audible seconds after baton said stop would sound
+like a second line under the new agent)."""
 PROTOCOL_VERSION = 1
 """The envelope's ``v`` this adapter speaks."""
 MAX_MESSAGE_SIZE = MAX_FRAME_SIZE
@@ -257,6 +270,17 @@ def decode_control(data: bytes) -> dict[str, Any]:
     return dict(doc)
 
 
+def filler_fade_ms(msg: Mapping[str, Any], default: int = 250) -> int:
+    """The fade of a ``filler_stop`` message, in milliseconds, clamped to
+    ``0..MAX_FILLER_FADE_MS`` (0: stop at once). A ``fade_ms`` that is missing or not a finite
+    number gives ``default`` (250 ms, baton's own ``filler_fade``): the message still means stop,
+    and a short fade is what an unknown request is best answered with."""
+    raw = msg.get("fade_ms")
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        return default
+    return max(0, min(MAX_FILLER_FADE_MS, round(raw)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Who may speak to an agent
 
@@ -442,6 +466,7 @@ FloorEventKind = Literal[
     "handoff_cancelled",
     "handoff_failed",  # our handoff failed; an activate(handback) follows
     "tool_result",  # the late result of a call handed to us in flight (msg: the tool_result)
+    "filler_stop",  # stop our source filler (msg: the filler_stop; see filler_fade_ms)
     "release",
     "error",
 ]
@@ -489,6 +514,8 @@ class FloorClient:
         self.last_activate: dict[str, Any] | None = None
         self.answered = False
         """True once baton answered our ``hello`` (activate, deactivate or prepare)."""
+        self.last_handoff: str | None = None
+        """The handoff id of our last request baton accepted (``handoff_accepted``)."""
         self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._unanswered: dict[str, dict[str, Any]] = {}
         effects.set_input(False)
@@ -526,13 +553,16 @@ class FloorClient:
         transfer: str | None = None,
         quiet: bool = False,
         quiet_ms: int | None = None,
+        filler: bool = False,
     ) -> tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]:
         """Send ``handoff``; the future resolves with baton's ``handoff_accepted`` or
         ``handoff_refused`` (whichever answers this request's id). Needs a running loop.
 
         ``quiet``: the agent has already finished speaking, so baton may start its filler at
         once rather than after the ``deactivate`` -> ``quiet`` round trip; ``quiet_ms``: for
-        how long it has been (baton's settle before the switch counts from then). Raises
+        how long it has been (baton's settle before the switch counts from then). ``filler``:
+        the agent plays its own filler on its :data:`FILLER_TRACK_NAME` track (sent as
+        ``"filler": true``, left out when false), so baton owes it a ``filler_stop``. Raises
         :class:`MessageTooLarge` (nothing sent) when ``reason`` or ``target`` cannot fit."""
         loop = asyncio.get_running_loop()
         msg = self._send(
@@ -543,6 +573,7 @@ class FloorClient:
             bundle_follows=True if bundle_follows else None,
             quiet=True if quiet else None,
             quiet_ms=max(0, int(quiet_ms)) if quiet and quiet_ms is not None else None,
+            filler=True if filler else None,
         )
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._requests[msg["id"]] = fut
@@ -552,8 +583,9 @@ class FloorClient:
     def check_handoff(self, target: str, reason: str) -> None:
         """Raise :class:`MessageTooLarge` if a ``handoff`` request for ``target`` and ``reason``
         could not fit one packet, without sending anything: checked with the longest id this
-        client could give it (20 digits), naming a bundle and ``quiet``, so a request that
-        passes always fits (a reason of at most 14 000 bytes always passes)."""
+        client could give it (20 digits), naming a bundle, ``quiet``, a ``quiet_ms`` of 10
+        digits and ``filler``, so a request that passes always fits (a reason of at most
+        14 000 bytes always passes)."""
         encode_control(
             {
                 "v": PROTOCOL_VERSION,
@@ -563,8 +595,15 @@ class FloorClient:
                 "reason": reason,
                 "transfer": "f" * 32,
                 "quiet": True,
+                "quiet_ms": 2**31 - 1,
+                "filler": True,
             }
         )
+
+    @property
+    def requests_pending(self) -> int:
+        """How many ``handoff`` requests of ours baton has not answered yet."""
+        return len(self._unanswered)
 
     def resend_requests(self) -> list[dict[str, Any]]:
         """Send every ``handoff`` request baton has not answered yet again, unchanged (same
@@ -647,6 +686,8 @@ class FloorClient:
         if t in ("handoff_accepted", "handoff_refused"):
             self._unanswered.pop(str(m.get("re")), None)
             fut = self._requests.pop(str(m.get("re")), None)
+            if fut is not None and t == "handoff_accepted" and isinstance(m.get("handoff"), str):
+                self.last_handoff = m["handoff"]
             if fut is not None and not fut.done():
                 fut.set_result(m)
             return
@@ -702,6 +743,18 @@ class FloorClient:
             self._notify("handoff_failed", m)
         elif t == "tool_result":
             self._notify("tool_result", m)
+        elif t == "filler_stop":
+            # Only ever about our own filler, so it stops whatever handoff it names; a name
+            # that is not our last accepted handoff is worth a line (a late stop from an
+            # earlier handoff, or a request whose answer we gave up on).
+            hid = m.get("handoff")
+            if hid is None or hid != self.last_handoff:
+                log.warning(
+                    "filler_stop for handoff %r, ours is %r: stopping the filler anyway",
+                    hid,
+                    self.last_handoff,
+                )
+            self._notify("filler_stop", m)
         elif t == "release":
             self.quiet_pending = None
             self._silence()

@@ -4,7 +4,12 @@
   the adapter uses: ``on``/``off`` callbacks, ``local_participant.publish_data(payload,
   reliable=, destination_identities=, topic=)`` (async), ``remote_participants``, and
   ``data_received`` packets whose ``participant`` carries ``identity``, ``kind`` and
-  ``attributes`` as the sender's room has them (the server's word, as in LiveKit).
+  ``attributes`` as the sender's room has them (the server's word, as in LiveKit); and
+  ``publish_track`` / ``unpublish_track`` / ``isconnected`` for the source filler's track.
+* Audio stand-ins for :class:`lk_baton.filler.SourceFiller`: :class:`FakeAudioSource` (records
+  every frame, paced at real time) and :class:`FakeTrack`.
+* A virtual clock (:func:`run_virtual`): an event loop whose selector advances time instead of
+  sleeping, so timed tests take no wall-clock seconds and the times asserted are exact.
 * Recording fakes for :class:`lk_baton.floor.FloorClient` (:class:`FakeSender`,
   :class:`FakeEffects`) and :func:`b`, a control envelope from baton.
 * A scripted ``llm.LLM`` (:class:`ScriptedLLM`) and a scripted ``llm.RealtimeModel``
@@ -18,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import selectors
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+from livekit import rtc
 from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, function_tool, llm
 
 from lk_baton.agents import current_tool_call, journaled
@@ -78,9 +86,33 @@ class Net:
         self.log: list[Published] = []
 
 
+@dataclass
+class FakePublication:
+    sid: str
+    track: Any
+    options: Any
+
+
 class LocalParticipant:
     def __init__(self, room: FakeRoom) -> None:
         self.room = room
+
+    async def publish_track(self, track: Any, options: Any = None) -> FakePublication:
+        """Publishes at once, or after ``room.publish_delay`` seconds; raises
+        ``room.publish_error`` when set."""
+        room = self.room
+        if room.publish_delay:
+            await asyncio.sleep(room.publish_delay)
+        if room.publish_error is not None:
+            raise RuntimeError(room.publish_error)
+        room.published_count += 1
+        pub = FakePublication(f"TR_{room.identity}_{room.published_count}", track, options)
+        room.tracks[pub.sid] = pub
+        return pub
+
+    async def unpublish_track(self, track_sid: str) -> None:
+        self.room.tracks.pop(track_sid)
+        self.room.unpublished.append(track_sid)
 
     async def publish_data(
         self,
@@ -122,7 +154,16 @@ class FakeRoom:
         self.local_participant = LocalParticipant(self)
         self._handlers: dict[str, list[Any]] = defaultdict(list)
         self.disconnected = False
+        self.tracks: dict[str, FakePublication] = {}
+        """The tracks this participant has published now, by sid."""
+        self.unpublished: list[str] = []
+        self.published_count = 0
+        self.publish_delay = 0.0
+        self.publish_error: str | None = None
         net.rooms[identity] = self
+
+    def isconnected(self) -> bool:
+        return not self.disconnected
 
     def as_participant(self) -> Participant:
         return Participant(self.identity, self.attributes, self.kind)
@@ -149,6 +190,95 @@ class FakeRoom:
 def baton_room(net: Net, identity: str) -> FakeRoom:
     """A room joined the way baton joins: kind agent, ``baton.role = coordinator``."""
     return FakeRoom(net, identity, dict(BATON_ATTRIBUTES), kind=PARTICIPANT_KIND_AGENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio stand-ins for the source filler
+
+
+class FakeAudioSource:
+    """Stands in for ``rtc.AudioSource``: keeps every frame captured (``frames``, int16 arrays,
+    with ``times``, the loop time each came in), and paces as the real one does once its queue
+    is full: one frame per frame duration. ``clear_queue`` is counted (``cleared``)."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray[Any, np.dtype[np.int16]]] = []
+        self.times: list[float] = []
+        self.cleared = 0
+        self.closed = False
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        assert (frame.sample_rate, frame.num_channels) == (48_000, 1)
+        self.frames.append(np.frombuffer(bytes(frame.data.cast("B")), dtype=np.int16).copy())
+        self.times.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(frame.samples_per_channel / frame.sample_rate)
+
+    def clear_queue(self) -> None:
+        self.cleared += 1
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeTrack:
+    name: str
+
+
+# ---------------------------------------------------------------------------------------------
+# A virtual clock: time moves only when the loop would otherwise sleep
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class _SkippingSelector(selectors.BaseSelector):
+    """Polls the real selector without blocking; when nothing is ready and the loop wants to wait
+    for its next timer, jumps the clock forward by the wait instead of sleeping."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._clock = clock
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._sel.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._sel.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._sel.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = self._sel.select(0)
+        if ready:
+            return ready
+        if timeout is None:  # no timer at all: only another thread can wake us, wait for real
+            return self._sel.select(0.05)
+        self._clock.now += timeout
+        return []
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._sel.get_map()
+
+    def close(self) -> None:
+        self._sel.close()
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self.clock = _Clock()
+        super().__init__(_SkippingSelector(self.clock))
+
+    def time(self) -> float:
+        return self.clock.now
+
+
+def run_virtual(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
+        runner.run(asyncio.wait_for(main(), 120))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +648,8 @@ class FakeBaton(StandInBaton):
         self.got: list[tuple[str, dict[str, Any]]] = []
         transport_for(self.room)
         self.refuse: str | None = None
+        self.silent = False
+        """Leave handoff requests unanswered (the adapter's request times out)."""
 
     def on_control(self, who: str, msg: dict[str, Any]) -> None:
         self.got.append((who, msg))
@@ -532,6 +664,8 @@ class FakeBaton(StandInBaton):
                 reason="disputed charge",
                 bundle=True,
             )
+        elif msg["type"] == "handoff" and self.silent:
+            pass
         elif msg["type"] == "handoff" and self.refuse:
             self.send(who, "handoff_refused", re=msg["id"], reason=self.refuse)
         elif msg["type"] == "handoff":

@@ -414,6 +414,11 @@ def test_link_source_and_target_through_a_scripted_baton() -> None:
         # Asked after its sentence played out: it tells baton it is already quiet.
         request = next(m for w, m in baton.got if w == "agent-triage" and m["type"] == "handoff")
         assert request.get("quiet") is True, request
+        # It started its own filler as the sentence ended, on its baton-filler track, published
+        # while the sentence played out: the request says so.
+        assert request.get("filler") is True, request
+        assert link_a.filler is not None and link_a.filler.playing
+        assert [p.track.name for p in room_a.tracks.values()] == ["baton-filler"]
         # and since when (it built its bundle in between): baton's settle counts from then
         assert isinstance(request.get("quiet_ms"), int) and 0 <= request["quiet_ms"] < 2000, request
         # It names the bundle it uploads: the transfer id the upload resolved to.

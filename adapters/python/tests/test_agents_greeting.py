@@ -23,71 +23,23 @@ lk_baton.floor.
 from __future__ import annotations
 
 import asyncio
-import selectors
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from fakes import ArbiterBaton, FakeEffects, FakeRoom, FakeSender, Net, ScriptedLLM, b
+from fakes import (
+    ArbiterBaton,
+    FakeEffects,
+    FakeRoom,
+    FakeSender,
+    Net,
+    ScriptedLLM,
+    b,
+    run_virtual,
+)
 from livekit.agents import Agent, AgentSession
 
 from lk_baton.agents import BatonLink
 from lk_baton.floor import FloorClient
-
-# ---------------------------------------------------------------------------------------------
-# A virtual clock: time moves only when the loop would otherwise sleep
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-
-class _SkippingSelector(selectors.BaseSelector):
-    """Polls the real selector without blocking; when nothing is ready and the loop wants to wait
-    for its next timer, jumps the clock forward by the wait instead of sleeping."""
-
-    def __init__(self, clock: _Clock) -> None:
-        self._sel = selectors.DefaultSelector()
-        self._clock = clock
-
-    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._sel.register(fileobj, events, data)
-
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._sel.unregister(fileobj)
-
-    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._sel.modify(fileobj, events, data)
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = self._sel.select(0)
-        if ready:
-            return ready
-        if timeout is None:  # no timer at all: only another thread can wake us, wait for real
-            return self._sel.select(0.05)
-        self._clock.now += timeout
-        return []
-
-    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
-        return self._sel.get_map()
-
-    def close(self) -> None:
-        self._sel.close()
-
-
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    def __init__(self) -> None:
-        self.clock = _Clock()
-        super().__init__(_SkippingSelector(self.clock))
-
-    def time(self) -> float:
-        return self.clock.now
-
-
-def run_virtual(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
-        runner.run(asyncio.wait_for(main(), 120))
-
 
 DELIVERY = 0.001
 """FakeRoom delivers a data packet 1 ms after it was published."""

@@ -19,6 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lk_baton.floor import (
+    FILLER_TRACK_NAME,
     MAX_MESSAGE_SIZE,
     PARTICIPANT_KIND_AGENT,
     ControlDecodeError,
@@ -28,6 +29,7 @@ from lk_baton.floor import (
     RefusalLog,
     decode_control,
     encode_control,
+    filler_fade_ms,
     hello_schedule,
     is_coordinator,
 )
@@ -106,6 +108,90 @@ def test_handoff_request_resolves_on_accept_and_refusal() -> None:
         assert (await fut2)["reason"] == "handoff_in_progress"
 
     asyncio.run(main())
+
+
+def test_handoff_request_says_filler_only_when_asked() -> None:
+    async def main() -> None:
+        f, _s, _, _ = floor()
+        msg, _ = f.request_handoff("billing", "refund", quiet=True, quiet_ms=3, filler=True)
+        assert msg["filler"] is True and msg["quiet"] is True and msg["quiet_ms"] == 3
+        assert decode_control(encode_control(msg))["filler"] is True
+        msg2, _ = f.request_handoff("billing", "refund", quiet=True)
+        assert "filler" not in msg2, "absent means false"
+        assert FILLER_TRACK_NAME == "baton-filler"
+
+    asyncio.run(main())
+
+
+def test_check_handoff_counts_every_optional_member() -> None:
+    """A reason check_handoff passes always fits the request, whatever the flags (filler,
+    quiet, quiet_ms, a transfer id) and however long the client's ids have grown."""
+
+    async def main() -> None:
+        f, _s, _, _ = floor()
+        lo, hi = 0, MAX_MESSAGE_SIZE
+        while lo < hi:  # the longest ASCII reason check_handoff passes
+            mid = (lo + hi + 1) // 2
+            try:
+                f.check_handoff("billing", "r" * mid)
+                lo = mid
+            except MessageTooLarge:
+                hi = mid - 1
+        f._seq = 10**20 - 2  # the next id has the 20 digits check_handoff assumes
+        msg, _ = f.request_handoff(
+            "billing",
+            "r" * lo,
+            transfer="f" * 32,
+            quiet=True,
+            quiet_ms=2**31 - 1,
+            filler=True,
+        )
+        assert len(encode_control(msg)) <= MAX_MESSAGE_SIZE
+        assert len(encode_control(msg)) >= MAX_MESSAGE_SIZE - 1, "the check is tight"
+
+    asyncio.run(main())
+
+
+def test_filler_stop_is_passed_on_even_for_another_handoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        f, _s, _, ev = floor()
+        f.handle(b("activate", cause="start"))
+        msg, fut = f.request_handoff("billing", "refund", quiet=True, filler=True)
+        f.handle(b("handoff_accepted", re=msg["id"], handoff="h-3", target="billing"))
+        await fut
+        assert f.last_handoff == "h-3"
+        with caplog.at_level(logging.WARNING, logger="lk_baton.floor"):
+            f.handle(b("filler_stop", handoff="h-3", fade_ms=1000))
+            assert ev[-1][0] == "filler_stop" and ev[-1][1]["fade_ms"] == 1000
+            assert caplog.text == "", "ours: nothing to say"
+            f.handle(b("filler_stop", handoff="h-2", fade_ms=0))
+        assert ev[-1][0] == "filler_stop" and ev[-1][1]["handoff"] == "h-2"
+        assert "filler_stop for handoff 'h-2', ours is 'h-3'" in caplog.text
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("fade", "ms"),
+    [
+        (1000, 1000),
+        (0, 0),
+        (-5, 0),
+        (9000, 5000),
+        (12.4, 12),
+        (None, 250),
+        ("1", 250),
+        (True, 250),
+        (float("nan"), 250),
+    ],
+)
+def test_filler_fade_ms_is_clamped_to_0_to_5000(fade: Any, ms: int) -> None:
+    msg = b("filler_stop", handoff="h-1")
+    if fade is not None:
+        msg["fade_ms"] = fade
+    assert filler_fade_ms(msg) == ms
 
 
 def test_unanswered_handoff_request_is_resent_unchanged_after_a_reconnect() -> None:
@@ -278,6 +364,7 @@ def built_message(draw: st.DrawFn) -> tuple[str, Any]:
             draw(st.booleans()),
             draw(st.none() | short_text),
             draw(st.booleans()),
+            draw(st.booleans()),
         )
     return which, draw(sized_text)
 
@@ -301,9 +388,14 @@ def test_every_message_built_fits_a_packet_or_raises_message_too_large(
             f.agent_name, f.role = args
             f.hello()
         elif which == "handoff":
-            target, reason, follows, transfer, quiet = args
+            target, reason, follows, transfer, quiet, filler = args
             f.request_handoff(
-                target, reason, bundle_follows=follows, transfer=transfer, quiet=quiet
+                target,
+                reason,
+                bundle_follows=follows,
+                transfer=transfer,
+                quiet=quiet,
+                filler=filler,
             )
         elif which == "ready":
             f.ready(args)
