@@ -846,6 +846,55 @@ ActivateHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
 EventHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
 
 
+FILLER_LEAD_S = 0.04
+"""How much of the sentence's audio may still be queued for sending when the source's own filler
+starts: the filler begins this much before the voice ends (quiet noise under the last syllable
+is not heard), instead of after the playout has been noticed, which took 80-90 ms here (the
+queue's timer, the speech handle, the state change) and left that much silence at the caller."""
+
+
+def voice_queue(session: AgentSession[Any]) -> Callable[[], float] | None:
+    """How many seconds of the agent's voice are queued for sending, read from the
+    ``rtc.AudioSource`` at the end of the session's audio output chain (RoomIO's participant
+    output, found by walking ``next_in_chain``); None when the chain ends elsewhere (a custom
+    output, a console session): the filler then starts after the playout."""
+    out: Any = getattr(getattr(session, "output", None), "audio", None)
+    for _ in range(16):  # a chain is a few wrappers deep; never loop on a cycle
+        if out is None:
+            return None
+        source = getattr(out, "_audio_source", None)
+        queued = getattr(source, "queued_duration", None)
+        if isinstance(queued, int | float):
+            return lambda: float(source.queued_duration)  # type: ignore[union-attr]
+        out = getattr(out, "next_in_chain", None)
+    return None
+
+
+async def start_before_the_end(
+    filler: SourceFiller, queued: Callable[[], float], may_start: Callable[[], bool]
+) -> bool:
+    """Start ``filler`` once the sentence being played has at most :data:`FILLER_LEAD_S` of
+    audio left to send. The queue must first be seen holding more than that (the sentence's
+    audio may not have reached it when the tool runs; a sentence already over leaves the start
+    to the caller). Polls every 5 ms; cancelled when the playout is over. Returns whether it
+    started the filler."""
+    seen = False
+    while True:
+        left = queued()
+        if left > FILLER_LEAD_S:
+            seen = True
+        elif seen and may_start():
+            return filler.start()
+        await asyncio.sleep(0.005)
+
+
+def _started(early: asyncio.Task[bool] | None) -> bool:
+    """Whether :func:`start_before_the_end` ran to the filler's start."""
+    if early is None or not early.done() or early.cancelled() or early.exception() is not None:
+        return False
+    return early.result()
+
+
 RECOVERY_GREETING = (
     "The call was cut off for a moment and you are taking it over from where it stopped: your "
     "context holds the conversation so far. Say one short sentence that shows you know what the "
@@ -1588,13 +1637,25 @@ class BatonLink:
         if fill is not None:
             fill.arm()  # publication and pre-roll run meanwhile; nothing below waits for them
         filling = False
+        early: asyncio.Task[bool] | None = None
+        queued = voice_queue(self.session) if fill is not None and run_ctx is not None else None
         try:
-            t0, t1, t_quiet = await self._sentence_played_out(target, run_ctx)
-            # The sentence has played out: our own filler starts now, with nothing in between
-            # (baton's is a request and a network hop away). Not while another request of ours
-            # is unanswered (a transfer tool called twice): that one owns the filler, and this
-            # one, refused, must not stop it.
-            if fill is not None and not self.floor.requests_pending:
+            if fill is not None and queued is not None:
+                # Not while another request of ours is unanswered (a transfer tool called
+                # twice): that one owns the filler, and this one, refused, must not stop it.
+                early = asyncio.ensure_future(
+                    start_before_the_end(fill, queued, lambda: not self.floor.requests_pending)
+                )
+            try:
+                t0, t1, t_quiet = await self._sentence_played_out(target, run_ctx)
+            finally:
+                if early is not None:
+                    early.cancel()
+            # The sentence has played out: our own filler plays by now (started just before
+            # the voice's end) or starts now (baton's is a request and a network hop away).
+            if _started(early):
+                filling = True
+            elif fill is not None and not self.floor.requests_pending:
                 filling = fill.start()
             answer, bundle, size, upload = await self._ask_handoff(
                 target, reason, bundle_now, draft, filling, (t0, t1, t_quiet), timeout, compress
@@ -1602,7 +1663,7 @@ class BatonLink:
         except BaseException:
             # refused, timed out, failed or cancelled before baton accepted: baton owes this
             # filler no filler_stop, so it ends here (or its pre-roll does)
-            if fill is not None and (filling or fill.mode == "armed"):
+            if fill is not None and (filling or _started(early) or fill.mode == "armed"):
                 fill.stop(FILLER_STOP_FADE_MS, why="not_accepted")
             raise
         hid = str(answer.get("handoff") or "")

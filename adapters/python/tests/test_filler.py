@@ -620,3 +620,87 @@ def test_default_wiring_publishes_a_real_track_and_announces_the_filler() -> Non
         await link.aclose()
 
     asyncio.run(main())
+
+
+# -- starting before the voice ends (agents.start_before_the_end) --
+
+
+class _Queue:
+    """A voice's queued seconds as successive reads see them."""
+
+    def __init__(self, reads: list[float]) -> None:
+        self.reads = reads
+        self.n = 0
+
+    @property
+    def queued_duration(self) -> float:
+        v = self.reads[min(self.n, len(self.reads) - 1)]
+        self.n += 1
+        return v
+
+
+class _StartRecorder:
+    def __init__(self) -> None:
+        self.started_at_read: int | None = None
+        self.queue: _Queue | None = None
+
+    def start(self) -> bool:
+        assert self.queue is not None
+        self.started_at_read = self.queue.n
+        return True
+
+
+def test_voice_queue_is_read_from_the_audio_source_at_the_end_of_the_output_chain() -> None:
+    from lk_baton.agents import voice_queue
+
+    class Out:
+        def __init__(self, nxt: object = None, source: object = None) -> None:
+            self.next_in_chain = nxt
+            self._audio_source = source
+
+    class Session:
+        def __init__(self, audio: object) -> None:
+            self.output = type("O", (), {"audio": audio})()
+
+    q = _Queue([0.12])
+    read = voice_queue(Session(Out(Out(Out(source=q)))))  # type: ignore[arg-type]
+    assert read is not None and read() == 0.12
+    assert voice_queue(Session(Out(Out()))) is None  # type: ignore[arg-type]
+    assert voice_queue(Session(None)) is None  # type: ignore[arg-type]
+
+
+def test_the_filler_starts_when_the_sentence_has_at_most_the_lead_left_not_before_it_began() -> (
+    None
+):
+    from lk_baton.agents import FILLER_LEAD_S, start_before_the_end
+
+    # the tool runs before the sentence's audio is queued (0), then it plays and drains
+    reads = [0.0, 0.0, 0.0, 0.2, 0.15, 0.1, 0.06, FILLER_LEAD_S - 0.01, 0.0]
+    q = _Queue(reads)
+    rec = _StartRecorder()
+    rec.queue = q
+    filler: Any = rec
+    started = asyncio.run(start_before_the_end(filler, lambda: q.queued_duration, lambda: True))
+    assert started
+    assert rec.started_at_read == reads.index(FILLER_LEAD_S - 0.01) + 1, (
+        "at the first read within the lead"
+    )
+
+
+def test_the_filler_does_not_start_early_when_another_request_owns_it() -> None:
+    from lk_baton.agents import start_before_the_end
+
+    q = _Queue([0.2, 0.0])
+    rec = _StartRecorder()
+    rec.queue = q
+
+    async def go() -> None:
+        task = asyncio.ensure_future(
+            start_before_the_end(rec, lambda: q.queued_duration, lambda: False)
+        )  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        task.cancel()
+
+    asyncio.run(go())
+    assert rec.started_at_read is None
