@@ -1301,6 +1301,11 @@ class BatonLink:
         if kind == "activated" and self.filler is not None:
             # the floor is ours again (a handback): the filler covers until we are heard
             self.filler.hold_until_speaking(FILLER_HOLD_S)
+        elif kind == "release" and self.filler is not None:
+            # the target has the floor: baton's filler_stop comes once it is heard, and baton
+            # gives up waiting after its filler_hold (1.2 s); a baton that died meanwhile
+            # sends none, and our filler must not run on under the target's voice
+            self.filler.hold_until_speaking(FILLER_HOLD_S)
         elif kind == "filler_stop" and self.filler is not None:
             self.filler.stop(filler_fade_ms(msg), why="filler_stop")
         if kind == "bundle_unavailable":

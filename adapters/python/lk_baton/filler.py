@@ -4,8 +4,9 @@ When agent A hands the call to agent B, baton plays a filler (quiet comfort nois
 track from the moment A is quiet until B is heard. That filler reaches the caller one network
 hop after A's last word (35 to 80 ms of dead air first), and not at all if baton's process dies
 mid-handoff. So A also plays a filler itself, on a second audio track named
-:data:`~lk_baton.floor.FILLER_TRACK_NAME` (``baton-filler``), from the instant its sentence
-has played out until baton says ``filler_stop``. Both fillers are the same quiet noise and
+:data:`~lk_baton.floor.FILLER_TRACK_NAME` (``baton-filler``), from the end of its sentence
+(just under its last syllable, see ``lk_baton.agents.start_before_the_end``) until baton says
+``filler_stop``. Both fillers are the same quiet noise and
 overlap; the caller hears an open line instead of a gap.
 
 :class:`SourceFiller` owns that track. Its life in one handoff (driven by
@@ -13,7 +14,8 @@ overlap; the caller hears an open line instead of a gap.
 
     arm()      publish the track if needed (in the background), then stream digital silence
                (the pre-roll: the caller subscribes and decodes before the noise starts)
-    start()    the sentence played out: comfort noise, fading in over 40 ms from -3 dB
+    start()    the sentence is ending (40 ms of its voice left to send, or played out):
+               comfort noise, fading in over 40 ms from -3 dB
     stop(ms)   filler_stop (fade_ms), a refused or timed-out request (250 ms): fade to
                silence, then stream nothing
     hold_until_speaking(1.2)
@@ -296,7 +298,7 @@ class SourceFiller:
             self._ensure_stream()
 
     def start(self) -> bool:
-        """Start the comfort noise now (the agent's sentence has just played out): fading in
+        """Start the comfort noise now (the agent's sentence is ending or over): fading in
         over 40 ms from -3 dB, then steady, until a stop, the hold, or ``max_s``. Returns
         whether it started, which is whether the track is published: a filler not published
         by now stays off for this handoff (its request must not announce one), and the

@@ -575,6 +575,31 @@ def test_activate_after_the_handoff_holds_the_filler_at_most_1_2_s() -> None:
     run_virtual(main)
 
 
+def test_release_holds_the_filler_at_most_1_2_s_more() -> None:
+    """The target took over (``release``) and baton died before its ``filler_stop``: the
+    source's filler may not run on under the target's voice."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        _room, session, link, agent, source = await linked(net)
+        assert link.filler is not None and source is not None
+        await published_first(link)
+        await link.handoff("billing", reason="a", agent=agent)
+        await asyncio.sleep(1.0)
+        baton.send("agent-triage", "release", handoff="h-1", mode="standby")
+        await asyncio.sleep(0.01)
+        n = len(source.frames)
+        await asyncio.sleep(3.0)
+        assert link.filler.stopped_by == "hold_limit" and link.filler.mode == "idle"
+        held = len(source.frames) - n
+        assert abs(held - (60 + FADE_FRAMES)) <= 1, held
+        await link.aclose()
+        await session.aclose()
+
+    run_virtual(main)
+
+
 def test_without_filler_stop_the_filler_ends_at_its_bound() -> None:
     """baton died after accepting: the caller hears the filler, not silence, then it ends."""
 
