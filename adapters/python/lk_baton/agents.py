@@ -1048,6 +1048,11 @@ class BatonLink:
         self.on_checkpoint_acked: Callable[[BatonLink], None] | None = None
         """Called after baton acknowledged a checkpoint (``self.checkpoints.acked_seq``)."""
         self.filler = SourceFiller(room, speaking=self.effects.speaking) if source_filler else None
+        self._filler_owned = False
+        """A handoff() call drives the filler (one at a time)."""
+        self._filler_handoff: str | None = None
+        """The handoff the filler last started for: its id once accepted, "" until then, None
+        before any; a ``filler_stop`` naming another is ignored."""
         """This agent's own filler on its ``baton-filler`` track (:mod:`lk_baton.filler`),
         played from the end of a handoff's sentence until baton's ``filler_stop``. None: off
         (``source_filler=False``). Nothing is published before the first handoff."""
@@ -1306,8 +1311,18 @@ class BatonLink:
             # gives up waiting after its filler_hold (1.2 s); a baton that died meanwhile
             # sends none, and our filler must not run on under the target's voice
             self.filler.hold_until_speaking(FILLER_HOLD_S)
+        elif kind == "deactivated" and self.filler is not None and msg.get("reason") != "handoff":
+            # told to stand by (a baton that came back after a crash gave the floor to our
+            # target; we rejoined after the switch): no filler_stop will come for our filler
+            self.filler.stop(FILLER_STOP_FADE_MS, why="deactivated")
         elif kind == "filler_stop" and self.filler is not None:
-            self.filler.stop(filler_fade_ms(msg), why="filler_stop")
+            hid = msg.get("handoff")
+            if self._filler_handoff is not None and hid != self._filler_handoff:
+                # a late stop for an earlier handoff must not end this one's filler
+                playing_for = repr(self._filler_handoff) if self._filler_handoff else "a request"
+                log.info("filler_stop for %r ignored: the filler plays for %s", hid, playing_for)
+            else:
+                self.filler.stop(filler_fade_ms(msg), why="filler_stop")
         if kind == "bundle_unavailable":
             self._bundle_unavailable.add(str(msg.get("handoff")))
         elif kind == "handoff_cancelled":
@@ -1584,14 +1599,17 @@ class BatonLink:
         With ``filler`` (the default; nothing happens when the link was made with
         ``source_filler=False``) this agent plays its own filler (:mod:`lk_baton.filler`): at
         once it publishes its ``baton-filler`` track (first handoff only, in the background:
-        nothing waits for it) and streams silence on it; the instant the sentence has played
-        out it starts comfort noise there, and the request says ``filler: true``, but only if
-        the track is published by then. The caller so hears an open line from the end of the
+        nothing waits for it) and streams silence on it; when at most 40 ms of the sentence's
+        audio are left to send (:func:`start_before_the_end`; or once it has played out) it
+        starts comfort noise there, and the request says ``filler: true``, but only if the
+        track is published by then. The caller so hears an open line from the end of the
         sentence, not the gap until baton's filler (a network hop later) arrives, nor silence
         if baton dies. A refused or timed-out request, or any error or cancellation before the
         accept, fades it out over 250 ms; after an accept it plays on when this returns, until
-        baton's ``filler_stop``, an ``activate`` (then until this agent speaks, at most
-        1.2 s), or 20 s.
+        baton's ``filler_stop`` for this handoff, an ``activate`` (then until this agent
+        speaks, at most 1.2 s), a ``release`` (at most 1.2 s more), a ``deactivate`` other
+        than the handoff's, or 20 s. One call at a time drives the filler: a second call made
+        while one runs plays none.
 
         Lets the current sentence finish (``run_ctx.wait_for_playout()``, which is safe inside
         the tool, then waits while the agent is speaking), builds the bundle from the agent's
@@ -1638,19 +1656,18 @@ class BatonLink:
         draft = bundle_now()
         if hint and self.floor.active:
             self.hint(target)
-        fill = self.filler if filler and not self._closed else None
+        # One handoff() at a time drives the filler: a transfer tool called twice at once must
+        # not start it twice, and the refusal of the second must not stop the first one's.
+        fill = self.filler if filler and not self._closed and not self._filler_owned else None
         if fill is not None:
+            self._filler_owned = True
             fill.arm()  # publication and pre-roll run meanwhile; nothing below waits for them
         filling = False
         early: asyncio.Task[bool] | None = None
         queued = voice_queue(self.session) if fill is not None and run_ctx is not None else None
         try:
             if fill is not None and queued is not None:
-                # Not while another request of ours is unanswered (a transfer tool called
-                # twice): that one owns the filler, and this one, refused, must not stop it.
-                early = asyncio.ensure_future(
-                    start_before_the_end(fill, queued, lambda: not self.floor.requests_pending)
-                )
+                early = asyncio.ensure_future(start_before_the_end(fill, queued, lambda: True))
             try:
                 t0, t1, t_quiet = await self._sentence_played_out(target, run_ctx)
             finally:
@@ -1660,8 +1677,10 @@ class BatonLink:
             # the voice's end) or starts now (baton's is a request and a network hop away).
             if _started(early):
                 filling = True
-            elif fill is not None and not self.floor.requests_pending:
+            elif fill is not None:
                 filling = fill.start()
+            if filling:
+                self._filler_handoff = ""  # this request's, whose id baton has not given yet
             answer, bundle, size, upload = await self._ask_handoff(
                 target, reason, bundle_now, draft, filling, (t0, t1, t_quiet), timeout, compress
             )
@@ -1671,7 +1690,12 @@ class BatonLink:
             if fill is not None and (filling or _started(early) or fill.mode == "armed"):
                 fill.stop(FILLER_STOP_FADE_MS, why="not_accepted")
             raise
+        finally:
+            if fill is not None:
+                self._filler_owned = False
         hid = str(answer.get("handoff") or "")
+        if filling:
+            self._filler_handoff = hid
         if hid:
             # from here on, a result of these calls is owed to the target (_on_call_ended)
             self.journal.handed_over((c["call_id"] for c in bundle["tool_calls_in_flight"]), hid)

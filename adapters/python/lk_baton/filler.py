@@ -19,7 +19,9 @@ overlap; the caller hears an open line instead of a gap.
     stop(ms)   filler_stop (fade_ms), a refused or timed-out request (250 ms): fade to
                silence, then stream nothing
     hold_until_speaking(1.2)
-               activate (a handback): play until this agent speaks, or 1.2 s, then fade 250 ms
+               activate (a handback): play until this agent speaks, or 1.2 s, then fade 250 ms;
+               release (the target has the floor): at most 1.2 s more
+    stop(250)  deactivate other than the handoff's (told to stand by: no filler_stop will come)
 
 and it never plays longer than ``max_s`` (20 s, baton's ``max_filler``) in one go. Between
 handoffs it streams nothing, so it costs no CPU.

@@ -600,11 +600,6 @@ class FloorClient:
             }
         )
 
-    @property
-    def requests_pending(self) -> int:
-        """How many ``handoff`` requests of ours baton has not answered yet."""
-        return len(self._unanswered)
-
     def resend_requests(self) -> list[dict[str, Any]]:
         """Send every ``handoff`` request baton has not answered yet again, unchanged (same
         ``id``): after a reconnect the answer may have been lost, and baton answers a repeated
@@ -744,16 +739,8 @@ class FloorClient:
         elif t == "tool_result":
             self._notify("tool_result", m)
         elif t == "filler_stop":
-            # Only ever about our own filler, so it stops whatever handoff it names; a name
-            # that is not our last accepted handoff is worth a line (a late stop from an
-            # earlier handoff, or a request whose answer we gave up on).
-            hid = m.get("handoff")
-            if hid is None or hid != self.last_handoff:
-                log.warning(
-                    "filler_stop for handoff %r, ours is %r: stopping the filler anyway",
-                    hid,
-                    self.last_handoff,
-                )
+            # The listener decides: BatonLink ignores a stop for an earlier handoff than the
+            # one its filler plays for.
             self._notify("filler_stop", m)
         elif t == "release":
             self.quiet_pending = None

@@ -360,9 +360,12 @@ def test_handoff_announces_the_filler_it_started_and_filler_stop_fades_it() -> N
     run_virtual(main)
 
 
-def test_filler_stop_for_another_handoff_still_stops_and_is_logged(
+def test_a_filler_stop_for_an_earlier_handoff_is_ignored_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A late stop from an earlier handoff (sent after this one was accepted) must not end this
+    one's filler: if baton then died, the caller would hear silence."""
+
     async def main() -> None:
         net = Net()
         baton = FakeBaton(net)
@@ -373,13 +376,38 @@ def test_filler_stop_for_another_handoff_still_stops_and_is_logged(
         await asyncio.sleep(0.5)
         baton.send("agent-triage", "filler_stop", handoff="h-0", fade_ms=0)
         await asyncio.sleep(0.1)
+        assert link.filler.mode == "playing", link.filler.stopped_by
+        baton.send("agent-triage", "filler_stop", handoff="h-1", fade_ms=0)
+        await asyncio.sleep(0.1)
         assert link.filler.mode == "idle" and link.filler.stopped_by == "filler_stop"
         await link.aclose()
         await session.aclose()
 
-    with caplog.at_level(logging.WARNING, logger="lk_baton.floor"):
+    with caplog.at_level(logging.INFO, logger="lk_baton.agents"):
         run_virtual(main)
-    assert "filler_stop for handoff 'h-0', ours is 'h-1'" in caplog.text
+    assert "filler_stop for 'h-0' ignored: the filler plays for 'h-1'" in caplog.text
+
+
+def test_deactivate_standby_stops_the_filler() -> None:
+    """A baton that came back after a crash gave the floor to our target and tells us to
+    stand by: no filler_stop will come, so the filler stops now."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        _room, session, link, agent, source = await linked(net)
+        assert link.filler is not None and source is not None
+        await published_first(link)
+        await link.handoff("billing", reason="a", agent=agent)
+        await asyncio.sleep(0.5)
+        assert link.filler.mode == "playing", "the deactivate (handoff) after the accept leaves it"
+        baton.send("agent-triage", "deactivate", reason="standby")
+        await asyncio.sleep(0.5)
+        assert link.filler.mode == "idle" and link.filler.stopped_by == "deactivated"
+        await link.aclose()
+        await session.aclose()
+
+    run_virtual(main)
 
 
 def test_no_filler_field_when_the_track_is_not_published_by_the_end_of_the_sentence() -> None:

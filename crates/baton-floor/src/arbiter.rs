@@ -1251,6 +1251,11 @@ impl Arbiter {
             self.send(&from, Some(msg_id), BatonMessage::HandoffRefused { reason });
             return;
         }
+        if filler && self.filler.source.as_ref().is_some_and(|(who, _)| *who == from) {
+            // The same source's earlier filler becomes this handoff's: it plays on, and a stop
+            // for the earlier handoff would only end it.
+            self.filler.source = None;
+        }
         self.stop_waiting("next_handoff", now);
         // The hint came true: the instance it brought in is the target now (or failed), and is
         // not kept beyond what `standby` asks for.
@@ -1870,6 +1875,10 @@ impl Arbiter {
     fn floor_changed(&mut self, holder: &str, now: Instant) {
         if self.filler.on {
             self.filler.hold = Some((holder.to_owned(), now + self.policy.filler_hold));
+        } else {
+            // The handoff ended before baton's filler started (its source never went quiet):
+            // nothing holds, so a filler the source may have started stops now too.
+            self.stop_source_filler(self.policy.filler_fade);
         }
         if self.peers.get(holder).is_some_and(|p| p.speaking) {
             self.heard(holder, now);

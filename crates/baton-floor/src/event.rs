@@ -111,7 +111,7 @@ pub enum AgentMessage {
         /// ([`Policy::quiet_settle`](crate::Policy::quiet_settle)) counts from then.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         quiet_ms: Option<u32>,
-        /// The source plays a filler of its own on its `baton.filler` track from the end of its
+        /// The source plays a filler of its own on its `baton-filler` track from the end of its
         /// sentence until baton's `filler_stop` (docs/protocol.md, "The source's filler"), so
         /// the caller hears no gap while baton's filler is on its way, nor while baton is
         /// down. baton plays its own filler all the same.

@@ -104,3 +104,66 @@ fn the_caller_leaving_stops_the_source_filler_at_once() {
         vec![BatonMessage::FillerStop { handoff: "h-1".into(), fade_ms: 0 }]
     );
 }
+
+/// After a failed handoff the source, heard again, asks again while its filler still plays:
+/// the filler is the new handoff's now, and no stop for the old one may end it.
+#[test]
+fn a_new_request_from_the_same_source_takes_its_filler_over() {
+    let (mut r, _) = quiet_request(true);
+    let ticket = ticket_for(&r.log, "billing");
+    r.ev(Event::DispatchFailed { ticket, error: "twirp 503".into() });
+    let out = r.ctl(
+        TRIAGE,
+        AgentMessage::Handoff {
+            target: "billing".into(),
+            reason: "again".into(),
+            transfer: None,
+            bundle_follows: false,
+            quiet: true,
+            quiet_ms: None,
+            filler: true,
+        },
+    );
+    assert!(sent(&out, TRIAGE, "handoff_accepted"), "{out:#?}");
+    assert!(filler_stops(&r.log, TRIAGE).is_empty(), "h-1's stop would end h-2's filler: {:#?}", r.log);
+    let ticket = ticket_for(&out, "billing");
+    r.ev(Event::DispatchCreated { ticket, dispatch_id: "AD_2".into() });
+    let mut billing = agent(BILLING, "billing", false);
+    billing.dispatch_id = Some("AD_2".into());
+    r.join(billing);
+    r.hello(BILLING, "billing");
+    r.advance(ms(300));
+    r.ready(BILLING, "h-2");
+    let out = r.ev(Event::SpeakingChanged { identity: BILLING.into(), speaking: true });
+    assert_eq!(
+        filler_stops(&out, TRIAGE),
+        vec![BatonMessage::FillerStop { handoff: "h-2".into(), fade_ms: 1000 }]
+    );
+}
+
+/// A request with `filler` but not `quiet` (the source still talking) that fails before the
+/// source goes quiet: baton's filler never started, so nothing holds; the source is told to stop
+/// whatever it may have started as the floor goes back to it.
+#[test]
+fn a_handoff_that_ends_before_batons_filler_started_stops_the_source_filler() {
+    let mut r = Room::with_triage_active(policy_without_alternates());
+    r.ctl(
+        TRIAGE,
+        AgentMessage::Handoff {
+            target: "billing".into(),
+            reason: "r".into(),
+            transfer: None,
+            bundle_follows: false,
+            quiet: false,
+            quiet_ms: None,
+            filler: true,
+        },
+    );
+    let ticket = ticket_for(&r.log, "billing");
+    let out = r.ev(Event::DispatchFailed { ticket, error: "twirp 503".into() });
+    assert!(!r.arb.filler_on());
+    assert_eq!(
+        filler_stops(&out, TRIAGE),
+        vec![BatonMessage::FillerStop { handoff: "h-1".into(), fade_ms: 250 }]
+    );
+}
