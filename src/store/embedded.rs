@@ -174,7 +174,36 @@ impl EmbeddedStore {
 
     fn acquire_now(&self, room: &str, holder: &str, ttl: Duration) -> Result<Acquired, StateError> {
         let txn = self.db.begin_write().map_err(unavailable)?;
+        let acquired = Self::acquire_in(&txn, room, holder, ttl, epoch_ms())?;
+        txn.commit().map_err(unavailable)?;
+        Ok(acquired)
+    }
+
+    /// Every lease in one transaction: one commit (one fsync) per renewal tick, not per room.
+    fn acquire_many_now(
+        &self,
+        leases: &[super::LeaseAsk],
+    ) -> Result<Vec<Result<Acquired, StateError>>, StateError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
         let now = epoch_ms();
+        let mut out = Vec::with_capacity(leases.len());
+        for ask in leases {
+            match Self::acquire_in(&txn, &ask.room, &ask.holder, ask.ttl, now) {
+                Err(e @ StateError::Unavailable(_)) => return Err(e),
+                result => out.push(result),
+            }
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(out)
+    }
+
+    fn acquire_in(
+        txn: &redb::WriteTransaction,
+        room: &str,
+        holder: &str,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<Acquired, StateError> {
         let expires_at_ms = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let acquired = {
             let mut leases = txn.open_table(LEASES).map_err(unavailable)?;
@@ -198,7 +227,6 @@ impl EmbeddedStore {
                 }
             }
         };
-        txn.commit().map_err(unavailable)?;
         Ok(acquired)
     }
 
@@ -302,6 +330,14 @@ impl StateStore for EmbeddedStore {
     async fn acquire(&self, room: &str, holder: &str, ttl: Duration) -> Result<Acquired, StateError> {
         let (room, holder) = (room.to_owned(), holder.to_owned());
         self.blocking(move |s| s.acquire_now(&room, &holder, ttl)).await
+    }
+
+    async fn acquire_many(
+        &self,
+        leases: &[super::LeaseAsk],
+    ) -> Result<Vec<Result<Acquired, StateError>>, StateError> {
+        let leases = leases.to_vec();
+        self.blocking(move |s| s.acquire_many_now(&leases)).await
     }
 
     async fn release(&self, room: &str, holder: &str, token: u64) -> Result<(), StateError> {

@@ -103,6 +103,17 @@ pub struct Lease {
     pub expires_at_ms: u64,
 }
 
+/// One lease [`StateStore::acquire_many`] takes or renews: `room`'s, for `holder`, for `ttl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseAsk {
+    /// The room.
+    pub room: String,
+    /// The lease holder (worker process and job).
+    pub holder: String,
+    /// How long the lease lasts unless renewed.
+    pub ttl: Duration,
+}
+
 /// The answer to [`StateStore::acquire`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquired {
@@ -228,6 +239,26 @@ pub trait StateStore: Send + Sync + 'static {
         holder: &str,
         ttl: Duration,
     ) -> impl Future<Output = Result<Acquired, StateError>> + Send;
+
+    /// [`acquire`](Self::acquire) for many rooms at once (a worker's periodic lease renewals):
+    /// one pipeline (Redis) or one transaction (embedded) instead of one per room, answered
+    /// in the order asked. The outer error is the backend's (every lease failed alike), an inner
+    /// one a single room's (its stored lease is corrupt). The default asks one at a time.
+    fn acquire_many(
+        &self,
+        leases: &[LeaseAsk],
+    ) -> impl Future<Output = Result<Vec<Result<Acquired, StateError>>, StateError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(leases.len());
+            for ask in leases {
+                match self.acquire(&ask.room, &ask.holder, ask.ttl).await {
+                    Err(e @ StateError::Unavailable(_)) => return Err(e),
+                    result => out.push(result),
+                }
+            }
+            Ok(out)
+        }
+    }
 
     /// Lets go of the lease if `holder` with `token` still holds it.
     fn release(

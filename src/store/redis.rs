@@ -94,6 +94,13 @@ end
 return 0
 ";
 
+/// The ACQUIRE script's answer, `{held, lease}`, for `room`.
+fn acquired(room: &str, (held, lease): (i64, String)) -> Result<Acquired, StateError> {
+    let lease = parse_lease(&lease)
+        .ok_or_else(|| StateError::Corrupt { room: room.into(), reason: format!("lease {lease:?}") })?;
+    Ok(if held == 1 { Acquired::Held(lease) } else { Acquired::Busy(lease) })
+}
+
 /// Room state in Redis. Cheap to clone (the connection is shared).
 #[derive(Clone)]
 pub struct RedisStore {
@@ -152,6 +159,26 @@ impl RedisStore {
             acquire: std::sync::Arc::new(redis::Script::new(ACQUIRE)),
             release: std::sync::Arc::new(redis::Script::new(RELEASE)),
         })
+    }
+
+    /// The ACQUIRE script called for `room`'s lease, for `holder`, at `now` (epoch ms).
+    fn acquire_invocation(
+        &self,
+        room: &str,
+        holder: &str,
+        ttl: Duration,
+        now: u64,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut call = self.acquire.key(key(room, "lease"));
+        call.key(key(room, "token"))
+            .key(ROOMS)
+            .arg(holder)
+            .arg(ms(ttl).max(1))
+            .arg(now.saturating_add(ms(ttl)))
+            .arg(ms(self.ttl))
+            .arg(now)
+            .arg(room);
+        call
     }
 }
 
@@ -228,24 +255,45 @@ impl StateStore for RedisStore {
 
     async fn acquire(&self, room: &str, holder: &str, ttl: Duration) -> Result<Acquired, StateError> {
         let mut conn = self.conn.clone();
-        let now = epoch_ms();
-        let (held, lease): (i64, String) = self
-            .acquire
-            .key(key(room, "lease"))
-            .key(key(room, "token"))
-            .key(ROOMS)
-            .arg(holder)
-            .arg(ms(ttl).max(1))
-            .arg(now.saturating_add(ms(ttl)))
-            .arg(ms(self.ttl))
-            .arg(now)
-            .arg(room)
+        let answer: (i64, String) = self
+            .acquire_invocation(room, holder, ttl, epoch_ms())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let lease = parse_lease(&lease)
-            .ok_or_else(|| StateError::Corrupt { room: room.into(), reason: format!("lease {lease:?}") })?;
-        Ok(if held == 1 { Acquired::Held(lease) } else { Acquired::Busy(lease) })
+        acquired(room, answer)
+    }
+
+    async fn acquire_many(
+        &self,
+        leases: &[super::LeaseAsk],
+    ) -> Result<Vec<Result<Acquired, StateError>>, StateError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = epoch_ms();
+        let mut pipe = redis::pipe();
+        // Each call's error is its room's alone (a key of the wrong type), not the batch's.
+        pipe.ignore_errors();
+        // SCRIPT LOAD first: EVALSHA in a pipeline is not retried as EVAL on NOSCRIPT (a Redis
+        // restarted since the script was last used has forgotten it).
+        pipe.load_script(&self.acquire).ignore();
+        for ask in leases {
+            pipe.invoke_script(&self.acquire_invocation(&ask.room, &ask.holder, ask.ttl, now));
+        }
+        let mut conn = self.conn.clone();
+        let answers: Vec<redis::RedisResult<(i64, String)>> =
+            pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        if answers.len() != leases.len() {
+            return Err(unavailable(format!("{} answers to {} lease renewals", answers.len(), leases.len())));
+        }
+        Ok(leases
+            .iter()
+            .zip(answers)
+            .map(|(ask, answer)| match answer {
+                Ok(answer) => acquired(&ask.room, answer),
+                Err(e) => Err(StateError::Corrupt { room: ask.room.clone(), reason: e.to_string() }),
+            })
+            .collect())
     }
 
     async fn release(&self, room: &str, holder: &str, token: u64) -> Result<(), StateError> {

@@ -346,12 +346,29 @@ async fn run<S: StateStore>(
                     .filter(|(_, (_, _, ttl, at))| now.duration_since(*at) >= *ttl / 3)
                     .map(|(room, _)| room.clone())
                     .collect();
-                for room in due {
-                    let Some((holder, token, ttl, _)) = held.get(&room).cloned() else { continue };
-                    let result = store.acquire(&room, &holder, ttl).await;
-                    if result.is_ok() {
+                // One call for all of them: a Redis that is down costs one timeout per tick, not
+                // one per room, and the embedded store one commit.
+                let asks: Vec<super::LeaseAsk> = due
+                    .iter()
+                    .filter_map(|room| {
+                        let (holder, _, ttl, _) = held.get(room)?;
+                        Some(super::LeaseAsk { room: room.clone(), holder: holder.clone(), ttl: *ttl })
+                    })
+                    .collect();
+                let results = match store.acquire_many(&asks).await {
+                    Ok(results) => {
                         back(&held);
+                        results
                     }
+                    Err(e) => {
+                        // Down: keep trying; the rooms keep running from memory.
+                        fail(&e);
+                        Vec::new()
+                    }
+                };
+                for (ask, result) in asks.into_iter().zip(results) {
+                    let room = ask.room;
+                    let Some((holder, token, ttl, _)) = held.get(&room).cloned() else { continue };
                     match result {
                         Ok(Acquired::Held(lease)) if lease.token == token => {
                             held.insert(room, (holder, token, ttl, now));
@@ -367,7 +384,6 @@ async fn run<S: StateStore>(
                             on_change(StoreSignal::LeaseLost(room.clone()));
                             held.remove(&room);
                         }
-                        // Down: keep trying; the rooms keep running from memory.
                         Err(e) => fail(&e),
                     }
                 }

@@ -102,6 +102,23 @@ async fn contract<S: StateStore>(store: &S, room: &str) {
     assert!(
         matches!(store.acquire(room, "baton-a", ttl).await, Ok(Acquired::Held(l)) if l.token == lease.token)
     );
+    // Many at once (a worker's renewal tick), answered in the order asked: ours renewed with
+    // its token, a room another baton holds busy, a free room taken with a new token.
+    let (other, fresh) = (format!("{room}-other"), format!("{room}-fresh"));
+    let Ok(Acquired::Held(o)) = store.acquire(&other, "baton-b", ttl).await else { panic!("free") };
+    let ask = |room: &str| LeaseAsk { room: room.into(), holder: "baton-a".into(), ttl };
+    let got = store.acquire_many(&[ask(room), ask(&other), ask(&fresh)]).await.expect("acquire_many");
+    match &got[..] {
+        [Ok(Acquired::Held(a)), Ok(Acquired::Busy(b)), Ok(Acquired::Held(f))] => {
+            assert_eq!(a.token, lease.token, "renewed, not taken anew");
+            assert_eq!((b.holder.as_str(), b.token), ("baton-b", o.token));
+            assert_eq!(f.holder, "baton-a");
+            store.write(&fresh, f.token, &Write::Forget).await.expect("forget");
+        }
+        other => panic!("acquire_many: {other:?}"),
+    }
+    store.write(&other, o.token, &Write::Forget).await.expect("forget");
+    assert!(store.acquire_many(&[]).await.expect("nothing to renew").is_empty());
 
     store.write(room, lease.token, &Write::Record(record("agent-1"))).await.expect("record");
     store.write(room, lease.token, &checkpoint("triage", 100)).await.expect("checkpoint");
@@ -201,6 +218,20 @@ fn redis_store_keeps_the_contract_with_ttls_on_every_room_key() {
         store.write("room-2", l.token, &checkpoint("triage", 10)).await.expect("write");
         let client = ::redis::Client::open(server.url()).expect("client");
         let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+        // One room whose lease key holds the wrong type fails alone, not the whole renewal.
+        let _: () = ::redis::cmd("HSET")
+            .arg("baton:{room-bad}:lease")
+            .arg("x")
+            .arg("y")
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        let ask = |room: &str| LeaseAsk { room: room.into(), holder: "baton-a".into(), ttl: Duration::from_secs(5) };
+        let got = store.acquire_many(&[ask("room-2"), ask("room-bad"), ask("room-3")]).await.expect("renewal");
+        assert!(
+            matches!(&got[..], [Ok(Acquired::Held(a)), Err(StateError::Corrupt { .. }), Ok(Acquired::Held(_))] if a.token == l.token),
+            "{got:?}"
+        );
         for k in ["record", "ckpt", "token", "lease"] {
             let ttl: i64 = ::redis::cmd("PTTL")
                 .arg(format!("baton:{{room-2}}:{k}"))
