@@ -11,7 +11,10 @@ real ``rtc.AudioSource`` and ``rtc.LocalAudioTrack``) on a real clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -333,6 +336,30 @@ async def published_first(link: BatonLink) -> None:
     assert await link.filler.publish()
 
 
+@dataclass
+class HandedOff:
+    """Triage after a handoff baton accepted, its filler published first and playing."""
+
+    baton: FakeBaton
+    link: BatonLink
+    source: FakeAudioSource
+
+
+@contextlib.asynccontextmanager
+async def handed_off(reason: str = "a") -> AsyncIterator[HandedOff]:
+    net = Net()
+    baton = FakeBaton(net)
+    _room, session, link, agent, source = await linked(net)
+    assert link.filler is not None and source is not None
+    await published_first(link)
+    await link.handoff("billing", reason=reason, agent=agent)
+    try:
+        yield HandedOff(baton, link, source)
+    finally:
+        await link.aclose()
+        await session.aclose()
+
+
 def test_handoff_announces_the_filler_it_started_and_filler_stop_fades_it() -> None:
     async def main() -> None:
         net = Net()
@@ -367,21 +394,15 @@ def test_a_filler_stop_for_an_earlier_handoff_is_ignored_and_logged(
     one's filler: if baton then died, the caller would hear silence."""
 
     async def main() -> None:
-        net = Net()
-        baton = FakeBaton(net)
-        _room, session, link, agent, source = await linked(net)
-        assert link.filler is not None and source is not None
-        await published_first(link)
-        await link.handoff("billing", reason="disputed charge", agent=agent)
-        await asyncio.sleep(0.5)
-        baton.send("agent-triage", "filler_stop", handoff="h-0", fade_ms=0)
-        await asyncio.sleep(0.1)
-        assert link.filler.mode == "playing", link.filler.stopped_by
-        baton.send("agent-triage", "filler_stop", handoff="h-1", fade_ms=0)
-        await asyncio.sleep(0.1)
-        assert link.filler.mode == "idle" and link.filler.stopped_by == "filler_stop"
-        await link.aclose()
-        await session.aclose()
+        async with handed_off(reason="disputed charge") as h:
+            baton, link = h.baton, h.link
+            await asyncio.sleep(0.5)
+            baton.send("agent-triage", "filler_stop", handoff="h-0", fade_ms=0)
+            await asyncio.sleep(0.1)
+            assert link.filler.mode == "playing", link.filler.stopped_by
+            baton.send("agent-triage", "filler_stop", handoff="h-1", fade_ms=0)
+            await asyncio.sleep(0.1)
+            assert link.filler.mode == "idle" and link.filler.stopped_by == "filler_stop"
 
     with caplog.at_level(logging.INFO, logger="lk_baton.agents"):
         run_virtual(main)
@@ -393,19 +414,15 @@ def test_deactivate_standby_stops_the_filler() -> None:
     stand by: no filler_stop will come, so the filler stops now."""
 
     async def main() -> None:
-        net = Net()
-        baton = FakeBaton(net)
-        _room, session, link, agent, source = await linked(net)
-        assert link.filler is not None and source is not None
-        await published_first(link)
-        await link.handoff("billing", reason="a", agent=agent)
-        await asyncio.sleep(0.5)
-        assert link.filler.mode == "playing", "the deactivate (handoff) after the accept leaves it"
-        baton.send("agent-triage", "deactivate", reason="standby")
-        await asyncio.sleep(0.5)
-        assert link.filler.mode == "idle" and link.filler.stopped_by == "deactivated"
-        await link.aclose()
-        await session.aclose()
+        async with handed_off() as h:
+            baton, link = h.baton, h.link
+            await asyncio.sleep(0.5)
+            assert link.filler.mode == "playing", (
+                "the deactivate (handoff) after the accept leaves it"
+            )
+            baton.send("agent-triage", "deactivate", reason="standby")
+            await asyncio.sleep(0.5)
+            assert link.filler.mode == "idle" and link.filler.stopped_by == "deactivated"
 
     run_virtual(main)
 
@@ -581,24 +598,20 @@ def test_activate_after_the_handoff_holds_the_filler_at_most_1_2_s() -> None:
     it never does: the cap)."""
 
     async def main() -> None:
-        net = Net()
-        baton = FakeBaton(net)
-        _room, session, link, agent, source = await linked(net)
-        assert link.filler is not None and source is not None
-        await published_first(link)
-        await link.handoff("billing", reason="a", agent=agent)
-        await asyncio.sleep(3.0)
-        assert link.filler.playing
-        baton.send("agent-triage", "handoff_failed", handoff="h-1", target="billing", reason="x")
-        baton.send("agent-triage", "activate", handoff="h-1", cause="handback", reason="x")
-        await asyncio.sleep(0.01)
-        n = len(source.frames)
-        await asyncio.sleep(3.0)
-        assert link.floor.active and link.filler.stopped_by == "hold_limit"
-        held = len(source.frames) - n
-        assert abs(held - (60 + FADE_FRAMES)) <= 1, held
-        await link.aclose()
-        await session.aclose()
+        async with handed_off() as h:
+            baton, link, source = h.baton, h.link, h.source
+            await asyncio.sleep(3.0)
+            assert link.filler.playing
+            baton.send(
+                "agent-triage", "handoff_failed", handoff="h-1", target="billing", reason="x"
+            )
+            baton.send("agent-triage", "activate", handoff="h-1", cause="handback", reason="x")
+            await asyncio.sleep(0.01)
+            n = len(source.frames)
+            await asyncio.sleep(3.0)
+            assert link.floor.active and link.filler.stopped_by == "hold_limit"
+            held = len(source.frames) - n
+            assert abs(held - (60 + FADE_FRAMES)) <= 1, held
 
     run_virtual(main)
 
@@ -608,22 +621,16 @@ def test_release_holds_the_filler_at_most_1_2_s_more() -> None:
     source's filler may not run on under the target's voice."""
 
     async def main() -> None:
-        net = Net()
-        baton = FakeBaton(net)
-        _room, session, link, agent, source = await linked(net)
-        assert link.filler is not None and source is not None
-        await published_first(link)
-        await link.handoff("billing", reason="a", agent=agent)
-        await asyncio.sleep(1.0)
-        baton.send("agent-triage", "release", handoff="h-1", mode="standby")
-        await asyncio.sleep(0.01)
-        n = len(source.frames)
-        await asyncio.sleep(3.0)
-        assert link.filler.stopped_by == "hold_limit" and link.filler.mode == "idle"
-        held = len(source.frames) - n
-        assert abs(held - (60 + FADE_FRAMES)) <= 1, held
-        await link.aclose()
-        await session.aclose()
+        async with handed_off() as h:
+            baton, link, source = h.baton, h.link, h.source
+            await asyncio.sleep(1.0)
+            baton.send("agent-triage", "release", handoff="h-1", mode="standby")
+            await asyncio.sleep(0.01)
+            n = len(source.frames)
+            await asyncio.sleep(3.0)
+            assert link.filler.stopped_by == "hold_limit" and link.filler.mode == "idle"
+            held = len(source.frames) - n
+            assert abs(held - (60 + FADE_FRAMES)) <= 1, held
 
     run_virtual(main)
 
@@ -632,18 +639,12 @@ def test_without_filler_stop_the_filler_ends_at_its_bound() -> None:
     """baton died after accepting: the caller hears the filler, not silence, then it ends."""
 
     async def main() -> None:
-        net = Net()
-        FakeBaton(net)
-        _room, session, link, agent, source = await linked(net)
-        assert link.filler is not None and source is not None
-        await published_first(link)
-        await link.handoff("billing", reason="a", agent=agent)
-        await asyncio.sleep(19.0)
-        assert link.filler.playing
-        await asyncio.sleep(3.0)
-        assert link.filler.stopped_by == "max" and link.filler.mode == "idle"
-        await link.aclose()
-        await session.aclose()
+        async with handed_off() as h:
+            link = h.link
+            await asyncio.sleep(19.0)
+            assert link.filler.playing
+            await asyncio.sleep(3.0)
+            assert link.filler.stopped_by == "max" and link.filler.mode == "idle"
 
     run_virtual(main)
 

@@ -317,18 +317,7 @@ fn the_settle_counts_from_when_the_source_went_quiet() {
 #[test]
 fn source_that_says_it_is_already_quiet_gets_the_filler_with_the_acceptance() {
     let mut r = Room::with_triage_active(policy());
-    let out = r.ctl(
-        TRIAGE,
-        AgentMessage::Handoff {
-            target: "billing".into(),
-            reason: "caller wants a refund".into(),
-            transfer: None,
-            bundle_follows: false,
-            quiet: true,
-            quiet_ms: None,
-            filler: false,
-        },
-    );
+    let out = r.ctl(TRIAGE, handoff_request("billing", "caller wants a refund", true, false));
     assert!(sent(&out, TRIAGE, "handoff_accepted"));
     assert!(sent(&out, TRIAGE, "deactivate"), "still told, so a restarted adapter stays silent");
     assert!(filler_started(&out), "no deactivate -> quiet round trip before the filler");

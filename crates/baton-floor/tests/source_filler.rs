@@ -5,25 +5,14 @@ mod support;
 
 use std::time::Duration;
 
-use baton_floor::{AgentMessage, BatonMessage, Command, Event, FillerCommand};
+use baton_floor::{BatonMessage, Command, Event, FillerCommand};
 use support::*;
 
 /// Triage, holding the floor, asks for billing having finished its sentence, with or without a
 /// filler of its own.
 fn quiet_request(filler: bool) -> (Room, Vec<Command>) {
     let mut r = Room::with_triage_active(policy_without_alternates());
-    let out = r.ctl(
-        TRIAGE,
-        AgentMessage::Handoff {
-            target: "billing".into(),
-            reason: "caller wants a refund".into(),
-            transfer: None,
-            bundle_follows: false,
-            quiet: true,
-            quiet_ms: None,
-            filler,
-        },
-    );
+    let out = r.ctl(TRIAGE, handoff_request("billing", "caller wants a refund", true, filler));
     (r, out)
 }
 
@@ -112,18 +101,7 @@ fn a_new_request_from_the_same_source_takes_its_filler_over() {
     let (mut r, _) = quiet_request(true);
     let ticket = ticket_for(&r.log, "billing");
     r.ev(Event::DispatchFailed { ticket, error: "twirp 503".into() });
-    let out = r.ctl(
-        TRIAGE,
-        AgentMessage::Handoff {
-            target: "billing".into(),
-            reason: "again".into(),
-            transfer: None,
-            bundle_follows: false,
-            quiet: true,
-            quiet_ms: None,
-            filler: true,
-        },
-    );
+    let out = r.ctl(TRIAGE, handoff_request("billing", "again", true, true));
     assert!(sent(&out, TRIAGE, "handoff_accepted"), "{out:#?}");
     assert!(filler_stops(&r.log, TRIAGE).is_empty(), "h-1's stop would end h-2's filler: {:#?}", r.log);
     let ticket = ticket_for(&out, "billing");
@@ -147,18 +125,7 @@ fn a_new_request_from_the_same_source_takes_its_filler_over() {
 #[test]
 fn a_handoff_that_ends_before_batons_filler_started_stops_the_source_filler() {
     let mut r = Room::with_triage_active(policy_without_alternates());
-    r.ctl(
-        TRIAGE,
-        AgentMessage::Handoff {
-            target: "billing".into(),
-            reason: "r".into(),
-            transfer: None,
-            bundle_follows: false,
-            quiet: false,
-            quiet_ms: None,
-            filler: true,
-        },
-    );
+    r.ctl(TRIAGE, handoff_request("billing", "r", false, true));
     let ticket = ticket_for(&r.log, "billing");
     let out = r.ev(Event::DispatchFailed { ticket, error: "twirp 503".into() });
     assert!(!r.arb.filler_on());

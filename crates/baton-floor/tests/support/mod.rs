@@ -10,6 +10,20 @@ use baton_floor::{
 };
 
 /// The transfer id `n`.
+/// A `handoff` for `target` with no bundle: `quiet` (the source finished its sentence) and
+/// `filler` (it plays a filler of its own) as given.
+pub fn handoff_request(target: &str, reason: &str, quiet: bool, filler: bool) -> AgentMessage {
+    AgentMessage::Handoff {
+        target: target.into(),
+        reason: reason.into(),
+        transfer: None,
+        bundle_follows: false,
+        quiet,
+        quiet_ms: None,
+        filler,
+    }
+}
+
 pub fn tid(n: u128) -> TransferId {
     TransferId::new(n)
 }
