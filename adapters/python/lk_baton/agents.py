@@ -846,6 +846,11 @@ ActivateHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
 EventHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
 
 
+ACTIVATION_CHECKPOINT_WAIT_S = 1.0
+"""After ``activate``, the first checkpoint (a base one) waits for the agent's first words, at
+most this long: built at once, it ran on the event loop ahead of the reply the activation asks
+for, so the caller waited for it."""
+
 FILLER_LEAD_S = 0.04
 """How much of the sentence's audio may still be queued for sending when the source's own filler
 starts: the filler begins this much before the voice ends (quiet noise under the last syllable
@@ -1045,6 +1050,7 @@ class BatonLink:
         boundary and around every tool call while this agent holds the floor. None: off."""
         self._checkpoint_scheduled = False
         self._checkpoint_hold = False
+        self._checkpoint_after_words = False
         self.on_checkpoint_acked: Callable[[BatonLink], None] | None = None
         """Called after baton acknowledged a checkpoint (``self.checkpoints.acked_seq``)."""
         self.filler = SourceFiller(room, speaking=self.effects.speaking) if source_filler else None
@@ -1281,6 +1287,7 @@ class BatonLink:
             self._session_running.set()
         if ev.new_state == "speaking":
             self.spans.end("activate")  # the first speech after the activation
+            self._activation_checkpoint()
         self.floor.speaking_changed(ev.new_state == "speaking")
 
     def _on_session_close(self, ev: CloseEvent) -> None:
@@ -1336,7 +1343,12 @@ class BatonLink:
         elif kind == "activated" and self.checkpoints is not None:
             self._checkpoint_hold = False
             self.checkpoints.need_base()
-            self.checkpoint_soon()
+            # Not now: built on the event loop, the base checkpoint would run before the first
+            # reply the activation asks for, and the caller would wait for it.
+            self._checkpoint_after_words = True
+            asyncio.get_running_loop().call_later(
+                ACTIVATION_CHECKPOINT_WAIT_S, self._activation_checkpoint
+            )
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if not w.done():
@@ -1396,6 +1408,13 @@ class BatonLink:
 
     def _on_tool_update(self, ev: ToolExecutionUpdatedEvent) -> None:
         if ev.update.type in ("tool_call_started", "tool_call_ended"):
+            self.checkpoint_soon()
+
+    def _activation_checkpoint(self) -> None:
+        """The base checkpoint an activation asks for, once: at the first words after it, or
+        :data:`ACTIVATION_CHECKPOINT_WAIT_S` after it."""
+        if self._checkpoint_after_words:
+            self._checkpoint_after_words = False
             self.checkpoint_soon()
 
     def checkpoint_soon(self) -> None:

@@ -14,7 +14,13 @@ from fakes import BookingBackend, BookingTools, FakeBaton, FakeRoom, Net, Script
 from livekit.agents import Agent, AgentSession, llm
 
 from lk_baton import bundle as bd
-from lk_baton.agents import RECOVERY_GREETING, BatonLink, chat_item_dict, seed_agent
+from lk_baton.agents import (
+    ACTIVATION_CHECKPOINT_WAIT_S,
+    RECOVERY_GREETING,
+    BatonLink,
+    chat_item_dict,
+    seed_agent,
+)
 from lk_baton.checkpoint import RECOVERY_META, merge_checkpoints, recovery_bundle
 from lk_baton.floor import CONTROL_TOPIC
 from lk_baton.transfer import send_bundle, transport_for
@@ -118,6 +124,44 @@ def test_no_checkpoints_while_not_holding_the_floor_and_a_base_after_activation(
         # the handback's reply makes more: the first after the activation is a base
         assert len(baton.checkpoint_log) > n and baton.checkpoint_log[n][1]["base"]
         assert not any(d["base"] for _, d in baton.checkpoint_log[1:n])
+        await link.aclose()
+        await session.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_base_after_an_activation_waits_for_the_first_words_or_one_second() -> None:
+    """Built at once, the activation's base checkpoint ran on the event loop ahead of the reply
+    the activation asks for (the caller's wait): it comes with the agent's first words, or
+    ACTIVATION_CHECKPOINT_WAIT_S after the activation when the agent says nothing."""
+
+    async def main() -> None:
+        baton, session, link, _agent = await desk_after_hello()
+        link.floor.handle({"v": 1, "type": "deactivate", "id": "b-x", "reason": "standby"})
+        await asyncio.sleep(0.05)
+        # no reply on this activation: the base comes after the wait
+        link.on_activate = None
+        n = len(baton.checkpoint_log)
+        link.floor.handle({"v": 1, "type": "activate", "id": "b-y", "cause": "start"})
+        await asyncio.sleep(ACTIVATION_CHECKPOINT_WAIT_S / 2)
+        assert len(baton.checkpoint_log) == n, "not at the activation"
+        await asyncio.sleep(ACTIVATION_CHECKPOINT_WAIT_S)
+        await settle(link)
+        assert len(baton.checkpoint_log) == n + 1 and baton.checkpoint_log[n][1]["base"]
+        # a reply on this one: the base comes once the agent speaks, not before
+        link.floor.handle({"v": 1, "type": "deactivate", "id": "b-z", "reason": "standby"})
+        await asyncio.sleep(0.05)
+        states: list[str] = []
+        session.on("agent_state_changed", lambda ev: states.append(ev.new_state))
+        baton.checkpoint_log.clear()
+        seen_at_first_checkpoint: list[list[str]] = []
+        link.on_checkpoint_acked = lambda _l: seen_at_first_checkpoint.append(list(states))
+        link.on_activate = lambda lk, _m: lk.session.generate_reply()
+        link.floor.handle({"v": 1, "type": "activate", "id": "b-w", "cause": "handback"})
+        await asyncio.sleep(ACTIVATION_CHECKPOINT_WAIT_S / 2)
+        await settle(link)
+        assert baton.checkpoint_log and baton.checkpoint_log[0][1]["base"]
+        assert seen_at_first_checkpoint and "speaking" in seen_at_first_checkpoint[0], states
         await link.aclose()
         await session.aclose()
 
