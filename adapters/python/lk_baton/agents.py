@@ -875,9 +875,7 @@ def voice_queue(session: AgentSession[Any]) -> Callable[[], float] | None:
     return None
 
 
-async def start_before_the_end(
-    filler: SourceFiller, queued: Callable[[], float], may_start: Callable[[], bool]
-) -> bool:
+async def start_before_the_end(filler: SourceFiller, queued: Callable[[], float]) -> bool:
     """Start ``filler`` once the sentence being played has at most :data:`FILLER_LEAD_S` of
     audio left to send. The queue must first be seen holding more than that (the sentence's
     audio may not have reached it when the tool runs; a sentence already over leaves the start
@@ -888,7 +886,7 @@ async def start_before_the_end(
         left = queued()
         if left > FILLER_LEAD_S:
             seen = True
-        elif seen and may_start():
+        elif seen:
             return filler.start()
         await asyncio.sleep(0.005)
 
@@ -1054,14 +1052,14 @@ class BatonLink:
         self.on_checkpoint_acked: Callable[[BatonLink], None] | None = None
         """Called after baton acknowledged a checkpoint (``self.checkpoints.acked_seq``)."""
         self.filler = SourceFiller(room, speaking=self.effects.speaking) if source_filler else None
+        """This agent's own filler on its ``baton-filler`` track (:mod:`lk_baton.filler`),
+        played from the end of a handoff's sentence until baton's ``filler_stop``. None: off
+        (``source_filler=False``). Nothing is published before the first handoff."""
         self._filler_owned = False
         """A handoff() call drives the filler (one at a time)."""
         self._filler_handoff: str | None = None
         """The handoff the filler last started for: its id once accepted, "" until then, None
         before any; a ``filler_stop`` naming another is ignored."""
-        """This agent's own filler on its ``baton-filler`` track (:mod:`lk_baton.filler`),
-        played from the end of a handoff's sentence until baton's ``filler_stop``. None: off
-        (``source_filler=False``). Nothing is published before the first handoff."""
 
     # -- construction --
 
@@ -1686,7 +1684,7 @@ class BatonLink:
         queued = voice_queue(self.session) if fill is not None and run_ctx is not None else None
         try:
             if fill is not None and queued is not None:
-                early = asyncio.ensure_future(start_before_the_end(fill, queued, lambda: True))
+                early = asyncio.ensure_future(start_before_the_end(fill, queued))
             try:
                 t0, t1, t_quiet = await self._sentence_played_out(target, run_ctx)
             finally:

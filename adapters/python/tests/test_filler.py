@@ -723,9 +723,7 @@ def test_voice_queue_is_read_from_the_audio_source_at_the_end_of_the_output_chai
     assert voice_queue(Session(None)) is None  # type: ignore[arg-type]
 
 
-def test_the_filler_starts_when_the_sentence_has_at_most_the_lead_left_not_before_it_began() -> (
-    None
-):
+def test_the_filler_starts_with_at_most_the_lead_left_not_before_the_sentence_began() -> None:
     from lk_baton.agents import FILLER_LEAD_S, start_before_the_end
 
     # the tool runs before the sentence's audio is queued (0), then it plays and drains
@@ -734,27 +732,8 @@ def test_the_filler_starts_when_the_sentence_has_at_most_the_lead_left_not_befor
     rec = _StartRecorder()
     rec.queue = q
     filler: Any = rec
-    started = asyncio.run(start_before_the_end(filler, lambda: q.queued_duration, lambda: True))
+    started = asyncio.run(start_before_the_end(filler, lambda: q.queued_duration))
     assert started
     assert rec.started_at_read == reads.index(FILLER_LEAD_S - 0.01) + 1, (
         "at the first read within the lead"
     )
-
-
-def test_the_filler_does_not_start_early_when_another_request_owns_it() -> None:
-    from lk_baton.agents import start_before_the_end
-
-    q = _Queue([0.2, 0.0])
-    rec = _StartRecorder()
-    rec.queue = q
-
-    async def go() -> None:
-        task = asyncio.ensure_future(
-            start_before_the_end(rec, lambda: q.queued_duration, lambda: False)
-        )  # type: ignore[arg-type]
-        await asyncio.sleep(0.05)
-        assert not task.done()
-        task.cancel()
-
-    asyncio.run(go())
-    assert rec.started_at_read is None
