@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -11,11 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
 
 def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
+    """Nearest-rank percentile: the ceil(p/100 * n)-th smallest value (p95 of 20 is the 19th).
+    Before 2026-12-01 12:00 UTC this used round(p/100 * n + 0.5), which Python's round-half-to-
+    even made the 20th (the maximum) whenever p/100 * n was a whole number."""
     s = sorted(values)
     if not s:
         return float("nan")
-    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
     return s[k]
 
 
