@@ -243,22 +243,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// [`acquire`](Self::acquire) for many rooms at once (a worker's periodic lease renewals):
     /// one pipeline (Redis) or one transaction (embedded) instead of one per room, answered
     /// in the order asked. The outer error is the backend's (every lease failed alike), an inner
-    /// one a single room's (its stored lease is corrupt). The default asks one at a time.
+    /// one a single room's (its stored lease is corrupt).
     fn acquire_many(
         &self,
         leases: &[LeaseAsk],
-    ) -> impl Future<Output = Result<Vec<Result<Acquired, StateError>>, StateError>> + Send {
-        async move {
-            let mut out = Vec::with_capacity(leases.len());
-            for ask in leases {
-                match self.acquire(&ask.room, &ask.holder, ask.ttl).await {
-                    Err(e @ StateError::Unavailable(_)) => return Err(e),
-                    result => out.push(result),
-                }
-            }
-            Ok(out)
-        }
-    }
+    ) -> impl Future<Output = Result<Vec<Result<Acquired, StateError>>, StateError>> + Send;
 
     /// Lets go of the lease if `holder` with `token` still holds it.
     fn release(
