@@ -248,6 +248,7 @@ pub enum Release {
 #[serde(deny_unknown_fields)]
 pub struct HandoffSection {
     pub source_quiet_timeout: Option<Secs>,
+    pub sentence_timeout: Option<Secs>,
     pub silence_grace: Option<Secs>,
     pub bundle_timeout: Option<Secs>,
     pub join_timeout: Option<Secs>,
@@ -391,6 +392,7 @@ impl FileConfig {
                 .filter_map(|a| a.alternate.as_ref().map(|alt| (a.name.get_ref().clone(), alt.to_vec())))
                 .collect::<BTreeMap<_, _>>(),
             source_quiet_timeout: dur(h.source_quiet_timeout, d.source_quiet_timeout),
+            sentence_timeout: dur(h.sentence_timeout, d.sentence_timeout),
             silence_grace: dur(h.silence_grace, d.silence_grace),
             bundle_timeout: dur(h.bundle_timeout, d.bundle_timeout),
             join_timeout: dur(h.join_timeout, d.join_timeout),

@@ -32,7 +32,14 @@ from desk import (
     tool_output,
     user_messages,
 )
-from lk_baton import RECOVERY_GREETING, BatonLink, chat_item_dict, default_on_prepare, seed_agent
+from lk_baton import (
+    RECOVERY_GREETING,
+    BatonLink,
+    chat_item_dict,
+    default_on_activate,
+    default_on_prepare,
+    seed_agent,
+)
 
 AGENT_NAME = "billing"
 
@@ -143,10 +150,21 @@ async def prepared_on_standby(link: BatonLink, msg: dict[str, Any]) -> None:
             say(AGENT_NAME, f"standby items={json.dumps(items)}")
 
 
+async def reported_on_activate(link: BatonLink, msg: dict[str, Any]) -> None:
+    """The adapter's default (speak first), after the report of what billing holds now that
+    the source's tail is in (``DESK_REPORT_CHECKPOINTS=1``)."""
+    if REPORT_ITEMS and msg.get("cause") == "handoff":
+        items = [item_summary(chat_item_dict(i)) for i in link.session.current_agent.chat_ctx.items]
+        say(AGENT_NAME, f"activated items={json.dumps(items)}")
+    await default_on_activate(link, msg)
+
+
 async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     session: AgentSession[Caller] = AgentSession(llm=make_llm(billing_script), tts=make_tts("en-gb"), userdata=Caller())
-    baton = await BatonLink.attach(ctx, session, role="billing", on_prepare=prepared_on_standby)
+    baton = await BatonLink.attach(
+        ctx, session, role="billing", on_prepare=prepared_on_standby, on_activate=reported_on_activate
+    )
     agent = BillingAgent()
     if not baton.preparing and dispatched_for_handoff(ctx.job.metadata):
         # baton dispatched us for a handoff but its prepare is not here yet: wait for it

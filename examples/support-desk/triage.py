@@ -234,7 +234,10 @@ class TriageAgent(Agent):
             return f"The transfer to billing failed ({e.reason}); tell the caller and keep helping."
         say(AGENT_NAME, f"handoff accepted id={ticket.handoff_id} bundle_bytes={ticket.bundle_bytes}")
         if REPORT_CHECKPOINTS:
-            items = [item_summary(i) for i in ticket.bundle["chat"]["items"]]
+            # the bundle and what followed it as the tail (the sentence said with this call), in
+            # the context's (time) order, as the target puts them together
+            held = sorted([*ticket.bundle["chat"]["items"], *ticket.tail], key=lambda i: i.get("created_at", 0.0))
+            items = [item_summary(i) for i in held]
             say(AGENT_NAME, f"handoff items={json.dumps(items)}")
         return None  # no reply: our own filler and baton's cover the gap until billing speaks
 

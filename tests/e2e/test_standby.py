@@ -153,16 +153,23 @@ def check_warm_handoff(
     heard = report.heard_ms
     assert heard["source_filler_first"] is not None, f"triage's own filler was not heard; {where}"
     assert report.overlap_ms == 0, f"{report.overlap_ms} ms of triage and billing at once"
-    # billing holds what triage sent, item for item, including the turns after billing joined.
+    # billing holds what triage sent, item for item, including the turns after billing joined:
+    # the bundle (sent as the transfer tool was called) when prepared, and the tail (the
+    # sentence said with the call) too once activated, before its first words.
     sent = last_match(triage, r"triage: handoff items=(.*)$")
     held = last_match(billing, r"billing: standby items=(.*)$")
-    assert sent is not None and held is not None, log
+    active = last_match(billing, r"billing: activated items=(.*)$")
+    assert sent is not None and held is not None and active is not None, log
     # Every item but the instructions: billing keeps its own (seed_agent replaces triage's).
     own = "lk.agent_task.instructions"
     sent_items = [i for i in json.loads(sent.group(1)) if i[0] != own]
     held_items = [i for i in json.loads(held.group(1)) if i[0] != own]
+    active_items = [i for i in json.loads(active.group(1)) if i[0] != own]
     ids = {i[0] for i in sent_items}
-    assert [i for i in held_items if i[0] in ids] == sent_items, (sent_items, held_items)
+    assert [i for i in active_items if i[0] in ids] == sent_items, (sent_items, active_items)
+    held_ids = {i[0] for i in held_items}
+    tail = [i for i in sent_items if i[0] not in held_ids]
+    assert all(i[3] for i in tail) and any("transferring you" in i[3] for i in tail), (tail, held_items)
     texts = " | ".join(i[3] for i in sent_items)
     assert demo.PROBLEM in texts and "transferring you" in texts, texts
     print(

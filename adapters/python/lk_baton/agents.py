@@ -86,6 +86,7 @@ __all__: list[str] = [
     "SessionEffects",
     "VerifyHook",
     "build_handoff_bundle",
+    "bundle_tail",
     "chat_item_dict",
     "chat_items_equal",
     "current_tool_call",
@@ -840,6 +841,9 @@ class HandoffTicket:
     bundle_bytes: int
     upload: asyncio.Task[int] | None
     """The bundle's upload to baton (resolves to the transfer id); already running."""
+    tail: list[dict[str, Any]] = field(default_factory=list)
+    """The chat items sent as the ``tail`` (the request was made at the start of the sentence:
+    the sentence and what else the context gained meanwhile), in order; empty otherwise."""
 
 
 ActivateHook = Callable[["BatonLink", dict[str, Any]], Awaitable[None] | None]
@@ -896,6 +900,55 @@ def _started(early: asyncio.Task[bool] | None) -> bool:
     if early is None or not early.done() or early.cancelled() or early.exception() is not None:
         return False
     return early.result()
+
+
+def _refused(fut: asyncio.Future[dict[str, Any]]) -> bool:
+    """The request's answer is in and is a refusal."""
+    return fut.done() and not fut.cancelled() and fut.result().get("type") == "handoff_refused"
+
+
+@dataclass
+class _Asked:
+    """A ``handoff`` request sent, and its bundle on its way (see :meth:`BatonLink._request`)."""
+
+    msg: dict[str, Any]
+    fut: asyncio.Future[dict[str, Any]]
+    bundle: bd.Bundle
+    size: int
+    upload: asyncio.Task[int]
+
+
+def bundle_tail(
+    draft: bd.Bundle, final: bd.Bundle
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """What ``final`` (the source's bundle at the end of its sentence) adds to ``draft`` (the
+    one sent with a request made at the start of it): the chat items that are new or changed,
+    in ``final``'s order, and the user state when it changed (else None): a ``tail``'s content
+    (docs/protocol.md).
+
+    A ``function_call`` or ``function_call_output`` counts by its ``call_id``, not its item id:
+    the bundle builder makes the output of the transfer call and the pairs of journaled calls
+    afresh each time (new ids and ``created_at``). An output for a call the draft carried in
+    flight is left out: it reaches the target as a ``tool_result``."""
+
+    def key(item: Mapping[str, Any]) -> tuple[str, Any]:
+        kind = item.get("type")
+        if kind in ("function_call", "function_call_output"):
+            return (str(kind), item.get("call_id"))
+        return ("id", item.get("id"))
+
+    before = {key(i): i for i in draft["chat"]["items"]}
+    in_flight = {c["call_id"] for c in draft["tool_calls_in_flight"]}
+    items: list[dict[str, Any]] = []
+    for item in final["chat"]["items"]:
+        k = key(item)
+        if item.get("type") == "function_call_output" and item.get("call_id") in in_flight:
+            continue
+        if k in before and (k[0] != "id" or before[k] == item):
+            continue
+        items.append(dict(item))
+    state = dict(final["user_state"]) if final["user_state"] != draft["user_state"] else None
+    return items, state
 
 
 RECOVERY_GREETING = (
@@ -987,6 +1040,7 @@ class BatonLink:
         heartbeat_ms: int | None = HEARTBEAT_MS,
         checkpoints: bool = True,
         source_filler: bool = True,
+        early_request: bool = True,
     ) -> None:
         self.room = room
         self.session = session
@@ -1055,6 +1109,11 @@ class BatonLink:
         """This agent's own filler on its ``baton-filler`` track (:mod:`lk_baton.filler`),
         played from the end of a handoff's sentence until baton's ``filler_stop``. None: off
         (``source_filler=False``). Nothing is published before the first handoff."""
+        self.early_request = early_request
+        """:meth:`handoff` asks at the start of the sentence said with the transfer tool, not
+        at its end (``early_request=False``: the older order); see :meth:`handoff`."""
+        self._tails: list[dict[str, Any]] = []
+        """``tail`` messages of the handoff this agent is the target of, until applied."""
         self._filler_owned = False
         """A handoff() call drives the filler (one at a time)."""
         self._filler_handoff: str | None = None
@@ -1338,6 +1397,10 @@ class BatonLink:
             self.last_failed_target = str(msg.get("target") or "") or None
         elif kind == "tool_result":
             self._spawn(self._apply_tool_result(msg))
+        elif kind == "tail":
+            self._tails.append(msg)
+            if self.floor.active:  # a late one: the activation has applied the others
+                self._spawn(self._apply_tails())
         elif kind == "activated" and self.checkpoints is not None:
             self._checkpoint_hold = False
             self.checkpoints.need_base()
@@ -1356,7 +1419,7 @@ class BatonLink:
             "release": self.on_release if self.on_release is not None else _default_on_release,
             "prepare": self.on_prepare,
         }.get(kind)
-        if hook is not None:
+        if hook is not None or kind == "activated":
             self._spawn(self._run_hook(hook, msg, after_start=kind == "activated"))
 
     def _trace_floor_event(self, kind: FloorEventKind, msg: dict[str, Any]) -> None:
@@ -1376,9 +1439,15 @@ class BatonLink:
             self.spans.end("prepare", handoff, error=str(msg.get("reason") or kind))
             self.spans.end("quiet", handoff)
 
-    async def _run_hook(self, hook: EventHook, msg: dict[str, Any], *, after_start: bool) -> None:
+    async def _run_hook(
+        self, hook: EventHook | None, msg: dict[str, Any], *, after_start: bool
+    ) -> None:
         if after_start:
             await self._session_running.wait()
+            # the source's tail (its last sentence) belongs in the context the reply is made from
+            await self._apply_tails()
+        if hook is None:
+            return
         r = hook(self, msg)
         if r is not None:
             await r
@@ -1514,6 +1583,56 @@ class BatonLink:
         except (ValueError, TypeError) as e:
             log.warning("could not send the late result of %s: %s", call.name, e)
 
+    async def _apply_tails(self) -> None:
+        """Put the ``tail`` messages received so far into this agent's context: each item
+        replaces the one with its id, or is inserted by its ``created_at`` (a source's last
+        sentence goes before the handoff item :func:`seed_agent` stamped at the preparation);
+        the last ``user_state`` sent replaces the session's ``userdata`` (rebuilt as its
+        dataclass when it is one). Tails of another handoff than the one this agent was last
+        prepared for, and items that are not valid chat items, are dropped and logged."""
+        tails, self._tails = self._tails, []
+        hid = (self.last_prepare or {}).get("handoff")
+        items: list[Any] = []
+        state: dict[str, Any] | None = None
+        for t in tails:
+            if t.get("handoff") != hid:
+                log.info("ignored tail of handoff %r: prepared for %r", t.get("handoff"), hid)
+                continue
+            got = t.get("items")
+            items += got if isinstance(got, list) else []
+            if isinstance(t.get("user_state"), dict):
+                state = t["user_state"]
+        if not items and state is None:
+            return
+        received: list[llm.ChatItem] = []
+        for raw in items:
+            try:
+                received += llm.ChatContext.from_dict({"items": [raw]}).items
+            except Exception as e:  # pydantic's ValidationError, or a wrong shape
+                log.warning("tail of %s: dropped an item that is not a valid chat item: %s", hid, e)
+        agent = self.session.current_agent
+        ctx = agent.chat_ctx.copy()
+        for item in received:
+            at = ctx.index_by_id(item.id)
+            if at is not None:
+                ctx.items[at] = item
+            else:
+                ctx.insert(item)
+        if received:
+            await agent.update_chat_ctx(ctx, exclude_invalid_function_calls=False)
+        if state is not None:
+            userdata = self.session.userdata if self.session._userdata is not None else None
+            if dataclasses.is_dataclass(userdata) and not isinstance(userdata, type):
+                self.session.userdata = state_from_dict(state, type(userdata))
+            else:
+                self.session.userdata = state
+        log.info(
+            "tail of %s applied: %d items%s",
+            hid,
+            len(received),
+            " and the user state" if state is not None else "",
+        )
+
     async def _apply_tool_result(self, msg: dict[str, Any]) -> None:
         """Append a late result (``tool_result`` forwarded by baton) to this agent's context
         once, as the framework appends a deferred tool result: a ``function_call`` and its
@@ -1603,6 +1722,7 @@ class BatonLink:
         compress: bool = False,
         hint: bool = True,
         filler: bool = True,
+        early: bool | None = None,
     ) -> HandoffTicket:
         """Hand the call to ``target``. Call from a ``function_tool`` (pass its ``RunContext``)
         and return ``None`` from the tool so the LLM does not speak again.
@@ -1668,50 +1788,92 @@ class BatonLink:
 
         # Fail before anything is sent: a request that cannot fit one packet, a bundle that
         # cannot be built (user state the serializer refuses). This draft is also the bundle
-        # sent if building it again after the sentence fails.
+        # sent if building it again after the sentence fails, and with `early`, the bundle.
         self.floor.check_handoff(target, reason)
         draft = bundle_now()
-        if hint and self.floor.active:
+        early = (self.early_request if early is None else early) and run_ctx is not None
+        early = early and self.floor.active
+        if hint and self.floor.active and not early:
             self.hint(target)
         # One handoff() at a time drives the filler: a transfer tool called twice at once must
         # not start it twice, and the refusal of the second must not stop the first one's.
-        fill = self.filler if filler and not self._closed and not self._filler_owned else None
+        fill = self.filler if filler and not self._filler_owned and not self._closed else None
         if fill is not None:
             self._filler_owned = True
             fill.arm()  # publication and pre-roll run meanwhile; nothing below waits for them
         filling = False
-        early: asyncio.Task[bool] | None = None
+        ahead: asyncio.Task[bool] | None = None
         queued = voice_queue(self.session) if fill is not None and run_ctx is not None else None
+        asked: _Asked | None = None
+        tail: list[dict[str, Any]] = []
         try:
+            if early:
+                # The target is prepared while the sentence plays; the sentence and whatever
+                # else the context gains meanwhile follow as the `tail`, before our `quiet`.
+                self.floor.hold_quiet()
+                asked = self._request(
+                    target,
+                    reason,
+                    lambda: draft,
+                    draft,
+                    speaking=True,
+                    filler=fill is not None,
+                    compress=compress,
+                )
+                if fill is not None:
+                    self._filler_handoff = ""  # this request's, whose id baton has not given yet
             if fill is not None and queued is not None:
-                early = asyncio.ensure_future(start_before_the_end(fill, queued))
+                ahead = asyncio.ensure_future(start_before_the_end(fill, queued))
+                if asked is not None:
+                    # refused while the sentence plays: no filler at its end
+                    asked.fut.add_done_callback(lambda f: _refused(f) and ahead.cancel())
             try:
                 t0, t1, t_quiet = await self._sentence_played_out(target, run_ctx)
             finally:
-                if early is not None:
-                    early.cancel()
+                if ahead is not None:
+                    ahead.cancel()
+            refused = asked is not None and _refused(asked.fut)
             # The sentence has played out: our own filler plays by now (started just before
             # the voice's end) or starts now (baton's is a request and a network hop away).
-            if _started(early):
+            if _started(ahead):
                 filling = True
-            elif fill is not None:
+            elif fill is not None and not refused:
                 filling = fill.start()
-            if filling:
-                self._filler_handoff = ""  # this request's, whose id baton has not given yet
-            answer, bundle, size, upload = await self._ask_handoff(
-                target, reason, bundle_now, draft, filling, (t0, t1, t_quiet), timeout, compress
-            )
+            if asked is None:
+                if filling:
+                    self._filler_handoff = ""
+                asked = self._request(
+                    target,
+                    reason,
+                    bundle_now,
+                    draft,
+                    filler=filling,
+                    compress=compress,
+                    quiet=self.session.agent_state != "speaking",
+                    quiet_ms=round((time.monotonic() - t_quiet) * 1000),
+                )
+                self._log_request(target, asked, (t0, t1, t_quiet), filling)
+                answer = await self._answer(asked, target, timeout)
+            else:
+                self._log_request(target, asked, (t0, t1, t_quiet), filling)
+                answer = await self._answer(asked, target, timeout)
+                # The tail, then quiet (release_quiet below, or the deactivate if it is still
+                # on its way). After a handback meanwhile baton drops the tail, logged.
+                tail = self._send_tail(str(answer.get("handoff") or ""), draft, bundle_now)
         except BaseException:
             # refused, timed out, failed or cancelled before baton accepted: baton owes this
             # filler no filler_stop, so it ends here (or its pre-roll does)
-            if fill is not None and (filling or _started(early) or fill.mode == "armed"):
+            if fill is not None and (filling or _started(ahead) or fill.mode == "armed"):
                 fill.stop(FILLER_STOP_FADE_MS, why="not_accepted")
             raise
         finally:
+            if early:
+                self.floor.release_quiet()
             if fill is not None:
                 self._filler_owned = False
+        bundle = asked.bundle
         hid = str(answer.get("handoff") or "")
-        if filling:
+        if fill is not None and self._filler_handoff == "":
             self._filler_handoff = hid
         if hid:
             # from here on, a result of these calls is owed to the target (_on_call_ended)
@@ -1720,7 +1882,32 @@ class BatonLink:
             # and this agent's model must not be left with them open (a realtime model would
             # wait on them after a handback): closed as cancelled by the handoff
             await release_call(self.session, c["call_id"], "handoff", target=target)
-        return HandoffTicket(hid, str(answer.get("target") or target), bundle, size, upload)
+        return HandoffTicket(
+            hid, str(answer.get("target") or target), bundle, asked.size, asked.upload, tail
+        )
+
+    def _send_tail(
+        self, hid: str, draft: bd.Bundle, bundle_now: Callable[[], bd.Bundle]
+    ) -> list[dict[str, Any]]:
+        """Send what the context gained since ``draft`` (:func:`bundle_tail`) as ``tail``;
+        returns the items sent."""
+        try:
+            final = bundle_now()
+        except Exception:
+            log.warning(
+                "handoff %s: the bundle could not be built again; no tail", hid, exc_info=True
+            )
+            return []
+        items, state = bundle_tail(draft, final)
+        sent = self.floor.tail(hid, items, state)
+        log.info(
+            "handoff %s: tail of %d items%s in %d messages",
+            hid,
+            len(items),
+            " and the user state" if state is not None else "",
+            len(sent),
+        )
+        return items
 
     async def _sentence_played_out(
         self, target: str, run_ctx: RunContext[Any] | None
@@ -1737,40 +1924,39 @@ class BatonLink:
         await self._wait_not_speaking(timeout=10.0)
         return t0, t1, time.monotonic()
 
-    async def _ask_handoff(
+    def _request(
         self,
         target: str,
         reason: str,
         bundle_now: Callable[[], bd.Bundle],
         draft: bd.Bundle,
-        filling: bool,
-        times: tuple[float, float, float],
-        timeout: float,
+        *,
+        filler: bool,
         compress: bool,
-    ) -> tuple[dict[str, Any], bd.Bundle, int, asyncio.Task[int]]:
-        """:meth:`handoff` from the end of the sentence (``times``: see
-        :meth:`_sentence_played_out`) to baton's accept: returns the ``handoff_accepted``, the
-        bundle, its encoded size and its upload; raises otherwise. ``filling``: our own filler
-        started, and the request says so."""
-        t0, t1, t_quiet = times
-        # The sentence has played out: say so, and the caller hears baton's filler a round trip
-        # sooner (baton still sends `deactivate`, which the floor client obeys as usual). The
-        # request goes before the bundle is built: the filler and the settle before the switch
-        # start on it.
-        quiet = self.session.agent_state != "speaking"
+        quiet: bool = False,
+        quiet_ms: int | None = None,
+        speaking: bool = False,
+    ) -> _Asked:
+        """Send ``handoff`` naming a fresh transfer id, then build the bundle (``bundle_now``,
+        or ``draft`` if that fails) and start its upload right behind the request, without
+        waiting for the answer (baton holds a bundle that arrives first, and a refused
+        handoff's upload is cancelled)."""
         # No checkpoint may start until the bundle is out (one in flight is left to finish: the
         # bundle is named by its transfer id, so baton cannot take one for the other).
         self._checkpoint_hold = True
         dest = self.baton_identity
         assert dest is not None
         tid = new_transfer_id()
+        # The request goes before the bundle is built: the filler and the settle before the
+        # switch start on it.
         msg, fut = self.floor.request_handoff(
             target,
             reason,
             transfer=f"{tid:032x}",
             quiet=quiet,
-            quiet_ms=round((time.monotonic() - t_quiet) * 1000),
-            filler=filling,
+            quiet_ms=quiet_ms,
+            filler=filler,
+            speaking=speaking,
         )
         try:
             bundle = bundle_now()
@@ -1783,34 +1969,43 @@ class BatonLink:
             )
             bundle = draft
         payload = bd.encode_bundle(bundle)
-        log.info(
-            "handoff to %s: sentence played out after %.0f ms, then %.0f ms until not speaking; "
-            "bundle %d bytes; own filler %s",
-            target,
-            (t1 - t0) * 1000,
-            (t_quiet - t1) * 1000,
-            len(payload),
-            "on" if filling else "off",
-        )
-        # The upload goes right behind the request instead of after baton's answer: the bundle
-        # reaches baton (and a standby target) a round trip sooner.
         upload = asyncio.ensure_future(
             send_bundle(self.room, dest, payload, bd.META, compress=compress, transfer_id=tid)
         )
         self._tasks.add(upload)
         upload.add_done_callback(self._upload_done)
+        return _Asked(msg, fut, bundle, len(payload), upload)
+
+    def _log_request(
+        self, target: str, asked: _Asked, times: tuple[float, float, float], filling: bool
+    ) -> None:
+        t0, t1, t_quiet = times
+        log.info(
+            "handoff to %s: sentence played out after %.0f ms, then %.0f ms until not speaking; "
+            "bundle %d bytes, sent %s; own filler %s",
+            target,
+            (t1 - t0) * 1000,
+            (t_quiet - t1) * 1000,
+            asked.size,
+            "at the tool call" if asked.msg.get("speaking") else "after the sentence",
+            "on" if filling else "off",
+        )
+
+    async def _answer(self, asked: _Asked, target: str, timeout: float) -> dict[str, Any]:
+        """baton's ``handoff_accepted`` for ``asked``; raises :class:`HandoffRefused` on a
+        refusal or after ``timeout`` seconds (then the upload is cancelled)."""
         try:
-            answer = await asyncio.wait_for(fut, timeout)
+            answer = await asyncio.wait_for(asyncio.shield(asked.fut), timeout)
         except TimeoutError:
-            self.floor.forget_request(msg["id"])
-            upload.cancel()
+            self.floor.forget_request(asked.msg["id"])
+            asked.upload.cancel()
             self._resume_checkpoints()
             raise HandoffRefused("timeout", target) from None
         if answer["type"] == "handoff_refused":
-            upload.cancel()
+            asked.upload.cancel()
             self._resume_checkpoints()
             raise HandoffRefused(str(answer.get("reason", "unknown")), target)
-        return answer, bundle, len(payload), upload
+        return answer
 
     def _upload_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

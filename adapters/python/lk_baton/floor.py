@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from .frames import MAX_FRAME_SIZE
@@ -39,6 +39,7 @@ __all__ = [
     "MAX_FILLER_FADE_MS",
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
+    "MAX_TAIL_SIZE",
     "MAX_TOOL_RESULT_SIZE",
     "PARTICIPANT_KIND_AGENT",
     "PROTOCOL_VERSION",
@@ -101,6 +102,10 @@ MAX_TOOL_RESULT_SIZE = MAX_MESSAGE_SIZE - 1000
 """Bytes a ``tool_result`` may take as sent by an agent: baton forwards it with a new ``id``
 and a ``source`` member, so 1 000 bytes are left for those (docs/protocol.md, ``tool_result``).
 :meth:`FloorClient.tool_result` truncates ``output`` to fit."""
+MAX_TAIL_SIZE = MAX_MESSAGE_SIZE - 1000
+"""Bytes a ``tail`` may take as sent by an agent: baton forwards it with a new ``id`` and a
+``source`` member (docs/protocol.md, ``tail``). :meth:`FloorClient.tail` splits the items over
+as many messages as it takes."""
 HEARTBEAT_MS = 250
 """Milliseconds between heartbeats, announced in ``hello`` as ``heartbeat_ms``. baton suspects a
 crash after ``crash_suspect_after`` (1 s) without one, so four may be lost in a row first."""
@@ -201,6 +206,43 @@ class ControlDecodeError(BatonError, ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # The control codec
+
+
+def _cut_to_fit(
+    item: Mapping[str, Any], fits: Callable[[Mapping[str, Any]], bool]
+) -> dict[str, Any] | None:
+    """``item`` with its longest text (a string of ``content``, ``arguments`` or ``output``)
+    cut to the longest prefix for which ``fits`` holds, or None if even an empty one does not."""
+    texts: list[tuple[int, Any, Any]] = []  # (length, container key path) of each candidate
+    content = item.get("content")
+    if isinstance(content, list):
+        texts += [(len(c), "content", i) for i, c in enumerate(content) if isinstance(c, str)]
+    for key in ("arguments", "output"):
+        if isinstance(item.get(key), str):
+            texts.append((len(item[key]), key, None))
+    if not texts:
+        return None
+    _, key, index = max(texts, key=lambda t: t[0])
+    full: str = item[key][index] if index is not None else item[key]
+
+    def with_text(text: str) -> dict[str, Any]:
+        out = dict(item)
+        if index is not None:
+            out[key] = [*item[key][:index], text, *item[key][index + 1 :]]
+        else:
+            out[key] = text
+        return out
+
+    if not fits(with_text("")):
+        return None
+    lo, hi = 0, len(full)
+    while lo < hi:  # the longest prefix that fits
+        mid = (lo + hi + 1) // 2
+        if fits(with_text(full[:mid])):
+            lo = mid
+        else:
+            hi = mid - 1
+    return with_text(full[:lo])
 
 
 def _json(value: Any) -> bytes:
@@ -466,6 +508,7 @@ FloorEventKind = Literal[
     "handoff_cancelled",
     "handoff_failed",  # our handoff failed; an activate(handback) follows
     "tool_result",  # the late result of a call handed to us in flight (msg: the tool_result)
+    "tail",  # what our handoff's source said after its bundle was built (msg: the tail)
     "filler_stop",  # stop our source filler (msg: the filler_stop; see filler_fade_ms)
     "release",
     "error",
@@ -509,6 +552,9 @@ class FloorClient:
         """True while this agent holds the floor (between ``activate`` and ``deactivate``)."""
         self.quiet_pending: str | None = None
         """The handoff id of a ``deactivate(handoff)`` we have not yet answered with ``quiet``."""
+        self.quiet_held = False
+        """While true, the end of the sentence does not send ``quiet``: a handoff asked for at
+        the start of its sentence sends its ``tail`` first (:meth:`hold_quiet`)."""
         self.prepare: dict[str, Any] | None = None
         """The ``prepare`` of the handoff this agent is the target of, until activated/cancelled."""
         self.last_activate: dict[str, Any] | None = None
@@ -554,6 +600,7 @@ class FloorClient:
         quiet: bool = False,
         quiet_ms: int | None = None,
         filler: bool = False,
+        speaking: bool = False,
     ) -> tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]:
         """Send ``handoff``; the future resolves with baton's ``handoff_accepted`` or
         ``handoff_refused`` (whichever answers this request's id). Needs a running loop.
@@ -562,7 +609,11 @@ class FloorClient:
         once rather than after the ``deactivate`` -> ``quiet`` round trip; ``quiet_ms``: for
         how long it has been (baton's settle before the switch counts from then). ``filler``:
         the agent plays its own filler on its :data:`FILLER_TRACK_NAME` track (sent as
-        ``"filler": true``, left out when false), so baton owes it a ``filler_stop``. Raises
+        ``"filler": true``, left out when false), so baton owes it a ``filler_stop``.
+        ``speaking`` (ignored with ``quiet``): asked at the start of the sentence said with the
+        transfer tool; this agent sends ``quiet`` itself when the sentence has played out
+        (after its ``tail``: see :meth:`hold_quiet`), and baton prepares the target meanwhile
+        and waits up to its ``sentence_timeout`` (20 s) rather than ``source_quiet_timeout``. Raises
         :class:`MessageTooLarge` (nothing sent) when ``reason`` or ``target`` cannot fit."""
         loop = asyncio.get_running_loop()
         msg = self._send(
@@ -574,6 +625,7 @@ class FloorClient:
             quiet=True if quiet else None,
             quiet_ms=max(0, int(quiet_ms)) if quiet and quiet_ms is not None else None,
             filler=True if filler else None,
+            speaking=True if speaking and not quiet else None,
         )
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._requests[msg["id"]] = fut
@@ -585,7 +637,8 @@ class FloorClient:
         could not fit one packet, without sending anything: checked with the longest id this
         client could give it (20 digits), naming a bundle, ``quiet``, a ``quiet_ms`` of 10
         digits and ``filler``, so a request that passes always fits (a reason of at most
-        14 000 bytes always passes)."""
+        14 000 bytes always passes). ``speaking`` is never sent with ``quiet``, and is shorter
+        than ``quiet`` and its ``quiet_ms``."""
         encode_control(
             {
                 "v": PROTOCOL_VERSION,
@@ -657,6 +710,75 @@ class FloorClient:
             fields["output"] = output
         return self._send("tool_result", **fields)
 
+    def tail(
+        self,
+        handoff: str,
+        items: Sequence[Mapping[str, Any]],
+        user_state: Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Send what this agent's context gained after the bundle of ``handoff`` was built
+        (chat items as a bundle's ``chat.items`` has them, in context order; ``user_state``
+        when it changed), as ``tail`` messages of at most :data:`MAX_TAIL_SIZE` bytes each:
+        items in order, as many per message as fit, ``user_state`` in the last one. An item
+        too large for a message of its own has its longest text (a message's content, a call's
+        arguments or output) cut at a character boundary until it fits, and a warning is
+        logged; a ``user_state`` too large for one is not sent (logged as an error). Returns
+        the messages sent: none when there is nothing to send."""
+        probe = {"v": PROTOCOL_VERSION, "type": "tail", "id": "x" * 24, "handoff": handoff}
+
+        def size(chunk: list[Mapping[str, Any]], state: Mapping[str, Any] | None = None) -> int:
+            body: dict[str, Any] = {**probe, "items": chunk}
+            if state is not None:
+                body["user_state"] = state
+            return len(_json(body))
+
+        chunks: list[list[Mapping[str, Any]]] = [[]]
+        for item in items:
+            if size([item]) > MAX_TAIL_SIZE:
+                fitted = _cut_to_fit(item, lambda i: size([i]) <= MAX_TAIL_SIZE)
+                if fitted is None:
+                    log.error(
+                        "tail of %s: item %r cannot fit a message; not sent",
+                        handoff,
+                        item.get("id"),
+                    )
+                    continue
+                log.warning("tail of %s: item %r cut to fit one message", handoff, item.get("id"))
+                item = fitted
+            if chunks[-1] and size([*chunks[-1], item]) > MAX_TAIL_SIZE:
+                chunks.append([])
+            chunks[-1].append(item)
+        state = dict(user_state) if user_state is not None else None
+        if state is not None and size([], state) > MAX_TAIL_SIZE:
+            log.error("tail of %s: the user state cannot fit a message; not sent", handoff)
+            state = None
+        if state is not None and size(chunks[-1], state) > MAX_TAIL_SIZE:
+            chunks.append([])
+        if state is None and not chunks[-1]:
+            chunks.pop()
+        sent = []
+        for n, chunk in enumerate(chunks):
+            last = n == len(chunks) - 1
+            sent.append(
+                self._send(
+                    "tail", handoff=handoff, items=list(chunk), user_state=state if last else None
+                )
+            )
+        return sent
+
+    def hold_quiet(self) -> None:
+        """From now on the end of this agent's sentence does not send ``quiet`` by itself:
+        :meth:`release_quiet` does (a handoff asked for with ``speaking`` sends its ``tail``
+        before its ``quiet``, so that baton has it before the target's ``activate``)."""
+        self.quiet_held = True
+
+    def release_quiet(self) -> None:
+        """End :meth:`hold_quiet`, and send the ``quiet`` owed to a ``deactivate(handoff)``
+        now if the agent is no longer speaking (else at the end of its sentence)."""
+        self.quiet_held = False
+        if self.quiet_pending is not None and not self.active and not self._effects.speaking():
+            self._go_quiet()
+
     def forget_request(self, msg_id: str) -> None:
         self._unanswered.pop(msg_id, None)
         fut = self._requests.pop(msg_id, None)
@@ -717,7 +839,7 @@ class FloorClient:
                 # finish the current sentence, then go quiet (speaking_changed finishes this)
                 self.quiet_pending = str(m.get("handoff") or "")
                 self._notify("deactivated", m)
-                if not self._effects.speaking():
+                if not self._effects.speaking() and not self.quiet_held:
                     self._go_quiet()
             else:
                 self.quiet_pending = None
@@ -738,6 +860,8 @@ class FloorClient:
             self._notify("handoff_failed", m)
         elif t == "tool_result":
             self._notify("tool_result", m)
+        elif t == "tail":
+            self._notify("tail", m)
         elif t == "filler_stop":
             # The listener decides: BatonLink ignores a stop for an earlier handoff than the
             # one its filler plays for.
@@ -761,7 +885,12 @@ class FloorClient:
 
     def speaking_changed(self, speaking: bool) -> None:
         """The agent started or stopped speaking."""
-        if not speaking and self.quiet_pending is not None and not self.active:
+        if (
+            not speaking
+            and self.quiet_pending is not None
+            and not self.active
+            and not self.quiet_held
+        ):
             self._go_quiet()
 
     def _go_quiet(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -391,13 +392,19 @@ async def linked_triage(
     return room, session, link
 
 
-def test_link_source_and_target_through_a_scripted_baton() -> None:
+@pytest.mark.parametrize("early", [True, False], ids=["asked_at_the_tool_call", "asked_after"])
+def test_link_source_and_target_through_a_scripted_baton(early: bool) -> None:
+    """The default (``early``): triage asks when its transfer tool is called, with ``speaking``,
+    and sends its sentence as the ``tail`` before ``quiet``; the older order asks after the
+    sentence with ``quiet``. Either way billing's first reply knows the account and the
+    problem, and with ``early`` its context holds triage's last sentence."""
+
     async def main() -> None:
         net = Net()
         baton = FakeBaton(net)
 
         # --- source: triage
-        room_a, s1, link_a = await linked_triage(net, role="triage")
+        room_a, s1, link_a = await linked_triage(net, role="triage", early_request=early)
         assert link_a.baton_identity == "baton-1"
         assert link_a.floor.active, "baton answered hello with activate"
         triage = LinkedTriage()
@@ -409,18 +416,34 @@ def test_link_source_and_target_through_a_scripted_baton() -> None:
         assert "handoff_id" not in triage.ticket.bundle
         await asyncio.wait_for(triage.ticket.upload, 5)
         await asyncio.sleep(0.02)
-        # The hint went first, when the tool was called (hint=True, the default).
-        assert baton.types_from("agent-triage") == ["hello", "hint", "handoff", "quiet"]
-        # Asked after its sentence played out: it tells baton it is already quiet.
         request = next(m for w, m in baton.got if w == "agent-triage" and m["type"] == "handoff")
-        assert request.get("quiet") is True, request
+        tails = [m for w, m in baton.got if w == "agent-triage" and m["type"] == "tail"]
+        if early:
+            # Asked when the tool was called (no hint: the request itself prepares billing),
+            # and its sentence followed as the tail, before its quiet.
+            assert baton.types_from("agent-triage") == ["hello", "handoff", "tail", "quiet"]
+            assert request.get("speaking") is True and "quiet" not in request, request
+            said = [i for t in tails for i in t["items"] if i.get("role") == "assistant"]
+            assert [i["content"] for i in said] == [["I'll pass you to billing."]], tails
+            assert all(
+                i["id"] not in {j["id"] for j in triage.ticket.bundle["chat"]["items"]}
+                for t in tails
+                for i in t["items"]
+            ), "only what the bundle lacks"
+        else:
+            # The hint went first, when the tool was called (hint=True, the default).
+            assert baton.types_from("agent-triage") == ["hello", "hint", "handoff", "quiet"]
+            # Asked after its sentence played out: it tells baton it is already quiet.
+            assert request.get("quiet") is True, request
+            assert not tails
         # It started its own filler as the sentence ended, on its baton-filler track, published
         # while the sentence played out: the request says so.
         assert request.get("filler") is True, request
         assert link_a.filler is not None and link_a.filler.playing
         assert [p.track.name for p in room_a.tracks.values()] == ["baton-filler"]
-        # and since when (it built its bundle in between): baton's settle counts from then
-        assert isinstance(request.get("quiet_ms"), int) and 0 <= request["quiet_ms"] < 2000, request
+        if not early:
+            # and since when (it built its bundle in between): baton's settle counts from then
+            assert isinstance(request.get("quiet_ms"), int) and 0 <= request["quiet_ms"] < 2000
         # It names the bundle it uploads: the transfer id the upload resolved to.
         assert "bundle_follows" not in request, request
         assert request["transfer"] == f"{triage.ticket.upload.result():032x}", request
@@ -458,6 +481,9 @@ def test_link_source_and_target_through_a_scripted_baton() -> None:
                 else None
             ),
         )
+        for t in tails:  # as baton forwards them: before the activate
+            fields = {k: v for k, v in t.items() if k not in ("v", "type", "id")}
+            baton.send("agent-billing", "tail", **fields, source="triage")
         baton.send("agent-billing", "activate", cause="handoff", handoff="h-1")
         await asyncio.wait_for(link_b.wait_active(), 2)
         for _ in range(200):
@@ -466,6 +492,11 @@ def test_link_source_and_target_through_a_scripted_baton() -> None:
             await asyncio.sleep(0.01)
         assert s2.output.audio_enabled and s2.input.audio_enabled
         assert replies and "A-1001" in replies[0] and "charged twice" in replies[0]
+        said = [i.text_content for i in billing.chat_ctx.items if i.type == "message"]
+        # in the bundle when asked after it; from the tail when asked at the tool call
+        assert "I'll pass you to billing." in said, said
+        in_bundle = [i.get("content") for i in triage.ticket.bundle["chat"]["items"]]
+        assert (["I'll pass you to billing."] in in_bundle) is not early, in_bundle
 
         # release(leave) without a job context disconnects the room
         baton.send("agent-triage", "release", handoff="h-1", mode="leave")
@@ -687,3 +718,128 @@ def test_attach_without_baton_raises_coordinator_missing_and_logs_it(
     with caplog.at_level("ERROR", logger="lk_baton.agents"):
         asyncio.run(main())
     assert any("coordinator_missing" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The tail of a handoff asked for at the start of the source's sentence
+
+
+def _bundle(items: list[llm.ChatItem], **kw: Any) -> bd.Bundle:
+    return build_handoff_bundle(
+        llm.ChatContext(items), from_agent="triage", to_agent="billing", reason="r", **kw
+    )
+
+
+def test_bundle_tail_is_what_the_context_gained_by_call_id_for_calls() -> None:
+    from lk_baton.agents import bundle_tail
+
+    user = llm.ChatMessage(role="user", content=["I was charged twice"], created_at=1.0)
+    said = llm.ChatMessage(role="assistant", content=["One moment, I'll pass"], created_at=2.0)
+    transfer = llm.FunctionCall(
+        call_id="c-t", name="transfer_to_billing", arguments="{}", created_at=2.1
+    )
+    slow = llm.FunctionCall(call_id="c-s", name="lookup", arguments="{}", created_at=2.1)
+    flight: list[bd.ToolCallInFlight] = [
+        {
+            "call_id": "c-s",
+            "name": "lookup",
+            "arguments": "{}",
+            "started_at": 2.1,
+            "idempotency_key": "c-s",
+            "rerun": "never",
+            "note": "",
+        }
+    ]
+    draft = _bundle(
+        [user, slow], current_call=transfer, tool_calls_in_flight=flight, user_state={"name": "Ada"}
+    )
+    # the end of the sentence: the sentence was cut by a barge-in, the caller spoke, the slow
+    # call ended (its output goes as a tool_result), and the transfer's output was built again
+    cut = said.model_copy(update={"content": ["One moment"]})
+    more = llm.ChatMessage(role="user", content=["wait"], created_at=3.0)
+    done = llm.FunctionCallOutput(
+        call_id="c-s", name="lookup", output="{}", is_error=False, created_at=3.1
+    )
+    final = _bundle(
+        [user, cut, slow, done, more],
+        current_call=transfer,
+        tool_calls_in_flight=flight,
+        user_state={"name": "Ada", "verified": True},
+    )
+    items, state = bundle_tail(draft, final)
+    assert [i["id"] for i in items] == [said.id, more.id], items
+    assert items[0]["content"] == ["One moment"]
+    assert state == {"name": "Ada", "verified": True}
+    # nothing gained: nothing to send
+    assert bundle_tail(
+        draft,
+        _bundle(
+            [user, slow],
+            current_call=transfer,
+            tool_calls_in_flight=flight,
+            user_state={"name": "Ada"},
+        ),
+    ) == ([], None)
+    # a message that changed is sent again under its id
+    draft2 = _bundle([user, said])
+    items, _ = bundle_tail(draft2, _bundle([user, cut]))
+    assert [(i["id"], i["content"]) for i in items] == [(said.id, ["One moment"])]
+
+
+def test_a_target_puts_the_tail_into_its_context_before_its_first_reply() -> None:
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        room = FakeRoom(net, "agent-billing")
+        session: AgentSession[Caller] = AgentSession(
+            llm=ScriptedLLM(billing_script), userdata=Caller(name="Ada")
+        )
+        link = await BatonLink.attach(room, session, agent_name="billing")  # type: ignore[arg-type]
+        assert link.preparing
+        agent = Billing()
+        await session.start(agent)
+        said = llm.ChatMessage(
+            role="assistant", content=["I'll pass you to billing."], created_at=time.time()
+        )
+        later = llm.ChatMessage(role="user", content=["thanks"], created_at=time.time())
+        as_dicts = llm.ChatContext([said, later]).to_dict(exclude_timestamp=False)["items"]
+        baton.send("agent-billing", "tail", handoff="h-1", source="triage", items=as_dicts[:1])
+        baton.send("agent-billing", "tail", handoff="h-9", source="triage", items=as_dicts[1:])
+        baton.send(
+            "agent-billing", "tail", handoff="h-1", source="triage", items=[{"type": "nope"}]
+        )
+        baton.send(
+            "agent-billing",
+            "tail",
+            handoff="h-1",
+            source="triage",
+            items=[],
+            user_state={"name": "Ada", "verified": True},
+        )
+        replies: list[str] = []
+        session.on("conversation_item_added", lambda ev: replies.append(ev.item.type))
+        baton.send("agent-billing", "activate", cause="handoff", handoff="h-1")
+        await asyncio.wait_for(link.wait_active(), 2)
+        for _ in range(200):
+            if "message" in replies:
+                break
+            await asyncio.sleep(0.01)
+        texts = [i.text_content for i in agent.chat_ctx.items if i.type == "message"]
+        # in time order, before the reply it asked for; another handoff's tail is not ours,
+        # and an invalid one is dropped (logged)
+        assert texts[:2] == ["You are billing.", "I'll pass you to billing."], texts
+        assert "thanks" not in texts and len(texts) == 3, texts
+        assert isinstance(session.userdata, Caller) and session.userdata.verified
+        # one that comes after the activation is applied as it comes
+        baton.send("agent-billing", "tail", handoff="h-1", source="triage", items=as_dicts[1:])
+        for _ in range(100):
+            if any(
+                i.type == "message" and i.text_content == "thanks" for i in agent.chat_ctx.items
+            ):
+                break
+            await asyncio.sleep(0.01)
+        assert any(i.type == "message" and i.text_content == "thanks" for i in agent.chat_ctx.items)
+        await link.aclose()
+        await session.aclose()
+
+    asyncio.run(main())

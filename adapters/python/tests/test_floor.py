@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from lk_baton.floor import (
     FILLER_TRACK_NAME,
     MAX_MESSAGE_SIZE,
+    MAX_TAIL_SIZE,
     PARTICIPANT_KIND_AGENT,
     ControlDecodeError,
     FloorClient,
@@ -574,3 +575,103 @@ def test_heartbeat_runs_every_interval_and_survives_a_failing_send(
     assert sent == [0, 2, 3], "the failed beat is skipped, not resent, and the next one goes"
     assert slept == [0.2] * 4
     assert hb.failures == 1 and "heartbeat not sent" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# A handoff asked for at the start of its sentence: the tail, then quiet
+
+
+def test_a_held_quiet_waits_for_release_quiet_after_the_sentence() -> None:
+    f, s, e, _ = floor()
+    f.handle(b("activate", cause="start"))
+    f.hold_quiet()
+    e.is_speaking = True
+    f.handle(b("deactivate", reason="handoff", handoff="h-1"))
+    f.speaking_changed(False)
+    e.is_speaking = False
+    assert "quiet" not in s.types(), "the tail goes first"
+    f.tail("h-1", [{"id": "item_1", "type": "message", "role": "assistant", "content": ["Bye."]}])
+    f.release_quiet()
+    assert s.types()[-2:] == ["tail", "quiet"] and s.sent[-1]["handoff"] == "h-1"
+    assert e.output is False
+    f.release_quiet()
+    assert s.types().count("quiet") == 1
+
+
+def test_a_deactivate_after_release_quiet_is_answered_at_once() -> None:
+    """The accept can overtake the deactivate: released before it came, quiet goes with it."""
+    f, s, _e, _ = floor()
+    f.handle(b("activate", cause="start"))
+    f.hold_quiet()
+    f.release_quiet()
+    assert "quiet" not in s.types(), "nothing owed yet"
+    f.handle(b("deactivate", reason="handoff", handoff="h-1"))
+    assert s.types()[-1] == "quiet"
+
+
+def test_release_quiet_after_a_handback_sends_nothing() -> None:
+    f, s, e, _ = floor()
+    f.handle(b("activate", cause="start"))
+    f.hold_quiet()
+    e.is_speaking = True
+    f.handle(b("deactivate", reason="handoff", handoff="h-1"))
+    f.handle(b("activate", cause="handback", handoff="h-1", reason="target_no_show"))
+    e.is_speaking = False
+    f.release_quiet()
+    assert "quiet" not in s.types() and f.active
+
+
+def test_a_speaking_request_says_so_and_never_with_quiet() -> None:
+    async def main() -> None:
+        f, _s, _, _ = floor()
+        msg, _ = f.request_handoff("billing", "refund", speaking=True)
+        assert msg["speaking"] is True and "quiet" not in msg
+        msg, _ = f.request_handoff("billing", "refund", speaking=True, quiet=True)
+        assert "speaking" not in msg and msg["quiet"] is True
+
+    asyncio.run(main())
+
+
+def _item(n: int, text: str) -> dict[str, Any]:
+    return {
+        "id": f"item_{n}",
+        "type": "message",
+        "role": "user",
+        "content": [text],
+        "created_at": n,
+    }
+
+
+def test_a_tail_is_split_over_messages_that_each_fit_in_order() -> None:
+    f, _s, _, _ = floor()
+    items = [_item(n, "é" * 3000) for n in range(10)]  # 6 000 bytes of text each
+    sent = f.tail("h-1", items, {"name": "Ada"})
+    assert len(sent) == 5
+    assert all(len(encode_control(m)) <= MAX_TAIL_SIZE for m in sent)
+    assert [i["id"] for m in sent for i in m["items"]] == [f"item_{n}" for n in range(10)]
+    assert [m.get("user_state") for m in sent] == [None] * 4 + [{"name": "Ada"}]
+    assert f.tail("h-1", []) == [], "nothing to send"
+    assert f.tail("h-1", [], {"a": 1})[0]["items"] == []
+
+
+def test_an_item_too_large_for_a_tail_of_its_own_is_cut_to_fit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    f, _s, _, _ = floor()
+    with caplog.at_level(logging.WARNING):
+        sent = f.tail("h-1", [_item(1, "a"), _item(2, "ü" * 20_000), _item(3, "c")])
+    assert "cut to fit" in caplog.text
+    assert all(len(encode_control(m)) <= MAX_TAIL_SIZE for m in sent)
+    cut = next(i for m in sent for i in m["items"] if i["id"] == "item_2")["content"][0]
+    assert cut and set(cut) == {"ü"} and len(encode_control(sent[1])) > MAX_TAIL_SIZE - 20
+    assert [i["id"] for m in sent for i in m["items"]] == ["item_1", "item_2", "item_3"]
+    # nothing to cut: dropped, and said so
+    with caplog.at_level(logging.ERROR):
+        sent = f.tail("h-1", [{"id": "x" * 20_000, "type": "agent_handoff"}])
+    assert sent == [] and "cannot fit" in caplog.text
+
+
+def test_a_tail_received_is_passed_on() -> None:
+    f, _, _, ev = floor()
+    f.handle(b("tail", handoff="h-1", source="triage", items=[_item(1, "hi")]))
+    assert ev[-1][0] == "tail" and ev[-1][1]["items"][0]["id"] == "item_1"

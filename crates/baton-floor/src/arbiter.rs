@@ -138,6 +138,12 @@ struct Handoff {
     timeline: Timeline,
     /// Late tool results for the target, held until it has been sent `prepare`.
     tool_results: Vec<BatonMessage>,
+    /// The source's `tail` messages, in order: each target is sent them all right after its
+    /// `prepare` (an alternate too), and the prepared target as they come.
+    tails: Vec<BatonMessage>,
+    /// The source's request said `speaking` and it has not been seen speaking since: silence
+    /// now is the sentence not started yet, not its end, so `silence_grace` does not run.
+    sentence_pending: bool,
     /// Targets that failed in this handoff and are still in the room: not chosen again.
     failed_targets: Vec<String>,
     /// How many more times a target of this agent name that crashes while being prepared is
@@ -384,6 +390,8 @@ struct Request {
     quiet: Option<Duration>,
     /// The source plays a filler of its own until `filler_stop`.
     filler: bool,
+    /// The source asked at the start of its sentence and will say `quiet` itself.
+    speaking: bool,
 }
 
 /// A `handoff` request baton accepted: who sent it with which message id, and the answer.
@@ -1012,7 +1020,8 @@ impl Arbiter {
             && h.source == identity
             && !h.quiet
         {
-            h.grace_deadline = if speaking { None } else { Some(now + self.policy.silence_grace) };
+            h.sentence_pending &= !speaking;
+            h.grace_deadline = (!speaking && !h.sentence_pending).then(|| now + self.policy.silence_grace);
         }
         if speaking {
             self.heard(identity, now);
@@ -1098,9 +1107,20 @@ impl Arbiter {
         match message {
             AgentMessage::Heartbeat { .. } => {}
             AgentMessage::Hello { .. } => self.on_hello(&from, was_reachable),
-            AgentMessage::Handoff { target, reason, transfer, bundle_follows, quiet, quiet_ms, filler } => {
+            AgentMessage::Handoff {
+                target,
+                reason,
+                transfer,
+                bundle_follows,
+                quiet,
+                quiet_ms,
+                filler,
+                speaking,
+            } => {
                 let quiet = quiet.then(|| Duration::from_millis(quiet_ms.unwrap_or(0).into()));
-                let request = Request { target, reason, transfer, bundle_follows, quiet, filler };
+                // `quiet` wins: a source that says both has nothing left to say.
+                let speaking = speaking && quiet.is_none();
+                let request = Request { target, reason, transfer, bundle_follows, quiet, filler, speaking };
                 self.on_handoff_request(from, id, request, now)
             }
             AgentMessage::Hint { target } => self.on_hint(&from, target, now),
@@ -1129,6 +1149,47 @@ impl Arbiter {
                 let result = ToolResult { handoff, call_id, name, status, is_error, output, truncated };
                 self.on_tool_result(&from, result);
             }
+            AgentMessage::Tail { handoff, items, user_state } => {
+                self.on_tail(&from, handoff, items, user_state)
+            }
+        }
+    }
+
+    /// A source's `tail`: what its context gained after the bundle was built. Kept with the
+    /// handoff under way and sent to its target once prepared (to every target it tries, in
+    /// order), or to the floor holder when the handoff has completed; dropped (and logged) when
+    /// the sender is not that handoff's source, holds the floor again itself (a handback: the
+    /// tail is its own context), nobody holds the floor, or the forwarded message would not
+    /// fit one packet (the sender's limit is 14 000 bytes, docs/protocol.md).
+    fn on_tail(
+        &mut self,
+        from: &str,
+        handoff: String,
+        items: Vec<serde_json::Value>,
+        user_state: Option<serde_json::Value>,
+    ) {
+        const TY: &str = "tail";
+        if !self.accepted_requests.iter().any(|a| a.from == from && a.handoff == handoff) {
+            return self.ignored(from, TY, "not the source of that handoff");
+        }
+        if self.holder.as_ref().is_some_and(|h| h.identity == from) {
+            return self.ignored(from, TY, "the source holds the floor again");
+        }
+        let source = self.peers.get(from).and_then(|p| p.info.agent_name.clone()).unwrap_or_default();
+        let message = BatonMessage::Tail { handoff: handoff.clone(), source, items, user_state };
+        if message.envelope_len(None) > MAX_CONTROL_MESSAGE {
+            return self.ignored(from, TY, "too large to forward");
+        }
+        if let Some(h) = self.handoff.as_mut().filter(|h| h.id == handoff) {
+            h.tails.push(message.clone());
+            if let (Some(target), true) = (&h.target.identity, h.target.prepared) {
+                let target = target.clone();
+                self.send(&target, None, message);
+            }
+        } else if let Some(holder) = self.holder.as_ref().map(|h| h.identity.clone()) {
+            self.send(&holder, None, message);
+        } else {
+            self.ignored(from, TY, "nobody holds the floor");
         }
     }
 
@@ -1226,7 +1287,7 @@ impl Arbiter {
     }
 
     fn on_handoff_request(&mut self, from: String, msg_id: String, request: Request, now: Instant) {
-        let Request { target, reason, transfer, bundle_follows, quiet, filler } = request;
+        let Request { target, reason, transfer, bundle_follows, quiet, filler, speaking: sentence } = request;
         if let Some(a) = self.accepted_requests.iter().find(|a| a.from == from && a.msg_id == msg_id) {
             // The same request again (the adapter resent it after a reconnect and never saw the
             // answer): answer it the same way, and change nothing.
@@ -1337,13 +1398,17 @@ impl Arbiter {
             alternates,
             target: Target::new(target),
             quiet: false,
-            quiet_deadline: Some(now + self.policy.source_quiet_timeout),
+            quiet_deadline: Some(
+                now + if sentence { self.policy.sentence_timeout } else { self.policy.source_quiet_timeout },
+            ),
             settle_until: None,
-            grace_deadline: (!speaking).then(|| now + self.policy.silence_grace),
+            grace_deadline: (!speaking && !sentence).then(|| now + self.policy.silence_grace),
             filler_deadline: None,
             bundle,
             timeline,
             tool_results: Vec::new(),
+            tails: Vec::new(),
+            sentence_pending: sentence && !speaking,
             failed_targets: Vec::new(),
             replacements_left: self.policy.recovery_attempts,
             recovery: None,
@@ -1575,6 +1640,8 @@ impl Arbiter {
             bundle: Bundle::default(),
             timeline,
             tool_results: Vec::new(),
+            tails: Vec::new(),
+            sentence_pending: false,
             failed_targets: Vec::new(),
             replacements_left: self.policy.recovery_attempts,
             recovery: Some(Recovery {
@@ -2080,6 +2147,7 @@ impl Arbiter {
             if let Some(h) = &mut self.handoff {
                 h.target.prepared = true;
                 held = std::mem::take(&mut h.tool_results);
+                held.extend(h.tails.iter().cloned());
             }
             for message in held {
                 self.send(&target, None, message);

@@ -229,6 +229,20 @@ pub enum BatonMessage {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         truncated: bool,
     },
+    /// A source's `tail`, forwarded to the handoff's target (before its `activate`), or to
+    /// the floor holder when it comes after the handoff completed; `source` is the sender's
+    /// agent name.
+    Tail {
+        /// The handoff whose bundle this completes.
+        handoff: String,
+        /// The source's agent name.
+        source: String,
+        /// Chat items as the source sent them (docs/bundle.md's item format).
+        items: Vec<serde_json::Value>,
+        /// The source's user state, when it sent one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_state: Option<serde_json::Value>,
+    },
 }
 
 /// The largest control message that fits one LiveKit data packet, in bytes of encoded JSON:
@@ -274,7 +288,8 @@ impl BatonMessage {
             | BatonMessage::HandoffFailed { handoff, .. }
             | BatonMessage::Release { handoff, .. }
             | BatonMessage::FillerStop { handoff, .. }
-            | BatonMessage::ToolResult { handoff, .. } => Some(handoff),
+            | BatonMessage::ToolResult { handoff, .. }
+            | BatonMessage::Tail { handoff, .. } => Some(handoff),
             BatonMessage::HandoffRefused { .. } => None,
         }
     }
@@ -293,6 +308,7 @@ impl BatonMessage {
             BatonMessage::HandoffFailed { .. } => "handoff_failed",
             BatonMessage::Release { .. } => "release",
             BatonMessage::ToolResult { .. } => "tool_result",
+            BatonMessage::Tail { .. } => "tail",
         }
     }
 }

@@ -117,6 +117,28 @@ pub enum AgentMessage {
         /// down. baton plays its own filler all the same.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         filler: bool,
+        /// The source asks at the start of the sentence it says with its transfer tool and
+        /// will send `quiet` (after its `tail`) when that sentence has played out: baton
+        /// prepares the target meanwhile, waits for the source's word rather than for silence,
+        /// and mutes it only after [`Policy::sentence_timeout`](crate::Policy::sentence_timeout).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        speaking: bool,
+    },
+    /// What the source's context gained after its handoff's bundle was built (the sentence it
+    /// said with the request, the caller's words meanwhile), for the handoff's target: baton
+    /// forwards it as it forwards a `tool_result`, before the target's `activate`
+    /// (docs/protocol.md, `tail`). baton does not read the items.
+    Tail {
+        /// The handoff whose bundle this completes.
+        handoff: String,
+        /// Chat items in the bundle's item format (docs/bundle.md), added or changed since the
+        /// bundle was built, in the source's context order.
+        #[serde(default)]
+        items: Vec<serde_json::Value>,
+        /// The source's user state, when it changed since the bundle was built (replaces the
+        /// bundle's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_state: Option<serde_json::Value>,
     },
     /// The target has loaded the bundle and its pipeline is running; it can speak.
     Ready {
@@ -182,6 +204,7 @@ impl AgentMessage {
             AgentMessage::Ready { .. } => "ready",
             AgentMessage::Quiet { .. } => "quiet",
             AgentMessage::ToolResult { .. } => "tool_result",
+            AgentMessage::Tail { .. } => "tail",
         }
     }
 }
@@ -319,6 +342,7 @@ mod tests {
                 quiet: false,
                 quiet_ms: None,
                 filler: false,
+                speaking: false,
             }
         );
         let m: AgentMessage =

@@ -87,6 +87,10 @@ pub struct Policy {
     /// How long the source may keep talking after `deactivate` (finishing its sentence) before
     /// baton mutes its track server-side.
     pub source_quiet_timeout: Duration,
+    /// How long a source whose request said `speaking` (it asked at the start of the sentence
+    /// said with its transfer tool, so the target is prepared while it speaks) may take to
+    /// finish that sentence and go quiet before baton mutes its track server-side.
+    pub sentence_timeout: Duration,
     /// How long the source must be silent (per speaking updates) to count as quiet when it does
     /// not send `quiet` itself. Keeps dead air short for adapters that never say `quiet`.
     pub silence_grace: Duration,
@@ -193,6 +197,7 @@ impl Default for Policy {
             starting_agent: None,
             alternates: BTreeMap::new(),
             source_quiet_timeout: Duration::from_secs(4),
+            sentence_timeout: Duration::from_secs(20),
             silence_grace: Duration::from_millis(400),
             bundle_timeout: Duration::from_secs(5),
             join_timeout: Duration::from_secs(8),
@@ -275,6 +280,7 @@ impl Policy {
         }
         let positive = [
             ("source_quiet_timeout", self.source_quiet_timeout),
+            ("sentence_timeout", self.sentence_timeout),
             ("bundle_timeout", self.bundle_timeout),
             ("join_timeout", self.join_timeout),
             ("ready_timeout", self.ready_timeout),

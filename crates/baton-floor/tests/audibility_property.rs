@@ -85,16 +85,22 @@ fn message() -> impl Strategy<Value = AgentMessage> {
         3 => (0u64..100).prop_map(|seq| AgentMessage::Heartbeat { seq }),
         // A source that plays its own filler whenever it says it is quiet, as the Python
         // adapter does (one draw fewer: the sequences, and so the coverage, stay as they were).
-        3 => (name, transfer, any::<bool>(), any::<bool>()).prop_map(|(target, transfer, bundle_follows, quiet)| {
-            AgentMessage::Handoff {
+        3 => (name, transfer, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(target, transfer, bundle_follows, quiet, speaking)| AgentMessage::Handoff {
                 target,
                 reason: "because".into(),
                 transfer,
                 bundle_follows,
                 quiet,
                 quiet_ms: None,
-                filler: quiet,
+                filler: quiet || speaking,
+                speaking,
             }
+        ),
+        1 => handoff_id.clone().prop_map(|handoff| AgentMessage::Tail {
+            handoff,
+            items: vec![serde_json::json!({"id": "item_1", "type": "message"})],
+            user_state: None,
         }),
         3 => handoff_id.prop_map(|handoff| AgentMessage::Ready { handoff }),
         2 => Just(AgentMessage::Quiet { handoff: None }),
@@ -167,6 +173,7 @@ fn skeleton() -> Vec<Step> {
                 quiet: false,
                 quiet_ms: None,
                 filler: true,
+                speaking: true,
             },
         ),
         Step::Event(Event::BundleReceived {
@@ -175,6 +182,14 @@ fn skeleton() -> Vec<Step> {
             bytes: 9,
         }),
         Step::Advance(200),
+        ctl(
+            "agent-triage",
+            AgentMessage::Tail {
+                handoff: "h-1".into(),
+                items: vec![serde_json::json!({"id": "item_9"})],
+                user_state: None,
+            },
+        ),
         ctl("agent-triage", AgentMessage::Quiet { handoff: None }),
         Step::Event(Event::ParticipantJoined(participant(3, Some(false), None))),
         ctl("agent-billing", hello("billing")),

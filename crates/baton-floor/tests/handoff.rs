@@ -298,6 +298,7 @@ fn the_settle_counts_from_when_the_source_went_quiet() {
         quiet: true,
         quiet_ms,
         filler: false,
+        speaking: false,
     };
     r.ctl(TRIAGE, quiet_request(Some(40)));
     let out = r.ready(BILLING, "h-1");
@@ -459,6 +460,7 @@ fn source_leaving_before_its_bundle_arrives_completes_without_it() {
             quiet: false,
             quiet_ms: None,
             filler: false,
+            speaking: false,
         },
     );
     let out = billing_arrives(&mut r, "AD_1");
@@ -805,6 +807,7 @@ fn a_repeated_handoff_request_gets_the_same_acceptance_and_changes_nothing() {
         quiet: false,
         quiet_ms: None,
         filler: false,
+        speaking: false,
     };
     let again = r.ev(Event::Control { from: TRIAGE.into(), id: "m-2".into(), message: repeat.clone() });
     assert_eq!(accepted(&again), first, "the same answer");

@@ -135,6 +135,7 @@ fn forged(r: &mut Room, from: &str) -> Vec<Command> {
             quiet: false,
             quiet_ms: None,
             filler: false,
+            speaking: false,
         },
     )
 }

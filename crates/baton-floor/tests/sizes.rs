@@ -43,6 +43,7 @@ fn handoff(reason: &str, transfer: Option<TransferId>, bundle_follows: bool) -> 
         quiet: false,
         quiet_ms: None,
         filler: false,
+        speaking: false,
     }
 }
 
@@ -188,7 +189,7 @@ proptest! {
             reason: reason.clone(),
             transfer,
             bundle_follows: follows,
-            quiet: false, quiet_ms: None, filler: false,
+            quiet: false, quiet_ms: None, filler: false, speaking: false,
         };
         let out = r.ev(Event::Control { from: TRIAGE.into(), id: msg_id, message: request });
         let reason_bytes = serde_json::to_string(&reason).unwrap().len() - 2;

@@ -21,6 +21,7 @@ pub fn handoff_request(target: &str, reason: &str, quiet: bool, filler: bool) ->
         quiet,
         quiet_ms: None,
         filler,
+        speaking: false,
     }
 }
 
@@ -155,6 +156,7 @@ impl Room {
                 quiet: false,
                 quiet_ms: None,
                 filler: false,
+                speaking: false,
             },
         )
     }
