@@ -1,23 +1,26 @@
 """`./scripts/bench handoff --agents`: the support desk's real livekit-agents agents handing a call
 over through baton, against the same agents in one worker handing over in-process.
 
-One local livekit-server and a fresh room per handoff. Five kinds, interleaved so drift in the
+One local livekit-server and a fresh room per handoff. Six kinds, interleaved so drift in the
 machine's load hits all alike:
 
   - cold: `baton worker` (configs/baton.toml) and the workers of examples/support-desk:
     `triage.py` and `billing.py`, each its own process, as in the demo. baton dispatches triage
     when the caller's room is created; triage's `transfer_to_billing` tool calls
-    `BatonLink.handoff("billing", ..., hint=False)`; baton dispatches billing at the request
-    (cold: a new job in the billing worker), relays the context and activates billing, which
-    speaks first.
-  - tool-hinted: the same with the adapter's default `hint=True`: `BatonLink.handoff` hints
-    billing when the tool is called, so billing is dispatched while triage's sentence before
-    the tool call plays out (about 4 s here).
+    `BatonLink.handoff("billing", ..., early=False, hint=False)`: the request after triage's
+    sentence; baton dispatches billing then (cold: a new job in the billing worker), relays the
+    context and activates billing, which speaks first.
+  - tool-hinted: the same with the adapter's defaults: the request is made when the tool is
+    called (`speaking`, the sentence follows as the `tail`), so billing is dispatched and
+    prepared while triage's sentence said with the tool call plays out (about 4 s here).
   - hinted: the same, and triage hints billing (`BatonLink.hint`) as soon as the caller's words
     are about a bill (`triage.hint_billing_on_words`, the rule `DESK_HINT=1` turns on): baton
     dispatches billing as a muted standby while triage looks the account up and talks.
   - standby: a second baton worker (agent name `baton-standby`) whose configuration keeps one
-    billing standby from the call's start (`standby = 1`); the handoff is a switch to it.
+    billing standby from the call's start (`standby = 1`); the request at the tool call
+    prepares it during triage's sentence, and the handoff is a switch at its end.
+  - late-standby: the same standby, with the request after triage's sentence (`early=False`,
+    the adapter's order before 2026-12-01): the standby is prepared after the last word.
   - monolith (the reference, no baton): one livekit-agents worker whose job runs one
     `AgentSession` with the same `TriageAgent` and `BillingAgent` (same scripted models, same
     espeak-ng voices). Its `transfer_to_billing` waits for the sentence before the tool call to
@@ -34,14 +37,17 @@ sentence, which must carry what only triage heard (name, account, plan, problem)
 The agent workers are started by this file (`--worker triage|billing|monolith`), which imports
 the example's modules unchanged and only adds time stamps on stdout (CLOCK_MONOTONIC, the clock
 of the caller's event loop): `tool_call` when `transfer_to_billing` starts, `request` when the
-sentence before it has been played out and the handoff itself starts (baton: right before the
-adapter builds the bundle and sends `handoff`; monolith: right before seeding billing and
-`update_agent`), `speaking` when a session's first audio frame of a reply is played out.
+sentence said with it has been played out (baton: the adapter then sends its `tail` and `quiet`,
+or, asked after the sentence, builds the bundle and sends `handoff`; monolith: right before
+seeding billing and `update_agent`), `speaking` when a session's first audio frame of a reply
+is played out. `request` is so the same moment in every kind: the source's last word.
 
-Where the time goes (`phases`, ms from `request`): baton's timeline (dispatch, billing joined,
-bundle delivered, ready, activated, audible at baton) and billing's own stamps: `job_start` (its
-job's entrypoint runs), `connected` (joined the room), `attached` (baton answered its hello),
-`ready` (it sent ready), `speaking` (its first audio frame played out).
+Where the time goes: baton's timeline (`phases`: dispatch, billing joined, bundle delivered,
+ready, activated, audible at baton; ms from baton's receipt of the request, which is at the tool
+call when the request is made then) and billing's own stamps, ms from `request` (negative:
+before triage's last word): `job_start` (its job's entrypoint runs), `connected` (joined the
+room), `attached` (baton answered its hello), `ready` (it sent ready), `activated`, `speaking`
+(its first audio frame played out).
 
 Standby cost per call: the billing worker's CPU seconds during each call (its jobs run as
 threads of that one process, and calls run one at a time), its RSS after the call, and the
@@ -93,7 +99,7 @@ from livekit.agents.voice.room_io import RoomOptions  # noqa: E402
 from lk_baton import ReceivedContext, seed_agent  # noqa: E402
 from lk_baton.agents import wait_not_speaking  # noqa: E402
 
-KINDS = ("cold", "tool-hinted", "hinted", "standby", "monolith")
+KINDS = ("cold", "tool-hinted", "hinted", "standby", "late-standby", "monolith")
 BATON_STANDBY = "baton-standby"
 """The agent name of the baton worker that keeps a billing standby."""
 MONOLITH = "desk-monolith"
@@ -154,8 +160,12 @@ def run_baton_agent(name: str) -> None:
 
     async def handoff_stamped(self: lk.BatonLink, target: str, **kw: Any) -> lk.HandoffTicket:
         stamp("tool_call", self.room.name)
-        # cold: the adapter's hint at the tool call (its default) is off, so billing is
-        # dispatched at the request; every other kind keeps the default.
+        # cold: the request after the sentence and no hint at the tool call, so billing is
+        # dispatched then; late-standby: the request after the sentence too (the standby is
+        # prepared after it); every other kind keeps the adapter's default (the request at
+        # the tool call).
+        if self.room.name.startswith(("ba-c-", "ba-l-")):
+            kw["early"] = False
         if self.room.name.startswith("ba-c-"):
             kw["hint"] = False
         return await handoff(self, target, **kw)
@@ -331,6 +341,7 @@ async def one_call(server: Any, room: str, kind: str) -> Any:
         "tool-hinted": "baton",
         "hinted": "baton",
         "standby": BATON_STANDBY,
+        "late-standby": BATON_STANDBY,
         "monolith": MONOLITH,
     }[kind]
     await caller.room.connect(server.url, dispatch_token(CALLER, room, [dispatch]))
@@ -431,7 +442,7 @@ async def one_handoff(server: Any, w: Workers, kind: str) -> dict[str, Any]:
     room = f"ba-{kind[0]}-{uuid.uuid4().hex[:8]}"
     agent_procs = (w.triage, w.billing) if kind != "monolith" else (w.monolith,)
     starts = [len(p.lines) for p in agent_procs]
-    baton = w.baton_standby if kind == "standby" else w.baton
+    baton = w.baton_standby if kind in ("standby", "late-standby") else w.baton
     n_baton = len(baton.lines)
     billing_pid = w.billing.proc.pid
     cpu0 = cpu_seconds(billing_pid)
@@ -455,8 +466,10 @@ async def one_handoff(server: Any, w: Workers, kind: str) -> dict[str, Any]:
             r["billing_ms"] = {
                 k: round((st[k][0] - t_req) * 1000) for k in ("job_start", "connected", "attached") if st.get(k)
             }
+            # ready may come before the end of the sentence (a request made at the tool call)
+            t_tool = st["tool_call"][0] if st.get("tool_call") else t_req
             for k in ("ready", "activated"):
-                late = [t for t in st.get(k, []) if t >= t_req - 0.001]
+                late = [t for t in st.get(k, []) if t >= t_tool - 0.001]
                 if late:
                     r["billing_ms"][k] = round((late[0] - t_req) * 1000)
             # triage's: the handoff request handed to the floor client (bundle built)
@@ -612,7 +625,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             k["phases_ms"] = {p: summary(v) for p, v in sorted(phases.items(), key=lambda kv: statistics.median(kv[1]))}
     s = report["summary"]
     ratio: dict[str, float] = {}
-    for kind in ("cold", "hinted", "standby"):
+    for kind in ("cold", "tool-hinted", "hinted", "standby", "late-standby"):
         for key in ("request_to_audible_ms", "tool_call_to_audible_ms"):
             b, m = s.get(kind, {}).get(key), s.get("monolith", {}).get(key)
             if b and m:

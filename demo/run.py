@@ -273,6 +273,9 @@ class Report:
     filler_heard_ms: float
     bundle_bytes: int
     request_to_billing_audio_ms: float | None
+    quiet_to_billing_audio_ms: float | None
+    """From baton's ``source_quiet`` mark (triage's last word: with the request made at the tool
+    call, ``request`` is the start of triage's last sentence) to billing's first audio."""
     plot: str | None
     identities: dict[str, str]
     heard_ms: dict[str, float | None]
@@ -351,9 +354,11 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
     # the time the caller spends "typing"; informative, not a handoff number.
     first_any = next((i for i, c in enumerate(grid) if c), 0)
     silence_call = longest_run(grid[first_any:], lambda c: not c)
-    to_audio = None
+    to_audio = quiet_to_audio = None
     if billing_first_slot is not None:
         to_audio = (slot_time(billing_first_slot) - t_request) * 1000
+        if "source_quiet" in phases:
+            quiet_to_audio = to_audio - phases["source_quiet"]
     billing_lines = [x for x in res.transcript if x.who == billing]
     first = billing_lines[0].text if billing_lines else ""
     return Report(
@@ -375,6 +380,7 @@ def build_report(room: str, res: CallResult, timeline: dict[str, Any], t_request
         filler_heard_ms=round(filler * 1000, 1),
         bundle_bytes=int(timeline.get("bundle_bytes") or 0),
         request_to_billing_audio_ms=None if to_audio is None else round(to_audio),
+        quiet_to_billing_audio_ms=None if quiet_to_audio is None else round(quiet_to_audio),
         plot=plot,
         identities=res.identities,
         heard_ms={k: None if v is None else round(v) for k, v in heard.items()},
@@ -482,6 +488,8 @@ def print_report(r: Report) -> None:
     print(f"filler heard during the handoff: {r.filler_heard_ms:.0f} ms; triage/billing overlap: {r.overlap_ms:.0f} ms")
     if r.request_to_billing_audio_ms is not None:
         print(f"request -> billing's first audio at the caller: {r.request_to_billing_audio_ms:.0f} ms")
+    if r.quiet_to_billing_audio_ms is not None:
+        print(f"triage quiet -> billing's first audio at the caller: {r.quiet_to_billing_audio_ms:.0f} ms")
     if r.filler_under_billing_ms is not None:
         print(
             f"filler still heard {r.filler_under_billing_ms} ms after billing's first sound "

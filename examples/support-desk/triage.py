@@ -105,9 +105,14 @@ def triage_script(ctx: llm.ChatContext) -> Step:
     return ("I see your account. What is the problem?", [])
 
 
+EARLY_REQUEST = os.environ.get("DESK_EARLY_REQUEST", "1") != "0"
+"""``DESK_EARLY_REQUEST=0``: ``BatonLink.attach(..., early_request=False)``, so the handoff is
+asked for after the sentence said with the transfer tool (with ``quiet``), not when the tool is
+called (the adapter's default: baton prepares billing during the sentence)."""
 TOOL_HINT = os.environ.get("DESK_TOOL_HINT", "1") != "0"
-"""``DESK_TOOL_HINT=0``: ``BatonLink.handoff(..., hint=False)``, so billing is dispatched at the
-request (a cold handoff) instead of when the transfer tool is called (the adapter's default)."""
+"""``DESK_TOOL_HINT=0``: ``BatonLink.handoff(..., hint=False)``: with ``DESK_EARLY_REQUEST=0``,
+billing is then dispatched after the sentence (a cold handoff) instead of when the transfer tool
+is called."""
 SOURCE_FILLER = os.environ.get("DESK_SOURCE_FILLER", "1") != "0"
 """``DESK_SOURCE_FILLER=0``: ``BatonLink.attach(..., source_filler=False)``, so triage plays no
 filler of its own on a ``baton-filler`` track at a handoff and the caller hears baton's alone
@@ -263,7 +268,12 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     session: AgentSession[Caller] = AgentSession(llm=make_llm(triage_script), tts=make_tts("en-us"), userdata=Caller())
     baton = await BatonLink.attach(
-        ctx, session, role="triage", on_prepare=prepared_on_standby, source_filler=SOURCE_FILLER
+        ctx,
+        session,
+        role="triage",
+        on_prepare=prepared_on_standby,
+        source_filler=SOURCE_FILLER,
+        early_request=EARLY_REQUEST,
     )
     agent = TriageAgent(baton)
     if baton.preparing:

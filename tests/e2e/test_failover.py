@@ -245,9 +245,10 @@ async def unmuted_agents(server: LiveKitServer, room: str) -> set[str]:
 def test_sigkill_of_baton_mid_handoff_a_restarted_baton_leaves_one_audible_agent_and_a_later_handoff_works(
     server: LiveKitServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A cold handoff (no hint at the tool call): billing's dispatch and start give the kill
-    # its window between handoff_accepted and activate.
+    # A cold handoff asked after triage's sentence, no hint at the tool call: billing's
+    # dispatch and start give the kill its window between handoff_accepted and activate.
     monkeypatch.setenv("DESK_TOOL_HINT", "0")
+    monkeypatch.setenv("DESK_EARLY_REQUEST", "0")
     env = {"BATON_STORE_PATH": tempfile.mkdtemp(prefix="baton-state-")}
     first = baton_worker(server, "--config", str(CONFIG), env=env)
     triage, billing = desk(server)

@@ -174,9 +174,11 @@ def test_sigkill_of_billing_receiving_the_bundle_hands_the_same_bundle_to_anothe
     server: LiveKitServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("DESK_BILLING_READY_DELAY", "2")  # billing holds the bundle 2 s before ready
-    # A cold handoff (no hint at the tool call): billing is dispatched for the handoff and
-    # receives the bundle through the entrypoint that READY_DELAY holds up.
+    # A cold handoff asked after triage's sentence, no hint at the tool call: billing is
+    # dispatched for the handoff and receives the bundle through the entrypoint that
+    # READY_DELAY holds up.
     monkeypatch.setenv("DESK_TOOL_HINT", "0")
+    monkeypatch.setenv("DESK_EARLY_REQUEST", "0")
     baton, triage = baton_and_triage(server, monkeypatch)
     billing = demo.agent_worker(server, "billing.py")
     room = f"recovery-target-{uuid.uuid4().hex[:6]}"

@@ -919,7 +919,7 @@ class _Asked:
 
 
 def bundle_tail(
-    draft: bd.Bundle, final: bd.Bundle
+    draft: bd.Bundle, final: bd.Bundle, owed: Iterable[str] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """What ``final`` (the source's bundle at the end of its sentence) adds to ``draft`` (the
     one sent with a request made at the start of it): the chat items that are new or changed,
@@ -928,8 +928,10 @@ def bundle_tail(
 
     A ``function_call`` or ``function_call_output`` counts by its ``call_id``, not its item id:
     the bundle builder makes the output of the transfer call and the pairs of journaled calls
-    afresh each time (new ids and ``created_at``). An output for a call the draft carried in
-    flight is left out: it reaches the target as a ``tool_result``."""
+    afresh each time (new ids and ``created_at``). The output of a call in ``owed`` (default:
+    every call the draft carried in flight) is left out: it reaches the target as a
+    ``tool_result``; the output of a call the draft carried in flight that ended before the
+    accept (so not owed) is in."""
 
     def key(item: Mapping[str, Any]) -> tuple[str, Any]:
         kind = item.get("type")
@@ -938,7 +940,7 @@ def bundle_tail(
         return ("id", item.get("id"))
 
     before = {key(i): i for i in draft["chat"]["items"]}
-    in_flight = {c["call_id"] for c in draft["tool_calls_in_flight"]}
+    in_flight = {c["call_id"] for c in draft["tool_calls_in_flight"]} if owed is None else set(owed)
     items: list[dict[str, Any]] = []
     for item in final["chat"]["items"]:
         k = key(item)
@@ -1113,6 +1115,9 @@ class BatonLink:
         """:meth:`handoff` asks at the start of the sentence said with the transfer tool, not
         at its end (``early_request=False``: the older order); see :meth:`handoff`."""
         self._tails: list[dict[str, Any]] = []
+        self._handing_over: str | None = None
+        """The handoff asked at a tool call whose running calls were handed over at its accept,
+        until :meth:`handoff` returns."""
         """``tail`` messages of the handoff this agent is the target of, until applied."""
         self._filler_owned = False
         """A handoff() call drives the filler (one at a time)."""
@@ -1336,8 +1341,14 @@ class BatonLink:
             # of our participant at the new baton and be dropped, so say it again on
             # hello_schedule until baton answers, as attach does.
             self._answered.clear()
-            self._spawn(self._greet(self._answer_timeout))
-            self.floor.resend_requests()
+            self._spawn(self._greet_then_resend(self._answer_timeout))
+
+    async def _greet_then_resend(self, answer_timeout: float) -> None:
+        """:meth:`_greet` a baton that came back, then send our unanswered ``handoff`` requests
+        again: sent before its answer to our ``hello``, a request reached a baton that had not
+        given us the floor back yet, and was refused (``not_floor_holder``)."""
+        await self._greet(answer_timeout)
+        self.floor.resend_requests()
 
     def _on_agent_state(self, ev: AgentStateChangedEvent) -> None:
         if ev.new_state != "initializing":
@@ -1569,8 +1580,11 @@ class BatonLink:
     def _on_call_ended(self, call: ToolCall) -> None:
         """A call carried in flight by our bundle ended: its result is owed to the agent that
         holds the floor now, through baton (once: the journal ends a call once)."""
-        if call.handoff is None or self.floor.active:
-            return  # not handed over, or the floor came back to us: the framework delivers it
+        if call.handoff is None or (self.floor.active and call.handoff != self._handing_over):
+            # not handed over, or the floor came back to us: the framework delivers it. (A
+            # handoff asked at the tool call hands its calls over at the accept, while this
+            # agent may hold the floor for a moment more, until its deactivate.)
+            return
         try:
             self.floor.tool_result(
                 call.handoff,
@@ -1727,40 +1741,46 @@ class BatonLink:
         """Hand the call to ``target``. Call from a ``function_tool`` (pass its ``RunContext``)
         and return ``None`` from the tool so the LLM does not speak again.
 
-        With ``hint`` (the default) it first tells baton the handoff is coming (:meth:`hint`),
-        before the sentence said with the tool call has played out: baton brings ``target`` in
-        as a muted standby meanwhile (unless one is there) and primes its filler, so the
-        handoff that follows is a switch rather than a cold start when the sentence is long
-        enough (the support desk's ~4 s one is). ``hint=False`` keeps the old, cold order.
+        With ``early`` (default: the link's ``early_request``, True), when called with a
+        ``run_ctx`` while this agent holds the floor, it asks at once, before the sentence
+        said with the tool call has played out: it builds the bundle now, sends ``handoff``
+        with ``speaking`` naming the bundle's ``transfer`` id and starts the upload right
+        behind it, so baton prepares ``target`` (a standby's ``prepare``, bundle and
+        ``ready``, or a dispatch) while the sentence plays. When the sentence has played out
+        it builds the bundle again and sends what it gained (:func:`bundle_tail`: the
+        sentence as heard, the caller's words meanwhile, a changed user state) as ``tail``,
+        then ``quiet``; baton switches to a ready target as it reads that ``quiet``. Otherwise
+        (``early=False``, or no ``run_ctx``) the older order: with ``hint`` (the default) it
+        tells baton the handoff is coming (:meth:`hint`), lets the sentence finish, then
+        builds the bundle and sends ``handoff`` (with ``quiet`` when the agent is no longer
+        speaking) and the upload.
 
         With ``filler`` (the default; nothing happens when the link was made with
         ``source_filler=False``) this agent plays its own filler (:mod:`lk_baton.filler`): at
         once it publishes its ``baton-filler`` track (first handoff only, in the background:
         nothing waits for it) and streams silence on it; when at most 40 ms of the sentence's
         audio are left to send (:func:`start_before_the_end`; or once it has played out) it
-        starts comfort noise there, and the request says ``filler: true``, but only if the
-        track is published by then. The caller so hears an open line from the end of the
-        sentence, not the gap until baton's filler (a network hop later) arrives, nor silence
-        if baton dies. A refused or timed-out request, or any error or cancellation before the
-        accept, fades it out over 250 ms; after an accept it plays on when this returns, until
-        baton's ``filler_stop`` for this handoff, an ``activate`` (then until this agent
-        speaks, at most 1.2 s), a ``release`` (at most 1.2 s more), a ``deactivate`` other
-        than the handoff's, or 20 s. One call at a time drives the filler: a second call made
-        while one runs plays none.
+        starts comfort noise there, if the track is published by then, and the request says
+        ``filler: true``. The caller so hears an open line from the end of the sentence, not
+        the gap until baton's filler (a network hop later) arrives, nor silence if baton
+        dies. A refused or timed-out request, or any error or cancellation before the accept,
+        fades it out over 250 ms (a refusal that comes while the sentence plays: no filler at
+        its end); after an accept it plays on when this returns, until baton's
+        ``filler_stop`` for this handoff, an ``activate`` (then until this agent speaks, at
+        most 1.2 s), a ``release`` (at most 1.2 s more), a ``deactivate`` other than the
+        handoff's, or 20 s. One call at a time drives the filler: a second call made while one
+        runs plays none.
 
-        Lets the current sentence finish (``run_ctx.wait_for_playout()``, which is safe inside
-        the tool, then waits while the agent is speaking), builds the bundle from the agent's
-        own chat context plus the call being executed, the session's ``userdata`` (or
-        ``user_state``) through the serializer, ``tried``/``outcome``/``data``, and the tool
-        calls in flight; sends ``handoff`` naming the bundle's ``transfer`` id (and ``quiet``
-        when the agent is no longer speaking) and starts the bundle's upload to baton right
-        behind it, without waiting for the answer (baton holds a bundle that arrives first,
-        and a refused handoff's upload is cancelled); on ``handoff_accepted`` closes the calls
-        the bundle carries in flight in this agent's own context (cancelled by handoff,
-        :func:`release_call`: their tools keep running, their results go to ``target``) and
-        returns. Raises :class:`HandoffRefused`, and
-        :class:`~lk_baton.floor.MessageTooLarge` (nothing sent) when ``target`` or ``reason``
-        cannot fit a control message.
+        The sentence is waited for with ``run_ctx.wait_for_playout()`` (safe inside the tool),
+        then while the agent is speaking. The bundle holds the agent's own chat context plus
+        the call being executed, the session's ``userdata`` (or ``user_state``) through the
+        serializer, ``tried``/``outcome``/``data``, and the tool calls in flight (baton holds a
+        bundle that arrives before the request naming it, and a refused handoff's upload is
+        cancelled). On ``handoff_accepted`` it closes the calls the bundle carries in flight
+        in this agent's own context (cancelled by handoff, :func:`release_call`: their tools
+        keep running, their results go to ``target``) and returns. Raises
+        :class:`HandoffRefused`, and :class:`~lk_baton.floor.MessageTooLarge` (nothing sent)
+        when ``target`` or ``reason`` cannot fit a control message.
         """
 
         def bundle_now() -> bd.Bundle:
@@ -1806,6 +1826,7 @@ class BatonLink:
         queued = voice_queue(self.session) if fill is not None and run_ctx is not None else None
         asked: _Asked | None = None
         tail: list[dict[str, Any]] = []
+        owed: set[str] = set()  # asked early: the calls handed over at the accept
         try:
             if early:
                 # The target is prepared while the sentence plays; the sentence and whatever
@@ -1822,6 +1843,7 @@ class BatonLink:
                 )
                 if fill is not None:
                     self._filler_handoff = ""  # this request's, whose id baton has not given yet
+                asked.fut.add_done_callback(lambda f: self._hand_over_running(f, draft, owed))
             if fill is not None and queued is not None:
                 ahead = asyncio.ensure_future(start_before_the_end(fill, queued))
                 if asked is not None:
@@ -1859,7 +1881,7 @@ class BatonLink:
                 answer = await self._answer(asked, target, timeout)
                 # The tail, then quiet (release_quiet below, or the deactivate if it is still
                 # on its way). After a handback meanwhile baton drops the tail, logged.
-                tail = self._send_tail(str(answer.get("handoff") or ""), draft, bundle_now)
+                tail = self._send_tail(str(answer.get("handoff") or ""), draft, bundle_now, owed)
         except BaseException:
             # refused, timed out, failed or cancelled before baton accepted: baton owes this
             # filler no filler_stop, so it ends here (or its pre-roll does)
@@ -1869,28 +1891,54 @@ class BatonLink:
         finally:
             if early:
                 self.floor.release_quiet()
+                self._handing_over = None
             if fill is not None:
                 self._filler_owned = False
         bundle = asked.bundle
         hid = str(answer.get("handoff") or "")
         if fill is not None and self._filler_handoff == "":
             self._filler_handoff = hid
+        # Asked early, only the calls still running at the accept are handed over (the others
+        # ended during the sentence: their outputs went in the tail).
+        flight = [c["call_id"] for c in bundle["tool_calls_in_flight"]]
+        flight = [c for c in flight if c in owed] if early else flight
         if hid:
             # from here on, a result of these calls is owed to the target (_on_call_ended)
-            self.journal.handed_over((c["call_id"] for c in bundle["tool_calls_in_flight"]), hid)
-        for c in bundle["tool_calls_in_flight"]:
+            self.journal.handed_over(flight, hid)
+        for cid in flight:
             # and this agent's model must not be left with them open (a realtime model would
             # wait on them after a handback): closed as cancelled by the handoff
-            await release_call(self.session, c["call_id"], "handoff", target=target)
+            await release_call(self.session, cid, "handoff", target=target)
         return HandoffTicket(
             hid, str(answer.get("target") or target), bundle, asked.size, asked.upload, tail
         )
 
+    def _hand_over_running(
+        self, answer: asyncio.Future[dict[str, Any]], draft: bd.Bundle, owed: set[str]
+    ) -> None:
+        """At the accept of a request made at the tool call: the calls ``draft`` carried in
+        flight that are still running are owed to the target from now on (their results go as
+        ``tool_result``, :meth:`_on_call_ended`) and are added to ``owed``; one that ended
+        during the sentence before this is in the source's context, so in the tail."""
+        if answer.cancelled() or answer.result().get("type") != "handoff_accepted":
+            return
+        hid = str(answer.result().get("handoff") or "")
+        for c in draft["tool_calls_in_flight"]:
+            call = self.journal.get(c["call_id"])
+            if call is None or call.state == "started":
+                owed.add(c["call_id"])
+        self._handing_over = hid
+        self.journal.handed_over(owed, hid)
+
     def _send_tail(
-        self, hid: str, draft: bd.Bundle, bundle_now: Callable[[], bd.Bundle]
+        self,
+        hid: str,
+        draft: bd.Bundle,
+        bundle_now: Callable[[], bd.Bundle],
+        owed: set[str],
     ) -> list[dict[str, Any]]:
-        """Send what the context gained since ``draft`` (:func:`bundle_tail`) as ``tail``;
-        returns the items sent."""
+        """Send what the context gained since ``draft`` (:func:`bundle_tail`, without the
+        outputs of the calls in ``owed``) as ``tail``; returns the items sent."""
         try:
             final = bundle_now()
         except Exception:
@@ -1898,7 +1946,7 @@ class BatonLink:
                 "handoff %s: the bundle could not be built again; no tail", hid, exc_info=True
             )
             return []
-        items, state = bundle_tail(draft, final)
+        items, state = bundle_tail(draft, final, owed)
         sent = self.floor.tail(hid, items, state)
         log.info(
             "handoff %s: tail of %d items%s in %d messages",

@@ -843,3 +843,27 @@ def test_a_target_puts_the_tail_into_its_context_before_its_first_reply() -> Non
         await session.aclose()
 
     asyncio.run(main())
+
+
+def test_a_baton_that_came_back_gets_our_hello_before_our_unanswered_request() -> None:
+    """A request resent to a baton that came back before our hello was answered reached a
+    baton that had not given us the floor again, and was refused (not_floor_holder)."""
+
+    async def main() -> None:
+        net = Net()
+        baton = FakeBaton(net)
+        baton.silent = True  # the request goes unanswered: baton died meanwhile
+        room, session, link = await linked_triage(net)
+        _, fut = link.floor.request_handoff("billing", "refund", speaking=True)
+        await asyncio.sleep(0.02)
+        before = len(baton.got)
+        baton.silent = False
+        room.emit("participant_connected", baton.room.as_participant())  # baton is back
+        await asyncio.wait_for(fut, 2)
+        after = [m["type"] for _, m in baton.got[before:]]
+        assert after.index("hello") < after.index("handoff"), after
+        assert fut.result()["type"] == "handoff_accepted"
+        await link.aclose()
+        await session.aclose()
+
+    asyncio.run(main())

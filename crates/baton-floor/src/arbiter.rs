@@ -1296,6 +1296,10 @@ impl Arbiter {
             self.send(&from, Some(msg_id), message);
             return;
         }
+        // The holder of record whose request overtook its hello (a baton restored from the
+        // store, or a hello dropped at join) is reachable now: it gets the floor back first,
+        // as `settle` would give it after this message, and its request is then its own.
+        self.activate_holder_if_reachable(now);
         let source_name = self.peers[&from].info.agent_name.clone().unwrap_or_default();
         let refusal = if self.handoff.is_some() {
             Some(RefuseReason::HandoffInProgress)

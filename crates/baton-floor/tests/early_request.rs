@@ -218,3 +218,23 @@ fn a_tail_too_large_to_forward_is_dropped_whole() {
     let out = r.ctl(TRIAGE, tail("h-1", "fits"));
     assert!(sent(&out, BILLING, "tail"));
 }
+
+/// A request asked at the tool call can reach a baton before the source's hello does (a baton
+/// that took the room over from the store, a hello dropped at join): the holder of record gets
+/// the floor back first, and its request is accepted, not refused as `not_floor_holder`.
+#[test]
+fn a_request_that_overtakes_the_holders_hello_is_accepted_after_its_activate() {
+    let mut r = Room::new(policy());
+    r.ev(Event::RoomJoined {
+        participants: vec![caller(), agent(TRIAGE, "triage", false)],
+        token_dispatched: vec![],
+    });
+    assert_eq!(r.arb.floor_holder(), Some(TRIAGE), "the holder of record, not activated yet");
+    r.join(agent(BILLING, "billing", true));
+    r.hello(BILLING, "billing");
+    let out = r.ctl(TRIAGE, speaking_request("billing"));
+    let activate = index_of(&out, TRIAGE, "activate").expect("the floor first");
+    let accepted = index_of(&out, TRIAGE, "handoff_accepted").expect("then the request");
+    assert!(activate < accepted, "{out:#?}");
+    assert!(!sent(&out, TRIAGE, "handoff_refused"));
+}
