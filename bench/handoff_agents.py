@@ -170,6 +170,16 @@ def run_baton_agent(name: str) -> None:
             kw["hint"] = False
         return await handoff(self, target, **kw)
 
+    apply_tails = lk.BatonLink._apply_tails
+
+    async def apply_tails_stamped(self: lk.BatonLink) -> None:
+        had = bool(self._tails)
+        await apply_tails(self)
+        if had:
+            stamp("tail_applied", self.room.name)
+
+    lk.BatonLink._apply_tails = apply_tails_stamped  # type: ignore[method-assign]
+
     wait = lk.BatonLink._wait_not_speaking
 
     async def wait_stamped(self: lk.BatonLink, timeout: float) -> None:
@@ -455,7 +465,7 @@ async def one_handoff(server: Any, w: Workers, kind: str) -> dict[str, Any]:
     if kind != "monolith":
         # triage's own stamps are not billing's: keep billing's only
         own = stamps(w.billing, room, starts[1])
-        for k in ("speaking", "job_start", "connected", "attached", "ready", "activated"):
+        for k in ("speaking", "job_start", "connected", "attached", "ready", "activated", "tail_applied"):
             st[k] = own.get(k, [])
     r = analyse(res, kind, st)
     r["room"] = room
@@ -468,7 +478,7 @@ async def one_handoff(server: Any, w: Workers, kind: str) -> dict[str, Any]:
             }
             # ready may come before the end of the sentence (a request made at the tool call)
             t_tool = st["tool_call"][0] if st.get("tool_call") else t_req
-            for k in ("ready", "activated"):
+            for k in ("ready", "activated", "tail_applied"):
                 late = [t for t in st.get(k, []) if t >= t_tool - 0.001]
                 if late:
                     r["billing_ms"][k] = round((late[0] - t_req) * 1000)

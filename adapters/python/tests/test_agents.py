@@ -730,8 +730,8 @@ def _bundle(items: list[llm.ChatItem], **kw: Any) -> bd.Bundle:
     )
 
 
-def test_bundle_tail_is_what_the_context_gained_by_call_id_for_calls() -> None:
-    from lk_baton.agents import bundle_tail
+def test_the_tail_is_what_the_context_gained_by_call_id_for_calls() -> None:
+    from lk_baton.agents import context_tail
 
     user = llm.ChatMessage(role="user", content=["I was charged twice"], created_at=1.0)
     said = llm.ChatMessage(role="assistant", content=["One moment, I'll pass"], created_at=2.0)
@@ -753,37 +753,40 @@ def test_bundle_tail_is_what_the_context_gained_by_call_id_for_calls() -> None:
     draft = _bundle(
         [user, slow], current_call=transfer, tool_calls_in_flight=flight, user_state={"name": "Ada"}
     )
-    # the end of the sentence: the sentence was cut by a barge-in, the caller spoke, the slow
-    # call ended (its output goes as a tool_result), and the transfer's output was built again
-    cut = said.model_copy(update={"content": ["One moment"]})
+    # the end of the sentence: the sentence was cut by a barge-in, the caller spoke, and the
+    # slow call is still owed to the target (its output goes as a tool_result)
+    cut = said.model_copy(update={"content": ["One moment"], "interrupted": True})
     more = llm.ChatMessage(role="user", content=["wait"], created_at=3.0)
     done = llm.FunctionCallOutput(
         call_id="c-s", name="lookup", output="{}", is_error=False, created_at=3.1
     )
-    final = _bundle(
-        [user, cut, slow, done, more],
-        current_call=transfer,
-        tool_calls_in_flight=flight,
-        user_state={"name": "Ada", "verified": True},
-    )
-    items, state = bundle_tail(draft, final)
+    ctx = llm.ChatContext([user, cut, slow, done, more])
+    items, state = context_tail(draft, ctx, {"name": "Ada", "verified": True})
     assert [i["id"] for i in items] == [said.id, more.id], items
-    assert items[0]["content"] == ["One moment"]
+    assert items[0]["content"] == ["One moment"] and items[0]["interrupted"] is True
     assert state == {"name": "Ada", "verified": True}
     # nothing gained: nothing to send
-    assert bundle_tail(
-        draft,
-        _bundle(
-            [user, slow],
-            current_call=transfer,
-            tool_calls_in_flight=flight,
-            user_state={"name": "Ada"},
-        ),
-    ) == ([], None)
-    # a message that changed is sent again under its id
+    assert context_tail(draft, llm.ChatContext([user, slow]), {"name": "Ada"}) == ([], None)
+    # a message that changed is sent again under its id; an unchanged one is not
     draft2 = _bundle([user, said])
-    items, _ = bundle_tail(draft2, _bundle([user, cut]))
+    items, _ = context_tail(draft2, llm.ChatContext([user, cut]), {})
     assert [(i["id"], i["content"]) for i in items] == [(said.id, ["One moment"])]
+    assert context_tail(draft2, llm.ChatContext([user, said]), {}) == ([], None)
+    # not owed (it ended before the accept): its output is in the tail, from the context ...
+    items, _ = context_tail(draft, ctx, {"name": "Ada"}, owed=())
+    assert [i["id"] for i in items] == [said.id, done.id, more.id]
+    # ... or, before the framework committed it, from the journal
+    from lk_baton.journal import ToolJournal
+
+    journal = ToolJournal()
+    journal.started("c-s", "lookup", "{}", now=2.1)
+    journal.finished("c-s", '{"found": 1}', is_error=False, now=2.9)
+    items, _ = context_tail(
+        draft, llm.ChatContext([user, slow]), {"name": "Ada"}, journal=journal, owed=()
+    )
+    assert [(i["type"], i["call_id"], i["output"]) for i in items] == [
+        ("function_call_output", "c-s", '{"found": 1}')
+    ]
 
 
 def test_a_target_puts_the_tail_into_its_context_before_its_first_reply() -> None:

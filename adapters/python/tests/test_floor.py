@@ -581,12 +581,19 @@ def test_heartbeat_runs_every_interval_and_survives_a_failing_send(
 # A handoff asked for at the start of its sentence: the tail, then quiet
 
 
-def test_a_held_quiet_waits_for_release_quiet_after_the_sentence() -> None:
+def held_mid_sentence() -> tuple[FloorClient, FakeSender, FakeEffects]:
+    """The floor holder asked at the start of its sentence (quiet held) and was told to hand
+    off while still speaking."""
     f, s, e, _ = floor()
     f.handle(b("activate", cause="start"))
     f.hold_quiet()
     e.is_speaking = True
     f.handle(b("deactivate", reason="handoff", handoff="h-1"))
+    return f, s, e
+
+
+def test_a_held_quiet_waits_for_release_quiet_after_the_sentence() -> None:
+    f, s, e = held_mid_sentence()
     f.speaking_changed(False)
     e.is_speaking = False
     assert "quiet" not in s.types(), "the tail goes first"
@@ -610,11 +617,7 @@ def test_a_deactivate_after_release_quiet_is_answered_at_once() -> None:
 
 
 def test_release_quiet_after_a_handback_sends_nothing() -> None:
-    f, s, e, _ = floor()
-    f.handle(b("activate", cause="start"))
-    f.hold_quiet()
-    e.is_speaking = True
-    f.handle(b("deactivate", reason="handoff", handoff="h-1"))
+    f, s, e = held_mid_sentence()
     f.handle(b("activate", cause="handback", handoff="h-1", reason="target_no_show"))
     e.is_speaking = False
     f.release_quiet()

@@ -32,16 +32,6 @@ fn tail(handoff: &str, text: &str) -> AgentMessage {
     }
 }
 
-/// Triage holds the floor and a billing standby waits, muted; `quiet_settle` is 60 ms.
-fn triage_with_a_billing_standby() -> Room {
-    let mut p = policy();
-    p.quiet_settle = ms(60);
-    let mut r = Room::with_triage_active(p);
-    r.join(agent(BILLING, "billing", true));
-    r.hello(BILLING, "billing");
-    r
-}
-
 /// Triage's bundle reaches baton, and the standby billing, which says ready.
 fn billing_ready(r: &mut Room) {
     r.ev(Event::BundleReceived { from: TRIAGE.into(), transfer_id: tid(1), bytes: 4096 });
@@ -62,7 +52,7 @@ fn index_of(cmds: &[Command], to: &str, ty: &str) -> Option<usize> {
 
 #[test]
 fn the_standby_is_prepared_during_the_sentence_and_switched_in_at_the_sources_quiet() {
-    let mut r = triage_with_a_billing_standby();
+    let mut r = standby_billing_with_a_60_ms_settle();
     let out = r.ctl(TRIAGE, speaking_request("billing"));
     assert!(sent(&out, TRIAGE, "handoff_accepted") && sent(&out, TRIAGE, "deactivate"));
     assert!(sent(&out, BILLING, "prepare"), "prepared while triage speaks: {out:#?}");
@@ -98,7 +88,7 @@ fn the_standby_is_prepared_during_the_sentence_and_switched_in_at_the_sources_qu
 
 #[test]
 fn silence_before_the_sentence_starts_is_not_its_end() {
-    let mut r = triage_with_a_billing_standby();
+    let mut r = standby_billing_with_a_60_ms_settle();
     r.ctl(TRIAGE, speaking_request("billing"));
     billing_ready(&mut r);
     // The tool is called before the sentence's first audio: triage shows silent (thinking).
@@ -122,7 +112,7 @@ fn silence_before_the_sentence_starts_is_not_its_end() {
 
 #[test]
 fn a_speaking_source_that_never_goes_quiet_is_muted_at_sentence_timeout() {
-    let mut r = triage_with_a_billing_standby();
+    let mut r = standby_billing_with_a_60_ms_settle();
     r.ctl(TRIAGE, speaking_request("billing"));
     billing_ready(&mut r);
     speaking(&mut r, TRIAGE, true);
@@ -134,7 +124,7 @@ fn a_speaking_source_that_never_goes_quiet_is_muted_at_sentence_timeout() {
 
 #[test]
 fn a_request_that_says_both_quiet_and_speaking_is_quiet() {
-    let mut r = triage_with_a_billing_standby();
+    let mut r = standby_billing_with_a_60_ms_settle();
     let mut request = speaking_request("billing");
     if let AgentMessage::Handoff { quiet, .. } = &mut request {
         *quiet = true;
@@ -178,7 +168,7 @@ fn every_target_gets_the_tail_after_its_prepare_and_before_its_activate() {
 
 #[test]
 fn a_tail_after_the_switch_goes_to_the_new_holder() {
-    let mut r = triage_with_a_billing_standby();
+    let mut r = standby_billing_with_a_60_ms_settle();
     r.ctl(TRIAGE, speaking_request("billing"));
     billing_ready(&mut r);
     r.quiet(TRIAGE);
@@ -210,7 +200,7 @@ fn a_tail_from_anyone_but_the_source_or_after_a_handback_is_dropped() {
 
 #[test]
 fn a_tail_too_large_to_forward_is_dropped_whole() {
-    let mut r = triage_with_a_billing_standby();
+    let mut r = standby_billing_with_a_60_ms_settle();
     r.ctl(TRIAGE, speaking_request("billing"));
     let big = "x".repeat(14_990);
     let out = r.ctl(TRIAGE, tail("h-1", &big));

@@ -232,16 +232,6 @@ fn target_never_joins_hands_back_to_source_with_reason() {
     assert!(sent(&out, TRIAGE, "handoff_accepted"));
 }
 
-/// Triage holds the floor, a billing standby said hello, and `quiet_settle` is 60 ms.
-fn standby_billing_with_a_60_ms_settle() -> Room {
-    let mut p = policy();
-    p.quiet_settle = ms(60);
-    let mut r = Room::with_triage_active(p);
-    r.join(agent(BILLING, "billing", true));
-    r.hello(BILLING, "billing");
-    r
-}
-
 #[test]
 fn warm_target_is_switched_in_only_after_the_quiet_settle() {
     let mut r = standby_billing_with_a_60_ms_settle();

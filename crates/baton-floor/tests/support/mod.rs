@@ -256,6 +256,16 @@ pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// Triage holds the floor, a billing standby said hello, and `quiet_settle` is 60 ms.
+pub fn standby_billing_with_a_60_ms_settle() -> Room {
+    let mut p = policy();
+    p.quiet_settle = ms(60);
+    let mut r = Room::with_triage_active(p);
+    r.join(agent(BILLING, "billing", true));
+    r.hello(BILLING, "billing");
+    r
+}
+
 /// Triage active, billing requested cold; returns the room right after the request.
 pub fn cold_request(transfer: Option<TransferId>) -> (Room, Vec<Command>) {
     let mut r = Room::with_triage_active(policy());
