@@ -895,6 +895,34 @@ async def start_before_the_end(filler: SourceFiller, queued: Callable[[], float]
         await asyncio.sleep(0.005)
 
 
+class VoiceDrain:
+    """When the agent's voice last went out: watches ``queued`` (:func:`voice_queue`) every
+    5 ms from creation, and keeps the ``time.monotonic()`` at which the queue, seen holding
+    audio, last ran empty (a refill forgets it). The framework reports the end of a sentence
+    80-90 ms after that (see :data:`FILLER_LEAD_S`); ``quiet_ms`` lets baton count its settle
+    from the real end."""
+
+    def __init__(self, queued: Callable[[], float]) -> None:
+        self._queued = queued
+        self.drained_at: float | None = None
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        seen = False
+        while True:
+            if self._queued() > 0:
+                seen, self.drained_at = True, None
+            elif seen and self.drained_at is None:
+                self.drained_at = time.monotonic()
+            await asyncio.sleep(0.005)
+
+    def stop(self) -> float | None:
+        """Stop watching; the drain time, or None if the voice was never seen or still
+        queued."""
+        self._task.cancel()
+        return self.drained_at
+
+
 def _started(early: asyncio.Task[bool] | None) -> bool:
     """Whether :func:`start_before_the_end` ran to the filler's start."""
     if early is None or not early.done() or early.cancelled() or early.exception() is not None:
@@ -1882,7 +1910,9 @@ class BatonLink:
             fill.arm()  # publication and pre-roll run meanwhile; nothing below waits for them
         filling = False
         ahead: asyncio.Task[bool] | None = None
-        queued = voice_queue(self.session) if fill is not None and run_ctx is not None else None
+        voice = voice_queue(self.session) if run_ctx is not None else None
+        queued = voice if fill is not None else None
+        drain = VoiceDrain(voice) if early and voice is not None else None
         asked: _Asked | None = None
         tail: list[dict[str, Any]] = []
         owed: set[str] = set()  # asked early: the calls handed over at the accept
@@ -1949,7 +1979,7 @@ class BatonLink:
             raise
         finally:
             if early:
-                self.floor.release_quiet()
+                self.floor.release_quiet(drain.stop() if drain is not None else None)
                 self._handing_over = None
             if fill is not None:
                 self._filler_owned = False

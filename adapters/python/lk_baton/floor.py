@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -552,6 +553,7 @@ class FloorClient:
         """True while this agent holds the floor (between ``activate`` and ``deactivate``)."""
         self.quiet_pending: str | None = None
         """The handoff id of a ``deactivate(handoff)`` we have not yet answered with ``quiet``."""
+        self._silent_since: float | None = None
         self.quiet_held = False
         """While true, the end of the sentence does not send ``quiet``: a handoff asked for at
         the start of its sentence sends its ``tail`` first (:meth:`hold_quiet`)."""
@@ -616,6 +618,7 @@ class FloorClient:
         and waits up to its ``sentence_timeout`` (20 s) rather than ``source_quiet_timeout``. Raises
         :class:`MessageTooLarge` (nothing sent) when ``reason`` or ``target`` cannot fit."""
         loop = asyncio.get_running_loop()
+        self._silent_since = None  # a silence reported for an earlier request is not this one's
         msg = self._send(
             "handoff",
             target=target,
@@ -772,10 +775,14 @@ class FloorClient:
         before its ``quiet``, so that baton has it before the target's ``activate``)."""
         self.quiet_held = True
 
-    def release_quiet(self) -> None:
+    def release_quiet(self, silent_since: float | None = None) -> None:
         """End :meth:`hold_quiet`, and send the ``quiet`` owed to a ``deactivate(handoff)``
-        now if the agent is no longer speaking (else at the end of its sentence)."""
+        now if the agent is no longer speaking (else at the end of its sentence).
+        ``silent_since``: ``time.monotonic()`` when the agent's voice last went out; the
+        ``quiet`` then says for how long (``quiet_ms``), and baton's settle before the switch
+        counts from then."""
         self.quiet_held = False
+        self._silent_since = silent_since
         if self.quiet_pending is not None and not self.active and not self._effects.speaking():
             self._go_quiet()
 
@@ -826,6 +833,7 @@ class FloorClient:
                 return
             self.active = True
             self.quiet_pending = None
+            self._silent_since = None
             self.prepare = None
             self.last_activate = m
             self._effects.set_input(True)
@@ -897,5 +905,7 @@ class FloorClient:
         handoff = self.quiet_pending
         self.quiet_pending = None
         self._effects.set_output(False)
-        msg = self._send("quiet", handoff=handoff or None)
+        since, self._silent_since = self._silent_since, None
+        quiet_ms = None if since is None else max(0, round((time.monotonic() - since) * 1000))
+        msg = self._send("quiet", handoff=handoff or None, quiet_ms=quiet_ms)
         self._notify("quiet", msg)

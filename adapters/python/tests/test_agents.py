@@ -870,3 +870,31 @@ def test_a_baton_that_came_back_gets_our_hello_before_our_unanswered_request() -
         await session.aclose()
 
     asyncio.run(main())
+
+
+def test_voice_drain_is_the_last_time_the_queue_ran_empty() -> None:
+    from lk_baton.agents import VoiceDrain
+
+    async def main() -> None:
+        levels = iter([0.0, 0.3, 0.2, 0.0, 0.0, 0.1, 0.0])  # a refill between two sentences
+        current = [0.0]
+
+        def queued() -> float:
+            current[0] = next(levels, current[0])
+            return current[0]
+
+        drain = VoiceDrain(queued)
+        seen: list[float | None] = []
+        for _ in range(200):  # every drain time the watcher holds, as it changes
+            if not seen or drain.drained_at != seen[-1]:
+                seen.append(drain.drained_at)
+            await asyncio.sleep(0.001)
+        last = drain.stop()
+        # none (0 before any audio), then the first drain, none again (the refill), the last
+        assert [t is None for t in seen] == [True, False, True, False], seen
+        assert last is not None and last == seen[-1] and last > (seen[1] or 0)
+        never = VoiceDrain(lambda: 0.0)
+        await asyncio.sleep(0.02)
+        assert never.stop() is None, "never seen holding audio: no drain"
+
+    asyncio.run(main())

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -678,3 +679,16 @@ def test_a_tail_received_is_passed_on() -> None:
     f, _, _, ev = floor()
     f.handle(b("tail", handoff="h-1", source="triage", items=[_item(1, "hi")]))
     assert ev[-1][0] == "tail" and ev[-1][1]["items"][0]["id"] == "item_1"
+
+
+def test_quiet_says_how_long_the_voice_has_been_silent() -> None:
+    f, s, e = held_mid_sentence()
+    e.is_speaking = False
+    f.release_quiet(time.monotonic() - 0.085)
+    assert s.sent[-1]["type"] == "quiet" and 85 <= s.sent[-1]["quiet_ms"] < 200, s.sent[-1]
+    # without a time, no quiet_ms; and it is not carried over to a later quiet
+    f.handle(b("activate", cause="handback", handoff="h-1", reason="target_no_show"))
+    f.hold_quiet()
+    f.handle(b("deactivate", reason="handoff", handoff="h-2"))
+    f.release_quiet()
+    assert s.sent[-1]["type"] == "quiet" and "quiet_ms" not in s.sent[-1]

@@ -338,6 +338,11 @@ const HELD_BUNDLES_MAX: usize = 16;
 /// calls a few handoffs carry in flight.
 const FORWARDED_RESULTS_KEPT: usize = 256;
 
+/// How many `tail` messages one handoff keeps (each at most one 15 000-byte packet, so at most
+/// about 1 MB): a sentence and the caller's words meanwhile take one or two; more is a source
+/// gone wrong, whose further tails are dropped (logged) rather than held without bound.
+pub const MAX_TAILS_PER_HANDOFF: usize = 64;
+
 /// Bounds on an announced heartbeat period (`hello.heartbeat_ms`), so a hostile or buggy value
 /// can neither flood the arbiter's bookkeeping nor make a dead agent look alive for minutes.
 const MIN_HEARTBEAT_MS: u32 = 50;
@@ -1138,9 +1143,10 @@ impl Arbiter {
                     self.out.push_back(Command::Timeline(ev));
                 }
             }
-            AgentMessage::Quiet { .. } => {
+            AgentMessage::Quiet { quiet_ms, .. } => {
                 if self.handoff.as_ref().is_some_and(|h| h.source == from && !h.quiet) {
-                    self.source_quiet("quiet", Duration::ZERO, now);
+                    let since = Duration::from_millis(quiet_ms.unwrap_or(0).into());
+                    self.source_quiet("quiet", since, now);
                 } else {
                     self.ignored(&from, ty, "not a source finishing its turn");
                 }
@@ -1181,6 +1187,9 @@ impl Arbiter {
             return self.ignored(from, TY, "too large to forward");
         }
         if let Some(h) = self.handoff.as_mut().filter(|h| h.id == handoff) {
+            if h.tails.len() == MAX_TAILS_PER_HANDOFF {
+                return self.ignored(from, TY, "too many tail messages for one handoff");
+            }
             h.tails.push(message.clone());
             if let (Some(target), true) = (&h.target.identity, h.target.prepared) {
                 let target = target.clone();

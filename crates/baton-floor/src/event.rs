@@ -150,6 +150,11 @@ pub enum AgentMessage {
         /// The handoff id from `handoff_accepted`, if the adapter has it.
         #[serde(default)]
         handoff: Option<String>,
+        /// How long the source had been silent when it sent this, ms (its voice's last frame
+        /// went out before it could tell its sentence was over): the settle before the
+        /// switch ([`Policy::quiet_settle`](crate::Policy::quiet_settle)) counts from then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quiet_ms: Option<u32>,
     },
     /// The late result of a tool call the sender's bundle carried in flight: baton forwards it
     /// to the agent that continues the call (docs/protocol.md, `tool_result`).
@@ -350,7 +355,7 @@ mod tests {
         assert_eq!(m.type_name(), "ready");
         let m: AgentMessage =
             serde_json::from_str(r#"{"v":1,"type":"quiet","id":"a-3","extra":true}"#).unwrap();
-        assert_eq!(m, AgentMessage::Quiet { handoff: None });
+        assert_eq!(m, AgentMessage::Quiet { handoff: None, quiet_ms: None });
         assert!(serde_json::from_str::<AgentMessage>(r#"{"v":1,"type":"launch","id":"x"}"#).is_err());
         // A transfer id is 32 hex digits (docs/protocol.md, "Transfer ids in control messages").
         let bad_id =

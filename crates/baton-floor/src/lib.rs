@@ -39,7 +39,7 @@ mod event;
 mod policy;
 mod timeline;
 
-pub use arbiter::{Arbiter, HandoffStatus};
+pub use arbiter::{Arbiter, HandoffStatus, MAX_TAILS_PER_HANDOFF};
 /// The transfer engine's id type, re-exported: events and commands name bundles by it.
 pub use baton_transfer::TransferId;
 pub use command::{

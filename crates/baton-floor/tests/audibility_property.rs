@@ -103,7 +103,7 @@ fn message() -> impl Strategy<Value = AgentMessage> {
             user_state: None,
         }),
         3 => handoff_id.prop_map(|handoff| AgentMessage::Ready { handoff }),
-        2 => Just(AgentMessage::Quiet { handoff: None }),
+        2 => prop::option::of(0u32..200).prop_map(|quiet_ms| AgentMessage::Quiet { handoff: None, quiet_ms }),
     ]
 }
 
@@ -190,7 +190,7 @@ fn skeleton() -> Vec<Step> {
                 user_state: None,
             },
         ),
-        ctl("agent-triage", AgentMessage::Quiet { handoff: None }),
+        ctl("agent-triage", AgentMessage::Quiet { handoff: None, quiet_ms: Some(80) }),
         Step::Event(Event::ParticipantJoined(participant(3, Some(false), None))),
         ctl("agent-billing", hello("billing")),
         Step::Event(Event::BundleDelivered { to: "agent-billing".into(), transfer_id: TransferId::new(1) }),

@@ -228,3 +228,38 @@ fn a_request_that_overtakes_the_holders_hello_is_accepted_after_its_activate() {
     assert!(activate < accepted, "{out:#?}");
     assert!(!sent(&out, TRIAGE, "handoff_refused"));
 }
+
+/// A source that floods tails is not held without bound: the first 64 are kept and forwarded,
+/// the rest dropped.
+#[test]
+fn a_flood_of_tails_is_capped_per_handoff() {
+    let mut r = standby_billing_with_a_60_ms_settle();
+    r.ctl(TRIAGE, speaking_request("billing"));
+    let mut forwarded = 0;
+    for n in 0..100 {
+        let out = r.ctl(TRIAGE, tail("h-1", &format!("part {n}")));
+        forwarded += messages_to(&out, BILLING).len();
+    }
+    assert_eq!(forwarded, baton_floor::MAX_TAILS_PER_HANDOFF);
+}
+
+/// The source's voice left `quiet_ms` before its `quiet` (it learns its sentence is over only
+/// when its framework says so): the settle counts from then, so the target ready during the
+/// sentence is activated and unmuted at once when that is longer than `quiet_settle`.
+#[test]
+fn the_settle_counts_from_the_silence_the_quiet_reports() {
+    for (quiet_ms, unmuted_after) in [(Some(90), 0), (Some(20), 40), (None, 60)] {
+        let mut r = standby_billing_with_a_60_ms_settle();
+        r.ctl(TRIAGE, speaking_request("billing"));
+        billing_ready(&mut r);
+        let out = r.ctl(TRIAGE, AgentMessage::Quiet { handoff: Some("h-1".into()), quiet_ms });
+        assert!(sent(&out, BILLING, "activate"));
+        if unmuted_after == 0 {
+            assert!(unmuted(&out, BILLING), "{quiet_ms:?}: {out:#?}");
+            continue;
+        }
+        assert!(!unmuted(&out, BILLING), "{quiet_ms:?}");
+        assert!(!unmuted(&r.advance(ms(unmuted_after - 1)), BILLING), "{quiet_ms:?}");
+        assert!(unmuted(&r.advance(ms(1)), BILLING), "{quiet_ms:?}");
+    }
+}

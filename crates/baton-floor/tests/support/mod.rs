@@ -166,7 +166,7 @@ impl Room {
     }
 
     pub fn quiet(&mut self, from: &str) -> Vec<Command> {
-        self.ctl(from, AgentMessage::Quiet { handoff: None })
+        self.ctl(from, AgentMessage::Quiet { handoff: None, quiet_ms: None })
     }
 
     pub fn join(&mut self, p: Participant) -> Vec<Command> {
