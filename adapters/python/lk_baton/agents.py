@@ -1457,6 +1457,7 @@ class BatonLink:
             self._bundle_unavailable.add(str(msg.get("handoff")))
         elif kind == "handoff_cancelled":
             self._cancelled[str(msg.get("handoff"))] = str(msg.get("reason", ""))
+            self._tails = [t for t in self._tails if t.get("handoff") != msg.get("handoff")]
         elif kind == "prepare":
             self.last_prepare = msg
         elif kind == "handoff_failed":

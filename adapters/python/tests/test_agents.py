@@ -876,23 +876,23 @@ def test_voice_drain_is_the_last_time_the_queue_ran_empty() -> None:
     from lk_baton.agents import VoiceDrain
 
     async def main() -> None:
-        levels = iter([0.0, 0.3, 0.2, 0.0, 0.0, 0.1, 0.0])  # a refill between two sentences
-        current = [0.0]
+        levels = [0.0, 0.3, 0.2, 0.0, 0.0, 0.1, 0.0]  # a refill between two sentences
+        seen: list[float | None] = []  # the drain time as each poll finds it
 
         def queued() -> float:
-            current[0] = next(levels, current[0])
-            return current[0]
+            seen.append(drain.drained_at if polls else None)
+            polls.append(1)
+            return levels[min(len(polls), len(levels)) - 1]
 
+        polls: list[int] = []
         drain = VoiceDrain(queued)
-        seen: list[float | None] = []
-        for _ in range(200):  # every drain time the watcher holds, as it changes
-            if not seen or drain.drained_at != seen[-1]:
-                seen.append(drain.drained_at)
-            await asyncio.sleep(0.001)
+        while len(polls) < len(levels) + 1:
+            await asyncio.sleep(0.005)
         last = drain.stop()
-        # none (0 before any audio), then the first drain, none again (the refill), the last
-        assert [t is None for t in seen] == [True, False, True, False], seen
-        assert last is not None and last == seen[-1] and last > (seen[1] or 0)
+        # after each poll: none, none (audio), none, the first drain, the same, none (the
+        # refill), the last drain
+        assert [t is None for t in seen[1:8]] == [True, True, True, False, False, True, False]
+        assert seen[4] == seen[5] and last == seen[7] and last is not None and last > seen[4]
         never = VoiceDrain(lambda: 0.0)
         await asyncio.sleep(0.02)
         assert never.stop() is None, "never seen holding audio: no drain"

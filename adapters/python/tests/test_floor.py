@@ -685,7 +685,7 @@ def test_quiet_says_how_long_the_voice_has_been_silent() -> None:
     f, s, e = held_mid_sentence()
     e.is_speaking = False
     f.release_quiet(time.monotonic() - 0.085)
-    assert s.sent[-1]["type"] == "quiet" and 85 <= s.sent[-1]["quiet_ms"] < 200, s.sent[-1]
+    assert s.sent[-1]["type"] == "quiet" and 85 <= s.sent[-1]["quiet_ms"] < 1000, s.sent[-1]
     # without a time, no quiet_ms; and it is not carried over to a later quiet
     f.handle(b("activate", cause="handback", handoff="h-1", reason="target_no_show"))
     f.hold_quiet()
