@@ -1839,7 +1839,8 @@ class BatonLink:
         when ``target`` or ``reason`` cannot fit a control message.
         """
 
-        def bundle_now() -> bd.Bundle:
+        def now() -> tuple[Agent, dict[str, Any]]:
+            """The agent whose context is handed over, and the user state as a bundle holds it."""
             the_agent = agent if agent is not None else self.session.current_agent
             state = user_state
             if state is dataclasses.MISSING:
@@ -1847,12 +1848,16 @@ class BatonLink:
                     state = self.session.userdata
                 except ValueError:
                     state = None
+            return the_agent, state_to_dict(state, self.user_state_serializer)
+
+        def bundle_now() -> bd.Bundle:
+            the_agent, state = now()
             return build_handoff_bundle(
                 the_agent.chat_ctx,
                 from_agent=self.agent_name,
                 to_agent=target,
                 reason=reason,
-                user_state=state_to_dict(state, self.user_state_serializer),
+                user_state=state,
                 tried=list(tried or []),
                 outcome=outcome,
                 data=data,
@@ -1864,20 +1869,10 @@ class BatonLink:
 
         def tail_now(hid: str, draft: bd.Bundle, owed: set[str]) -> list[dict[str, Any]]:
             """Send what the context gained since ``draft`` as ``tail``; the items sent."""
-            the_agent = agent if agent is not None else self.session.current_agent
-            state = user_state
-            if state is dataclasses.MISSING:
-                try:
-                    state = self.session.userdata
-                except ValueError:
-                    state = None
             try:
+                the_agent, state = now()
                 items, changed = context_tail(
-                    draft,
-                    the_agent.chat_ctx,
-                    state_to_dict(state, self.user_state_serializer),
-                    journal=self.journal,
-                    owed=owed,
+                    draft, the_agent.chat_ctx, state, journal=self.journal, owed=owed
                 )
             except Exception:
                 log.warning(
