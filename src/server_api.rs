@@ -2,6 +2,7 @@
 //! agent's track and dispatching agents. Thin on purpose: the floor arbiter decides, this module
 //! only executes, and turns failures into errors that say what to do next.
 
+use futures_util::FutureExt;
 use livekit_api::services::agent_dispatch::AgentDispatchClient;
 use livekit_api::services::room::RoomClient;
 use livekit_api::services::{ServerError, ServiceError};
@@ -217,10 +218,18 @@ impl ServerApi {
         muted: bool,
     ) -> Result<proto::TrackInfo, ApiError> {
         const OP: &str = "MutePublishedTrack";
-        self.rooms
-            .mute_published_track(room, identity, track_sid, muted)
-            .await
-            .map_err(|e| self.classify(OP, e))
+        // livekit-api 0.10 unwraps the reply's `track`, and the server answers without one for
+        // a track it no longer has (seen right after a livekit-server restart): a panic there
+        // took the whole worker down. Caught here, it is this call's error. (A `dist` build
+        // aborts on panic; the catch needs the release profile's unwinding.)
+        let call = self.rooms.mute_published_track(room, identity, track_sid, muted);
+        match std::panic::AssertUnwindSafe(call).catch_unwind().await {
+            Ok(reply) => reply.map_err(|e| self.classify(OP, e)),
+            Err(_) => Err(ApiError::NotFound {
+                op: OP,
+                detail: format!("the server's reply named no track for {identity}/{track_sid}"),
+            }),
+        }
     }
 
     /// Dispatches `agent_name` into `room`. The server creates the room if needed, and drops
