@@ -1959,11 +1959,9 @@ class BatonLink:
                     quiet=self.session.agent_state != "speaking",
                     quiet_ms=round((time.monotonic() - t_quiet) * 1000),
                 )
-                self._log_request(target, asked, (t0, t1, t_quiet), filling)
-                answer = await self._answer(asked, target, timeout)
-            else:
-                self._log_request(target, asked, (t0, t1, t_quiet), filling)
-                answer = await self._answer(asked, target, timeout)
+            self._log_request(target, asked, (t0, t1, t_quiet), filling)
+            answer = await self._answer(asked, target, timeout)
+            if early:
                 # The tail, then quiet (release_quiet below, or the deactivate if it is still
                 # on its way). After a handback meanwhile baton drops the tail, logged.
                 tail = tail_now(str(answer.get("handoff") or ""), draft, owed)

@@ -236,14 +236,20 @@ def _cut_to_fit(
 
     if not fits(with_text("")):
         return None
-    lo, hi = 0, len(full)
-    while lo < hi:  # the longest prefix that fits
+    return with_text(_longest_prefix(full, lambda t: fits(with_text(t))))
+
+
+def _longest_prefix(text: str, fits: Callable[[str], bool]) -> str:
+    """The longest prefix of ``text`` for which ``fits`` holds (``fits("")`` is assumed), by
+    bisection: ``fits`` must hold for every prefix shorter than one that holds."""
+    lo, hi = 0, len(text)
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(with_text(full[:mid])):
+        if fits(text[:mid]):
             lo = mid
         else:
             hi = mid - 1
-    return with_text(full[:lo])
+    return text[:lo]
 
 
 def _json(value: Any) -> bytes:
@@ -700,14 +706,8 @@ class FloorClient:
         probe = {"v": PROTOCOL_VERSION, "type": "tool_result", "id": "x" * 24, **fields}
         room = MAX_TOOL_RESULT_SIZE - len(_json({**probe, "output": ""}))
         if len(_json(output)) > room:
-            lo, hi = 0, len(output)
-            while lo < hi:  # the longest prefix whose JSON string fits
-                mid = (lo + hi + 1) // 2
-                if len(_json(output[:mid])) <= room - len(',"truncated":true'):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            fields["output"] = output[:lo]
+            left = room - len(',"truncated":true')
+            fields["output"] = _longest_prefix(output, lambda t: len(_json(t)) <= left)
             fields["truncated"] = True
         else:
             fields["output"] = output

@@ -1161,6 +1161,19 @@ impl Arbiter {
         }
     }
 
+    /// The agent name of `from` if it is the source of accepted handoff `handoff` and has not
+    /// got the floor back since, else why what it sends for that handoff's target (a
+    /// `tool_result`, a `tail`) is not forwarded.
+    fn source_of(&self, from: &str, handoff: &str) -> Result<String, &'static str> {
+        if !self.accepted_requests.iter().any(|a| a.from == from && a.handoff == handoff) {
+            return Err("not the source of that handoff");
+        }
+        if self.holder.as_ref().is_some_and(|h| h.identity == from) {
+            return Err("the source holds the floor again");
+        }
+        Ok(self.peers.get(from).and_then(|p| p.info.agent_name.clone()).unwrap_or_default())
+    }
+
     /// A source's `tail`: what its context gained after the bundle was built. Kept with the
     /// handoff under way and sent to its target once prepared (to every target it tries, in
     /// order), or to the floor holder when the handoff has completed; dropped (and logged) when
@@ -1175,13 +1188,10 @@ impl Arbiter {
         user_state: Option<serde_json::Value>,
     ) {
         const TY: &str = "tail";
-        if !self.accepted_requests.iter().any(|a| a.from == from && a.handoff == handoff) {
-            return self.ignored(from, TY, "not the source of that handoff");
-        }
-        if self.holder.as_ref().is_some_and(|h| h.identity == from) {
-            return self.ignored(from, TY, "the source holds the floor again");
-        }
-        let source = self.peers.get(from).and_then(|p| p.info.agent_name.clone()).unwrap_or_default();
+        let source = match self.source_of(from, &handoff) {
+            Ok(source) => source,
+            Err(why) => return self.ignored(from, TY, why),
+        };
         let message = BatonMessage::Tail { handoff: handoff.clone(), source, items, user_state };
         if message.envelope_len(None) > MAX_CONTROL_MESSAGE {
             return self.ignored(from, TY, "too large to forward");
@@ -1208,19 +1218,17 @@ impl Arbiter {
     /// floor again itself, or nobody else holds it.
     fn on_tool_result(&mut self, from: &str, r: ToolResult) {
         const TY: &str = "tool_result";
-        if !self.accepted_requests.iter().any(|a| a.from == from && a.handoff == r.handoff) {
-            return self.ignored(from, TY, "not the source of that handoff");
-        }
-        if self.holder.as_ref().is_some_and(|h| h.identity == from) {
-            return self.ignored(from, TY, "the source holds the floor again");
-        }
+        let source = match self.source_of(from, &r.handoff) {
+            Ok(source) => source,
+            Err(why) => return self.ignored(from, TY, why),
+        };
         let key = (r.handoff.clone(), r.call_id.clone());
         if self.forwarded_results.contains(&key) {
             return self.ignored(from, TY, "already forwarded");
         }
         let message = BatonMessage::ToolResult {
             handoff: r.handoff.clone(),
-            source: self.peers.get(from).and_then(|p| p.info.agent_name.clone()).unwrap_or_default(),
+            source,
             call_id: r.call_id,
             name: r.name,
             status: r.status,
