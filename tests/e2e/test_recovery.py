@@ -207,13 +207,19 @@ def test_sigkill_of_billing_receiving_the_bundle_hands_the_same_bundle_to_anothe
     print(f"kill -> filler {1000 * (filler - crash.t_kill):.0f} ms, kill -> replacement audible {to_voice:.2f} s")
 
     # baton saw the target crash and took a second billing for the same handoff.
-    timeline = json.loads(baton.wait_for(r'^\{"handoff":.*"outcome":', 1)[1])
+    # (The handoff's timeline, not a recovery's: a heartbeat late on a busy machine may open and
+    # clear one before the handoff.)
+    timeline = json.loads(baton.wait_for(r'^\{"handoff":"[^"]*","kind":"handoff".*"outcome":', 1)[1])
     assert timeline["outcome"] == "completed", timeline
     phases = [(p["phase"], p.get("detail", "")) for p in timeline["phases"]]
-    # Its worker removed the dead job's participant: a leave, waited out for rejoin_grace, then
-    # another billing (not the alternate, not a handback) with the same bundle.
-    assert ("target_left", "") in phases and ("alternate_tried", "billing") in phases, phases
-    assert [ph for ph, _ in phases].count("target_joined") == 2, phases
+    # The target was lost whichever way baton saw it first: its worker removed the dead job's
+    # participant (a leave, then rejoin_grace = 3 s), its heartbeats stopped (crash_confirm_after
+    # = 3 s: "crashed: heartbeat"; the two race), or the server said its job ended ("crashed:
+    # job_ended:..."). Then another billing (not the alternate, not a handback) got the same bundle.
+    left = [detail for ph, detail in phases if ph == "target_left"]
+    assert len(left) == 1 and (left[0] == "" or left[0].startswith("crashed: ")), str(phases)
+    assert ("alternate_tried", "billing") in phases, str(phases)
+    assert [ph for ph, _ in phases].count("target_joined") == 2, str(phases)
     prepared = re.findall(r"^billing: prepared room=\S+ identity=(\S+) pid=(\d+)$", billing.text(), re.M)
     assert len(prepared) == 2 and prepared[0][1] != prepared[1][1], prepared
 
@@ -244,7 +250,7 @@ def test_nothing_can_take_the_call_the_filler_covers_then_fades_and_baton_alerts
     timeline = json.loads(baton.wait_for(r'^\{"handoff":.*"kind":"recovery".*"outcome":"failed"', 1)[1])
     assert timeline["source"] == "triage", timeline
     phases = [(p["phase"], p.get("detail")) for p in timeline["phases"]]
-    assert ("target_dispatched", "triage") in phases and ("target_joined", "warm") not in phases, phases
+    assert ("target_dispatched", "triage") in phases and ("target_joined", "warm") not in phases, str(phases)
 
     # The caller heard the filler from the kill until baton gave up, then it faded.
     filler = crash.played.get(crash.baton or "", [])
