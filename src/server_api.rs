@@ -220,8 +220,8 @@ impl ServerApi {
         const OP: &str = "MutePublishedTrack";
         // livekit-api 0.10 unwraps the reply's `track`, and the server answers without one for
         // a track it no longer has (seen right after a livekit-server restart): a panic there
-        // took the whole worker down. Caught here, it is this call's error. (A `dist` build
-        // aborts on panic; the catch needs the release profile's unwinding.)
+        // took the whole worker down. Caught here, it is this call's error. (The catch needs
+        // unwinding, which is why no profile in Cargo.toml sets `panic = "abort"`.)
         let call = self.rooms.mute_published_track(room, identity, track_sid, muted);
         match std::panic::AssertUnwindSafe(call).catch_unwind().await {
             Ok(reply) => reply.map_err(|e| self.classify(OP, e)),

@@ -1039,6 +1039,15 @@ async def default_on_activate(link: BatonLink, msg: dict[str, Any]) -> None:
         link.session.generate_reply()
 
 
+def _userdata_dataclass(session: AgentSession[Any]) -> type[Any] | None:
+    """The class of ``session``'s userdata when it is a dataclass instance (a received user
+    state is rebuilt as it), else None (no userdata, or a mapping, pydantic model, ...)."""
+    userdata = session._userdata
+    if dataclasses.is_dataclass(userdata) and not isinstance(userdata, type):
+        return type(userdata)
+    return None
+
+
 async def default_on_prepare(link: BatonLink, msg: dict[str, Any]) -> None:
     """A standby whose session already runs is chosen as a target (a warm handoff, or the
     replacement of a crashed agent of its name): receive the bundle, give the running agent its
@@ -1048,8 +1057,7 @@ async def default_on_prepare(link: BatonLink, msg: dict[str, Any]) -> None:
     :meth:`BatonLink.receive_context` and :meth:`BatonLink.ready` itself."""
     if not link._session_running.is_set():
         return
-    userdata = link.session.userdata if link.session._userdata is not None else None
-    state_type = type(userdata) if dataclasses.is_dataclass(userdata) else None
+    state_type = _userdata_dataclass(link.session)
     received = await link.receive_context(timeout=10, user_state_type=state_type)
     await seed_agent(link.session.current_agent, received)
     state = received.user_state
@@ -1691,11 +1699,8 @@ class BatonLink:
         if received:
             await agent.update_chat_ctx(ctx, exclude_invalid_function_calls=False)
         if state is not None:
-            userdata = self.session.userdata if self.session._userdata is not None else None
-            if dataclasses.is_dataclass(userdata) and not isinstance(userdata, type):
-                self.session.userdata = state_from_dict(state, type(userdata))
-            else:
-                self.session.userdata = state
+            cls = _userdata_dataclass(self.session)
+            self.session.userdata = state if cls is None else state_from_dict(state, cls)
         log.info(
             "tail of %s applied: %d items%s",
             hid,
