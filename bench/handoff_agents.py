@@ -133,10 +133,16 @@ ROOM_OF: dict[int, str] = {}
 """A floor client's room name (its link's), for stamps made where only the client is at hand."""
 
 
-def run_baton_agent(name: str) -> None:
-    """examples/support-desk/{triage,billing}.py unchanged, with time stamps added around the
-    adapter: `tool_call` (BatonLink.handoff entered), `request` (the sentence played out, the
-    handoff proper starts), `speaking`."""
+_STAMPED: set[str] = set()
+"""The agents whose adapter this process has wrapped with stamps (once per process)."""
+
+
+def _install_stamps(name: str) -> None:
+    """Wrap the adapter's methods with the stamps, once per process: in the worker (thread
+    executor: its jobs share it) and again in each job process (DESK_JOB_EXECUTOR=process)."""
+    if name in _STAMPED:
+        return
+    _STAMPED.add(name)
     from lk_baton import agents as lk
 
     attach = lk.BatonLink.attach.__func__  # type: ignore[attr-defined]
@@ -208,22 +214,41 @@ def run_baton_agent(name: str) -> None:
     lk.BatonLink.handoff = handoff_stamped  # type: ignore[method-assign]
     lk.BatonLink._wait_not_speaking = wait_stamped  # type: ignore[method-assign]
     lk.BatonLink.ready = ready_stamped  # type: ignore[method-assign]
-    entrypoint = triage.entrypoint if name == "triage" else billing.entrypoint
 
-    async def entrypoint_stamped(ctx: JobContext) -> None:
-        room = ctx.job.room.name
-        stamp("job_start", room)
-        connect = ctx.connect
 
-        async def connect_stamped(*a: Any, **kw: Any) -> Any:
-            r = await connect(*a, **kw)
-            stamp("connected", room)
-            return r
+async def _entrypoint_stamped(name: str, ctx: JobContext) -> None:
+    _install_stamps(name)
+    room = ctx.job.room.name
+    stamp("job_start", room)
+    connect = ctx.connect
 
-        ctx.connect = connect_stamped  # type: ignore[method-assign]
-        await entrypoint(ctx)
+    async def connect_stamped(*a: Any, **kw: Any) -> Any:
+        r = await connect(*a, **kw)
+        stamp("connected", room)
+        return r
 
-    desk.run_worker(triage.AGENT_NAME if name == "triage" else billing.AGENT_NAME, entrypoint_stamped)
+    ctx.connect = connect_stamped  # type: ignore[method-assign]
+    await (triage.entrypoint if name == "triage" else billing.entrypoint)(ctx)
+
+
+# Module-level, so the process executor can pickle them.
+async def triage_entrypoint_stamped(ctx: JobContext) -> None:
+    await _entrypoint_stamped("triage", ctx)
+
+
+async def billing_entrypoint_stamped(ctx: JobContext) -> None:
+    await _entrypoint_stamped("billing", ctx)
+
+
+def run_baton_agent(name: str) -> None:
+    """examples/support-desk/{triage,billing}.py unchanged, with time stamps added around the
+    adapter: `tool_call` (BatonLink.handoff entered), `request` (the sentence played out, the
+    handoff proper starts), `speaking`."""
+    _install_stamps(name)
+    if name == "triage":
+        desk.run_worker(triage.AGENT_NAME, triage_entrypoint_stamped)
+    else:
+        desk.run_worker(billing.AGENT_NAME, billing_entrypoint_stamped)
 
 
 class MonolithBilling(billing.BillingAgent):
