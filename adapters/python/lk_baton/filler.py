@@ -42,6 +42,7 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -184,6 +185,14 @@ class SourceFiller:
     ) -> None:
         self.room = room
         self.noise_dbfs = noise_dbfs
+        # The noise loop (numpy's import and an FFT: 70-530 ms in a fresh process here) is made
+        # now, in a thread, not by the first noise frame on the agent's event loop: there it
+        # blocked the loop at the end of the transfer sentence, the playout's end went
+        # unnoticed and neither filler played (gaps of 360-720 ms in a new job process,
+        # livekit-agents' default executor; docs/BENCHMARKS.md 4.2). Cached per process.
+        threading.Thread(
+            target=comfort_noise_loop, args=(noise_dbfs,), name="lk-baton-noise", daemon=True
+        ).start()
         self.max_s = max_s
         self.queue_ms = queue_ms
         self._speaking = speaking

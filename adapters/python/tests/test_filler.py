@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,21 @@ async def started(room: FakeRoom, **kw: Any) -> tuple[SourceFiller, FakeAudioSou
 
 # ---------------------------------------------------------------------------------------------
 # The sound
+
+
+def test_the_noise_loop_is_made_off_the_event_loop_when_the_filler_is_created() -> None:
+    # The first noise frame must not compute the loop on the agent's event loop (it blocked it
+    # for up to 0.7 s at the end of the transfer sentence in a fresh job process).
+    level = -44.25  # a level no other test uses, so the cache does not hold it yet
+    before = comfort_noise_loop.cache_info().currsize
+    filler_in(FakeRoom(Net(), "agent-triage"), noise_dbfs=level)
+    deadline = time.monotonic() + 10
+    while comfort_noise_loop.cache_info().currsize == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert comfort_noise_loop.cache_info().currsize == before + 1, "no loop made at creation"
+    hits = comfort_noise_loop.cache_info().hits
+    comfort_noise_loop(level)
+    assert comfort_noise_loop.cache_info().hits == hits + 1, "the first frame finds it made"
 
 
 def test_comfort_noise_is_pink_at_minus_45_dbfs_rms_and_loops_without_a_click() -> None:
